@@ -1,0 +1,291 @@
+"""Shared HTTP plumbing: one client, one status→action table, retries, rate limits.
+
+Every connector composes a :class:`VendorHttp` bound to its connection; none builds its
+own client or retry loop. The rules:
+
+* HTTP status → action is the single table :data:`STATUS_ACTIONS` (plus: any other 2xx
+  is fine, any other 4xx is fatal for the record, any other 5xx is retriable).
+* Only :class:`~syncd.errors.RetriableError` is retried (tenacity), with exponential
+  back-off and jitter, or exactly the vendor's ``Retry-After`` when it sent one.
+* A request that is not safe to repeat (a create without a vendor idempotency key)
+  is sent with ``retry=False``: the engine then resolves a lost answer by looking the
+  object up, never by creating it again (DESIGN §3.1).
+* Each connection has its own limiters, set to the vendor's published limits
+  (:class:`RateLimit`); they can be raised or switched off in the connection settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import structlog
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+from syncd.errors import AuthError, FatalError, NotFound, RateLimited, RetriableError
+
+log = structlog.get_logger("syncd.http")
+
+
+class Action(enum.Enum):
+    """What the caller does with a response of a given status."""
+
+    OK = "ok"
+    RETRY = "retry"
+    RATE_LIMITED = "rate_limited"
+    AUTH = "auth"
+    NOT_FOUND = "not_found"
+    FAIL_RECORD = "fail_record"
+
+
+STATUS_ACTIONS: Mapping[int, Action] = {
+    401: Action.AUTH,
+    403: Action.AUTH,
+    404: Action.NOT_FOUND,
+    408: Action.RETRY,
+    425: Action.RETRY,
+    429: Action.RATE_LIMITED,
+    500: Action.RETRY,
+    502: Action.RETRY,
+    503: Action.RETRY,
+    504: Action.RETRY,
+}
+
+
+def action_for(status: int) -> Action:
+    """The action for an HTTP status: the table, then the class of the status."""
+    if status in STATUS_ACTIONS:
+        return STATUS_ACTIONS[status]
+    if status < 400:
+        return Action.OK
+    if status >= 500:
+        return Action.RETRY
+    return Action.FAIL_RECORD
+
+
+def retry_after_s(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), if present."""
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimit:
+    """A vendor's published limit: ``max_requests`` per ``period_s`` seconds.
+
+    Attributes:
+        max_requests: requests allowed per period.
+        period_s: the period in seconds.
+        concurrency: requests in flight at once (Xero: 5), if the vendor limits that.
+        name: which bucket (``default``, ``search``); a request names its bucket.
+    """
+
+    max_requests: int
+    period_s: int
+    concurrency: int | None = None
+    name: str = "default"
+
+
+class _Bucket:
+    def __init__(self, limit: RateLimit) -> None:
+        self.limiter = AsyncLimiter(limit.max_requests, limit.period_s)
+        self.slots = asyncio.Semaphore(limit.concurrency) if limit.concurrency else None
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            if self.slots is not None:
+                await stack.enter_async_context(self.slots)
+            await self.limiter.acquire()
+            yield
+
+
+def _error_text(response: httpx.Response, limit: int = 300) -> str:
+    """A short excerpt of a vendor's error body (vendors don't echo our credentials)."""
+    text = response.text.strip().replace("\n", " ")
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def raise_for_action(response: httpx.Response, *, connection: str) -> None:
+    """Raise the :mod:`syncd.errors` class the status table names; return on success."""
+    action = action_for(response.status_code)
+    if action is Action.OK:
+        return
+    where = f"{connection}: {response.request.method} {response.request.url.path}"
+    status = response.status_code
+    if action is Action.RATE_LIMITED:
+        raise RateLimited(f"{where} answered 429", retry_after_s=retry_after_s(response.headers))
+    if action is Action.RETRY:
+        raise RetriableError(
+            f"{where} answered {status}: {_error_text(response)}",
+            retry_after_s=retry_after_s(response.headers),
+        )
+    if action is Action.AUTH:
+        raise AuthError(f"{where} answered {status}: credentials rejected; run `syncd check`")
+    if action is Action.NOT_FOUND:
+        raise NotFound(f"{where} answered 404")
+    raise FatalError(f"{where} answered {status}: {_error_text(response)}")
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class _WaitPolicy:
+    """Exponential back-off with jitter, or exactly the vendor's Retry-After."""
+
+    def __init__(self, base_s: float, cap_s: float) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+
+    def __call__(self, state: Any) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetriableError) and exc.retry_after_s is not None:
+            return min(exc.retry_after_s, self.cap_s)
+        backoff = self.base_s * (2 ** (state.attempt_number - 1))
+        return float(min(self.cap_s, backoff) * (0.5 + random.random() / 2))
+
+
+class VendorHttp:
+    """HTTP for one connection: base URL, auth, limits, retries and the status table.
+
+    Args:
+        client: the shared ``httpx.AsyncClient``.
+        connection: connection name, for messages and logs.
+        base_url: the vendor API root (configurable: vendor, emulator or proxy).
+        auth: an ``httpx.Auth`` (bearer token, OAuth2 refresh flow), or ``None``.
+        headers: headers sent on every request (``Accept``, tenant ids ...).
+        limits: the vendor's rate limits; an empty sequence switches limiting off.
+        max_attempts: attempts for a retriable failure, including the first.
+        backoff_base_s / backoff_cap_s: back-off bounds in seconds.
+        sleep: the sleep used between attempts (injected in tests).
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        connection: str,
+        base_url: str,
+        auth: httpx.Auth | None = None,
+        headers: Mapping[str, str] | None = None,
+        limits: Sequence[RateLimit] = (),
+        max_attempts: int = 5,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 60.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.client = client
+        self.connection = connection
+        self.base_url = base_url.rstrip("/")
+        self.auth = auth
+        self.headers = dict(headers or {})
+        self.buckets = {limit.name: _Bucket(limit) for limit in limits}
+        self.max_attempts = max_attempts
+        self.wait = _WaitPolicy(backoff_base_s, backoff_cap_s)
+        self.sleep = sleep
+        self.calls = 0
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        bucket: str = "default",
+        retry: bool = True,
+    ) -> httpx.Response:
+        """Send a request and return the 2xx response, or raise per the status table.
+
+        Args:
+            method / path: the call; ``path`` is joined to the base URL.
+            params / json / content / headers: as for httpx.
+            bucket: which rate-limit bucket the call spends.
+            retry: ``False`` for a call that is unsafe to repeat.
+
+        Raises:
+            RetriableError: still failing after ``max_attempts`` (or ``retry=False``).
+            AuthError, NotFound, FatalError: per :data:`STATUS_ACTIONS`.
+        """
+        attempts = self.max_attempts if retry else 1
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=self.wait,
+            retry=retry_if_exception_type(RetriableError),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._send(method, path, params, json, content, headers, bucket)
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, Any] | None,
+        json: Any,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        bucket: str,
+    ) -> httpx.Response:
+        url = path if path.startswith("http") else f"{self.base_url}{path}"
+        merged = {**self.headers, **(headers or {})}
+        limiter = self.buckets.get(bucket) or self.buckets.get("default")
+        async with limiter.hold() if limiter else contextlib.nullcontext():
+            self.calls += 1
+            try:
+                response = await self.client.request(
+                    method, url, params=params, json=json, content=content, headers=merged, auth=self._auth()
+                )
+            except httpx.TimeoutException as exc:
+                raise RetriableError(f"{self.connection}: {method} {path} timed out") from exc
+            except httpx.TransportError as exc:
+                raise RetriableError(f"{self.connection}: {method} {path} failed: {type(exc).__name__}") from exc
+        log.debug("http_request", connection=self.connection, method=method, path=path, status=response.status_code)
+        raise_for_action(response, connection=self.connection)
+        return response
+
+    def _auth(self) -> httpx.Auth | httpx._client.UseClientDefault:
+        return self.auth if self.auth is not None else httpx.USE_CLIENT_DEFAULT
+
+
+def make_client(
+    *, timeout_s: float = 30.0, transport: httpx.AsyncBaseTransport | None = None, user_agent: str = "syncd"
+) -> httpx.AsyncClient:
+    """The one shared ``httpx.AsyncClient`` of the process.
+
+    Args:
+        timeout_s: per-request timeout in seconds.
+        transport: an alternative transport (``ASGITransport`` to an emulator in tests).
+        user_agent: the ``User-Agent`` header (Harvest asks for a contact in it).
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s, connect=10.0),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        transport=transport,
+        headers={"User-Agent": user_agent},
+        follow_redirects=False,
+    )

@@ -1,0 +1,628 @@
+"""Roles a connector plays, and the canonical models they exchange.
+
+A connector is registered under the entry-point group ``syncd.connectors`` as a
+:class:`ConnectorSpec`. Its factory builds one object per configured connection; that
+object implements one or more role Protocols (:class:`Crm`, :class:`Invoicing`,
+:class:`TimeTracker`). The engine only ever talks to these Protocols and these models:
+vendor payloads are translated at the edge, inside the connector.
+
+Every model here is a frozen, keyword-only value. Money is :class:`~decimal.Decimal`
+with an ISO 4217 currency; datetimes carry a time zone.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
+
+from syncd.money import check_currency, round_money
+
+if TYPE_CHECKING:
+    import httpx
+    from pydantic import SecretStr
+
+    from syncd.http import VendorHttp
+
+
+class Model(BaseModel):
+    """Base of every canonical value: frozen, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---------------------------------------------------------------------------
+# Source records and change hints
+# ---------------------------------------------------------------------------
+
+
+class ChangeHint(Model):
+    """A hint that something changed at a vendor (from a webhook or a poll).
+
+    A hint is not the truth: processing re-reads the record from the source API.
+
+    Attributes:
+        connection: the configured connection name (``hubspot``).
+        object_type: canonical kind of object: ``deal``, ``invoice``, ``time_entry`` ...
+        object_id: the vendor's id of the object.
+        event_id: dedupe key: the vendor's event id, else one built from the event's
+            own fields (never from the time syncd received it).
+        occurred_at: when the vendor says the change happened.
+        kind: the vendor's event type, for logs (``deal.propertyChange``).
+    """
+
+    connection: str
+    object_type: str
+    object_id: str
+    event_id: str
+    occurred_at: AwareDatetime
+    kind: str = ""
+
+
+class SourceRecord(Model):
+    """A record as re-read from its source, in a vendor-neutral nested shape.
+
+    ``data`` is what mapping paths address. For a CRM deal it is::
+
+        {"deal": {"id": "8812", "properties": {...}},
+         "company": {"id": "...", "properties": {...}} | None,
+         "contacts": [{"id": "...", "properties": {...}, "primary": bool, "labels": [...]}, ...],
+         "line_items": [{"id": "...", "properties": {...}}, ...]}
+
+    Attributes:
+        connection: the connection it was read from.
+        object_type: ``deal``, ``time_entry``, ``project`` ...
+        object_id: vendor id.
+        version: the source's modification stamp (or version), used in billing keys
+            that must tell one change from another.
+        modified_at: the source's last-modified time.
+        data: the nested record.
+    """
+
+    connection: str
+    object_type: str
+    object_id: str
+    version: str
+    modified_at: AwareDatetime
+    data: Mapping[str, Any]
+
+
+class ChangePage(Model):
+    """One page of changes from a poll: the hints, and the cursor to resume from."""
+
+    hints: tuple[ChangeHint, ...]
+    cursor: str
+    more: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Canonical billing models
+# ---------------------------------------------------------------------------
+
+
+class Address(Model):
+    """A postal address; every part optional because CRMs keep them loosely."""
+
+    line1: str | None = None
+    line2: str | None = None
+    city: str | None = None
+    region: str | None = None
+    postal_code: str | None = None
+    country: str | None = None
+
+
+class Contact(Model):
+    """A person to send invoices to."""
+
+    name: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    email: str | None = None
+
+
+class Client(Model):
+    """The one billing record of a customer company.
+
+    Attributes:
+        key: syncd's stable key for the client (``hubspot:company:123``); stamped into
+            each invoicing tool's customer record so it can be found again.
+        legal_name: the name invoices are addressed to.
+        currency: ISO 4217 code.
+        payment_terms_days: days from issue to due date.
+        po_number: default purchase-order number for this client's invoices.
+        timezone: IANA zone the client's dates are computed in.
+        external_ids: each connection's id for this client.
+    """
+
+    key: str
+    legal_name: str
+    billing_contact: Contact | None = None
+    address: Address | None = None
+    tax_id: str | None = None
+    currency: str
+    payment_terms_days: int = 30
+    po_number: str | None = None
+    timezone: str = "UTC"
+    external_ids: Mapping[str, str] = {}
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        return check_currency(value)
+
+
+class EngagementType(enum.StrEnum):
+    """How a deal bills. A fixed-fee deal is ``one_time``."""
+
+    RETAINER = "retainer"
+    SUBSCRIPTION = "subscription"
+    HOURLY = "hourly"
+    MILESTONE = "milestone"
+    ONE_TIME = "one_time"
+
+
+class InvoiceLine(Model):
+    """One invoice line. ``amount`` is rounded once, here, half-up to minor units.
+
+    Attributes:
+        description: the line text.
+        quantity: how many units.
+        unit_price: price per unit, in the draft's currency, unrounded.
+        account_code: revenue account at the invoicing tool.
+        tax_type: tax code at the invoicing tool.
+        item_code: product/item code at the invoicing tool.
+    """
+
+    description: str
+    quantity: Decimal
+    unit_price: Decimal
+    account_code: str | None = None
+    tax_type: str | None = None
+    item_code: str | None = None
+
+    def amount(self, currency: str) -> Decimal:
+        """The line amount in ``currency``'s minor units, rounded half-up once."""
+        return round_money(self.quantity * self.unit_price, currency)
+
+
+class Engagement(Model):
+    """How one deal bills.
+
+    Attributes:
+        key: syncd's key (``hubspot:deal:8812``).
+        client_key: the :class:`Client` it bills.
+        type: the :class:`EngagementType`.
+        name: a readable name (the deal name).
+        currency: ISO 4217 code.
+        po_number: PO number for its invoices; ``None`` means the client's.
+        won_at: when the deal was won (``None`` while it is open).
+        start: first day of service; end: last day (inclusive), both in the client's zone.
+        lines: the deal's line items, for ``one_time`` invoices.
+        amount: recurring amount per cycle (retainer/subscription).
+        rate: hourly rate (hourly).
+        cycle: billing cycle of recurring engagements.
+        anchor_day: day of month periods start on (1-31; 31 means month end).
+        cap_hours: hours cap for hourly engagements.
+        source_version: the source's modification stamp when this was mapped.
+    """
+
+    key: str
+    client_key: str
+    type: EngagementType
+    name: str
+    currency: str
+    po_number: str | None = None
+    won_at: AwareDatetime | None = None
+    start: date | None = None
+    end: date | None = None
+    lines: tuple[InvoiceLine, ...] = ()
+    amount: Decimal | None = None
+    rate: Decimal | None = None
+    cycle: Literal["monthly", "quarterly", "yearly"] | None = None
+    anchor_day: int | None = None
+    cap_hours: Decimal | None = None
+    source_version: str = ""
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        return check_currency(value)
+
+
+class TimeEntry(Model):
+    """Hours logged at a time tracker.
+
+    Attributes:
+        id: the tracker's id.
+        project_id / client_id: the tracker's ids.
+        task / person: names, for grouping lines.
+        spent_date: the day worked.
+        hours: hours logged, as Decimal.
+        billable: whether the hours are billable.
+        billable_rate: the rate the tracker holds for the entry, if any.
+        invoiced: whether the tracker already marks it invoiced.
+        updated_at: last change at the tracker.
+    """
+
+    id: str
+    project_id: str
+    client_id: str | None = None
+    task: str | None = None
+    person: str | None = None
+    spent_date: date
+    hours: Decimal
+    billable: bool = True
+    billable_rate: Decimal | None = None
+    invoiced: bool = False
+    updated_at: AwareDatetime
+
+
+class BillingEventKind(enum.StrEnum):
+    """One reason to invoice (DESIGN §2)."""
+
+    DEAL_WON = "deal_won"
+    PERIOD_DUE = "period_due"
+    MILESTONE_DONE = "milestone_done"
+    HOURS_CAP_REACHED = "hours_cap_reached"
+    DELIVERABLE_ACCEPTED = "deliverable_accepted"
+    ENGAGEMENT_CHANGED = "engagement_changed"
+
+
+class BillingEvent(Model):
+    """One reason to invoice, with its idempotency key.
+
+    The key is derived from the engagement, the kind, and what tells one occurrence
+    from another (period, milestone id, cap step, or the source's change sequence),
+    never from wall-clock time. See :func:`syncd.billing.event_key`.
+    """
+
+    key: str
+    kind: BillingEventKind
+    engagement_key: str
+    occurrence: str
+    occurred_at: AwareDatetime
+
+
+class DraftKind(enum.StrEnum):
+    """What a draft becomes at the invoicing tool."""
+
+    INVOICE = "invoice"
+    CREDIT_NOTE = "credit_note"
+
+
+class InvoiceDraft(Model):
+    """The invoice (or credit note) syncd computed for a billing event.
+
+    Attributes:
+        key: the billing event key; sent as the idempotency key and stamped on the
+            invoice so it can be found again after a lost response.
+        kind: invoice or credit note.
+        client: the client billed.
+        engagement_key: the engagement it bills.
+        currency: ISO 4217 code.
+        issue_date / due_date: in the client's time zone.
+        reference: the PO number (or ``None``).
+        lines: the lines; at least one.
+        line_amount_types: whether unit prices include tax.
+        status: create as a draft, or approved (authorised) at the tool.
+        send: email it to the billing contact after creating.
+    """
+
+    key: str
+    kind: DraftKind = DraftKind.INVOICE
+    client: Client
+    engagement_key: str
+    currency: str
+    issue_date: date
+    due_date: date
+    reference: str | None = None
+    lines: tuple[InvoiceLine, ...]
+    line_amount_types: Literal["Exclusive", "Inclusive", "NoTax"] = "Exclusive"
+    status: Literal["draft", "authorised"] = "authorised"
+    send: bool = False
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        return check_currency(value)
+
+    def subtotal(self) -> Decimal:
+        """Sum of the rounded line amounts (before tax)."""
+        return sum((line.amount(self.currency) for line in self.lines), Decimal(0))
+
+
+class InvoiceState(enum.StrEnum):
+    """Where an invoice stands at the invoicing tool, in syncd's words."""
+
+    DRAFT = "draft"
+    AUTHORISED = "authorised"
+    SENT = "sent"
+    PARTIALLY_PAID = "partially_paid"
+    PAID = "paid"
+    VOIDED = "voided"
+
+
+class InvoiceStatus(Model):
+    """An invoice as the invoicing tool reports it.
+
+    Attributes:
+        invoice_id: the tool's id.
+        number: the human invoice number.
+        state: see :class:`InvoiceState`.
+        currency: ISO 4217 code.
+        total / amount_due / amount_paid: Decimal in ``currency``.
+        due_date: due date.
+        reference: the reference as stored at the tool (holds our stamp).
+        updated_at: last change at the tool.
+    """
+
+    invoice_id: str
+    number: str | None
+    state: InvoiceState
+    currency: str
+    total: Decimal
+    amount_due: Decimal
+    amount_paid: Decimal
+    due_date: date | None = None
+    reference: str | None = None
+    updated_at: AwareDatetime | None = None
+
+
+class DealBillingStatus(Model):
+    """What syncd writes back onto a CRM deal.
+
+    Attributes:
+        invoice_number: the tool's invoice number.
+        state: the invoice state (``overdue`` is derived from due date and as-of).
+        amount_due: what is still owed, in ``currency``.
+        currency: ISO 4217 code.
+        due_date: due date of the invoice.
+        days_overdue: 0 when not overdue.
+    """
+
+    invoice_number: str | None
+    state: str
+    amount_due: Decimal
+    currency: str
+    due_date: date | None = None
+    days_overdue: int = 0
+
+
+# ---------------------------------------------------------------------------
+# Roles
+# ---------------------------------------------------------------------------
+
+
+class Capability(enum.StrEnum):
+    """Optional features a connector declares, so the engine can plan around a gap."""
+
+    CREDIT_NOTES = "credit_notes"
+    SEND_INVOICE = "send_invoice"
+    IDEMPOTENCY_KEYS = "idempotency_keys"
+    WEBHOOKS = "webhooks"
+    MARK_INVOICED = "mark_invoiced"
+
+
+@runtime_checkable
+class Crm(Protocol):
+    """A CRM holding deals, companies and contacts.
+
+    Errors: every method raises :class:`~syncd.errors.NotFound` for an unknown id,
+    :class:`~syncd.errors.AuthError` when credentials are rejected,
+    :class:`~syncd.errors.RetriableError` for transient failures (after the shared
+    retries are spent), and :class:`~syncd.errors.FatalError` for a request the vendor
+    will never accept.
+    """
+
+    capabilities: frozenset[Capability]
+
+    async def fetch_deal(self, deal_id: str) -> SourceRecord:
+        """Re-read one deal with its company, contacts and line items."""
+        ...
+
+    async def poll_changes(self, cursor: str | None) -> ChangePage:
+        """Deals changed since ``cursor`` (opaque, from the last page; ``None`` = now).
+
+        Returns a page; call again with its cursor while ``more`` is true.
+        """
+        ...
+
+    def iter_deals(self) -> AsyncIterator[SourceRecord]:
+        """Every deal, for a full sync (uses the list endpoint, not search)."""
+        ...
+
+    async def write_billing_status(self, deal_id: str, status: DealBillingStatus) -> None:
+        """Write the invoice number, state and amount due onto the deal."""
+        ...
+
+    async def check(self) -> list[str]:
+        """Problems with the credentials or account, without rotating any token."""
+        ...
+
+
+@runtime_checkable
+class Invoicing(Protocol):
+    """An accounting or billing tool that holds customers and invoices.
+
+    ``create_invoice`` must be idempotent on ``draft.key``: it sends the key as the
+    vendor's idempotency key where the vendor has one (declare
+    :attr:`Capability.IDEMPOTENCY_KEYS`) and stamps it into the invoice so that
+    :meth:`find_invoice` finds it again after a lost response.
+
+    Errors: as for :class:`Crm`; a draft the tool rejects raises
+    :class:`~syncd.errors.FatalError` naming the field.
+    """
+
+    capabilities: frozenset[Capability]
+
+    async def upsert_customer(self, client: Client) -> str:
+        """Find the customer stamped with ``client.key`` (else adopt or create it); its id."""
+        ...
+
+    async def find_invoice(self, key: str) -> InvoiceStatus | None:
+        """The invoice stamped with billing-event ``key``, if one exists."""
+        ...
+
+    async def create_invoice(self, draft: InvoiceDraft, customer_id: str) -> InvoiceStatus:
+        """Create (and, if ``draft.send``, email) the invoice or credit note."""
+        ...
+
+    async def get_invoice(self, invoice_id: str) -> InvoiceStatus:
+        """Re-read one invoice."""
+        ...
+
+    async def poll_changes(self, cursor: str | None) -> ChangePage:
+        """Invoices changed since ``cursor`` (hints with ``object_type='invoice'``)."""
+        ...
+
+    async def check(self) -> list[str]:
+        """Problems with the credentials or account, without rotating any token."""
+        ...
+
+
+@runtime_checkable
+class TimeTracker(Protocol):
+    """A time tracker holding projects and logged hours.
+
+    Errors: as for :class:`Crm`.
+    """
+
+    capabilities: frozenset[Capability]
+
+    def time_entries(self, updated_since: datetime | None) -> AsyncIterator[TimeEntry]:
+        """Time entries changed since ``updated_since`` (all when ``None``)."""
+        ...
+
+    async def poll_changes(self, cursor: str | None) -> ChangePage:
+        """Time entries changed since ``cursor`` (hints with ``object_type='time_entry'``)."""
+        ...
+
+    async def check(self) -> list[str]:
+        """Problems with the credentials or account."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# Webhooks
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebhookRequest:
+    """A webhook delivery as received, before any parsing.
+
+    Attributes:
+        method: HTTP method.
+        url: the full public URL the vendor called (``public_url`` + path + query),
+            which is what signatures are computed over.
+        headers: lower-cased header names.
+        body: the raw body bytes.
+        received_at: when syncd received it.
+    """
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    received_at: datetime
+
+
+class WebhookVerifier(Protocol):
+    """Checks a delivery's signature and turns it into change hints. Pure: no I/O.
+
+    Raises:
+        AuthError: the signature is missing, wrong or stale (answered 401).
+        RecordError: the body is signed correctly but malformed (answered 400).
+    """
+
+    def verify(self, request: WebhookRequest) -> list[ChangeHint]:
+        """Verify and parse; an empty list is a valid delivery with nothing in it."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# Connector plumbing
+# ---------------------------------------------------------------------------
+
+
+class TokenStore(Protocol):
+    """Durable, encrypted storage for one connection's OAuth tokens.
+
+    ``locked`` serialises refreshes across tasks and replicas (a row lock on
+    PostgreSQL), so a single-use refresh token is spent exactly once.
+    """
+
+    async def load(self) -> Mapping[str, Any] | None:
+        """The stored token set, decrypted, or ``None``."""
+        ...
+
+    async def save(self, tokens: Mapping[str, Any]) -> None:
+        """Persist a token set (encrypted) before it is used."""
+        ...
+
+    def locked(self) -> Any:
+        """An async context manager holding the refresh lock for this connection."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectorContext:
+    """What the engine hands a connector factory.
+
+    Attributes:
+        connection: the configured connection name.
+        http: the shared HTTP plumbing, already bound to this connection's base URL,
+            rate limit and retry policy by the factory via :func:`syncd.http.vendor_http`.
+        client: the shared ``httpx.AsyncClient`` (for token endpoints on other hosts).
+        tokens: durable token storage for OAuth connectors.
+        clock: returns the current aware UTC time (injected for tests).
+    """
+
+    connection: str
+    client: httpx.AsyncClient
+    tokens: TokenStore
+    clock: Callable[[], datetime]
+    make_http: Callable[..., VendorHttp]
+
+
+class ConnectionSettings(BaseModel):
+    """Base of each connector's settings model (``[connections.NAME]``).
+
+    Subclasses add their own keys; every URL they call must be a setting.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connector: str
+    base_url: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectorSpec:
+    """What a connector registers under the entry-point group ``syncd.connectors``.
+
+    Attributes:
+        name: the entry-point name (``hubspot``).
+        roles: the role Protocols its instances implement.
+        settings_model: its ``[connections.NAME]`` model.
+        factory: builds the connector for one connection.
+        verifier: builds the webhook verifier for one connection, if it has webhooks.
+        secret_fields: settings keys that hold secrets (for ``check`` and redaction).
+    """
+
+    name: str
+    roles: frozenset[type[Any]]
+    settings_model: type[ConnectionSettings]
+    factory: Callable[[Any, ConnectorContext], Any]
+    verifier: Callable[[Any, Callable[[], datetime]], WebhookVerifier] | None = None
+    secret_fields: Sequence[str] = field(default_factory=tuple)
+
+
+def secret_value(secret: SecretStr | None) -> str:
+    """The plain value of an optional secret ('' when unset); use at the wire only."""
+    return secret.get_secret_value() if secret is not None else ""
