@@ -356,6 +356,7 @@ class InvoiceStatus(Model):
         state: see :class:`InvoiceState`.
         currency: ISO 4217 code.
         total / amount_due / amount_paid: Decimal in ``currency``.
+        subtotal: total before tax, when the tool reports it (checked against the draft).
         due_date: due date.
         reference: the reference as stored at the tool (holds our stamp).
         updated_at: last change at the tool.
@@ -366,6 +367,7 @@ class InvoiceStatus(Model):
     state: InvoiceState
     currency: str
     total: Decimal
+    subtotal: Decimal | None = None
     amount_due: Decimal
     amount_paid: Decimal
     due_date: date | None = None
@@ -421,8 +423,15 @@ class Crm(Protocol):
 
     capabilities: frozenset[Capability]
 
-    async def fetch_deal(self, deal_id: str) -> SourceRecord:
-        """Re-read one deal with its company, contacts and line items."""
+    async def fetch_deal(self, deal_id: str, properties: Mapping[str, Sequence[str]] | None = None) -> SourceRecord:
+        """Re-read one deal with its primary company, contacts and line items.
+
+        Args:
+            deal_id: the CRM's deal id.
+            properties: per object type (``deal``, ``company``, ``contact``,
+                ``line_item``), the properties to read beside the connector's own
+                defaults (the mapping names what it reads).
+        """
         ...
 
     async def poll_changes(self, cursor: str | None) -> ChangePage:
