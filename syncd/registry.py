@@ -32,7 +32,10 @@ def load(name: str) -> ConnectorSpec:
     found = [ep for ep in entry_points(group=GROUP) if ep.name == name]
     if not found:
         raise ConfigError(f"unknown connector {name!r}; installed: {', '.join(available()) or 'none'}")
-    spec = found[0].load()
+    try:
+        spec = found[0].load()
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"connector {name!r} failed to load from {found[0].value!r}: {exc}") from exc
     if not isinstance(spec, ConnectorSpec):
         raise ConfigError(f"entry point {found[0].value!r} for connector {name!r} is not a ConnectorSpec")
     return spec
