@@ -1,0 +1,665 @@
+"""Every piece of syncd's state: SQLModel tables and the queries on them.
+
+SQLite (WAL) is the embedded default; PostgreSQL lets several replicas share the work.
+Work rows (events in the inbox, effects in the outbox) are *claimed* with a lease:
+
+* a claim sets ``lease_owner``/``lease_until`` and increments ``attempts`` in one
+  ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``
+  (SQLite has no row locks; its single writer serialises claims instead);
+* a worker that dies leaves its lease to expire, and the row is claimed again;
+* a late writer whose lease expired is *fenced*: it finishes a row only
+  ``WHERE attempts = <the attempt it claimed>``, so a newer claim wins.
+
+The schema evolves with Alembic (``syncd/migrations``); :meth:`Store.migrate` runs the
+migrations under a database lock (a PostgreSQL advisory lock; SQLite's write lock).
+Timestamps are stored in UTC and come back aware; money is stored as decimal text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlmodel import JSON, Column, Field, SQLModel
+
+from syncd.errors import ConfigError
+from syncd.interfaces import ChangeHint
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+ADVISORY_LOCK_ID = 7_254_001  # any constant shared by every replica
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """A datetime stored as UTC and always returned timezone-aware."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; syncd stores aware datetimes only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(nullable: bool = False, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+def _json(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(JSON, nullable=nullable))
+
+
+class MetaRow(SQLModel, table=True):
+    """Key/value facts about the database itself (``created_at``, ``billing_start``)."""
+
+    __tablename__ = "meta"
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class EventRow(SQLModel, table=True):
+    """The inbox: one change hint per (connection, vendor event id)."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        sa.UniqueConstraint("connection", "event_id", name="uq_events_connection_event_id"),
+        sa.Index("ix_events_claim", "status", "next_at"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str
+    object_type: str
+    object_id: str
+    event_id: str
+    kind: str = ""
+    occurred_at: datetime = _ts()
+    received_at: datetime = _ts()
+    status: str = "pending"  # pending | done | dead
+    attempts: int = 0
+    next_at: datetime = _ts()
+    lease_owner: str | None = None
+    lease_until: datetime | None = _ts(nullable=True)
+    last_error: str | None = None
+
+
+class EffectRow(SQLModel, table=True):
+    """The outbox: one outbound call (or idempotent sequence of calls) per key."""
+
+    __tablename__ = "effects"
+    __table_args__ = (sa.Index("ix_effects_claim", "status", "next_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    kind: str  # create_invoice | write_crm_status
+    connection: str
+    client_key: str | None = Field(default=None, index=True)
+    payload: dict[str, Any] = _json(nullable=False)
+    status: str = "pending"  # pending | done | dead | simulated
+    attempts: int = 0
+    next_at: datetime = _ts()
+    lease_owner: str | None = None
+    lease_until: datetime | None = _ts(nullable=True)
+    last_error: str | None = None
+    result: dict[str, Any] | None = _json()
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class ClientRow(SQLModel, table=True):
+    """The one billing record of a customer, with each system's id for it."""
+
+    __tablename__ = "clients"
+    key: str = Field(primary_key=True)
+    legal_name: str
+    data: dict[str, Any] = _json(nullable=False)
+    external_ids: dict[str, str] = _json(nullable=False)
+    updated_at: datetime = _ts()
+
+
+class EngagementRow(SQLModel, table=True):
+    """How one deal bills, as last mapped."""
+
+    __tablename__ = "engagements"
+    key: str = Field(primary_key=True)
+    client_key: str = Field(index=True)
+    type: str
+    crm_connection: str
+    crm_object_id: str
+    data: dict[str, Any] = _json(nullable=False)
+    won_at: datetime | None = _ts(nullable=True)
+    source_version: str = ""
+    updated_at: datetime = _ts()
+
+
+class BillingEventRow(SQLModel, table=True):
+    """A reason to invoice; the key makes it happen once."""
+
+    __tablename__ = "billing_events"
+    key: str = Field(primary_key=True)
+    kind: str
+    engagement_key: str = Field(index=True)
+    occurrence: str
+    occurred_at: datetime = _ts()
+    created_at: datetime = _ts()
+    simulated: bool = False
+
+
+class InvoiceRow(SQLModel, table=True):
+    """An invoice (or credit note) syncd created, and its status at the tool."""
+
+    __tablename__ = "invoices"
+    key: str = Field(primary_key=True)  # the billing event key
+    kind: str = "invoice"
+    engagement_key: str = Field(index=True)
+    client_key: str = Field(index=True)
+    crm_connection: str
+    crm_object_id: str
+    invoicing_connection: str
+    invoice_id: str = Field(index=True)
+    number: str | None = None
+    state: str
+    currency: str
+    total: str
+    subtotal: str | None = None
+    amount_due: str
+    amount_paid: str = "0"
+    due_date: date | None = None
+    triggered_at: datetime = _ts()
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    totals_mismatch: str | None = None
+    divergence: str | None = None
+
+
+class CursorRow(SQLModel, table=True):
+    """Where each connection's change feed was last read up to."""
+
+    __tablename__ = "cursors"
+    connection: str = Field(primary_key=True)
+    stream: str = Field(primary_key=True)
+    cursor: str | None = None
+    last_success_at: datetime | None = _ts(nullable=True)
+    last_error: str | None = None
+
+
+class DeadLetterRow(SQLModel, table=True):
+    """A record that cannot be processed: why, where, and how to replay it."""
+
+    __tablename__ = "dead_letters"
+    id: int | None = Field(default=None, primary_key=True)
+    source: str  # event | effect | webhook
+    ref: str  # the event/effect id, or the webhook connection
+    connection: str
+    reason: str
+    place: str | None = None
+    payload: dict[str, Any] | None = _json()
+    status: str = Field(default="open", index=True)  # open | replayed
+    created_at: datetime = _ts()
+    replayed_at: datetime | None = _ts(nullable=True)
+
+
+class TokenRow(SQLModel, table=True):
+    """A connection's OAuth tokens, encrypted at rest (Fernet)."""
+
+    __tablename__ = "oauth_tokens"
+    connection: str = Field(primary_key=True)
+    ciphertext: str
+    version: int = 0
+    updated_at: datetime = _ts()
+
+
+class SourceRecordRow(SQLModel, table=True):
+    """The last-seen copy of each source record (for preview and simulate; not the truth)."""
+
+    __tablename__ = "source_records"
+    connection: str = Field(primary_key=True)
+    object_type: str = Field(primary_key=True)
+    object_id: str = Field(primary_key=True)
+    version: str
+    data: dict[str, Any] = _json(nullable=False)
+    fetched_at: datetime = _ts()
+
+
+class TickRow(SQLModel, table=True):
+    """One row per (job, window): a scheduler tick runs once across replicas."""
+
+    __tablename__ = "ticks"
+    job: str = Field(primary_key=True)
+    window: str = Field(primary_key=True)
+    owner: str
+    started_at: datetime = _ts()
+
+
+Row = TypeVar("Row", EventRow, EffectRow)
+
+
+def _table(model: type[SQLModel]) -> sa.Table:
+    """The SQLAlchemy table behind a SQLModel table class."""
+    table = getattr(model, "__table__", None)
+    if not isinstance(table, sa.Table):
+        raise TypeError(f"{model.__name__} is not a table model")
+    return table
+
+
+def async_url(url: str) -> str:
+    """The async driver URL for a configured ``database_url``."""
+    if url.startswith("sqlite:"):
+        return url.replace("sqlite:", "sqlite+aiosqlite:", 1)
+    if url.startswith(("postgresql:", "postgres:")):
+        return "postgresql+psycopg:" + url.split(":", 1)[1]
+    return url
+
+
+def decimal_text(value: Decimal) -> str:
+    """Money as stored: plain decimal text, never float."""
+    return format(value, "f")
+
+
+class Store:
+    """Async access to the database.
+
+    Args:
+        engine: an ``AsyncEngine`` built by :meth:`open`.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    @classmethod
+    def open(cls, database_url: str) -> Store:
+        """Create the engine (no connection is made yet)."""
+        url = async_url(database_url)
+        if url.startswith("sqlite"):
+            engine = create_async_engine(url, connect_args={"timeout": 30})
+            _sqlite_pragmas(engine)
+        else:
+            engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        return cls(engine)
+
+    async def close(self) -> None:
+        """Dispose of the connection pool."""
+        await self.engine.dispose()
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to the newest revision, under a database-wide lock."""
+        async with self.engine.begin() as conn:
+            if self.is_postgres:
+                await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_ID})")
+            await conn.run_sync(_alembic_upgrade)
+            await self._ensure_meta(conn)
+
+    async def _ensure_meta(self, conn: AsyncConnection) -> None:
+        now = datetime.now(UTC).isoformat()
+        table = _table(MetaRow)
+        exists = await conn.scalar(sa.select(table.c.value).where(table.c.key == "created_at"))
+        if exists is None:
+            await conn.execute(sa.insert(table).values(key="created_at", value=now))
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A connection inside one transaction (committed on success)."""
+        async with self.engine.begin() as conn:
+            yield conn
+
+    async def ping(self) -> bool:
+        """Whether the database answers and is migrated."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.scalar(sa.select(sa.func.count()).select_from(_table(MetaRow)))
+        except sa.exc.SQLAlchemyError:
+            return False
+        return True
+
+    # -- meta ---------------------------------------------------------------------------
+
+    async def meta(self, key: str) -> str | None:
+        """A value from the ``meta`` table."""
+        async with self.engine.connect() as conn:
+            table = _table(MetaRow)
+            value = await conn.scalar(sa.select(table.c.value).where(table.c.key == key))
+        return None if value is None else str(value)
+
+    async def created_at(self) -> datetime:
+        """When this database was created (the default ``billing_start``)."""
+        value = await self.meta("created_at")
+        if value is None:
+            raise ConfigError("the database is not migrated; run `syncd db upgrade`")
+        return datetime.fromisoformat(value)
+
+    # -- inbox --------------------------------------------------------------------------
+
+    async def add_events(self, hints: Sequence[ChangeHint], *, now: datetime) -> int:
+        """Store change hints; duplicates (same connection and event id) are ignored.
+
+        Returns:
+            how many were new.
+        """
+        if not hints:
+            return 0
+        rows = [
+            {
+                "connection": h.connection,
+                "object_type": h.object_type,
+                "object_id": h.object_id,
+                "event_id": h.event_id,
+                "kind": h.kind,
+                "occurred_at": h.occurred_at,
+                "received_at": now,
+                "status": "pending",
+                "attempts": 0,
+                "next_at": now,
+            }
+            for h in hints
+        ]
+        table = _table(EventRow)
+        stmt = self._insert_ignore(table, ("connection", "event_id")).returning(table.c.id)
+        async with self.engine.begin() as conn:
+            inserted = (await conn.execute(stmt, rows)).all()
+        return len(inserted)
+
+    def _insert_ignore(self, table: sa.Table, conflict: Sequence[str]) -> Any:
+        if self.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table).on_conflict_do_nothing(index_elements=list(conflict))
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing(index_elements=list(conflict))
+
+    async def claim(self, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime) -> list[Row]:
+        """Claim up to ``limit`` due rows of ``model`` (events or effects) with a lease."""
+        table = _table(model)
+        lease_free = sa.or_(table.c.lease_until.is_(None), table.c.lease_until < now)
+        due = (
+            sa.select(table.c.id)
+            .where(table.c.status == "pending", table.c.next_at <= now, lease_free)
+            .order_by(table.c.next_at, table.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            sa.update(table)
+            .where(table.c.id.in_(due.scalar_subquery()))
+            .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s), attempts=table.c.attempts + 1)
+            .returning(*table.c)
+        )
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+        return sorted((model.model_validate(dict(r)) for r in rows), key=lambda r: r.id or 0)
+
+    async def finish(
+        self,
+        model: type[Row],
+        row: Row,
+        *,
+        status: str,
+        now: datetime,
+        error: str | None = None,
+        next_at: datetime | None = None,
+        result: Mapping[str, Any] | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> bool:
+        """Settle a claimed row, fenced on the attempt it was claimed with.
+
+        Args:
+            status: ``done``, ``dead``, ``simulated``, or ``pending`` (retry at ``next_at``).
+
+        Returns:
+            ``False`` when the row was claimed again since (this writer is fenced off).
+        """
+        table = _table(model)
+        values: dict[str, Any] = {"status": status, "lease_owner": None, "lease_until": None, "last_error": error}
+        if next_at is not None:
+            values["next_at"] = next_at
+        if model is EffectRow:
+            values["updated_at"] = now
+            if result is not None:
+                values["result"] = dict(result)
+        stmt = sa.update(table).where(table.c.id == row.id, table.c.attempts == row.attempts).values(**values)
+        if conn is not None:
+            return bool((await conn.execute(stmt)).rowcount)
+        async with self.engine.begin() as own:
+            return bool((await own.execute(stmt)).rowcount)
+
+    # -- outbox -------------------------------------------------------------------------
+
+    async def add_effect(
+        self,
+        conn: AsyncConnection,
+        *,
+        key: str,
+        kind: str,
+        connection: str,
+        payload: Mapping[str, Any],
+        now: datetime,
+        client_key: str | None = None,
+        status: str = "pending",
+    ) -> bool:
+        """Queue an effect in the caller's transaction; ``False`` if the key exists."""
+        table = _table(EffectRow)
+        stmt = self._insert_ignore(table, ("key",)).values(
+            key=key,
+            kind=kind,
+            connection=connection,
+            client_key=client_key,
+            payload=json.loads(json.dumps(payload, default=str)),
+            status=status,
+            attempts=0,
+            next_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+        return bool((await conn.execute(stmt)).rowcount)
+
+    async def add_billing_event(self, conn: AsyncConnection, row: BillingEventRow) -> bool:
+        """Record a billing event in the caller's transaction; ``False`` if its key exists."""
+        table = _table(BillingEventRow)
+        stmt = self._insert_ignore(table, ("key",)).values(**row.model_dump())
+        return bool((await conn.execute(stmt)).rowcount)
+
+    # -- rows by key ----------------------------------------------------------------------
+
+    async def get(self, model: type[SQLModel], *pk: Any) -> Any:
+        """One row by primary key, or ``None``."""
+        table = _table(model)
+        cols = list(table.primary_key.columns)
+        async with self.engine.connect() as conn:
+            row = (
+                (await conn.execute(sa.select(table).where(*(c == v for c, v in zip(cols, pk, strict=True)))))
+                .mappings()
+                .first()
+            )
+        return None if row is None else model.model_validate(dict(row))
+
+    async def upsert(
+        self, model: type[SQLModel], values: Mapping[str, Any], conn: AsyncConnection | None = None
+    ) -> None:
+        """Insert or update a row by primary key."""
+        table = _table(model)
+        keys = [c.name for c in table.primary_key.columns]
+        if self.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            ins: Any = pg_insert(table).values(**values)
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            ins = sqlite_insert(table).values(**values)
+        update = {k: ins.excluded[k] for k in values if k not in keys}
+        stmt = ins.on_conflict_do_update(index_elements=keys, set_=update) if update else ins.on_conflict_do_nothing()
+        if conn is not None:
+            await conn.execute(stmt)
+            return
+        async with self.engine.begin() as own:
+            await own.execute(stmt)
+
+    async def select(
+        self, model: type[SQLModel], *where: Any, order_by: Any = None, limit: int | None = None
+    ) -> list[Any]:
+        """Rows of ``model`` matching ``where`` (SQLAlchemy column expressions)."""
+        table = _table(model)
+        stmt = sa.select(table).where(*where)
+        if order_by is not None:
+            stmt = stmt.order_by(order_by)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+        return [model.model_validate(dict(r)) for r in rows]
+
+    async def count(self, model: type[SQLModel], *where: Any) -> int:
+        """How many rows of ``model`` match ``where``."""
+        table = _table(model)
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(sa.select(sa.func.count()).select_from(table).where(*where))
+        return int(value or 0)
+
+    async def update(self, model: type[SQLModel], where: Iterable[Any], values: Mapping[str, Any]) -> int:
+        """Update rows of ``model`` matching ``where``; how many changed."""
+        table = _table(model)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(sa.update(table).where(*where).values(**values))
+        return int(result.rowcount or 0)
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    async def dead_letter(
+        self,
+        *,
+        source: str,
+        ref: str,
+        connection: str,
+        reason: str,
+        place: str | None,
+        payload: Mapping[str, Any] | None,
+        now: datetime,
+        conn: AsyncConnection | None = None,
+    ) -> None:
+        """Record a record that cannot be processed (no secrets: callers pass hints, not bodies)."""
+        values = {
+            "source": source,
+            "ref": ref,
+            "connection": connection,
+            "reason": reason,
+            "place": place,
+            "payload": dict(payload) if payload is not None else None,
+            "status": "open",
+            "created_at": now,
+        }
+        table = _table(DeadLetterRow)
+        if conn is not None:
+            await conn.execute(sa.insert(table).values(**values))
+            return
+        async with self.engine.begin() as own:
+            await own.execute(sa.insert(table).values(**values))
+
+    # -- ticks ----------------------------------------------------------------------------
+
+    async def claim_tick(self, job: str, window: str, *, owner: str, now: datetime) -> bool:
+        """Whether this replica runs ``job`` for ``window`` (the first to insert wins)."""
+        table = _table(TickRow)
+        stmt = self._insert_ignore(table, ("job", "window")).values(job=job, window=window, owner=owner, started_at=now)
+        async with self.engine.begin() as conn:
+            return bool((await conn.execute(stmt)).rowcount)
+
+
+class DbTokenStore:
+    """OAuth tokens for one connection, Fernet-encrypted in ``oauth_tokens``.
+
+    ``locked()`` holds a row lock on PostgreSQL (``SELECT ... FOR UPDATE`` in its own
+    transaction) so one replica refreshes at a time; within one process an asyncio lock
+    serialises too.
+    """
+
+    def __init__(self, store: Store, connection: str, key: str | None) -> None:
+        import asyncio
+
+        self.store = store
+        self.connection = connection
+        self.fernet = Fernet(key.encode()) if key else None
+        self._lock = asyncio.Lock()
+
+    def _cipher(self) -> Fernet:
+        if self.fernet is None:
+            raise ConfigError(
+                "OAuth tokens must be stored but [daemon].encryption_key is not set; "
+                "generate one with `syncd keygen` and set SYNCD_DAEMON__ENCRYPTION_KEY"
+            )
+        return self.fernet
+
+    async def load(self) -> Mapping[str, Any] | None:
+        """The stored tokens, decrypted, or ``None``."""
+        row = await self.store.get(TokenRow, self.connection)
+        if row is None:
+            return None
+        try:
+            data: dict[str, Any] = json.loads(self._cipher().decrypt(row.ciphertext.encode()))
+        except InvalidToken as exc:
+            raise ConfigError(
+                f"stored tokens of {self.connection!r} cannot be decrypted: wrong [daemon].encryption_key"
+            ) from exc
+        return data
+
+    async def save(self, tokens: Mapping[str, Any]) -> None:
+        """Encrypt and persist ``tokens`` (before the caller uses them)."""
+        blob = self._cipher().encrypt(json.dumps(dict(tokens)).encode()).decode()
+        row = await self.store.get(TokenRow, self.connection)
+        version = (row.version + 1) if row is not None else 1
+        await self.store.upsert(
+            TokenRow,
+            {"connection": self.connection, "ciphertext": blob, "version": version, "updated_at": datetime.now(UTC)},
+        )
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        """Hold the refresh lock for this connection, across replicas on PostgreSQL."""
+        async with self._lock:
+            if not self.store.is_postgres:
+                yield
+                return
+            async with self.store.engine.begin() as conn:
+                key = f"syncd-token:{self.connection}"
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+                yield
+
+
+def _sqlite_pragmas(engine: AsyncEngine) -> None:
+    """WAL, a busy timeout, and ``BEGIN IMMEDIATE`` so writers queue instead of failing."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _alembic_upgrade(sync_conn: sa.Connection) -> None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = sync_conn
+    command.upgrade(cfg, "head")
