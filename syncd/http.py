@@ -273,19 +273,25 @@ class VendorHttp:
 
 
 def make_client(
-    *, timeout_s: float = 30.0, transport: httpx.AsyncBaseTransport | None = None, user_agent: str = "syncd"
+    *,
+    timeout_s: float = 30.0,
+    transport: httpx.AsyncBaseTransport | None = None,
+    mounts: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    user_agent: str = "syncd",
 ) -> httpx.AsyncClient:
     """The one shared ``httpx.AsyncClient`` of the process.
 
     Args:
         timeout_s: per-request timeout in seconds.
         transport: an alternative transport (``ASGITransport`` to an emulator in tests).
+        mounts: URL prefix → transport (``{"http://xero.test": ASGITransport(app)}``).
         user_agent: the ``User-Agent`` header (Harvest asks for a contact in it).
     """
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout_s, connect=10.0),
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
         transport=transport,
+        mounts=dict(mounts) if mounts else None,
         headers={"User-Agent": user_agent},
         follow_redirects=False,
     )

@@ -190,6 +190,55 @@ class InvoiceLine(Model):
         return round_money(self.quantity * self.unit_price, currency)
 
 
+class AmountChange(Model):
+    """A change of a recurring engagement's amount (an upgrade or a downgrade).
+
+    Attributes:
+        version: the source's change sequence (modification stamp) that made the
+            change; it tells this change from others in billing keys.
+        effective: first day (in the client's zone) the new amount applies.
+        amount: the recurring amount per cycle from ``effective`` on.
+        recorded_at: when the change was recorded at the source; periods invoiced
+            before it are settled by an ``engagement_changed`` invoice or credit note.
+            ``None`` means at the start of ``effective`` in the client's zone.
+    """
+
+    version: str
+    effective: date
+    amount: Decimal
+    recorded_at: AwareDatetime | None = None
+
+
+class Pause(Model):
+    """Days a recurring engagement is paused and not billed.
+
+    Attributes:
+        start / end: first and last paused day (inclusive), in the client's zone.
+        recorded_at: when the pause was recorded at the source (``None``: at the
+            start of ``start`` in the client's zone).
+    """
+
+    start: date
+    end: date
+    recorded_at: AwareDatetime | None = None
+
+
+class Milestone(Model):
+    """A billable milestone of a ``milestone`` engagement.
+
+    Attributes:
+        id: the source's id of the milestone; it tells one milestone invoice from another.
+        name: the line text.
+        amount: the fixed amount invoiced when the milestone is done.
+        done_at: when it was done (``None`` while open).
+    """
+
+    id: str
+    name: str
+    amount: Decimal
+    done_at: AwareDatetime | None = None
+
+
 class Engagement(Model):
     """How one deal bills.
 
@@ -209,6 +258,23 @@ class Engagement(Model):
         anchor_day: day of month periods start on (1-31; 31 means month end).
         cap_hours: hours cap for hourly engagements.
         source_version: the source's modification stamp when this was mapped.
+        billing_timing: recurring periods are invoiced at their start (``advance``) or
+            the day after they end (``arrears``). Hourly periods are always in arrears.
+        cancel_date: last day of service of a cancelled engagement (inclusive, in the
+            client's zone); nothing is billed after it.
+        cancelled_at: when the cancellation was recorded at the source (``None``: at
+            the start of ``cancel_date`` in the client's zone).
+        pauses: paused spans of a recurring engagement, not billed.
+        amount_changes: upgrades and downgrades of a recurring engagement; ``amount``
+            is the amount before the first of them.
+        milestones: the milestones of a ``milestone`` engagement.
+        bill_on: a ``one_time`` engagement invoices when the deal is won (``won``) or
+            when the deliverable is accepted (``accepted``).
+        accepted_at: when the deliverable was accepted (``None`` until then).
+        cap_step_percent: an hourly engagement with ``cap_hours`` invoices each time the
+            logged billable hours reach another multiple of this percentage of the cap.
+        over_cap: hours beyond the cap are invoiced (``bill``) or held back (``hold``).
+        group_hours_by: hourly invoice lines are one per task, person or project.
     """
 
     key: str
@@ -227,6 +293,17 @@ class Engagement(Model):
     anchor_day: int | None = None
     cap_hours: Decimal | None = None
     source_version: str = ""
+    billing_timing: Literal["advance", "arrears"] = "advance"
+    cancel_date: date | None = None
+    cancelled_at: AwareDatetime | None = None
+    pauses: tuple[Pause, ...] = ()
+    amount_changes: tuple[AmountChange, ...] = ()
+    milestones: tuple[Milestone, ...] = ()
+    bill_on: Literal["won", "accepted"] = "won"
+    accepted_at: AwareDatetime | None = None
+    cap_step_percent: Decimal = Decimal(100)
+    over_cap: Literal["bill", "hold"] = "hold"
+    group_hours_by: Literal["task", "person", "project"] = "task"
 
     @field_validator("currency")
     @classmethod

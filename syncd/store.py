@@ -249,7 +249,7 @@ class TickRow(SQLModel, table=True):
 Row = TypeVar("Row", EventRow, EffectRow)
 
 
-def _table(model: type[SQLModel]) -> sa.Table:
+def table_of(model: type[SQLModel]) -> sa.Table:
     """The SQLAlchemy table behind a SQLModel table class."""
     table = getattr(model, "__table__", None)
     if not isinstance(table, sa.Table):
@@ -307,7 +307,7 @@ class Store:
 
     async def _ensure_meta(self, conn: AsyncConnection) -> None:
         now = datetime.now(UTC).isoformat()
-        table = _table(MetaRow)
+        table = table_of(MetaRow)
         exists = await conn.scalar(sa.select(table.c.value).where(table.c.key == "created_at"))
         if exists is None:
             await conn.execute(sa.insert(table).values(key="created_at", value=now))
@@ -322,7 +322,7 @@ class Store:
         """Whether the database answers and is migrated."""
         try:
             async with self.engine.connect() as conn:
-                await conn.scalar(sa.select(sa.func.count()).select_from(_table(MetaRow)))
+                await conn.scalar(sa.select(sa.func.count()).select_from(table_of(MetaRow)))
         except sa.exc.SQLAlchemyError:
             return False
         return True
@@ -332,7 +332,7 @@ class Store:
     async def meta(self, key: str) -> str | None:
         """A value from the ``meta`` table."""
         async with self.engine.connect() as conn:
-            table = _table(MetaRow)
+            table = table_of(MetaRow)
             value = await conn.scalar(sa.select(table.c.value).where(table.c.key == key))
         return None if value is None else str(value)
 
@@ -368,7 +368,7 @@ class Store:
             }
             for h in hints
         ]
-        table = _table(EventRow)
+        table = table_of(EventRow)
         stmt = self._insert_ignore(table, ("connection", "event_id")).returning(table.c.id)
         async with self.engine.begin() as conn:
             inserted = (await conn.execute(stmt, rows)).all()
@@ -385,7 +385,7 @@ class Store:
 
     async def claim(self, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime) -> list[Row]:
         """Claim up to ``limit`` due rows of ``model`` (events or effects) with a lease."""
-        table = _table(model)
+        table = table_of(model)
         lease_free = sa.or_(table.c.lease_until.is_(None), table.c.lease_until < now)
         due = (
             sa.select(table.c.id)
@@ -424,7 +424,7 @@ class Store:
         Returns:
             ``False`` when the row was claimed again since (this writer is fenced off).
         """
-        table = _table(model)
+        table = table_of(model)
         values: dict[str, Any] = {"status": status, "lease_owner": None, "lease_until": None, "last_error": error}
         if next_at is not None:
             values["next_at"] = next_at
@@ -453,7 +453,7 @@ class Store:
         status: str = "pending",
     ) -> bool:
         """Queue an effect in the caller's transaction; ``False`` if the key exists."""
-        table = _table(EffectRow)
+        table = table_of(EffectRow)
         stmt = self._insert_ignore(table, ("key",)).values(
             key=key,
             kind=kind,
@@ -470,7 +470,7 @@ class Store:
 
     async def add_billing_event(self, conn: AsyncConnection, row: BillingEventRow) -> bool:
         """Record a billing event in the caller's transaction; ``False`` if its key exists."""
-        table = _table(BillingEventRow)
+        table = table_of(BillingEventRow)
         stmt = self._insert_ignore(table, ("key",)).values(**row.model_dump())
         return bool((await conn.execute(stmt)).rowcount)
 
@@ -478,7 +478,7 @@ class Store:
 
     async def get(self, model: type[SQLModel], *pk: Any) -> Any:
         """One row by primary key, or ``None``."""
-        table = _table(model)
+        table = table_of(model)
         cols = list(table.primary_key.columns)
         async with self.engine.connect() as conn:
             row = (
@@ -492,7 +492,7 @@ class Store:
         self, model: type[SQLModel], values: Mapping[str, Any], conn: AsyncConnection | None = None
     ) -> None:
         """Insert or update a row by primary key."""
-        table = _table(model)
+        table = table_of(model)
         keys = [c.name for c in table.primary_key.columns]
         if self.is_postgres:
             from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -514,7 +514,7 @@ class Store:
         self, model: type[SQLModel], *where: Any, order_by: Any = None, limit: int | None = None
     ) -> list[Any]:
         """Rows of ``model`` matching ``where`` (SQLAlchemy column expressions)."""
-        table = _table(model)
+        table = table_of(model)
         stmt = sa.select(table).where(*where)
         if order_by is not None:
             stmt = stmt.order_by(order_by)
@@ -526,14 +526,14 @@ class Store:
 
     async def count(self, model: type[SQLModel], *where: Any) -> int:
         """How many rows of ``model`` match ``where``."""
-        table = _table(model)
+        table = table_of(model)
         async with self.engine.connect() as conn:
             value = await conn.scalar(sa.select(sa.func.count()).select_from(table).where(*where))
         return int(value or 0)
 
     async def update(self, model: type[SQLModel], where: Iterable[Any], values: Mapping[str, Any]) -> int:
         """Update rows of ``model`` matching ``where``; how many changed."""
-        table = _table(model)
+        table = table_of(model)
         async with self.engine.begin() as conn:
             result = await conn.execute(sa.update(table).where(*where).values(**values))
         return int(result.rowcount or 0)
@@ -563,7 +563,7 @@ class Store:
             "status": "open",
             "created_at": now,
         }
-        table = _table(DeadLetterRow)
+        table = table_of(DeadLetterRow)
         if conn is not None:
             await conn.execute(sa.insert(table).values(**values))
             return
@@ -574,7 +574,7 @@ class Store:
 
     async def claim_tick(self, job: str, window: str, *, owner: str, now: datetime) -> bool:
         """Whether this replica runs ``job`` for ``window`` (the first to insert wins)."""
-        table = _table(TickRow)
+        table = table_of(TickRow)
         stmt = self._insert_ignore(table, ("job", "window")).values(job=job, window=window, owner=owner, started_at=now)
         async with self.engine.begin() as conn:
             return bool((await conn.execute(stmt)).rowcount)

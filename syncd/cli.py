@@ -1,0 +1,241 @@
+"""The ``syncd`` command line: run, check, status, db, setup, auth, dead letters, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+from cryptography.fernet import Fernet
+from rich.console import Console
+from rich.table import Table
+
+from syncd import logging as syncd_logging
+from syncd.errors import ConfigError, MappingError, SyncdError
+from syncd.settings import Config, load_config
+
+app = typer.Typer(help="syncd: deal signed → invoice sent → cash collected.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+setup_app = typer.Typer(help="One-time set-up at a vendor.", no_args_is_help=True)
+auth_app = typer.Typer(help="Connect an OAuth2 account.", no_args_is_help=True)
+dead_app = typer.Typer(help="Records that could not be processed.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(setup_app, name="setup")
+app.add_typer(auth_app, name="auth")
+app.add_typer(dead_app, name="dead-letters")
+
+console = Console()
+err = Console(stderr=True)
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML config file.", envvar="SYNCD_CONFIG")]
+
+
+def _load(path: Path) -> Config:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]✗[/red] {problem}", highlight=False)
+        raise typer.Exit(2) from None
+    syncd_logging.register_secrets(config.secrets())
+    syncd_logging.configure(config.daemon.log_level)
+    return config
+
+
+@app.command()
+def run(config: ConfigOption = Path("config.toml")) -> None:
+    """Run the daemon: webhooks, health, metrics, poll ticks and workers (migrates first)."""
+    from syncd.daemon import Daemon
+
+    cfg = _load(config)
+    host, _, port = cfg.daemon.listen.rpartition(":")
+    daemon = Daemon(cfg)
+    server = uvicorn.Server(
+        uvicorn.Config(daemon.app(), host=host, port=int(port), log_config=None, access_log=False, lifespan="on")
+    )
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(config: ConfigOption = Path("config.toml")) -> None:
+    """Validate the config and mappings and check each connection's credentials.
+
+    Safe beside a running daemon: it rotates no token and writes nothing.
+    """
+    problems = asyncio.run(_check(config))
+    for problem in problems:
+        err.print(f"[red]✗[/red] {problem}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    console.print("[green]✓[/green] config, mappings and connections are fine")
+
+
+async def _check(path: Path) -> list[str]:
+    from syncd.runtime import Runtime
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return list(exc.problems)
+    syncd_logging.configure(config.daemon.log_level)
+    try:
+        runtime = await Runtime.start(config, migrate=False)
+    except (ConfigError, MappingError) as exc:
+        return list(exc.problems)
+    problems: list[str] = []
+    try:
+        for name, connector in runtime.connectors.items():
+            try:
+                problems += [f"[connections.{name}]: {p}" for p in await connector.check()]
+            except SyncdError as exc:
+                problems.append(f"[connections.{name}]: {exc}")
+    finally:
+        await runtime.aclose()
+    return problems
+
+
+@app.command()
+def status(config: ConfigOption = Path("config.toml")) -> None:
+    """Per connection: last successful sync, backlog of events and effects, dead letters."""
+    cfg = _load(config)
+    table = Table("connection", "last sync", "last error", "events pending", "effects pending", "dead letters")
+    for row in asyncio.run(_status(cfg)):
+        table.add_row(*row)
+    console.print(table)
+
+
+async def _status(config: Config) -> list[list[str]]:
+    from syncd.store import CursorRow, DeadLetterRow, EffectRow, EventRow, Store, table_of
+
+    store = Store.open(config.daemon.database_url)
+    rows: list[list[str]] = []
+    try:
+        for name in config.connections:
+            cursor = await store.get(CursorRow, name, "changes")
+            events = await store.count(
+                EventRow, table_of(EventRow).c.connection == name, table_of(EventRow).c.status == "pending"
+            )
+            effects = await store.count(
+                EffectRow, table_of(EffectRow).c.connection == name, table_of(EffectRow).c.status == "pending"
+            )
+            dead = await store.count(
+                DeadLetterRow, table_of(DeadLetterRow).c.connection == name, table_of(DeadLetterRow).c.status == "open"
+            )
+            last = cursor.last_success_at.isoformat() if cursor and cursor.last_success_at else "never"
+            rows.append([name, last, (cursor.last_error or "") if cursor else "", str(events), str(effects), str(dead)])
+    finally:
+        await store.close()
+    return rows
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = Path("config.toml")) -> None:
+    """Migrate the database to the newest schema (under a database lock)."""
+    from syncd.store import Store
+
+    cfg = _load(config)
+
+    async def go() -> None:
+        store = Store.open(cfg.daemon.database_url)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    console.print("[green]✓[/green] database is at the newest schema")
+
+
+@app.command()
+def keygen() -> None:
+    """Print a new key for ``[daemon].encryption_key`` (OAuth tokens at rest)."""
+    print(Fernet.generate_key().decode())
+
+
+@setup_app.command("hubspot")
+def setup_hubspot(
+    config: ConfigOption = Path("config.toml"),
+    connection: Annotated[str, typer.Option(help="The HubSpot connection name.")] = "hubspot",
+) -> None:
+    """Create, idempotently, the deal properties syncd writes (group ``syncd``)."""
+    cfg = _load(config)
+    result = asyncio.run(_with_connector(cfg, connection, "ensure_properties"))
+    console.print(result)
+
+
+async def _with_connector(config: Config, connection: str, method: str) -> Any:
+    from syncd.runtime import Runtime
+
+    if connection not in config.connections:
+        err.print(f"no connection named {connection!r}; defined: {', '.join(config.connections)}")
+        raise typer.Exit(2)
+    runtime = await Runtime.start(config)
+    try:
+        return await getattr(runtime.connectors[connection], method)()
+    finally:
+        await runtime.aclose()
+
+
+@auth_app.command("xero")
+def auth_xero(
+    config: ConfigOption = Path("config.toml"),
+    connection: Annotated[str, typer.Option(help="The Xero connection name.")] = "xero",
+) -> None:
+    """OAuth2 code flow: print the consent URL, take the redirect on localhost, store the tokens."""
+    from syncd.oauth import authorize_xero
+
+    cfg = _load(config)
+    asyncio.run(authorize_xero(cfg, connection, console))
+
+
+@dead_app.command("list")
+def dead_list(config: ConfigOption = Path("config.toml"), all_: Annotated[bool, typer.Option("--all")] = False) -> None:
+    """List dead letters (open ones unless --all), with reason and place."""
+    from syncd.replay import list_dead_letters
+
+    cfg = _load(config)
+    table = Table("id", "source", "connection", "reason", "place", "created", "status")
+    for row in asyncio.run(list_dead_letters(cfg, include_replayed=all_)):
+        table.add_row(
+            str(row.id), row.source, row.connection, row.reason, row.place or "", row.created_at.isoformat(), row.status
+        )
+    console.print(table)
+
+
+@app.command()
+def replay(
+    ids: Annotated[list[int] | None, typer.Argument(help="Dead letter ids.")] = None,
+    config: ConfigOption = Path("config.toml"),
+    all_: Annotated[bool, typer.Option("--all", help="Replay every open dead letter.")] = False,
+) -> None:
+    """Re-run dead letters after the mapping or the data is fixed (no duplicate effects)."""
+    from syncd.replay import replay_dead_letters
+
+    if not ids and not all_:
+        err.print("name dead letter ids, or --all")
+        raise typer.Exit(2)
+    cfg = _load(config)
+    count = asyncio.run(replay_dead_letters(cfg, ids or [], all_=all_))
+    console.print(f"requeued {count} record(s); the daemon processes them next")
+
+
+@app.command()
+def demo(keep: Annotated[bool, typer.Option(help="Keep the temporary database.")] = False) -> None:
+    """Run the end-to-end demo against the HubSpot and Xero emulators, and exit."""
+    from syncd.demo import run_demo
+
+    syncd_logging.configure("warning")
+    summary = asyncio.run(run_demo(keep=keep))
+    console.print(json.dumps(summary, indent=2, default=str) if not sys.stdout.isatty() else "")
+    if not summary.get("ok"):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point of the ``syncd`` script."""
+    app()

@@ -1,0 +1,517 @@
+"""Inbox → process → outbox, the executor, and dead letters.
+
+The flow (DESIGN §1), each arrow a committed row before the next step starts:
+
+1. **Process an event** (claimed from the inbox with a lease): re-read the record from
+   the source API (the hint is not the truth), map it, and in *one transaction*
+   upsert the client and engagement, record the billing event (unique key) and queue
+   the effect that creates its invoice (unique key). A duplicate or late event finds
+   the billing event already there and queues nothing.
+2. **Execute an effect** (claimed from the outbox with a lease and an attempt
+   counter): find-or-create the customer, *look the invoice up by its key first*,
+   create it only if absent (sending the key as the vendor's idempotency key), then
+   record it and queue the CRM write-back, fenced on the attempt it claimed.
+3. **Invoice changes** (payment webhooks, polls) re-read the invoice and queue a
+   write-back of the current status onto the deal.
+
+Failures are handled per record: retriable ones go back to the queue with back-off
+(or the vendor's ``Retry-After``); mapping, validation and fatal ones go to the
+dead-letter table with the reason and the place, and the rest keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+import structlog
+
+from syncd import billing
+from syncd.errors import (
+    AuthError,
+    FatalError,
+    MappingError,
+    NotFound,
+    RecordError,
+    RetriableError,
+    SyncdError,
+)
+from syncd.interfaces import (
+    Client,
+    DealBillingStatus,
+    Engagement,
+    InvoiceDraft,
+    InvoiceState,
+    InvoiceStatus,
+    SourceRecord,
+)
+from syncd.runtime import Pipeline, Runtime
+from syncd.store import (
+    BillingEventRow,
+    ClientRow,
+    EffectRow,
+    EngagementRow,
+    EventRow,
+    InvoiceRow,
+    SourceRecordRow,
+    decimal_text,
+    table_of,
+)
+
+log = structlog.get_logger("syncd.engine")
+
+CREATE_INVOICE = "create_invoice"
+WRITE_CRM_STATUS = "write_crm_status"
+BACKOFF_CAP_S = 3600
+
+
+def backoff_s(attempts: int, retry_after_s: float | None = None) -> float:
+    """Seconds before the next attempt: the vendor's Retry-After, else 5·2ⁿ capped at an hour."""
+    if retry_after_s is not None:
+        return min(float(BACKOFF_CAP_S), retry_after_s)
+    return float(min(BACKOFF_CAP_S, 5 * 2 ** max(0, attempts - 1)))
+
+
+def crm_status_for(row: InvoiceRow, today: date) -> DealBillingStatus:
+    """What to write on the deal for an invoice row, with overdue derived from ``today``."""
+    due = Decimal(row.amount_due)
+    days_overdue = (today - row.due_date).days if row.due_date and due > 0 else 0
+    state = row.state
+    if days_overdue > 0 and state in {InvoiceState.AUTHORISED, InvoiceState.SENT, InvoiceState.PARTIALLY_PAID}:
+        state = "overdue"
+    return DealBillingStatus(
+        invoice_number=row.number,
+        state=state,
+        amount_due=due,
+        currency=row.currency,
+        due_date=row.due_date,
+        days_overdue=max(0, days_overdue),
+    )
+
+
+class Engine:
+    """Claims and processes inbox events and outbox effects for one :class:`Runtime`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.store = runtime.store
+        self.wake = asyncio.Event()
+
+    def notify(self) -> None:
+        """Wake idle workers (new events or effects were stored)."""
+        self.wake.set()
+
+    # -- workers --------------------------------------------------------------------------
+
+    async def run_worker(self, stop: asyncio.Event, *, batch: int = 10, idle_s: float = 1.0) -> None:
+        """Process events and effects until ``stop`` is set, then finish the claimed batch."""
+        while not stop.is_set():
+            done = await self.process_events(batch) + await self.execute_effects(batch)
+            if done == 0:
+                self.wake.clear()
+                sleepers = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(sleepers, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
+                for task in sleepers:
+                    task.cancel()
+
+    async def drain(self, *, rounds: int = 50) -> None:
+        """Process until nothing is due (tests and the demo use this instead of sleeping)."""
+        for _ in range(rounds):
+            if await self.process_events(100) + await self.execute_effects(100) == 0:
+                return
+
+    # -- inbox ----------------------------------------------------------------------------
+
+    async def process_events(self, limit: int) -> int:
+        """Claim and process up to ``limit`` due events; how many were claimed."""
+        now = self.rt.clock()
+        rows = await self.store.claim(
+            EventRow, owner=self.rt.owner, limit=limit, lease_s=self.rt.config.daemon.lease_s, now=now
+        )
+        for row in rows:
+            await self._settle(EventRow, row, "event", self._route_event)
+        return len(rows)
+
+    async def _route_event(self, row: EventRow) -> bool:
+        handled = False
+        for pipeline in self.rt.pipelines:
+            if row.object_type == "deal" and pipeline.crm_name == row.connection:
+                await self.process_deal(pipeline, row.object_id)
+                handled = True
+            elif row.object_type == "invoice" and pipeline.invoicing_name == row.connection:
+                await self.refresh_invoice(pipeline, row.object_id)
+                handled = True
+        if not handled:
+            log.debug("event_ignored", connection=row.connection, object_type=row.object_type, object_id=row.object_id)
+        return False
+
+    async def process_deal(self, pipeline: Pipeline, deal_id: str) -> str | None:
+        """Re-read a deal, map it, and queue its invoice if a billing event is due.
+
+        Returns:
+            the billing event key queued, or ``None``.
+
+        Raises:
+            MappingError: the deal does not fit the mapping (dead-lettered by the caller).
+        """
+        now = self.rt.clock()
+        try:
+            record = await pipeline.crm.fetch_deal(deal_id, pipeline.mapping.source_properties)
+        except NotFound:
+            log.info("deal_gone", connection=pipeline.crm_name, deal_id=deal_id)
+            return None
+        await self._remember(record, now)
+        if not pipeline.mapping.selects(record):
+            return None
+        mapped = pipeline.mapping.map_deal(record, defaults=self.rt.defaults)
+        async with self.store.begin() as conn:
+            await self._save_client(conn, mapped.client, now)
+            await self.store.upsert(EngagementRow, _engagement_values(mapped.engagement, pipeline, deal_id, now), conn)
+        await self._check_divergence(mapped.engagement, record)
+        event = billing.deal_won_event(mapped.engagement, billing_start=self.rt.billing_start)
+        if event is None:
+            return None
+        return await self.queue_invoice(pipeline, event, mapped.engagement, mapped.client, deal_id)
+
+    async def queue_invoice(
+        self, pipeline: Pipeline, event: Any, engagement: Engagement, client: Client, crm_object_id: str
+    ) -> str | None:
+        """Record a billing event and, in the same transaction, queue its invoice effect.
+
+        Returns:
+            the event key if it was new, else ``None`` (already recorded: nothing queued).
+        """
+        now = self.rt.clock()
+        options = pipeline.mapping.invoice
+        draft = billing.draft_for_event(
+            event,
+            engagement,
+            client,
+            issue_date=billing.issue_date_for(now, client.timezone),
+            status=options.status,
+            send=options.send,
+            line_amount_types=options.line_amount_types,
+        )
+        live = self.rt.pilot_allows(client.key)
+        row = BillingEventRow(
+            key=event.key,
+            kind=str(event.kind),
+            engagement_key=engagement.key,
+            occurrence=event.occurrence,
+            occurred_at=event.occurred_at,
+            created_at=now,
+            simulated=not live,
+        )
+        payload = {
+            "draft": draft.model_dump(mode="json"),
+            "crm": pipeline.crm_name,
+            "crm_object_id": crm_object_id,
+            "triggered_at": event.occurred_at.isoformat(),
+        }
+        async with self.store.begin() as conn:
+            if not await self.store.add_billing_event(conn, row):
+                return None
+            await self.store.add_effect(
+                conn,
+                key=event.key,
+                kind=CREATE_INVOICE,
+                connection=pipeline.invoicing_name,
+                payload=payload,
+                now=now,
+                client_key=client.key,
+                status="pending" if live else "simulated",
+            )
+        log.info("billing_event_recorded", key=event.key, kind=str(event.kind), engagement=engagement.key, live=live)
+        self.notify()
+        return str(event.key)
+
+    async def _remember(self, record: SourceRecord, now: datetime) -> None:
+        await self.store.upsert(
+            SourceRecordRow,
+            {
+                "connection": record.connection,
+                "object_type": record.object_type,
+                "object_id": record.object_id,
+                "version": record.version,
+                "data": dict(record.data),
+                "fetched_at": now,
+            },
+        )
+
+    async def _save_client(self, conn: Any, client: Client, now: datetime) -> None:
+        existing = await self.store.get(ClientRow, client.key)
+        ids = dict(existing.external_ids) if existing is not None else {}
+        ids.update(client.external_ids)
+        await self.store.upsert(
+            ClientRow,
+            {
+                "key": client.key,
+                "legal_name": client.legal_name,
+                "data": client.model_dump(mode="json", exclude={"external_ids"}),
+                "external_ids": ids,
+                "updated_at": now,
+            },
+            conn,
+        )
+
+    async def _check_divergence(self, engagement: Engagement, record: SourceRecord) -> None:
+        """A deal edited, reopened or lost after it was invoiced: record it, never re-invoice or void."""
+        invoices = await self.store.select(InvoiceRow, _col(InvoiceRow, "engagement_key") == engagement.key)
+        for invoice in invoices:
+            if invoice.kind != "invoice":
+                continue
+            notes = []
+            if engagement.won_at is None:
+                notes.append("deal is no longer won")
+            subtotal = sum((line.amount(engagement.currency) for line in engagement.lines), Decimal(0))
+            if invoice.subtotal is not None and engagement.lines and subtotal != Decimal(invoice.subtotal):
+                notes.append(f"deal lines now total {subtotal} {engagement.currency}, invoiced {invoice.subtotal}")
+            divergence = "; ".join(notes) or None
+            if divergence != invoice.divergence:
+                await self.store.update(
+                    InvoiceRow, [_col(InvoiceRow, "key") == invoice.key], {"divergence": divergence}
+                )
+                if divergence:
+                    log.warning(
+                        "invoice_divergence",
+                        invoice=invoice.number,
+                        engagement=engagement.key,
+                        version=record.version,
+                        divergence=divergence,
+                    )
+
+    async def refresh_invoice(self, pipeline: Pipeline, invoice_id: str) -> None:
+        """Re-read an invoice syncd created and queue a write-back if its status changed."""
+        rows = await self.store.select(
+            InvoiceRow,
+            _col(InvoiceRow, "invoice_id") == invoice_id,
+            _col(InvoiceRow, "invoicing_connection") == pipeline.invoicing_name,
+        )
+        if not rows:
+            return
+        status = await pipeline.invoicing.get_invoice(invoice_id)
+        await self._record_status(rows[0], status)
+
+    async def _record_status(self, row: InvoiceRow, status: InvoiceStatus) -> None:
+        now = self.rt.clock()
+        values = _status_values(status)
+        changed = any(str(getattr(row, k)) != str(v) for k, v in values.items() if k != "updated_at")
+        if not changed:
+            return
+        async with self.store.begin() as conn:
+            await conn.execute(
+                sa.update(table_of(InvoiceRow))
+                .where(_col(InvoiceRow, "key") == row.key)
+                .values(**values, updated_at=now)
+            )
+            await self._queue_crm_status(conn, row.key, row.crm_connection, values, now)
+        log.info("invoice_status_changed", invoice=row.number, state=values["state"], amount_due=values["amount_due"])
+
+    async def _queue_crm_status(
+        self, conn: Any, invoice_key: str, crm: str, values: dict[str, Any], now: datetime
+    ) -> None:
+        fingerprint = f"{invoice_key}:{values['state']}:{values['amount_due']}:{values.get('number')}"
+        key = "crm:" + hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
+        await self.store.add_effect(
+            conn, key=key, kind=WRITE_CRM_STATUS, connection=crm, payload={"invoice_key": invoice_key}, now=now
+        )
+        self.notify()
+
+    # -- outbox ---------------------------------------------------------------------------
+
+    async def execute_effects(self, limit: int) -> int:
+        """Claim and execute up to ``limit`` due effects; how many were claimed."""
+        now = self.rt.clock()
+        rows = await self.store.claim(
+            EffectRow, owner=self.rt.owner, limit=limit, lease_s=self.rt.config.daemon.lease_s, now=now
+        )
+        for row in rows:
+            await self._settle(EffectRow, row, "effect", self._execute)
+        return len(rows)
+
+    async def _execute(self, row: EffectRow) -> bool:
+        """Run one effect; ``True`` when it settled its own row (in its own transaction)."""
+        if row.kind == CREATE_INVOICE:
+            await self._create_invoice(row)
+            return True
+        if row.kind == WRITE_CRM_STATUS:
+            await self._write_crm_status(row)
+            return False
+        raise FatalError(f"unknown effect kind {row.kind!r}", place=f"effects.id={row.id}")
+
+    async def _create_invoice(self, row: EffectRow) -> None:
+        draft = InvoiceDraft.model_validate(row.payload["draft"])
+        invoicing = self.rt.connectors[row.connection]
+        customer_id = await self._customer_id(row.connection, invoicing, draft.client)
+        status = await invoicing.find_invoice(draft.key)
+        created = status is None
+        if status is None:
+            status = await invoicing.create_invoice(draft, customer_id)
+        now = self.rt.clock()
+        mismatch = _totals_mismatch(draft, status)
+        triggered_at = datetime.fromisoformat(row.payload["triggered_at"])
+        values = {
+            "key": draft.key,
+            "kind": str(draft.kind),
+            "engagement_key": draft.engagement_key,
+            "client_key": draft.client.key,
+            "crm_connection": row.payload["crm"],
+            "crm_object_id": row.payload["crm_object_id"],
+            "invoicing_connection": row.connection,
+            "invoice_id": status.invoice_id,
+            **_status_values(status),
+            "triggered_at": triggered_at,
+            "created_at": now,
+            "updated_at": now,
+            "totals_mismatch": mismatch,
+        }
+        async with self.store.begin() as conn:
+            await self.store.upsert(InvoiceRow, values, conn)
+            if not await self.store.finish(
+                EffectRow, row, status="done", now=now, result={"invoice_id": status.invoice_id}, conn=conn
+            ):
+                raise _Fenced()
+            await self._queue_crm_status(conn, draft.key, row.payload["crm"], _status_values(status), now)
+        if mismatch:
+            log.warning("invoice_totals_mismatch", key=draft.key, invoice=status.number, detail=mismatch)
+        log.info(
+            "invoice_created" if created else "invoice_found",
+            key=draft.key,
+            invoice=status.number,
+            client=draft.client.key,
+            total=decimal_text(status.total),
+            currency=status.currency,
+            seconds_since_trigger=round((now - triggered_at).total_seconds(), 3),
+        )
+
+    async def _customer_id(self, connection: str, invoicing: Any, client: Client) -> str:
+        row = await self.store.get(ClientRow, client.key)
+        known = row.external_ids.get(connection) if row is not None else None
+        if known:
+            return str(known)
+        customer_id = str(await invoicing.upsert_customer(client))
+        if row is not None:
+            ids = {**row.external_ids, connection: customer_id}
+            await self.store.update(ClientRow, [_col(ClientRow, "key") == client.key], {"external_ids": ids})
+        return customer_id
+
+    async def _write_crm_status(self, row: EffectRow) -> None:
+        invoice = await self.store.get(InvoiceRow, row.payload["invoice_key"])
+        if invoice is None:
+            raise RecordError(f"invoice {row.payload['invoice_key']} is not recorded", place=f"effects.id={row.id}")
+        client = await self.store.get(ClientRow, invoice.client_key)
+        zone = ZoneInfo(client.data.get("timezone", "UTC") if client else "UTC")
+        status = crm_status_for(invoice, self.rt.clock().astimezone(zone).date())
+        await self.rt.connectors[row.connection].write_billing_status(invoice.crm_object_id, status)
+        log.info("crm_status_written", deal=invoice.crm_object_id, invoice=invoice.number, state=status.state)
+
+    # -- settling -------------------------------------------------------------------------
+
+    async def _settle(self, model: Any, row: Any, source: str, work: Callable[[Any], Awaitable[bool]]) -> None:
+        """Run ``work`` for a claimed row and settle it: done, retry later, or dead-letter.
+
+        ``work`` returns ``True`` when it already settled the row in its own transaction.
+        """
+        log_ctx = {"source": source, "id": row.id, "attempt": row.attempts}
+        try:
+            settled = await work(row)
+        except _Fenced:
+            log.warning("lease_lost", **log_ctx)
+            return
+        except (RetriableError, AuthError) as exc:
+            await self._retry_or_bury(model, row, source, exc)
+            return
+        except (MappingError, RecordError, FatalError) as exc:
+            await self._bury(model, row, source, exc)
+            return
+        except SyncdError as exc:
+            await self._bury(model, row, source, exc)
+            return
+        if not settled:
+            await self.store.finish(model, row, status="done", now=self.rt.clock())
+
+    async def _retry_or_bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
+        if row.attempts >= self.rt.config.daemon.max_attempts:
+            await self._bury(model, row, source, exc)
+            return
+        wait = backoff_s(row.attempts, getattr(exc, "retry_after_s", None))
+        if isinstance(exc, AuthError):
+            wait = max(wait, 300.0)
+        now = self.rt.clock()
+        await self.store.finish(
+            model, row, status="pending", now=now, error=str(exc), next_at=now + timedelta(seconds=wait)
+        )
+        log.warning("work_retry", source=source, id=row.id, attempt=row.attempts, wait_s=wait, error=str(exc))
+
+    async def _bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
+        now = self.rt.clock()
+        payload = {
+            k: getattr(row, k)
+            for k in ("connection", "object_type", "object_id", "event_id", "kind", "key")
+            if hasattr(row, k)
+        }
+        async with self.store.begin() as conn:
+            if not await self.store.finish(model, row, status="dead", now=now, error=str(exc), conn=conn):
+                return
+            await self.store.dead_letter(
+                source=source,
+                ref=str(row.id),
+                connection=row.connection,
+                reason=exc.message,
+                place=exc.place,
+                payload=payload,
+                now=now,
+                conn=conn,
+            )
+        log.error("dead_lettered", source=source, id=row.id, reason=exc.message, place=exc.place)
+
+
+class _Fenced(Exception):
+    """This worker's lease was taken over; its result is discarded."""
+
+
+def _col(model: Any, name: str) -> Any:
+    return table_of(model).c[name]
+
+
+def _engagement_values(engagement: Engagement, pipeline: Pipeline, deal_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "key": engagement.key,
+        "client_key": engagement.client_key,
+        "type": str(engagement.type),
+        "crm_connection": pipeline.crm_name,
+        "crm_object_id": deal_id,
+        "data": engagement.model_dump(mode="json"),
+        "won_at": engagement.won_at,
+        "source_version": engagement.source_version,
+        "updated_at": now,
+    }
+
+
+def _status_values(status: InvoiceStatus) -> dict[str, Any]:
+    return {
+        "number": status.number,
+        "state": str(status.state),
+        "currency": status.currency,
+        "total": decimal_text(status.total),
+        "subtotal": decimal_text(status.subtotal) if status.subtotal is not None else None,
+        "amount_due": decimal_text(status.amount_due),
+        "amount_paid": decimal_text(status.amount_paid),
+        "due_date": status.due_date,
+    }
+
+
+def _totals_mismatch(draft: InvoiceDraft, status: InvoiceStatus) -> str | None:
+    """Compare the tool's subtotal with the draft's; a difference is flagged, not fixed."""
+    if status.subtotal is None:
+        return None
+    expected = draft.subtotal()
+    if status.subtotal == expected:
+        return None
+    return f"draft subtotal {expected} {draft.currency}, {status.currency} tool subtotal {status.subtotal}"

@@ -1,0 +1,177 @@
+"""The objects one syncd process owns for its lifetime, built from the config.
+
+One :class:`Runtime` holds the store, the one shared ``httpx.AsyncClient``, every
+connection's connector and webhook verifier, and each pipeline with its loaded
+mapping. ``syncd run``, ``syncd demo`` and the tests build it the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import structlog
+
+from syncd.errors import ConfigError
+from syncd.http import VendorHttp, make_client
+from syncd.interfaces import ConnectorContext, Crm, Invoicing, TimeTracker, WebhookVerifier, secret_value
+from syncd.mapping import MappingDefaults, PipelineMapping, load_mapping
+from syncd.settings import Config, PipelineSettings
+from syncd.store import DbTokenStore, Store
+
+log = structlog.get_logger("syncd.runtime")
+
+
+def utcnow() -> datetime:
+    """The current time, aware, in UTC (the default clock)."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pipeline:
+    """One deal-to-cash pipeline, wired: its connectors and its mapping."""
+
+    settings: PipelineSettings
+    crm_name: str
+    invoicing_name: str
+    crm: Crm
+    invoicing: Invoicing
+    mapping: PipelineMapping
+    time_tracking_name: str | None = None
+    time_tracker: TimeTracker | None = None
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    """Everything a running syncd holds.
+
+    Attributes:
+        config: the validated configuration.
+        store: the database.
+        client: the shared HTTP client.
+        connectors: connection name → connector object.
+        verifiers: connection name → webhook verifier (connections with webhooks).
+        pipelines: the wired pipelines.
+        clock: returns the current aware time.
+        owner: this process's id in leases (host:pid:random).
+        billing_start: never invoice a deal won before this.
+        defaults: mapping defaults from ``[daemon]``.
+    """
+
+    config: Config
+    store: Store
+    client: httpx.AsyncClient
+    connectors: dict[str, Any]
+    verifiers: dict[str, WebhookVerifier]
+    pipelines: list[Pipeline]
+    clock: Callable[[], datetime]
+    owner: str
+    billing_start: datetime
+    defaults: MappingDefaults
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    async def start(
+        cls,
+        config: Config,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        mounts: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+        migrate: bool = True,
+    ) -> Runtime:
+        """Open the store (migrating it), build every connection and pipeline.
+
+        Args:
+            config: the loaded configuration.
+            clock: the clock (injected in tests).
+            mounts: URL prefix → transport, to route vendor hosts to in-process emulators.
+            migrate: run the migrations first (``syncd run`` does).
+
+        Raises:
+            ConfigError: a mapping file is invalid, or a connection cannot be built.
+        """
+        store = Store.open(config.daemon.database_url)
+        if migrate:
+            await store.migrate()
+        client = make_client(mounts=mounts)
+        try:
+            return await cls._wire(config, store, client, clock)
+        except BaseException:
+            await client.aclose()
+            await store.close()
+            raise
+
+    @classmethod
+    async def _wire(
+        cls, config: Config, store: Store, client: httpx.AsyncClient, clock: Callable[[], datetime]
+    ) -> Runtime:
+        key = secret_value(config.daemon.encryption_key) or None
+        connectors: dict[str, Any] = {}
+        verifiers: dict[str, WebhookVerifier] = {}
+        for name, conn in config.connections.items():
+            ctx = ConnectorContext(
+                connection=name,
+                client=client,
+                tokens=DbTokenStore(store, name, key),
+                clock=clock,
+                make_http=functools.partial(VendorHttp, client, connection=name),
+            )
+            connectors[name] = conn.spec.factory(conn.settings, ctx)
+            if conn.spec.verifier is not None:
+                verifiers[name] = conn.spec.verifier(conn.settings, clock)
+        pipelines = [_pipeline(config, p, connectors) for p in config.settings.pipelines]
+        billing_start = config.daemon.billing_start or await store.created_at()
+        defaults = MappingDefaults(
+            timezone=config.daemon.timezone,
+            currency=config.daemon.default_currency,
+            payment_terms_days=config.daemon.payment_terms_days,
+        )
+        return cls(
+            config=config,
+            store=store,
+            client=client,
+            connectors=connectors,
+            verifiers=verifiers,
+            pipelines=pipelines,
+            clock=clock,
+            owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+            billing_start=billing_start,
+            defaults=defaults,
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and the database pool."""
+        await self.client.aclose()
+        await self.store.close()
+
+    def pilot_allows(self, client_key: str) -> bool:
+        """Whether effects for ``client_key`` are real (pilot mode limits them)."""
+        pilot = self.config.settings.pilot.clients
+        return not pilot or client_key in pilot
+
+
+def _pipeline(config: Config, settings: PipelineSettings, connectors: Mapping[str, Any]) -> Pipeline:
+    crm = connectors[settings.crm]
+    invoicing = connectors[settings.invoicing]
+    if not isinstance(crm, Crm):
+        raise ConfigError(f"connection {settings.crm!r} is not a CRM", place=str(config.path))
+    if not isinstance(invoicing, Invoicing):
+        raise ConfigError(f"connection {settings.invoicing!r} is not an invoicing tool", place=str(config.path))
+    tracker = connectors.get(settings.time_tracking) if settings.time_tracking else None
+    return Pipeline(
+        settings=settings,
+        crm_name=settings.crm,
+        invoicing_name=settings.invoicing,
+        crm=crm,
+        invoicing=invoicing,
+        mapping=load_mapping(config.mapping_path(settings)),
+        time_tracking_name=settings.time_tracking,
+        time_tracker=tracker if isinstance(tracker, TimeTracker) else None,
+    )

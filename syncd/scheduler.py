@@ -1,0 +1,101 @@
+"""APScheduler ticks that enqueue work; the database makes each window run once.
+
+Ticks only *enqueue*: a poll reads a connection's change feed from its stored cursor
+and puts the hints in the inbox. Before running, a tick inserts a row per
+(job, window) under a unique constraint (:meth:`~syncd.store.Store.claim_tick`), so
+with several replicas each window runs on exactly one of them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from syncd.errors import SyncdError
+from syncd.runtime import Runtime
+from syncd.store import CursorRow
+
+log = structlog.get_logger("syncd.scheduler")
+
+CHANGES = "changes"
+
+
+def polled_connections(runtime: Runtime) -> list[str]:
+    """Connections whose change feeds the pipelines read (CRM, invoicing, time tracking)."""
+    names: list[str] = []
+    for pipeline in runtime.pipelines:
+        for name in (pipeline.crm_name, pipeline.invoicing_name, pipeline.time_tracking_name):
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+async def poll_connection(runtime: Runtime, name: str, *, max_pages: int = 100) -> int:
+    """Read one connection's change feed into the inbox; how many new events.
+
+    The cursor is saved after every page, so a crash resumes where it stopped. An error
+    is recorded on the cursor row (``syncd status`` shows it) and logged.
+    """
+    connector = runtime.connectors[name]
+    row = await runtime.store.get(CursorRow, name, CHANGES)
+    cursor = row.cursor if row is not None else None
+    new = 0
+    try:
+        for _ in range(max_pages):
+            page = await connector.poll_changes(cursor)
+            now = runtime.clock()
+            new += await runtime.store.add_events(page.hints, now=now)
+            cursor = page.cursor
+            await _save_cursor(runtime, name, cursor, now, None)
+            if not page.more:
+                break
+    except SyncdError as exc:
+        await _save_cursor(runtime, name, cursor, None, str(exc))
+        log.warning("poll_failed", connection=name, error=str(exc))
+        return new
+    if new:
+        log.info("poll_done", connection=name, new=new)
+    return new
+
+
+async def _save_cursor(
+    runtime: Runtime, name: str, cursor: str | None, ok_at: datetime | None, error: str | None
+) -> None:
+    values: dict[str, object] = {"connection": name, "stream": CHANGES, "cursor": cursor, "last_error": error}
+    if ok_at is not None:
+        values["last_success_at"] = ok_at
+    await runtime.store.upsert(CursorRow, values)
+
+
+def window_of(now: datetime, interval_s: int) -> str:
+    """The tick window ``now`` falls in (its index since the epoch)."""
+    return str(int(now.timestamp()) // interval_s)
+
+
+async def tick_poll(runtime: Runtime, name: str, notify: object = None) -> None:
+    """One poll tick for ``name``, run only by the replica that claims the window."""
+    interval = runtime.config.daemon.poll_interval_s
+    now = runtime.clock()
+    if not await runtime.store.claim_tick(f"poll:{name}", window_of(now, interval), owner=runtime.owner, now=now):
+        return
+    if await poll_connection(runtime, name) and callable(notify):
+        notify()
+
+
+def build_scheduler(runtime: Runtime, notify: object = None) -> AsyncIOScheduler:
+    """An AsyncIOScheduler with a poll job per polled connection (not yet started)."""
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    for name in polled_connections(runtime):
+        scheduler.add_job(
+            tick_poll,
+            "interval",
+            seconds=runtime.config.daemon.poll_interval_s,
+            args=[runtime, name, notify],
+            id=f"poll:{name}",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=runtime.config.daemon.poll_interval_s,
+        )
+    return scheduler
