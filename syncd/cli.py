@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -231,7 +229,6 @@ def demo(keep: Annotated[bool, typer.Option(help="Keep the temporary database.")
 
     syncd_logging.configure("warning")
     summary = asyncio.run(run_demo(keep=keep))
-    console.print(json.dumps(summary, indent=2, default=str) if not sys.stdout.isatty() else "")
     if not summary.get("ok"):
         raise typer.Exit(1)
 

@@ -35,6 +35,7 @@ class Daemon:
         clock: the clock (injected in tests).
         mounts: URL prefix → transport, to reach in-process emulators.
         poll: run the scheduler's poll ticks (tests that drive polls by hand turn it off).
+        workers: worker tasks (default ``[daemon].workers``; 0 in tests that drain by hand).
     """
 
     def __init__(
@@ -44,11 +45,13 @@ class Daemon:
         clock: Callable[[], datetime] = utcnow,
         mounts: Mapping[str, httpx.AsyncBaseTransport] | None = None,
         poll: bool = True,
+        workers: int | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.mounts = mounts
         self.poll = poll
+        self.workers = config.daemon.workers if workers is None else workers
         self._runtime: Runtime | None = None
         self._engine: Engine | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -70,7 +73,7 @@ class Daemon:
 
     def ready(self) -> bool:
         """Whether the workers run and no shutdown has begun."""
-        return bool(self._workers) and not self._stop.is_set()
+        return self._engine is not None and not self._stop.is_set()
 
     def app(self) -> Starlette:
         """The ASGI app, with this daemon's lifespan."""

@@ -466,13 +466,13 @@ class Store:
             created_at=now,
             updated_at=now,
         )
-        return bool((await conn.execute(stmt)).rowcount)
+        return (await conn.execute(stmt.returning(table.c.key))).first() is not None
 
     async def add_billing_event(self, conn: AsyncConnection, row: BillingEventRow) -> bool:
         """Record a billing event in the caller's transaction; ``False`` if its key exists."""
         table = table_of(BillingEventRow)
-        stmt = self._insert_ignore(table, ("key",)).values(**row.model_dump())
-        return bool((await conn.execute(stmt)).rowcount)
+        stmt = self._insert_ignore(table, ("key",)).values(**row.model_dump()).returning(table.c.key)
+        return (await conn.execute(stmt)).first() is not None
 
     # -- rows by key ----------------------------------------------------------------------
 
@@ -577,7 +577,7 @@ class Store:
         table = table_of(TickRow)
         stmt = self._insert_ignore(table, ("job", "window")).values(job=job, window=window, owner=owner, started_at=now)
         async with self.engine.begin() as conn:
-            return bool((await conn.execute(stmt)).rowcount)
+            return (await conn.execute(stmt.returning(table.c.job))).first() is not None
 
 
 class DbTokenStore:

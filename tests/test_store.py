@@ -1,0 +1,95 @@
+"""The store on SQLite and PostgreSQL: dedupe, leased claims, fencing, ticks, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography.fernet import Fernet
+
+from syncd.errors import ConfigError
+from syncd.interfaces import ChangeHint
+from syncd.store import DbTokenStore, EventRow, Store, TokenRow
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = Store.open(db_url)
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+def hint(event_id: str, object_id: str = "1") -> ChangeHint:
+    return ChangeHint(connection="hubspot", object_type="deal", object_id=object_id, event_id=event_id, occurred_at=NOW)
+
+
+async def test_migrate_twice_is_harmless(store: Store) -> None:
+    """Migrating an up-to-date database changes nothing and keeps created_at."""
+    first = await store.created_at()
+    await store.migrate()
+    assert await store.created_at() == first
+
+
+async def test_duplicate_events_are_stored_once(store: Store) -> None:
+    """The same vendor event id is stored once, however often it arrives."""
+    assert await store.add_events([hint("e1"), hint("e1"), hint("e2")], now=NOW) == 2
+    assert await store.add_events([hint("e1")], now=NOW) == 0
+    assert await store.count(EventRow) == 2
+
+
+async def test_claims_are_exclusive_until_the_lease_expires(store: Store) -> None:
+    """A claimed row is not claimed again until its lease runs out, then with a higher attempt."""
+    await store.add_events([hint("e1")], now=NOW)
+    first = await store.claim(EventRow, owner="a", limit=10, lease_s=30, now=NOW)
+    assert [r.attempts for r in first] == [1]
+    assert await store.claim(EventRow, owner="b", limit=10, lease_s=30, now=NOW + timedelta(seconds=29)) == []
+    again = await store.claim(EventRow, owner="b", limit=10, lease_s=30, now=NOW + timedelta(seconds=31))
+    assert [r.attempts for r in again] == [2]
+
+
+async def test_a_late_writer_is_fenced_off(store: Store) -> None:
+    """A worker whose lease was taken over cannot settle the row."""
+    await store.add_events([hint("e1")], now=NOW)
+    (stale,) = await store.claim(EventRow, owner="a", limit=1, lease_s=5, now=NOW)
+    (fresh,) = await store.claim(EventRow, owner="b", limit=1, lease_s=5, now=NOW + timedelta(seconds=10))
+    assert not await store.finish(EventRow, stale, status="done", now=NOW)
+    assert await store.finish(EventRow, fresh, status="done", now=NOW)
+
+
+async def test_concurrent_claimers_get_disjoint_rows(store: Store) -> None:
+    """Many claimers at once never receive the same row."""
+    await store.add_events([hint(f"e{i}", str(i)) for i in range(40)], now=NOW)
+    batches = await asyncio.gather(
+        *(store.claim(EventRow, owner=f"w{i}", limit=7, lease_s=30, now=NOW) for i in range(8))
+    )
+    ids = [row.id for batch in batches for row in batch]
+    assert len(ids) == len(set(ids)) == 40
+
+
+async def test_a_tick_window_runs_once(store: Store) -> None:
+    """Only the first replica to claim a (job, window) runs it."""
+    results = await asyncio.gather(*(store.claim_tick("poll:hubspot", "42", owner=f"r{i}", now=NOW) for i in range(5)))
+    assert results.count(True) == 1
+    assert await store.claim_tick("poll:hubspot", "43", owner="r0", now=NOW)
+
+
+async def test_tokens_are_encrypted_at_rest(store: Store) -> None:
+    """OAuth tokens round-trip but are stored only as ciphertext."""
+    tokens = DbTokenStore(store, "xero", Fernet.generate_key().decode())
+    async with tokens.locked():
+        await tokens.save({"access_token": "at-123456", "refresh_token": "rt-abcdef"})
+    assert await tokens.load() == {"access_token": "at-123456", "refresh_token": "rt-abcdef"}
+    row = await store.get(TokenRow, "xero")
+    assert "rt-abcdef" not in row.ciphertext
+
+
+async def test_tokens_with_the_wrong_key_are_a_config_error(store: Store) -> None:
+    """A changed encryption key is reported clearly, not as a crash."""
+    await DbTokenStore(store, "xero", Fernet.generate_key().decode()).save({"refresh_token": "x"})
+    with pytest.raises(ConfigError, match="encryption_key"):
+        await DbTokenStore(store, "xero", Fernet.generate_key().decode()).load()
