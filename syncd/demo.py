@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
 import tempfile
 import time
@@ -19,12 +20,12 @@ from typing import Any
 
 import httpx
 import uvicorn
+from connectors.hubspot.emulator import HubSpotEmulator
+from connectors.xero.emulator import XeroEmulator
 from cryptography.fernet import Fernet
 from rich.console import Console
 from rich.table import Table
 
-from connectors.hubspot.emulator import HubSpotEmulator
-from connectors.xero.emulator import XeroEmulator
 from syncd.daemon import Daemon
 from syncd.settings import load_config
 
@@ -163,9 +164,7 @@ async def run_demo(*, keep: bool = False) -> dict[str, Any]:
         xero.subscribe(f"{urls['syncd']}/webhooks/xero", client)
         summary = await _story(hub, xero)
     if not keep:
-        for item in folder.iterdir():
-            item.unlink()
-        folder.rmdir()
+        await asyncio.to_thread(shutil.rmtree, folder, True)
     _print(summary)
     return summary
 
