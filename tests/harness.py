@@ -1,0 +1,113 @@
+"""A whole syncd stack in one event loop: the emulators and the daemon, over ASGI transports.
+
+Vendor hosts are routed to the emulators with httpx mounts; the emulators deliver
+webhooks to syncd's ASGI app through another ASGI transport. The daemon runs with no
+worker tasks, so a test drives the engine with ``drain()`` and never sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from cryptography.fernet import Fernet
+
+from connectors.hubspot.emulator import HubSpotEmulator
+from connectors.xero.emulator import XeroEmulator
+from syncd.daemon import Daemon
+from syncd.settings import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+MAPPING = REPO / "mappings" / "hubspot-xero.toml"
+SYNCD_URL = "http://syncd.test"
+
+
+@dataclass
+class Stack:
+    """The running pieces of one test."""
+
+    hub: HubSpotEmulator
+    xero: XeroEmulator
+    daemon: Daemon
+    web: httpx.AsyncClient
+    config: Config
+
+    async def drain(self) -> None:
+        """Process every due event and effect."""
+        await self.daemon.engine.drain()
+
+
+def write_config(folder: Path, db_url: str, hub: HubSpotEmulator, xero: XeroEmulator, *, daemon_extra: str = "") -> Path:
+    """A config pointing every connection at an emulator host."""
+    path = folder / "config.toml"
+    path.write_text(
+        f"""
+[daemon]
+database_url = "{db_url}"
+listen = "127.0.0.1:8080"
+public_url = "{SYNCD_URL}"
+timezone = "America/New_York"
+lease_s = 5
+encryption_key = "{Fernet.generate_key().decode()}"
+{daemon_extra}
+
+[connections.hubspot]
+connector = "hubspot"
+base_url = "http://hubspot.test"
+token = "{hub.token}"
+webhook_secret = "{hub.client_secret}"
+
+[connections.xero]
+connector = "xero"
+base_url = "http://xero.test"
+token_url = "http://xero.test/connect/token"
+client_id = "{xero.client_id}"
+client_secret = "{xero.client_secret}"
+tenant_id = "{xero.tenant_id}"
+webhook_key = "{xero.webhook_key}"
+
+[[pipelines]]
+crm = "hubspot"
+invoicing = "xero"
+mapping = "{MAPPING}"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@contextlib.asynccontextmanager
+async def stack(folder: Path, db_url: str, *, daemon_extra: str = "") -> AsyncIterator[Stack]:
+    """Start emulators and a daemon (no worker tasks, no poll ticks) for one test."""
+    hub = HubSpotEmulator(rate_limits=False)
+    xero = XeroEmulator(rate_limits=False)
+    config = load_config(write_config(folder, db_url, hub, xero, daemon_extra=daemon_extra))
+    mounts = {
+        "http://hubspot.test": httpx.ASGITransport(app=hub.app),
+        "http://xero.test": httpx.ASGITransport(app=xero.app),
+    }
+    daemon = Daemon(config, mounts=mounts, poll=False, workers=0)
+    async with daemon.lifespan(), httpx.AsyncClient(transport=httpx.ASGITransport(app=daemon.app()), base_url=SYNCD_URL) as web:
+        hub.subscribe(f"{SYNCD_URL}/webhooks/hubspot", web)
+        xero.subscribe(f"{SYNCD_URL}/webhooks/xero", web)
+        yield Stack(hub=hub, xero=xero, daemon=daemon, web=web, config=config)
+
+
+def seed_deal(hub: HubSpotEmulator, *, po: str = "PO-4411", terms: str = "14") -> str:
+    """A company with a billing contact and PO number, and an open deal with two lines."""
+    company = hub.add_company(
+        {"name": "Northwind", "legal_name": "Northwind Traders LLC", "default_po_number": po, "payment_terms_days": terms}
+    )
+    contact = hub.add_contact({"firstname": "Dana", "lastname": "Reyes", "email": "ap@northwind.example"}, company_id=company)
+    return hub.add_deal(
+        {"dealname": "Website rebuild", "dealstage": "contractsent", "pipeline": "default", "deal_currency_code": "USD"},
+        company_id=company,
+        contact_ids=[contact],
+        line_items=[
+            {"name": "Discovery workshop", "quantity": "1", "price": "2500.00"},
+            {"name": "Build sprint", "quantity": "4", "price": "2500.00"},
+        ],
+    )

@@ -1,0 +1,197 @@
+"""The first slice end to end: HubSpot deal won → Xero invoice → payment back on the deal.
+
+Each test runs on SQLite and on PostgreSQL, with both emulators and the daemon's ASGI
+app in one event loop (see ``tests/harness.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from syncd.store import BillingEventRow, EffectRow, EventRow, InvoiceRow, table_of
+from tests.harness import SYNCD_URL, seed_deal, stack
+
+
+async def test_won_deal_becomes_one_invoice_and_payment_reaches_the_deal(tmp_path: Path, db_url: str) -> None:
+    """A won deal becomes one correct Xero invoice, and its payment shows as paid on the deal."""
+    async with stack(tmp_path, db_url) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+
+        (invoice,) = s.xero.invoices()
+        assert invoice["Type"] == "ACCREC"
+        assert invoice["CurrencyCode"] == "USD"
+        assert invoice["Reference"].startswith("PO-4411 · syncd:")
+        assert [line["Description"] for line in invoice["LineItems"]] == ["Discovery workshop", "Build sprint"]
+        assert Decimal(str(invoice["SubTotal"])) == Decimal("12500.00")
+        (contact,) = s.xero.contacts()
+        assert contact["Name"] == "Northwind Traders LLC"
+        assert contact["ContactNumber"]
+        issue = datetime.fromisoformat(invoice["DateString"]).date()
+        due = datetime.fromisoformat(invoice["DueDateString"]).date()
+        assert due - issue == timedelta(days=14)
+
+        props = s.hub.deal(deal)["properties"]
+        assert props["syncd_invoice_number"] == invoice["InvoiceNumber"]
+        assert Decimal(props["syncd_amount_due"]) == Decimal(str(invoice["AmountDue"]))
+
+        await s.xero.pay_invoice(invoice["InvoiceID"], Decimal(str(invoice["AmountDue"])))
+        await s.drain()
+        props = s.hub.deal(deal)["properties"]
+        assert props["syncd_invoice_status"] == "paid"
+        assert Decimal(props["syncd_amount_due"]) == 0
+        (row,) = await s.daemon.runtime.store.select(InvoiceRow)
+        assert row.state == "paid"
+
+
+async def test_a_redelivered_webhook_creates_no_second_invoice(tmp_path: Path, db_url: str) -> None:
+    """The same webhook delivered 5 times, one after another and at once, yields one invoice."""
+    async with stack(tmp_path, db_url) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        for _ in range(4):
+            assert await s.hub.redeliver_last() == 200
+        await asyncio.gather(*(s.hub.redeliver_last() for _ in range(5)))
+        await s.drain()
+        for _ in range(3):
+            await s.hub.redeliver_last()
+        await s.drain()
+        assert len(s.xero.invoices()) == 1
+        assert await s.daemon.runtime.store.count(BillingEventRow) == 1
+
+
+async def test_concurrent_workers_create_one_invoice(tmp_path: Path, db_url: str) -> None:
+    """Several workers draining the same backlog at once create one invoice per deal."""
+    async with stack(tmp_path, db_url) as s:
+        deals = [seed_deal(s.hub, po=f"PO-{i}") for i in range(3)]
+        for deal in deals:
+            await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+            await s.hub.redeliver_last()
+        engine = s.daemon.engine
+        await asyncio.gather(*(engine.drain() for _ in range(4)))
+        await s.drain()
+        assert len(s.xero.invoices()) == 3
+        assert len({i["Reference"] for i in s.xero.invoices()}) == 3
+
+
+def _hubspot_signed(secret: str, body: bytes, timestamp_ms: int, uri: str) -> dict[str, str]:
+    source = b"POST" + uri.encode() + body + str(timestamp_ms).encode()
+    signature = base64.b64encode(hmac.new(secret.encode(), source, hashlib.sha256).digest()).decode()
+    return {
+        "content-type": "application/json",
+        "x-hubspot-signature-v3": signature,
+        "x-hubspot-request-timestamp": str(timestamp_ms),
+    }
+
+
+async def test_bad_missing_or_stale_signatures_are_rejected_and_nothing_stored(tmp_path: Path, db_url: str) -> None:
+    """A webhook with a bad, missing or stale signature gets 401 and stores nothing."""
+    async with stack(tmp_path, db_url) as s:
+        uri = f"{SYNCD_URL}/webhooks/hubspot"
+        body = json.dumps(
+            [{"eventId": 1, "subscriptionId": 9, "portalId": 1, "occurredAt": 1, "subscriptionType": "deal.propertyChange", "objectId": 5, "propertyName": "dealstage", "propertyValue": "closedwon", "attemptNumber": 0}]
+        ).encode()
+        now_ms = int(time.time() * 1000)
+        good = _hubspot_signed(s.hub.client_secret, body, now_ms, uri)
+        bad = {**good, "x-hubspot-signature-v3": base64.b64encode(b"x" * 32).decode()}
+        missing = {k: v for k, v in good.items() if k != "x-hubspot-signature-v3"}
+        stale = _hubspot_signed(s.hub.client_secret, body, now_ms - 6 * 60 * 1000, uri)
+        for headers in (bad, missing, stale):
+            response = await s.web.post("/webhooks/hubspot", content=body, headers=headers)
+            assert response.status_code == 401
+        assert await s.daemon.runtime.store.count(EventRow) == 0
+        assert (await s.web.post("/webhooks/hubspot", content=body, headers=good)).status_code == 200
+        assert await s.daemon.runtime.store.count(EventRow) == 1
+
+
+async def test_xero_intent_to_receive_handshake(tmp_path: Path, db_url: str) -> None:
+    """Xero's intent-to-receive: a correctly signed empty delivery is 200, a wrong one 401."""
+    async with stack(tmp_path, db_url) as s:
+        body = json.dumps({"events": [], "firstEventSequence": 0, "lastEventSequence": 0, "entropy": "ABC"}).encode()
+        good = base64.b64encode(hmac.new(s.xero.webhook_key.encode(), body, hashlib.sha256).digest()).decode()
+        ok = await s.web.post("/webhooks/xero", content=body, headers={"x-xero-signature": good})
+        wrong = await s.web.post("/webhooks/xero", content=body, headers={"x-xero-signature": "bm9wZQ=="})
+        assert (ok.status_code, wrong.status_code) == (200, 401)
+
+
+async def test_an_oversized_webhook_is_refused(tmp_path: Path, db_url: str) -> None:
+    """A body over 1 MiB is answered 413 and not stored."""
+    async with stack(tmp_path, db_url) as s:
+        response = await s.web.post("/webhooks/hubspot", content=b"[" + b" " * (1024 * 1024 + 10) + b"]")
+        assert response.status_code == 413
+        assert await s.daemon.runtime.store.count(EventRow) == 0
+
+
+async def test_a_deal_won_before_billing_start_is_not_invoiced(tmp_path: Path, db_url: str) -> None:
+    """A deal won before billing_start creates no billing event and no invoice."""
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    async with stack(tmp_path, db_url, daemon_extra=f'billing_start = "{later}"') as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        assert s.xero.invoices() == []
+        store = s.daemon.runtime.store
+        assert await store.count(BillingEventRow) == 0
+        assert await store.count(EventRow, table_of(EventRow).c.status == "done") >= 1
+
+
+async def test_a_deal_edited_after_invoicing_is_recorded_not_reinvoiced(tmp_path: Path, db_url: str) -> None:
+    """Editing or losing an invoiced deal records a divergence; nothing is invoiced or voided."""
+    async with stack(tmp_path, db_url) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedlost"})
+        await s.drain()
+        assert len(s.xero.invoices()) == 1
+        assert s.xero.invoices()[0]["Status"] != "VOIDED"
+        (row,) = await s.daemon.runtime.store.select(InvoiceRow)
+        assert row.divergence and "no longer won" in row.divergence
+
+
+async def test_a_retriable_failure_is_retried_and_invoices_once(tmp_path: Path, db_url: str) -> None:
+    """A dropped Xero answer after the invoice was committed is resolved by lookup, not a second create."""
+    from connectors.emulation import Fault
+
+    async with stack(tmp_path, db_url) as s:
+        deal = seed_deal(s.hub)
+        s.xero.faults.add(Fault(kind="drop_response", method="PUT", path_contains="/Invoices"))
+        s.xero.faults.add(Fault(kind="drop_response", method="POST", path_contains="/Invoices"))
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        store = s.daemon.runtime.store
+        await store.update(EffectRow, [table_of(EffectRow).c.status == "pending"], {"next_at": datetime.now(UTC)})
+        await s.drain()
+        assert len(s.xero.invoices()) == 1
+        assert s.hub.deal(deal)["properties"].get("syncd_invoice_number") == s.xero.invoices()[0]["InvoiceNumber"]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_vendor_throttling_is_waited_out(tmp_path: Path, db_url: str, status: int) -> None:
+    """A 429 or 503 from Xero delays the effect; it succeeds later with one invoice."""
+    from connectors.emulation import Fault
+
+    async with stack(tmp_path, db_url) as s:
+        deal = seed_deal(s.hub)
+        s.xero.faults.add(Fault(kind="status", status=status, retry_after_s=1, times=None, path_contains="/Invoices"))
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        assert s.xero.invoices() == []
+        s.xero.faults.clear()
+        store = s.daemon.runtime.store
+        (effect,) = await store.select(EffectRow)
+        assert effect.status == "pending" and effect.last_error
+        await store.update(EffectRow, [table_of(EffectRow).c.id == effect.id], {"next_at": datetime.now(UTC)})
+        await s.drain()
+        assert len(s.xero.invoices()) == 1
