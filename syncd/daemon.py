@@ -85,7 +85,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self._runtime = await Runtime.start(self.config, clock=self.clock, mounts=self.mounts)
         self._engine = Engine(self._runtime)
-        scheduler = build_scheduler(self._runtime, self._engine.notify) if self.poll else None
+        scheduler = (
+            build_scheduler(self._runtime, self._engine.notify, self._engine.refresh_aging) if self.poll else None
+        )
         self._workers = [
             asyncio.create_task(self._engine.run_worker(self._stop)) for _ in range(self.config.daemon.workers)
         ]

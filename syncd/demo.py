@@ -160,6 +160,7 @@ async def run_demo(*, keep: bool = False) -> dict[str, Any]:
         serve(xero.app, ports["xero"]),
         serve(daemon.app(), ports["syncd"]),
     ):
+        await daemon.runtime.connectors["hubspot"].ensure_properties()  # `syncd setup hubspot`
         hub.subscribe(f"{urls['syncd']}/webhooks/hubspot", client)
         xero.subscribe(f"{urls['syncd']}/webhooks/xero", client)
         summary = await _story(hub, xero)

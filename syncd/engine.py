@@ -323,6 +323,33 @@ class Engine:
         )
         self.notify()
 
+    async def refresh_aging(self) -> int:
+        """Queue a write-back for every unpaid invoice past due (daily: overdue days grow).
+
+        Returns:
+            how many write-backs were queued (one per invoice per day at most).
+        """
+        now = self.rt.clock()
+        open_states = [str(InvoiceState.AUTHORISED), str(InvoiceState.SENT), str(InvoiceState.PARTIALLY_PAID)]
+        rows = await self.store.select(InvoiceRow, _col(InvoiceRow, "state").in_(open_states))
+        queued = 0
+        for row in rows:
+            if row.due_date is None or row.due_date >= now.date():
+                continue
+            key = "aging:" + hashlib.sha256(f"{row.key}:{now.date().isoformat()}".encode()).hexdigest()[:32]
+            async with self.store.begin() as conn:
+                queued += await self.store.add_effect(
+                    conn,
+                    key=key,
+                    kind=WRITE_CRM_STATUS,
+                    connection=row.crm_connection,
+                    payload={"invoice_key": row.key},
+                    now=now,
+                )
+        if queued:
+            self.notify()
+        return queued
+
     # -- outbox ---------------------------------------------------------------------------
 
     async def execute_effects(self, limit: int) -> int:

@@ -8,6 +8,7 @@ with several replicas each window runs on exactly one of them.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import structlog
@@ -84,9 +85,22 @@ async def tick_poll(runtime: Runtime, name: str, notify: object = None) -> None:
         notify()
 
 
-def build_scheduler(runtime: Runtime, notify: object = None) -> AsyncIOScheduler:
-    """An AsyncIOScheduler with a poll job per polled connection (not yet started)."""
+async def tick_aging(runtime: Runtime, refresh: Callable[[], Awaitable[int]]) -> None:
+    """Once a day across replicas: write overdue days back for unpaid invoices past due."""
+    now = runtime.clock()
+    if await runtime.store.claim_tick("aging", now.date().isoformat(), owner=runtime.owner, now=now):
+        await refresh()
+
+
+def build_scheduler(
+    runtime: Runtime, notify: object = None, aging: Callable[[], Awaitable[int]] | None = None
+) -> AsyncIOScheduler:
+    """An AsyncIOScheduler with a poll job per polled connection and the daily aging job (not yet started)."""
     scheduler = AsyncIOScheduler(timezone="UTC")
+    if aging is not None:
+        scheduler.add_job(
+            tick_aging, "interval", hours=1, args=[runtime, aging], id="aging", max_instances=1, coalesce=True
+        )
     for name in polled_connections(runtime):
         scheduler.add_job(
             tick_poll,

@@ -122,6 +122,8 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
             )
             log.warning("webhook_malformed", connection=name, reason=exc.message)
             return JSONResponse({"error": exc.message}, status_code=400)
+        # The verifier knows the connector, not the configured connection name.
+        hints = [h.model_copy(update={"connection": name}) for h in hints]
         new = await runtime.store.add_events(hints, now=runtime.clock())
         if new:
             host.engine.notify()

@@ -91,6 +91,7 @@ async def stack(folder: Path, db_url: str, *, daemon_extra: str = "") -> AsyncIt
     }
     daemon = Daemon(config, mounts=mounts, poll=False, workers=0)
     async with daemon.lifespan(), httpx.AsyncClient(transport=httpx.ASGITransport(app=daemon.app()), base_url=SYNCD_URL) as web:
+        await daemon.runtime.connectors["hubspot"].ensure_properties()  # what `syncd setup hubspot` does
         hub.subscribe(f"{SYNCD_URL}/webhooks/hubspot", web)
         xero.subscribe(f"{SYNCD_URL}/webhooks/xero", web)
         yield Stack(hub=hub, xero=xero, daemon=daemon, web=web, config=config)

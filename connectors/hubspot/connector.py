@@ -1,0 +1,589 @@
+"""The HubSpot CRM connector: deals with their primary company, contacts and line items.
+
+Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
+
+* ``GET /crm/v3/objects/deals/{id}?properties=…&associations=…`` and
+  ``GET /crm/v3/objects/deals?limit=&after=`` —
+  https://developers.hubspot.com/docs/api-reference/legacy/crm/objects/deals/guide
+  (``properties``/``associations`` are comma-separated lists; list pages hold at most 100).
+  The response's ``associations`` keys are HubSpot's names, not the ones passed: asking
+  for ``line_items`` returns the key ``"line items"`` (observed in real responses, e.g.
+  chithien0909/hubspot-sdk-go ``hubspot/associations.go``), so keys are normalised.
+* ``GET /crm/v4/objects/deals/{id}/associations/{companies|contacts}`` — association types
+  with labels; type ``5`` is "Deal to primary company"
+  (https://developers.hubspot.com/docs/api-reference/legacy/crm/associations/associate-records/guide).
+* ``POST /crm/v3/objects/{type}/batch/read`` — up to 100 ids per call.
+* ``POST /crm/v3/objects/deals/search`` — filters on ``hs_lastmodifieddate`` (epoch-ms
+  string values), one sort, ``limit`` ≤ 200, ``after`` offsets, 10,000 results per query
+  at most (400 beyond), 5 requests per second
+  (https://developers.hubspot.com/docs/api-reference/legacy/crm/search-the-crm).
+* ``PATCH /crm/v3/objects/deals/{id}`` and the properties API
+  (``/crm/v3/properties/deals``, ``/crm/v3/properties/deals/groups``) —
+  https://developers.hubspot.com/docs/api-reference/legacy/crm/properties/guide.
+* Rate limits: 100 requests per 10 s for Free/Starter accounts (the lowest published
+  burst limit; https://developers.hubspot.com/docs/developer-tooling/platform/usage-guidelines),
+  search excluded and limited separately.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+import structlog
+from pydantic import SecretStr, model_validator
+
+from connectors.hubspot.auth import BearerToken, OAuthRefresh
+from connectors.hubspot.models import (
+    AssociatedObject,
+    AssociationCollection,
+    AssociationPage,
+    BatchRead,
+    CrmObject,
+    ObjectPage,
+    PollCursor,
+    PropertyList,
+    SearchPage,
+    epoch_ms,
+    iso_ms,
+    parse_hubspot_time,
+)
+from connectors.hubspot.webhooks import HubSpotWebhookVerifier
+from syncd.errors import ConfigError, NotFound, RecordError, SyncdError
+from syncd.http import RateLimit, VendorHttp
+from syncd.interfaces import (
+    Capability,
+    ChangeHint,
+    ChangePage,
+    ConnectionSettings,
+    ConnectorContext,
+    ConnectorSpec,
+    Crm,
+    DealBillingStatus,
+    InvoiceState,
+    SourceRecord,
+    WebhookVerifier,
+    secret_value,
+)
+
+log = structlog.get_logger("connectors.hubspot")
+
+# Properties read beside what the mapping asks for. Default property names per HubSpot's
+# knowledge base (hubspots-default-deal-properties, hubspot-crm-default-company-properties,
+# hubspots-default-contact-properties, hubspots-default-line-item-properties).
+DEAL_PROPERTIES = (
+    "dealname",
+    "amount",
+    "dealstage",
+    "pipeline",
+    "closedate",
+    "createdate",
+    "hs_is_closed_won",
+    "hs_lastmodifieddate",
+    "deal_currency_code",
+)
+COMPANY_PROPERTIES = ("name", "domain", "address", "address2", "city", "state", "zip", "country", "phone")
+CONTACT_PROPERTIES = ("firstname", "lastname", "email", "phone", "jobtitle")
+LINE_ITEM_PROPERTIES = ("name", "description", "quantity", "price", "amount", "hs_sku", "hs_product_id")
+
+PRIMARY_COMPANY_TYPE_ID = 5  # "Deal to primary company" (associations guide, type ID table)
+PRIMARY_LABEL = "primary"
+PAGE_LIMIT = 100  # list endpoints return at most 100 per page; search allows 200
+BATCH_LIMIT = 100  # batch read: up to 100 ids per request
+V4_PAGE_LIMIT = 500
+
+BILLING_GROUP = "syncd"
+BILLING_GROUP_LABEL = "syncd billing"
+STATUS_OPTIONS = (*[state.value for state in InvoiceState], "overdue")
+
+
+class BillingProperty(enum.StrEnum):
+    """The deal properties syncd writes (created by :meth:`HubSpotConnector.ensure_properties`)."""
+
+    INVOICE_NUMBER = "syncd_invoice_number"
+    INVOICE_STATUS = "syncd_invoice_status"
+    AMOUNT_DUE = "syncd_amount_due"
+    INVOICE_CURRENCY = "syncd_invoice_currency"
+    INVOICE_DUE_DATE = "syncd_invoice_due_date"
+    DAYS_OVERDUE = "syncd_days_overdue"
+
+
+def _property_definition(name: BillingProperty) -> dict[str, Any]:
+    """``type``/``fieldType`` pairs per the properties guide's table."""
+    labels = {
+        BillingProperty.INVOICE_NUMBER: ("Invoice number", "string", "text"),
+        BillingProperty.INVOICE_STATUS: ("Invoice status", "enumeration", "select"),
+        BillingProperty.AMOUNT_DUE: ("Amount due", "number", "number"),
+        BillingProperty.INVOICE_CURRENCY: ("Invoice currency", "string", "text"),
+        BillingProperty.INVOICE_DUE_DATE: ("Invoice due date", "date", "date"),
+        BillingProperty.DAYS_OVERDUE: ("Days overdue", "number", "number"),
+    }
+    label, kind, field_type = labels[name]
+    body: dict[str, Any] = {
+        "name": name.value,
+        "label": label,
+        "type": kind,
+        "fieldType": field_type,
+        "groupName": BILLING_GROUP,
+        "description": f"{label}, written by syncd from the invoicing tool.",
+    }
+    if kind == "enumeration":
+        body["options"] = [
+            {"label": value.replace("_", " ").capitalize(), "value": value, "displayOrder": order, "hidden": False}
+            for order, value in enumerate(STATUS_OPTIONS)
+        ]
+    return body
+
+
+class HubSpotSettings(ConnectionSettings):
+    """``[connections.NAME]`` for ``connector = "hubspot"``.
+
+    Exactly one way to authenticate: a private-app ``token``, or OAuth with
+    ``client_id`` + ``client_secret`` + ``refresh_token``.
+
+    Attributes:
+        base_url: API root (``https://api.hubapi.com``; an emulator or proxy in tests).
+        token: private-app access token.
+        client_id / client_secret / refresh_token: OAuth app credentials and the initial
+            refresh token (afterwards the token store holds the current set).
+        token_url: OAuth token endpoint.
+        webhook_secret: the app's client secret, the key of v3 webhook signatures
+            (defaults to ``client_secret`` when unset).
+        rate_limit_per_10s: requests per 10 seconds (HubSpot's burst limit; ``None`` = off).
+        search_rate_per_s: search requests per second (``None`` = off).
+        poll_lag_s: seconds a change may take to show in search results; polls re-read
+            that far back so late-indexed changes are not missed.
+        search_max_results: HubSpot's cap on results per search query (lower only in tests).
+    """
+
+    connector: str = "hubspot"
+    base_url: str = "https://api.hubapi.com"
+    token: SecretStr | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    refresh_token: SecretStr | None = None
+    # manage-oauth-tokens guide; a URL, not a secret
+    token_url: str = "https://api.hubspot.com/oauth/v3/token"  # noqa: S105
+    webhook_secret: SecretStr | None = None
+    rate_limit_per_10s: int | None = 100
+    search_rate_per_s: int | None = 5
+    poll_lag_s: int = 30
+    search_max_results: int = 10_000
+
+    @model_validator(mode="after")
+    def _one_auth_method(self) -> HubSpotSettings:
+        oauth = [self.client_id, self.client_secret, self.refresh_token]
+        if self.token is not None and any(value is not None for value in oauth):
+            raise ValueError(
+                "set either token (private app) or client_id/client_secret/refresh_token (OAuth), not both"
+            )
+        if self.token is None and not all(value is not None for value in oauth):
+            names = ("client_id", "client_secret", "refresh_token")
+            absent = [name for name, value in zip(names, oauth, strict=True) if value is None]
+            raise ValueError(
+                "no HubSpot credentials: set token (private app access token), or all of "
+                f"client_id, client_secret and refresh_token for OAuth (missing: {', '.join(absent)})"
+            )
+        return self
+
+
+@dataclass(frozen=True, kw_only=True)
+class PropertySetup:
+    """What :meth:`HubSpotConnector.ensure_properties` did.
+
+    Attributes:
+        group_created: whether the ``syncd`` property group was created now.
+        created: deal properties created now.
+        present: deal properties that already existed.
+    """
+
+    group_created: bool
+    created: tuple[str, ...]
+    present: tuple[str, ...]
+
+
+class HubSpotConnector:
+    """HubSpot as syncd's :class:`~syncd.interfaces.Crm`.
+
+    Args:
+        settings: the connection's settings.
+        http: the connection's HTTP plumbing, bound to ``settings.base_url``.
+        connection: the connection name.
+        clock: current aware UTC time.
+    """
+
+    capabilities = frozenset({Capability.WEBHOOKS})
+
+    def __init__(
+        self, *, settings: HubSpotSettings, http: VendorHttp, connection: str, clock: Callable[[], datetime]
+    ) -> None:
+        self.settings = settings
+        self.http = http
+        self.connection = connection
+        self.clock = clock
+
+    # -- reads -------------------------------------------------------------------
+
+    async def fetch_deal(self, deal_id: str, properties: Mapping[str, Sequence[str]] | None = None) -> SourceRecord:
+        """Re-read one deal with its primary company, contacts and line items.
+
+        Raises:
+            NotFound: no deal with that id.
+        """
+        wanted = properties or {}
+        deal = await self._read_deal(deal_id, _merge(DEAL_PROPERTIES, wanted.get("deal", ())))
+        links = _associations(deal)
+        company = await self._primary_company(deal_id, links, _merge(COMPANY_PROPERTIES, wanted.get("company", ())))
+        contacts = await self._contacts(deal_id, links, _merge(CONTACT_PROPERTIES, wanted.get("contact", ())))
+        line_ids = await self._line_item_ids(deal_id, links)
+        items = await self._batch_read(
+            "line_items", line_ids, _merge(LINE_ITEM_PROPERTIES, wanted.get("line_item", ()))
+        )
+        data = {
+            "deal": deal.as_data(),
+            "company": company,
+            "contacts": contacts,
+            "line_items": [{"id": item.id, "properties": dict(item.properties)} for item in items],
+        }
+        return self._record(deal, data)
+
+    async def iter_deals(self) -> AsyncIterator[SourceRecord]:
+        """Every deal from the list endpoint, page by page (no associations read)."""
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": PAGE_LIMIT, "properties": ",".join(DEAL_PROPERTIES)}
+            if after is not None:
+                params["after"] = after
+            response = await self.http.request("GET", "/crm/v3/objects/deals", params=params)
+            page = ObjectPage.model_validate_json(response.content)
+            for deal in page.results:
+                yield self._record(deal, {"deal": deal.as_data(), "company": None, "contacts": [], "line_items": []})
+            if page.paging is None or page.paging.next is None:
+                return
+            after = page.paging.next.after
+
+    async def poll_changes(self, cursor: str | None) -> ChangePage:
+        """Deals changed since ``cursor``, one search page per call.
+
+        The search is ascending on ``hs_lastmodifieddate`` from the cursor's lower bound.
+        When paging would pass HubSpot's per-query cap the window restarts at the last
+        modification time seen; at the end of a window the bound moves to the newest
+        change seen, but never later than ``now - poll_lag_s`` (search indexing lags).
+        Changes on the bound are hinted again with the same ``event_id`` (harmless).
+        """
+        now_ms = epoch_ms(self.clock())
+        if cursor is None:
+            return ChangePage(hints=(), cursor=PollCursor(gte_ms=now_ms).dump(), more=False)
+        window = PollCursor.load(cursor, connection=self.connection)
+        page = await self._search_changed(window)
+        hints = tuple(self._hint(deal) for deal in page.results)
+        following, more = self._next_cursor(window, page, now_ms)
+        return ChangePage(hints=hints, cursor=following.dump(), more=more)
+
+    async def check(self) -> list[str]:
+        """One cheap authenticated read; problems as sentences (no token is ever included)."""
+        try:
+            await self.http.request("GET", "/crm/v3/objects/deals", params={"limit": 1}, retry=False)
+        except NotFound:
+            return [f"{self.connection}: {self.settings.base_url} has no CRM deals API; check base_url"]
+        except SyncdError as exc:  # every expected failure is reported, not raised
+            return [f"{self.connection}: {exc}"]
+        return []
+
+    # -- writes ------------------------------------------------------------------
+
+    async def write_billing_status(self, deal_id: str, status: DealBillingStatus) -> None:
+        """Write the invoice number, state, amount due, currency, due date and aging onto the deal.
+
+        Date properties take an ISO ``YYYY-MM-DD`` (properties guide); numbers are sent as
+        plain decimal strings; an empty string clears a value.
+
+        Raises:
+            RecordError: the state is not one of the status property's options.
+            NotFound: no deal with that id.
+        """
+        if status.state not in STATUS_OPTIONS:
+            raise RecordError(
+                f"{self.connection}: invoice state {status.state!r} is not an option of "
+                f"{BillingProperty.INVOICE_STATUS.value} ({', '.join(STATUS_OPTIONS)})",
+                place=f"deal {deal_id}",
+            )
+        values = {
+            BillingProperty.INVOICE_NUMBER.value: status.invoice_number or "",
+            BillingProperty.INVOICE_STATUS.value: status.state,
+            BillingProperty.AMOUNT_DUE.value: format(status.amount_due, "f"),
+            BillingProperty.INVOICE_CURRENCY.value: status.currency,
+            BillingProperty.INVOICE_DUE_DATE.value: status.due_date.isoformat() if status.due_date else "",
+            BillingProperty.DAYS_OVERDUE.value: str(status.days_overdue),
+        }
+        await self.http.request("PATCH", f"/crm/v3/objects/deals/{deal_id}", json={"properties": values})
+
+    async def ensure_properties(self) -> PropertySetup:
+        """Create the ``syncd`` property group and the billing deal properties if missing.
+
+        Idempotent: it reads what exists first, so a second run creates nothing.
+        """
+        group_created = False
+        try:
+            await self.http.request("GET", f"/crm/v3/properties/deals/groups/{BILLING_GROUP}")
+        except NotFound:
+            group = {"name": BILLING_GROUP, "label": BILLING_GROUP_LABEL, "displayOrder": -1}
+            await self.http.request("POST", "/crm/v3/properties/deals/groups", json=group, retry=False)
+            group_created = True
+        response = await self.http.request("GET", "/crm/v3/properties/deals")
+        existing = {prop.name for prop in PropertyList.model_validate_json(response.content).results}
+        created: list[str] = []
+        for name in BillingProperty:
+            if name.value not in existing:
+                body = _property_definition(name)
+                await self.http.request("POST", "/crm/v3/properties/deals", json=body, retry=False)
+                created.append(name.value)
+        present = tuple(name.value for name in BillingProperty if name.value in existing)
+        log.info("hubspot_properties_ensured", connection=self.connection, created=created, present=list(present))
+        return PropertySetup(group_created=group_created, created=tuple(created), present=present)
+
+    # -- helpers -----------------------------------------------------------------
+
+    async def _read_deal(self, deal_id: str, properties: Sequence[str]) -> CrmObject:
+        params = {"properties": ",".join(properties), "associations": "companies,contacts,line_items"}
+        response = await self.http.request("GET", f"/crm/v3/objects/deals/{deal_id}", params=params)
+        return CrmObject.model_validate_json(response.content)
+
+    async def _primary_company(
+        self, deal_id: str, links: Mapping[str, AssociationCollection], properties: Sequence[str]
+    ) -> dict[str, Any] | None:
+        if not links.get("companies", AssociationCollection()).results:
+            return None
+        associated = await self._v4_associations(deal_id, "companies")
+        primary = next((item for item in associated if _is_primary_company(item)), None)
+        if primary is None:
+            return None
+        params = {"properties": ",".join(properties)}
+        response = await self.http.request("GET", f"/crm/v3/objects/companies/{primary.to_object_id}", params=params)
+        company = CrmObject.model_validate_json(response.content)
+        return {"id": company.id, "properties": dict(company.properties)}
+
+    async def _contacts(
+        self, deal_id: str, links: Mapping[str, AssociationCollection], properties: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        if not links.get("contacts", AssociationCollection()).results:
+            return []
+        associated = {str(item.to_object_id): item for item in await self._v4_associations(deal_id, "contacts")}
+        found = await self._batch_read("contacts", list(associated), properties)
+        return [_contact(contact, associated[contact.id]) for contact in found]
+
+    async def _line_item_ids(self, deal_id: str, links: Mapping[str, AssociationCollection]) -> list[str]:
+        block = links.get("line_items", AssociationCollection())
+        if block.paging is not None and block.paging.next is not None:
+            return [str(item.to_object_id) for item in await self._v4_associations(deal_id, "line_items")]
+        return list(dict.fromkeys(item.id for item in block.results))
+
+    async def _v4_associations(self, deal_id: str, to_type: str) -> list[AssociatedObject]:
+        found: list[AssociatedObject] = []
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": V4_PAGE_LIMIT}
+            if after is not None:
+                params["after"] = after
+            path = f"/crm/v4/objects/deals/{deal_id}/associations/{to_type}"
+            page = AssociationPage.model_validate_json((await self.http.request("GET", path, params=params)).content)
+            found.extend(page.results)
+            if page.paging is None or page.paging.next is None:
+                return found
+            after = page.paging.next.after
+
+    async def _batch_read(self, object_type: str, ids: Sequence[str], properties: Sequence[str]) -> list[CrmObject]:
+        found: list[CrmObject] = []
+        for start in range(0, len(ids), BATCH_LIMIT):
+            chunk = ids[start : start + BATCH_LIMIT]
+            body = {"inputs": [{"id": object_id} for object_id in chunk], "properties": list(properties)}
+            response = await self.http.request("POST", f"/crm/v3/objects/{object_type}/batch/read", json=body)
+            by_id = {item.id: item for item in BatchRead.model_validate_json(response.content).results}
+            found.extend(by_id[object_id] for object_id in chunk if object_id in by_id)
+        return found
+
+    async def _search_changed(self, window: PollCursor) -> SearchPage:
+        body: dict[str, Any] = {
+            "filterGroups": [
+                {"filters": [{"propertyName": "hs_lastmodifieddate", "operator": "GTE", "value": str(window.gte_ms)}]}
+            ],
+            "sorts": [{"propertyName": "hs_lastmodifieddate", "direction": "ASCENDING"}],
+            "properties": ["hs_lastmodifieddate"],
+            "limit": PAGE_LIMIT,
+        }
+        if window.after is not None:
+            body["after"] = window.after
+        response = await self.http.request("POST", "/crm/v3/objects/deals/search", json=body, bucket="search")
+        return SearchPage.model_validate_json(response.content)
+
+    def _next_cursor(self, window: PollCursor, page: SearchPage, now_ms: int) -> tuple[PollCursor, bool]:
+        """The cursor after ``page``, and whether more changes are waiting right now."""
+        last_ms = _last_modified_ms(page.results)
+        if page.paging is not None and page.paging.next is not None:
+            if int(page.paging.next.after) < self.settings.search_max_results:
+                return PollCursor(gte_ms=window.gte_ms, after=page.paging.next.after), True
+            return PollCursor(gte_ms=self._restart_at(window, last_ms)), True
+        settled_ms = now_ms - self.settings.poll_lag_s * 1000
+        newest = settled_ms if last_ms is None else min(last_ms, settled_ms)
+        return PollCursor(gte_ms=max(window.gte_ms, newest)), False
+
+    def _restart_at(self, window: PollCursor, last_ms: int | None) -> int:
+        if last_ms is not None and last_ms > window.gte_ms:
+            return last_ms
+        # A whole result cap of deals modified in one millisecond: step past it rather
+        # than loop forever; the deals beyond the cap are left to a full sync.
+        log.warning("hubspot_poll_window_stuck", connection=self.connection, gte_ms=window.gte_ms)
+        return window.gte_ms + 1
+
+    def _hint(self, deal: CrmObject) -> ChangeHint:
+        modified = deal.properties.get("hs_lastmodifieddate") or _iso_text(deal.updated_at)
+        return ChangeHint(
+            connection=self.connection,
+            object_type="deal",
+            object_id=deal.id,
+            event_id=f"poll:{deal.id}:{modified}",
+            occurred_at=_modified_at(deal),
+            kind="deal.poll",
+        )
+
+    def _record(self, deal: CrmObject, data: Mapping[str, Any]) -> SourceRecord:
+        version = deal.properties.get("hs_lastmodifieddate") or _iso_text(deal.updated_at)
+        return SourceRecord(
+            connection=self.connection,
+            object_type="deal",
+            object_id=deal.id,
+            version=version,
+            modified_at=_modified_at(deal),
+            data=data,
+        )
+
+
+def _merge(defaults: Iterable[str], extra: Iterable[str]) -> list[str]:
+    """Defaults then extras, without duplicates, order kept."""
+    return list(dict.fromkeys([*defaults, *extra]))
+
+
+def _associations(deal: CrmObject) -> dict[str, AssociationCollection]:
+    """The deal's associations keyed ``companies``/``contacts``/``line_items`` whatever HubSpot named them."""
+    return {key.replace(" ", "_").lower(): block for key, block in deal.associations.items()}
+
+
+def _is_primary_company(item: AssociatedObject) -> bool:
+    return any(
+        kind.type_id == PRIMARY_COMPANY_TYPE_ID and kind.category == "HUBSPOT_DEFINED"
+        for kind in item.association_types
+    )
+
+
+def _contact(contact: CrmObject, association: AssociatedObject) -> dict[str, Any]:
+    labels = association.labels()
+    return {
+        "id": contact.id,
+        "properties": dict(contact.properties),
+        "primary": any(label.lower() == PRIMARY_LABEL for label in labels),
+        "labels": labels,
+    }
+
+
+def _modified_at(deal: CrmObject) -> datetime:
+    text = deal.properties.get("hs_lastmodifieddate")
+    if text:
+        try:
+            return parse_hubspot_time(text)
+        except ValueError:
+            log.warning("hubspot_bad_lastmodified", deal_id=deal.id)
+    return deal.updated_at
+
+
+def _last_modified_ms(deals: Sequence[CrmObject]) -> int | None:
+    return epoch_ms(_modified_at(deals[-1])) if deals else None
+
+
+def _iso_text(moment: datetime) -> str:
+    return iso_ms(moment)
+
+
+# -- registration ----------------------------------------------------------------
+
+
+def _auth(settings: HubSpotSettings, ctx: ConnectorContext) -> httpx.Auth:
+    if settings.token is not None:
+        return BearerToken(settings.token.get_secret_value())
+    return OAuthRefresh(
+        client=ctx.client,
+        token_url=settings.token_url,
+        client_id=settings.client_id or "",
+        client_secret=secret_value(settings.client_secret),
+        initial_refresh_token=secret_value(settings.refresh_token) or None,
+        tokens=ctx.tokens,
+        clock=ctx.clock,
+    )
+
+
+def rate_limits(settings: HubSpotSettings) -> list[RateLimit]:
+    """The connection's buckets, sized to stay under HubSpot's windows.
+
+    aiolimiter is a leaky bucket: it lets ``max_requests`` through at once and then
+    ``max_requests`` per ``period_s``, so over a window ``W`` it can pass
+    ``max_requests * (1 + W / period_s)``. HubSpot counts fixed/rolling windows, so the
+    budget is spread per second with room for the initial burst.
+    """
+    limits: list[RateLimit] = []
+    if settings.rate_limit_per_10s is not None:
+        per_s = max(1, settings.rate_limit_per_10s * 9 // 100)  # burst + 10 s of drip ≤ the limit
+        limits.append(RateLimit(max_requests=per_s, period_s=1, name="default"))
+    if settings.search_rate_per_s is not None:
+        per_s = max(1, settings.search_rate_per_s // 2)  # burst + 1 s of drip ≤ the limit
+        limits.append(RateLimit(max_requests=per_s, period_s=1, name="search"))
+    return limits
+
+
+def create(settings: HubSpotSettings, ctx: ConnectorContext) -> HubSpotConnector:
+    """Build the connector for one connection."""
+    http = ctx.make_http(
+        base_url=settings.base_url,
+        auth=_auth(settings, ctx),
+        headers={"Accept": "application/json"},
+        limits=rate_limits(settings),
+    )
+    return HubSpotConnector(settings=settings, http=http, connection=ctx.connection, clock=ctx.clock)
+
+
+def create_verifier(settings: HubSpotSettings, clock: Callable[[], datetime]) -> WebhookVerifier:
+    """Build the v3 webhook verifier (the key is the app's client secret).
+
+    Raises:
+        ConfigError: neither ``webhook_secret`` nor ``client_secret`` is set.
+    """
+    secret = settings.webhook_secret or settings.client_secret
+    if secret is None:
+        raise ConfigError(
+            "webhook_secret is not set; HubSpot signs webhooks with the app's client secret",
+            place=f"[connections.{settings.connector}].webhook_secret",
+        )
+    return HubSpotWebhookVerifier(connection=settings.connector, secret=secret.get_secret_value(), clock=clock)
+
+
+SPEC = ConnectorSpec(
+    name="hubspot",
+    roles=frozenset({Crm}),
+    settings_model=HubSpotSettings,
+    factory=create,
+    verifier=create_verifier,
+    secret_fields=("token", "client_secret", "refresh_token", "webhook_secret"),
+)
+
+__all__ = [
+    "SPEC",
+    "BillingProperty",
+    "HubSpotConnector",
+    "HubSpotSettings",
+    "PropertySetup",
+    "create",
+    "create_verifier",
+    "rate_limits",
+]

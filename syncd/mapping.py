@@ -1,0 +1,1013 @@
+"""Pipeline mapping files: load, validate and apply them (DESIGN §6).
+
+A mapping file (``mappings/*.toml``, format in ``mappings/README.md``) says which CRM
+records a pipeline takes, when a deal counts as won, and how a record becomes the
+canonical :class:`~syncd.interfaces.Client` and :class:`~syncd.interfaces.Engagement`::
+
+    [pipeline]        source, when (filter), won (rule), won_at, billing_contact_label
+    [client]          one key per Client field, each a transform (syncd.transforms)
+    [client.address]  / [client.billing_contact]: the nested models, the same way
+    [engagement]      one key per Engagement field
+    [engagement.lines]  one invoice line per line item (``item`` is the line item)
+    [invoice]         status, send, line_amount_types
+    [tables.NAME]     named lookup tables
+
+The field tables are generic: a key is valid when the canonical model has a field of
+that name, and the value is checked against the field's type at load. A field added to
+the model is mapped by adding a key, with no code here.
+
+:func:`load_mapping` reports every problem in the file at once, each as
+``file:line [table].key: message``; applying a mapping to a record raises
+:class:`~syncd.errors.MappingError` whose ``place`` is ``file:line [table].key`` and whose
+message names the path and the record.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import tomllib
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from syncd.errors import MappingError
+from syncd.interfaces import Client, Engagement, Model, SourceRecord
+from syncd.money import check_currency
+from syncd.transforms import (
+    ALL,
+    ROOTS,
+    Condition,
+    Cond,
+    Context,
+    Lookup,
+    LookupTable,
+    Transform,
+    Value,
+    absent,
+    as_text,
+    did_you_mean,
+    listing,
+    parse_path,
+    show,
+    to_date,
+    to_datetime,
+    to_decimal,
+    validate_table,
+    walk,
+)
+
+KeyPath = tuple[str | int, ...]
+
+# ---------------------------------------------------------------------------
+# Public values
+# ---------------------------------------------------------------------------
+
+
+class MappingDefaults(Model):
+    """Values a mapping falls back on when a record has none (from the daemon config).
+
+    Attributes:
+        timezone: IANA zone for clients whose mapping gives none.
+        currency: ISO 4217 code for clients whose mapping gives none.
+        payment_terms_days: days from issue to due date when the mapping gives none.
+    """
+
+    timezone: str = "UTC"
+    currency: str = "USD"
+    payment_terms_days: int = Field(default=30, ge=0)
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        return check_currency(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        return _zone_name(value)
+
+
+class InvoiceOptions(Model):
+    """The ``[invoice]`` table: how invoices of this pipeline are created.
+
+    Attributes:
+        status: create invoices as drafts, or approved ("authorised") at the tool.
+        send: email each invoice to the billing contact after creating it.
+        line_amount_types: whether line unit prices exclude tax, include it, or have none
+            (Xero's ``LineAmountTypes`` values).
+    """
+
+    status: Literal["draft", "authorised"] = "authorised"
+    send: bool = False
+    line_amount_types: Literal["Exclusive", "Inclusive", "NoTax"] = "Exclusive"
+
+
+class MappedDeal(Model):
+    """What one CRM deal maps to.
+
+    Attributes:
+        client: the client it bills.
+        engagement: how it bills (its ``won_at`` is the same as below).
+        won_at: when the deal was won; ``None`` while it is not.
+    """
+
+    client: Client
+    engagement: Engagement
+    won_at: AwareDatetime | None
+
+
+# ---------------------------------------------------------------------------
+# Field checks beyond the model's types
+# ---------------------------------------------------------------------------
+
+
+def _zone_name(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f'"{value}" is not an IANA time zone (like "Europe/Berlin")') from None
+    return value
+
+
+def _not_negative(value: Any) -> Any:
+    if value < 0:
+        raise ValueError(f"{value} is negative")
+    return value
+
+
+def _day_of_month(value: int) -> int:
+    if not 1 <= value <= 31:
+        raise ValueError(f"{value} is not a day of the month (1-31; 31 means month end)")
+    return value
+
+
+_FIELD_CHECKS: Mapping[str, Any] = {
+    "currency": check_currency,
+    "timezone": _zone_name,
+    "payment_terms_days": _not_negative,
+    "cap_hours": _not_negative,
+    "anchor_day": _day_of_month,
+}
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    """How syncd treats a canonical model's fields in a mapping table.
+
+    Attributes:
+        computed: fields syncd sets itself; mapping them is an error.
+        fallback: fields that may be left out: syncd fills them (defaults, the client).
+    """
+
+    computed: frozenset[str] = frozenset()
+    fallback: frozenset[str] = frozenset()
+
+
+_SPECS: Mapping[type[BaseModel], _ModelSpec] = {
+    Client: _ModelSpec(
+        computed=frozenset({"key", "external_ids"}),
+        fallback=frozenset({"timezone", "currency", "payment_terms_days"}),
+    ),
+    Engagement: _ModelSpec(
+        computed=frozenset({"key", "client_key", "won_at", "source_version"}),
+        fallback=frozenset({"currency"}),
+    ),
+}
+_FIRST = ("timezone", "currency")  # mapped first: later fields read dates and money in them
+_RECORD_KEYS = ("id", "version", "connection", "object_type", "modified_at")
+_OBJECT_KEYS: Mapping[str, tuple[str, ...]] = {
+    "deal": ("id", "properties"),
+    "company": ("id", "properties"),
+    "contact": ("id", "properties", "primary", "labels"),
+    "line_item": ("id", "properties"),
+}
+_ROOT_KINDS: Mapping[str, str] = {
+    "deal": "deal",
+    "company": "company",
+    "contacts": "contact",
+    "contact": "contact",
+    "line_items": "line_item",
+}
+_LIST_ROOTS = ("contacts", "line_items")
+_TOP = ("pipeline", "client", "engagement", "invoice", "tables")
+_VALUE: TypeAdapter[Transform] = TypeAdapter(Value)
+_CONDITION: TypeAdapter[Condition] = TypeAdapter(Cond)
+_TABLE: TypeAdapter[Mapping[str, Any]] = TypeAdapter(LookupTable)
+
+
+def _is_union(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, types.UnionType)
+
+
+def _base_type(annotation: Any) -> Any:
+    """The one non-None type of ``annotation`` among datetime, date, Decimal, str."""
+    options = [arg for arg in get_args(annotation) if arg is not type(None)] if _is_union(annotation) else [annotation]
+    if len(options) != 1:
+        return None
+    base = options[0]
+    if get_origin(base) is Annotated:
+        base = get_args(base)[0]
+    if base is AwareDatetime:
+        return datetime
+    return next((kind for kind in (datetime, date, Decimal, str) if base is kind), None)
+
+
+def _refuse_floats(value: Any) -> None:
+    if isinstance(value, float):
+        raise ValueError(f"{value!r} is a float; numbers and money must come as text or integers")
+    if isinstance(value, list | tuple):
+        for item in value:
+            _refuse_floats(item)
+
+
+# ---------------------------------------------------------------------------
+# Compiled rules
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _FieldRule:
+    """One mapped field: its transform, where it is written, and its type."""
+
+    name: str
+    place: str
+    transform: Transform
+    adapter: TypeAdapter[Any]
+    annotation: Any
+    required: bool
+
+    def value(self, context: Context) -> Any:
+        """The field's value for the record, typed; ``None`` when absent."""
+        raw = self.transform.apply(context.derive(place=self.place))
+        if absent(raw):
+            return None
+        try:
+            return self.coerce(raw, context.zone())
+        except ValueError as exc:
+            raise MappingError(f"{exc} on {context.subject}", place=self.place) from None
+
+    def coerce(self, value: Any, zone: ZoneInfo) -> Any:
+        """``value`` as the field's type; raises ValueError naming the field."""
+        _refuse_floats(value)
+        target = _base_type(self.annotation)
+        try:
+            if target is Decimal:
+                value = to_decimal(value)
+            elif target is datetime:
+                value = to_datetime(value, zone)
+            elif target is date:
+                value = to_date(value, zone)
+            elif target is str and isinstance(value, int | Decimal) and not isinstance(value, bool):
+                value = as_text(value)
+            result = self.adapter.validate_python(value)
+            check = _FIELD_CHECKS.get(self.name)
+            return check(result) if check is not None and result is not None else result
+        except ValidationError as exc:
+            reason = exc.errors(include_url=False)[0]["msg"]
+            raise ValueError(f"{show(value)} is not a valid {self.name}: {reason}") from None
+        except ValueError as exc:
+            raise ValueError(f"{show(value)} is not a valid {self.name}: {exc}") from None
+
+    def missing(self, context: Context) -> MappingError:
+        """The error for a required field without a value, naming each path tried."""
+        tried = [text for node in walk(self.transform) for text in node.paths()]
+        reasons = [context.explain(text) for text in tried if absent(context.resolve(text))]
+        if len(reasons) == 1:
+            return MappingError(reasons[0], place=self.place)
+        if reasons:
+            return MappingError(f"no value for {self.name}: " + " | ".join(reasons), place=self.place)
+        return MappingError(f"no value for {self.name} on {context.subject}", place=self.place)
+
+
+def _narrow(context: Context, name: str, value: Any) -> Context:
+    if name == "timezone":
+        return context.derive(timezone=value)
+    if name == "currency":
+        return context.derive(currency=value)
+    return context
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SectionRule:
+    """A mapped table for one canonical model (``[client]``, ``[client.address]``...)."""
+
+    model: type[BaseModel]
+    place: str
+    fields: tuple[_FieldRule, ...]
+    order: tuple[str, ...]
+    parts: tuple[tuple[str, _SectionRule], ...]
+    repeats: tuple[_RepeatRule, ...]
+
+    def rule(self, name: str) -> _FieldRule | None:
+        """The rule for field ``name``, if the file maps it."""
+        return next((rule for rule in self.fields if rule.name == name), None)
+
+    def build(self, context: Context, fallbacks: Mapping[str, Any]) -> dict[str, Any]:
+        """The model's field values for the record (without computed fields)."""
+        values: dict[str, Any] = {}
+        for name in self.order:
+            rule = self.rule(name)
+            value = rule.value(context) if rule is not None else None
+            if value is None:
+                value = fallbacks.get(name)
+            if value is None:
+                if rule is not None and rule.required:
+                    raise rule.missing(context)
+                continue
+            values[name] = value
+            context = _narrow(context, name, value)
+        for name, part in self.parts:
+            part_values = part.build(context, {})
+            if part_values:
+                values[name] = part.construct(part_values, context)
+        for repeat in self.repeats:
+            values[repeat.name] = repeat.build(context)
+        return values
+
+    def construct(self, values: Mapping[str, Any], context: Context) -> Any:
+        """The model from ``values``; a model-level rejection is a MappingError here."""
+        try:
+            return self.model(**values)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            where = ".".join(str(step) for step in error["loc"])
+            raise MappingError(
+                f"{self.model.__name__} for {context.subject} is invalid: {where}: {error['msg']}", place=self.place
+            ) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RepeatRule:
+    """A repeated table (``[engagement.lines]``): one model per item of a list."""
+
+    name: str
+    place: str
+    each: str
+    when: Condition | None
+    section: _SectionRule
+
+    def build(self, context: Context) -> tuple[Any, ...]:
+        """One model per item that passes ``when``."""
+        items = context.resolve(self.each)
+        if items is None:
+            return ()
+        if not isinstance(items, list | tuple):
+            raise MappingError(f'"{self.each}" is not a list on {context.subject}', place=self.place)
+        built = []
+        for index, item in enumerate(items):
+            item_id = item.get("id") if isinstance(item, Mapping) else None
+            subject = f"item {item_id if item_id is not None else index} of {self.each} on {context.subject}"
+            scoped = context.derive(roots={**context.roots, "item": item}, subject=subject)
+            if self.when is not None and not self.when.apply(scoped.derive(place=self.place)):
+                continue
+            built.append(self.section.construct(self.section.build(scoped, {}), scoped))
+        return tuple(built)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Rules:
+    """Everything compiled from a mapping file beside its public attributes."""
+
+    source: str
+    when: Condition | None
+    when_place: str
+    won: Condition
+    won_place: str
+    won_at: _FieldRule
+    contact_label: str | None
+    client: _SectionRule
+    engagement: _SectionRule
+    tables: Mapping[str, Mapping[str, Any]]
+
+
+class _PipelineTable(BaseModel):
+    """The ``[pipeline]`` table as written."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: Literal["deal"] = "deal"
+    when: Cond | None = None
+    won: Cond
+    won_at: Value
+    billing_contact_label: str | None = None
+
+
+# ---------------------------------------------------------------------------
+# The pipeline mapping
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineMapping:
+    """One loaded, validated mapping file.
+
+    Attributes:
+        path: the file it was loaded from.
+        source_properties: per object type (``deal``, ``company``, ``contact``,
+            ``line_item``), the vendor properties the mapping reads, sorted; pass them to
+            :meth:`~syncd.interfaces.Crm.fetch_deal`.
+        invoice: the ``[invoice]`` options.
+        rules: the compiled tables (internal).
+    """
+
+    path: Path
+    source_properties: Mapping[str, tuple[str, ...]]
+    invoice: InvoiceOptions
+    rules: _Rules = field(repr=False)
+
+    def selects(self, record: SourceRecord) -> bool:
+        """Whether this pipeline takes ``record`` (its source kind and ``when`` filter).
+
+        Raises:
+            MappingError: the filter cannot be evaluated on the record.
+        """
+        if record.object_type != self.rules.source:
+            return False
+        if self.rules.when is None:
+            return True
+        context = self._context(record, MappingDefaults())
+        return self.rules.when.apply(context.derive(place=self.rules.when_place))
+
+    def won_at(self, record: SourceRecord, *, defaults: MappingDefaults | None = None) -> datetime | None:
+        """When the deal was won, or ``None`` while the won rule does not hold.
+
+        A won time without an offset (or a bare date) is read in the client's time zone
+        as mapped, else ``defaults.timezone`` (UTC when no defaults are given).
+
+        Raises:
+            MappingError: the deal is won but has no won time, or it cannot be read.
+        """
+        return self._won_at(self._zoned(record, defaults or MappingDefaults()))
+
+    def map_deal(self, record: SourceRecord, *, defaults: MappingDefaults) -> MappedDeal:
+        """Map a CRM deal record to its client, engagement and won time.
+
+        Raises:
+            MappingError: a required field has no value, or a value does not fit its
+                field; ``place`` is ``file:line [table].key`` and the message names the
+                path and the record.
+        """
+        context = self._zoned(record, defaults)
+        won_at = self._won_at(context)
+        client_values = self.rules.client.build(context, defaults.model_dump())
+        client_values["key"] = _client_key(record, context.roots)
+        client: Client = self.rules.client.construct(client_values, context)
+        scoped = context.derive(timezone=client.timezone, currency=client.currency)
+        values = self.rules.engagement.build(scoped, {"currency": client.currency})
+        values.update(
+            key=f"{record.connection}:deal:{_object_id(context.roots['deal']) or record.object_id}",
+            client_key=client.key,
+            won_at=won_at,
+            source_version=record.version,
+        )
+        engagement: Engagement = self.rules.engagement.construct(values, scoped)
+        return MappedDeal(client=client, engagement=engagement, won_at=won_at)
+
+    def _won_at(self, context: Context) -> datetime | None:
+        if not self.rules.won.apply(context.derive(place=self.rules.won_place)):
+            return None
+        value = self.rules.won_at.value(context)
+        if value is None:
+            raise self.rules.won_at.missing(context)
+        won: datetime = value
+        return won
+
+    def _zoned(self, record: SourceRecord, defaults: MappingDefaults) -> Context:
+        context = self._context(record, defaults)
+        rule = self.rules.client.rule("timezone")
+        zone = rule.value(context) if rule is not None else None
+        return context.derive(timezone=zone or defaults.timezone)
+
+    def _context(self, record: SourceRecord, defaults: MappingDefaults) -> Context:
+        data = record.data
+        contacts = list(data.get("contacts") or [])
+        roots = {
+            "deal": data.get("deal"),
+            "company": data.get("company"),
+            "contacts": contacts,
+            "line_items": list(data.get("line_items") or []),
+            "contact": _billing_contact(contacts, self.rules.contact_label),
+            "record": {
+                "id": record.object_id,
+                "version": record.version,
+                "connection": record.connection,
+                "object_type": record.object_type,
+                "modified_at": record.modified_at,
+            },
+            "defaults": defaults.model_dump(),
+        }
+        return Context(
+            roots=roots,
+            subject=f"{record.object_type} {record.object_id}",
+            timezone=defaults.timezone,
+            currency=defaults.currency,
+            tables=self.rules.tables,
+        )
+
+
+def _object_id(value: Any) -> str | None:
+    if isinstance(value, Mapping) and not absent(value.get("id")):
+        return as_text(value["id"])
+    return None
+
+
+def _billing_contact(contacts: Sequence[Any], label: str | None) -> Any:
+    """The contact carrying ``label``, else the primary one, else the first."""
+    people = [contact for contact in contacts if isinstance(contact, Mapping)]
+    if label is not None:
+        labelled = [person for person in people if label in (person.get("labels") or ())]
+        if labelled:
+            return labelled[0]
+    primary = [person for person in people if person.get("primary") is True]
+    return (primary or people or [None])[0]
+
+
+def _client_key(record: SourceRecord, roots: Mapping[str, Any]) -> str:
+    """``conn:company:id``, else ``conn:contact:id`` (billing contact), else ``conn:deal:id``."""
+    for root in ("company", "contact", "deal"):
+        found = _object_id(roots[root])
+        if found is not None:
+            return f"{record.connection}:{root}:{found}"
+    return f"{record.connection}:deal:{record.object_id}"
+
+
+# ---------------------------------------------------------------------------
+# Line numbers (tomllib keeps none)
+# ---------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_SCALAR = re.compile(r"[^,\]}#\r\n]*")
+_TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+
+class _KeyLines:
+    """The line each key of a TOML text is on, by key path (``("client", "currency")``).
+
+    A small scanner over text that tomllib has already accepted: it reads table
+    headers, keys, inline tables and arrays (array items get their index) and skips
+    strings and scalars.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+        self.newlines = [index for index, char in enumerate(text) if char == "\n"]
+        self.lines: dict[KeyPath, int] = {}
+        self.arrays: dict[KeyPath, int] = {}
+
+    def scan(self) -> dict[KeyPath, int]:
+        """Every key path with its line; best effort if the text surprises the scanner."""
+        table: KeyPath = ()
+        try:
+            while self._skip(newlines=True):
+                if self.text.startswith("[", self.pos):
+                    table = self._header()
+                else:
+                    self._keyval(table)
+        except (ValueError, IndexError):
+            return self.lines
+        return self.lines
+
+    def _line(self) -> int:
+        return bisect.bisect_left(self.newlines, self.pos) + 1
+
+    def _skip(self, *, newlines: bool) -> bool:
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            if char in " \t" or (newlines and char in "\r\n"):
+                self.pos += 1
+            elif char == "#":
+                end = self.text.find("\n", self.pos)
+                self.pos = len(self.text) if end < 0 else end
+            else:
+                return True
+        return False
+
+    def _header(self) -> KeyPath:
+        line = self._line()
+        brackets = 2 if self.text.startswith("[[", self.pos) else 1
+        self.pos += brackets
+        key = self._key()
+        self.pos = self.text.index("]" * brackets, self.pos) + brackets
+        path: KeyPath = ()
+        for part in key[:-1]:
+            path = self._into_array(path + (part,))
+        path += (key[-1],)
+        self.lines.setdefault(path, line)
+        if brackets == 2:
+            self.arrays[path] = self.arrays.get(path, -1) + 1
+            path += (self.arrays[path],)
+            self.lines.setdefault(path, line)
+        return path
+
+    def _into_array(self, path: KeyPath) -> KeyPath:
+        return path + (self.arrays[path],) if path in self.arrays else path
+
+    def _keyval(self, table: KeyPath) -> None:
+        line = self._line()
+        key = self._key()
+        for size in range(1, len(key) + 1):
+            self.lines.setdefault(table + key[:size], line)
+        self._skip(newlines=False)
+        self.pos += 1  # "="
+        self._skip(newlines=False)
+        self._value(table + key)
+
+    def _key(self) -> KeyPath:
+        parts: list[str | int] = []
+        while True:
+            self._skip(newlines=False)
+            parts.append(self._key_part())
+            self._skip(newlines=False)
+            if not self.text.startswith(".", self.pos):
+                return tuple(parts)
+            self.pos += 1
+
+    def _key_part(self) -> str:
+        if self.text[self.pos] in "\"'":
+            start = self.pos
+            self._string()
+            part: str = tomllib.loads("k = " + self.text[start : self.pos])["k"]
+            return part
+        match = _BARE_KEY.match(self.text, self.pos)
+        if match is None:
+            raise ValueError("not a key")
+        self.pos = match.end()
+        return match.group(0)
+
+    def _value(self, path: KeyPath) -> None:
+        self.lines.setdefault(path, self._line())
+        char = self.text[self.pos]
+        if char in "{[":
+            self._container(path, "}" if char == "{" else "]")
+        elif char in "\"'":
+            self._string()
+        else:
+            self.pos = _SCALAR.match(self.text, self.pos).end()  # type: ignore[union-attr]  # always matches
+
+    def _container(self, path: KeyPath, closer: str) -> None:
+        self.pos += 1
+        index = 0
+        while self._skip(newlines=True) and self.text[self.pos] != closer:
+            if self.text[self.pos] == ",":
+                self.pos += 1
+            elif closer == "}":
+                self._keyval(path)
+            else:
+                self._value(path + (index,))
+                index += 1
+        self.pos += 1
+
+    def _string(self) -> None:
+        quote = self.text[self.pos]
+        closer = quote * 3 if self.text.startswith(quote * 3, self.pos) else quote
+        end = self.pos + len(closer)
+        while True:
+            end = self.text.index(closer, end)
+            if quote == "'" or not _escaped(self.text, end):
+                break
+            end += 1
+        self.pos = end + len(closer)
+        while len(closer) == 3 and self.text.startswith(quote, self.pos):
+            self.pos += 1
+
+
+def _escaped(text: str, index: int) -> bool:
+    backslashes = 0
+    while index - backslashes - 1 >= 0 and text[index - backslashes - 1] == "\\":
+        backslashes += 1
+    return backslashes % 2 == 1
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def load_mapping(path: Path) -> PipelineMapping:
+    """Load and validate a mapping file.
+
+    Raises:
+        MappingError: the file cannot be read or parsed, or has problems; ``problems``
+            lists every one, each as ``file:line [table].key: message``.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MappingError(f"cannot read mapping file {path}: {exc}") from exc
+    try:
+        raw = tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as exc:
+        found = _TOML_AT.search(str(exc))
+        line = found.group(1) if found else "1"
+        reason = _TOML_AT.sub("", str(exc))
+        column = f" (column {found.group(2)})" if found else ""
+        raise MappingError(f"{path}:{line}: not valid TOML: {reason}{column}") from exc
+    return _Loader(path, raw, _KeyLines(text).scan()).load()
+
+
+class _Loader:
+    """Walks a parsed mapping file, compiling rules and collecting every problem."""
+
+    def __init__(self, path: Path, raw: Mapping[str, Any], lines: Mapping[KeyPath, int]) -> None:
+        self.path = path
+        self.raw = raw
+        self.lines = lines
+        self.problems: list[str] = []
+        self.tables_seen: set[KeyPath] = set()
+        self.named: dict[str, Mapping[str, Any]] = {}
+        self.reads: set[tuple[str, str]] = set()
+
+    def load(self) -> PipelineMapping:
+        """The compiled mapping; raises MappingError listing every problem."""
+        self._check_top()
+        self.named = self._named_tables()
+        invoice = self._invoice()
+        pipeline = self._pipeline()
+        client = self._section(("client",), Client)
+        engagement = self._section(("engagement",), Engagement)
+        if self.problems or pipeline is None or client is None or engagement is None or invoice is None:
+            count = len(self.problems)
+            listed = "\n".join(f"  {problem}" for problem in self.problems)
+            raise MappingError(f"{self.path}: {count} problem(s); fix them and load again:\n{listed}", problems=self.problems)
+        rules = _Rules(client=client, engagement=engagement, tables=self.named, **pipeline)
+        return PipelineMapping(path=self.path, source_properties=self._properties(), invoice=invoice, rules=rules)
+
+    # -- places ---------------------------------------------------------------
+
+    def place(self, key_path: KeyPath) -> str:
+        """``file:line [table].key`` for a key path."""
+        label = self._label(key_path)
+        return f"{self.path}:{self._line(key_path)}" + (f" {label}" if label else "")
+
+    def report(self, key_path: KeyPath, message: str) -> None:
+        """Record one problem at ``key_path``."""
+        self.problems.append(f"{self.place(key_path)}: {message}")
+
+    def _line(self, key_path: KeyPath) -> int:
+        while key_path and key_path not in self.lines:
+            key_path = key_path[:-1]
+        return self.lines.get(key_path, 1)
+
+    def _label(self, key_path: KeyPath) -> str:
+        table = max((seen for seen in self.tables_seen if key_path[: len(seen)] == seen), key=len, default=())
+        head = "[" + ".".join(str(part) for part in table) + "]" if table else ""
+        tail = ""
+        for step in key_path[len(table) :]:
+            if isinstance(step, int):
+                tail += f"[{step}]"
+            else:
+                name = step if _BARE_KEY.fullmatch(step) else f'"{step}"'
+                tail += f".{name}" if tail or head else name
+        return head + tail
+
+    def _table_at(self, key_path: tuple[str, ...], *, required: bool) -> Mapping[str, Any] | None:
+        value: Any = self.raw
+        for step in key_path:
+            value = value.get(step) if isinstance(value, Mapping) else None
+        if value is None:
+            if required:
+                self.report(key_path[:-1], f"missing table [{'.'.join(key_path)}]")
+            return None
+        if not isinstance(value, Mapping):
+            self.report(key_path, f"must be a table ([{'.'.join(key_path)}]), got {show(value)}")
+            return None
+        self.tables_seen.add(key_path)
+        return value
+
+    def _report_validation(self, base: KeyPath, exc: ValidationError) -> None:
+        for error in exc.errors(include_url=False):
+            self.report(base + tuple(error["loc"]), error["msg"])
+
+    # -- top-level tables -----------------------------------------------------
+
+    def _check_top(self) -> None:
+        for key in self.raw:
+            if key not in _TOP:
+                self.report((key,), f"unknown table [{key}]{did_you_mean(key, set(_TOP))}; expected: {listing(set(_TOP))}")
+
+    def _named_tables(self) -> dict[str, Mapping[str, Any]]:
+        tables = self._table_at(("tables",), required=False) or {}
+        named: dict[str, Mapping[str, Any]] = {}
+        for name in tables:
+            entries = self._table_at(("tables", name), required=True)
+            if entries is None:
+                continue
+            try:
+                named[name] = _TABLE.validate_python(dict(entries))
+            except ValidationError as exc:
+                self._report_validation(("tables", name), exc)
+        return named
+
+    def _invoice(self) -> InvoiceOptions | None:
+        raw = self._table_at(("invoice",), required=False)
+        if raw is None:
+            return InvoiceOptions() if "invoice" not in self.raw else None
+        try:
+            return validate_table(InvoiceOptions, raw)
+        except ValidationError as exc:
+            self._report_validation(("invoice",), exc)
+            return None
+
+    def _pipeline(self) -> dict[str, Any] | None:
+        raw = self._table_at(("pipeline",), required=True)
+        if raw is None:
+            return None
+        try:
+            table = validate_table(_PipelineTable, raw)
+        except ValidationError as exc:
+            self._report_validation(("pipeline",), exc)
+            return None
+        for key in ("when", "won", "won_at"):
+            node = getattr(table, key)
+            if node is not None:
+                self._check_node(("pipeline", key), node, ROOTS, None)
+        won_at = self._rule(("pipeline", "won_at"), "won_at", table.won_at, datetime, required=True)
+        return {
+            "source": table.source,
+            "when": table.when,
+            "when_place": self.place(("pipeline", "when")),
+            "won": table.won,
+            "won_place": self.place(("pipeline", "won")),
+            "won_at": won_at,
+            "contact_label": table.billing_contact_label,
+        }
+
+    # -- model tables ---------------------------------------------------------
+
+    def _section(
+        self, key_path: tuple[str, ...], model: type[BaseModel], *, item_kind: str | None = None, repeated: bool = False
+    ) -> _SectionRule | None:
+        raw = self._table_at(key_path, required=len(key_path) == 1)
+        if raw is None:
+            return None
+        spec = _SPECS.get(model, _ModelSpec())
+        mappable = [name for name in model.model_fields if name not in spec.computed]
+        roots = (*ROOTS, "item") if repeated else ROOTS
+        rules: list[_FieldRule] = []
+        parts: list[tuple[str, _SectionRule]] = []
+        repeats: list[_RepeatRule] = []
+        for key, value in raw.items():
+            here = (*key_path, key)
+            if repeated and key in ("each", "when"):
+                continue
+            if key in spec.computed:
+                self.report(here, f'"{key}" is set by syncd and cannot be mapped; remove it')
+            elif key not in model.model_fields:
+                hint = did_you_mean(key, mappable)
+                self.report(here, f'unknown key "{key}"{hint}; [{".".join(key_path)}] takes: {listing(mappable, 30)}')
+            else:
+                self._member(here, key, value, model, spec, roots, item_kind, rules, parts, repeats)
+        for name, info in model.model_fields.items():
+            if info.is_required() and name not in raw and name not in spec.computed | spec.fallback:
+                self.report((*key_path, name), f'missing required key "{name}"')
+        names = [rule.name for rule in rules] + sorted(spec.fallback)
+        order = tuple(dict.fromkeys([name for name in _FIRST if name in names] + names))
+        return _SectionRule(
+            model=model,
+            place=self.place(key_path),
+            fields=tuple(rules),
+            order=order,
+            parts=tuple(parts),
+            repeats=tuple(repeats),
+        )
+
+    def _member(
+        self,
+        here: tuple[str, ...],
+        key: str,
+        value: Any,
+        model: type[BaseModel],
+        spec: _ModelSpec,
+        roots: tuple[str, ...],
+        item_kind: str | None,
+        rules: list[_FieldRule],
+        parts: list[tuple[str, _SectionRule]],
+        repeats: list[_RepeatRule],
+    ) -> None:
+        annotation = model.model_fields[key].annotation
+        shape = _shape(annotation)
+        if shape is not None and shape[0] == "many":
+            repeat = self._repeat(here, shape[1])
+            if repeat is not None:
+                repeats.append(repeat)
+            return
+        if shape is not None:
+            part = self._section(here, shape[1], item_kind=item_kind, repeated="item" in roots)
+            if part is not None:
+                parts.append((key, part))
+            return
+        try:
+            transform = _VALUE.validate_python(value)
+        except ValidationError as exc:
+            self._report_validation(here, exc)
+            return
+        self._check_node(here, transform, roots, item_kind)
+        required = model.model_fields[key].is_required() and key not in spec.fallback
+        rule = self._rule(here, key, transform, annotation, required=required)
+        rules.append(rule)
+
+    def _repeat(self, here: tuple[str, ...], model: type[BaseModel]) -> _RepeatRule | None:
+        raw = self._table_at(here, required=True)
+        if raw is None:
+            return None
+        each = raw.get("each", "line_items")
+        if not isinstance(each, str):
+            self.report((*here, "each"), f"must be a path to a list, got {show(each)}")
+            return None
+        try:
+            root = parse_path(each)[0]
+        except ValueError as exc:
+            self.report((*here, "each"), str(exc))
+            return None
+        self._check_path((*here, "each"), each, ROOTS, None)
+        when = None
+        if "when" in raw:
+            try:
+                when = _CONDITION.validate_python(raw["when"])
+            except ValidationError as exc:
+                self._report_validation((*here, "when"), exc)
+        item_kind = "line_item" if root == "line_items" else None
+        if when is not None:
+            self._check_node((*here, "when"), when, (*ROOTS, "item"), item_kind)
+        section = self._section(here, model, item_kind=item_kind, repeated=True)
+        if section is None:
+            return None
+        return _RepeatRule(name=here[-1], place=self.place(here), each=each, when=when, section=section)
+
+    def _rule(self, here: KeyPath, name: str, transform: Transform, annotation: Any, *, required: bool) -> _FieldRule:
+        rule = _FieldRule(
+            name=name,
+            place=self.place(here),
+            transform=transform,
+            adapter=TypeAdapter(annotation),
+            annotation=annotation,
+            required=required,
+        )
+        zone = ZoneInfo("UTC")
+        for output in {repr(out): out for out in transform.outputs(self.named)}.values():
+            try:
+                rule.coerce(output, zone)
+            except ValueError as exc:
+                self.report(here, str(exc))
+        return rule
+
+    # -- static checks --------------------------------------------------------
+
+    def _check_node(self, here: KeyPath, node: Transform | Condition, roots: Sequence[str], item_kind: str | None) -> None:
+        for inner in walk(node):
+            for text in inner.paths():
+                self._check_path(here, text, roots, item_kind)
+            if isinstance(inner, Lookup) and isinstance(inner.table, str) and inner.table not in self.named:
+                hint = did_you_mean(inner.table, set(self.named))
+                self.report(here, f'lookup table "{inner.table}" is not defined{hint}; add [tables.{inner.table}]')
+
+    def _check_path(self, here: KeyPath, text: str, roots: Sequence[str], item_kind: str | None) -> None:
+        steps = parse_path(text)
+        root = str(steps[0])
+        if root not in roots:
+            hint = did_you_mean(root, roots)
+            self.report(here, f'path "{text}": unknown root "{root}"{hint}; roots here: {listing(roots)}')
+            return
+        if root in _LIST_ROOTS and len(steps) > 1 and isinstance(steps[1], str) and steps[1] != ALL:
+            self.report(here, f'path "{text}": {root} is a list; write {root}.0.… for one item or {root}[*].… for all')
+            return
+        names = [step for step in steps[1:] if isinstance(step, str) and step != ALL]
+        kind = item_kind if root == "item" else _ROOT_KINDS.get(root)
+        allowed = {
+            "record": _RECORD_KEYS,
+            "defaults": tuple(MappingDefaults.model_fields),
+        }.get(root) or (_OBJECT_KEYS[kind] if kind is not None else None)
+        if allowed is not None and names and names[0] not in allowed:
+            hint = did_you_mean(names[0], allowed)
+            self.report(here, f'path "{text}": {root} has no "{names[0]}"{hint}; it has: {listing(allowed)}')
+            return
+        if kind is not None and len(names) >= 2 and names[0] == "properties":
+            self.reads.add((kind, names[1]))
+
+    def _properties(self) -> Mapping[str, tuple[str, ...]]:
+        found: dict[str, tuple[str, ...]] = {}
+        for kind in _OBJECT_KEYS:
+            found[kind] = tuple(sorted(name for read_kind, name in self.reads if read_kind == kind))
+        return types.MappingProxyType(found)
+
+
+def _shape(annotation: Any) -> tuple[str, type[BaseModel]] | None:
+    """``("one", Model)`` for a nested model field, ``("many", Model)`` for a tuple of them."""
+    if get_origin(annotation) is tuple:
+        args = get_args(annotation)
+        if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return "many", args[0]
+        return None
+    for option in get_args(annotation) if _is_union(annotation) else (annotation,):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return "one", option
+    return None

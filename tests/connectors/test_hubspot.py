@@ -1,0 +1,614 @@
+"""The HubSpot connector against its emulator (httpx.ASGITransport), and the webhook verifier."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from connectors.emulation import Fault
+from connectors.hubspot.connector import SPEC, HubSpotConnector, HubSpotSettings, create, create_verifier
+from connectors.hubspot.emulator import HubSpotEmulator
+from connectors.hubspot.webhooks import sign_v3
+from syncd.errors import AuthError, FatalError, NotFound, RecordError
+from syncd.http import VendorHttp
+from syncd.interfaces import ConnectorContext, Crm, DealBillingStatus, WebhookRequest
+from syncd.registry import load
+
+BASE = "http://hubspot.test"
+HOOK_URL = "https://syncd.example.com/webhooks/hubspot"
+
+
+class Clock:
+    """A settable clock; ``tick_ms`` advances it on every read (distinct modification times)."""
+
+    def __init__(self, start: datetime, tick_ms: int = 0) -> None:
+        self.now = start
+        self.tick = timedelta(milliseconds=tick_ms)
+
+    def __call__(self) -> datetime:
+        current = self.now
+        self.now += self.tick
+        return current
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+class MemoryTokens:
+    """An in-memory TokenStore that records each save (and what the emulator had seen then)."""
+
+    def __init__(self, emulator: HubSpotEmulator, tokens: Mapping[str, Any] | None = None) -> None:
+        self.emulator = emulator
+        self.tokens = dict(tokens) if tokens else None
+        self.saved: list[dict[str, Any]] = []
+        self.calls_at_save: list[int] = []
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> Mapping[str, Any] | None:
+        return self.tokens
+
+    async def save(self, tokens: Mapping[str, Any]) -> None:
+        self.saved.append(dict(tokens))
+        self.calls_at_save.append(sum(n for key, n in self.emulator.calls.items() if "/crm/" in key))
+        self.tokens = dict(tokens)
+
+    def locked(self) -> asyncio.Lock:
+        return self._lock
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(datetime(2024, 6, 3, 9, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+def emulator(clock: Clock) -> HubSpotEmulator:
+    return HubSpotEmulator(rate_limits=False, clock=clock)
+
+
+@pytest.fixture
+async def client(emulator: HubSpotEmulator) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as http:
+        yield http
+
+
+def settings(**overrides: Any) -> HubSpotSettings:
+    values: dict[str, Any] = {
+        "connector": "hubspot",
+        "base_url": BASE,
+        "token": "pat-emulator",
+        "webhook_secret": "emulator-secret",
+        "rate_limit_per_10s": None,
+        "search_rate_per_s": None,
+        "poll_lag_s": 0,
+        **overrides,
+    }
+    return HubSpotSettings.model_validate(values)
+
+
+def build(
+    client: httpx.AsyncClient,
+    clock: Clock,
+    tokens: MemoryTokens,
+    config: HubSpotSettings | None = None,
+    sleeps: list[float] | None = None,
+) -> HubSpotConnector:
+    async def sleep(seconds: float) -> None:
+        (sleeps if sleeps is not None else []).append(seconds)
+
+    ctx = ConnectorContext(
+        connection="hubspot",
+        client=client,
+        tokens=tokens,
+        clock=clock,
+        make_http=functools.partial(VendorHttp, client, connection="hubspot", sleep=sleep),
+    )
+    return create(config or settings(), ctx)
+
+
+@pytest.fixture
+def connector(client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator) -> HubSpotConnector:
+    return build(client, clock, MemoryTokens(emulator))
+
+
+def seed_deal(emulator: HubSpotEmulator) -> dict[str, str]:
+    """A won-looking deal with a primary company, a second company, two contacts and two line items."""
+    acme = emulator.add_company({"name": "Acme Ltd", "city": "Leeds", "country": "GB"})
+    other = emulator.add_company({"name": "Other Co"})
+    ann = emulator.add_contact({"firstname": "Ann", "email": "ann@acme.test"}, company_id=acme)
+    bob = emulator.add_contact({"firstname": "Bob", "email": "bob@acme.test"}, company_id=acme)
+    deal = emulator.add_deal(
+        {"dealname": "Website", "amount": "1500", "deal_currency_code": "GBP", "po_number": "PO-7"},
+        company_id=acme,
+        contact_ids=[ann, bob],
+        line_items=[
+            {"name": "Design", "quantity": "2", "price": "500"},
+            {"name": "Build", "quantity": "1", "price": "500"},
+        ],
+    )
+    emulator.associate("deals", deal, "companies", other)
+    emulator.label_contact(deal, ann, "Billing contact")
+    emulator.label_contact(deal, bob, "Primary")
+    return {"deal": deal, "acme": acme, "other": other, "ann": ann, "bob": bob}
+
+
+# ---------------------------------------------------------------------------- registration and settings
+
+
+def test_spec_is_registered_and_builds_a_crm(connector: HubSpotConnector) -> None:
+    """The entry point loads the HubSpot spec and its factory builds a Crm."""
+    assert load("hubspot") is SPEC
+    assert isinstance(connector, Crm)
+    assert set(SPEC.secret_fields) == {"token", "client_secret", "refresh_token", "webhook_secret"}
+
+
+def test_settings_require_exactly_one_auth_method() -> None:
+    """Settings with no credentials, or with both kinds, are rejected with a clear message."""
+    with pytest.raises(ValidationError, match="missing: client_id, client_secret, refresh_token"):
+        HubSpotSettings.model_validate({"connector": "hubspot"})
+    with pytest.raises(ValidationError, match="not both"):
+        HubSpotSettings.model_validate({"connector": "hubspot", "token": "t", "client_id": "c"})
+    oauth = HubSpotSettings.model_validate(
+        {"connector": "hubspot", "client_id": "c", "client_secret": "s", "refresh_token": "r"}
+    )
+    assert oauth.base_url == "https://api.hubapi.com"
+
+
+# ---------------------------------------------------------------------------- reads
+
+
+async def test_fetch_deal_reads_primary_company_contacts_and_line_items(
+    connector: HubSpotConnector, emulator: HubSpotEmulator
+) -> None:
+    """A deal is read with its primary company, labelled contacts and line items."""
+    ids = seed_deal(emulator)
+
+    record = await connector.fetch_deal(ids["deal"], {"deal": ["po_number"], "company": ["city"]})
+
+    deal = record.data["deal"]
+    assert record.object_id == ids["deal"]
+    assert deal["properties"]["dealname"] == "Website"
+    assert deal["properties"]["po_number"] == "PO-7"
+    assert record.version == emulator.deal(ids["deal"])["properties"]["hs_lastmodifieddate"]
+    assert record.data["company"]["id"] == ids["acme"]
+    assert record.data["company"]["properties"]["name"] == "Acme Ltd"
+    assert record.data["company"]["properties"]["city"] == "Leeds"
+    contacts = {contact["id"]: contact for contact in record.data["contacts"]}
+    assert contacts[ids["ann"]]["labels"] == ["Billing contact"]
+    assert contacts[ids["ann"]]["primary"] is False
+    assert contacts[ids["bob"]]["primary"] is True
+    items = sorted(record.data["line_items"], key=lambda item: item["properties"]["name"])
+    assert [(item["properties"]["name"], item["properties"]["quantity"]) for item in items] == [
+        ("Build", "1"),
+        ("Design", "2"),
+    ]
+
+
+async def test_fetch_deal_without_primary_company_has_no_company(
+    connector: HubSpotConnector, emulator: HubSpotEmulator
+) -> None:
+    """A deal whose only company is not labelled Primary has company None."""
+    company = emulator.add_company({"name": "Loose Co"})
+    deal = emulator.add_deal({"dealname": "Side project"})
+    emulator.associate("deals", deal, "companies", company)
+
+    record = await connector.fetch_deal(deal)
+
+    assert record.data["company"] is None
+    assert record.data["contacts"] == []
+    assert record.data["line_items"] == []
+
+
+async def test_fetch_unknown_deal_raises_not_found(connector: HubSpotConnector) -> None:
+    """An unknown deal id raises NotFound."""
+    with pytest.raises(NotFound):
+        await connector.fetch_deal("999999")
+
+
+async def test_iter_deals_streams_every_page(connector: HubSpotConnector, emulator: HubSpotEmulator) -> None:
+    """iter_deals pages through the list endpoint 100 at a time without associations."""
+    created = [emulator.add_deal({"dealname": f"Deal {n}"}) for n in range(230)]
+
+    seen = [record async for record in connector.iter_deals()]
+
+    assert [record.object_id for record in seen] == created
+    assert emulator.calls["GET /crm/v3/objects/deals"] == 3
+    assert seen[0].data["company"] is None
+    assert seen[0].data["deal"]["properties"]["dealname"] == "Deal 0"
+
+
+# ---------------------------------------------------------------------------- polling
+
+
+async def test_poll_changes_returns_changed_deals_only_and_resumes(
+    connector: HubSpotConnector, emulator: HubSpotEmulator, clock: Clock
+) -> None:
+    """Polling starts from now, then returns only deals changed since its cursor."""
+    quiet = emulator.add_deal({"dealname": "Quiet"})
+    first = emulator.add_deal({"dealname": "First"})
+    second = emulator.add_deal({"dealname": "Second"})
+    clock.advance(minutes=1)
+
+    start = await connector.poll_changes(None)
+    assert start.hints == ()
+    assert start.more is False
+
+    clock.advance(minutes=1)
+    await emulator.set_deal_properties(first, {"dealstage": "contractsent"})
+    page = await connector.poll_changes(start.cursor)
+    assert [hint.object_id for hint in page.hints] == [first]
+    assert page.hints[0].event_id.startswith(f"poll:{first}:")
+    assert page.hints[0].kind == "deal.poll"
+
+    clock.advance(minutes=1)
+    await emulator.set_deal_properties(second, {"dealstage": "closedwon"})
+    later = await connector.poll_changes(page.cursor)
+    new_ids = {hint.event_id for hint in later.hints} - {hint.event_id for hint in page.hints}
+    assert {hint.object_id for hint in later.hints} <= {first, second}
+    assert any(event.startswith(f"poll:{second}:") for event in new_ids)
+    assert quiet not in {hint.object_id for hint in (*page.hints, *later.hints)}
+
+
+async def test_poll_changes_restarts_windows_at_the_result_cap(client: httpx.AsyncClient, clock: Clock) -> None:
+    """When a search window reaches the result cap, polling restarts it and still sees every deal."""
+    clock.tick = timedelta(milliseconds=1)
+    emulator = HubSpotEmulator(rate_limits=False, clock=clock, search_result_cap=250)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as http:
+        connector = build(http, clock, MemoryTokens(emulator), settings(search_max_results=250))
+        start = await connector.poll_changes(None)
+        deals = {emulator.add_deal({"dealname": f"Deal {n}"}) for n in range(600)}
+
+        seen: set[str] = set()
+        cursor, more, polls, restarts = start.cursor, True, 0, 0
+        while more and polls < 50:
+            page = await connector.poll_changes(cursor)
+            seen |= {hint.object_id for hint in page.hints}
+            restarts += page.more and json.loads(page.cursor)["after"] is None
+            cursor, more, polls = page.cursor, page.more, polls + 1
+
+    assert seen == deals
+    assert more is False
+    assert restarts >= 2
+    assert emulator.calls["POST /crm/v3/objects/deals/search"] == polls
+
+
+# ---------------------------------------------------------------------------- writes
+
+
+async def test_ensure_properties_is_idempotent(connector: HubSpotConnector, emulator: HubSpotEmulator) -> None:
+    """ensure_properties creates the group and properties once; a second run creates nothing."""
+    first = await connector.ensure_properties()
+    second = await connector.ensure_properties()
+
+    assert first.group_created is True
+    assert len(first.created) == 6
+    assert first.present == ()
+    assert second.group_created is False
+    assert second.created == ()
+    assert set(second.present) == set(first.created)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as http:
+        answer = await http.get(
+            f"{BASE}/crm/v3/properties/deals/syncd_invoice_due_date", headers={"Authorization": "Bearer pat-emulator"}
+        )
+    assert (answer.json()["type"], answer.json()["fieldType"], answer.json()["groupName"]) == ("date", "date", "syncd")
+
+
+async def test_write_billing_status_round_trips(connector: HubSpotConnector, emulator: HubSpotEmulator) -> None:
+    """Billing status lands on the deal as HubSpot property values."""
+    deal = emulator.add_deal({"dealname": "Retainer"})
+    await connector.ensure_properties()
+    status = DealBillingStatus(
+        invoice_number="INV-0042",
+        state="partially_paid",
+        amount_due=Decimal("1234.50"),
+        currency="EUR",
+        due_date=date(2024, 7, 31),
+        days_overdue=3,
+    )
+
+    await connector.write_billing_status(deal, status)
+
+    stored = emulator.deal(deal)["properties"]
+    assert stored["syncd_invoice_number"] == "INV-0042"
+    assert stored["syncd_invoice_status"] == "partially_paid"
+    assert stored["syncd_amount_due"] == "1234.50"
+    assert stored["syncd_invoice_currency"] == "EUR"
+    assert stored["syncd_invoice_due_date"] == "2024-07-31"
+    assert stored["syncd_days_overdue"] == "3"
+    record = await connector.fetch_deal(deal, {"deal": ["syncd_amount_due"]})
+    assert record.data["deal"]["properties"]["syncd_amount_due"] == "1234.50"
+
+
+async def test_write_billing_status_before_setup_is_refused(
+    connector: HubSpotConnector, emulator: HubSpotEmulator
+) -> None:
+    """Writing to properties that do not exist yet fails as HubSpot would (400, fatal)."""
+    deal = emulator.add_deal({"dealname": "No setup"})
+    status = DealBillingStatus(invoice_number=None, state="draft", amount_due=Decimal(0), currency="USD")
+
+    with pytest.raises(FatalError, match="PROPERTY_DOESNT_EXIST"):
+        await connector.write_billing_status(deal, status)
+
+
+async def test_lenient_emulator_accepts_billing_status_without_setup(clock: Clock) -> None:
+    """With strict_properties off, the emulator defines unknown written properties on the fly."""
+    emulator = HubSpotEmulator(rate_limits=False, clock=clock, strict_properties=False)
+    deal = emulator.add_deal({"dealname": "Lenient"})
+    status = DealBillingStatus(invoice_number="7", state="sent", amount_due=Decimal("10.00"), currency="USD")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as http:
+        await build(http, clock, MemoryTokens(emulator)).write_billing_status(deal, status)
+
+    assert emulator.deal(deal)["properties"]["syncd_invoice_status"] == "sent"
+
+
+async def test_write_billing_status_rejects_an_unknown_state(connector: HubSpotConnector) -> None:
+    """A state that is not an option of the status property fails the record, not the connection."""
+    status = DealBillingStatus(invoice_number="1", state="mystery", amount_due=Decimal(1), currency="USD")
+
+    with pytest.raises(RecordError, match="mystery"):
+        await connector.write_billing_status("1", status)
+
+
+# ---------------------------------------------------------------------------- HTTP behaviour
+
+
+async def test_429_with_retry_after_is_retried(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator
+) -> None:
+    """A 429 with Retry-After is waited out for exactly that long and retried."""
+    deal = emulator.add_deal({"dealname": "Busy"})
+    sleeps: list[float] = []
+    connector = build(client, clock, MemoryTokens(emulator), sleeps=sleeps)
+    emulator.faults.add(Fault(kind="status", status=429, retry_after_s=3, method="GET", path_contains="/objects/deals"))
+
+    record = await connector.fetch_deal(deal)
+
+    assert record.object_id == deal
+    assert sleeps == [3.0]
+
+
+async def test_emulator_limits_requests_with_hubspot_429(clock: Clock) -> None:
+    """Past its limit the emulator answers 429 with HubSpot's body and rate-limit headers."""
+    emulator = HubSpotEmulator(clock=clock, rate_limit_per_10s=2, search_rate_per_s=1)
+    auth = {"Authorization": "Bearer pat-emulator"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app), base_url=BASE) as http:
+        answers = [await http.get("/crm/v3/objects/deals", headers=auth) for _ in range(3)]
+        searches = [await http.post("/crm/v3/objects/deals/search", json={}, headers=auth) for _ in range(2)]
+
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+    assert answers[0].headers["X-HubSpot-RateLimit-Max"] == "2"
+    assert answers[2].json()["errorType"] == "RATE_LIMIT"
+    assert answers[2].json()["policyName"] == "TEN_SECONDLY_ROLLING"
+    assert [answer.status_code for answer in searches] == [200, 429]
+    assert searches[1].json()["policyName"] == "SECONDLY"
+
+
+async def test_emulator_refuses_paging_past_the_search_cap(emulator: HubSpotEmulator) -> None:
+    """Searching with after at the result cap is a 400, as HubSpot documents."""
+    auth = {"Authorization": "Bearer pat-emulator"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app), base_url=BASE) as http:
+        answer = await http.post("/crm/v3/objects/deals/search", json={"after": "10000"}, headers=auth)
+        anonymous = await http.get("/crm/v3/objects/deals")
+
+    assert answer.status_code == 400
+    assert answer.json()["category"] == "VALIDATION_ERROR"
+    assert anonymous.status_code == 401
+    assert anonymous.json()["category"] == "INVALID_AUTHENTICATION"
+
+
+async def test_check_reports_rejected_credentials_without_the_token(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator
+) -> None:
+    """check() is empty when the token works and names the problem (not the token) when it does not."""
+    good = build(client, clock, MemoryTokens(emulator))
+    bad = build(client, clock, MemoryTokens(emulator), settings(token="pat-wrong-secret-value"))
+
+    assert await good.check() == []
+    problems = await bad.check()
+    assert len(problems) == 1
+    assert "credentials rejected" in problems[0]
+    assert "pat-wrong-secret-value" not in problems[0]
+
+
+# ---------------------------------------------------------------------------- OAuth
+
+
+def oauth_settings(**overrides: Any) -> HubSpotSettings:
+    oauth: dict[str, Any] = {
+        "token": None,
+        "client_id": "emulator-client",
+        "client_secret": "emulator-secret",
+        "refresh_token": "emulator-refresh",
+        "token_url": f"{BASE}/oauth/v3/token",
+    }
+    return settings(**{**oauth, **overrides})
+
+
+async def test_oauth_refresh_saves_the_new_token_before_using_it(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator
+) -> None:
+    """The first call refreshes, saves the token set, and only then calls the API with it."""
+    deal = emulator.add_deal({"dealname": "OAuth"})
+    tokens = MemoryTokens(emulator)
+    connector = build(client, clock, tokens, oauth_settings())
+
+    record = await connector.fetch_deal(deal)
+
+    assert record.object_id == deal
+    assert len(tokens.saved) == 1
+    assert tokens.calls_at_save == [0]
+    assert tokens.saved[0]["refresh_token"] == "emulator-refresh"
+    assert tokens.saved[0]["expires_at"] == pytest.approx(clock.now.timestamp() + 1800)
+    assert emulator.calls["POST /oauth/v3/token"] == 1
+
+
+async def test_oauth_refreshes_once_after_a_401_and_reuses_a_valid_token(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator
+) -> None:
+    """A valid stored token is used as is; a 401 triggers one refresh and a retry."""
+    deal = emulator.add_deal({"dealname": "OAuth"})
+    tokens = MemoryTokens(emulator)
+    connector = build(client, clock, tokens, oauth_settings())
+    await connector.fetch_deal(deal)
+    await connector.check()
+    assert emulator.calls["POST /oauth/v3/token"] == 1
+
+    emulator.expire_access_tokens()
+    await connector.fetch_deal(deal)
+
+    assert emulator.calls["POST /oauth/v3/token"] == 2
+    assert len(tokens.saved) == 2
+    assert tokens.saved[1]["access_token"] != tokens.saved[0]["access_token"]
+
+
+async def test_oauth_rejected_refresh_token_raises_auth_error(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator
+) -> None:
+    """A refresh token HubSpot refuses raises AuthError without echoing it."""
+    connector = build(client, clock, MemoryTokens(emulator), oauth_settings(refresh_token="revoked-refresh-value"))
+
+    with pytest.raises(AuthError, match="invalid_grant") as raised:
+        await connector.fetch_deal("1")
+    assert "revoked-refresh-value" not in str(raised.value)
+
+
+# ---------------------------------------------------------------------------- webhooks
+
+
+def signed_request(
+    body: bytes,
+    *,
+    clock: Clock,
+    url: str = HOOK_URL,
+    secret: str = "emulator-secret",  # noqa: S107 - the emulator's fake secret
+    age_s: float = 0,
+) -> WebhookRequest:
+    timestamp = str(int((clock.now - timedelta(seconds=age_s)).timestamp() * 1000))
+    headers = {
+        "x-hubspot-signature-v3": sign_v3(secret, method="POST", uri=url, body=body, timestamp=timestamp),
+        "x-hubspot-request-timestamp": timestamp,
+        "content-type": "application/json",
+    }
+    return WebhookRequest(method="POST", url=url, headers=headers, body=body, received_at=clock.now)
+
+
+EVENT = {
+    "eventId": 17,
+    "subscriptionId": 1200,
+    "portalId": 62515,
+    "appId": 54321,
+    "occurredAt": 1717405200000,
+    "subscriptionType": "deal.propertyChange",
+    "attemptNumber": 0,
+    "objectId": 8812,
+    "propertyName": "dealstage",
+    "propertyValue": "closedwon",
+    "changeSource": "CRM_UI",
+}
+
+
+def test_verifier_accepts_a_good_signature(clock: Clock) -> None:
+    """A correctly signed delivery becomes one hint per event, keyed by its own fields."""
+    verifier = create_verifier(settings(), clock)
+    company_event = {**EVENT, "subscriptionType": "company.propertyChange", "objectId": 5}
+    body = json.dumps([EVENT, company_event]).encode()
+
+    hints = verifier.verify(signed_request(body, clock=clock, url=f"{HOOK_URL}?tag=a%3Ab%2Cc"))
+
+    assert [(hint.object_type, hint.object_id) for hint in hints] == [("deal", "8812"), ("company", "5")]
+    assert hints[0].event_id == "1200:17:8812:1717405200000"
+    assert hints[0].kind == "deal.propertyChange"
+    assert hints[0].occurred_at == datetime(2024, 6, 3, 9, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "header"),
+    [
+        (lambda request: request.headers.pop("x-hubspot-signature-v3"), "X-HubSpot-Signature-v3"),
+        (lambda request: request.headers.pop("x-hubspot-request-timestamp"), "X-HubSpot-Request-Timestamp"),
+        (lambda request: request.headers.update({"x-hubspot-signature-v3": "AAAA"}), "X-HubSpot-Signature-v3"),
+        (lambda request: request.headers.update({"x-hubspot-request-timestamp": "soon"}), "Timestamp"),
+    ],
+)
+def test_verifier_rejects_missing_or_bad_headers(clock: Clock, mutate: Any, header: str) -> None:
+    """A missing or wrong signature header is an AuthError naming that header."""
+    verifier = create_verifier(settings(), clock)
+    request = signed_request(json.dumps([EVENT]).encode(), clock=clock)
+    mutate(request)
+
+    with pytest.raises(AuthError, match=header) as raised:
+        verifier.verify(request)
+    assert "emulator-secret" not in str(raised.value)
+
+
+def test_verifier_rejects_stale_and_tampered_deliveries(clock: Clock) -> None:
+    """A delivery older than 5 minutes, or signed with another secret or URL, is refused."""
+    verifier = create_verifier(settings(), clock)
+    body = json.dumps([EVENT]).encode()
+
+    with pytest.raises(AuthError, match="older than 5 minutes"):
+        verifier.verify(signed_request(body, clock=clock, age_s=301))
+    with pytest.raises(AuthError, match="does not match"):
+        verifier.verify(signed_request(body, clock=clock, secret="another-secret"))
+    moved = signed_request(body, clock=clock)
+    with pytest.raises(AuthError, match="does not match"):
+        verifier.verify(WebhookRequest(**{**moved.__dict__, "url": f"{HOOK_URL}/other"}))
+
+
+def test_verifier_names_the_field_of_a_malformed_body(clock: Clock) -> None:
+    """A correctly signed body missing a field is a RecordError naming that field."""
+    verifier = create_verifier(settings(), clock)
+    event = {key: value for key, value in EVENT.items() if key != "objectId"}
+
+    with pytest.raises(RecordError, match=r"body\[0\]\.objectId") as raised:
+        verifier.verify(signed_request(json.dumps([event]).encode(), clock=clock))
+    assert raised.value.place == "body[0].objectId"
+    with pytest.raises(RecordError, match="JSON array"):
+        verifier.verify(signed_request(b'{"not": "a list"}', clock=clock))
+
+
+async def test_closed_won_webhook_arrives_signed_and_verifies(emulator: HubSpotEmulator, clock: Clock) -> None:
+    """Closing a deal in the emulator delivers signed events that verify; a retry keeps the event ids."""
+    verifier = create_verifier(settings(), clock)
+    bodies: list[list[dict[str, Any]]] = []
+    verified: list[list[str]] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        delivery = WebhookRequest(
+            method=request.method,
+            url=str(request.url),
+            headers={key.lower(): value for key, value in request.headers.items()},
+            body=request.content,
+            received_at=clock.now,
+        )
+        hints = verifier.verify(delivery)
+        verified.append([f"{hint.object_id} {hint.kind} {hint.event_id}" for hint in hints])
+        bodies.append(json.loads(request.content))
+        return httpx.Response(204)
+
+    deal = emulator.add_deal({"dealname": "Won"})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receive)) as hooks:
+        emulator.subscribe(HOOK_URL, hooks)
+        await emulator.set_deal_properties(deal, {"dealstage": "closedwon"})
+        clock.advance(minutes=10)
+        status = await emulator.redeliver_last()
+
+    stored = emulator.deal(deal)["properties"]
+    assert stored["hs_is_closed_won"] == "true"
+    assert stored["closedate"]
+    assert status == 204
+    assert len(verified[0]) == 1
+    assert verified[0][0].startswith(f"{deal} deal.propertyChange ")
+    assert bodies[0][0]["propertyName"] == "dealstage"
+    assert bodies[0][0]["propertyValue"] == "closedwon"
+    assert verified[1] == verified[0]
+    assert bodies[1][0]["attemptNumber"] == 1

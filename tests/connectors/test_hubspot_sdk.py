@@ -1,0 +1,143 @@
+"""The official hubspot-api-client SDK against the emulator served by uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+from hubspot import HubSpot
+from hubspot.crm.deals import Filter, FilterGroup, PublicObjectSearchRequest, SimplePublicObjectInput
+from hubspot.crm.properties import ApiException, PropertyCreate
+
+from connectors.hubspot.emulator import HubSpotEmulator
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that signals when it is listening (no polling to find out)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[HubSpotEmulator, str]]:
+    """The emulator on a free loopback port, in a thread, shut down after the module."""
+    emulator = HubSpotEmulator(rate_limits=False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = _Server(uvicorn.Config(emulator.app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    assert server.ready.wait(timeout=10), "uvicorn did not start"
+    try:
+        yield emulator, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def api(url: str, pick: Any) -> Any:
+    """One SDK API object pointed at the emulator (each discovery access builds a new client)."""
+    instance = pick(HubSpot(access_token="pat-emulator").crm)
+    instance.api_client.configuration.host = url
+    return instance
+
+
+@pytest.fixture(scope="module")
+def deal_ids(served: tuple[HubSpotEmulator, str]) -> dict[str, str]:
+    emulator, _ = served
+    acme = emulator.add_company({"name": "Acme Ltd"})
+    ann = emulator.add_contact({"firstname": "Ann"}, company_id=acme)
+    deal = emulator.add_deal(
+        {"dealname": "Website", "amount": "1500"},
+        company_id=acme,
+        contact_ids=[ann],
+        line_items=[{"name": "Design", "quantity": "2", "price": "500"}],
+    )
+    return {"deal": deal, "acme": acme, "ann": ann}
+
+
+def test_sdk_reads_a_deal_with_associations(served: tuple[HubSpotEmulator, str], deal_ids: dict[str, str]) -> None:
+    """get_by_id returns the SDK's deal model with properties and HubSpot's association keys."""
+    _, url = served
+    deals = api(url, lambda crm: crm.deals.basic_api)
+
+    deal = deals.get_by_id(
+        deal_ids["deal"], properties=["dealname", "amount"], associations=["companies", "contacts", "line_items"]
+    )
+
+    assert deal.id == deal_ids["deal"]
+    assert deal.properties["dealname"] == "Website"
+    assert deal.properties["amount"] == "1500"
+    assert deal.created_at.tzinfo is not None
+    assert set(deal.associations) == {"companies", "contacts", "line items"}
+    companies = {(item.id, item.type) for item in deal.associations["companies"].results}
+    assert (deal_ids["acme"], "deal_to_company") in companies
+    assert [item.id for item in deal.associations["contacts"].results] == [deal_ids["ann"]]
+
+
+def test_sdk_reads_v4_association_labels(served: tuple[HubSpotEmulator, str], deal_ids: dict[str, str]) -> None:
+    """The v4 associations API gives the Primary label the connector relies on."""
+    _, url = served
+    associations = api(url, lambda crm: crm.associations.v4.basic_api)
+
+    page = associations.get_page("deals", deal_ids["deal"], "companies")
+
+    assert [str(item.to_object_id) for item in page.results] == [deal_ids["acme"]]
+    labels = {(kind.type_id, kind.label) for kind in page.results[0].association_types}
+    assert labels == {(5, "Primary"), (341, None)}
+
+
+def test_sdk_updates_deal_properties(served: tuple[HubSpotEmulator, str], deal_ids: dict[str, str]) -> None:
+    """update() patches properties and the stage metadata sets hs_is_closed_won."""
+    emulator, url = served
+    deals = api(url, lambda crm: crm.deals.basic_api)
+
+    updated = deals.update(deal_ids["deal"], SimplePublicObjectInput(properties={"dealstage": "closedwon"}))
+
+    assert updated.properties["dealstage"] == "closedwon"
+    assert emulator.deal(deal_ids["deal"])["properties"]["hs_is_closed_won"] == "true"
+
+
+def test_sdk_searches_deals(served: tuple[HubSpotEmulator, str], deal_ids: dict[str, str]) -> None:
+    """do_search filters deals and answers the SDK's total/results model."""
+    _, url = served
+    search = api(url, lambda crm: crm.deals.search_api)
+    request = PublicObjectSearchRequest(
+        filter_groups=[FilterGroup(filters=[Filter(property_name="dealname", operator="EQ", value="website")])],
+        properties=["dealname"],
+        limit=10,
+    )
+
+    found = search.do_search(public_object_search_request=request)
+
+    assert found.total == 1
+    assert found.results[0].id == deal_ids["deal"]
+
+
+def test_sdk_lists_and_creates_properties(served: tuple[HubSpotEmulator, str]) -> None:
+    """The properties API lists definitions, creates one, and answers 409 for a duplicate."""
+    _, url = served
+    properties = api(url, lambda crm: crm.properties.core_api)
+    body = PropertyCreate(
+        name="sdk_flag", label="SDK flag", type="string", field_type="text", group_name="dealinformation"
+    )
+
+    created = properties.create("deals", body)
+    listed = properties.get_all("deals")
+    with pytest.raises(ApiException) as duplicate:
+        properties.create("deals", body)
+
+    assert created.name == "sdk_flag"
+    assert {"dealname", "dealstage", "sdk_flag"} <= {item.name for item in listed.results}
+    assert duplicate.value.status == 409
