@@ -245,7 +245,7 @@ class HarvestEmulator:
     def __init__(
         self,
         *,
-        token: str = "harvest-emulator-token",  # noqa: S107  (a fake credential, as every emulator holds)
+        token: str = "harvest-emulator-token",
         account_id: str = "123456",
         rate_limits: bool = True,
         rate_limit_per_15s: int = 100,
