@@ -255,14 +255,14 @@ class HubSpotEmulator:
     def __init__(
         self,
         *,
-        token: str = "pat-emulator",  # noqa: S107 - the emulator's fake credential
-        client_secret: str = "emulator-secret",  # noqa: S107 - the emulator's fake credential
+        token: str = "pat-emulator",
+        client_secret: str = "emulator-secret",
         rate_limits: bool = True,
         rate_limit_per_10s: int = 100,
         search_rate_per_s: int = 5,
         clock: Callable[[], datetime] | None = None,
         client_id: str = "emulator-client",
-        refresh_token: str = "emulator-refresh",  # noqa: S107 - the emulator's fake credential
+        refresh_token: str = "emulator-refresh",
         access_token_ttl_s: int = 1800,
         search_result_cap: int = 10_000,
         strict_properties: bool = True,
