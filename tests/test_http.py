@@ -1,0 +1,122 @@
+"""The shared HTTP plumbing: the status table, Retry-After, retries of retriable errors only."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from syncd.errors import AuthError, FatalError, NotFound, RateLimited, RetriableError
+from syncd.http import Action, RateLimit, VendorHttp, action_for, retry_after_s
+
+
+@pytest.mark.parametrize(
+    ("status", "action"),
+    [
+        (200, Action.OK),
+        (204, Action.OK),
+        (400, Action.FAIL_RECORD),
+        (401, Action.AUTH),
+        (404, Action.NOT_FOUND),
+        (422, Action.FAIL_RECORD),
+        (429, Action.RATE_LIMITED),
+        (500, Action.RETRY),
+        (503, Action.RETRY),
+        (599, Action.RETRY),
+    ],
+)
+def test_every_status_maps_to_one_action(status: int, action: Action) -> None:
+    """Each HTTP status has exactly one action."""
+    assert action_for(status) is action
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    """Retry-After is understood as delta-seconds and as an HTTP date."""
+    assert retry_after_s(httpx.Headers({"retry-after": "7"})) == 7.0
+    assert retry_after_s(httpx.Headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}), now=1445412470.0) == 10.0
+    assert retry_after_s(httpx.Headers({})) is None
+
+
+def _vendor(handler: httpx.MockTransport, sleeps: list[float], **kwargs: object) -> VendorHttp:
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    client = httpx.AsyncClient(transport=handler)
+    return VendorHttp(client, connection="acme", base_url="https://acme.test", sleep=sleep, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_429_is_retried_after_exactly_retry_after() -> None:
+    """A 429 with Retry-After waits that long, then succeeds."""
+    answers = iter([httpx.Response(429, headers={"retry-after": "3"}), httpx.Response(200, json={"ok": True})])
+    sleeps: list[float] = []
+    http = _vendor(httpx.MockTransport(lambda _r: next(answers)), sleeps)
+    response = await http.request("GET", "/things")
+    assert response.json() == {"ok": True}
+    assert sleeps == [3.0]
+    assert http.calls == 2
+
+
+async def test_retries_stop_after_max_attempts() -> None:
+    """A vendor that keeps failing raises RetriableError after max_attempts calls."""
+    sleeps: list[float] = []
+    http = _vendor(httpx.MockTransport(lambda _r: httpx.Response(503)), sleeps, max_attempts=3)
+    with pytest.raises(RetriableError):
+        await http.request("GET", "/things")
+    assert http.calls == 3
+
+
+async def test_unsafe_calls_are_not_retried() -> None:
+    """retry=False sends once: the engine resolves a lost answer by looking up, not re-creating."""
+    sleeps: list[float] = []
+    http = _vendor(httpx.MockTransport(lambda _r: httpx.Response(500)), sleeps)
+    with pytest.raises(RetriableError):
+        await http.request("POST", "/invoices", json={}, retry=False)
+    assert http.calls == 1
+
+
+@pytest.mark.parametrize(("status", "error"), [(400, FatalError), (401, AuthError), (404, NotFound)])
+async def test_non_retriable_errors_are_raised_at_once(status: int, error: type[Exception]) -> None:
+    """4xx other than 429 are not retried and raise the error their action names."""
+    sleeps: list[float] = []
+    http = _vendor(httpx.MockTransport(lambda _r: httpx.Response(status, text="nope")), sleeps)
+    with pytest.raises(error):
+        await http.request("GET", "/things")
+    assert http.calls == 1 and sleeps == []
+
+
+async def test_transport_errors_are_retriable() -> None:
+    """A connection error is retried like a 5xx."""
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200)
+
+    sleeps: list[float] = []
+    assert (await _vendor(httpx.MockTransport(handler), sleeps).request("GET", "/x")).status_code == 200
+    assert len(sleeps) == 1
+
+
+async def test_rate_limited_error_carries_retry_after() -> None:
+    """The 429 error exposes the vendor's Retry-After to the engine."""
+    sleeps: list[float] = []
+    http = _vendor(
+        httpx.MockTransport(lambda _r: httpx.Response(429, headers={"retry-after": "42"})), sleeps, max_attempts=1
+    )
+    with pytest.raises(RateLimited) as info:
+        await http.request("GET", "/x")
+    assert info.value.retry_after_s == 42.0
+
+
+async def test_a_rate_limit_bucket_counts_requests() -> None:
+    """Requests pass through the named bucket's limiter."""
+    sleeps: list[float] = []
+    http = _vendor(
+        httpx.MockTransport(lambda _r: httpx.Response(200)),
+        sleeps,
+        limits=[RateLimit(max_requests=100, period_s=1, concurrency=2)],
+    )
+    for _ in range(5):
+        await http.request("GET", "/x")
+    assert http.calls == 5
