@@ -157,7 +157,8 @@ async def test_a_deal_edited_after_invoicing_is_recorded_not_reinvoiced(tmp_path
         assert len(s.xero.invoices()) == 1
         assert s.xero.invoices()[0]["Status"] != "VOIDED"
         (row,) = await s.daemon.runtime.store.select(InvoiceRow)
-        assert row.divergence and "no longer won" in row.divergence
+        assert row.divergence is not None
+        assert "no longer won" in row.divergence
 
 
 async def test_a_retriable_failure_is_retried_and_invoices_once(tmp_path: Path, db_url: str) -> None:
@@ -191,7 +192,8 @@ async def test_vendor_throttling_is_waited_out(tmp_path: Path, db_url: str, stat
         s.xero.faults.clear()
         store = s.daemon.runtime.store
         (effect,) = await store.select(EffectRow)
-        assert effect.status == "pending" and effect.last_error
+        assert effect.status == "pending"
+        assert effect.last_error
         await store.update(EffectRow, [table_of(EffectRow).c.id == effect.id], {"next_at": datetime.now(UTC)})
         await s.drain()
         assert len(s.xero.invoices()) == 1
