@@ -261,25 +261,24 @@ def settlements(engagement: Engagement, timezone: str) -> list[Settlement]:
         ValidationFailed: see :func:`terms_from` and :func:`syncd.periods.grid_of`.
     """
     facts = facts_of(engagement, timezone)
-    result = []
-    for position, fact in enumerate(facts):
-        was, now = terms_from(engagement, facts[:position]), terms_from(engagement, facts[: position + 1])
-        spans = [
-            (period, span)
-            for period in issued_before(engagement, fact.recorded_at, timezone)
-            for span in settled_spans(period, was, now)
-        ]
-        lines = tuple(
-            span_line(span, period, name=engagement.name, currency=engagement.currency) for period, span in spans
-        )
-        if any(line.unit_price for line in lines):
-            # One fact moves every day's price the same way (module docstring), so the
-            # first span's sign is the settlement's.
-            direction: Literal["invoice", "credit"] = "invoice" if spans[0][1].amount > 0 else "credit"
-            result.append(
-                Settlement(fact=fact, direction=direction, lines=tuple(line for line in lines if line.unit_price))
-            )
-    return result
+    found = (_settlement(engagement, timezone, facts[:position], fact) for position, fact in enumerate(facts))
+    return [settlement for settlement in found if settlement is not None]
+
+
+def _settlement(engagement: Engagement, timezone: str, before: tuple[Fact, ...], fact: Fact) -> Settlement | None:
+    was, now = terms_from(engagement, before), terms_from(engagement, (*before, fact))
+    spans = [
+        (period, span)
+        for period in issued_before(engagement, fact.recorded_at, timezone)
+        for span in settled_spans(period, was, now)
+    ]
+    lines = [span_line(span, period, name=engagement.name, currency=engagement.currency) for period, span in spans]
+    if not any(line.unit_price for line in lines):
+        return None
+    # One fact moves every day's price the same way (see the module docstring), so the
+    # first span's sign is the settlement's.
+    direction: Literal["invoice", "credit"] = "invoice" if spans[0][1].amount > 0 else "credit"
+    return Settlement(fact=fact, direction=direction, lines=tuple(line for line in lines if line.unit_price))
 
 
 def issued_before(engagement: Engagement, moment: datetime, timezone: str) -> list[Period]:
@@ -293,3 +292,40 @@ def issued_before(engagement: Engagement, moment: datetime, timezone: str) -> li
         if issued is not None and issued < moment and (engagement.end is None or period.start <= engagement.end):
             periods.append(period)
     return periods
+
+
+def with_history(
+    previous: Engagement | None, current: Engagement, *, recorded_at: datetime, effective: date
+) -> Engagement:
+    """``current`` carrying the amount history of ``previous``, plus the change it makes.
+
+    The mapping yields an engagement's current ``amount``; the amount history that
+    proration needs (``amount_changes``) is kept by the caller from one mapping to the
+    next. When ``current.amount`` differs from the amount ``previous`` has in force on
+    ``effective``, an :class:`~syncd.interfaces.AmountChange` is appended whose version is
+    ``current.source_version``. A ``current`` that already carries a history (mapped from
+    the source) or has no predecessor is returned as it is.
+
+    Args:
+        previous: the engagement as last stored, or ``None``.
+        current: the engagement as just mapped.
+        recorded_at: when the source recorded the change (its modification time).
+        effective: first day the new amount applies, in the client's zone.
+    """
+    if previous is None or previous.amount is None or current.amount is None or current.amount_changes:
+        return current
+    history = previous.amount_changes
+    known = max(
+        (
+            (change.effective, rank, change.amount)
+            for rank, change in enumerate(history)
+            if change.effective <= effective
+        ),
+        default=(effective, -1, previous.amount),
+    )[2]
+    if known != current.amount:
+        change = AmountChange(
+            version=current.source_version, effective=effective, amount=current.amount, recorded_at=recorded_at
+        )
+        history = (*history, change)
+    return current.model_copy(update={"amount": previous.amount, "amount_changes": history})
