@@ -31,12 +31,17 @@ err = Console(stderr=True)
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML config file.", envvar="SYNCD_CONFIG")]
 
 
+def _problem(text: str) -> None:
+    """Print one problem line as is: no markup (``[daemon]`` is a TOML table, not a style), no wrapping."""
+    err.print("✗", text, style="red", markup=False, highlight=False, soft_wrap=True)
+
+
 def _load(path: Path) -> Config:
     try:
         config = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(f"[red]✗[/red] {problem}", highlight=False)
+            _problem(problem)
         raise typer.Exit(2) from None
     syncd_logging.register_secrets(config.secrets())
     syncd_logging.configure(config.daemon.log_level)
@@ -67,7 +72,7 @@ def check(config: ConfigOption = Path("config.toml")) -> None:
     """
     problems = asyncio.run(_check(config))
     for problem in problems:
-        err.print(f"[red]✗[/red] {problem}", highlight=False)
+        _problem(problem)
     if problems:
         raise typer.Exit(1)
     console.print("[green]✓[/green] config, mappings and connections are fine")

@@ -88,9 +88,7 @@ class Daemon:
         scheduler = (
             build_scheduler(self._runtime, self._engine.notify, self._engine.refresh_aging) if self.poll else None
         )
-        self._workers = [
-            asyncio.create_task(self._engine.run_worker(self._stop)) for _ in range(self.config.daemon.workers)
-        ]
+        self._workers = [asyncio.create_task(self._engine.run_worker(self._stop)) for _ in range(self.workers)]
         if scheduler is not None:
             scheduler.start()
         log.info("syncd_started", workers=len(self._workers), pipelines=len(self._runtime.pipelines))

@@ -245,7 +245,7 @@ class Engine:
         )
 
     async def _save_client(self, conn: Any, client: Client, now: datetime) -> None:
-        existing = await self.store.get(ClientRow, client.key)
+        existing = await self.store.get(ClientRow, client.key, conn=conn)
         ids = dict(existing.external_ids) if existing is not None else {}
         ids.update(client.external_ids)
         await self.store.upsert(
@@ -418,15 +418,21 @@ class Engine:
         )
 
     async def _customer_id(self, connection: str, invoicing: Any, client: Client) -> str:
-        row = await self.store.get(ClientRow, client.key)
-        known = row.external_ids.get(connection) if row is not None else None
-        if known:
-            return str(known)
-        customer_id = str(await invoicing.upsert_customer(client))
-        if row is not None:
-            ids = {**row.external_ids, connection: customer_id}
-            await self.store.update(ClientRow, [_col(ClientRow, "key") == client.key], {"external_ids": ids})
-        return customer_id
+        """The client's customer id at the invoicing tool, created at most once.
+
+        Two effects of the same client may run at once (on two replicas): the lock makes
+        the second wait and then read the id the first stored.
+        """
+        async with self.store.named_lock(f"customer:{connection}:{client.key}"):
+            row = await self.store.get(ClientRow, client.key)
+            known = row.external_ids.get(connection) if row is not None else None
+            if known:
+                return str(known)
+            customer_id = str(await invoicing.upsert_customer(client))
+            if row is not None:
+                ids = {**row.external_ids, connection: customer_id}
+                await self.store.update(ClientRow, [_col(ClientRow, "key") == client.key], {"external_ids": ids})
+            return customer_id
 
     async def _write_crm_status(self, row: EffectRow) -> None:
         invoice = await self.store.get(InvoiceRow, row.payload["invoice_key"])

@@ -44,8 +44,8 @@ from syncd.money import check_currency
 from syncd.transforms import (
     ALL,
     ROOTS,
-    Condition,
     Cond,
+    Condition,
     Context,
     Lookup,
     LookupTable,
@@ -197,6 +197,7 @@ _ROOT_KINDS: Mapping[str, str] = {
     "line_items": "line_item",
 }
 _LIST_ROOTS = ("contacts", "line_items")
+_EACH_DEFAULTS: Mapping[str, str] = {"lines": "line_items"}  # a repeated table's list when it names none
 _TOP = ("pipeline", "client", "engagement", "invoice", "tables")
 _VALUE: TypeAdapter[Transform] = TypeAdapter(Value)
 _CONDITION: TypeAdapter[Condition] = TypeAdapter(Cond)
@@ -433,7 +434,7 @@ class PipelineMapping:
             return False
         if self.rules.when is None:
             return True
-        context = self._context(record, MappingDefaults())
+        context = self._zoned(record, MappingDefaults())
         return self.rules.when.apply(context.derive(place=self.rules.when_place))
 
     def won_at(self, record: SourceRecord, *, defaults: MappingDefaults | None = None) -> datetime | None:
@@ -527,7 +528,8 @@ def _billing_contact(contacts: Sequence[Any], label: str | None) -> Any:
         if labelled:
             return labelled[0]
     primary = [person for person in people if person.get("primary") is True]
-    return (primary or people or [None])[0]
+    chosen = primary or people
+    return chosen[0] if chosen else None
 
 
 def _client_key(record: SourceRecord, roots: Mapping[str, Any]) -> str:
@@ -599,7 +601,7 @@ class _KeyLines:
         self.pos = self.text.index("]" * brackets, self.pos) + brackets
         path: KeyPath = ()
         for part in key[:-1]:
-            path = self._into_array(path + (part,))
+            path = self._into_array((*path, part))
         path += (key[-1],)
         self.lines.setdefault(path, line)
         if brackets == 2:
@@ -609,7 +611,7 @@ class _KeyLines:
         return path
 
     def _into_array(self, path: KeyPath) -> KeyPath:
-        return path + (self.arrays[path],) if path in self.arrays else path
+        return (*path, self.arrays[path]) if path in self.arrays else path
 
     def _keyval(self, table: KeyPath) -> None:
         line = self._line()
@@ -662,7 +664,7 @@ class _KeyLines:
             elif closer == "}":
                 self._keyval(path)
             else:
-                self._value(path + (index,))
+                self._value((*path, index))
                 index += 1
         self.pos += 1
 
@@ -714,6 +716,18 @@ def load_mapping(path: Path) -> PipelineMapping:
     return _Loader(path, raw, _KeyLines(text).scan()).load()
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Scope:
+    """What paths may read in a table: its roots, and what ``item`` is (in repeated tables)."""
+
+    roots: tuple[str, ...] = ROOTS
+    item_kind: str | None = None
+    repeated: bool = False
+
+
+_TOP_SCOPE = _Scope()
+
+
 class _Loader:
     """Walks a parsed mapping file, compiling rules and collecting every problem."""
 
@@ -721,7 +735,7 @@ class _Loader:
         self.path = path
         self.raw = raw
         self.lines = lines
-        self.problems: list[str] = []
+        self.found: list[tuple[int, str]] = []
         self.tables_seen: set[KeyPath] = set()
         self.named: dict[str, Mapping[str, Any]] = {}
         self.reads: set[tuple[str, str]] = set()
@@ -734,10 +748,12 @@ class _Loader:
         pipeline = self._pipeline()
         client = self._section(("client",), Client)
         engagement = self._section(("engagement",), Engagement)
-        if self.problems or pipeline is None or client is None or engagement is None or invoice is None:
-            count = len(self.problems)
-            listed = "\n".join(f"  {problem}" for problem in self.problems)
-            raise MappingError(f"{self.path}: {count} problem(s); fix them and load again:\n{listed}", problems=self.problems)
+        problems = self.problems
+        if problems or pipeline is None or client is None or engagement is None or invoice is None:
+            listed = "\n".join(f"  {problem}" for problem in problems)
+            raise MappingError(
+                f"{self.path}: {len(problems)} problem(s); fix them and load again:\n{listed}", problems=problems
+            )
         rules = _Rules(client=client, engagement=engagement, tables=self.named, **pipeline)
         return PipelineMapping(path=self.path, source_properties=self._properties(), invoice=invoice, rules=rules)
 
@@ -750,7 +766,12 @@ class _Loader:
 
     def report(self, key_path: KeyPath, message: str) -> None:
         """Record one problem at ``key_path``."""
-        self.problems.append(f"{self.place(key_path)}: {message}")
+        self.found.append((self._line(key_path), f"{self.place(key_path)}: {message}"))
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem so far, in line order."""
+        return [text for _, text in sorted(self.found, key=lambda found: found[0])]
 
     def _line(self, key_path: KeyPath) -> int:
         while key_path and key_path not in self.lines:
@@ -792,7 +813,9 @@ class _Loader:
     def _check_top(self) -> None:
         for key in self.raw:
             if key not in _TOP:
-                self.report((key,), f"unknown table [{key}]{did_you_mean(key, set(_TOP))}; expected: {listing(set(_TOP))}")
+                self.report(
+                    (key,), f"unknown table [{key}]{did_you_mean(key, set(_TOP))}; expected: {listing(set(_TOP))}"
+                )
 
     def _named_tables(self) -> dict[str, Mapping[str, Any]]:
         tables = self._table_at(("tables",), required=False) or {}
@@ -844,82 +867,83 @@ class _Loader:
     # -- model tables ---------------------------------------------------------
 
     def _section(
-        self, key_path: tuple[str, ...], model: type[BaseModel], *, item_kind: str | None = None, repeated: bool = False
+        self, key_path: tuple[str, ...], model: type[BaseModel], scope: _Scope = _TOP_SCOPE
     ) -> _SectionRule | None:
         raw = self._table_at(key_path, required=len(key_path) == 1)
         if raw is None:
             return None
         spec = _SPECS.get(model, _ModelSpec())
-        mappable = [name for name in model.model_fields if name not in spec.computed]
-        roots = (*ROOTS, "item") if repeated else ROOTS
-        rules: list[_FieldRule] = []
-        parts: list[tuple[str, _SectionRule]] = []
-        repeats: list[_RepeatRule] = []
-        for key, value in raw.items():
-            here = (*key_path, key)
-            if repeated and key in ("each", "when"):
-                continue
-            if key in spec.computed:
-                self.report(here, f'"{key}" is set by syncd and cannot be mapped; remove it')
-            elif key not in model.model_fields:
-                hint = did_you_mean(key, mappable)
-                self.report(here, f'unknown key "{key}"{hint}; [{".".join(key_path)}] takes: {listing(mappable, 30)}')
-            else:
-                self._member(here, key, value, model, spec, roots, item_kind, rules, parts, repeats)
-        for name, info in model.model_fields.items():
-            if info.is_required() and name not in raw and name not in spec.computed | spec.fallback:
-                self.report((*key_path, name), f'missing required key "{name}"')
+        members = [
+            self._member((*key_path, key), value, model, spec, scope)
+            for key, value in raw.items()
+            if self._mappable(key_path, key, model, spec, scope)
+        ]
+        self._check_required(key_path, raw, model, spec)
+        rules = [member for member in members if isinstance(member, _FieldRule)]
         names = [rule.name for rule in rules] + sorted(spec.fallback)
-        order = tuple(dict.fromkeys([name for name in _FIRST if name in names] + names))
         return _SectionRule(
             model=model,
             place=self.place(key_path),
             fields=tuple(rules),
-            order=order,
-            parts=tuple(parts),
-            repeats=tuple(repeats),
+            order=tuple(dict.fromkeys([name for name in _FIRST if name in names] + names)),
+            parts=tuple(member for member in members if isinstance(member, tuple)),
+            repeats=tuple(member for member in members if isinstance(member, _RepeatRule)),
         )
 
-    def _member(
-        self,
-        here: tuple[str, ...],
-        key: str,
-        value: Any,
-        model: type[BaseModel],
-        spec: _ModelSpec,
-        roots: tuple[str, ...],
-        item_kind: str | None,
-        rules: list[_FieldRule],
-        parts: list[tuple[str, _SectionRule]],
-        repeats: list[_RepeatRule],
+    def _mappable(
+        self, key_path: tuple[str, ...], key: str, model: type[BaseModel], spec: _ModelSpec, scope: _Scope
+    ) -> bool:
+        """Whether ``key`` names a field the table may map (reporting why not)."""
+        if scope.repeated and key in ("each", "when"):
+            return False
+        if key in spec.computed:
+            self.report((*key_path, key), f'"{key}" is set by syncd and cannot be mapped; remove it')
+            return False
+        if key not in model.model_fields:
+            mappable = [name for name in model.model_fields if name not in spec.computed]
+            hint = did_you_mean(key, mappable)
+            self.report(
+                (*key_path, key), f'unknown key "{key}"{hint}; [{".".join(key_path)}] takes: {listing(mappable, 30)}'
+            )
+            return False
+        return True
+
+    def _check_required(
+        self, key_path: tuple[str, ...], raw: Mapping[str, Any], model: type[BaseModel], spec: _ModelSpec
     ) -> None:
-        annotation = model.model_fields[key].annotation
-        shape = _shape(annotation)
+        for name, info in model.model_fields.items():
+            if info.is_required() and name not in raw and name not in spec.computed | spec.fallback:
+                self.report((*key_path, name), f'missing required key "{name}"')
+
+    def _member(
+        self, here: tuple[str, ...], value: Any, model: type[BaseModel], spec: _ModelSpec, scope: _Scope
+    ) -> _FieldRule | tuple[str, _SectionRule] | _RepeatRule | None:
+        """The compiled rule for one key: a field, a nested model, or a repeated table."""
+        key = here[-1]
+        info = model.model_fields[key]
+        shape = _shape(info.annotation)
         if shape is not None and shape[0] == "many":
-            repeat = self._repeat(here, shape[1])
-            if repeat is not None:
-                repeats.append(repeat)
-            return
+            return self._repeat(here, shape[1])
         if shape is not None:
-            part = self._section(here, shape[1], item_kind=item_kind, repeated="item" in roots)
-            if part is not None:
-                parts.append((key, part))
-            return
+            part = self._section(here, shape[1], scope)
+            return (key, part) if part is not None else None
         try:
             transform = _VALUE.validate_python(value)
         except ValidationError as exc:
             self._report_validation(here, exc)
-            return
-        self._check_node(here, transform, roots, item_kind)
-        required = model.model_fields[key].is_required() and key not in spec.fallback
-        rule = self._rule(here, key, transform, annotation, required=required)
-        rules.append(rule)
+            return None
+        self._check_node(here, transform, scope.roots, scope.item_kind)
+        required = info.is_required() and key not in spec.fallback
+        return self._rule(here, key, transform, info.annotation, required=required)
 
     def _repeat(self, here: tuple[str, ...], model: type[BaseModel]) -> _RepeatRule | None:
         raw = self._table_at(here, required=True)
         if raw is None:
             return None
-        each = raw.get("each", "line_items")
+        each = raw.get("each", _EACH_DEFAULTS.get(here[-1]))
+        if each is None:
+            self.report((*here, "each"), 'missing required key "each": the path of the list to repeat over')
+            return None
         if not isinstance(each, str):
             self.report((*here, "each"), f"must be a path to a list, got {show(each)}")
             return None
@@ -935,10 +959,10 @@ class _Loader:
                 when = _CONDITION.validate_python(raw["when"])
             except ValidationError as exc:
                 self._report_validation((*here, "when"), exc)
-        item_kind = "line_item" if root == "line_items" else None
+        scope = _Scope(roots=(*ROOTS, "item"), item_kind="line_item" if root == "line_items" else None, repeated=True)
         if when is not None:
-            self._check_node((*here, "when"), when, (*ROOTS, "item"), item_kind)
-        section = self._section(here, model, item_kind=item_kind, repeated=True)
+            self._check_node((*here, "when"), when, scope.roots, scope.item_kind)
+        section = self._section(here, model, scope)
         if section is None:
             return None
         return _RepeatRule(name=here[-1], place=self.place(here), each=each, when=when, section=section)
@@ -962,7 +986,9 @@ class _Loader:
 
     # -- static checks --------------------------------------------------------
 
-    def _check_node(self, here: KeyPath, node: Transform | Condition, roots: Sequence[str], item_kind: str | None) -> None:
+    def _check_node(
+        self, here: KeyPath, node: Transform | Condition, roots: Sequence[str], item_kind: str | None
+    ) -> None:
         for inner in walk(node):
             for text in inner.paths():
                 self._check_path(here, text, roots, item_kind)

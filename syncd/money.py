@@ -6,7 +6,7 @@ CLDR data that babel ships (``JPY`` has 0, ``KWD`` 3, most have 2).
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from functools import cache
 
 from babel.numbers import get_currency_precision, list_currencies
@@ -38,8 +38,10 @@ def quantum(currency: str) -> Decimal:
 
 
 def round_money(amount: Decimal, currency: str) -> Decimal:
-    """Round ``amount`` half-up to ``currency``'s minor units."""
-    return amount.quantize(quantum(currency), rounding=ROUND_HALF_UP)
+    """Round ``amount`` half-up to ``currency``'s minor units (any magnitude: no context overflow)."""
+    with localcontext() as ctx:
+        ctx.prec = max(28, amount.adjusted() + minor_units(currency) + 2)
+        return amount.quantize(quantum(currency), rounding=ROUND_HALF_UP)
 
 
 def to_minor(amount: Decimal, currency: str) -> int:

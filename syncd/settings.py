@@ -236,18 +236,25 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {where}", place=where)
     try:
-        tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
-    settings = _read_settings(path, where)
     problems: list[str] = []
+    settings: Settings | None = None
+    try:
+        settings = _read_settings(path, where)
+    except ConfigError as exc:
+        problems += exc.problems
+    # Keep going after a step-1 problem so every problem is reported at once.
+    tables = settings.connections if settings is not None else raw.get("connections", {})
     connections: dict[str, Connection] = {}
-    for name, table in settings.connections.items():
-        connection = _connection(name, table, where, env, problems)
+    for name, table in tables.items() if isinstance(tables, dict) else ():
+        connection = _connection(name, table, where, env, problems) if isinstance(table, dict) else None
         if connection is not None:
             connections[name] = connection
-    problems += _pipeline_problems(settings, connections, path, where)
-    if problems:
+    if settings is not None:
+        problems += _pipeline_problems(settings, connections, path, where)
+    if problems or settings is None:
         raise ConfigError(f"{len(problems)} problem(s) in {where}", problems=problems)
     return Config(path=path, settings=settings, connections=connections)
 

@@ -17,6 +17,7 @@ Timestamps are stored in UTC and come back aware; money is stored as decimal tex
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -281,6 +282,7 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     def open(cls, database_url: str) -> Store:
@@ -476,16 +478,16 @@ class Store:
 
     # -- rows by key ----------------------------------------------------------------------
 
-    async def get(self, model: type[SQLModel], *pk: Any) -> Any:
-        """One row by primary key, or ``None``."""
+    async def get(self, model: type[SQLModel], *pk: Any, conn: AsyncConnection | None = None) -> Any:
+        """One row by primary key, or ``None`` (inside the caller's transaction if ``conn``)."""
         table = table_of(model)
         cols = list(table.primary_key.columns)
-        async with self.engine.connect() as conn:
-            row = (
-                (await conn.execute(sa.select(table).where(*(c == v for c, v in zip(cols, pk, strict=True)))))
-                .mappings()
-                .first()
-            )
+        stmt = sa.select(table).where(*(c == v for c, v in zip(cols, pk, strict=True)))
+        if conn is not None:
+            row = (await conn.execute(stmt)).mappings().first()
+        else:
+            async with self.engine.connect() as own:
+                row = (await own.execute(stmt)).mappings().first()
         return None if row is None else model.model_validate(dict(row))
 
     async def upsert(
@@ -570,6 +572,26 @@ class Store:
         async with self.engine.begin() as own:
             await own.execute(sa.insert(table).values(**values))
 
+    @contextlib.asynccontextmanager
+    async def named_lock(self, name: str) -> AsyncIterator[None]:
+        """Hold a lock named ``name`` across tasks, and across replicas on PostgreSQL.
+
+        Used where a vendor call must not run twice at once for the same thing (creating
+        one client's customer record). SQLite serves one process, so an asyncio lock is enough.
+        """
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if not self.is_postgres:
+                yield
+                return
+            async with self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:k))"), {"k": name})
+                try:
+                    yield
+                finally:
+                    await conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
+                    await conn.commit()
+
     # -- ticks ----------------------------------------------------------------------------
 
     async def claim_tick(self, job: str, window: str, *, owner: str, now: datetime) -> bool:
@@ -583,18 +605,14 @@ class Store:
 class DbTokenStore:
     """OAuth tokens for one connection, Fernet-encrypted in ``oauth_tokens``.
 
-    ``locked()`` holds a row lock on PostgreSQL (``SELECT ... FOR UPDATE`` in its own
-    transaction) so one replica refreshes at a time; within one process an asyncio lock
-    serialises too.
+    ``locked()`` holds an advisory lock on PostgreSQL so one replica refreshes at a
+    time; within one process an asyncio lock serialises too.
     """
 
     def __init__(self, store: Store, connection: str, key: str | None) -> None:
-        import asyncio
-
         self.store = store
         self.connection = connection
         self.fernet = Fernet(key.encode()) if key else None
-        self._lock = asyncio.Lock()
 
     def _cipher(self) -> Fernet:
         if self.fernet is None:
@@ -627,17 +645,9 @@ class DbTokenStore:
             {"connection": self.connection, "ciphertext": blob, "version": version, "updated_at": datetime.now(UTC)},
         )
 
-    @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[None]:
+    def locked(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold the refresh lock for this connection, across replicas on PostgreSQL."""
-        async with self._lock:
-            if not self.store.is_postgres:
-                yield
-                return
-            async with self.store.engine.begin() as conn:
-                key = f"syncd-token:{self.connection}"
-                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
-                yield
+        return self.store.named_lock(f"syncd-token:{self.connection}")
 
 
 def _sqlite_pragmas(engine: AsyncEngine) -> None:

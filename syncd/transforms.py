@@ -36,7 +36,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Annotated, Any, ClassVar, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -197,10 +197,14 @@ def explain_missing(text: str, roots: Mapping[str, Any], subject: str) -> str:
     """Why ``text`` has no value on the record, naming what is there instead."""
     value: Any = roots
     walked: list[str | int] = []
-    for step in parse_path(text):
+    steps = parse_path(text)
+    for position, step in enumerate(steps):
         if step == ALL:
             return f'path "{text}" found no values on {subject}'
         following = _step_into(value, step)
+        last = position == len(steps) - 1
+        if following is None and last and isinstance(value, Mapping) and step in value:
+            return f'path "{text}" is empty on {subject}'
         if following is None:
             return f'path "{text}" not found on {subject}; {_what_is_there(value, walked, step)}'
         value = following
@@ -913,9 +917,11 @@ class Money(Transform):
         code = self._currency(context)
         try:
             amount = from_minor(to_integer(raw), code) if self.minor_units else to_decimal(raw)
+            return round_money(amount, code) if self.round else amount
+        except InvalidOperation:
+            raise context.fail(f"money: {show(raw)} has too many digits to round on {context.subject}") from None
         except ValueError as exc:
             raise self._bad(context, self.source, exc) from None
-        return round_money(amount, code) if self.round else amount
 
     def _currency(self, context: Context) -> str:
         code = self.currency.apply(context) if self.currency is not None else context.currency
@@ -1206,7 +1212,21 @@ class AnyOf(Condition):
 
 VALUE_HEADS: Mapping[str, type[Node]] = {
     cls.name: cls
-    for cls in (PathRef, Const, Coalesce, Lookup, Template, DateOf, DateTimeOf, Money, Number, Integer, Boolean, Split, Join)
+    for cls in (
+        PathRef,
+        Const,
+        Coalesce,
+        Lookup,
+        Template,
+        DateOf,
+        DateTimeOf,
+        Money,
+        Number,
+        Integer,
+        Boolean,
+        Split,
+        Join,
+    )
 }
 """Value transforms by head key."""
 
@@ -1224,5 +1244,6 @@ CONDITION_HEADS: Mapping[str, type[Node]] = {
 }
 """Conditions by operator key."""
 
-for _model in (Transform, *set(VALUE_HEADS.values()), Subject, *set(CONDITION_HEADS.values())):
+_MODELS: list[type[BaseModel]] = [Transform, *VALUE_HEADS.values(), Subject, *CONDITION_HEADS.values()]
+for _model in _MODELS:
     _model.model_rebuild()

@@ -40,7 +40,9 @@ class Stack:
         await self.daemon.engine.drain()
 
 
-def write_config(folder: Path, db_url: str, hub: HubSpotEmulator, xero: XeroEmulator, *, daemon_extra: str = "") -> Path:
+def write_config(
+    folder: Path, db_url: str, hub: HubSpotEmulator, xero: XeroEmulator, *, daemon_extra: str = ""
+) -> Path:
     """A config pointing every connection at an emulator host."""
     path = folder / "config.toml"
     path.write_text(
@@ -90,22 +92,45 @@ async def stack(folder: Path, db_url: str, *, daemon_extra: str = "") -> AsyncIt
         "http://xero.test": httpx.ASGITransport(app=xero.app),
     }
     daemon = Daemon(config, mounts=mounts, poll=False, workers=0)
-    async with daemon.lifespan(), httpx.AsyncClient(transport=httpx.ASGITransport(app=daemon.app()), base_url=SYNCD_URL) as web:
+    async with (
+        daemon.lifespan(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=daemon.app()), base_url=SYNCD_URL) as web,
+    ):
         await daemon.runtime.connectors["hubspot"].ensure_properties()  # what `syncd setup hubspot` does
         hub.subscribe(f"{SYNCD_URL}/webhooks/hubspot", web)
         xero.subscribe(f"{SYNCD_URL}/webhooks/xero", web)
         yield Stack(hub=hub, xero=xero, daemon=daemon, web=web, config=config)
 
 
-def seed_deal(hub: HubSpotEmulator, *, po: str = "PO-4411", terms: str = "14") -> str:
-    """A company with a billing contact and PO number, and an open deal with two lines."""
+def seed_company(hub: HubSpotEmulator, *, po: str = "PO-4411", terms: str = "14") -> tuple[str, str]:
+    """A company with a PO number and payment terms, and its billing contact: (company, contact)."""
     company = hub.add_company(
-        {"name": "Northwind", "legal_name": "Northwind Traders LLC", "default_po_number": po, "payment_terms_days": terms}
+        {
+            "name": "Northwind",
+            "legal_name": "Northwind Traders LLC",
+            "default_po_number": po,
+            "payment_terms_days": terms,
+        }
     )
-    contact = hub.add_contact({"firstname": "Dana", "lastname": "Reyes", "email": "ap@northwind.example"}, company_id=company)
+    contact = hub.add_contact(
+        {"firstname": "Dana", "lastname": "Reyes", "email": "ap@northwind.example"}, company_id=company
+    )
+    return company, contact
+
+
+def seed_deal(
+    hub: HubSpotEmulator, *, po: str = "PO-4411", terms: str = "14", company: tuple[str, str] | None = None
+) -> str:
+    """An open deal with two lines for ``company`` (a new one by default)."""
+    company_id, contact = company or seed_company(hub, po=po, terms=terms)
     return hub.add_deal(
-        {"dealname": "Website rebuild", "dealstage": "contractsent", "pipeline": "default", "deal_currency_code": "USD"},
-        company_id=company,
+        {
+            "dealname": "Website rebuild",
+            "dealstage": "contractsent",
+            "pipeline": "default",
+            "deal_currency_code": "USD",
+        },
+        company_id=company_id,
         contact_ids=[contact],
         line_items=[
             {"name": "Discovery workshop", "quantity": "1", "price": "2500.00"},

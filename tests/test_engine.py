@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from syncd.store import BillingEventRow, EffectRow, EventRow, InvoiceRow, table_of
-from tests.harness import SYNCD_URL, seed_deal, stack
+from tests.harness import SYNCD_URL, seed_company, seed_deal, stack
 
 
 async def test_won_deal_becomes_one_invoice_and_payment_reaches_the_deal(tmp_path: Path, db_url: str) -> None:
@@ -72,9 +72,10 @@ async def test_a_redelivered_webhook_creates_no_second_invoice(tmp_path: Path, d
 
 
 async def test_concurrent_workers_create_one_invoice(tmp_path: Path, db_url: str) -> None:
-    """Several workers draining the same backlog at once create one invoice per deal."""
+    """Several workers draining at once create one invoice per deal and one customer per client."""
     async with stack(tmp_path, db_url) as s:
-        deals = [seed_deal(s.hub, po=f"PO-{i}") for i in range(3)]
+        company = seed_company(s.hub)
+        deals = [seed_deal(s.hub, company=company) for _ in range(3)]
         for deal in deals:
             await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
             await s.hub.redeliver_last()
@@ -83,6 +84,7 @@ async def test_concurrent_workers_create_one_invoice(tmp_path: Path, db_url: str
         await s.drain()
         assert len(s.xero.invoices()) == 3
         assert len({i["Reference"] for i in s.xero.invoices()}) == 3
+        assert len(s.xero.contacts()) == 1
 
 
 def _hubspot_signed(secret: str, body: bytes, timestamp_ms: int, uri: str) -> dict[str, str]:
@@ -100,7 +102,19 @@ async def test_bad_missing_or_stale_signatures_are_rejected_and_nothing_stored(t
     async with stack(tmp_path, db_url) as s:
         uri = f"{SYNCD_URL}/webhooks/hubspot"
         body = json.dumps(
-            [{"eventId": 1, "subscriptionId": 9, "portalId": 1, "occurredAt": 1, "subscriptionType": "deal.propertyChange", "objectId": 5, "propertyName": "dealstage", "propertyValue": "closedwon", "attemptNumber": 0}]
+            [
+                {
+                    "eventId": 1,
+                    "subscriptionId": 9,
+                    "portalId": 1,
+                    "occurredAt": 1,
+                    "subscriptionType": "deal.propertyChange",
+                    "objectId": 5,
+                    "propertyName": "dealstage",
+                    "propertyValue": "closedwon",
+                    "attemptNumber": 0,
+                }
+            ]
         ).encode()
         now_ms = int(time.time() * 1000)
         good = _hubspot_signed(s.hub.client_secret, body, now_ms, uri)
