@@ -190,10 +190,14 @@ def auth_xero(
     connection: Annotated[str, typer.Option(help="The Xero connection name.")] = "xero",
 ) -> None:
     """OAuth2 code flow: print the consent URL, take the redirect on localhost, store the tokens."""
-    from syncd.oauth import authorize_xero
+    from syncd.oauth import authorize
 
     cfg = _load(config)
-    asyncio.run(authorize_xero(cfg, connection, console))
+    try:
+        asyncio.run(authorize(cfg, connection, console))
+    except ConfigError as exc:
+        _problem(str(exc))
+        raise typer.Exit(2) from None
 
 
 @dead_app.command("list")

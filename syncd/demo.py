@@ -20,12 +20,12 @@ from typing import Any
 
 import httpx
 import uvicorn
-from connectors.hubspot.emulator import HubSpotEmulator
-from connectors.xero.emulator import XeroEmulator
 from cryptography.fernet import Fernet
 from rich.console import Console
 from rich.table import Table
 
+from connectors.hubspot.emulator import HubSpotEmulator
+from connectors.xero.emulator import XeroEmulator
 from syncd.daemon import Daemon
 from syncd.settings import load_config
 

@@ -688,6 +688,29 @@ class ConnectionSettings(BaseModel):
     base_url: str
 
 
+class CodeFlow(Protocol):
+    """A connector's OAuth2 authorization-code flow, for ``syncd auth <connector>``.
+
+    syncd runs the localhost listener for the redirect; the connector knows its URLs.
+    """
+
+    def consent_url(self, settings: Any, state: str) -> str:
+        """The URL a person opens to grant access."""
+        ...
+
+    def redirect_uri(self, settings: Any) -> str:
+        """Where the vendor sends the browser back (``http://localhost:PORT/PATH``)."""
+        ...
+
+    async def exchange_code(self, settings: Any, client: httpx.AsyncClient, code: str) -> Mapping[str, Any]:
+        """The first token set for ``code`` (syncd saves it, encrypted)."""
+        ...
+
+    async def describe(self, settings: Any, client: httpx.AsyncClient, tokens: Mapping[str, Any]) -> list[str]:
+        """Lines to show after connecting (e.g. the tenants the token reaches)."""
+        ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class ConnectorSpec:
     """What a connector registers under the entry-point group ``syncd.connectors``.
@@ -699,6 +722,7 @@ class ConnectorSpec:
         factory: builds the connector for one connection.
         verifier: builds the webhook verifier for one connection, if it has webhooks.
         secret_fields: settings keys that hold secrets (for ``check`` and redaction).
+        code_flow: its OAuth2 code flow, if ``syncd auth`` can connect it.
     """
 
     name: str
@@ -707,6 +731,7 @@ class ConnectorSpec:
     factory: Callable[[Any, ConnectorContext], Any]
     verifier: Callable[[Any, Callable[[], datetime]], WebhookVerifier] | None = None
     secret_fields: Sequence[str] = field(default_factory=tuple)
+    code_flow: CodeFlow | None = None
 
 
 def secret_value(secret: SecretStr | None) -> str:
