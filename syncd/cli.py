@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -59,6 +60,10 @@ def run(config: ConfigOption = Path("config.toml")) -> None:
     server = uvicorn.Server(
         uvicorn.Config(daemon.app(), host=host, port=int(port), log_config=None, access_log=False, lifespan="on")
     )
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal with the handler that was
+    # installed before it: make that one a no-op so a drained shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if not server.started:
         raise typer.Exit(1)

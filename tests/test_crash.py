@@ -73,6 +73,10 @@ async def test_sigkill_after_the_vendor_committed_leaves_exactly_one_invoice(tmp
     log = tmp_path / "daemon.log"
 
     async with serve(hub.app, ports["hub"]), serve(xero.app, ports["xero"]), httpx.AsyncClient(timeout=10) as client:
+        setup = [sys.executable, "-m", "syncd", "setup", "hubspot", "--config", str(config)]
+        done = await asyncio.to_thread(subprocess.run, setup, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "syncd_invoice_number" in hub._properties["deals"]
         first = _start(config, log)
         try:
             await _healthy(client, url, first, log)
