@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from syncd import billing
 from syncd.errors import (
@@ -43,6 +44,7 @@ from syncd.errors import (
     SyncdError,
 )
 from syncd.interfaces import (
+    BillingEvent,
     Client,
     DealBillingStatus,
     Engagement,
@@ -180,29 +182,60 @@ class Engine:
         return await self.queue_invoice(pipeline, event, mapped.engagement, mapped.client, deal_id)
 
     async def queue_invoice(
-        self, pipeline: Pipeline, event: Any, engagement: Engagement, client: Client, crm_object_id: str
+        self, pipeline: Pipeline, event: BillingEvent, engagement: Engagement, client: Client, crm_object_id: str
     ) -> str | None:
-        """Record a billing event and, in the same transaction, queue its invoice effect.
+        """Draft the invoice for ``event`` (:func:`syncd.billing.draft_for_event`) and queue it.
 
         Returns:
             the event key if it was new, else ``None`` (already recorded: nothing queued).
+
+        Raises:
+            ValidationFailed: the draft cannot be valid (pre-flight: nothing was queued).
         """
-        now = self.rt.clock()
         options = pipeline.mapping.invoice
         draft = billing.draft_for_event(
             event,
             engagement,
             client,
-            issue_date=billing.issue_date_for(now, client.timezone),
+            issue_date=billing.issue_date_for(self.rt.clock(), client.timezone),
             status=options.status,
             send=options.send,
             line_amount_types=options.line_amount_types,
         )
-        live = self.rt.pilot_allows(client.key)
+        return await self.queue_draft(pipeline, event, draft, crm_object_id)
+
+    async def queue_draft(
+        self,
+        pipeline: Pipeline,
+        event: BillingEvent,
+        draft: InvoiceDraft,
+        crm_object_id: str,
+        *,
+        on_recorded: Callable[[AsyncConnection], Awaitable[None]] | None = None,
+    ) -> str | None:
+        """Record a billing event and, in the same transaction, queue the effect creating ``draft``.
+
+        For drafts built elsewhere (hours, credit notes). In pilot mode a client outside
+        the pilot gets its event recorded as simulated and its effect parked, so the
+        period is never invoiced after the fact unless an admin backfills it.
+
+        Args:
+            pipeline: the pipeline the event belongs to.
+            event: the billing event; its key is the draft's key.
+            draft: the invoice or credit note to create.
+            crm_object_id: the CRM record (deal) the status is written back to.
+            on_recorded: runs in the same transaction once the event is new (e.g. to
+                mark time entries as invoiced by this key).
+
+        Returns:
+            the event key if it was new, else ``None`` (already recorded: nothing queued).
+        """
+        now = self.rt.clock()
+        live = self.rt.pilot_allows(draft.client.key)
         row = BillingEventRow(
             key=event.key,
             kind=str(event.kind),
-            engagement_key=engagement.key,
+            engagement_key=event.engagement_key,
             occurrence=event.occurrence,
             occurred_at=event.occurred_at,
             created_at=now,
@@ -224,10 +257,14 @@ class Engine:
                 connection=pipeline.invoicing_name,
                 payload=payload,
                 now=now,
-                client_key=client.key,
+                client_key=draft.client.key,
                 status="pending" if live else "simulated",
             )
-        log.info("billing_event_recorded", key=event.key, kind=str(event.kind), engagement=engagement.key, live=live)
+            if on_recorded is not None:
+                await on_recorded(conn)
+        log.info(
+            "billing_event_recorded", key=event.key, kind=str(event.kind), engagement=event.engagement_key, live=live
+        )
         self.notify()
         return str(event.key)
 
