@@ -388,10 +388,10 @@ def test_money_parses_text_exactly_and_rounds_only_when_asked() -> None:
     )
 
 
-def test_money_too_large_to_round_is_a_mapping_error() -> None:
-    """An amount with more digits than Decimal arithmetic holds fails cleanly when rounded."""
-    with pytest.raises(MappingError, match="too many digits"):
-        value({"money": "deal.properties.p", "round": True}).apply(deal(p="9" * 30 + ".995"))
+def test_money_of_any_size_rounds_exactly() -> None:
+    """An amount with more digits than the default Decimal context holds still rounds half-up exactly."""
+    rounded = value({"money": "deal.properties.p", "round": True}).apply(deal(p="9" * 30 + ".995"))
+    assert rounded == Decimal("1" + "0" * 30 + ".00")
 
 
 def test_money_reads_minor_units() -> None:
