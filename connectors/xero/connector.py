@@ -1,0 +1,456 @@
+"""The Xero connector: the :class:`~syncd.interfaces.Invoicing` role on Xero's Accounting API.
+
+Customers are Xero contacts stamped with syncd's client key in ``ContactNumber``;
+invoices are ``ACCREC`` invoices (credit notes ``ACCRECCREDIT``) created with the
+``Idempotency-Key`` header and stamped ``syncd:<key>`` in ``Reference``, so a lost answer
+is resolved by :meth:`XeroConnector.find_invoice`, never by creating again.
+
+Sources (Xero developer documentation):
+
+* Endpoints, parameters and schemas: ``shared/specs/xero/xero_accounting.yaml``
+  (server ``https://api.xero.com/api.xro/2.0``).
+* Rate limits, 60 calls/minute and 5 concurrent per organisation, 429 on breach:
+  https://developer.xero.com/faq/limits
+* ``Accept: application/json`` (Xero answers XML otherwise) and the ``xero-tenant-id``
+  header: https://developer.xero.com/documentation/api/accounting/requests-and-responses
+  and spec ``components.parameters.requiredHeader``; custom connections need no tenant
+  header: https://developer.xero.com/faq/custom-integration
+* Idempotency: spec ``components.parameters.idempotencyKey`` ("safely retry requests
+  without the risk of duplicate processing. 128 character max") and
+  https://developer.xero.com/documentation/guides/idempotent-requests/idempotency/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+import structlog
+from pydantic import SecretStr, field_validator
+
+from connectors.xero.auth import (
+    ClientCredentials,
+    RefreshingTokens,
+    StaticToken,
+    XeroAuth,
+    XeroCodeFlow,
+    token_valid,
+)
+from connectors.xero.models import (
+    XeroContact,
+    XeroContacts,
+    XeroCreditNotes,
+    XeroInvoice,
+    XeroInvoices,
+    XeroOrganisations,
+    XeroRejected,
+    carries_stamp,
+    contact_number,
+    contact_payload,
+    credit_note_payload,
+    credit_note_status,
+    dump_json,
+    invoice_payload,
+    invoice_status,
+    load_json,
+    stamp,
+    where_literal,
+)
+from connectors.xero.webhooks import XeroWebhookVerifier
+from syncd.errors import ConfigError, FatalError, NotFound, SyncdError
+from syncd.http import RateLimit, VendorHttp
+from syncd.interfaces import (
+    Capability,
+    ChangeHint,
+    ChangePage,
+    Client,
+    ConnectionSettings,
+    ConnectorContext,
+    ConnectorSpec,
+    DraftKind,
+    InvoiceDraft,
+    InvoiceState,
+    InvoiceStatus,
+    Invoicing,
+)
+
+log = structlog.get_logger("connectors.xero")
+
+API_PATH = "/api.xro/2.0"
+PAGE_SIZE = 100  # "Up to 100 invoices will be returned in a single API call" (spec GET /Invoices ``page``)
+# App-wide limit, used only when the per-minute limit is switched off but concurrency is
+# not: "App Minute Limit: 10,000 calls per minute" (https://developer.xero.com/faq/limits).
+APP_MINUTE_LIMIT = 10_000
+
+# Granular scopes: apps created since 2 March 2026 can only use these, and the broad
+# ``accounting.transactions`` stops working in September 2027
+# (https://developer.xero.com/documentation/oauth2/scopes; the granular-scopes FAQ).
+# accounting.invoices covers Invoices and CreditNotes, accounting.contacts Contacts,
+# accounting.settings.read Organisation/Currencies/TaxRates/Accounts; offline_access
+# yields a refresh token. Older apps may set ``accounting.transactions`` instead.
+DEFAULT_SCOPES = ("offline_access", "accounting.invoices", "accounting.contacts", "accounting.settings.read")
+
+
+class XeroSettings(ConnectionSettings):
+    """``[connections.NAME]`` for ``connector = "xero"``. Secrets arrive already resolved.
+
+    Attributes:
+        base_url: API host; the connector appends ``/api.xro/2.0``.
+        token_url: the identity token endpoint.
+        authorize_url: Xero's login consent URL (code flow).
+        connections_url: the identity ``/connections`` endpoint (code flow tenants).
+        client_id / client_secret: the app's credentials.
+        grant: ``client_credentials`` (custom connection) or ``authorization_code``.
+        scopes: scopes requested in the consent URL (code flow).
+        tenant_id: the organisation (``xero-tenant-id``); required for the code flow
+            (checked when the connector is built, so ``syncd auth xero`` can run first
+            and print the tenant ids), optional for a custom connection, which has
+            exactly one organisation.
+        redirect_uri: where Xero sends the browser back to in the code flow.
+        webhook_key: the webhook signing key (``None``: no webhooks).
+        rate_limit_per_min: calls per minute (Xero: 60 per organisation); ``None`` = off.
+        max_concurrent: calls in flight (Xero: 5 per organisation); ``None`` = off.
+        unitdp: ``4`` asks Xero to keep four decimals on unit amounts (``unitdp=4``);
+            ``None`` leaves Xero's default of two.
+    """
+
+    base_url: str = "https://api.xero.com"
+    token_url: str = "https://identity.xero.com/connect/token"  # noqa: S105 - a URL, not a secret
+    authorize_url: str = "https://login.xero.com/identity/connect/authorize"
+    connections_url: str = "https://api.xero.com/connections"
+    client_id: str
+    client_secret: SecretStr
+    grant: Literal["client_credentials", "authorization_code"] = "client_credentials"
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+    tenant_id: str | None = None
+    redirect_uri: str = "http://localhost:8765/callback"
+    webhook_key: SecretStr | None = None
+    rate_limit_per_min: int | None = 60
+    max_concurrent: int | None = 5
+    unitdp: int | None = 4
+
+    @field_validator("unitdp")
+    @classmethod
+    def _unitdp(cls, value: int | None) -> int | None:
+        if value not in (None, 4):
+            raise ValueError("unitdp must be 4 (Xero's only opt-in precision) or unset")
+        return value
+
+
+def _limits(settings: XeroSettings) -> list[RateLimit]:
+    if settings.rate_limit_per_min is None and settings.max_concurrent is None:
+        return []
+    per_minute = settings.rate_limit_per_min or APP_MINUTE_LIMIT
+    return [RateLimit(max_requests=per_minute, period_s=60, concurrency=settings.max_concurrent)]
+
+
+def _headers(settings: XeroSettings) -> dict[str, str]:
+    headers = {"Accept": "application/json"}
+    if settings.tenant_id:
+        headers["Xero-tenant-id"] = settings.tenant_id
+    return headers
+
+
+def _content_key(prefix: str, body: Mapping[str, Any]) -> str:
+    """An idempotency key for a write without a billing key: a hash of its body."""
+    return f"syncd-{prefix}-" + hashlib.sha256(dump_json(body)).hexdigest()[:48]
+
+
+def _is_name_clash(messages: tuple[str, ...]) -> bool:
+    # Text of Xero's message, from the spec's 400 example on PUT /Contacts: "The contact
+    # name … is already assigned to another contact. The contact name must be unique
+    # across all active contacts."
+    return any("already assigned to another contact" in message for message in messages)
+
+
+class XeroConnector:
+    """One Xero connection, playing the :class:`~syncd.interfaces.Invoicing` role.
+
+    Args:
+        settings: the connection's settings.
+        ctx: the engine's context (HTTP factory, token store, clock).
+    """
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.IDEMPOTENCY_KEYS, Capability.CREDIT_NOTES, Capability.SEND_INVOICE, Capability.WEBHOOKS}
+    )
+
+    def __init__(self, settings: XeroSettings, ctx: ConnectorContext) -> None:
+        if settings.grant == "authorization_code" and not settings.tenant_id:
+            raise ConfigError(
+                "tenant_id is required when grant = 'authorization_code': run `syncd auth xero`, "
+                "which lists the connected organisations' tenant ids",
+                place="tenant_id",
+            )
+        self.settings = settings
+        self.ctx = ctx
+        if settings.grant == "client_credentials":
+            self.tokens: ClientCredentials | RefreshingTokens = ClientCredentials(
+                settings, ctx.client, ctx.tokens, ctx.clock
+            )
+        else:
+            self.tokens = RefreshingTokens(settings, ctx.client, ctx.tokens, ctx.clock)
+        self.api_url = settings.base_url.rstrip("/") + API_PATH
+        self.page_size = PAGE_SIZE
+        self.http: VendorHttp = ctx.make_http(
+            base_url=self.api_url, auth=XeroAuth(self.tokens), headers=_headers(settings), limits=_limits(settings)
+        )
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _unitdp(self) -> dict[str, Any]:
+        return {"unitdp": self.settings.unitdp} if self.settings.unitdp else {}
+
+    async def _get(self, path: str, params: Mapping[str, Any] | None = None, **headers: str) -> Any:
+        response = await self.http.request("GET", path, params=params, headers=headers or None)
+        return load_json(response.content)
+
+    async def _write(
+        self, method: str, path: str, body: Mapping[str, Any], *, key: str, params: Mapping[str, Any] | None = None
+    ) -> Any:
+        """A PUT/POST with ``Idempotency-Key``: the shared retries are then safe."""
+        headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+        response = await self.http.request(method, path, params=params, content=dump_json(body), headers=headers)
+        return load_json(response.content) if response.content else None
+
+    # -- customers ------------------------------------------------------------
+
+    async def _contacts(self, where: str) -> tuple[XeroContact, ...]:
+        return XeroContacts.model_validate(await self._get("/Contacts", {"where": where})).contacts
+
+    async def upsert_customer(self, client: Client) -> str:
+        """Find the contact stamped with the client's key, else adopt or create it; its ContactID.
+
+        The stamp is ``ContactNumber`` = the client key, or ``syncd-<sha256 prefix>``
+        when the key is longer than Xero's 50 characters (:func:`contact_number`).
+        A contact found by exact ``Name`` is adopted only if it has no ContactNumber.
+        An existing contact is returned as it is (its details are not overwritten).
+        """
+        number = contact_number(client.key)
+        for contact in await self._contacts(f"ContactNumber=={where_literal(number)}"):
+            if contact.contact_number == number:
+                return contact.contact_id
+        same_name = [
+            c for c in await self._contacts(f"Name=={where_literal(client.legal_name)}") if c.name == client.legal_name
+        ]
+        for contact in same_name:
+            if not contact.contact_number:
+                return await self._adopt(contact, number, client)
+        return await self._create_contact(client, number, same_name)
+
+    async def _adopt(self, contact: XeroContact, number: str, client: Client) -> str:
+        body = {"Contacts": [{"ContactID": contact.contact_id, "ContactNumber": number}]}
+        await self._write("POST", f"/Contacts/{contact.contact_id}", body, key=_content_key("adopt", body))
+        log.info("xero_contact_adopted", contact_id=contact.contact_id, client_key=client.key, contact_number=number)
+        return contact.contact_id
+
+    async def _create_contact(self, client: Client, number: str, same_name: list[XeroContact]) -> str:
+        body = {"Contacts": [contact_payload(client, number)]}
+        try:
+            data = await self._write("PUT", "/Contacts", body, key=_content_key("contact", body))
+        except XeroRejected as exc:
+            if _is_name_clash(exc.messages):
+                taken = ", ".join(f"{c.contact_id} (ContactNumber {c.contact_number!r})" for c in same_name) or "?"
+                raise FatalError(
+                    f"xero: cannot create a contact for client {client.key}: the name {client.legal_name!r} "
+                    f"belongs to contact {taken}, stamped for another client, and Xero contact names must be "
+                    "unique among active contacts; rename one of them in Xero, or clear that contact's "
+                    "ContactNumber so syncd adopts it",
+                    place="client.legal_name",
+                ) from exc
+            raise
+        created = XeroContacts.model_validate(data).contacts[0]
+        log.info("xero_contact_created", contact_id=created.contact_id, client_key=client.key)
+        return created.contact_id
+
+    # -- invoices -------------------------------------------------------------
+
+    async def create_invoice(self, draft: InvoiceDraft, customer_id: str) -> InvoiceStatus:
+        """Create the invoice (or credit note) idempotently; email an approved invoice if asked.
+
+        ``Idempotency-Key: draft.key`` makes a retried PUT return the first result; the
+        ``syncd:<key>`` stamp in ``Reference`` lets :meth:`find_invoice` recover it later.
+
+        Raises:
+            XeroRejected: (a :class:`~syncd.errors.FatalError`) Xero's validation messages.
+        """
+        if draft.kind is DraftKind.CREDIT_NOTE:
+            return await self._create_credit_note(draft, customer_id)
+        body = invoice_payload(draft, customer_id, self.settings.unitdp)
+        data = await self._write("PUT", "/Invoices", body, key=draft.key, params=self._unitdp())
+        status = invoice_status(XeroInvoices.model_validate(data).invoices[0])
+        log.info("xero_invoice_created", invoice_id=status.invoice_id, number=status.number, key=draft.key)
+        if draft.send and status.state is InvoiceState.AUTHORISED:
+            await self._email(status.invoice_id, draft.key)
+            status = status.model_copy(update={"state": InvoiceState.SENT})
+        return status
+
+    async def _create_credit_note(self, draft: InvoiceDraft, customer_id: str) -> InvoiceStatus:
+        body = credit_note_payload(draft, customer_id, self.settings.unitdp)
+        data = await self._write("PUT", "/CreditNotes", body, key=draft.key, params=self._unitdp())
+        status = credit_note_status(XeroCreditNotes.model_validate(data).credit_notes[0])
+        log.info("xero_credit_note_created", credit_note_id=status.invoice_id, number=status.number, key=draft.key)
+        if draft.send:
+            # The Accounting API has an Email action for invoices only (spec: no
+            # /CreditNotes/{id}/Email path).
+            log.warning("xero_credit_note_not_emailed", credit_note_id=status.invoice_id, key=draft.key)
+        return status
+
+    async def _email(self, invoice_id: str, key: str) -> None:
+        """``POST /Invoices/{id}/Email`` with an empty object; Xero answers 204 (spec ``emailInvoice``)."""
+        await self._write("POST", f"/Invoices/{invoice_id}/Email", {}, key=f"{key}-email")
+        log.info("xero_invoice_emailed", invoice_id=invoice_id, key=key)
+
+    async def find_invoice(self, key: str) -> InvoiceStatus | None:
+        """The invoice or credit note whose ``Reference`` carries ``syncd:<key>``.
+
+        Uses ``where=Reference!=null&&Reference.Contains("syncd:<key>")``: Xero's filter
+        needs the null check first on an optional string field (the ``where`` notes of
+        https://developer.xero.com/documentation/api/accounting/requests-and-responses).
+        """
+        where = f"Reference!=null&&Reference.Contains({where_literal(stamp(key))})"
+        invoices = XeroInvoices.model_validate(await self._get("/Invoices", {"where": where})).invoices
+        matches = [invoice_status(i) for i in invoices if carries_stamp(i.reference, key)]
+        if not matches:
+            notes = XeroCreditNotes.model_validate(await self._get("/CreditNotes", {"where": where})).credit_notes
+            matches = [credit_note_status(n) for n in notes if carries_stamp(n.reference, key)]
+        live = [m for m in matches if m.state is not InvoiceState.VOIDED]
+        return (live or matches)[0] if matches else None
+
+    async def get_invoice(self, invoice_id: str) -> InvoiceStatus:
+        """Re-read one invoice (or, for a credit note's id, that credit note)."""
+        try:
+            data = await self._get(f"/Invoices/{invoice_id}", self._unitdp())
+            return invoice_status(XeroInvoices.model_validate(data).invoices[0])
+        except NotFound:
+            data = await self._get(f"/CreditNotes/{invoice_id}", self._unitdp())
+            notes = XeroCreditNotes.model_validate(data).credit_notes
+            if not notes:
+                raise NotFound(f"xero: no invoice or credit note {invoice_id}") from None
+            return credit_note_status(notes[0])
+
+    async def poll_changes(self, cursor: str | None) -> ChangePage:
+        """Invoices changed since ``cursor`` (``If-Modified-Since``, paged by ``page``).
+
+        The cursor is opaque JSON: ``since`` (ISO UTC, whole seconds), the ``page`` to
+        read next and ``high`` (the newest ``UpdatedDateUTC`` seen). ``None`` starts now.
+        A boundary invoice may be reported twice; its event id is the same both times.
+        """
+        if cursor is None:
+            now = self.ctx.clock().astimezone(UTC).replace(microsecond=0)
+            return ChangePage(hints=(), cursor=_cursor(now, 1, now))
+        since, page, high = _parse_cursor(cursor)
+        params = {"page": page, "pageSize": self.page_size, "order": "UpdatedDateUTC ASC"}
+        data = XeroInvoices.model_validate(
+            await self._get("/Invoices", params, **{"If-Modified-Since": since.isoformat()})
+        )
+        hints = tuple(self._poll_hint(invoice) for invoice in data.invoices if invoice.updated is not None)
+        high = max([high, *(hint.occurred_at for hint in hints)])
+        more = _has_more(data, page, self.page_size)
+        if more:
+            return ChangePage(hints=hints, cursor=_cursor(since, page + 1, high), more=True)
+        return ChangePage(hints=hints, cursor=_cursor(high.replace(microsecond=0), 1, high))
+
+    def _poll_hint(self, invoice: XeroInvoice) -> ChangeHint:
+        updated = invoice.updated or self.ctx.clock()
+        return ChangeHint(
+            connection=self.ctx.connection,
+            object_type="invoice",
+            object_id=invoice.invoice_id,
+            event_id=f"poll:{invoice.invoice_id}:{updated.isoformat()}",
+            occurred_at=updated,
+            kind="poll",
+        )
+
+    # -- health ---------------------------------------------------------------
+
+    async def check(self) -> list[str]:
+        """Problems with credentials or organisation, from one ``GET /Organisation``.
+
+        With the code flow a stored, still valid access token is used as it is; an
+        expired one is reported (the daemon refreshes it) and never refreshed here,
+        because a refresh spends the single-use refresh token.
+        """
+        http = self.http
+        if self.settings.grant == "authorization_code":
+            stored = await self.ctx.tokens.load()
+            if not stored:
+                return ["xero: no stored tokens; run `syncd auth xero` to connect this organisation"]
+            if not token_valid(stored, self.ctx.clock().timestamp()):
+                return [
+                    "xero: the stored access token has expired; the daemon refreshes it on its next call "
+                    "(check never refreshes, as that would spend the single-use refresh token)"
+                ]
+            http = self.ctx.make_http(
+                base_url=self.api_url,
+                auth=XeroAuth(StaticToken(str(stored["access_token"]))),
+                headers=_headers(self.settings),
+                limits=_limits(self.settings),
+            )
+        return await self._check_organisation(http)
+
+    async def _check_organisation(self, http: VendorHttp) -> list[str]:
+        try:
+            response = await http.request("GET", "/Organisation")
+        except SyncdError as exc:
+            return [f"xero: GET /Organisation failed: {exc}"]
+        organisations = XeroOrganisations.model_validate(load_json(response.content)).organisations
+        if not organisations:
+            return ["xero: GET /Organisation returned no organisation"]
+        organisation = organisations[0]
+        problems = []
+        tenant = self.settings.tenant_id
+        if tenant and organisation.organisation_id and organisation.organisation_id.lower() != tenant.lower():
+            problems.append(f"xero: tenant_id {tenant} answers as organisation {organisation.organisation_id}")
+        if organisation.organisation_status and organisation.organisation_status != "ACTIVE":
+            problems.append(f"xero: organisation {organisation.name!r} is {organisation.organisation_status}")
+        return problems
+
+
+def _cursor(since: datetime, page: int, high: datetime) -> str:
+    return json.dumps({"since": since.isoformat(), "page": page, "high": high.isoformat()})
+
+
+def _parse_cursor(cursor: str) -> tuple[datetime, int, datetime]:
+    try:
+        data = json.loads(cursor)
+        return datetime.fromisoformat(data["since"]), int(data["page"]), datetime.fromisoformat(data["high"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FatalError(f"xero: unreadable poll cursor {cursor[:80]!r}; reset the connection's cursor") from exc
+
+
+def _has_more(data: XeroInvoices, page: int, page_size: int) -> bool:
+    if data.pagination is not None:
+        return page < data.pagination.page_count
+    return len(data.invoices) >= page_size
+
+
+def factory(settings: XeroSettings, ctx: ConnectorContext) -> XeroConnector:
+    """Build the connector for one connection."""
+    return XeroConnector(settings, ctx)
+
+
+def verifier(settings: XeroSettings, clock: Callable[[], datetime]) -> XeroWebhookVerifier:
+    """Build the webhook verifier for one connection.
+
+    The factory is not told the connection's name, so hints carry ``settings.connector``
+    (``"xero"``) as their connection until the engine passes the name.
+    """
+    key = settings.webhook_key.get_secret_value() if settings.webhook_key is not None else None
+    return XeroWebhookVerifier(key=key, connection=settings.connector, tenant_id=settings.tenant_id, clock=clock)
+
+
+SPEC = ConnectorSpec(
+    name="xero",
+    roles=frozenset({Invoicing}),
+    settings_model=XeroSettings,
+    factory=factory,
+    verifier=verifier,
+    secret_fields=("client_secret", "webhook_key"),
+    code_flow=XeroCodeFlow(),
+)
+
+__all__ = ["SPEC", "XeroConnector", "XeroSettings", "factory", "verifier"]

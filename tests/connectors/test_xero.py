@@ -1,0 +1,902 @@
+"""The Xero connector against its emulator, over an ASGI transport.
+
+Time is a fake clock shared by the connector and the emulator; the retry sleep advances
+it instead of sleeping, so rate-limit windows and token expiry pass instantly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from connectors.emulation import Fault
+from connectors.xero.auth import consent_url, exchange_code, list_connections
+from connectors.xero.connector import SPEC, XeroConnector, XeroSettings
+from connectors.xero.emulator import XeroEmulator, compile_where
+from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json
+from connectors.xero.webhooks import XeroWebhookVerifier
+from syncd.errors import AuthError, ConfigError, FatalError, NotFound, RecordError, RetriableError
+from syncd.http import VendorHttp
+from syncd.interfaces import (
+    Address,
+    ChangeHint,
+    Client,
+    ConnectorContext,
+    Contact,
+    DraftKind,
+    InvoiceDraft,
+    InvoiceLine,
+    InvoiceState,
+    Invoicing,
+    WebhookRequest,
+)
+from syncd.registry import load
+
+HOST = "http://xero.test"
+START = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+class FakeClock:
+    """A settable clock; ``advance`` moves it."""
+
+    def __init__(self, now: datetime = START) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class MemoryTokenStore:
+    """An in-memory TokenStore that logs every save into a shared event list."""
+
+    def __init__(self, events: list[tuple[str, str]]) -> None:
+        self.tokens: dict[str, Any] | None = None
+        self.events = events
+        self.saves: list[dict[str, Any]] = []
+        self._lock = _Lock()
+
+    async def load(self) -> dict[str, Any] | None:
+        return dict(self.tokens) if self.tokens else None
+
+    async def save(self, tokens: Any) -> None:
+        self.tokens = dict(tokens)
+        self.saves.append(dict(tokens))
+        self.events.append(("save", str(tokens["access_token"])))
+
+    def locked(self) -> Any:
+        return self._lock.hold()
+
+
+class _Lock:
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.entered = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        async with self.lock:
+            self.entered += 1
+            yield
+
+
+@dataclass
+class Rig:
+    """One connector wired to one emulator."""
+
+    emulator: XeroEmulator
+    connector: XeroConnector
+    client: httpx.AsyncClient
+    store: MemoryTokenStore
+    clock: FakeClock
+    sleeps: list[float]
+    events: list[tuple[str, str]]
+    exchanges: list[tuple[httpx.Request, httpx.Response]] = field(default_factory=list)
+
+    def connect(self, **overrides: Any) -> XeroConnector:
+        """Another connector on the same client, store and clock."""
+        return XeroConnector(settings(self.emulator, **overrides), self.connector.ctx)
+
+
+def settings(emulator: XeroEmulator, **overrides: Any) -> XeroSettings:
+    values: dict[str, Any] = {
+        "connector": "xero",
+        "base_url": HOST,
+        "token_url": f"{HOST}/connect/token",
+        "authorize_url": f"{HOST}/identity/connect/authorize",
+        "connections_url": f"{HOST}/connections",
+        "client_id": emulator.client_id,
+        "client_secret": emulator.client_secret,
+        "tenant_id": emulator.tenant_id,
+        "webhook_key": emulator.webhook_key,
+    }
+    return XeroSettings(**{**values, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def rig(emulator_options: dict[str, Any] | None = None, **overrides: Any) -> AsyncIterator[Rig]:
+    clock = FakeClock()
+    emulator = XeroEmulator(clock=clock, **(emulator_options or {}))
+    events: list[tuple[str, str]] = []
+    sleeps: list[float] = []
+    exchanges: list[tuple[httpx.Request, httpx.Response]] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.advance(seconds)
+
+    async def on_request(request: httpx.Request) -> None:
+        events.append(("request", request.headers.get("authorization", "").removeprefix("Bearer ")))
+
+    async def on_response(response: httpx.Response) -> None:
+        await response.aread()
+        exchanges.append((response.request, response))
+
+    transport = httpx.ASGITransport(app=emulator.app)
+    hooks = {"request": [on_request], "response": [on_response]}
+    async with httpx.AsyncClient(transport=transport, event_hooks=hooks) as client:
+        store = MemoryTokenStore(events)
+        ctx = ConnectorContext(
+            connection="xero",
+            client=client,
+            tokens=store,
+            clock=clock,
+            make_http=functools.partial(VendorHttp, client, connection="xero", sleep=sleep),
+        )
+        connector = XeroConnector(settings(emulator, **overrides), ctx)
+        yield Rig(emulator, connector, client, store, clock, sleeps, events, exchanges)
+
+
+def client_record(key: str = "hubspot:company:42", name: str = "Northwind Traders LLC") -> Client:
+    return Client(
+        key=key,
+        legal_name=name,
+        billing_contact=Contact(name="Dana Reyes", first_name="Dana", last_name="Reyes", email="ap@northwind.example"),
+        address=Address(line1="1 Harbour St", city="Sydney", region="NSW", postal_code="2000", country="Australia"),
+        tax_id="51 824 753 556",
+        currency="AUD",
+        payment_terms_days=14,
+    )
+
+
+def draft(key: str = KEY, **overrides: Any) -> InvoiceDraft:
+    values: dict[str, Any] = {
+        "key": key,
+        "client": client_record(),
+        "engagement_key": "hubspot:deal:8812",
+        "currency": "AUD",
+        "issue_date": date(2025, 3, 3),
+        "due_date": date(2025, 3, 17),
+        "reference": "PO-4411",
+        "lines": (
+            InvoiceLine(
+                description="Discovery workshop",
+                quantity=Decimal(1),
+                unit_price=Decimal("2500.00"),
+                account_code="200",
+                tax_type="OUTPUT",
+            ),
+            InvoiceLine(
+                description="Build sprint",
+                quantity=Decimal("1.5"),
+                unit_price=Decimal("333.333"),
+                account_code="200",
+                tax_type="OUTPUT",
+                item_code="SPRINT",
+            ),
+        ),
+    }
+    return InvoiceDraft(**{**values, **overrides})
+
+
+# ---------------------------------------------------------------------------
+# Registration and settings
+# ---------------------------------------------------------------------------
+
+
+async def test_connector_plays_invoicing_and_is_registered() -> None:
+    """The connector is an Invoicing and the entry point `xero` loads its spec."""
+    async with rig() as r:
+        assert isinstance(r.connector, Invoicing)
+        assert load("xero") is SPEC
+        assert SPEC.settings_model is XeroSettings
+        assert set(SPEC.secret_fields) == {"client_secret", "webhook_key"}
+
+
+async def test_code_flow_requires_a_tenant_and_unitdp_is_four_or_unset() -> None:
+    """The code flow without tenant_id is a ConfigError when built; settings refuse a unitdp other than 4."""
+    emulator = XeroEmulator()
+    async with rig() as r:
+        with pytest.raises(ConfigError, match="syncd auth xero"):
+            r.connect(grant="authorization_code", tenant_id=None)
+    with pytest.raises(ValidationError, match="unitdp"):
+        settings(emulator, unitdp=3)
+    assert settings(emulator, unitdp=None).unitdp is None
+
+
+# ---------------------------------------------------------------------------
+# Customers
+# ---------------------------------------------------------------------------
+
+
+async def test_a_customer_is_created_once_and_found_again_by_contact_number() -> None:
+    """upsert_customer creates the contact with its details once, then finds it by ContactNumber."""
+    async with rig() as r:
+        first = await r.connector.upsert_customer(client_record())
+        again = await r.connector.upsert_customer(client_record())
+        assert first == again
+        (contact,) = r.emulator.contacts()
+        assert contact["ContactNumber"] == "hubspot:company:42"
+        assert contact["EmailAddress"] == "ap@northwind.example"
+        assert (contact["FirstName"], contact["LastName"]) == ("Dana", "Reyes")
+        assert contact["TaxNumber"] == "51 824 753 556"
+        assert contact["PaymentTerms"] == {"Sales": {"Day": 14, "Type": "DAYSAFTERBILLDATE"}}
+        postal = next(a for a in contact["Addresses"] if a["AddressType"] == "POBOX")
+        assert (postal["AddressLine1"], postal["City"], postal["AttentionTo"]) == (
+            "1 Harbour St",
+            "Sydney",
+            "Dana Reyes",
+        )
+        assert r.emulator.calls["createContacts"] == 1
+
+
+async def test_a_long_client_key_is_stamped_in_a_stable_short_form() -> None:
+    """A client key over 50 characters becomes `syncd-` plus a hash, the same every time."""
+    long_key = "salesforce:account:" + "x" * 60
+    assert contact_number(long_key) == contact_number(long_key)
+    assert contact_number(long_key).startswith("syncd-")
+    assert len(contact_number(long_key)) == 50
+    async with rig() as r:
+        first = await r.connector.upsert_customer(client_record(key=long_key))
+        assert await r.connector.upsert_customer(client_record(key=long_key)) == first
+        (contact,) = r.emulator.contacts()
+        assert contact["ContactNumber"] == contact_number(long_key)
+
+
+async def test_a_same_name_contact_without_a_number_is_adopted() -> None:
+    """A contact with the exact legal name and no ContactNumber is stamped and reused, and the adoption is logged."""
+    async with rig() as r:
+        seeded = r.emulator.seed_contact("Northwind Traders LLC")
+        with structlog.testing.capture_logs() as logs:
+            found = await r.connector.upsert_customer(client_record())
+        assert found == seeded["ContactID"]
+        (contact,) = r.emulator.contacts()
+        assert contact["ContactNumber"] == "hubspot:company:42"
+        assert r.emulator.calls["createContacts"] == 0
+        assert any(entry["event"] == "xero_contact_adopted" for entry in logs)
+
+
+async def test_a_same_name_contact_of_another_client_is_not_touched() -> None:
+    """A same-name contact stamped for another client stays as it is; the name clash is reported clearly."""
+    async with rig() as r:
+        other = r.emulator.seed_contact("Northwind Traders LLC", contact_number="hubspot:company:7")
+        with pytest.raises(FatalError, match=r"Xero contact names must be\s+unique") as caught:
+            await r.connector.upsert_customer(client_record())
+        assert other["ContactID"] in str(caught.value)
+        (contact,) = r.emulator.contacts()
+        assert contact["ContactNumber"] == "hubspot:company:7"
+
+
+async def test_quotes_in_a_legal_name_are_escaped_in_the_where_filter() -> None:
+    """A legal name with quotes and a backslash is found again through the where filter."""
+    name = 'The "Best" Widgets \\ Co'
+    async with rig() as r:
+        seeded = r.emulator.seed_contact(name)
+        assert await r.connector.upsert_customer(client_record(name=name)) == seeded["ContactID"]
+    assert compile_where('Name=="The \\"Best\\" Widgets \\\\ Co"')({"Name": name})
+
+
+# ---------------------------------------------------------------------------
+# Invoices
+# ---------------------------------------------------------------------------
+
+
+async def test_an_invoice_is_created_with_every_field() -> None:
+    """The invoice carries contact, dates, line amount types, currency, status, lines and the stamped reference."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        status = await r.connector.create_invoice(draft(), contact_id)
+        (invoice,) = r.emulator.invoices()
+        assert invoice["Type"] == "ACCREC"
+        assert invoice["Contact"]["ContactID"] == contact_id
+        assert (invoice["DateString"], invoice["DueDateString"]) == ("2025-03-03T00:00:00", "2025-03-17T00:00:00")
+        assert invoice["Date"] == "/Date(1740960000000+0000)/"
+        assert (invoice["LineAmountTypes"], invoice["CurrencyCode"], invoice["Status"]) == (
+            "Exclusive",
+            "AUD",
+            "AUTHORISED",
+        )
+        assert invoice["Reference"] == f"PO-4411 · syncd:{KEY}"
+        second = invoice["LineItems"][1]
+        assert (second["AccountCode"], second["TaxType"], second["ItemCode"]) == ("200", "OUTPUT", "SPRINT")
+        assert second["UnitAmount"] == Decimal("333.3330")
+        assert status.invoice_id == invoice["InvoiceID"]
+        assert status.number == invoice["InvoiceNumber"] == "INV-0001"
+        assert status.state is InvoiceState.AUTHORISED
+        assert status.reference == invoice["Reference"]
+        assert status.due_date == date(2025, 3, 17)
+        assert status.updated_at == START
+
+        request = next(req for req, _ in r.exchanges if req.method == "PUT" and req.url.path.endswith("/Invoices"))
+        assert request.headers["idempotency-key"] == KEY
+        assert request.headers["accept"] == "application/json"
+        assert request.headers["xero-tenant-id"] == r.emulator.tenant_id
+        assert request.url.params["unitdp"] == "4"
+        assert b'"UnitAmount":333.3330' in request.content
+        assert b'"Quantity":1.5' in request.content
+
+
+async def test_totals_match_the_draft() -> None:
+    """Subtotal equals the draft's; tax is 10 % per line, rounded half-up; total and amount due follow."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        the_draft = draft()
+        status = await r.connector.create_invoice(the_draft, contact_id)
+        assert status.subtotal == the_draft.subtotal() == Decimal("3000.00")
+        # 2500.00 → 250.00 tax; 1.5 × 333.333 = 500.00 (rounded) → 50.00 tax
+        assert status.total == Decimal("3300.00")
+        assert status.amount_due == Decimal("3300.00")
+        assert status.amount_paid == 0
+
+
+async def test_inclusive_and_no_tax_lines_are_totalled_as_xero_does() -> None:
+    """Inclusive prices carry their tax inside; NoTax invoices carry none."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        line = InvoiceLine(
+            description="Retainer", quantity=Decimal(1), unit_price=Decimal("110.00"), account_code="200"
+        )
+        inclusive = await r.connector.create_invoice(
+            draft(key="a" * 32, lines=(line,), line_amount_types="Inclusive"), contact_id
+        )
+        assert (inclusive.subtotal, inclusive.total) == (Decimal("100.00"), Decimal("110.00"))
+        untaxed = await r.connector.create_invoice(
+            draft(key="b" * 32, lines=(line,), line_amount_types="NoTax"), contact_id
+        )
+        assert (untaxed.subtotal, untaxed.total) == (Decimal("110.00"), Decimal("110.00"))
+
+
+async def test_the_same_key_twice_makes_one_invoice() -> None:
+    """Creating the same draft twice returns the first invoice (Idempotency-Key) and stores one."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        first = await r.connector.create_invoice(draft(), contact_id)
+        second = await r.connector.create_invoice(draft(), contact_id)
+        assert first.invoice_id == second.invoice_id
+        assert len(r.emulator.invoices()) == 1
+
+
+async def test_a_reused_key_with_a_different_body_is_refused() -> None:
+    """The same Idempotency-Key with another request is answered 400 and creates nothing."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        await r.connector.create_invoice(draft(), contact_id)
+        with pytest.raises(FatalError, match="used with a different request"):
+            await r.connector.create_invoice(draft(reference="PO-9999"), contact_id)
+        assert len(r.emulator.invoices()) == 1
+
+
+async def test_a_dropped_answer_is_retried_with_the_same_key() -> None:
+    """A response lost after Xero committed is retried; the key replays it and no second invoice appears."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        r.emulator.faults.add(Fault(kind="drop_response", method="PUT", path_contains="/Invoices"))
+        status = await r.connector.create_invoice(draft(), contact_id)
+        (invoice,) = r.emulator.invoices()
+        assert status.invoice_id == invoice["InvoiceID"]
+        assert r.emulator.calls["createInvoices"] == 2
+
+
+async def test_after_every_answer_is_lost_find_invoice_finds_it() -> None:
+    """When every attempt's answer is lost, find_invoice(key) finds the one invoice Xero stored."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        r.emulator.faults.add(Fault(kind="drop_response", method="PUT", path_contains="/Invoices", times=None))
+        with pytest.raises(RetriableError):
+            await r.connector.create_invoice(draft(), contact_id)
+        r.emulator.faults.clear()
+        found = await r.connector.find_invoice(KEY)
+        (invoice,) = r.emulator.invoices()
+        assert found is not None
+        assert found.invoice_id == invoice["InvoiceID"]
+        assert await r.connector.find_invoice("f" * 32) is None
+
+
+async def test_a_long_po_is_trimmed_and_the_stamp_kept() -> None:
+    """A PO number too long for Reference's 255 characters is trimmed; the stamp stays whole."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        status = await r.connector.create_invoice(draft(reference="P" * 400), contact_id)
+        assert status.reference is not None
+        assert len(status.reference) == 255
+        assert status.reference.endswith(f" · syncd:{KEY}")
+        assert await r.connector.find_invoice(KEY) == status
+
+
+async def test_a_rejected_draft_lists_xeros_validation_messages() -> None:
+    """A 400 ValidationException becomes a FatalError quoting each of Xero's messages."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        bad = InvoiceLine(
+            description="x", quantity=Decimal(1), unit_price=Decimal(1), account_code="999", tax_type="BOGUS"
+        )
+        with pytest.raises(XeroRejected) as caught:
+            await r.connector.create_invoice(draft(lines=(bad,), currency="JPY"), contact_id)
+        assert isinstance(caught.value, FatalError)
+        assert "Account code '999' is not a valid code for this document." in caught.value.messages
+        assert "Organisation is not subscribed to currency JPY" in caught.value.messages
+        assert any("BOGUS" in message for message in caught.value.messages)
+        assert r.emulator.invoices() == []
+
+
+async def test_a_credit_note_is_created_found_and_reread() -> None:
+    """A credit-note draft becomes an ACCRECCREDIT credit note that find_invoice and get_invoice see."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        status = await r.connector.create_invoice(draft(kind=DraftKind.CREDIT_NOTE, send=True), contact_id)
+        (note,) = r.emulator.credit_notes()
+        assert note["Type"] == "ACCRECCREDIT"
+        assert note["CreditNoteNumber"] == "CN-0001"
+        assert note["Reference"] == f"PO-4411 · syncd:{KEY}"
+        assert r.emulator.invoices() == []
+        assert r.emulator.emails == []
+        assert status.invoice_id == note["CreditNoteID"]
+        assert status.total == Decimal("3300.00")
+        assert status.amount_due == Decimal("3300.00")
+        assert await r.connector.find_invoice(KEY) == status
+        assert (await r.connector.get_invoice(status.invoice_id)).invoice_id == status.invoice_id
+
+
+async def test_an_approved_invoice_is_emailed_when_asked() -> None:
+    """send=True emails an AUTHORISED invoice (204) and reports it sent; a draft is never emailed."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        sent = await r.connector.create_invoice(draft(send=True), contact_id)
+        assert r.emulator.emails == [sent.invoice_id]
+        assert sent.state is InvoiceState.SENT
+        assert (await r.connector.get_invoice(sent.invoice_id)).state is InvoiceState.SENT
+        kept = await r.connector.create_invoice(draft(key="c" * 32, send=True, status="draft"), contact_id)
+        assert kept.state is InvoiceState.DRAFT
+        assert r.emulator.emails == [sent.invoice_id]
+
+
+async def test_get_invoice_of_an_unknown_id_raises_not_found() -> None:
+    """get_invoice raises NotFound when neither an invoice nor a credit note has the id."""
+    async with rig() as r:
+        with pytest.raises(NotFound):
+            await r.connector.get_invoice("6f1c2e0a-0000-4000-8000-000000000000")
+
+
+async def test_payments_move_the_invoice_to_partially_paid_then_paid() -> None:
+    """pay_invoice updates AmountPaid/AmountDue/Status; the connector maps them."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        status = await r.connector.create_invoice(draft(), contact_id)
+        await r.emulator.pay_invoice(status.invoice_id, Decimal("1000.00"))
+        part = await r.connector.get_invoice(status.invoice_id)
+        assert part.state is InvoiceState.PARTIALLY_PAID
+        assert (part.amount_paid, part.amount_due) == (Decimal("1000.00"), Decimal("2300.00"))
+        await r.emulator.pay_invoice(status.invoice_id, Decimal("2300.00"))
+        paid = await r.connector.get_invoice(status.invoice_id)
+        assert paid.state is InvoiceState.PAID
+        assert paid.amount_due == 0
+        with pytest.raises(ValueError, match="status PAID"):
+            await r.emulator.pay_invoice(status.invoice_id, Decimal("1.00"))
+
+
+# ---------------------------------------------------------------------------
+# Polling
+# ---------------------------------------------------------------------------
+
+
+async def test_poll_changes_reads_invoices_changed_since_the_cursor() -> None:
+    """poll_changes starts now, then reports changed invoices with If-Modified-Since and a stable event id."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        start = await r.connector.poll_changes(None)
+        assert start.hints == ()
+        assert not start.more
+        r.clock.advance(60)
+        created = await r.connector.create_invoice(draft(), contact_id)
+        page = await r.connector.poll_changes(start.cursor)
+        assert [hint.object_id for hint in page.hints] == [created.invoice_id]
+        (hint,) = page.hints
+        assert hint.object_type == "invoice"
+        assert hint.connection == "xero"
+        assert hint.event_id == f"poll:{created.invoice_id}:{(START + timedelta(seconds=60)).isoformat()}"
+        poll = [req for req, _ in r.exchanges if req.method == "GET" and "page" in req.url.params][-1]
+        assert poll.headers["if-modified-since"] == (START).isoformat()
+
+        r.clock.advance(60)
+        await r.emulator.pay_invoice(created.invoice_id, Decimal("100.00"))
+        later = await r.connector.poll_changes(page.cursor)
+        assert [h.event_id for h in later.hints] == [
+            f"poll:{created.invoice_id}:{(START + timedelta(seconds=120)).isoformat()}"
+        ]
+
+
+async def test_poll_changes_pages_until_the_last_page() -> None:
+    """With more changes than a page holds, poll_changes says `more` and continues on the next page."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        start = await r.connector.poll_changes(None)
+        for n in range(3):
+            r.clock.advance(1)
+            await r.connector.create_invoice(draft(key=f"{n:032x}"), contact_id)
+        r.connector.page_size = 2
+        first = await r.connector.poll_changes(start.cursor)
+        second = await r.connector.poll_changes(first.cursor)
+        assert (len(first.hints), first.more, len(second.hints), second.more) == (2, True, 1, False)
+        seen = {h.object_id for h in (*first.hints, *second.hints)}
+        assert seen == {invoice["InvoiceID"] for invoice in r.emulator.invoices()}
+
+
+async def test_an_unreadable_cursor_is_a_fatal_error() -> None:
+    """A cursor that is not the connector's JSON raises FatalError naming the fix."""
+    async with rig() as r:
+        with pytest.raises(FatalError, match="reset the connection's cursor"):
+            await r.connector.poll_changes("yesterday")
+
+
+# ---------------------------------------------------------------------------
+# Auth
+# ---------------------------------------------------------------------------
+
+
+async def test_client_credentials_token_is_fetched_once_and_cached_until_expiry() -> None:
+    """A custom connection fetches a token with basic auth, reuses it, and fetches again after 30 minutes."""
+    async with rig(tenant_id=None) as r:
+        await r.connector.check()
+        await r.connector.check()
+        assert r.emulator.calls["token"] == 1
+        assert r.store.tokens is not None
+        assert r.store.tokens["grant"] == "client_credentials"
+        token_request = next(req for req, _ in r.exchanges if req.url.path == "/connect/token")
+        assert token_request.headers["authorization"].startswith("Basic ")
+        assert b"grant_type=client_credentials" in token_request.content
+        api = next(req for req, _ in r.exchanges if req.url.path.endswith("/Organisation"))
+        assert "xero-tenant-id" not in api.headers
+        r.clock.advance(1800)
+        assert await r.connector.check() == []
+        assert r.emulator.calls["token"] == 2
+
+
+async def test_wrong_client_credentials_are_reported_without_the_secret() -> None:
+    """check() names the refused grant and never prints the secret."""
+    async with rig(client_secret="not-the-secret") as r:
+        (problem,) = await r.connector.check()
+        assert "invalid_client" in problem
+        assert "client_credentials" in problem
+        assert "not-the-secret" not in problem
+
+
+async def code_flow(r: Rig) -> XeroConnector:
+    """Run the consent + code exchange (what `syncd auth xero` does) and store the tokens."""
+    conf = settings(r.emulator, grant="authorization_code")
+    url = consent_url(conf, state="st4te")
+    answer = await r.client.get(url)
+    assert answer.status_code == 302
+    redirect = httpx.URL(answer.headers["location"])
+    assert redirect.params["state"] == "st4te"
+    assert str(redirect).startswith(conf.redirect_uri)
+    tokens = await exchange_code(conf, r.client, redirect.params["code"], now=lambda: r.clock().timestamp())
+    await r.store.save(tokens)
+    return r.connect(grant="authorization_code")
+
+
+async def test_syncd_auth_code_flow_connects_and_lists_tenants() -> None:
+    """The spec's code flow: consent URL, redirect URI, code exchange with a refresh token, tenant lines."""
+    async with rig() as r:
+        flow = SPEC.code_flow
+        assert flow is not None
+        conf = settings(r.emulator, grant="authorization_code", tenant_id=None)
+        assert flow.redirect_uri(conf) == "http://localhost:8765/callback"
+        answer = await r.client.get(flow.consent_url(conf, "s1"))
+        code = httpx.URL(answer.headers["location"]).params["code"]
+        tokens = await flow.exchange_code(conf, r.client, code)
+        assert set(tokens) >= {"access_token", "refresh_token", "expires_at"}
+        lines = await flow.describe(conf, r.client, tokens)
+        assert lines[0].startswith(f'tenant_id = "{r.emulator.tenant_id}"')
+        assert "set one of these tenant_id lines" in lines[-1]
+        with pytest.raises(AuthError, match="authorization_code"):
+            await flow.exchange_code(conf, r.client, code)
+
+
+async def test_the_consent_url_carries_the_documented_parameters() -> None:
+    """consent_url asks for a code with client id, redirect URI, space-separated scopes and state."""
+    conf = settings(XeroEmulator(), grant="authorization_code")
+    url = httpx.URL(consent_url(conf, state="abc"))
+    assert url.params["response_type"] == "code"
+    assert url.params["client_id"] == conf.client_id
+    assert url.params["redirect_uri"] == "http://localhost:8765/callback"
+    assert url.params["state"] == "abc"
+    assert url.params["scope"].split() == list(conf.scopes)
+    assert "offline_access" in conf.scopes
+    assert "%20" in str(url)
+
+
+async def test_code_flow_refresh_rotates_saves_before_use_and_spends_the_old_token() -> None:
+    """An expired access token is refreshed under the lock; the new set is saved before use; the old refresh token is dead."""
+    async with rig() as r:
+        connector = await code_flow(r)
+        first = dict(r.store.tokens or {})
+        connections = await list_connections(connector.settings, r.client, first["access_token"])
+        assert [c["tenantId"] for c in connections] == [r.emulator.tenant_id]
+        assert await connector.check() == []
+        r.clock.advance(1800)
+        await connector.find_invoice(KEY)
+        fresh = dict(r.store.tokens or {})
+        assert fresh["refresh_token"] != first["refresh_token"]
+        assert fresh["access_token"] != first["access_token"]
+        assert r.store._lock.entered == 1
+        saved = r.events.index(("save", fresh["access_token"]))
+        used = r.events.index(("request", fresh["access_token"]))
+        assert saved < used
+        replay = await r.client.post(
+            f"{HOST}/connect/token",
+            data={"grant_type": "refresh_token", "refresh_token": first["refresh_token"]},
+            auth=(r.emulator.client_id, r.emulator.client_secret),
+        )
+        assert replay.status_code == 400
+        assert replay.json() == {"error": "invalid_grant"}
+
+
+async def test_a_replica_reuses_tokens_another_replica_refreshed() -> None:
+    """Inside the lock, tokens already refreshed by another replica are used; the spent refresh token is not sent."""
+    async with rig() as r:
+        one = await code_flow(r)
+        two = r.connect(grant="authorization_code")
+        await one.find_invoice(KEY)
+        await two.find_invoice(KEY)
+        r.clock.advance(1800)
+        await one.find_invoice(KEY)
+        await two.find_invoice(KEY)
+        assert r.emulator.calls["token"] == 2  # the code exchange and one refresh
+        assert r.store._lock.entered == 2  # the second replica took the lock, found fresh tokens
+
+
+async def test_a_401_refreshes_once_and_retries() -> None:
+    """A token revoked at Xero is answered 401; the flow refreshes and the call succeeds."""
+    async with rig() as r:
+        connector = await code_flow(r)
+        assert await connector.find_invoice(KEY) is None
+        r.emulator.revoke_access_tokens()
+        assert await connector.find_invoice(KEY) is None
+        assert r.emulator.calls["token"] == 2
+        assert [resp.status_code for req, resp in r.exchanges if req.url.path.endswith("/Invoices")] == [200, 401, 200]
+
+
+async def test_check_never_rotates_the_refresh_token() -> None:
+    """check() uses a valid stored token as it is, and reports an expired one without refreshing."""
+    async with rig() as r:
+        connector = await code_flow(r)
+        before = dict(r.store.tokens or {})
+        assert await connector.check() == []
+        assert r.emulator.calls["getOrganisations"] == 1
+        r.clock.advance(1800)
+        (problem,) = await connector.check()
+        assert "expired" in problem
+        assert "daemon" in problem
+        assert r.emulator.calls["token"] == 1
+        assert r.emulator.calls["getOrganisations"] == 1
+        assert r.store.tokens == before
+
+
+async def test_check_without_stored_tokens_says_how_to_connect() -> None:
+    """With the code flow and no stored tokens, check() points at `syncd auth xero`."""
+    async with rig(grant="authorization_code") as r:
+        (problem,) = await r.connector.check()
+        assert "syncd auth xero" in problem
+
+
+# ---------------------------------------------------------------------------
+# Rate limits
+# ---------------------------------------------------------------------------
+
+
+async def test_a_429_is_retried_after_retry_after() -> None:
+    """Past 2 calls a minute the emulator answers 429 with Retry-After; the retry waits exactly that."""
+    async with rig({"rate_limit_per_min": 2}, rate_limit_per_min=None, max_concurrent=None) as r:
+        assert await r.connector.check() == []
+        assert await r.connector.check() == []
+        assert await r.connector.check() == []
+        assert r.sleeps == [60.0]
+        limited = [resp for _, resp in r.exchanges if resp.status_code == 429]
+        assert [resp.headers["x-rate-limit-problem"] for resp in limited] == ["minute"]
+        assert limited[0].headers["retry-after"] == "60"
+        ok = [resp for req, resp in r.exchanges if resp.status_code == 200 and req.url.path.endswith("/Organisation")]
+        assert ok[0].headers["x-minlimit-remaining"] == "1"
+        assert ok[0].headers["x-daylimit-remaining"] == "4999"
+
+
+async def test_a_sixth_concurrent_call_is_refused_and_limits_can_be_switched_off() -> None:
+    """With five calls in flight the next is a 429 naming the concurrent limit; rate_limits=False sends no limit headers."""
+    async with rig(rate_limit_per_min=None, max_concurrent=None) as r:
+        r.emulator._inflight[r.emulator.tenant_id] = 5  # five calls held open at Xero
+        r.connector.http.max_attempts = 1
+        (problem,) = await r.connector.check()
+        assert "429" in problem
+        (limited,) = [resp for _, resp in r.exchanges if resp.status_code == 429]
+        assert limited.headers["x-rate-limit-problem"] == "concurrent"
+        assert "retry-after" not in limited.headers
+    async with rig({"rate_limits": False}) as r:
+        assert await r.connector.check() == []
+        (ok,) = [resp for req, resp in r.exchanges if req.url.path.endswith("/Organisation")]
+        assert "x-minlimit-remaining" not in ok.headers
+
+
+async def test_an_injected_429_and_503_are_retried() -> None:
+    """Faults: a 429 with Retry-After 7 and a 503 are both retried to success."""
+    async with rig() as r:
+        r.emulator.faults.add(Fault(kind="status", status=429, retry_after_s=7, path_contains="/Organisation"))
+        r.emulator.faults.add(Fault(kind="status", status=503, path_contains="/Organisation"))
+        assert await r.connector.check() == []
+        assert r.sleeps[0] == 7.0
+        assert len(r.sleeps) == 2
+
+
+async def test_the_emulator_wants_accept_json_and_a_bearer_token() -> None:
+    """Without Accept: application/json the emulator answers 406; without a token 401; a wrong tenant 403."""
+    async with rig() as r:
+        answer = await r.client.get(f"{HOST}/api.xro/2.0/Organisation")
+        assert answer.status_code == 406
+        answer = await r.client.get(f"{HOST}/api.xro/2.0/Organisation", headers={"Accept": "application/json"})
+        assert answer.status_code == 401
+        token = (
+            await r.client.post(
+                f"{HOST}/connect/token",
+                data={"grant_type": "client_credentials"},
+                auth=(r.emulator.client_id, r.emulator.client_secret),
+            )
+        ).json()["access_token"]
+        headers = {"Accept": "application/json", "Authorization": f"Bearer {token}", "Xero-tenant-id": "nope"}
+        answer = await r.client.get(f"{HOST}/api.xro/2.0/Organisation", headers=headers)
+        assert answer.status_code == 403
+
+
+# ---------------------------------------------------------------------------
+# Webhooks
+# ---------------------------------------------------------------------------
+
+
+def delivery(body: bytes, signature: str | None) -> WebhookRequest:
+    headers = {"content-type": "application/json"}
+    if signature is not None:
+        headers["x-xero-signature"] = signature
+    return WebhookRequest(
+        method="POST", url="https://syncd.example/webhooks/xero", headers=headers, body=body, received_at=START
+    )
+
+
+def event_body(**changes: Any) -> bytes:
+    event = {
+        "resourceUrl": "https://api.xero.com/api.xro/2.0/Invoices/717f2bfc-c6d4-41fd-b238-3f2f0c0cf777",
+        "resourceId": "717f2bfc-c6d4-41fd-b238-3f2f0c0cf777",
+        "eventDateUtc": "2025-03-03T09:15:39.902",
+        "eventType": "UPDATE",
+        "eventCategory": "INVOICE",
+        "tenantId": "3f7c2a6e-9b1d-4e58-a2c4-6d0e8f1b7a39",
+        "tenantType": "ORGANISATION",
+        **changes,
+    }
+    return dump_json(
+        {"events": [event], "firstEventSequence": 3, "lastEventSequence": 3, "entropy": "FXNGWLCCGVANWHKILRUB"}
+    )
+
+
+def test_the_verifier_accepts_a_good_signature_and_rejects_a_bad_one() -> None:
+    """A correctly signed delivery yields hints; a wrong, missing or unkeyed signature raises AuthError."""
+    emulator = XeroEmulator()
+    verifier = SPEC.verifier(settings(emulator), FakeClock()) if SPEC.verifier else None
+    assert isinstance(verifier, XeroWebhookVerifier)
+    body = event_body()
+    (hint,) = verifier.verify(delivery(body, emulator.signature(body)))
+    assert hint == ChangeHint(
+        connection="xero",
+        object_type="invoice",
+        object_id="717f2bfc-c6d4-41fd-b238-3f2f0c0cf777",
+        event_id="717f2bfc-c6d4-41fd-b238-3f2f0c0cf777:UPDATE:2025-03-03T09:15:39.902",
+        occurred_at=datetime(2025, 3, 3, 9, 15, 39, 902000, tzinfo=UTC),
+        kind="INVOICE.UPDATE",
+    )
+    with pytest.raises(AuthError, match="does not match"):
+        verifier.verify(delivery(body, emulator.signature(body + b" ")))
+    with pytest.raises(AuthError, match="missing"):
+        verifier.verify(delivery(body, None))
+    with pytest.raises(AuthError, match="webhook_key"):
+        XeroWebhookVerifier(key=None, connection="xero").verify(delivery(body, emulator.signature(body)))
+
+
+def test_contact_events_become_contact_hints_and_other_tenants_are_skipped() -> None:
+    """CONTACT events are `contact` hints; events of another organisation are not this connection's."""
+    emulator = XeroEmulator()
+    verifier = XeroWebhookVerifier(key=emulator.webhook_key, connection="xero", tenant_id=emulator.tenant_id)
+    body = event_body(eventCategory="CONTACT", eventType="CREATE")
+    (hint,) = verifier.verify(delivery(body, emulator.signature(body)))
+    assert (hint.object_type, hint.kind) == ("contact", "CONTACT.CREATE")
+    elsewhere = event_body(tenantId="00000000-0000-0000-0000-000000000001")
+    assert verifier.verify(delivery(elsewhere, emulator.signature(elsewhere))) == []
+
+
+def test_the_intent_to_receive_handshake() -> None:
+    """An empty, correctly signed ITR delivery verifies to no hints; a wrongly signed one is refused."""
+    emulator = XeroEmulator()
+    verifier = XeroWebhookVerifier(key=emulator.webhook_key, connection="xero")
+    body = b'{"events": [], "lastEventSequence": 0, "firstEventSequence": 0, "entropy": "S0m3r4Nd0mt3xt"}'
+    assert verifier.verify(delivery(body, emulator.signature(body))) == []
+    with pytest.raises(AuthError):
+        verifier.verify(delivery(body, emulator.signature(b"{}")))
+
+
+def test_a_signed_but_malformed_delivery_names_the_field() -> None:
+    """Correctly signed but malformed bodies raise RecordError naming the field."""
+    emulator = XeroEmulator()
+    verifier = XeroWebhookVerifier(key=emulator.webhook_key, connection="xero")
+    missing = json.loads(event_body())
+    del missing["events"][0]["eventDateUtc"]
+    body = json.dumps(missing).encode()
+    with pytest.raises(RecordError, match=r"events\.0\.eventDateUtc") as caught:
+        verifier.verify(delivery(body, emulator.signature(body)))
+    assert caught.value.place == "events.0.eventDateUtc"
+    bad_date = event_body(eventDateUtc="last tuesday")
+    with pytest.raises(RecordError, match="eventDateUtc"):
+        verifier.verify(delivery(bad_date, emulator.signature(bad_date)))
+    with pytest.raises(RecordError, match="not JSON"):
+        verifier.verify(delivery(b"<xml/>", emulator.signature(b"<xml/>")))
+
+
+def receiver(verifier: XeroWebhookVerifier, received: list[ChangeHint]) -> Starlette:
+    """A stand-in for syncd's webhook endpoint: 200 when verified, 401 when not."""
+
+    async def hook(request: Request) -> Response:
+        body = await request.body()
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        try:
+            received.extend(
+                verifier.verify(
+                    WebhookRequest(method="POST", url=str(request.url), headers=headers, body=body, received_at=START)
+                )
+            )
+        except AuthError:
+            return Response(status_code=401)
+        return Response(status_code=200)
+
+    return Starlette(routes=[Route("/webhooks/xero", hook, methods=["POST"])])
+
+
+async def test_pay_invoice_delivers_a_signed_invoice_update_and_itr_passes() -> None:
+    """The emulator's ITR gets (200, 401) from a verifying endpoint, and a payment arrives as INVOICE.UPDATE."""
+    async with rig() as r:
+        received: list[ChangeHint] = []
+        verifier = XeroWebhookVerifier(key=r.emulator.webhook_key, connection="xero", tenant_id=r.emulator.tenant_id)
+        app = receiver(verifier, received)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as syncd:
+            r.emulator.subscribe("http://syncd.test/webhooks/xero", syncd)
+            assert await r.emulator.intent_to_receive() == (200, 401)
+            contact_id = await r.connector.upsert_customer(client_record())
+            status = await r.connector.create_invoice(draft(), contact_id)
+            await r.emulator.pay_invoice(status.invoice_id, Decimal("3300.00"))
+        (hint,) = received
+        assert (hint.object_id, hint.kind, hint.occurred_at) == (status.invoice_id, "INVOICE.UPDATE", START)
+        delivery_sent = r.emulator.webhooks.deliveries[-1]
+        assert delivery_sent.status == 200
+        assert load_json(delivery_sent.body)["lastEventSequence"] == 1
