@@ -41,7 +41,9 @@ async def _until(what: str, check: Callable[[], bool], timeout_s: float = 60.0) 
 def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "syncd", "run", "--config", str(config)], stdout=out, stderr=out, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "syncd", "run", "--config", str(config)], stdout=out, stderr=out, env=env
+        )
 
 
 async def _healthy(client: httpx.AsyncClient, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -103,7 +105,9 @@ async def test_sigkill_after_the_vendor_committed_leaves_exactly_one_invoice(tmp
         second = _start(config, log)
         try:
             await _healthy(client, url, second, log)
-            await _until("the deal to be updated", lambda: bool(hub.deal(deal)["properties"].get("syncd_invoice_number")))
+            await _until(
+                "the deal to be updated", lambda: bool(hub.deal(deal)["properties"].get("syncd_invoice_number"))
+            )
             assert len(xero.invoices()) == 1
             assert hub.deal(deal)["properties"]["syncd_invoice_number"] == xero.invoices()[0]["InvoiceNumber"]
             second.send_signal(signal.SIGTERM)
