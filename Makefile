@@ -18,8 +18,8 @@ demo: install
 	$(BIN)/syncd demo
 
 lint: install-dev
-	$(BIN)/ruff check syncd connectors tests bench
-	$(BIN)/ruff format --check syncd connectors tests bench
+	$(BIN)/ruff check syncd connectors tests $(wildcard bench)
+	$(BIN)/ruff format --check syncd connectors tests $(wildcard bench)
 	$(BIN)/mypy syncd connectors
 
 test: lint

@@ -275,6 +275,14 @@ class Engagement(Model):
             logged billable hours reach another multiple of this percentage of the cap.
         over_cap: hours beyond the cap are invoiced (``bill``) or held back (``hold``).
         group_hours_by: hourly invoice lines are one per task, person or project.
+        amount_effective: first day (in the client's zone) the current ``amount``
+            applies, read from the source with the amount; when the amount changes,
+            the engine records an :class:`AmountChange` effective that day (``None``:
+            the day the source recorded the change).
+        time_project_id: the time tracker's id of the project whose hours this
+            (hourly) engagement bills.
+        cap_from_tracker: take ``cap_hours`` from the time tracker project's budget in
+            hours instead of the source.
     """
 
     key: str
@@ -304,6 +312,9 @@ class Engagement(Model):
     cap_step_percent: Decimal = Decimal(100)
     over_cap: Literal["bill", "hold"] = "hold"
     group_hours_by: Literal["task", "person", "project"] = "task"
+    amount_effective: date | None = None
+    time_project_id: str | None = None
+    cap_from_tracker: bool = False
 
     @field_validator("currency")
     @classmethod

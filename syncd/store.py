@@ -247,6 +247,25 @@ class TickRow(SQLModel, table=True):
     started_at: datetime = _ts()
 
 
+class TimeEntryRow(SQLModel, table=True):
+    """A time entry read from a time tracker, and the billing event that invoiced it.
+
+    ``data`` is the canonical :class:`~syncd.interfaces.TimeEntry`, refreshed on every
+    read; ``invoice_key`` is set once, in the transaction that records the billing
+    event, and never cleared or overwritten, so an entry is invoiced at most once.
+    """
+
+    __tablename__ = "time_entries"
+    connection: str = Field(primary_key=True)
+    entry_id: str = Field(primary_key=True)
+    project_id: str = Field(index=True)
+    data: dict[str, Any] = _json(nullable=False)
+    updated_at: datetime = _ts()  # the tracker's last change
+    fetched_at: datetime = _ts()
+    invoice_key: str | None = Field(default=None, index=True)
+    invoiced_at: datetime | None = _ts(nullable=True)
+
+
 Row = TypeVar("Row", EventRow, EffectRow)
 
 
