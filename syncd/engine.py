@@ -114,7 +114,11 @@ class Engine:
     async def run_worker(self, stop: asyncio.Event, *, batch: int = 10, idle_s: float = 1.0) -> None:
         """Process events and effects until ``stop`` is set, then finish the claimed batch."""
         while not stop.is_set():
-            done = await self.process_events(batch) + await self.execute_effects(batch)
+            try:
+                done = await self.process_events(batch) + await self.execute_effects(batch)
+            except Exception:  # the database is away, or a bug: keep the worker alive
+                log.exception("worker_error")
+                done = 0
             if done == 0:
                 self.wake.clear()
                 sleepers = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
@@ -502,6 +506,10 @@ class Engine:
             return
         except SyncdError as exc:
             await self._bury(model, row, source, exc)
+            return
+        except Exception as exc:  # a bug or an untranslated library error: retry, then bury
+            log.exception("work_crashed", **log_ctx)
+            await self._retry_or_bury(model, row, source, RetriableError(f"unexpected {type(exc).__name__}: {exc}"))
             return
         if not settled:
             await self.store.finish(model, row, status="done", now=self.rt.clock())
