@@ -1,9 +1,12 @@
-"""The ``syncd`` command line: run, check, status, db, setup, auth, dead letters, demo."""
+"""The ``syncd`` command line: run, check, status, db, setup, auth, dead letters, demo,
+simulate, unbilled, backfill, preview."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,10 +25,16 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 setup_app = typer.Typer(help="One-time set-up at a vendor.", no_args_is_help=True)
 auth_app = typer.Typer(help="Connect an OAuth2 account.", no_args_is_help=True)
 dead_app = typer.Typer(help="Records that could not be processed.", no_args_is_help=True)
+preview_app = typer.Typer(
+    help="What a mapping produces, with no effect: `preview deal ID`, or `preview --mapping FILE` "
+    "to compare a proposed mapping with the current one over the stored deals.",
+    invoke_without_command=True,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(setup_app, name="setup")
 app.add_typer(auth_app, name="auth")
 app.add_typer(dead_app, name="dead-letters")
+app.add_typer(preview_app, name="preview")
 
 console = Console()
 err = Console(stderr=True)
@@ -71,9 +80,12 @@ def run(config: ConfigOption = Path("config.toml")) -> None:
 
 @app.command()
 def check(config: ConfigOption = Path("config.toml")) -> None:
-    """Validate the config and mappings and check each connection's credentials.
+    """Validate the config and mappings, check each connection's credentials, and the drift guard.
 
-    Safe beside a running daemon: it rotates no token and writes nothing.
+    The drift guard checks every mapping against the vendors' live schemas: each CRM
+    property it reads exists, each account code, tax type and currency it can produce
+    exists at the invoicing tool. Safe beside a running daemon: it rotates no token and
+    writes nothing.
     """
     problems = asyncio.run(_check(config))
     for problem in problems:
@@ -84,6 +96,7 @@ def check(config: ConfigOption = Path("config.toml")) -> None:
 
 
 async def _check(path: Path) -> list[str]:
+    from syncd.drift import check_pipelines
     from syncd.runtime import Runtime
 
     try:
@@ -97,11 +110,17 @@ async def _check(path: Path) -> list[str]:
         return list(exc.problems)
     problems: list[str] = []
     try:
+        failed: set[str] = set()
         for name, connector in runtime.connectors.items():
             try:
-                problems += [f"[connections.{name}]: {p}" for p in await connector.check()]
+                found = [f"[connections.{name}]: {p}" for p in await connector.check()]
             except SyncdError as exc:
-                problems.append(f"[connections.{name}]: {exc}")
+                found = [f"[connections.{name}]: {exc}"]
+            problems += found
+            if found:
+                failed.add(name)
+        # A connection whose credentials failed is not asked again (nor its token refreshed).
+        problems += [str(problem) for problem in await check_pipelines(runtime, skip=failed)]
     finally:
         await runtime.aclose()
     return problems
@@ -244,6 +263,214 @@ def demo(keep: Annotated[bool, typer.Option(help="Keep the temporary database.")
     syncd_logging.configure("warning")
     summary = asyncio.run(run_demo(keep=keep))
     if not summary.get("ok"):
+        raise typer.Exit(1)
+
+
+def _day(text: str, option: str) -> date:
+    """A ``YYYY-MM-DD`` option value, or a usage error naming the option."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a date (YYYY-MM-DD)", param_hint=option) from None
+
+
+@app.command()
+def simulate(
+    client: Annotated[str, typer.Option("--client", help="The client's key, e.g. hubspot:company:501.")],
+    from_: Annotated[str, typer.Option("--from", help="First day simulated (YYYY-MM-DD).")],
+    to: Annotated[str, typer.Option("--to", help="First day no longer simulated (YYYY-MM-DD).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """Run one client's full billing cycle over a range with no effects; print every event and draft."""
+    start, end = _day(from_, "--from"), _day(to, "--to")
+    if end <= start:
+        raise typer.BadParameter("must be after --from", param_hint="--to")
+    cfg = _load(config)
+    try:
+        found = asyncio.run(_simulate(cfg, client, start, end))
+    except SyncdError as exc:
+        _problem(str(exc))
+        raise typer.Exit(1) from None
+    if json_:
+        print(json.dumps([_simulated_json(item) for item in found], indent=2))
+        return
+    table = Table("day", "engagement", "event", "status", "draft", "lines", "total", title=f"{client}: {start} – {end}")
+    for item in found:
+        table.add_row(*_simulated_row(item))
+    console.print(table)
+
+
+async def _simulate(config: Config, client: str, start: date, end: date) -> list[Any]:
+    from syncd.recurring import simulate as simulate_client
+    from syncd.runtime import Runtime
+
+    runtime = await Runtime.start(config, migrate=False)
+    try:
+        return await simulate_client(runtime, client, start, end)
+    finally:
+        await runtime.aclose()
+
+
+def _simulated_json(item: Any) -> dict[str, Any]:
+    draft = item.draft
+    return {
+        "day": item.day.isoformat(),
+        "engagement": item.event.engagement_key,
+        "kind": str(item.event.kind),
+        "occurrence": item.event.occurrence,
+        "key": item.event.key,
+        "status": item.status,
+        "draft_kind": str(draft.kind) if draft is not None else None,
+        "total": format(draft.subtotal(), "f") if draft is not None else None,
+        "currency": draft.currency if draft is not None else None,
+        "draft": draft.model_dump(mode="json") if draft is not None else None,
+        "note": item.note,
+    }
+
+
+def _simulated_row(item: Any) -> list[str]:
+    draft = item.draft
+    lines = (
+        "" if draft is None else "\n".join(f"{line.description}: {line.amount(draft.currency)}" for line in draft.lines)
+    )
+    return [
+        item.day.isoformat(),
+        item.event.engagement_key,
+        f"{item.event.kind} {item.event.occurrence}",
+        item.status,
+        str(draft.kind) if draft is not None else "-",
+        lines or item.note,
+        f"{draft.subtotal()} {draft.currency}" if draft is not None else "",
+    ]
+
+
+@app.command()
+def unbilled(config: ConfigOption = Path("config.toml")) -> None:
+    """Billable hours logged at the time tracker but on no invoice, per client and project, with their worth."""
+    cfg = _load(config)
+    try:
+        found = asyncio.run(_unbilled(cfg))
+    except SyncdError as exc:
+        _problem(str(exc))
+        raise typer.Exit(1) from None
+    table = Table("client", "project", "engagement", "hours", "amount", "note")
+    for item in found:
+        amount = f"{item.amount} {item.currency}" if item.amount is not None else "-"
+        note = "no engagement bills this project" if item.engagement_key is None else ""
+        if item.simulated_hours:
+            note = f"{item.simulated_hours} h only on simulated (pilot) invoices"
+        table.add_row(
+            item.client_key or "-",
+            f"{item.connection}:{item.project_id}",
+            item.engagement_key or "-",
+            str(item.hours),
+            amount,
+            note,
+        )
+    console.print(table)
+
+
+async def _unbilled(config: Config) -> list[Any]:
+    from syncd.hours import unbilled as unbilled_hours
+    from syncd.runtime import Runtime
+
+    runtime = await Runtime.start(config, migrate=False)
+    try:
+        return await unbilled_hours(runtime)
+    finally:
+        await runtime.aclose()
+
+
+@app.command()
+def backfill(
+    client: Annotated[str, typer.Option("--client", help="The client's key, e.g. hubspot:company:501.")],
+    from_: Annotated[str | None, typer.Option("--from", help="Only events from this day on (YYYY-MM-DD).")] = None,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """Turn a client's simulated (pilot) billing events into real ones; the daemon then invoices them."""
+    since = _day(from_, "--from") if from_ is not None else None
+    cfg = _load(config)
+    try:
+        keys = asyncio.run(_backfill(cfg, client, since))
+    except SyncdError as exc:
+        _problem(str(exc))
+        raise typer.Exit(1) from None
+    console.print(f"{len(keys)} billing event(s) of {client} made real; the daemon creates their invoices next")
+
+
+async def _backfill(config: Config, client: str, since: date | None) -> list[str]:
+    from syncd.recurring import backfill as backfill_client
+    from syncd.store import Store
+
+    store = Store.open(config.daemon.database_url)
+    try:
+        return await backfill_client(store, client, since=since, now=datetime.now(UTC))
+    finally:
+        await store.close()
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+@preview_app.callback()
+def preview(
+    ctx: typer.Context,
+    mapping: Annotated[
+        Path | None, typer.Option("--mapping", help="A proposed mapping file to compare over the stored deals.")
+    ] = None,
+    pipeline: Annotated[
+        int | None,
+        typer.Option(
+            "--pipeline", help="Which pipeline of the config, counted from 1 (needed when there are several)."
+        ),
+    ] = None,
+    json_: JsonOption = False,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """Compare a proposed mapping with the current one over the stored deals (counts and per-deal diffs)."""
+    if ctx.invoked_subcommand is not None:
+        if mapping is not None:
+            raise typer.BadParameter("use either --mapping FILE or `preview deal ID`, not both", param_hint="--mapping")
+        return
+    if mapping is None:
+        err.print(ctx.get_help(), markup=False, highlight=False)
+        raise typer.Exit(2)
+    from syncd.preview import render_diff, run_mapping_preview
+
+    cfg = _load(config)
+    try:
+        diff = asyncio.run(run_mapping_preview(cfg, mapping, pipeline=pipeline))
+    except (ConfigError, MappingError) as exc:
+        for problem in exc.problems:
+            _problem(problem)
+        raise typer.Exit(2) from None
+    if json_:
+        print(json.dumps(diff.as_json(), indent=2))
+    else:
+        render_diff(diff, console)
+
+
+@preview_app.command("deal")
+def preview_deal(
+    deal_id: Annotated[str, typer.Argument(help="The CRM's deal id.")],
+    json_: JsonOption = False,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """Re-read a deal and print its client, engagement and invoice draft (no effect, nothing stored)."""
+    from syncd.preview import render_deal, run_deal_preview
+
+    cfg = _load(config)
+    try:
+        previews = asyncio.run(run_deal_preview(cfg, deal_id))
+    except SyncdError as exc:
+        _problem(str(exc))
+        raise typer.Exit(1) from None
+    if json_:
+        print(json.dumps([item.as_json() for item in previews], indent=2))
+    else:
+        render_deal(previews, console)
+    if any(item.error for item in previews):
         raise typer.Exit(1)
 
 

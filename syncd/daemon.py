@@ -4,20 +4,30 @@ The lifespan owns the store, the HTTP client and the scheduler. On shutdown (SIG
 handled by uvicorn) it stops taking new work, lets every worker finish the batch it
 has claimed, stops the scheduler and closes the store: in-flight work is drained, and
 anything not yet claimed stays in the database for the next start.
+
+Mapping files are reloaded while it runs: on SIGHUP, and when a file's modification
+time, size or inode changes (looked at every ``[daemon].mapping_watch_interval_s``).
+A valid file is swapped in for the next event; a bad one leaves the running mapping in
+place and each problem is logged (:meth:`~syncd.runtime.Runtime.reload_mappings`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import signal
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import structlog
 from starlette.applications import Starlette
 
+from syncd import recurring
 from syncd.engine import Engine
 from syncd.runtime import Runtime, utcnow
 from syncd.scheduler import build_scheduler
@@ -56,6 +66,7 @@ class Daemon:
         self._engine: Engine | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        self._stamps: dict[Path, tuple[int, int, int] | None] = {}
 
     @property
     def runtime(self) -> Runtime:
@@ -86,9 +97,19 @@ class Daemon:
         self._runtime = await Runtime.start(self.config, clock=self.clock, mounts=self.mounts)
         self._engine = Engine(self._runtime)
         scheduler = (
-            build_scheduler(self._runtime, self._engine.notify, self._engine.refresh_aging) if self.poll else None
+            build_scheduler(
+                self._runtime,
+                self._engine.notify,
+                self._engine.refresh_aging,
+                functools.partial(recurring.run_due, self._engine),
+            )
+            if self.poll
+            else None
         )
         self._workers = [asyncio.create_task(self._engine.run_worker(self._stop)) for _ in range(self.workers)]
+        self._stamps = _mapping_stamps(self._runtime)
+        watch = self._watch_mappings()
+        sighup = self._listen_for_sighup()
         if scheduler is not None:
             scheduler.start()
         log.info("syncd_started", workers=len(self._workers), pipelines=len(self._runtime.pipelines))
@@ -96,9 +117,73 @@ class Daemon:
             yield
         finally:
             self._stop.set()
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
-            await asyncio.gather(*self._workers, return_exceptions=True)
+            await asyncio.gather(*self._workers, *watch, return_exceptions=True)
             self._workers = []
             await self._runtime.aclose()
             log.info("syncd_stopped")
+
+    # -- mapping reloads ------------------------------------------------------------------
+
+    def reload_mappings(self) -> list[str]:
+        """Validate every mapping file again and swap in the valid ones (SIGHUP does this).
+
+        Returns:
+            every problem found (see :meth:`~syncd.runtime.Runtime.reload_mappings`).
+        """
+        self._stamps = _mapping_stamps(self.runtime)  # before reading: a later edit is seen next time
+        return self.runtime.reload_mappings()
+
+    def poll_mappings(self) -> list[str] | None:
+        """Reload if a mapping file changed since it was last read (the watch task calls this).
+
+        Returns:
+            ``None`` when no file changed, else the reload's problems (empty when it
+            went through).
+        """
+        if _mapping_stamps(self.runtime) == self._stamps:
+            return None
+        log.info("mapping_file_changed")
+        return self.reload_mappings()
+
+    def _watch_mappings(self) -> list[asyncio.Task[None]]:
+        interval = self.config.daemon.mapping_watch_interval_s
+        return [asyncio.create_task(self._watch(interval))] if interval else []
+
+    async def _watch(self, interval_s: int) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval_s)
+            if not self._stop.is_set():
+                self.poll_mappings()
+
+    def _listen_for_sighup(self) -> bool:
+        """Reload the mappings on SIGHUP; only possible from the main thread (not in every test)."""
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+            return False
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return False
+        return True
+
+    def _on_sighup(self) -> None:
+        log.info("mapping_reload_requested", signal="SIGHUP")
+        self.reload_mappings()
+
+
+def _mapping_stamps(runtime: Runtime) -> dict[Path, tuple[int, int, int] | None]:
+    """Each mapping file's (mtime ns, size, inode); ``None`` for a file that cannot be read."""
+    stamps: dict[Path, tuple[int, int, int] | None] = {}
+    for pipeline in runtime.pipelines:
+        path = runtime.config.mapping_path(pipeline.settings)
+        try:
+            found = path.stat()
+        except OSError:
+            stamps[path] = None
+            continue
+        stamps[path] = (found.st_mtime_ns, found.st_size, found.st_ino)
+    return stamps

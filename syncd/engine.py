@@ -33,7 +33,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from syncd import billing
+from syncd import billing, hours, recurring
 from syncd.errors import (
     AuthError,
     FatalError,
@@ -57,6 +57,7 @@ from syncd.runtime import Pipeline, Runtime
 from syncd.store import (
     BillingEventRow,
     ClientRow,
+    DeadLetterRow,
     EffectRow,
     EngagementRow,
     EventRow,
@@ -153,6 +154,9 @@ class Engine:
             elif row.object_type == "invoice" and pipeline.invoicing_name == row.connection:
                 await self.refresh_invoice(pipeline, row.object_id)
                 handled = True
+            elif row.object_type == "time_entry" and pipeline.time_tracking_name == row.connection:
+                await self.process_time_entry(pipeline, row)
+                handled = True
         if not handled:
             log.debug("event_ignored", connection=row.connection, object_type=row.object_type, object_id=row.object_id)
         return False
@@ -160,8 +164,14 @@ class Engine:
     async def process_deal(self, pipeline: Pipeline, deal_id: str) -> str | None:
         """Re-read a deal, map it, and queue its invoice if a billing event is due.
 
+        The engagement is stored with the history the source does not keep (amount
+        changes, when a cancellation was first seen: :func:`syncd.recurring.keep_history`),
+        then every billing event due for it is queued (:func:`syncd.recurring.bill_engagement`):
+        ``deal_won`` as before, and the periods, changes, milestones and hours of the
+        other engagement types.
+
         Returns:
-            the billing event key queued, or ``None``.
+            the billing event key queued (``deal_won`` first), or ``None``.
 
         Raises:
             MappingError: the deal does not fit the mapping (dead-lettered by the caller).
@@ -178,12 +188,100 @@ class Engine:
         mapped = pipeline.mapping.map_deal(record, defaults=self.rt.defaults)
         async with self.store.begin() as conn:
             await self._save_client(conn, mapped.client, now)
-            await self.store.upsert(EngagementRow, _engagement_values(mapped.engagement, pipeline, deal_id, now), conn)
+            previous = await self.store.get(EngagementRow, mapped.engagement.key, conn=conn)
+            engagement = recurring.keep_history(
+                Engagement.model_validate(previous.data) if previous is not None else None,
+                mapped.engagement,
+                recorded_at=record.modified_at,
+                timezone=mapped.client.timezone,
+            )
+            await self.store.upsert(EngagementRow, _engagement_values(engagement, pipeline, deal_id, now), conn)
         await self._check_divergence(mapped.engagement, record)
         event = billing.deal_won_event(mapped.engagement, billing_start=self.rt.billing_start)
-        if event is None:
-            return None
-        return await self.queue_invoice(pipeline, event, mapped.engagement, mapped.client, deal_id)
+        won = None
+        if event is not None:
+            won = await self.queue_invoice(pipeline, event, mapped.engagement, mapped.client, deal_id)
+        keys = await recurring.bill_engagement(self, pipeline, engagement, mapped.client, deal_id)
+        return won or (keys[0] if keys else None)
+
+    async def process_time_entry(self, pipeline: Pipeline, row: EventRow) -> None:
+        """Read a time tracker's new hours on a hint, and queue what they make due.
+
+        The first hint of a batch reads every entry changed since the last read
+        (:func:`syncd.hours.sync_entries`); a hint whose entry version is already stored
+        reads nothing more. The pipeline's hourly engagements billing the projects
+        concerned are then billed (cap steps, periods: :func:`syncd.recurring.bill_projects`;
+        only what is due and not yet recorded).
+        """
+        tracker, connection = pipeline.time_tracker, pipeline.time_tracking_name
+        if tracker is None or connection is None:
+            return
+        known = await hours.stored_project(self.store, connection, row.object_id, row.occurred_at)
+        projects = {known} if known is not None else await hours.sync_entries(self.rt, connection, tracker)
+        await recurring.bill_projects(self, pipeline, projects)
+
+    async def record_event(self, event: BillingEvent, client_key: str) -> str | None:
+        """Record a billing event that has nothing to invoice (an hourly period without hours).
+
+        Recording it keeps it from being computed again; hours logged late for that
+        period are billed by the next period or cap step.
+
+        Returns:
+            the event key if it was new, else ``None``.
+        """
+        row = self._event_row(event, live=self.rt.pilot_allows(client_key))
+        async with self.store.begin() as conn:
+            if not await self.store.add_billing_event(conn, row):
+                return None
+        log.info("billing_event_settled", key=event.key, kind=str(event.kind), engagement=event.engagement_key)
+        return str(event.key)
+
+    async def surface_credit(self, pipeline: Pipeline, credit: billing.ManualCredit) -> str | None:
+        """Record a credit the invoicing tool cannot issue, as a dead letter a person acts on.
+
+        The billing event and the dead letter (source ``manual_credit``, its reason the
+        credit to issue by hand) are written in one transaction; for a client outside the
+        pilot the dead letter has status ``simulated`` (``syncd backfill`` opens it).
+
+        Returns:
+            the event key if it was new, else ``None``.
+        """
+        live = self.rt.pilot_allows(credit.client_key)
+        now = self.rt.clock()
+        event = credit.event
+        letter = {
+            "source": "manual_credit",
+            "ref": event.key,
+            "connection": pipeline.invoicing_name,
+            "reason": credit.message(),
+            "place": f"engagement {event.engagement_key}: {event.kind}:{event.occurrence}",
+            "payload": {
+                "key": event.key,
+                "client": credit.client_key,
+                "currency": credit.currency,
+                "total": decimal_text(credit.total()),
+                "lines": [line.model_dump(mode="json") for line in credit.lines],
+            },
+            "status": "open" if live else "simulated",
+            "created_at": now,
+        }
+        async with self.store.begin() as conn:
+            if not await self.store.add_billing_event(conn, self._event_row(event, live=live)):
+                return None
+            await conn.execute(sa.insert(table_of(DeadLetterRow)).values(**letter))
+        log.warning("manual_credit_owed", key=event.key, live=live, detail=credit.message())
+        return str(event.key)
+
+    def _event_row(self, event: BillingEvent, *, live: bool) -> BillingEventRow:
+        return BillingEventRow(
+            key=event.key,
+            kind=str(event.kind),
+            engagement_key=event.engagement_key,
+            occurrence=event.occurrence,
+            occurred_at=event.occurred_at,
+            created_at=self.rt.clock(),
+            simulated=not live,
+        )
 
     async def queue_invoice(
         self, pipeline: Pipeline, event: BillingEvent, engagement: Engagement, client: Client, crm_object_id: str

@@ -604,6 +604,58 @@ class TimeTracker(Protocol):
         ...
 
 
+CRM_OBJECT_TYPES = ("deal", "company", "contact", "line_item")
+"""The CRM object types a mapping reads properties of (see :class:`CrmSchema`)."""
+
+CodeKind = Literal["account_code", "tax_type", "currency", "item_code"]
+"""A kind of code an invoice line or draft names at the invoicing tool (see :class:`InvoicingCodes`)."""
+
+
+@runtime_checkable
+class CrmSchema(Protocol):
+    """Optional for a :class:`Crm`: the live property names of each object type.
+
+    The drift guard (:mod:`syncd.drift`) compares them with the properties a mapping
+    reads, so a property deleted or renamed at the CRM is reported by name before a
+    record fails on it. A CRM without it is simply not checked.
+
+    Errors: :class:`~syncd.errors.AuthError`, :class:`~syncd.errors.RetriableError`
+    and :class:`~syncd.errors.FatalError` as for :class:`Crm`.
+    """
+
+    async def properties(self, object_type: str) -> frozenset[str]:
+        """The internal names of the properties ``object_type`` has now (archived ones excluded).
+
+        Args:
+            object_type: one of :data:`CRM_OBJECT_TYPES`.
+
+        Raises:
+            ValueError: ``object_type`` is not one of :data:`CRM_OBJECT_TYPES`.
+        """
+        ...
+
+
+@runtime_checkable
+class InvoicingCodes(Protocol):
+    """Optional for an :class:`Invoicing`: the codes an invoice may name there.
+
+    The drift guard compares them with the codes a mapping can produce (constants,
+    defaults and lookup-table values), so a deleted account or tax rate is reported
+    before an invoice is attempted. An invoicing tool without it is not checked.
+
+    Errors: as for :class:`Invoicing`.
+    """
+
+    async def codes(self) -> Mapping[CodeKind, frozenset[str]]:
+        """The codes in use now, by kind (see :data:`CodeKind`).
+
+        A kind the tool has no list of is left out (and not checked); an empty set
+        means the tool has that kind of code but none are in use. Archived or deleted
+        codes are left out.
+        """
+        ...
+
+
 # ---------------------------------------------------------------------------
 # Webhooks
 # ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import bisect
 import re
 import tomllib
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -39,16 +39,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from syncd.errors import MappingError
-from syncd.interfaces import Client, Engagement, Model, SourceRecord
+from syncd.interfaces import Client, CodeKind, Engagement, Model, SourceRecord
 from syncd.money import check_currency
 from syncd.transforms import (
     ALL,
     ROOTS,
+    Coalesce,
     Cond,
     Condition,
     Context,
     Lookup,
     LookupTable,
+    Money,
     Transform,
     Value,
     absent,
@@ -122,6 +124,36 @@ class MappedDeal(Model):
     client: Client
     engagement: Engagement
     won_at: AwareDatetime | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceRead:
+    """One vendor property a mapping reads, and where.
+
+    Attributes:
+        object_type: ``deal``, ``company``, ``contact`` or ``line_item``.
+        name: the property's internal name at the CRM.
+        place: ``file:line [table].key`` of the value that reads it.
+    """
+
+    object_type: str
+    name: str
+    place: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetCode:
+    """A code at the invoicing tool that a mapping can produce as it is written, and where.
+
+    Attributes:
+        kind: ``account_code``, ``tax_type``, ``currency`` or ``item_code``.
+        code: the code as it would be sent.
+        place: ``file:line [table].key`` of the constant, default or lookup-table entry.
+    """
+
+    kind: CodeKind
+    code: str
+    place: str
 
 
 # ---------------------------------------------------------------------------
@@ -199,6 +231,12 @@ _ROOT_KINDS: Mapping[str, str] = {
 _LIST_ROOTS = ("contacts", "line_items")
 _EACH_DEFAULTS: Mapping[str, str] = {"lines": "line_items"}  # a repeated table's list when it names none
 _TOP = ("pipeline", "client", "engagement", "invoice", "tables")
+_CODE_FIELDS: Mapping[str, CodeKind] = {
+    "account_code": "account_code",
+    "tax_type": "tax_type",
+    "currency": "currency",
+    "item_code": "item_code",
+}
 _VALUE: TypeAdapter[Transform] = TypeAdapter(Value)
 _CONDITION: TypeAdapter[Condition] = TypeAdapter(Cond)
 _TABLE: TypeAdapter[Mapping[str, Any]] = TypeAdapter(LookupTable)
@@ -417,12 +455,19 @@ class PipelineMapping:
             :meth:`~syncd.interfaces.Crm.fetch_deal`.
         invoice: the ``[invoice]`` options.
         rules: the compiled tables (internal).
+        source_reads: every vendor property read, once per place that reads it, in
+            file order (the drift guard names the place of a property that is gone).
+        target_codes: every account code, tax type, currency and item code the mapping
+            can produce as written (constants, defaults, lookup-table values), once per
+            place, in file order. Codes read from the record are not known until then.
     """
 
     path: Path
     source_properties: Mapping[str, tuple[str, ...]]
     invoice: InvoiceOptions
     rules: _Rules = field(repr=False)
+    source_reads: tuple[SourceRead, ...] = ()
+    target_codes: tuple[TargetCode, ...] = ()
 
     def selects(self, record: SourceRecord) -> bool:
         """Whether this pipeline takes ``record`` (its source kind and ``when`` filter).
@@ -739,6 +784,8 @@ class _Loader:
         self.tables_seen: set[KeyPath] = set()
         self.named: dict[str, Mapping[str, Any]] = {}
         self.reads: set[tuple[str, str]] = set()
+        self.read_at: dict[tuple[str, str, str], tuple[int, SourceRead]] = {}
+        self.codes: dict[tuple[str, str, str], tuple[int, TargetCode]] = {}
 
     def load(self) -> PipelineMapping:
         """The compiled mapping; raises MappingError listing every problem."""
@@ -755,7 +802,14 @@ class _Loader:
                 f"{self.path}: {len(problems)} problem(s); fix them and load again:\n{listed}", problems=problems
             )
         rules = _Rules(client=client, engagement=engagement, tables=self.named, **pipeline)
-        return PipelineMapping(path=self.path, source_properties=self._properties(), invoice=invoice, rules=rules)
+        return PipelineMapping(
+            path=self.path,
+            source_properties=self._properties(),
+            invoice=invoice,
+            rules=rules,
+            source_reads=tuple(read for _, read in sorted(self.read_at.values(), key=lambda found: found[0])),
+            target_codes=tuple(code for _, code in sorted(self.codes.values(), key=lambda found: found[0])),
+        )
 
     # -- places ---------------------------------------------------------------
 
@@ -982,7 +1036,46 @@ class _Loader:
                 rule.coerce(output, zone)
             except ValueError as exc:
                 self.report(here, str(exc))
+        self._collect_codes(here, name, transform)
         return rule
+
+    # -- target codes ---------------------------------------------------------
+
+    def _collect_codes(self, here: KeyPath, name: str, transform: Transform) -> None:
+        """Record the codes a field (and any ``money`` currency in it) can produce as written."""
+        kind = _CODE_FIELDS.get(name)
+        if kind is not None:
+            self._add_codes(kind, self._sourced(transform, here))
+        for node in walk(transform):
+            if isinstance(node, Money) and node.currency is not None:
+                self._add_codes("currency", self._sourced(node.currency, here))
+
+    def _add_codes(self, kind: CodeKind, found: Iterable[tuple[Any, KeyPath]]) -> None:
+        for value, key_path in found:
+            if isinstance(value, bool) or not isinstance(value, str | int | Decimal) or absent(value):
+                continue
+            code = TargetCode(kind=kind, code=as_text(value), place=self.place(key_path))
+            self.codes.setdefault((kind, code.code, code.place), (self._line(key_path), code))
+
+    def _sourced(self, node: Transform, here: KeyPath) -> Iterator[tuple[Any, KeyPath]]:
+        """What ``node`` can return as written (as :meth:`Transform.outputs`), each with its key path.
+
+        A named lookup table's values are placed at their entry in ``[tables.NAME]``;
+        everything else at the key being mapped.
+        """
+        if isinstance(node, Lookup) and isinstance(node.table, str):
+            for key, value in self.named.get(node.table, {}).items():
+                yield value, ("tables", node.table, key)
+        elif isinstance(node, Lookup):
+            yield from ((value, here) for value in node.entries(self.named).values())
+        elif isinstance(node, Coalesce):
+            for option in node.options:
+                yield from self._sourced(option, here)
+        else:
+            yield from ((value, here) for value in node.outputs(self.named))
+            return
+        if node.default is not None:
+            yield from self._sourced(node.default, here)
 
     # -- static checks --------------------------------------------------------
 
@@ -1018,6 +1111,8 @@ class _Loader:
             return
         if kind is not None and len(names) >= 2 and names[0] == "properties":
             self.reads.add((kind, names[1]))
+            read = SourceRead(object_type=kind, name=names[1], place=self.place(here))
+            self.read_at.setdefault((kind, read.name, read.place), (self._line(here), read))
 
     def _properties(self) -> Mapping[str, tuple[str, ...]]:
         found: dict[str, tuple[str, ...]] = {}

@@ -7,6 +7,7 @@ mapping. ``syncd run``, ``syncd demo`` and the tests build it the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import socket
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 import structlog
 
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, MappingError
 from syncd.http import VendorHttp, make_client
 from syncd.interfaces import ConnectorContext, Crm, Invoicing, TimeTracker, WebhookVerifier, secret_value
 from syncd.mapping import MappingDefaults, PipelineMapping, load_mapping
@@ -150,6 +151,35 @@ class Runtime:
         """Close the HTTP client and the database pool."""
         await self.client.aclose()
         await self.store.close()
+
+    def reload_mappings(self) -> list[str]:
+        """Load every pipeline's mapping file again, and swap in the ones that are valid.
+
+        A pipeline whose file has problems keeps the mapping it runs with, and each
+        problem is logged (``mapping_reload_failed``). The new pipeline list replaces the
+        old one in a single assignment; the engine reads :attr:`pipelines` once per event,
+        so every event is processed wholly with the old mappings or wholly with the new.
+
+        Returns:
+            every problem found, each ``file:line [table].key: message`` (empty when
+            every file loaded).
+        """
+        problems: list[str] = []
+        fresh: list[Pipeline] = []
+        for pipeline in self.pipelines:
+            path = self.config.mapping_path(pipeline.settings)
+            try:
+                mapping = load_mapping(path)
+            except MappingError as exc:
+                for problem in exc.problems:
+                    log.error("mapping_reload_failed", mapping=str(path), problem=problem)
+                problems += exc.problems
+                fresh.append(pipeline)
+                continue
+            fresh.append(dataclasses.replace(pipeline, mapping=mapping))
+            log.info("mapping_reloaded", mapping=str(path))
+        self.pipelines = fresh
+        return problems
 
     def pilot_allows(self, client_key: str) -> bool:
         """Whether effects for ``client_key`` are real (pilot mode limits them)."""

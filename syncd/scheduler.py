@@ -14,6 +14,7 @@ from datetime import datetime
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from syncd import drift
 from syncd.errors import SyncdError
 from syncd.runtime import Runtime
 from syncd.store import CursorRow
@@ -21,6 +22,7 @@ from syncd.store import CursorRow
 log = structlog.get_logger("syncd.scheduler")
 
 CHANGES = "changes"
+RECURRING_INTERVAL_S = 3600  # the recurring-billing tick runs once an hour across replicas
 
 
 def polled_connections(runtime: Runtime) -> list[str]:
@@ -92,14 +94,67 @@ async def tick_aging(runtime: Runtime, refresh: Callable[[], Awaitable[int]]) ->
         await refresh()
 
 
+async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) -> bool:
+    """Once per hour across replicas: read new hours and queue every billing event due.
+
+    ``run`` is :func:`syncd.recurring.run_due` bound to the engine. Retainers and
+    subscriptions are invoiced on their calendar date this way, with no CRM change.
+
+    Returns:
+        whether this replica ran the window.
+    """
+    now = runtime.clock()
+    if not await runtime.store.claim_tick(
+        "recurring", window_of(now, RECURRING_INTERVAL_S), owner=runtime.owner, now=now
+    ):
+        return False
+    await run()
+    return True
+
+
+async def tick_drift(runtime: Runtime) -> int:
+    """The drift guard (:func:`syncd.drift.run_drift_check`), on every replica.
+
+    Not claimed per window like the other ticks: it only reads, and its result is this
+    process's ``/metrics`` gauge, which each replica should report. Its cost is one
+    properties read per CRM object type and three code lists per invoicing connection.
+    The first run is one interval after start: ``syncd check`` is the check before it.
+    """
+    return await drift.run_drift_check(runtime)
+
+
 def build_scheduler(
-    runtime: Runtime, notify: object = None, aging: Callable[[], Awaitable[int]] | None = None
+    runtime: Runtime,
+    notify: object = None,
+    aging: Callable[[], Awaitable[int]] | None = None,
+    recurring: Callable[[], Awaitable[int]] | None = None,
 ) -> AsyncIOScheduler:
-    """An AsyncIOScheduler with a poll job per polled connection and the daily aging job (not yet started)."""
+    """An AsyncIOScheduler with a poll job per polled connection, the daily aging job and
+    the hourly recurring-billing job (not yet started)."""
     scheduler = AsyncIOScheduler(timezone="UTC")
     if aging is not None:
         scheduler.add_job(
             tick_aging, "interval", hours=1, args=[runtime, aging], id="aging", max_instances=1, coalesce=True
+        )
+    if recurring is not None:
+        scheduler.add_job(
+            tick_recurring,
+            "interval",
+            seconds=RECURRING_INTERVAL_S,
+            args=[runtime, recurring],
+            id="recurring",
+            max_instances=1,
+            coalesce=True,
+        )
+    if runtime.config.daemon.drift_check_interval_s:
+        scheduler.add_job(
+            tick_drift,
+            "interval",
+            seconds=runtime.config.daemon.drift_check_interval_s,
+            args=[runtime],
+            id="drift",
+            max_instances=1,
+            coalesce=True,
         )
     for name in polled_connections(runtime):
         scheduler.add_job(

@@ -54,6 +54,11 @@ class DaemonSettings(BaseModel):
         encryption_key: Fernet key that encrypts OAuth tokens at rest.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
         default_currency / payment_terms_days: defaults when a mapping yields none.
+        drift_check_interval_s: seconds between checks of the mappings against the
+            vendors' live schemas (properties, account codes, tax types; 0 = off).
+        mapping_watch_interval_s: seconds between looks at the mapping files'
+            modification times; a changed file is validated and swapped in (0 = off;
+            SIGHUP reloads at once either way).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,6 +76,8 @@ class DaemonSettings(BaseModel):
     log_level: str = "info"
     default_currency: str = "USD"
     payment_terms_days: int = Field(default=30, ge=0)
+    drift_check_interval_s: int = Field(default=3600, ge=0)
+    mapping_watch_interval_s: int = Field(default=5, ge=0)
 
     @field_validator("timezone")
     @classmethod

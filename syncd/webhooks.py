@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from syncd.drift import DRIFT_PROBLEMS
 from syncd.errors import AuthError, RecordError
 from syncd.interfaces import WebhookRequest
 from syncd.store import DeadLetterRow, EffectRow, EventRow, table_of
@@ -47,6 +48,11 @@ class Metrics:
         )
         self.backlog = Gauge(
             "syncd_backlog", "Rows waiting, by queue and status", ["queue", "status"], registry=self.registry
+        )
+        self.mapping_drift = Gauge(
+            "syncd_mapping_drift_problems",
+            "Problems the last drift check found between the mappings and the vendors' live schemas",
+            registry=self.registry,
         )
 
 
@@ -145,6 +151,7 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
                 metrics.backlog.labels(queue, status).set(count)
         dead = await runtime.store.count(DeadLetterRow, table_of(DeadLetterRow).c.status == "open")
         metrics.backlog.labels("dead_letters", "open").set(dead)
+        metrics.mapping_drift.set(runtime.extra.get(DRIFT_PROBLEMS, 0))
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [

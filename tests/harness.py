@@ -8,21 +8,25 @@ worker tasks, so a test drives the engine with ``drain()`` and never sleeps.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 from cryptography.fernet import Fernet
 
+from connectors.harvest.emulator import HarvestEmulator
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
 from syncd.daemon import Daemon
+from syncd.runtime import utcnow
 from syncd.settings import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "mappings" / "hubspot-xero.toml"
 SYNCD_URL = "http://syncd.test"
+HARVEST_URL = "http://harvest.test/v2"
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Stack:
     daemon: Daemon
     web: httpx.AsyncClient
     config: Config
+    harvest: HarvestEmulator | None = None
 
     async def drain(self) -> None:
         """Process every due event and effect."""
@@ -41,10 +46,34 @@ class Stack:
 
 
 def write_config(
-    folder: Path, db_url: str, hub: HubSpotEmulator, xero: XeroEmulator, *, daemon_extra: str = ""
+    folder: Path,
+    db_url: str,
+    hub: HubSpotEmulator,
+    xero: XeroEmulator,
+    *,
+    daemon_extra: str = "",
+    mapping: Path = MAPPING,
+    harvest: HarvestEmulator | None = None,
+    harvest_url: str = HARVEST_URL,
+    extra: str = "",
+    name: str = "config.toml",
 ) -> Path:
-    """A config pointing every connection at an emulator host."""
-    path = folder / "config.toml"
+    """A config pointing every connection at an emulator host.
+
+    With ``harvest``, a ``harvest`` connection (at ``harvest_url``) is the pipeline's
+    time tracker; ``extra`` is TOML appended at the end (``[pilot]`` ...).
+    """
+    path = folder / name
+    tracker = ""
+    if harvest is not None:
+        tracker = f"""
+[connections.harvest]
+connector = "harvest"
+base_url = "{harvest_url}"
+token = "{harvest.token}"
+account_id = "{harvest.account_id}"
+user_agent = "syncd tests (ops@example.com)"
+"""
     path.write_text(
         f"""
 [daemon]
@@ -70,11 +99,13 @@ client_id = "{xero.client_id}"
 client_secret = "{xero.client_secret}"
 tenant_id = "{xero.tenant_id}"
 webhook_key = "{xero.webhook_key}"
-
+{tracker}
 [[pipelines]]
 crm = "hubspot"
 invoicing = "xero"
-mapping = "{MAPPING}"
+mapping = "{mapping}"
+{'time_tracking = "harvest"' if harvest is not None else ""}
+{extra}
 """,
         encoding="utf-8",
     )
@@ -82,16 +113,40 @@ mapping = "{MAPPING}"
 
 
 @contextlib.asynccontextmanager
-async def stack(folder: Path, db_url: str, *, daemon_extra: str = "") -> AsyncIterator[Stack]:
-    """Start emulators and a daemon (no worker tasks, no poll ticks) for one test."""
-    hub = HubSpotEmulator(rate_limits=False)
-    xero = XeroEmulator(rate_limits=False)
-    config = load_config(write_config(folder, db_url, hub, xero, daemon_extra=daemon_extra))
+async def stack(
+    folder: Path,
+    db_url: str,
+    *,
+    daemon_extra: str = "",
+    clock: Callable[[], datetime] | None = None,
+    mapping: Path = MAPPING,
+    hub: HubSpotEmulator | None = None,
+    xero: XeroEmulator | None = None,
+    harvest: HarvestEmulator | None = None,
+    extra: str = "",
+) -> AsyncIterator[Stack]:
+    """Start emulators and a daemon (no worker tasks, no poll ticks) for one test.
+
+    Args:
+        clock: the clock of the daemon and of the emulators created here (wall clock by default).
+        mapping: the pipeline's mapping file.
+        hub / xero: emulators to reuse (a second daemon on the same vendors); new ones by default.
+        harvest: a Harvest emulator, mounted at ``http://harvest.test`` as the pipeline's time tracker.
+        extra: TOML appended to the config (``[pilot]`` ...).
+    """
+    hub = hub or HubSpotEmulator(rate_limits=False, clock=clock)
+    xero = xero or XeroEmulator(rate_limits=False, clock=clock)
+    path = write_config(
+        folder, db_url, hub, xero, daemon_extra=daemon_extra, mapping=mapping, harvest=harvest, extra=extra
+    )
+    config = load_config(path)
     mounts = {
         "http://hubspot.test": httpx.ASGITransport(app=hub.app),
         "http://xero.test": httpx.ASGITransport(app=xero.app),
     }
-    daemon = Daemon(config, mounts=mounts, poll=False, workers=0)
+    if harvest is not None:
+        mounts["http://harvest.test"] = httpx.ASGITransport(app=harvest.app)
+    daemon = Daemon(config, mounts=mounts, poll=False, workers=0, clock=clock or utcnow)
     async with (
         daemon.lifespan(),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=daemon.app()), base_url=SYNCD_URL) as web,
@@ -99,7 +154,7 @@ async def stack(folder: Path, db_url: str, *, daemon_extra: str = "") -> AsyncIt
         await daemon.runtime.connectors["hubspot"].ensure_properties()  # what `syncd setup hubspot` does
         hub.subscribe(f"{SYNCD_URL}/webhooks/hubspot", web)
         xero.subscribe(f"{SYNCD_URL}/webhooks/xero", web)
-        yield Stack(hub=hub, xero=xero, daemon=daemon, web=web, config=config)
+        yield Stack(hub=hub, xero=xero, daemon=daemon, web=web, config=config, harvest=harvest)
 
 
 def seed_company(hub: HubSpotEmulator, *, po: str = "PO-4411", terms: str = "14") -> tuple[str, str]:

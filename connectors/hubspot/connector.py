@@ -20,6 +20,9 @@ Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
 * ``PATCH /crm/v3/objects/deals/{id}`` and the properties API
   (``/crm/v3/properties/deals``, ``/crm/v3/properties/deals/groups``) —
   https://developers.hubspot.com/docs/api-reference/legacy/crm/properties/guide.
+* ``GET /crm/v3/properties/{objectType}`` ("Read all existing properties for the
+  specified object type", ``results[].name``) for the drift guard —
+  https://developers.hubspot.com/docs/api-reference/legacy/crm/properties/get-properties.
 * Rate limits: 100 requests per 10 s for Free/Starter accounts (the lowest published
   burst limit; https://developers.hubspot.com/docs/developer-tooling/platform/usage-guidelines),
   search excluded and limited separately.
@@ -63,6 +66,7 @@ from syncd.interfaces import (
     ConnectorContext,
     ConnectorSpec,
     Crm,
+    CrmSchema,
     DealBillingStatus,
     InvoiceState,
     SourceRecord,
@@ -89,6 +93,9 @@ DEAL_PROPERTIES = (
 COMPANY_PROPERTIES = ("name", "domain", "address", "address2", "city", "state", "zip", "country", "phone")
 CONTACT_PROPERTIES = ("firstname", "lastname", "email", "phone", "jobtitle")
 LINE_ITEM_PROPERTIES = ("name", "description", "quantity", "price", "amount", "hs_sku", "hs_product_id")
+
+# Canonical object type -> HubSpot's object type name in CRM v3 paths.
+OBJECT_TYPES = {"deal": "deals", "company": "companies", "contact": "contacts", "line_item": "line_items"}
 
 PRIMARY_COMPANY_TYPE_ID = 5  # "Deal to primary company" (associations guide, type ID table)
 PRIMARY_LABEL = "primary"
@@ -293,6 +300,28 @@ class HubSpotConnector:
         except SyncdError as exc:  # every expected failure is reported, not raised
             return [f"{self.connection}: {exc}"]
         return []
+
+    async def properties(self, object_type: str) -> frozenset[str]:
+        """The internal names of ``object_type``'s live properties (the drift guard reads them).
+
+        ``GET /crm/v3/properties/{objectType}`` without ``archived``: HubSpot's
+        ``archived`` query flag defaults to false, so properties moved to the recycling
+        bin (``DELETE /crm/v3/properties/{objectType}/{name}``, "Archive a property":
+        https://developers.hubspot.com/docs/api-reference/legacy/crm/properties/delete-property)
+        are not listed. The default is documented for the objects endpoints ("archived
+        boolean default:false",
+        https://developers.hubspot.com/docs/api-reference/latest/crm/objects/companies/get-companies)
+        and HubSpot's SDKs default it to false here too; the properties page itself does
+        not spell it out (not confirmed there).
+
+        Raises:
+            ValueError: ``object_type`` is not ``deal``, ``company``, ``contact`` or ``line_item``.
+        """
+        plural = OBJECT_TYPES.get(object_type)
+        if plural is None:
+            raise ValueError(f"unknown CRM object type {object_type!r}; expected one of {', '.join(OBJECT_TYPES)}")
+        response = await self.http.request("GET", f"/crm/v3/properties/{plural}")
+        return frozenset(prop.name for prop in PropertyList.model_validate_json(response.content).results)
 
     # -- writes ------------------------------------------------------------------
 
@@ -570,7 +599,7 @@ def create_verifier(settings: HubSpotSettings, clock: Callable[[], datetime]) ->
 
 SPEC = ConnectorSpec(
     name="hubspot",
-    roles=frozenset({Crm}),
+    roles=frozenset({Crm, CrmSchema}),
     settings_model=HubSpotSettings,
     factory=create,
     verifier=create_verifier,

@@ -13,6 +13,11 @@ SDK and syncd's connector work against it. Sources (all on developers.hubspot.co
   ``/docs/api-reference/legacy/crm/associations/associate-records/guide``;
 * properties, groups, ``type``/``fieldType`` pairs and date formats:
   ``/docs/api-reference/legacy/crm/properties/guide``;
+* archiving a property (``DELETE /crm/v3/properties/{objectType}/{name}``, "Move a
+  property ... to the recycling bin"; archived properties are listed only with
+  ``archived=true``): ``/docs/api-reference/legacy/crm/properties/delete-property``;
+  the 204 answer, the 404 for an unknown name and the 400 for a property whose
+  ``modificationMetadata.archivable`` is false are the emulator's choices;
 * pipelines and stage metadata (``isClosed``, ``probability``):
   ``/docs/api-reference/legacy/crm/pipelines/guide``;
 * error body shape (``status``, ``message``, ``category``, ``correlationId``):
@@ -296,6 +301,7 @@ class HubSpotEmulator:
         self._labels = itertools.count(30)
         self._groups: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in OBJECT_TYPE_IDS}
         self._properties: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in OBJECT_TYPE_IDS}
+        self._archived: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in OBJECT_TYPE_IDS}
         self._boot = self._clock()
         self._install_defaults()
         self.app: ASGIApp = FaultMiddleware(Starlette(routes=self._routes()), self.faults)
@@ -342,6 +348,23 @@ class HubSpotEmulator:
         if link is None:
             raise KeyError(f"contact {contact_id} is not associated with deal {deal_id}")
         link.kinds.append(("USER_DEFINED", next(self._labels), label))
+
+    def define_property(self, object_type: str, name: str) -> None:
+        """Create a custom text property, as an admin would in Settings > Properties (no-op if it exists)."""
+        kind = _kind(object_type)
+        if name not in self._properties[kind]:
+            self._define(kind, name, "string", "text", group=DEFAULT_GROUPS[kind], hubspot=False, read_only=False)
+
+    def archive_property(self, object_type: str, name: str) -> None:
+        """Archive (delete) a property as an admin would: it leaves the property list and every read.
+
+        Raises:
+            KeyError: no such live property.
+        """
+        kind = _kind(object_type)
+        definition = self._properties[kind].pop(name)
+        definition.update(archived=True, archivedAt=iso_ms(self._clock()))
+        self._archived[kind][name] = definition
 
     def deal(self, deal_id: str) -> dict[str, Any]:
         """The stored deal: ``id``, ``properties``, ``createdAt``, ``updatedAt``, ``archived``."""
@@ -569,6 +592,9 @@ class HubSpotEmulator:
             Route("/crm/v3/properties/{object_type}", guarded(self._list_properties), methods=["GET"]),
             Route("/crm/v3/properties/{object_type}", guarded(self._create_property), methods=["POST"]),
             Route("/crm/v3/properties/{object_type}/{property_name}", guarded(self._read_property), methods=["GET"]),
+            Route(
+                "/crm/v3/properties/{object_type}/{property_name}", guarded(self._archive_property), methods=["DELETE"]
+            ),
             Route("/crm/v3/pipelines/{object_type}", guarded(self._list_pipelines), methods=["GET"]),
             Route("/crm/v3/pipelines/{object_type}/{pipeline_id}", guarded(self._read_pipeline), methods=["GET"]),
         ]
@@ -940,7 +966,20 @@ class HubSpotEmulator:
 
     async def _list_properties(self, request: Request) -> Response:
         kind = _kind(request.path_params["object_type"])
-        return JSONResponse({"results": list(self._properties[kind].values())})
+        archived = request.query_params.get("archived", "false").lower() == "true"
+        listed = self._archived[kind] if archived else self._properties[kind]
+        return JSONResponse({"results": list(listed.values())})
+
+    async def _archive_property(self, request: Request) -> Response:
+        kind = _kind(request.path_params["object_type"])
+        name = request.path_params["property_name"]
+        definition = self._properties[kind].get(name)
+        if definition is None:
+            raise HubSpotError(404, f"Unable to find property {name} on {kind}", "OBJECT_NOT_FOUND")
+        if not definition["modificationMetadata"]["archivable"]:
+            raise HubSpotError(400, f"Property {name} is HubSpot-defined and cannot be archived", "VALIDATION_ERROR")
+        self.archive_property(kind, name)
+        return Response(status_code=204)
 
     async def _read_property(self, request: Request) -> Response:
         kind = _kind(request.path_params["object_type"])

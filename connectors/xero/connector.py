@@ -15,6 +15,11 @@ Sources (Xero developer documentation):
   header: https://developer.xero.com/documentation/api/accounting/requests-and-responses
   and spec ``components.parameters.requiredHeader``; custom connections need no tenant
   header: https://developer.xero.com/faq/custom-integration
+* Codes for the drift guard: ``GET /Accounts`` (``Account.Code``, ``Status``
+  ACTIVE/ARCHIVED/DELETED), ``GET /TaxRates`` (``TaxRate.TaxType``, ``Status``
+  ACTIVE/DELETED/ARCHIVED/PENDING) and ``GET /Currencies`` (``Currency.Code``): spec
+  ``components.schemas.Account``, ``TaxRate`` and ``Currency``. Item codes (``GET /Items``)
+  are not read: the emulator does not serve Items, so they could not be tested.
 * Idempotency: spec ``components.parameters.idempotencyKey`` ("safely retry requests
   without the risk of duplicate processing. 128 character max") and
   https://developer.xero.com/documentation/guides/idempotent-requests/idempotency/
@@ -67,6 +72,7 @@ from syncd.interfaces import (
     ChangeHint,
     ChangePage,
     Client,
+    CodeKind,
     ConnectionSettings,
     ConnectorContext,
     ConnectorSpec,
@@ -75,6 +81,7 @@ from syncd.interfaces import (
     InvoiceState,
     InvoiceStatus,
     Invoicing,
+    InvoicingCodes,
 )
 
 log = structlog.get_logger("connectors.xero")
@@ -91,6 +98,9 @@ APP_MINUTE_LIMIT = 10_000
 # accounting.invoices covers Invoices and CreditNotes, accounting.contacts Contacts,
 # accounting.settings.read Organisation/Currencies/TaxRates/Accounts; offline_access
 # yields a refresh token. Older apps may set ``accounting.transactions`` instead.
+# Statuses whose codes can no longer be used on a new invoice (spec Account.Status, TaxRate.Status).
+RETIRED_STATUSES = frozenset({"ARCHIVED", "DELETED"})
+
 DEFAULT_SCOPES = ("offline_access", "accounting.invoices", "accounting.contacts", "accounting.settings.read")
 
 
@@ -365,6 +375,24 @@ class XeroConnector:
             kind="poll",
         )
 
+    # -- codes (drift guard) --------------------------------------------------
+
+    async def codes(self) -> Mapping[CodeKind, frozenset[str]]:
+        """The organisation's account codes, tax types and currencies in use now.
+
+        Archived and deleted accounts and tax rates are left out (an invoice cannot use
+        them). Item codes are not listed (see the module docstring), so they are not
+        checked.
+        """
+        accounts = await self._get("/Accounts")
+        tax_rates = await self._get("/TaxRates")
+        currencies = await self._get("/Currencies")
+        return {
+            "account_code": _live_codes(accounts, "Accounts", "Code"),
+            "tax_type": _live_codes(tax_rates, "TaxRates", "TaxType"),
+            "currency": _live_codes(currencies, "Currencies", "Code"),
+        }
+
     # -- health ---------------------------------------------------------------
 
     async def check(self) -> list[str]:
@@ -410,6 +438,18 @@ class XeroConnector:
         return problems
 
 
+def _live_codes(data: Any, collection: str, key: str) -> frozenset[str]:
+    """The ``key`` of each row of ``data[collection]`` whose ``Status`` is not archived or deleted."""
+    rows = data.get(collection) if isinstance(data, Mapping) else None
+    if not isinstance(rows, list):
+        raise FatalError(f"xero: GET /{collection} answered without a {collection} list")
+    return frozenset(
+        str(row[key])
+        for row in rows
+        if isinstance(row, Mapping) and row.get(key) and row.get("Status") not in RETIRED_STATUSES
+    )
+
+
 def _cursor(since: datetime, page: int, high: datetime) -> str:
     return json.dumps({"since": since.isoformat(), "page": page, "high": high.isoformat()})
 
@@ -445,7 +485,7 @@ def verifier(settings: XeroSettings, clock: Callable[[], datetime]) -> XeroWebho
 
 SPEC = ConnectorSpec(
     name="xero",
-    roles=frozenset({Invoicing}),
+    roles=frozenset({Invoicing, InvoicingCodes}),
     settings_model=XeroSettings,
     factory=factory,
     verifier=verifier,

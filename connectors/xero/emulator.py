@@ -562,6 +562,7 @@ class XeroEmulator:
         self._contacts: dict[str, Json] = {}
         self._documents: dict[str, dict[str, Json]] = {INVOICE.name: {}, CREDIT_NOTE.name: {}}
         self._payments: dict[str, Json] = {}
+        self._archived_accounts: set[str] = set()
         self._numbers: Counter[str] = Counter()
         self._grants: dict[str, _Grant] = {}
         self._remembered: dict[tuple[str, str], _Remembered] = {}
@@ -601,6 +602,16 @@ class XeroEmulator:
         contact["ContactStatus"] = status
         self._contacts[contact["ContactID"]] = contact
         return contact
+
+    def archive_account(self, code: str) -> None:
+        """Archive an account as an admin would: ``GET /Accounts`` lists it with Status ARCHIVED.
+
+        Raises:
+            KeyError: no account with that code.
+        """
+        if _account(code) is None:
+            raise KeyError(f"no account with code {code!r}")
+        self._archived_accounts.add(code)
 
     def issue_code(self, *, redirect_uri: str, scope: str = "offline_access accounting.invoices") -> str:
         """An authorization code, as if a person had consented (5 minutes, single use)."""
@@ -978,7 +989,7 @@ class XeroEmulator:
         rows = [
             {
                 **row,
-                "Status": "ACTIVE",
+                "Status": "ARCHIVED" if row["Code"] in self._archived_accounts else "ACTIVE",
                 "EnablePaymentsToAccount": False,
                 "ShowInExpenseClaims": False,
                 "BankAccountType": "BANK" if row["Type"] == "BANK" else "",

@@ -20,7 +20,7 @@ from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.hubspot.webhooks import sign_v3
 from syncd.errors import AuthError, FatalError, NotFound, RecordError
 from syncd.http import VendorHttp
-from syncd.interfaces import ConnectorContext, Crm, DealBillingStatus, WebhookRequest
+from syncd.interfaces import ConnectorContext, Crm, CrmSchema, DealBillingStatus, WebhookRequest
 from syncd.registry import load
 
 BASE = "http://hubspot.test"
@@ -612,3 +612,40 @@ async def test_closed_won_webhook_arrives_signed_and_verifies(emulator: HubSpotE
     assert bodies[0][0]["propertyValue"] == "closedwon"
     assert verified[1] == verified[0]
     assert bodies[1][0]["attemptNumber"] == 1
+
+
+# ---------------------------------------------------------------------------- schema (drift guard)
+
+
+async def test_properties_lists_live_names_and_leaves_out_archived_ones(
+    connector: HubSpotConnector, emulator: HubSpotEmulator
+) -> None:
+    """properties() lists an object type's properties, custom ones included, and not archived ones."""
+    emulator.define_property("companies", "legal_name")
+    before = await connector.properties("company")
+    assert {"name", "city", "hs_object_id", "legal_name"} <= before
+    emulator.archive_property("companies", "legal_name")
+    after = await connector.properties("company")
+    assert before - after == {"legal_name"}
+    assert "dealname" in await connector.properties("deal")
+    assert "hs_sku" in await connector.properties("line_item")
+    assert isinstance(connector, CrmSchema)
+    with pytest.raises(ValueError, match="unknown CRM object type 'ticket'"):
+        await connector.properties("ticket")
+
+
+async def test_a_property_archived_over_the_api_leaves_the_list_and_reads(
+    client: httpx.AsyncClient, connector: HubSpotConnector, emulator: HubSpotEmulator
+) -> None:
+    """DELETE /crm/v3/properties archives a custom property (204); it is gone from reads; a default one is refused."""
+    ids = seed_deal(emulator)
+    auth = {"Authorization": "Bearer pat-emulator"}
+    gone = await client.delete(f"{BASE}/crm/v3/properties/deals/po_number", headers=auth)
+    refused = await client.delete(f"{BASE}/crm/v3/properties/deals/dealname", headers=auth)
+    missing = await client.delete(f"{BASE}/crm/v3/properties/deals/no_such", headers=auth)
+    assert (gone.status_code, refused.status_code, missing.status_code) == (204, 400, 404)
+    archived = await client.get(f"{BASE}/crm/v3/properties/deals", params={"archived": "true"}, headers=auth)
+    assert [prop["name"] for prop in archived.json()["results"]] == ["po_number"]
+    assert "po_number" not in await connector.properties("deal")
+    record = await connector.fetch_deal(ids["deal"], {"deal": ["po_number"]})
+    assert "po_number" not in record.data["deal"]["properties"]

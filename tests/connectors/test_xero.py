@@ -44,6 +44,7 @@ from syncd.interfaces import (
     InvoiceLine,
     InvoiceState,
     Invoicing,
+    InvoicingCodes,
     WebhookRequest,
 )
 from syncd.registry import load
@@ -900,3 +901,25 @@ async def test_pay_invoice_delivers_a_signed_invoice_update_and_itr_passes() -> 
         delivery_sent = r.emulator.webhooks.deliveries[-1]
         assert delivery_sent.status == 200
         assert load_json(delivery_sent.body)["lastEventSequence"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Codes (drift guard)
+# ---------------------------------------------------------------------------
+
+
+async def test_codes_list_the_accounts_tax_types_and_currencies_in_use() -> None:
+    """codes() lists account codes, tax types and currencies; an archived account is left out; no item codes."""
+    async with rig() as r:
+        assert isinstance(r.connector, InvoicingCodes)
+        first = await r.connector.codes()
+        r.emulator.archive_account("260")
+        second = await r.connector.codes()
+    assert first == {
+        "account_code": frozenset({"200", "260", "400", "090"}),
+        "tax_type": frozenset({"OUTPUT", "INPUT", "EXEMPTOUTPUT", "NONE"}),
+        "currency": frozenset({"AUD", "USD", "NZD", "GBP", "EUR"}),
+    }
+    assert second["account_code"] == frozenset({"200", "400", "090"})
+    assert r.emulator.calls["getAccounts"] == 2
+    assert r.emulator.calls["getTaxRates"] == r.emulator.calls["getCurrencies"] == 2

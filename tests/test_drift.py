@@ -1,0 +1,226 @@
+"""The drift guard: mappings against the vendors' live schemas (syncd/drift.py, `syncd check`).
+
+The runtime-level tests run the emulators over ASGI transports on SQLite and PostgreSQL;
+the CLI test serves them with uvicorn on loopback ports in threads, because `syncd check`
+builds its own HTTP client (and runs its own event loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import structlog
+import uvicorn
+from click.testing import Result
+from starlette.types import ASGIApp
+from typer.testing import CliRunner
+
+from connectors.emulation import Fault
+from connectors.hubspot.emulator import HubSpotEmulator
+from connectors.xero.emulator import XeroEmulator
+from syncd import drift
+from syncd.cli import app
+from syncd.mapping import load_mapping
+from syncd.scheduler import build_scheduler, tick_drift
+from tests.harness import MAPPING, stack, write_config
+
+
+@pytest.fixture(autouse=True)
+def default_structlog() -> None:
+    """Log through structlog's defaults: a CLI test run earlier may have left it on a closed stream."""
+    structlog.reset_defaults()
+
+
+def line_of(path: Path, prefix: str) -> int:
+    """The 1-based line of the first line of ``path`` starting with ``prefix``."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return next(number for number, line in enumerate(lines, 1) if line.startswith(prefix))
+
+
+def proposed(folder: Path, old: str, new: str) -> Path:
+    """The worked example with ``old`` replaced by ``new``, written to ``folder``."""
+    text = MAPPING.read_text(encoding="utf-8")
+    assert old in text
+    path = folder / "mapping.toml"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return path
+
+
+def define_what_it_reads(hub: HubSpotEmulator, mapping: Path) -> None:
+    """Create every custom property the mapping reads, as the admin did when setting it up."""
+    for read in load_mapping(mapping).source_reads:
+        hub.define_property(read.object_type, read.name)
+
+
+def at(path: Path, prefix: str, label: str) -> str:
+    """``file:line [table].key`` of the line starting with ``prefix``."""
+    return f"{path}:{line_of(path, prefix)} {label}"
+
+
+def test_target_codes_list_constants_defaults_and_table_values_with_their_place() -> None:
+    """The worked example's codes are its defaults and lookup-table values, each at its line and key."""
+    found = {(code.kind, code.code, code.place) for code in load_mapping(MAPPING).target_codes}
+    assert found == {
+        ("account_code", "200", at(MAPPING, "account_code =", "[engagement.lines].account_code")),
+        ("tax_type", "OUTPUT", at(MAPPING, "tax_type =", "[engagement.lines].tax_type")),
+        ("account_code", "200", at(MAPPING, '"SETUP-FEE"', "[tables.account_code_by_sku].SETUP-FEE")),
+        ("tax_type", "NONE", at(MAPPING, '"EXPORT-SERVICES"', "[tables.tax_type_by_sku].EXPORT-SERVICES")),
+    }
+
+
+def test_target_codes_include_constants_coalesced_and_money_currencies(tmp_path: Path) -> None:
+    """A constant, a coalesce option, an inline table and a money currency are all listed; record values are not."""
+    path = proposed(
+        tmp_path,
+        'unit_price = { money = "item.properties.price" }',
+        'unit_price = { money = "item.properties.price", currency = "NZD" }',
+    )
+    path.write_text(
+        path.read_text(encoding="utf-8")
+        .replace(
+            'item_code = { path = "item.properties.hs_sku" }',
+            'item_code = { coalesce = [ { path = "item.properties.hs_sku" }, "MISC" ] }',
+        )
+        .replace(
+            'currency = { path = "deal.properties.deal_currency_code", default = { path = "defaults.currency" } }\n'
+            "payment_terms_days",
+            'currency = { lookup = "deal.properties.region", table = { eu = "EUR" }, default = "GBP" }\n'
+            "payment_terms_days",
+        ),
+        encoding="utf-8",
+    )
+    codes = {(code.kind, code.code) for code in load_mapping(path).target_codes}
+    assert {("item_code", "MISC"), ("currency", "NZD"), ("currency", "EUR"), ("currency", "GBP")} <= codes
+    assert not any(code.startswith("item.") or code.startswith("deal.") for _, code in codes)
+
+
+def test_source_reads_name_every_place_a_property_is_read() -> None:
+    """A property read by two keys is listed at both places."""
+    reads = [read for read in load_mapping(MAPPING).source_reads if read.name == "default_po_number"]
+    assert [(read.object_type, read.place) for read in reads] == [
+        ("company", at(MAPPING, "po_number = { path", "[client].po_number")),
+        ("company", at(MAPPING, "po_number = { coalesce", "[engagement].po_number")),
+    ]
+
+
+async def test_a_deleted_property_and_missing_codes_are_reported_with_file_line_and_key(
+    tmp_path: Path, db_url: str
+) -> None:
+    """An archived HubSpot property and Xero account codes that are missing or archived are each reported."""
+    mapping = proposed(tmp_path, '"SETUP-FEE" = "200"', '"SETUP-FEE" = "999"')
+    async with stack(tmp_path, db_url, mapping=mapping) as s:
+        define_what_it_reads(s.hub, mapping)
+        table_entry = at(mapping, '"SETUP-FEE"', "[tables.account_code_by_sku].SETUP-FEE")
+        assert await drift.check_pipelines(s.daemon.runtime) == [
+            drift.DriftProblem(place=table_entry, message='xero has no account code "999"; it has: 090, 200, 260, 400')
+        ]
+        s.hub.archive_property("companies", "default_po_number")
+        s.xero.archive_account("200")
+        problems = [str(problem) for problem in await drift.check_pipelines(s.daemon.runtime)]
+    gone = 'hubspot company property "default_po_number" does not exist (deleted or renamed?)'
+    assert problems == [
+        f"{at(mapping, 'po_number = { path', '[client].po_number')}: {gone}",
+        f"{at(mapping, 'po_number = { coalesce', '[engagement].po_number')}: {gone}",
+        f"{at(mapping, 'account_code =', '[engagement.lines].account_code')}: "
+        'xero has no account code "200"; it has: 090, 260, 400',
+        f'{table_entry}: xero has no account code "999"; it has: 090, 260, 400',
+    ]
+
+
+async def test_the_scheduled_check_logs_each_problem_and_exposes_the_count(tmp_path: Path, db_url: str) -> None:
+    """The hourly drift job logs mapping_drift per problem, /metrics shows the count; a vendor error is one problem."""
+    async with stack(tmp_path, db_url) as s:
+        job = build_scheduler(s.daemon.runtime).get_job("drift")
+        assert job is not None
+        assert job.trigger.interval == timedelta(seconds=3600)
+        define_what_it_reads(s.hub, MAPPING)
+        s.hub.archive_property("deals", "billing_type")
+        with structlog.testing.capture_logs() as logs:
+            assert await tick_drift(s.daemon.runtime) == 1
+        (logged,) = [entry for entry in logs if entry["event"] == "mapping_drift"]
+        assert logged["place"] == at(MAPPING, "type = { lookup", "[engagement].type")
+        assert 'deal property "billing_type" does not exist' in logged["problem"]
+        metrics = (await s.web.get("/metrics")).text
+        assert "syncd_mapping_drift_problems 1.0" in metrics
+
+        s.xero.faults.add(Fault(kind="status", status=403, times=None, path_contains="/Accounts"))
+        problems = await drift.check_pipelines(s.daemon.runtime)
+    (unreadable,) = [problem for problem in problems if problem.place.startswith("[connections.")]
+    assert unreadable.place == "[connections.xero]"
+    assert unreadable.message.startswith("cannot read its codes for the drift check:")
+
+
+# ---------------------------------------------------------------------------- `syncd check`
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that signals when it is listening (no polling to find out)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+
+@contextlib.contextmanager
+def served(app_: ASGIApp) -> Iterator[str]:
+    """``app_`` on a free loopback port, in a thread; its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = _Server(uvicorn.Config(app_, log_config=None, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert server.ready.wait(timeout=10), "uvicorn did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def invoke(*args: str) -> Result:
+    """Run ``syncd``; it configures logging onto the runner's stream (closed afterwards), so the test's is put back."""
+    saved, handlers = structlog.get_config(), logging.root.handlers[:]
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        structlog.configure(**saved)
+        logging.root.handlers[:] = handlers
+
+
+def test_syncd_check_reports_drift_by_file_line_and_key(tmp_path: Path, sqlite_url: str) -> None:
+    """`syncd check` passes on a matching mapping, then names a deleted property and an unknown code."""
+    hub, xero = HubSpotEmulator(rate_limits=False), XeroEmulator(rate_limits=False)
+    mapping = proposed(tmp_path, '"SETUP-FEE" = "200"', '"SETUP-FEE" = "260"')
+    define_what_it_reads(hub, mapping)
+    with served(hub.app) as hub_url, served(xero.app) as xero_url:
+        config = write_config(tmp_path, sqlite_url, hub, xero, mapping=mapping)
+        text = config.read_text(encoding="utf-8")
+        config.write_text(text.replace("http://hubspot.test", hub_url).replace("http://xero.test", xero_url))
+        assert invoke("db", "upgrade", "--config", str(config)).exit_code == 0
+        clean = invoke("check", "--config", str(config))
+        assert clean.exit_code == 0, clean.output
+        assert "config, mappings and connections are fine" in clean.output
+
+        hub.archive_property("deals", "po_number")
+        mapping.write_text(
+            mapping.read_text(encoding="utf-8").replace('"SETUP-FEE" = "260"', '"SETUP-FEE" = "4000"'),
+            encoding="utf-8",
+        )
+        drifted = invoke("check", "--config", str(config))
+    assert drifted.exit_code == 1
+    property_gone = 'hubspot deal property "po_number" does not exist (deleted or renamed?)'
+    assert f"{at(mapping, 'po_number = { coalesce', '[engagement].po_number')}: {property_gone}" in drifted.output
+    table_entry = at(mapping, '"SETUP-FEE"', "[tables.account_code_by_sku].SETUP-FEE")
+    assert f'{table_entry}: xero has no account code "4000"' in drifted.output

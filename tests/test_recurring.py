@@ -1,0 +1,298 @@
+"""Recurring billing end to end: a retainer's year against the HubSpot and Xero emulators.
+
+The daemon, the emulators and the webhooks share one injected clock; a test moves it and
+runs the hourly recurring tick (:func:`syncd.scheduler.tick_recurring`), then drains the
+engine. Each test runs on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+from typer.testing import CliRunner
+
+from connectors.hubspot.emulator import HubSpotEmulator
+from syncd.cli import app
+from syncd.interfaces import Capability
+from syncd.recurring import run_due
+from syncd.scheduler import tick_recurring
+from syncd.store import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, table_of
+from tests.harness import REPO, Stack, seed_company, stack
+
+RETAINER = REPO / "mappings" / "hubspot-xero-retainer.toml"
+BILLING_START = 'billing_start = "2026-12-01T00:00:00+00:00"'
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+class Clock:
+    """The one clock of the daemon and the emulators; tests set it."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def at(day: date, hour: int = 15) -> datetime:
+    """``day`` at ``hour`` UTC (10:00 or 11:00 in New York, the clients' zone)."""
+    return datetime(day.year, day.month, day.day, hour, tzinfo=UTC)
+
+
+async def tick(s: Stack, clock: Clock, when: datetime) -> None:
+    """Move the clock, run the recurring tick, and process everything it queued."""
+    clock.now = when
+    assert await tick_recurring(s.daemon.runtime, functools.partial(run_due, s.daemon.engine))
+    await s.drain()
+
+
+async def edit(s: Stack, clock: Clock, when: datetime, deal: str, properties: dict[str, str]) -> None:
+    """Edit the deal at HubSpot at ``when`` (its webhook reaches syncd) and process it."""
+    clock.now = when
+    await s.hub.set_deal_properties(deal, properties)
+    await s.drain()
+
+
+def retainer_deal(hub: HubSpotEmulator, company: tuple[str, str], *, start: str, amount: str = "1000") -> str:
+    """An open monthly retainer deal, billed in advance on the 1st."""
+    company_id, contact = company
+    return hub.add_deal(
+        {
+            "dealname": "Managed services",
+            "dealstage": "contractsent",
+            "pipeline": "default",
+            "deal_currency_code": "USD",
+            "billing_type": "retainer",
+            "amount": amount,
+            "billing_cycle": "monthly",
+            "billing_anchor_day": "1",
+            "billing_timing": "advance",
+            "service_start_date": start,
+        },
+        company_id=company_id,
+        contact_ids=[contact],
+    )
+
+
+def documents(s: Stack) -> list[tuple[str, str, Decimal]]:
+    """Every Xero invoice and credit note as (kind, issue date, subtotal), by date."""
+    found = [("invoice", i["DateString"][:10], Decimal(str(i["SubTotal"]))) for i in s.xero.invoices()]
+    found += [("credit_note", c["DateString"][:10], Decimal(str(c["SubTotal"]))) for c in s.xero.credit_notes()]
+    return sorted(found, key=lambda item: (item[1], item[0]))
+
+
+# A year of a $1,000/month retainer starting mid-January, upgraded to $1,500 from March 16
+# (recorded March 10), downgraded to $1,200 from June 21 (recorded June 20) and cancelled
+# with November 20 as its last day (recorded November 5). Worked out by hand:
+YEAR = [
+    ("invoice", "2027-01-15", Decimal("548.39")),  # Jan 15-31: 17 of 31 days x 1,000 = 548.387
+    ("invoice", "2027-02-01", Decimal("1000.00")),
+    ("invoice", "2027-03-01", Decimal("1000.00")),
+    ("invoice", "2027-03-10", Decimal("258.06")),  # upgrade: Mar 16-31, 16 of 31 days x 500 = 258.064
+    ("invoice", "2027-04-01", Decimal("1500.00")),
+    ("invoice", "2027-05-01", Decimal("1500.00")),
+    ("invoice", "2027-06-01", Decimal("1500.00")),
+    ("credit_note", "2027-06-20", Decimal("100.00")),  # downgrade: Jun 21-30, 10 of 30 days x 300
+    ("invoice", "2027-07-01", Decimal("1200.00")),
+    ("invoice", "2027-08-01", Decimal("1200.00")),
+    ("invoice", "2027-09-01", Decimal("1200.00")),
+    ("invoice", "2027-10-01", Decimal("1200.00")),
+    ("invoice", "2027-11-01", Decimal("1200.00")),
+    ("credit_note", "2027-11-05", Decimal("400.00")),  # cancellation: Nov 21-30 unused, 10 of 30 x 1,200
+]
+
+
+def year_ticks() -> list[date]:
+    """The 1st and the 15th of every month of 2027, and January 1st 2028."""
+    days = [date(2027, month, day) for month in range(1, 13) for day in (1, 15)]
+    return [*days, date(2028, 1, 1)]
+
+
+async def test_a_year_of_a_retainer_matches_the_invoices_worked_out_by_hand(tmp_path: Path, db_url: str) -> None:
+    """A year of a retainer with an upgrade, a downgrade and a cancellation gives exactly the hand-computed invoices and credit notes."""
+    clock = Clock(at(date(2027, 1, 10)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
+        deal = retainer_deal(s.hub, seed_company(s.hub), start="2027-01-15")
+        await edit(s, clock, at(date(2027, 1, 10)), deal, {"dealstage": "closedwon"})
+        changes = {
+            date(2027, 3, 10): {"amount": "1500", "amount_effective_date": "2027-03-16"},
+            date(2027, 6, 20): {"amount": "1200", "amount_effective_date": "2027-06-21"},
+            date(2027, 11, 5): {"cancellation_date": "2027-11-20"},
+        }
+        for day in sorted({*year_ticks(), *changes}):
+            if day in changes:
+                await edit(s, clock, at(day), deal, changes[day])
+            await tick(s, clock, at(day))
+        assert documents(s) == YEAR
+        january = min(s.xero.invoices(), key=lambda invoice: invoice["DateString"])
+        assert january["LineItems"][0]["Description"] == "Managed services: 2027-01-15 – 2027-01-31, 17 of 31 days"
+        (engagement,) = await s.daemon.runtime.store.select(EngagementRow)
+        assert [change["amount"] for change in engagement.data["amount_changes"]] == ["1500", "1200"]
+        await tick(s, clock, at(date(2028, 3, 1)))
+        assert documents(s) == YEAR
+
+
+async def test_billing_in_one_run_or_many_gives_the_same_invoices(tmp_path: Path, db_url: str) -> None:
+    """Half a year billed tick by tick and the same half year billed in one catch-up run give the same invoices."""
+    clock = Clock(at(date(2027, 1, 10)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
+        company = seed_company(s.hub)
+        ticked = retainer_deal(s.hub, company, start="2027-01-15")
+        caught_up = retainer_deal(s.hub, company, start="2027-01-15")
+        await edit(s, clock, at(date(2027, 1, 10)), caught_up, {"billing_type": "not_yet", "dealstage": "closedwon"})
+        await edit(s, clock, at(date(2027, 1, 10)), ticked, {"dealstage": "closedwon"})
+        for day in year_ticks()[:11]:
+            await tick(s, clock, at(day))
+        # The second deal was outside the pipeline until now: every period is due at once.
+        await edit(s, clock, at(date(2027, 6, 2)), caught_up, {"billing_type": "retainer"})
+
+        rows = await s.daemon.runtime.store.select(BillingEventRow)
+        keys = {
+            deal: {row.key for row in rows if row.engagement_key == f"hubspot:deal:{deal}"}
+            for deal in (ticked, caught_up)
+        }
+
+        def billed(deal: str) -> list[tuple[str, Decimal]]:
+            stamps = tuple(f"syncd:{key}" for key in keys[deal])
+            mine = [i for i in s.xero.invoices() if i["Reference"].endswith(stamps)]
+            return sorted((i["LineItems"][0]["Description"], Decimal(str(i["SubTotal"]))) for i in mine)
+
+        assert len(keys[ticked]) == len(keys[caught_up]) == 6
+        assert billed(ticked) == billed(caught_up)
+        assert [total for _, total in billed(ticked)] == [Decimal("548.39"), *[Decimal("1000.00")] * 5]
+
+
+async def test_the_recurring_tick_runs_once_per_window_across_replicas(tmp_path: Path, db_url: str) -> None:
+    """Two replicas ticking in the same hour run the recurring job once."""
+    clock = Clock(at(date(2027, 2, 1)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER) as s:
+        runs: list[int] = []
+
+        async def run() -> int:
+            runs.append(1)
+            return 0
+
+        ran = [await tick_recurring(s.daemon.runtime, run) for _ in range(3)]
+        clock.now += timedelta(hours=1)
+        ran.append(await tick_recurring(s.daemon.runtime, run))
+        assert ran == [True, False, False, True]
+        assert len(runs) == 2
+
+
+async def test_a_tool_without_credit_notes_gets_no_negative_invoice(tmp_path: Path, db_url: str) -> None:
+    """Without credit notes, a downgrade's credit becomes one dead letter for a person; no negative invoice is created."""
+    clock = Clock(at(date(2026, 12, 20)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
+        xero = s.daemon.runtime.connectors["xero"]
+        xero.capabilities = frozenset(xero.capabilities - {Capability.CREDIT_NOTES})
+        deal = retainer_deal(s.hub, seed_company(s.hub), start="2027-01-01")
+        await edit(s, clock, at(date(2026, 12, 20)), deal, {"dealstage": "closedwon"})
+        await tick(s, clock, at(date(2027, 1, 1)))
+        await edit(s, clock, at(date(2027, 1, 10)), deal, {"amount": "400", "amount_effective_date": "2027-01-16"})
+        await tick(s, clock, at(date(2027, 1, 10)))
+        await tick(s, clock, at(date(2027, 2, 1)))
+        assert documents(s) == [
+            ("invoice", "2027-01-01", Decimal("1000.00")),
+            ("invoice", "2027-02-01", Decimal("400.00")),
+        ]
+        assert all(Decimal(str(invoice["Total"])) > 0 for invoice in s.xero.invoices())
+        (letter,) = await s.daemon.runtime.store.select(DeadLetterRow)
+        assert letter.source == "manual_credit"
+        assert letter.status == "open"
+        assert "credit 309.68 USD" in letter.reason  # Jan 16-31: 16 of 31 days x 600 = 309.677
+        assert "issue it by hand" in letter.reason
+
+
+def cli(*args: str) -> Any:
+    """Run ``syncd`` with ``args`` (call it in a thread: the command runs its own event loop).
+
+    The command configures logging to the runner's stream, which closes afterwards; the
+    test's logging is put back.
+    """
+    saved, handlers = structlog.get_config(), logging.root.handlers[:]
+    try:
+        return CliRunner().invoke(app, list(args), catch_exceptions=False)
+    finally:
+        structlog.configure(**saved)
+        logging.root.handlers[:] = handlers
+
+
+async def test_pilot_bills_a_joining_client_from_then_on_and_backfill_makes_the_rest_real(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A client outside the pilot is only simulated; once it joins it is billed from then on, and backfill bills the chosen simulated periods."""
+    clock = Clock(at(date(2026, 12, 20)))
+    outside = '[pilot]\nclients = ["hubspot:company:none"]'
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START, extra=outside) as s:
+        company = seed_company(s.hub)
+        client_key = f"hubspot:company:{company[0]}"
+        deal = retainer_deal(s.hub, company, start="2027-01-01")
+        await edit(s, clock, at(date(2026, 12, 20)), deal, {"dealstage": "closedwon"})
+        await tick(s, clock, at(date(2027, 1, 1)))
+        await tick(s, clock, at(date(2027, 2, 1)))
+        assert s.xero.invoices() == []
+        store = s.daemon.runtime.store
+        assert await store.count(BillingEventRow, table_of(BillingEventRow).c.simulated) == 2
+        assert await store.count(EffectRow, table_of(EffectRow).c.status == "simulated") == 2
+        hub, xero = s.hub, s.xero
+    joined = f'[pilot]\nclients = ["{client_key}"]'
+    async with stack(
+        tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START, extra=joined, hub=hub, xero=xero
+    ) as s:
+        await tick(s, clock, at(date(2027, 3, 1)))
+        assert documents(s) == [("invoice", "2027-03-01", Decimal("1000.00"))]
+        config = str(s.config.path)
+        today = {datetime.now(UTC).astimezone(NEW_YORK).date().isoformat()}
+        result = await asyncio.to_thread(cli, "backfill", "--client", client_key, "--from", "2027-02-01", "-c", config)
+        today.add(datetime.now(UTC).astimezone(NEW_YORK).date().isoformat())
+        assert result.exit_code == 0, result.output
+        assert "1 billing event(s)" in result.output
+        await s.drain()
+        issued = {invoice["LineItems"][0]["Description"]: invoice["DateString"][:10] for invoice in s.xero.invoices()}
+        assert issued.keys() == {
+            "Managed services: 2027-02-01 – 2027-02-28",
+            "Managed services: 2027-03-01 – 2027-03-31",
+        }
+        assert issued["Managed services: 2027-03-01 – 2027-03-31"] == "2027-03-01"
+        assert issued["Managed services: 2027-02-01 – 2027-02-28"] in today  # re-dated to the day it is issued
+        await tick(s, clock, at(date(2027, 3, 2)))
+        assert len(s.xero.invoices()) == 2
+        store = s.daemon.runtime.store
+        (january,) = await store.select(BillingEventRow, table_of(BillingEventRow).c.simulated)
+        assert january.occurrence == "2027-01-01"
+
+
+async def test_simulate_prints_the_cycle_and_changes_nothing(tmp_path: Path, db_url: str) -> None:
+    """`syncd simulate --json` lists every period, change and credit note of a client over the range, and writes nothing."""
+    clock = Clock(at(date(2026, 11, 20)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
+        company = seed_company(s.hub)
+        deal = retainer_deal(s.hub, company, start="2026-12-10")
+        await edit(s, clock, at(date(2026, 11, 20)), deal, {"dealstage": "closedwon"})
+        await edit(s, clock, at(date(2026, 11, 25)), deal, {"cancellation_date": "2027-02-14"})
+        store = s.daemon.runtime.store
+        before = (await store.count(BillingEventRow), await store.count(EffectRow))
+        args = ["simulate", "--client", f"hubspot:company:{company[0]}", "--from", "2026-12-01", "--to", "2027-04-01"]
+        result = await asyncio.to_thread(cli, *args, "--json", "-c", str(s.config.path))
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.output)
+        assert [(row["kind"], row["occurrence"], row["total"]) for row in rows] == [
+            ("period_due", "2026-12-01", "709.68"),  # Dec 10-31: 22 of 31 days
+            ("period_due", "2027-01-01", "1000.00"),
+            ("period_due", "2027-02-01", "500.00"),  # Feb 1-14: 14 of 28 days
+        ]
+        assert {row["status"] for row in rows} == {"new"}
+        assert rows[0]["draft"]["lines"][0]["description"] == "Managed services: 2026-12-10 – 2026-12-31, 22 of 31 days"
+        table = await asyncio.to_thread(cli, *args, "-c", str(s.config.path))
+        assert table.exit_code == 0, table.output
+        assert "709.68" in table.output
+        assert (await store.count(BillingEventRow), await store.count(EffectRow)) == before
