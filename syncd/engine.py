@@ -45,6 +45,7 @@ from syncd.errors import (
 )
 from syncd.interfaces import (
     BillingEvent,
+    BillingEventKind,
     Client,
     DealBillingStatus,
     Engagement,
@@ -400,11 +401,20 @@ class Engine:
         )
 
     async def _check_divergence(self, engagement: Engagement, record: SourceRecord) -> None:
-        """A deal edited, reopened or lost after it was invoiced: record it, never re-invoice or void."""
-        invoices = await self.store.select(InvoiceRow, _col(InvoiceRow, "engagement_key") == engagement.key)
+        """A deal edited, reopened or lost after it was invoiced: record it, never re-invoice or void.
+
+        Only invoices of the deal's own lines (won or accepted deliverables) are compared;
+        period, milestone and hours invoices bill other amounts by design.
+        """
+        line_kinds = [str(BillingEventKind.DEAL_WON), str(BillingEventKind.DELIVERABLE_ACCEPTED)]
+        billed_lines = sa.select(_col(BillingEventRow, "key")).where(_col(BillingEventRow, "kind").in_(line_kinds))
+        invoices = await self.store.select(
+            InvoiceRow,
+            _col(InvoiceRow, "engagement_key") == engagement.key,
+            _col(InvoiceRow, "kind") == "invoice",
+            _col(InvoiceRow, "key").in_(billed_lines),
+        )
         for invoice in invoices:
-            if invoice.kind != "invoice":
-                continue
             notes = []
             if engagement.won_at is None:
                 notes.append("deal is no longer won")
