@@ -128,7 +128,9 @@ class Runtime:
             if conn.spec.verifier is not None:
                 verifiers[name] = conn.spec.verifier(conn.settings, clock)
         pipelines = [_pipeline(config, p, connectors) for p in config.settings.pipelines]
-        billing_start = config.daemon.billing_start or await store.created_at()
+        # Before the first migration (``syncd check`` on a new machine) nothing is billed,
+        # so "now" is as good a start as any; `syncd run` migrates first and reads the real one.
+        billing_start = config.daemon.billing_start or await store.created_at() or clock()
         defaults = MappingDefaults(
             timezone=config.daemon.timezone,
             currency=config.daemon.default_currency,

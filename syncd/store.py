@@ -357,12 +357,13 @@ class Store:
             value = await conn.scalar(sa.select(table.c.value).where(table.c.key == key))
         return None if value is None else str(value)
 
-    async def created_at(self) -> datetime:
-        """When this database was created (the default ``billing_start``)."""
-        value = await self.meta("created_at")
-        if value is None:
-            raise ConfigError("the database is not migrated; run `syncd db upgrade`")
-        return datetime.fromisoformat(value)
+    async def created_at(self) -> datetime | None:
+        """When this database was created (the default ``billing_start``); ``None`` before migrating."""
+        try:
+            value = await self.meta("created_at")
+        except sa.exc.SQLAlchemyError:  # no tables yet
+            return None
+        return None if value is None else datetime.fromisoformat(value)
 
     # -- inbox --------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -31,8 +32,20 @@ def hint(event_id: str, object_id: str = "1") -> ChangeHint:
 async def test_migrate_twice_is_harmless(store: Store) -> None:
     """Migrating an up-to-date database changes nothing and keeps created_at."""
     first = await store.created_at()
+    assert first is not None
     await store.migrate()
     assert await store.created_at() == first
+
+
+async def test_a_new_database_has_no_creation_time_until_migrated(tmp_path: Path) -> None:
+    """Before the first migration there is no created_at (and no crash reading it)."""
+    fresh = Store.open(f"sqlite:///{tmp_path / 'new.db'}")
+    try:
+        assert await fresh.created_at() is None
+        await fresh.migrate()
+        assert await fresh.created_at() is not None
+    finally:
+        await fresh.close()
 
 
 async def test_duplicate_events_are_stored_once(store: Store) -> None:
