@@ -73,11 +73,18 @@ async def test_a_won_deal_without_a_webhook_is_found_by_polling(polled: Polled) 
     assert await poll_connection(p.runtime, "hubspot") >= 1
     await p.engine.drain()
     assert len(p.xero.invoices()) == 1
-    # syncd's own write-back changed the deal, so the next poll hints it again: harmless.
+    # syncd's own write-back bumped the deal's modification date: the poll knows it and
+    # does not hint it back (no re-read spent on our own echo).
     p.clock.advance(120)
-    await poll_connection(p.runtime, "hubspot")
+    reads = p.hub.calls["GET /crm/v3/objects/deals/{id}"]
+    assert await poll_connection(p.runtime, "hubspot") == 0
     await p.engine.drain()
+    assert p.hub.calls["GET /crm/v3/objects/deals/{id}"] == reads
     assert len(p.xero.invoices()) == 1
+    # a person's later edit is a change again
+    await p.hub.set_deal_properties(deal, {"description": "phase 2"})
+    p.clock.advance(120)
+    assert await poll_connection(p.runtime, "hubspot") == 1
     cursor = await p.runtime.store.get(CursorRow, "hubspot", "changes")
     assert cursor.last_success_at == p.clock.now
     assert cursor.last_error is None

@@ -31,6 +31,7 @@ Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -232,6 +233,8 @@ class HubSpotConnector:
         self.http = http
         self.connection = connection
         self.clock = clock
+        # deal id → modification stamp our own last write-back gave it (see poll_changes)
+        self._own_writes: OrderedDict[str, str] = OrderedDict()
 
     # -- reads -------------------------------------------------------------------
 
@@ -287,7 +290,7 @@ class HubSpotConnector:
             return ChangePage(hints=(), cursor=PollCursor(gte_ms=now_ms).dump(), more=False)
         window = PollCursor.load(cursor, connection=self.connection)
         page = await self._search_changed(window)
-        hints = tuple(self._hint(deal) for deal in page.results)
+        hints = tuple(self._hint(deal) for deal in page.results if not self._is_own_write(deal))
         following, more = self._next_cursor(window, page, now_ms)
         return ChangePage(hints=hints, cursor=following.dump(), more=more)
 
@@ -349,7 +352,23 @@ class HubSpotConnector:
             BillingProperty.INVOICE_DUE_DATE.value: status.due_date.isoformat() if status.due_date else "",
             BillingProperty.DAYS_OVERDUE.value: str(status.days_overdue),
         }
-        await self.http.request("PATCH", f"/crm/v3/objects/deals/{deal_id}", json={"properties": values})
+        response = await self.http.request("PATCH", f"/crm/v3/objects/deals/{deal_id}", json={"properties": values})
+        self._remember_write(CrmObject.model_validate_json(response.content))
+
+    def _remember_write(self, deal: CrmObject) -> None:
+        """Note the stamp our write gave the deal, so the next poll does not hint it back.
+
+        HubSpot bumps ``hs_lastmodifieddate`` on API writes too, so without this every
+        write-back would come back as a change and cost a full re-read. Per process and
+        bounded; a later edit by a person carries a newer stamp and is never skipped.
+        """
+        self._own_writes[deal.id] = _stamp(deal)
+        self._own_writes.move_to_end(deal.id)
+        while len(self._own_writes) > OWN_WRITES_KEPT:
+            self._own_writes.popitem(last=False)
+
+    def _is_own_write(self, deal: CrmObject) -> bool:
+        return self._own_writes.get(deal.id) == _stamp(deal)
 
     async def ensure_properties(self) -> PropertySetup:
         """Create the ``syncd`` property group and the billing deal properties if missing.
@@ -469,7 +488,7 @@ class HubSpotConnector:
         return window.gte_ms + 1
 
     def _hint(self, deal: CrmObject) -> ChangeHint:
-        modified = deal.properties.get("hs_lastmodifieddate") or _iso_text(deal.updated_at)
+        modified = _stamp(deal)
         return ChangeHint(
             connection=self.connection,
             object_type="deal",
@@ -480,7 +499,7 @@ class HubSpotConnector:
         )
 
     def _record(self, deal: CrmObject, data: Mapping[str, Any]) -> SourceRecord:
-        version = deal.properties.get("hs_lastmodifieddate") or _iso_text(deal.updated_at)
+        version = _stamp(deal)
         return SourceRecord(
             connection=self.connection,
             object_type="deal",
@@ -616,3 +635,11 @@ __all__ = [
     "create_verifier",
     "rate_limits",
 ]
+
+
+OWN_WRITES_KEPT = 10_000
+
+
+def _stamp(deal: CrmObject) -> str:
+    """A deal's modification stamp: ``hs_lastmodifieddate``, else ``updatedAt``."""
+    return deal.properties.get("hs_lastmodifieddate") or _iso_text(deal.updated_at)
