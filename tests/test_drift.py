@@ -7,29 +7,20 @@ builds its own HTTP client (and runs its own event loop).
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import socket
-import threading
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import structlog
-import uvicorn
-from click.testing import Result
-from starlette.types import ASGIApp
-from typer.testing import CliRunner
 
 from connectors.emulation import Fault
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
 from syncd import drift
-from syncd.cli import app
 from syncd.mapping import load_mapping
 from syncd.scheduler import build_scheduler, tick_drift
 from tests.harness import MAPPING, stack, write_config
+from tests.servers import invoke, serve_in_thread
 
 
 @pytest.fixture(autouse=True)
@@ -160,51 +151,12 @@ async def test_the_scheduled_check_logs_each_problem_and_exposes_the_count(tmp_p
 # ---------------------------------------------------------------------------- `syncd check`
 
 
-class _Server(uvicorn.Server):
-    """uvicorn that signals when it is listening (no polling to find out)."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self.ready.set()
-
-
-@contextlib.contextmanager
-def served(app_: ASGIApp) -> Iterator[str]:
-    """``app_`` on a free loopback port, in a thread; its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(app_, log_config=None, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        assert server.ready.wait(timeout=10), "uvicorn did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def invoke(*args: str) -> Result:
-    """Run ``syncd``; it configures logging onto the runner's stream (closed afterwards), so the test's is put back."""
-    saved, handlers = structlog.get_config(), logging.root.handlers[:]
-    try:
-        return CliRunner().invoke(app, list(args))
-    finally:
-        structlog.configure(**saved)
-        logging.root.handlers[:] = handlers
-
-
 def test_syncd_check_reports_drift_by_file_line_and_key(tmp_path: Path, sqlite_url: str) -> None:
     """`syncd check` passes on a matching mapping, then names a deleted property and an unknown code."""
     hub, xero = HubSpotEmulator(rate_limits=False), XeroEmulator(rate_limits=False)
     mapping = proposed(tmp_path, '"SETUP-FEE" = "200"', '"SETUP-FEE" = "260"')
     define_what_it_reads(hub, mapping)
-    with served(hub.app) as hub_url, served(xero.app) as xero_url:
+    with serve_in_thread(hub.app) as hub_url, serve_in_thread(xero.app) as xero_url:
         config = write_config(tmp_path, sqlite_url, hub, xero, mapping=mapping)
         text = config.read_text(encoding="utf-8")
         config.write_text(text.replace("http://hubspot.test", hub_url).replace("http://xero.test", xero_url))

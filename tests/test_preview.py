@@ -8,30 +8,21 @@ emulator with uvicorn on a loopback port in a thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
-import socket
-import threading
-from collections.abc import Iterator
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import structlog
-import uvicorn
-from click.testing import Result
 from rich.console import Console
-from starlette.types import ASGIApp
-from typer.testing import CliRunner
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.cli import app
 from syncd.preview import preview_deal, preview_mapping, render_deal, render_diff
 from syncd.store import BillingEventRow, ClientRow, EffectRow, EngagementRow, InvoiceRow, SourceRecordRow
 from tests.harness import MAPPING, seed_company, seed_deal, stack, write_config
+from tests.servers import invoke, serve_in_thread
 
 EVER = 'billing_start = "2000-01-01T00:00:00Z"'
 ROWS = (SourceRecordRow, ClientRow, EngagementRow, BillingEventRow, EffectRow, InvoiceRow)
@@ -130,16 +121,6 @@ def _deal(hub: HubSpotEmulator, company: tuple[str, str], *, billing_type: str |
     return hub.add_deal(properties, company_id=company[0], contact_ids=[company[1]], line_items=[item])
 
 
-def invoke(*args: str) -> Result:
-    """Run ``syncd``; it configures logging onto the runner's stream (closed afterwards), so the test's is put back."""
-    saved, handlers = structlog.get_config(), logging.root.handlers[:]
-    try:
-        return CliRunner().invoke(app, list(args))
-    finally:
-        structlog.configure(**saved)
-        logging.root.handlers[:] = handlers
-
-
 async def test_a_proposed_mapping_is_compared_over_the_stored_deals(tmp_path: Path, db_url: str) -> None:
     """--mapping counts same, changed, newly failing and newly passing deals and diffs each, with no effect."""
     async with stack(tmp_path, db_url, daemon_extra=EVER) as s:
@@ -193,39 +174,10 @@ async def test_a_proposed_mapping_is_compared_over_the_stored_deals(tmp_path: Pa
 # ---------------------------------------------------------------------------- `syncd preview deal`
 
 
-class _Server(uvicorn.Server):
-    """uvicorn that signals when it is listening (no polling to find out)."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self.ready.set()
-
-
-@contextlib.contextmanager
-def served(app_: ASGIApp) -> Iterator[str]:
-    """``app_`` on a free loopback port, in a thread; its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(app_, log_config=None, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        assert server.ready.wait(timeout=10), "uvicorn did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 def test_syncd_preview_deal_prints_the_draft_and_json(tmp_path: Path, sqlite_url: str) -> None:
     """`syncd preview deal ID` prints legal name, PO, lines and due date; --json gives the same draft."""
     hub, xero = HubSpotEmulator(rate_limits=False), XeroEmulator(rate_limits=False)
-    with served(hub.app) as hub_url:
+    with serve_in_thread(hub.app) as hub_url:
         config = write_config(tmp_path, sqlite_url, hub, xero, daemon_extra=EVER)
         config.write_text(config.read_text(encoding="utf-8").replace("http://hubspot.test", hub_url))
         assert invoke("db", "upgrade", "--config", str(config)).exit_code == 0

@@ -7,20 +7,17 @@ CLI runs in a worker thread (it starts its own event loop) against the same data
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 import httpx
 import pytest
 import structlog
-from click.testing import Result
-from typer.testing import CliRunner
 
 from connectors.hubspot.emulator import HubSpotEmulator
-from syncd.cli import app
 from syncd.replay import list_dead_letters, replay_dead_letters
 from syncd.store import BillingEventRow, DeadLetterRow
 from tests.harness import MAPPING, Stack, seed_deal, stack
+from tests.servers import invoke
 
 LEGAL_NAME_LINE = next(
     number
@@ -33,16 +30,6 @@ LEGAL_NAME_LINE = next(
 def default_structlog() -> None:
     """Log through structlog's defaults: a CLI test run earlier may have left it on a closed stream."""
     structlog.reset_defaults()
-
-
-def invoke(*args: str) -> Result:
-    """Run ``syncd``; it configures logging onto the runner's stream (closed afterwards), so the test's is put back."""
-    saved, handlers = structlog.get_config(), logging.root.handlers[:]
-    try:
-        return CliRunner().invoke(app, list(args))
-    finally:
-        structlog.configure(**saved)
-        logging.root.handlers[:] = handlers
 
 
 async def nameless_deal_dead_lettered(s: Stack) -> tuple[str, DeadLetterRow]:

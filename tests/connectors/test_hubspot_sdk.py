@@ -2,48 +2,24 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 from hubspot import HubSpot
 from hubspot.crm.deals import Filter, FilterGroup, PublicObjectSearchRequest, SimplePublicObjectInput
 from hubspot.crm.properties import ApiException, PropertyCreate
 
 from connectors.hubspot.emulator import HubSpotEmulator
-
-
-class _Server(uvicorn.Server):
-    """uvicorn that signals when it is listening (no polling to find out)."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self.ready.set()
+from tests.servers import serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[HubSpotEmulator, str]]:
     """The emulator on a free loopback port, in a thread, shut down after the module."""
     emulator = HubSpotEmulator(rate_limits=False)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(emulator.app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    assert server.ready.wait(timeout=10), "uvicorn did not start"
-    try:
-        yield emulator, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(emulator.app) as url:
+        yield emulator, url
 
 
 def api(url: str, pick: Any) -> Any:

@@ -7,8 +7,6 @@ The SDK's ``AccountingApi(api_client, base_url=...)`` takes the API root
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from datetime import date
 from decimal import Decimal
@@ -16,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from xero_python.accounting import (
     AccountingApi,
     Contact,
@@ -34,36 +31,15 @@ from xero_python.api_client.oauth2 import OAuth2Token
 from xero_python.exceptions import AccountingBadRequestException
 
 from connectors.xero.emulator import API, XeroEmulator
-
-
-class _Server(uvicorn.Server):
-    """uvicorn that signals when it is listening (no polling to find out)."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self.ready.set()
+from tests.servers import serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[XeroEmulator, str]]:
     """The emulator on a free loopback port, in a thread, shut down after the module."""
     emulator = XeroEmulator(rate_limits=False)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(emulator.app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    assert server.ready.wait(timeout=10), "uvicorn did not start"
-    try:
-        yield emulator, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(emulator.app) as url:
+        yield emulator, url
 
 
 @pytest.fixture(scope="module")
