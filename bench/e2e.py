@@ -1,0 +1,332 @@
+"""End to end: deal-won webhook → invoice at the Xero emulator, syncd beside a minimal baseline.
+
+Measurement 2 of issue 5 (and 6, CPU per synced deal). For each vendor latency (none,
+and 100 ms added to every emulator answer) and each concurrency, a fresh pair of
+emulators is seeded with won deals (each with its own company, billing contact and
+two lines), and syncd (``python -m syncd run``, SQLite, in its own process) is
+driven by closed-loop clients: each sends a signed deal-won webhook and waits until
+the invoice for that deal is committed at the Xero emulator (seen through the
+emulator's ``on_commit`` hook), then sends the next. The same runs are repeated with
+``bench.baseline`` in place of syncd.
+
+Reported per run: deals per second, latency webhook → invoice (p50/p95/p99), syncd's
+resident memory under the load (peak of ``VmRSS`` sampled every 100 ms) and its CPU
+per deal (``/proc/<pid>/stat`` user+system time from the start of the load until every
+invoice of the run is also written back to the deal, divided by the deals). The
+vendor calls per deal are counted on the first deal of each run.
+
+Targets (no added latency, SQLite, everything on the 2 cores): ≥ 330 deals/s at
+concurrency 16; p99 ≤ 13 ms at concurrency 1; RSS ≤ 140 MB; ≥ 0.8 of the baseline's
+throughput; CPU ≤ 3.5 ms per deal.
+
+Run alone: ``python -m bench.e2e`` (``--full`` for the long profile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bench import report, stack
+from bench.load import DealWonWebhooks, Exhausted, LoopResult, closed_loop
+from bench.report import Latencies, Profile, Row, Target
+
+WRITE_BACK = "PATCH /crm/v3/objects/deals/{id}"
+SLOW_S = 0.1
+SYNCD_WORKERS = 4  # syncd's default ``[daemon].workers``; a run uses max(this, clients)
+TARGET_RATE = Target(op=">=", limit=330.0)
+TARGET_P99 = Target(op="<=", limit=13.0)
+TARGET_RSS = Target(op="<=", limit=140.0)
+TARGET_RATIO = Target(op=">=", limit=0.8)
+TARGET_CPU = Target(op="<=", limit=3.5)
+
+
+class InvoiceWatch:
+    """Tells when each deal's invoice is committed at the Xero emulator (its ``on_commit`` hook).
+
+    Args:
+        deal_of_line: the first line's description → deal id (see :func:`bench.stack.seed_won_deals`).
+    """
+
+    def __init__(self, deal_of_line: Mapping[str, str]) -> None:
+        self.deal_of_line = dict(deal_of_line)
+        self.waiting: dict[str, asyncio.Future[float]] = {}
+        self.count = 0
+
+    def committed(self, kind: str, document: dict[str, Any]) -> None:
+        """The emulator stored an invoice: resolve the wait of its deal with the time."""
+        if kind != "invoice":
+            return
+        self.count += 1
+        lines = document.get("LineItems") or [{}]
+        deal = self.deal_of_line.get(str(lines[0].get("Description")))
+        future = self.waiting.pop(deal, None) if deal else None
+        if future is not None and not future.done():
+            future.set_result(time.perf_counter())
+
+    def expect(self, deal: str) -> asyncio.Future[float]:
+        """A future resolved when ``deal``'s invoice is committed."""
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.waiting[deal] = future
+        return future
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """One end-to-end run.
+
+    Attributes:
+        system: ``syncd`` or ``baseline``.
+        clients: closed-loop clients.
+        latency_s: vendor latency added.
+        loop: the load loop's result.
+        deals: invoices created from the start of the load until drained.
+        cpu_ms_per_deal: the system's CPU per deal (load start → every write-back done).
+        peak_rss_mb: the system's highest sampled resident memory during the load.
+        hub_calls / xero_calls: vendor calls per deal during the load (Xero's token excluded).
+        drained: whether every invoice was also written back in time.
+        cpu_busy / bench_busy: CPU share of the system and of the bench process during the load.
+    """
+
+    system: str
+    clients: int
+    latency_s: float
+    loop: LoopResult
+    deals: int
+    cpu_ms_per_deal: float
+    peak_rss_mb: float
+    hub_calls: float
+    xero_calls: float
+    drained: bool
+    cpu_busy: float
+    bench_busy: float
+
+    @property
+    def setting(self) -> str:
+        """``syncd 0ms c=16``."""
+        return f"{self.system} {self.latency_s * 1000:.0f}ms c={self.clients}"
+
+
+async def run(profile: Profile) -> list[Row]:
+    """Every end-to-end row: each latency, each system, each concurrency; then the ratios."""
+    rows: list[Row] = []
+    for latency in (0.0, SLOW_S):
+        outcomes: dict[tuple[str, int], Outcome] = {}
+        for system in ("syncd", "baseline"):
+            for clients in profile.e2e_concurrency:
+                outcome = await measure(profile, system=system, clients=clients, latency_s=latency)
+                outcomes[system, clients] = outcome
+                rows += outcome_rows(outcome)
+        rows += _ratios(outcomes, profile, latency)
+    return rows
+
+
+async def measure(profile: Profile, *, system: str, clients: int, latency_s: float) -> Outcome:
+    """One run of ``system`` at ``clients`` concurrency and ``latency_s`` added vendor latency.
+
+    The first deal goes through alone (it also pays one-time costs: the Xero token, any
+    set-up reads); the load and every number measured start after it.
+    """
+    slow = latency_s > 0
+    duration = profile.e2e_slow_s if slow else profile.e2e_s
+    warmup = profile.e2e_slow_warmup_s if slow else profile.e2e_warmup_s
+    async with stack.vendors() as bench:
+        lines = stack.seed_won_deals(bench.hub, profile.e2e_pool)
+        watch = InvoiceWatch(lines)
+        bench.xero.on_commit = watch.committed
+        if latency_s:
+            bench.add_latency(latency_s)
+        async with _system(system, bench, workers=max(SYNCD_WORKERS, clients)) as child:
+            hooks = DealWonWebhooks(f"{child.url}/webhooks/hubspot", bench.hub.client_secret)
+            async with contextlib.aclosing(hooks):
+                deals = iter(lines.values())
+                first = await deal_invoiced(hooks, watch, next(deals))
+                if first is None or not await written_back(bench, 1, 30.0):
+                    raise RuntimeError(f"{system}: the first deal was not invoiced and written back: {child.tail()}")
+                run = Run(system=system, clients=clients, latency_s=latency_s, duration_s=duration, warmup_s=warmup)
+                return await _load(run, child, bench, watch, hooks, deals)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    """What one run varies."""
+
+    system: str
+    clients: int
+    latency_s: float
+    duration_s: float
+    warmup_s: float
+
+
+def _calls(bench: stack.Vendors) -> tuple[int, int]:
+    """API calls so far at each emulator (Xero's token requests left out)."""
+    return sum(bench.hub.calls.values()), sum(n for op, n in bench.xero.calls.items() if op != "token")
+
+
+async def _load(
+    run: Run,
+    child: stack.Child,
+    bench: stack.Vendors,
+    watch: InvoiceWatch,
+    hooks: DealWonWebhooks,
+    deals: Iterator[str],
+) -> Outcome:
+    async def work(_n: int) -> float | None:
+        deal = next(deals, None)
+        if deal is None:
+            raise Exhausted
+        return await deal_invoiced(hooks, watch, deal)
+
+    before, before_own, before_count, before_calls = child.stats(), stack.own_cpu_s(), watch.count, _calls(bench)
+    started = time.perf_counter()
+    async with _sampling(child.stats) as peak:
+        loop = await closed_loop(clients=run.clients, duration_s=run.duration_s, warmup_s=run.warmup_s, work=work)
+        load_cpu = child.stats().cpu_s - before.cpu_s
+        load_own = stack.own_cpu_s() - before_own
+        load_s = time.perf_counter() - started
+        drained = await written_back(bench, watch.count, 60.0)
+    after, calls = child.stats(), _calls(bench)
+    deals_done = max(1, watch.count - before_count)
+    return Outcome(
+        system=run.system,
+        clients=run.clients,
+        latency_s=run.latency_s,
+        loop=loop,
+        deals=watch.count - before_count,
+        cpu_ms_per_deal=(after.cpu_s - before.cpu_s) / deals_done * 1000,
+        peak_rss_mb=max(peak()),
+        hub_calls=(calls[0] - before_calls[0]) / deals_done,
+        xero_calls=(calls[1] - before_calls[1]) / deals_done,
+        drained=drained,
+        cpu_busy=load_cpu / load_s,
+        bench_busy=load_own / load_s,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _system(system: str, bench: stack.Vendors, *, workers: int) -> AsyncIterator[stack.Child]:
+    if system == "syncd":
+        async with stack.syncd(bench, workers=workers) as child:
+            yield child
+    else:
+        async with stack.baseline(bench) as child:
+            yield child
+
+
+async def deal_invoiced(hooks: DealWonWebhooks, watch: InvoiceWatch, deal: str) -> float | None:
+    """Send the webhook for ``deal`` and wait for its invoice; when it was committed."""
+    committed = watch.expect(deal)
+    if await hooks.send(int(deal)) != 200:
+        watch.waiting.pop(deal, None)
+        return None
+    try:
+        return await asyncio.wait_for(committed, timeout=60.0)
+    except TimeoutError:
+        return None
+
+
+async def written_back(bench: stack.Vendors, invoices: int, timeout_s: float) -> bool:
+    """Wait (bounded) until the CRM has received one write-back per invoice."""
+    deadline = time.monotonic() + timeout_s
+    while bench.hub.calls[WRITE_BACK] < invoices:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+@contextlib.asynccontextmanager
+async def _sampling(
+    read: Callable[[], stack.ProcStats], every_s: float = 0.1
+) -> AsyncIterator[Callable[[], list[float]]]:
+    """Sample a process's RSS every ``every_s`` while the block runs; yields the samples."""
+    samples = [read().rss_mb]
+
+    async def sample() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            samples.append(read().rss_mb)
+
+    task = asyncio.create_task(sample())
+    try:
+        yield lambda: samples
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def outcome_rows(outcome: Outcome) -> list[Row]:
+    """The rows of one run, with the issue's targets where they apply."""
+    headline = outcome.system == "syncd" and outcome.latency_s == 0
+    fast, single = headline and outcome.clients >= 16, headline and outcome.clients == 1
+    setting = outcome.setting
+    note = (
+        f"{outcome.loop.failures}; {outcome.deals} deals; CPU busy: {outcome.system} {outcome.cpu_busy:.0%}, "
+        f"load+emulators {outcome.bench_busy:.0%}" + ("" if outcome.drained else "; write-backs NOT drained")
+    )
+    return [
+        Row(
+            measurement="e2e",
+            setting=setting,
+            metric="deals/s",
+            value=outcome.loop.per_s,
+            unit="deals/s",
+            target=TARGET_RATE if fast else None,
+            note=note,
+        ),
+        *Latencies.of(outcome.loop.latencies_s).rows(
+            "e2e", setting, "webhook→invoice", p99_target=TARGET_P99 if single else None
+        ),
+        Row(
+            measurement="e2e",
+            setting=setting,
+            metric="peak RSS under load",
+            value=outcome.peak_rss_mb,
+            unit="MB",
+            target=TARGET_RSS if headline else None,
+        ),
+        Row(
+            measurement="e2e",
+            setting=setting,
+            metric="vendor calls/deal",
+            value=outcome.hub_calls + outcome.xero_calls,
+            note=f"HubSpot {outcome.hub_calls:.1f}, Xero {outcome.xero_calls:.1f} (after the first deal)",
+        ),
+        Row(
+            measurement="cpu",
+            setting=setting,
+            metric="CPU per synced deal",
+            value=outcome.cpu_ms_per_deal,
+            unit="ms",
+            target=TARGET_CPU if fast else None,
+            note=f"process CPU / {outcome.deals} deals",
+        ),
+    ]
+
+
+def _ratios(outcomes: Mapping[tuple[str, int], Outcome], profile: Profile, latency_s: float) -> list[Row]:
+    rows = []
+    for clients in profile.e2e_concurrency:
+        ours, floor = outcomes["syncd", clients], outcomes["baseline", clients]
+        ratio = ours.loop.per_s / floor.loop.per_s if floor.loop.per_s else None
+        target = TARGET_RATIO if latency_s == 0 and clients >= 16 else None
+        note = f"{ours.loop.per_s:.0f} vs {floor.loop.per_s:.0f} deals/s"
+        rows.append(
+            Row(
+                measurement="e2e",
+                setting=f"{latency_s * 1000:.0f}ms c={clients}",
+                metric="syncd/baseline throughput",
+                value=ratio,
+                target=target,
+                note=note,
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    report.main("e2e", run)

@@ -1,0 +1,65 @@
+"""The benchmarks still run: each measurement's quick path at a tiny size (no time is asserted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import backfill, budget, e2e, ingest, poll
+from bench.report import TINY, Row
+
+pytestmark = pytest.mark.slow
+
+
+def _values(rows: list[Row], metric: str) -> list[float]:
+    return [row.value for row in rows if row.metric == metric and row.value is not None]
+
+
+async def test_ingest_acknowledges_every_signed_webhook() -> None:
+    """Each ingest run gets its signed webhooks acknowledged (none fail) and reports a rate."""
+    rows = await ingest.run(TINY)
+    rates = [row for row in rows if row.metric == "req/s"]
+    assert [row.setting for row in rates] == ["sqlite c=1", "sqlite c=4", "sqlite paced 20/s"]
+    assert all(row.value and row.value > 0 for row in rates)
+    assert all(row.note.startswith("failed 0") for row in rates)
+
+
+async def test_end_to_end_invoices_deals_and_the_baseline_makes_the_same_calls() -> None:
+    """syncd and the baseline both invoice deals, with the same vendor calls per deal."""
+    profile = TINY
+    ours = await e2e.measure(profile, system="syncd", clients=2, latency_s=0.0)
+    floor = await e2e.measure(profile, system="baseline", clients=2, latency_s=0.0)
+    assert ours.deals > 0
+    assert floor.deals > 0
+    assert ours.drained
+    assert floor.drained
+    assert (round(ours.hub_calls, 1), round(ours.xero_calls, 1)) == (
+        round(floor.hub_calls, 1),
+        round(floor.xero_calls, 1),
+    )
+    assert ours.peak_rss_mb > 0
+    assert ours.cpu_ms_per_deal > 0
+
+
+async def test_budget_invoices_every_deal_under_the_xero_limits() -> None:
+    """Every deal is invoiced through the rate-limited Xero emulator, and the calls are recorded."""
+    rows = await budget.run(TINY)
+    (windows,) = [row for row in rows if row.metric == "Xero windows (60 s)"]
+    assert windows.note.startswith(f"{TINY.budget_deals} of {TINY.budget_deals} deals invoiced")
+    assert _values(rows, "429s (whole run)") == [0.0]
+
+
+async def test_backfill_reads_every_deal_page_by_page() -> None:
+    """The backfill reads every seeded deal, 100 per list call."""
+    rows = await backfill.run(TINY)
+    (size,) = TINY.backfill_sizes
+    assert _values(rows, "API calls") == [float(-(-size // 100))]
+    (wall,) = [row for row in rows if row.metric == "wall time"]
+    assert wall.note.startswith(f"{size:,} deals read")
+
+
+async def test_poll_hints_exactly_the_changed_deals() -> None:
+    """An incremental poll hints the changed deals and nothing else, in one search call."""
+    rows = await poll.run(TINY)
+    (calls,) = [row for row in rows if row.metric == "API calls"]
+    assert calls.value == 1.0
+    assert calls.note.startswith(f"{TINY.poll_changed} deals hinted")
