@@ -100,9 +100,39 @@ class RateLimit:
     """
 
     max_requests: int
-    period_s: int
+    period_s: float
     concurrency: int | None = None
     name: str = "default"
+
+
+def within(
+    limit: int | None, window_s: float, *, name: str = "default", concurrency: int | None = None
+) -> list[RateLimit]:
+    """The bucket that keeps a client under a vendor's "``limit`` per ``window_s``".
+
+    aiolimiter is a leaky bucket: it lets its capacity through at once, then drips. A
+    bucket of the full limit would pass up to twice the limit in one window (burst +
+    drip), and the vendor would answer 429. So the capacity is a small burst
+    ``c = max(1, limit // 4)`` and the drip fills the rest of the window:
+    ``c + (window_s / period) * c = limit``, i.e. ``period = c * window_s / (limit - c)``.
+
+    Args:
+        limit: the vendor's published number; ``None`` or 0 switches limiting off.
+        window_s: the vendor's window in seconds.
+        name: the bucket's name.
+        concurrency: requests in flight at once, if the vendor limits that too.
+
+    Returns:
+        the bucket (or a concurrency-only bucket, or nothing when both are off).
+    """
+    if not limit:
+        return [RateLimit(max_requests=10**9, period_s=1, concurrency=concurrency, name=name)] if concurrency else []
+    burst = max(1, limit // 4)
+    if limit <= burst:
+        return [RateLimit(max_requests=1, period_s=window_s / limit, concurrency=concurrency, name=name)]
+    return [
+        RateLimit(max_requests=burst, period_s=burst * window_s / (limit - burst), concurrency=concurrency, name=name)
+    ]
 
 
 class _Bucket:

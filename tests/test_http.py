@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from syncd.errors import AuthError, FatalError, NotFound, RateLimited, RetriableError
-from syncd.http import Action, RateLimit, VendorHttp, action_for, retry_after_s
+from syncd.http import Action, RateLimit, VendorHttp, action_for, retry_after_s, within
 
 
 @pytest.mark.parametrize(
@@ -121,3 +121,20 @@ async def test_a_rate_limit_bucket_counts_requests() -> None:
     for _ in range(5):
         await http.request("GET", "/x")
     assert http.calls == 5
+
+
+@pytest.mark.parametrize(("limit", "window_s"), [(60, 60), (100, 10), (5, 1), (3, 60), (10_000, 60)])
+def test_a_bucket_never_passes_more_than_the_vendor_limit_in_a_window(limit: int, window_s: float) -> None:
+    """Burst plus one window of drip stays within the vendor's limit, and uses at least 95% of it."""
+    (bucket,) = within(limit, window_s)
+    most_in_a_window = bucket.max_requests + (window_s / bucket.period_s) * bucket.max_requests
+    assert most_in_a_window <= limit + 1e-9
+    assert most_in_a_window >= 0.95 * limit
+
+
+def test_zero_or_none_switches_a_limit_off() -> None:
+    """0 (TOML has no null) and None both switch limiting off; concurrency alone stays."""
+    assert within(0, 60) == []
+    assert within(None, 60) == []
+    (only_concurrency,) = within(0, 60, concurrency=5)
+    assert only_concurrency.concurrency == 5

@@ -55,7 +55,7 @@ from connectors.harvest.models import (
     Payload,
 )
 from syncd.errors import AuthError, FatalError, NotFound, RecordError, SyncdError
-from syncd.http import RateLimit, VendorHttp
+from syncd.http import VendorHttp, within
 from syncd.interfaces import (
     Capability,
     ChangeHint,
@@ -417,11 +417,7 @@ class HarvestConnector:
 
 def build(settings: HarvestSettings, ctx: ConnectorContext) -> HarvestConnector:
     """The :class:`HarvestConnector` for one configured connection."""
-    limits = (
-        []
-        if settings.rate_limit_per_15s is None
-        else [RateLimit(max_requests=settings.rate_limit_per_15s, period_s=RATE_LIMIT_PERIOD_S)]
-    )
+    limits = within(settings.rate_limit_per_15s, RATE_LIMIT_PERIOD_S)
     http = ctx.make_http(
         base_url=settings.base_url,
         auth=BearerToken(settings.token),

@@ -58,7 +58,7 @@ from connectors.hubspot.models import (
 )
 from connectors.hubspot.webhooks import HubSpotWebhookVerifier
 from syncd.errors import ConfigError, NotFound, RecordError, SyncdError
-from syncd.http import RateLimit, VendorHttp
+from syncd.http import RateLimit, VendorHttp, within
 from syncd.interfaces import (
     Capability,
     ChangeHint,
@@ -573,21 +573,14 @@ def _auth(settings: HubSpotSettings, ctx: ConnectorContext) -> httpx.Auth:
 
 
 def rate_limits(settings: HubSpotSettings) -> list[RateLimit]:
-    """The connection's buckets, sized to stay under HubSpot's windows.
+    """The connection's buckets, sized to stay under HubSpot's windows (:func:`syncd.http.within`).
 
-    aiolimiter is a leaky bucket: it lets ``max_requests`` through at once and then
-    ``max_requests`` per ``period_s``, so over a window ``W`` it can pass
-    ``max_requests * (1 + W / period_s)``. HubSpot counts fixed/rolling windows, so the
-    budget is spread per second with room for the initial burst.
+    ``None`` or 0 switches a limit off (TOML has no null).
     """
-    limits: list[RateLimit] = []
-    if settings.rate_limit_per_10s is not None:
-        per_s = max(1, settings.rate_limit_per_10s * 9 // 100)  # burst + 10 s of drip ≤ the limit
-        limits.append(RateLimit(max_requests=per_s, period_s=1, name="default"))
-    if settings.search_rate_per_s is not None:
-        per_s = max(1, settings.search_rate_per_s // 2)  # burst + 1 s of drip ≤ the limit
-        limits.append(RateLimit(max_requests=per_s, period_s=1, name="search"))
-    return limits
+    return [
+        *within(settings.rate_limit_per_10s, 10, name="default"),
+        *within(settings.search_rate_per_s, 1, name="search"),
+    ]
 
 
 def create(settings: HubSpotSettings, ctx: ConnectorContext) -> HubSpotConnector:

@@ -66,7 +66,7 @@ from connectors.xero.models import (
 )
 from connectors.xero.webhooks import XeroWebhookVerifier
 from syncd.errors import ConfigError, FatalError, NotFound, SyncdError
-from syncd.http import RateLimit, VendorHttp
+from syncd.http import RateLimit, VendorHttp, within
 from syncd.interfaces import (
     Capability,
     ChangeHint,
@@ -151,10 +151,9 @@ class XeroSettings(ConnectionSettings):
 
 
 def _limits(settings: XeroSettings) -> list[RateLimit]:
-    if settings.rate_limit_per_min is None and settings.max_concurrent is None:
-        return []
-    per_minute = settings.rate_limit_per_min or APP_MINUTE_LIMIT
-    return [RateLimit(max_requests=per_minute, period_s=60, concurrency=settings.max_concurrent)]
+    """Xero's per-minute and concurrent limits (``None`` or 0 switches either off)."""
+    per_minute = settings.rate_limit_per_min or (APP_MINUTE_LIMIT if settings.max_concurrent else None)
+    return within(per_minute, 60, concurrency=settings.max_concurrent or None)
 
 
 def _headers(settings: XeroSettings) -> dict[str, str]:
