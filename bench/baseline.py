@@ -159,9 +159,7 @@ class Baseline:
         self, deal_id: str, deal: dict[str, Any], company: dict[str, Any], contact_id: str, items: list[dict[str, Any]]
     ) -> None:
         key = hashlib.sha256(f"hubspot:deal:{deal_id}:won".encode()).hexdigest()[:32]
-        where = {"where": f'Reference!=null&&Reference.Contains("syncd:{key}")'}
-        await self._xero("GET", "/Invoices", params=where)
-        await self._xero("GET", "/CreditNotes", params=where)
+        # syncd looks the invoice up only when retrying (a first attempt cannot have created it)
         today = datetime.now(UTC).date()
         terms = int(company.get("payment_terms_days") or 30)
         lines = [

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -105,11 +106,23 @@ class Engine:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.store = runtime.store
-        self.wake = asyncio.Event()
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._pending = False
 
     def notify(self) -> None:
-        """Wake idle workers (new events or effects were stored)."""
-        self.wake.set()
+        """Wake one idle worker (new events or effects were stored).
+
+        Waking every idle worker for each row cost an empty claim per worker (BENCHMARKS.md);
+        a woken worker keeps claiming while there is work, and each further notify wakes
+        one more. With no worker idle, the next one to go idle finds ``_pending`` and
+        claims again at once.
+        """
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._pending = True
 
     # -- workers --------------------------------------------------------------------------
 
@@ -122,11 +135,20 @@ class Engine:
                 log.exception("worker_error")
                 done = 0
             if done == 0:
-                self.wake.clear()
-                sleepers = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
-                await asyncio.wait(sleepers, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
-                for task in sleepers:
-                    task.cancel()
+                await self._idle_until_notified(stop, idle_s)
+
+    async def _idle_until_notified(self, stop: asyncio.Event, idle_s: float) -> None:
+        """Sleep until :meth:`notify`, ``stop``, or ``idle_s`` (due retries need a look)."""
+        if self._pending:
+            self._pending = False
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        watched: list[asyncio.Future[Any]] = [waiter, stopping]
+        await asyncio.wait(watched, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        waiter.cancel()
 
     async def drain(self, *, rounds: int = 50) -> None:
         """Process until nothing is due (tests and the demo use this instead of sleeping)."""
@@ -525,7 +547,9 @@ class Engine:
         draft = InvoiceDraft.model_validate(row.payload["draft"])
         invoicing = self.rt.connectors[row.connection]
         customer_id = await self._customer_id(row.connection, invoicing, draft.client)
-        status = await invoicing.find_invoice(draft.key)
+        # Only a retry can follow a create whose answer was lost (or a crash after it):
+        # the first attempt skips the lookup, every later one looks up before creating.
+        status = await invoicing.find_invoice(draft.key) if row.attempts > 1 else None
         created = status is None
         if status is None:
             status = await invoicing.create_invoice(draft, customer_id)

@@ -211,3 +211,20 @@ async def test_vendor_throttling_is_waited_out(tmp_path: Path, db_url: str, stat
         await store.update(EffectRow, [table_of(EffectRow).c.id == effect.id], {"next_at": datetime.now(UTC)})
         await s.drain()
         assert len(s.xero.invoices()) == 1
+
+
+async def test_a_notification_wakes_one_idle_worker(tmp_path: Path, sqlite_url: str) -> None:
+    """notify() wakes exactly one idle worker; with none idle, the next to idle claims at once."""
+    async with stack(tmp_path, sqlite_url) as s:
+        engine = s.daemon.engine
+        stop = asyncio.Event()
+        sleepers = [asyncio.create_task(engine._idle_until_notified(stop, 60)) for _ in range(3)]
+        await asyncio.sleep(0)
+        engine.notify()
+        done, pending = await asyncio.wait(sleepers, timeout=1)
+        assert (len(done), len(pending)) == (1, 2)
+        stop.set()
+        await asyncio.wait(pending, timeout=1)
+        engine.notify()
+        engine.notify()
+        await asyncio.wait_for(engine._idle_until_notified(asyncio.Event(), 60), 1)
