@@ -17,7 +17,8 @@ tool creates at most one invoice for it.
 kind                   when, and its occurrence
 =====================  ==============================================================
 deal_won               a ``one_time`` engagement billed on winning is won;
-                       ``"won"`` (a reopen-and-rewin is no second invoice)
+                       ``"won"`` (a reopen-and-rewin is no second invoice); or an
+                       engagement with a deposit is won: ``"deposit"``
 deliverable_accepted   a ``one_time`` engagement billed on acceptance is accepted;
                        ``"accepted"``
 milestone_done         a milestone is done; the milestone's id
@@ -37,6 +38,24 @@ owes the client a credit. :func:`draft_for_event` drafts it as a
 notes, call :func:`due_events` with ``credit_notes=False``: it leaves those events out,
 and :func:`manual_credits` returns them as :class:`ManualCredit` values for the engine to
 surface to a person. syncd never issues a negative invoice in place of a credit note.
+
+**Deposits.** A ``milestone`` engagement, or a ``one_time`` engagement billed on
+acceptance, with ``deposit_percent`` = *p* invoices a deposit when won (a ``deal_won``
+event with occurrence ``"deposit"``, one line). The deposit is the sum of one *share*
+per later invoice, each rounded once, half-up, to minor units:
+
+* ``one_time``: one share, ``round(T × p / 100)``, where *T* is the sum of the rounded
+  amounts of the engagement's lines; the acceptance invoice deducts it;
+* ``milestone``: one share per milestone, ``round(A × p / 100)``, where *A* is the
+  milestone's rounded amount; that milestone's invoice deducts it.
+
+A deduction is one line, quantity 1 and a negative unit price (the share); an invoice
+deducts only its own share, and every invoice's key is billed once, so the deposit is
+credited exactly once and deposit plus later invoices add up to the total exactly. As
+``p <= 100``, no share exceeds its invoice. A deposit engagement won before
+``billing_start`` gets no deposit invoice (it was billed by other means, like a
+``deal_won``) and its later invoices still deduct the shares. A ``one_time`` engagement
+billed on winning ignores ``deposit_percent``: its one invoice bills the total.
 
 **Hours.** An hourly engagement bills its billable, not yet invoiced time entries: each
 period (when it has a ``cycle``, always in arrears) and each time the logged hours reach
@@ -69,6 +88,7 @@ from syncd.interfaces import (
     InvoiceLine,
     TimeEntry,
 )
+from syncd.money import round_money
 from syncd.periods import Period, is_recurring, issued_at, period_at, periods_between, service_start
 from syncd.proration import Settlement, billed_spans, settlements, span_line, terms_at
 
@@ -77,6 +97,9 @@ WON = "won"
 
 ACCEPTED = "accepted"
 """Occurrence of the one ``deliverable_accepted`` event of an engagement."""
+
+DEPOSIT = "deposit"
+"""Occurrence of the ``deal_won`` event that invoices an engagement's deposit."""
 
 RateSource = Literal["engagement", "project", "task", "person", "entry"]
 """Where an hourly rate can come from: the engagement's ``rate``, the rate card's
@@ -174,6 +197,95 @@ def accepted_event(engagement: Engagement, *, billing_start: datetime) -> Billin
     return billing_event(engagement, BillingEventKind.DELIVERABLE_ACCEPTED, ACCEPTED, accepted)
 
 
+def has_deposit(engagement: Engagement) -> bool:
+    """Whether the engagement invoices a deposit when won (see the module docstring)."""
+    if engagement.deposit_percent is None:
+        return False
+    accepted = engagement.type is EngagementType.ONE_TIME and engagement.bill_on == "accepted"
+    return accepted or engagement.type is EngagementType.MILESTONE
+
+
+def deposit_shares(engagement: Engagement) -> dict[str, Decimal]:
+    """The deposit's shares, by the occurrence of the invoice that deducts each.
+
+    ``{"accepted": share}`` for a ``one_time`` engagement, ``{milestone id: share}`` for a
+    ``milestone`` one, empty without a deposit. Each share is rounded once (module
+    docstring); the deposit is their sum.
+
+    Raises:
+        ValidationFailed: ``deposit_percent`` is not in (0, 100].
+    """
+    if not has_deposit(engagement) or engagement.deposit_percent is None:
+        return {}
+    percent = engagement.deposit_percent
+    if not Decimal(0) < percent <= Decimal(100):
+        raise ValidationFailed(
+            f"deposit_percent {percent} is not in (0, 100]", place=f"engagement {engagement.key}: deposit_percent"
+        )
+    if engagement.type is EngagementType.ONE_TIME:
+        total = sum((line.amount(engagement.currency) for line in engagement.lines), Decimal(0))
+        return {ACCEPTED: _share(total, percent, engagement.currency)}
+    return {
+        milestone.id: _share(round_money(milestone.amount, engagement.currency), percent, engagement.currency)
+        for milestone in engagement.milestones
+    }
+
+
+def _share(amount: Decimal, percent: Decimal, currency: str) -> Decimal:
+    return round_money(amount * percent / 100, currency)
+
+
+def deposit_event(engagement: Engagement, *, billing_start: datetime) -> BillingEvent | None:
+    """The ``deal_won`` event (occurrence ``"deposit"``) that invoices the deposit.
+
+    Returns:
+        The event, at ``won_at``, or ``None`` when the engagement has no deposit, is not
+        won, was won before ``billing_start`` or its deposit is zero.
+
+    Raises:
+        ValidationFailed: see :func:`deposit_shares`.
+    """
+    if engagement.won_at is None or engagement.won_at < billing_start:
+        return None
+    if not sum(deposit_shares(engagement).values(), Decimal(0)):
+        return None
+    return billing_event(engagement, BillingEventKind.DEAL_WON, DEPOSIT, engagement.won_at)
+
+
+def deposit_lines(engagement: Engagement) -> tuple[InvoiceLine, ...]:
+    """The one line of the deposit invoice: the sum of the shares.
+
+    Raises:
+        ValidationFailed: see :func:`deposit_shares`.
+    """
+    deposit = sum(deposit_shares(engagement).values(), Decimal(0))
+    return (
+        InvoiceLine(
+            description=f"{engagement.name}: deposit, {engagement.deposit_percent}%",
+            quantity=Decimal(1),
+            unit_price=deposit,
+        ),
+    )
+
+
+def deduction_lines(engagement: Engagement, occurrence: str) -> tuple[InvoiceLine, ...]:
+    """The line deducting the deposit's share from the invoice of ``occurrence``, if any.
+
+    Raises:
+        ValidationFailed: see :func:`deposit_shares`.
+    """
+    share = deposit_shares(engagement).get(occurrence, Decimal(0))
+    if not share:
+        return ()
+    return (
+        InvoiceLine(
+            description=f"{engagement.name}: less deposit, {engagement.deposit_percent}%",
+            quantity=Decimal(1),
+            unit_price=-share,
+        ),
+    )
+
+
 def milestone_events(engagement: Engagement, *, billing_start: datetime) -> list[BillingEvent]:
     """One ``milestone_done`` event per milestone done at or after ``billing_start``.
 
@@ -204,9 +316,11 @@ def period_events(
     """
     if not is_recurring(engagement) or engagement.won_at is None:
         return []
+    first = service_start(engagement)
     today = issue_date_for(as_of, timezone)
+    until = max(today, first) if engagement.first_period_on_won else today
     events = []
-    for period in periods_between(engagement, service_start(engagement), today):
+    for period in periods_between(engagement, first, until):
         issued = issued_at(engagement, period, timezone)
         if issued is None or not billing_start <= issued <= as_of:
             continue
@@ -259,7 +373,7 @@ def due_events(
 ) -> list[BillingEvent]:
     """Every billing event of the engagement due by ``as_of`` whose key is not in ``billed``.
 
-    This covers ``deal_won``, ``deliverable_accepted``, ``milestone_done``,
+    This covers ``deal_won`` (with deposits), ``deliverable_accepted``, ``milestone_done``,
     ``period_due`` and ``engagement_changed`` (``hours_cap_reached`` needs time entries:
     see :func:`cap_events`). The result depends only on the arguments: the union over
     many runs with growing ``as_of`` (each adding its keys to ``billed``) equals one run
@@ -278,10 +392,12 @@ def due_events(
         The events in the order they arose.
 
     Raises:
-        ValidationFailed: a recurring engagement lacks a cycle, start or amount.
+        ValidationFailed: a recurring engagement lacks a cycle, start or amount, or a
+            deposit's percentage is out of range.
     """
     single = (
         deal_won_event(engagement, billing_start=billing_start),
+        deposit_event(engagement, billing_start=billing_start),
         accepted_event(engagement, billing_start=billing_start),
     )
     events = [event for event in single if event is not None]
@@ -311,8 +427,9 @@ def draft_for_event(
 ) -> InvoiceDraft:
     """The invoice (or credit-note) draft for ``event``.
 
-    Lines by kind: ``deal_won`` and ``deliverable_accepted`` bill the engagement's lines;
-    ``milestone_done`` the milestone's amount; ``period_due`` the period's served days,
+    Lines by kind: ``deal_won`` and ``deliverable_accepted`` bill the engagement's lines
+    (a ``"deposit"`` occurrence the deposit); ``milestone_done`` the milestone's amount
+    (both less the deposit's share, if any); ``period_due`` the period's served days,
     prorated (:mod:`syncd.proration`); ``engagement_changed`` the settlement of the
     periods issued before the change, as a credit note when it lowers the bill. The due
     date is ``issue_date`` plus the client's payment terms; the reference is the
@@ -386,10 +503,13 @@ def assemble_draft(
 
 def _contents(event: BillingEvent, engagement: Engagement, timezone: str) -> tuple[DraftKind, tuple[InvoiceLine, ...]]:
     place = f"engagement {engagement.key}: event {event.kind}:{event.occurrence}"
+    if event.kind is BillingEventKind.DEAL_WON and event.occurrence == DEPOSIT:
+        return DraftKind.INVOICE, deposit_lines(engagement)
     if event.kind in (BillingEventKind.DEAL_WON, BillingEventKind.DELIVERABLE_ACCEPTED):
-        return DraftKind.INVOICE, engagement.lines
+        return DraftKind.INVOICE, (*engagement.lines, *deduction_lines(engagement, event.occurrence))
     if event.kind is BillingEventKind.MILESTONE_DONE:
-        return DraftKind.INVOICE, (_milestone_line(engagement, event.occurrence),)
+        milestone = _milestone_line(engagement, event.occurrence)
+        return DraftKind.INVOICE, (milestone, *deduction_lines(engagement, event.occurrence))
     if engagement.type is EngagementType.HOURLY or event.kind is BillingEventKind.HOURS_CAP_REACHED:
         raise ValidationFailed("hourly events bill time entries: draft them with hours_draft", place=place)
     if event.kind is BillingEventKind.PERIOD_DUE:

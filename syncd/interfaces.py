@@ -283,6 +283,11 @@ class Engagement(Model):
             (hourly) engagement bills.
         cap_from_tracker: take ``cap_hours`` from the time tracker project's budget in
             hours instead of the source.
+        deposit_percent: a ``milestone`` engagement, or a ``one_time`` one billed on
+            acceptance, invoices this percentage (0 < p <= 100) of its total when won;
+            later invoices deduct it (see :mod:`syncd.billing`). ``None``: no deposit.
+        first_period_on_won: a retainer or subscription billed in advance invoices its
+            first period when the deal is won, even if service starts later.
     """
 
     key: str
@@ -315,6 +320,8 @@ class Engagement(Model):
     amount_effective: date | None = None
     time_project_id: str | None = None
     cap_from_tracker: bool = False
+    deposit_percent: Decimal | None = None
+    first_period_on_won: bool = False
 
     @field_validator("currency")
     @classmethod

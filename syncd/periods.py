@@ -17,7 +17,9 @@ When a period is invoiced (its *issue moment*):
 * in advance: at the start of its first day of service in the client's time zone;
 * in arrears (and always for hourly engagements): at the start of the day after its last
   day of planned service;
-* never before the deal was won: a period that fell due earlier is invoiced when won.
+* never before the deal was won: a period that fell due earlier is invoiced when won;
+* with ``first_period_on_won`` (in advance only): the first period is invoiced when the
+  deal is won, even if service starts later.
 """
 
 from __future__ import annotations
@@ -183,8 +185,11 @@ def start_of_day(day: date, timezone: str) -> datetime:
 def issued_at(engagement: Engagement, period: Period, timezone: str) -> datetime | None:
     """The issue moment of a period: its due day's start, or the win if that is later.
 
-    Returns ``None`` while the deal is not won.
+    With ``first_period_on_won``, an in-advance engagement's first period (the one its
+    service starts in) is issued at the win. Returns ``None`` while the deal is not won.
     """
     if engagement.won_at is None:
         return None
+    if engagement.first_period_on_won and not in_arrears(engagement) and period.start <= service_start(engagement):
+        return engagement.won_at
     return max(start_of_day(due_day(engagement, period), timezone), engagement.won_at)

@@ -17,6 +17,7 @@ from syncd.billing import (
     cap_events,
     cap_step_hours,
     deal_won_event,
+    deposit_event,
     draft_for_event,
     due_events,
     event_key,
@@ -37,6 +38,7 @@ from syncd.interfaces import (
     Milestone,
     TimeEntry,
 )
+from syncd.money import round_money
 
 BILLING_START = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -528,3 +530,150 @@ def test_hours_draft_refuses_other_engagements_and_events() -> None:
     won = billing_event(engagement, BillingEventKind.DEAL_WON, "won", UPDATED)
     with pytest.raises(ValidationFailed, match="does not bill hours"):
         hours_draft(won, engagement, make_client(), [], invoiced=(), options=OPTIONS)
+
+
+# ---------------------------------------------------------------------------
+# Deposits and the first period on winning
+# ---------------------------------------------------------------------------
+
+WON_AT = datetime(2024, 3, 5, 15, 0, tzinfo=UTC)
+
+
+def subtotals(engagement: Engagement, as_of: datetime) -> list[tuple[str, Decimal]]:
+    """Every due event's occurrence and the subtotal of its draft."""
+    events = due_events(engagement, as_of=as_of, timezone="UTC", billing_start=BILLING_START)
+    drafts = [draft_for_event(event, engagement, make_client(), issue_date=date(2024, 5, 1)) for event in events]
+    return [(event.occurrence, draft.subtotal()) for event, draft in zip(events, drafts, strict=True)]
+
+
+def test_a_one_time_deposit_is_invoiced_when_won_and_deducted_on_acceptance() -> None:
+    """A deposit is invoiced when the deal is won and deducted once from the acceptance invoice."""
+    accepted = datetime(2024, 4, 2, 9, tzinfo=UTC)
+    engagement = make_fixed(bill_on="accepted", deposit_percent=Decimal(30), accepted_at=accepted)
+    # Lines: 1,500.00 + 2.5 x 1,000.005 = 2,500.0125 -> 2,500.01; total 4,000.01; 30% = 1,200.003 -> 1,200.00.
+    assert subtotals(engagement, accepted - timedelta(days=1)) == [("deposit", Decimal("1200.00"))]
+    assert subtotals(engagement, accepted) == [("deposit", Decimal("1200.00")), ("accepted", Decimal("2800.01"))]
+    event = accepted_event(engagement, billing_start=BILLING_START)
+    assert event is not None
+    draft = draft_for_event(event, engagement, make_client(), issue_date=date(2024, 4, 2))
+    assert draft.lines[-1].description == "Website: less deposit, 30%"
+    assert draft.lines[-1].unit_price == Decimal("-1200.00")
+
+
+def test_milestones_each_deduct_their_share_of_the_deposit() -> None:
+    """A milestone deposit is one invoice when won; each milestone invoice deducts its own share."""
+    done = datetime(2024, 4, 1, tzinfo=UTC)
+    engagement = milestone_project(
+        deposit_percent=Decimal("12.5"),
+        milestones=(
+            Milestone(id="m1", name="Discovery", amount=Decimal("2500.00"), done_at=done),
+            Milestone(id="m2", name="Launch", amount=Decimal("7500.10"), done_at=done),
+        ),
+    )
+    # Shares: 12.5% of 2,500.00 = 312.50; 12.5% of 7,500.10 = 937.5125 -> 937.51; deposit 1,250.01.
+    assert subtotals(engagement, done) == [
+        ("deposit", Decimal("1250.01")),
+        ("m1", Decimal("2187.50")),
+        ("m2", Decimal("6562.59")),
+    ]
+
+
+def test_a_fixed_fee_billed_when_won_ignores_the_deposit() -> None:
+    """A one-time engagement billed on winning invoices its total once, with no deposit."""
+    engagement = make_fixed(deposit_percent=Decimal(50))
+    assert deposit_event(engagement, billing_start=BILLING_START) is None
+    assert subtotals(engagement, datetime(2024, 4, 1, tzinfo=UTC)) == [("won", Decimal("4000.01"))]
+
+
+def test_a_deposit_won_before_billing_start_is_not_invoiced_but_still_deducted() -> None:
+    """A deposit of a deal won before billing_start was billed by other means; the later invoice still deducts it."""
+    accepted = datetime(2024, 4, 2, 9, tzinfo=UTC)
+    engagement = make_fixed(bill_on="accepted", deposit_percent=Decimal(30), accepted_at=accepted)
+    late_start = WON_AT + timedelta(seconds=1)
+    assert deposit_event(engagement, billing_start=late_start) is None
+    event = accepted_event(engagement, billing_start=late_start)
+    assert event is not None
+    draft = draft_for_event(event, engagement, make_client(), issue_date=date(2024, 4, 2))
+    assert draft.subtotal() == Decimal("2800.01")
+
+
+@pytest.mark.parametrize("percent", ["0", "-5", "100.01"])
+def test_a_deposit_percentage_out_of_range_is_refused(percent: str) -> None:
+    """A deposit percentage outside (0, 100] is refused, naming the field."""
+    engagement = make_fixed(bill_on="accepted", deposit_percent=Decimal(percent))
+    with pytest.raises(ValidationFailed, match="deposit_percent"):
+        due_events(engagement, as_of=datetime(2024, 4, 1, tzinfo=UTC), timezone="UTC", billing_start=BILLING_START)
+
+
+cents = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("100000"), places=3)
+percents = st.decimals(min_value=Decimal("0.01"), max_value=Decimal(100), places=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(amounts=st.lists(cents, min_size=1, max_size=6), percent=percents, as_milestones=st.booleans())
+def test_deposit_and_later_invoices_add_up_to_the_total(
+    amounts: list[Decimal], percent: Decimal, as_milestones: bool
+) -> None:
+    """Deposit plus the later invoices sum to the engagement's total exactly, to the minor unit, none negative."""
+    done = datetime(2024, 4, 1, tzinfo=UTC)
+    if as_milestones:
+        milestones = tuple(
+            Milestone(id=f"m{index}", name=f"Step {index}", amount=amount, done_at=done)
+            for index, amount in enumerate(amounts)
+        )
+        engagement = milestone_project(deposit_percent=percent, milestones=milestones)
+        total = sum((round_money(amount, "USD") for amount in amounts), Decimal(0))
+    else:
+        lines = tuple(
+            InvoiceLine(description=f"Item {index}", quantity=Decimal(1), unit_price=amount)
+            for index, amount in enumerate(amounts)
+        )
+        engagement = make_fixed(bill_on="accepted", accepted_at=done, deposit_percent=percent, lines=lines)
+        total = sum((line.amount("USD") for line in lines), Decimal(0))
+    billed = subtotals(engagement, done)
+    later = [occurrence for occurrence, _ in billed if occurrence != "deposit"]
+    assert len(billed) - len(later) <= 1
+    assert len(later) == (len(amounts) if as_milestones else 1)
+    assert all(amount >= 0 for _, amount in billed)
+    assert sum((amount for _, amount in billed), Decimal(0)) == total
+
+
+def monthly_retainer(**changes: object) -> Engagement:
+    """A $1,000 monthly retainer billed in advance on the 1st, starting April 1 2024."""
+    values: dict[str, object] = {
+        "type": EngagementType.RETAINER,
+        "lines": (),
+        "amount": Decimal(1000),
+        "cycle": "monthly",
+        "anchor_day": 1,
+        "start": date(2024, 4, 1),
+    }
+    values.update(changes)
+    return make_fixed(**values)
+
+
+def test_a_period_due_before_the_win_is_invoiced_when_won() -> None:
+    """A retainer whose first period started before the win invoices that period at the win, with no setting."""
+    engagement = monthly_retainer(start=date(2024, 3, 1))
+    events = due_events(engagement, as_of=WON_AT, timezone="UTC", billing_start=BILLING_START)
+    assert [(event.occurrence, event.occurred_at) for event in events] == [("2024-03-01", WON_AT)]
+
+
+@pytest.mark.parametrize(
+    ("on_won", "first_at"),
+    [(False, datetime(2024, 4, 1, tzinfo=UTC)), (True, WON_AT)],
+)
+def test_first_period_on_won_invoices_a_later_first_period_at_the_win(on_won: bool, first_at: datetime) -> None:
+    """With first_period_on_won, the first period of service starting after the win is invoiced at the win; later ones on their date."""
+    engagement = monthly_retainer(first_period_on_won=on_won)
+    as_of = datetime(2024, 5, 1, tzinfo=UTC)
+    events = due_events(engagement, as_of=as_of, timezone="UTC", billing_start=BILLING_START)
+    assert [(event.occurrence, event.occurred_at) for event in events] == [
+        ("2024-04-01", first_at),
+        ("2024-05-01", as_of),
+    ]
+    draft = draft_for_event(events[0], engagement, make_client(), issue_date=date(2024, 3, 5))
+    assert draft.subtotal() == Decimal("1000.00")
+    arrears = monthly_retainer(first_period_on_won=on_won, billing_timing="arrears")
+    late = due_events(arrears, as_of=as_of, timezone="UTC", billing_start=BILLING_START)
+    assert [(event.occurrence, event.occurred_at) for event in late] == [("2024-04-01", as_of)]

@@ -26,7 +26,7 @@ from syncd.interfaces import Capability
 from syncd.recurring import run_due
 from syncd.scheduler import tick_recurring
 from syncd.store import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, table_of
-from tests.harness import REPO, Stack, seed_company, stack
+from tests.harness import MAPPING, REPO, Stack, seed_company, seed_deal, stack
 
 RETAINER = REPO / "mappings" / "hubspot-xero-retainer.toml"
 BILLING_START = 'billing_start = "2026-12-01T00:00:00+00:00"'
@@ -296,3 +296,44 @@ async def test_simulate_prints_the_cycle_and_changes_nothing(tmp_path: Path, db_
         assert table.exit_code == 0, table.output
         assert "709.68" in table.output
         assert (await store.count(BillingEventRow), await store.count(EffectRow)) == before
+
+
+def with_engagement_keys(tmp_path: Path, source: Path, keys: str) -> Path:
+    """A copy of the mapping ``source`` with ``keys`` added to its ``[engagement]`` table."""
+    text = source.read_text(encoding="utf-8")
+    assert text.count("\n[engagement]\n") == 1
+    mapping = tmp_path / source.name
+    mapping.write_text(text.replace("\n[engagement]\n", f"\n[engagement]\n{keys}\n"), encoding="utf-8")
+    return mapping
+
+
+async def test_a_deposit_is_invoiced_when_the_deal_is_won(tmp_path: Path, db_url: str) -> None:
+    """A fixed fee billed on acceptance with a 30% deposit invoices the deposit once when won, and nothing else yet."""
+    keys = 'bill_on = { const = "accepted" }\ndeposit_percent = { number = "deal.properties.deposit_percent" }'
+    mapping = with_engagement_keys(tmp_path, MAPPING, keys)
+    clock = Clock(at(date(2027, 1, 10)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=mapping, daemon_extra=BILLING_START) as s:
+        deal = seed_deal(s.hub)
+        await edit(s, clock, at(date(2027, 1, 10)), deal, {"deposit_percent": "30", "dealstage": "closedwon"})
+        await tick(s, clock, at(date(2027, 1, 11)))
+        assert documents(s) == [("invoice", "2027-01-10", Decimal("3750.00"))]  # 30% of 12,500.00
+        (invoice,) = s.xero.invoices()
+        assert invoice["LineItems"][0]["Description"] == "Website rebuild: deposit, 30%"
+
+
+async def test_a_retainer_invoices_its_first_period_when_won_if_the_mapping_says_so(
+    tmp_path: Path, db_url: str
+) -> None:
+    """With first_period_on_won, a retainer won in December invoices January on the day it is won, then February on its date."""
+    mapping = with_engagement_keys(tmp_path, RETAINER, "first_period_on_won = { const = true }")
+    clock = Clock(at(date(2026, 12, 20)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=mapping, daemon_extra=BILLING_START) as s:
+        deal = retainer_deal(s.hub, seed_company(s.hub), start="2027-01-01")
+        await edit(s, clock, at(date(2026, 12, 20)), deal, {"dealstage": "closedwon"})
+        await tick(s, clock, at(date(2026, 12, 21)))
+        await tick(s, clock, at(date(2027, 1, 1)))
+        await tick(s, clock, at(date(2027, 2, 1)))
+        assert documents(s) == [
+            ("invoice", "2026-12-20", Decimal("1000.00")),
+            ("invoice", "2027-02-01", Decimal("1000.00")),
+        ]
