@@ -53,6 +53,7 @@ from syncd.interfaces import (
     InvoiceDraft,
     InvoiceState,
     InvoiceStatus,
+    SendsInvoices,
     SourceRecord,
 )
 from syncd.runtime import Pipeline, Runtime
@@ -553,6 +554,10 @@ class Engine:
         created = status is None
         if status is None:
             status = await invoicing.create_invoice(draft, customer_id)
+        elif draft.send and status.state is InvoiceState.AUTHORISED and isinstance(invoicing, SendsInvoices):
+            # created by an earlier attempt that stopped before emailing it
+            await invoicing.send_invoice(status.invoice_id, draft.key)
+            status = status.model_copy(update={"state": InvoiceState.SENT})
         now = self.rt.clock()
         mismatch = _totals_mismatch(draft, status)
         triggered_at = datetime.fromisoformat(row.payload["triggered_at"])

@@ -643,6 +643,18 @@ class CrmSchema(Protocol):
 
 
 @runtime_checkable
+class SendsInvoices(Protocol):
+    """An invoicing tool that can email an approved invoice to its contact (``Capability.SEND_INVOICE``).
+
+    Errors: as for :class:`Invoicing`.
+    """
+
+    async def send_invoice(self, invoice_id: str, key: str) -> None:
+        """Email invoice ``invoice_id``; ``key`` is the billing event key (for idempotency)."""
+        ...
+
+
+@runtime_checkable
 class InvoicingCodes(Protocol):
     """Optional for an :class:`Invoicing`: the codes an invoice may name there.
 

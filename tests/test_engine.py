@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from syncd.store import BillingEventRow, EffectRow, EventRow, InvoiceRow, table_of
-from tests.harness import SYNCD_URL, seed_company, seed_deal, stack
+from tests.harness import MAPPING, SYNCD_URL, seed_company, seed_deal, stack
 
 
 async def test_won_deal_becomes_one_invoice_and_payment_reaches_the_deal(tmp_path: Path, db_url: str) -> None:
@@ -228,3 +228,23 @@ async def test_a_notification_wakes_one_idle_worker(tmp_path: Path, sqlite_url: 
         engine.notify()
         engine.notify()
         await asyncio.wait_for(engine._idle_until_notified(asyncio.Event(), 60), 1)
+
+
+async def test_an_invoice_whose_email_failed_is_emailed_on_the_retry_once(tmp_path: Path, db_url: str) -> None:
+    """An invoice created before its email failed is emailed by the retry, once, and not created again."""
+    from connectors.emulation import Fault
+
+    mapping = tmp_path / "send.toml"
+    mapping.write_text(MAPPING.read_text().replace("send = false", "send = true"))
+    async with stack(tmp_path, db_url, mapping=mapping) as s:
+        deal = seed_deal(s.hub)
+        s.xero.faults.add(Fault(kind="status", status=429, retry_after_s=0, times=5, path_contains="/Email"))
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()  # attempt 1 creates, its email is refused 5 times; attempt 2 (Retry-After 0) finds and emails
+        assert len(s.xero.invoices()) == 1
+        assert len(s.xero.emails) == 1
+        store = s.daemon.runtime.store
+        (effect,) = await store.select(EffectRow, table_of(EffectRow).c.kind == "create_invoice")
+        assert effect.attempts == 2
+        assert effect.status == "done"
+        assert s.hub.deal(deal)["properties"]["syncd_invoice_status"] == "sent"

@@ -293,7 +293,7 @@ class XeroConnector:
         status = invoice_status(XeroInvoices.model_validate(data).invoices[0])
         log.info("xero_invoice_created", invoice_id=status.invoice_id, number=status.number, key=draft.key)
         if draft.send and status.state is InvoiceState.AUTHORISED:
-            await self._email(status.invoice_id, draft.key)
+            await self.send_invoice(status.invoice_id, draft.key)
             status = status.model_copy(update={"state": InvoiceState.SENT})
         return status
 
@@ -308,7 +308,7 @@ class XeroConnector:
             log.warning("xero_credit_note_not_emailed", credit_note_id=status.invoice_id, key=draft.key)
         return status
 
-    async def _email(self, invoice_id: str, key: str) -> None:
+    async def send_invoice(self, invoice_id: str, key: str) -> None:
         """``POST /Invoices/{id}/Email`` with an empty object; Xero answers 204 (spec ``emailInvoice``)."""
         await self._write("POST", f"/Invoices/{invoice_id}/Email", {}, key=f"{key}-email")
         log.info("xero_invoice_emailed", invoice_id=invoice_id, key=key)
