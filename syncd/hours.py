@@ -24,6 +24,10 @@ rates. A person billed at their default rates is left to the rate the tracker ho
 each entry, because Harvest dates default rates (an entry keeps the rate of its day).
 Harvest can also date a project's rate; the card holds the current one.
 
+**Milestones.** A ``milestone`` engagement's milestone may name a task of the
+engagement's tracker project: :func:`with_tracker_milestones` reads whether that task (or
+the whole project) is archived into the milestone's ``done_at`` before the pure rules run.
+
 Limits: the tracker's ``updated_since`` feed does not report deleted entries, so an entry
 deleted at the tracker stays in the table (and in ``syncd unbilled``) until it is removed
 by hand; a running timer's entry is billed with the hours it had when read.
@@ -43,7 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from syncd import billing
 from syncd.errors import RetriableError
-from syncd.interfaces import Engagement, EngagementType, TimeEntry, TimeTracker
+from syncd.interfaces import Engagement, EngagementType, Milestone, TimeEntry, TimeTracker
 from syncd.runtime import Pipeline, Runtime
 from syncd.store import BillingEventRow, CursorRow, EngagementRow, Store, TimeEntryRow, table_of
 
@@ -257,6 +261,55 @@ async def with_tracker_cap(tracker: TimeTracker, engagement: Engagement) -> Enga
         log.warning("tracker_budget_missing", engagement=engagement.key, project=engagement.time_project_id)
         return engagement
     return engagement.model_copy(update={"cap_hours": Decimal(project.budget)})
+
+
+async def with_tracker_milestones(tracker: TimeTracker, engagement: Engagement, *, now: datetime) -> Engagement:
+    """``engagement`` with the ``done_at`` of its tracker milestones read from its project.
+
+    A :class:`~syncd.interfaces.Milestone` that names a tracker task (or says
+    ``project_archived``) is done when, on the project ``time_project_id``, that task's
+    assignment is archived or the project is: ``is_active`` false on the task
+    assignment ("Whether the task assignment is active or archived",
+    https://help.getharvest.com/api-v2/projects-api/projects/task-assignments/#the-task-assignment-object)
+    or on the project (https://help.getharvest.com/api-v2/projects-api/projects/projects/#the-project-object).
+    It is done at the record's ``updated_at`` ("Date and time the task assignment was
+    last updated"), else at ``now`` when the record carries none. While the record is
+    active, or missing, ``done_at`` is ``None``, whatever the source said. Other
+    milestones keep their mapped ``done_at``. The billing key stays the milestone's id,
+    so a milestone invoices once whatever says it is done.
+    """
+    wanted = [m for m in engagement.milestones if m.from_tracker]
+    if engagement.type is not EngagementType.MILESTONE or not wanted:
+        return engagement
+    project_id = engagement.time_project_id
+    if project_id is None or not isinstance(tracker, ProjectSetup):
+        log.warning("milestones_not_read", engagement=engagement.key, reason="no project or the tracker lists none")
+        return engagement
+    project = await _project(tracker, project_id)
+    if project is None:
+        log.warning("tracker_project_missing", engagement=engagement.key, project=project_id)
+    tasks: dict[str, Any] = {}
+    if project is not None and any(m.tracker_done_when == "task_inactive" for m in wanted):
+        tasks = {str(a.task.id): a async for a in tracker.task_assignments(project_id)}
+    milestones = tuple(
+        m.model_copy(update={"done_at": _tracker_done_at(m, project, tasks, now)}) if m.from_tracker else m
+        for m in engagement.milestones
+    )
+    return engagement.model_copy(update={"milestones": milestones})
+
+
+def _tracker_done_at(
+    milestone: Milestone, project: Any | None, tasks: dict[str, Any], now: datetime
+) -> datetime | None:
+    """When the tracker record behind ``milestone`` was archived (``None``: it is not)."""
+    archived = milestone.tracker_done_when == "project_archived"
+    record = project if archived else tasks.get(str(milestone.tracker_task_id))
+    if record is None or record.is_active:
+        return None
+    # Read with getattr: connectors/harvest/models.py's HarvestTaskAssignment does not
+    # parse ``updated_at`` yet, though Harvest sends it (the page cited above).
+    stamp = getattr(record, "updated_at", None)
+    return stamp if isinstance(stamp, datetime) else now
 
 
 # ---------------------------------------------------------------------------

@@ -231,12 +231,26 @@ class Milestone(Model):
         name: the line text.
         amount: the fixed amount invoiced when the milestone is done.
         done_at: when it was done (``None`` while open).
+        tracker_task_id: the time tracker's id of a task on the engagement's project
+            (:attr:`Engagement.time_project_id`). With it the milestone is done when the
+            time tracker says so, not when the source does (see ``tracker_done_when``).
+        tracker_done_when: what done means at the time tracker: the task deactivated
+            on the project (``task_inactive``, with ``tracker_task_id``) or the whole
+            project archived (``project_archived``, any task ignored). The engine reads
+            it into ``done_at`` (:func:`syncd.hours.with_tracker_milestones`).
     """
 
     id: str
     name: str
     amount: Decimal
     done_at: AwareDatetime | None = None
+    tracker_task_id: str | None = None
+    tracker_done_when: Literal["task_inactive", "project_archived"] = "task_inactive"
+
+    @property
+    def from_tracker(self) -> bool:
+        """Whether ``done_at`` is read from the time tracker rather than the source."""
+        return self.tracker_task_id is not None or self.tracker_done_when == "project_archived"
 
 
 class Engagement(Model):

@@ -7,6 +7,8 @@ their events to the :class:`~syncd.engine.Engine`:
 * :func:`keep_history` keeps an engagement's amount history (and the moment a
   cancellation was first seen) from one mapping of the deal to the next, because the
   source only holds the *current* amount;
+* :func:`with_tracker_state` reads what the time tracker holds for an engagement (the
+  cap from its project's budget, milestones done there) before the pure rules run;
 * :func:`bill_engagement` computes every billing event due now
   (:func:`syncd.billing.due_events`, plus :func:`syncd.billing.cap_events` for hours)
   with the keys already recorded as ``billed``, and queues each: an invoice or credit
@@ -185,6 +187,25 @@ async def tracked_hours(runtime: Runtime, pipeline: Pipeline, engagement: Engage
     return await hours.project_hours(runtime.store, pipeline.time_tracking_name, engagement.time_project_id)
 
 
+async def with_tracker_state(
+    pipeline: Pipeline, engagement: Engagement, tracked: hours.ProjectHours | None, now: datetime
+) -> Engagement:
+    """``engagement`` with what its time tracker holds, read before the pure rules run.
+
+    That is the cap from the project's budget (an hourly engagement whose hours are read,
+    :func:`syncd.hours.with_tracker_cap`) and the milestones done there
+    (:func:`syncd.hours.with_tracker_milestones`).
+    """
+    tracker = pipeline.time_tracker
+    if tracker is None:
+        if any(milestone.from_tracker for milestone in engagement.milestones):
+            log.warning("milestones_not_read", engagement=engagement.key, reason="the pipeline has no time_tracking")
+        return engagement
+    if tracked is not None:
+        engagement = await hours.with_tracker_cap(tracker, engagement)
+    return await hours.with_tracker_milestones(tracker, engagement, now=now)
+
+
 async def bill_engagement(
     engine: Engine, pipeline: Pipeline, engagement: Engagement, client: Client, crm_object_id: str
 ) -> list[str]:
@@ -198,12 +219,11 @@ async def bill_engagement(
         RetriableError: hours were invoiced by another run meanwhile (run again).
     """
     runtime = engine.rt
+    now = runtime.clock()
     tracked = await tracked_hours(runtime, pipeline, engagement)
-    if tracked is not None and pipeline.time_tracker is not None:
-        engagement = await hours.with_tracker_cap(pipeline.time_tracker, engagement)
+    engagement = await with_tracker_state(pipeline, engagement, tracked, now)
     credit_notes = Capability.CREDIT_NOTES in pipeline.invoicing.capabilities
     billed = await billed_keys(runtime.store, engagement.key)
-    now = runtime.clock()
     events = events_due(
         engagement,
         as_of=now,
@@ -466,8 +486,7 @@ async def _simulate_one(
 ) -> list[Simulated]:
     begin = start_of_day(span[0], client.timezone)
     tracked = await tracked_hours(runtime, pipeline, engagement)
-    if tracked is not None and pipeline.time_tracker is not None:
-        engagement = await hours.with_tracker_cap(pipeline.time_tracker, engagement)
+    engagement = await with_tracker_state(pipeline, engagement, tracked, runtime.clock())
     run = _Simulation(runtime, pipeline, engagement, client, begin, recorded, tracked)
     for as_of in _steps(span, client.timezone, daily=tracked is not None):
         await run.step(as_of)

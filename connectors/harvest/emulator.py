@@ -357,6 +357,26 @@ class HarvestEmulator:
         self.user_assignments[record.id] = record
         return record.id
 
+    def set_task_assignment_active(self, assignment_id: int, is_active: bool) -> None:
+        """Archive (``False``) or restore a task on its project, as Harvest's web app would; bumps ``updated_at``.
+
+        The wire field is the task assignment's ``is_active``
+        (https://help.getharvest.com/api-v2/projects-api/projects/task-assignments/#update-a-task-assignment).
+        """
+        record = _known(self.task_assignments, assignment_id, "task assignment")
+        record.is_active = is_active
+        record.updated_at = self.clock()
+
+    def set_project_active(self, project_id: int, is_active: bool) -> None:
+        """Archive (``False``) or restore a project, as Harvest's web app would; bumps ``updated_at``.
+
+        The wire field is the project's ``is_active``
+        (https://help.getharvest.com/api-v2/projects-api/projects/projects/#update-a-project).
+        """
+        record = _known(self.projects, project_id, "project")
+        record.is_active = is_active
+        record.updated_at = self.clock()
+
     def log_time(
         self,
         *,

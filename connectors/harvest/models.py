@@ -173,6 +173,8 @@ class HarvestTaskAssignment(Payload):
         billable: time tracked to this task on this project is billable.
         hourly_rate: the rate when the project's ``bill_by`` is ``Tasks``.
         budget: the budget when the project's ``budget_by`` is ``task`` or ``task_fees``.
+        updated_at: last change (archiving a task milestone dates its completion):
+            https://help.getharvest.com/api-v2/projects-api/projects/task-assignments/#the-task-assignment-object
     """
 
     id: int
@@ -182,6 +184,7 @@ class HarvestTaskAssignment(Payload):
     billable: bool = False
     hourly_rate: Decimal | None = None
     budget: Decimal | None = None
+    updated_at: AwareDatetime | None = None
 
 
 class HarvestUserAssignment(Payload):
