@@ -15,7 +15,15 @@ number of 429s (all, and in steady state).
 
 Target: ≥ 95 % of the limit with zero 429s in steady state.
 
-Run alone: ``python -m bench.budget`` (``--full``: 1,000 deals, about 6 minutes).
+With PostgreSQL (profiles that run it, when a server answers) the same deals go through
+**two syncd replicas** on one database, the webhooks alternating between them. Each is
+configured with the full 600 per minute (its own limiter smooths its bursts) and the
+shared rate budget on (``syncd.http.SharedBudget``: evenly spaced call slots reserved
+in one PostgreSQL row), so the two together must stay under the one Xero limit; Xero's
+5 concurrent calls are split by configuration (2 each), as the budget shares only the
+per-minute count.
+
+Run alone: ``python -m bench.budget`` (``--full``: 1,000 deals, about 6 minutes per run).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from bench.report import Profile, Row, Target
 
 LIMIT_PER_MIN = 600
 CONCURRENT = 5
+REPLICAS = 2
 CLIENTS = 16
 DEALS_PER_COMPANY = 10
 WINDOW_S = 60.0
@@ -115,37 +124,76 @@ def share_pct(full: list[Window]) -> float:
 
 
 async def run(profile: Profile) -> list[Row]:
-    """Push ``profile.budget_deals`` deals through the rate-limited Xero emulator."""
+    """Push ``profile.budget_deals`` deals through the rate-limited Xero emulator (then two replicas)."""
+    rows = await one_replica(profile)
+    if profile.postgres and stack.postgres_available():
+        rows += await two_replicas(profile)
+    return rows
+
+
+async def one_replica(profile: Profile) -> list[Row]:
+    """One syncd process (SQLite) spends the Xero budget alone."""
     recorder = Recorder()
     deals_total = profile.budget_deals
     async with stack.vendors(xero_limit_per_min=LIMIT_PER_MIN, xero_app=recorder.wrap) as bench:
         lines = stack.seed_won_deals(bench.hub, deals_total, deals_per_company=DEALS_PER_COMPANY)
-        watch = InvoiceWatch(lines)
-        bench.xero.on_commit = watch.committed
         async with stack.syncd(
             bench, workers=CLIENTS, xero_limit_per_min=LIMIT_PER_MIN, xero_concurrent=CONCURRENT
         ) as child:
-            hooks = DealWonWebhooks(f"{child.url}/webhooks/hubspot", bench.hub.client_secret)
-            async with contextlib.aclosing(hooks):
-                deals = iter(lines.values())
-
-                async def work(_n: int) -> float | None:
-                    deal = next(deals, None)
-                    if deal is None:
-                        raise Exhausted
-                    return await deal_invoiced(hooks, watch, deal)
-
-                # Bounded: twice the time the calls need at the limit, plus two windows.
-                bound_s = deals_total * 4 / LIMIT_PER_MIN * 60 * 2 + 2 * WINDOW_S
-                started = time.perf_counter()
-                loop = await closed_loop(clients=CLIENTS, duration_s=bound_s, warmup_s=0.0, work=work)
-                elapsed = time.perf_counter() - started
-                await written_back(bench, watch.count, 60.0)
-    return _rows(recorder, loop.completed, loop.failures, deals_total, elapsed)
+            completed, failures, elapsed = await _push(bench, [child.url], lines)
+    return _rows(
+        recorder, completed, failures, deals_total, elapsed, setting=f"{deals_total} deals, {LIMIT_PER_MIN}/min"
+    )
 
 
-def _rows(recorder: Recorder, completed: int, failures: str, deals: int, elapsed: float) -> list[Row]:
-    setting = f"{deals} deals, {LIMIT_PER_MIN}/min"
+async def two_replicas(profile: Profile) -> list[Row]:
+    """Two syncd processes on one PostgreSQL database share the Xero budget."""
+    recorder = Recorder()
+    deals_total = profile.budget_deals
+    async with stack.vendors(xero_limit_per_min=LIMIT_PER_MIN, xero_app=recorder.wrap) as bench:
+        lines = stack.seed_won_deals(bench.hub, deals_total, deals_per_company=DEALS_PER_COMPANY)
+        async with stack.replicas(
+            bench,
+            count=REPLICAS,
+            workers=CLIENTS,
+            xero_limit_per_min=LIMIT_PER_MIN,
+            xero_concurrent=CONCURRENT // REPLICAS,
+        ) as children:
+            completed, failures, elapsed = await _push(bench, [child.url for child in children], lines)
+    setting = f"{deals_total} deals, {LIMIT_PER_MIN}/min, {REPLICAS} replicas (postgres)"
+    return _rows(recorder, completed, failures, deals_total, elapsed, setting=setting)
+
+
+async def _push(bench: stack.Vendors, urls: list[str], lines: dict[str, str]) -> tuple[int, str, float]:
+    """Send every deal's webhook (to the replicas in turn) and wait for its invoice and write-back.
+
+    Returns:
+        deals invoiced, the failures summary, and the seconds it took.
+    """
+    watch = InvoiceWatch(lines)
+    bench.xero.on_commit = watch.committed
+    hooks = [DealWonWebhooks(f"{url}/webhooks/hubspot", bench.hub.client_secret) for url in urls]
+    async with contextlib.AsyncExitStack() as closing:
+        for sender in hooks:
+            closing.push_async_callback(sender.aclose)
+        deals = iter(lines.values())
+
+        async def work(n: int) -> float | None:
+            deal = next(deals, None)
+            if deal is None:
+                raise Exhausted
+            return await deal_invoiced(hooks[n % len(hooks)], watch, deal)
+
+        # Bounded: twice the time the calls need at the limit, plus two windows.
+        bound_s = len(lines) * 4 / LIMIT_PER_MIN * 60 * 2 + 2 * WINDOW_S
+        started = time.perf_counter()
+        loop = await closed_loop(clients=CLIENTS, duration_s=bound_s, warmup_s=0.0, work=work)
+        elapsed = time.perf_counter() - started
+        await written_back(bench, watch.count, 60.0)
+    return loop.completed, loop.failures, elapsed
+
+
+def _rows(recorder: Recorder, completed: int, failures: str, deals: int, elapsed: float, *, setting: str) -> list[Row]:
     found = windows(recorder.calls)
     accepted = sum(w.accepted for w in found)
     note = f"{completed} of {deals} deals invoiced in {elapsed:.0f} s ({failures}); {accepted / max(1, completed):.1f} Xero calls/deal"

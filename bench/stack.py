@@ -269,11 +269,13 @@ def write_config(
     workers: int,
     xero_limit_per_min: int = UNLIMITED,
     xero_concurrent: int = UNLIMITED,
+    encryption_key: str | None = None,
 ) -> Path:
     """A syncd config pointing at the emulators, with client-side limits raised unless given.
 
     ``billing_start`` is in the past so deals seeded before the database existed are
-    invoiced; poll ticks are hourly (the webhooks drive the work).
+    invoiced; poll ticks are hourly (the webhooks drive the work). Replicas of one
+    database share ``encryption_key`` (a fresh one by default).
     """
     path = folder / "config.toml"
     hub, xero = bench.hub, bench.xero
@@ -286,7 +288,7 @@ timezone = "America/New_York"
 billing_start = "2000-01-01T00:00:00Z"
 poll_interval_s = 3600
 workers = {workers}
-encryption_key = "{Fernet.generate_key().decode()}"
+encryption_key = "{encryption_key or Fernet.generate_key().decode()}"
 log_level = "info"
 
 [connections.hubspot]
@@ -357,6 +359,46 @@ async def syncd(
             try:
                 yield child
             finally:
+                await child.stop()
+
+
+@contextlib.asynccontextmanager
+async def replicas(
+    bench: Vendors, *, count: int, workers: int, xero_limit_per_min: int, xero_concurrent: int
+) -> AsyncIterator[list[Child]]:
+    """Run ``count`` syncd processes against ``bench`` on one fresh PostgreSQL database.
+
+    Each has its own port, log and config (the same settings, one encryption key); they
+    share the work through the database, and the Xero budget through its rate-budget rows.
+    """
+    with tempfile.TemporaryDirectory(prefix="syncd-bench-") as tmp, database("postgres", Path(tmp)) as db_url:
+        key = Fernet.generate_key().decode()
+        children: list[Child] = []
+        try:
+            for index in range(count):
+                folder = Path(tmp) / f"replica-{index}"
+                folder.mkdir()
+                port = free_port()
+                config = write_config(
+                    folder,
+                    db_url=db_url,
+                    port=port,
+                    bench=bench,
+                    workers=workers,
+                    xero_limit_per_min=xero_limit_per_min,
+                    xero_concurrent=xero_concurrent,
+                    encryption_key=key,
+                )
+                child = Child(
+                    ["-m", "syncd", "run", "--config", str(config)],
+                    url=f"http://127.0.0.1:{port}",
+                    log=folder / "syncd.log",
+                )
+                children.append(child)
+                await child.start()
+            yield children
+        finally:
+            for child in children:
                 await child.stop()
 
 

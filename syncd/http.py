@@ -12,6 +12,9 @@ own client or retry loop. The rules:
   object up, never by creating it again (DESIGN §3.1).
 * Each connection has its own limiters, set to the vendor's published limits
   (:class:`RateLimit`); they can be raised or switched off in the connection settings.
+* Replicas sharing a PostgreSQL database also share each vendor budget
+  (:class:`SharedBudget`): every request reserves a slot of the vendor's "``L`` per
+  ``W``" in one row, so together they stay under the limit.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -97,12 +101,16 @@ class RateLimit:
         period_s: the period in seconds.
         concurrency: requests in flight at once (Xero: 5), if the vendor limits that.
         name: which bucket (``default``, ``search``); a request names its bucket.
+        window_limit / window_s: the vendor's own "``window_limit`` per ``window_s``"
+            this bucket was derived from (:func:`within`); a shared budget counts these.
     """
 
     max_requests: int
     period_s: float
     concurrency: int | None = None
     name: str = "default"
+    window_limit: int | None = None
+    window_s: float | None = None
 
 
 def within(
@@ -128,24 +136,27 @@ def within(
     if not limit:
         return [RateLimit(max_requests=10**9, period_s=1, concurrency=concurrency, name=name)] if concurrency else []
     burst = max(1, limit // 4)
+    vendor: dict[str, Any] = {"concurrency": concurrency, "name": name, "window_limit": limit, "window_s": window_s}
     if limit <= burst:
-        return [RateLimit(max_requests=1, period_s=window_s / limit, concurrency=concurrency, name=name)]
-    return [
-        RateLimit(max_requests=burst, period_s=burst * window_s / (limit - burst), concurrency=concurrency, name=name)
-    ]
+        return [RateLimit(max_requests=1, period_s=window_s / limit, **vendor)]
+    return [RateLimit(max_requests=burst, period_s=burst * window_s / (limit - burst), **vendor)]
 
 
 class _Bucket:
     def __init__(self, limit: RateLimit) -> None:
         self.limiter = AsyncLimiter(limit.max_requests, limit.period_s)
         self.slots = asyncio.Semaphore(limit.concurrency) if limit.concurrency else None
+        self.limit = limit
 
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
+    async def hold(self, budget: SharedBudget | None = None) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             if self.slots is not None:
                 await stack.enter_async_context(self.slots)
             await self.limiter.acquire()
+            # Last, right before the call: a slot reserved earlier could be missed while queueing here.
+            if budget is not None and self.limit.window_limit and self.limit.window_s:
+                await budget.acquire(self.limit.name, limit=self.limit.window_limit, window_s=self.limit.window_s)
             yield
 
 
@@ -179,6 +190,59 @@ def raise_for_action(response: httpx.Response, *, connection: str) -> None:
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class BudgetStore(Protocol):
+    """Where a shared budget is counted (:meth:`syncd.store.Store.take_budget`)."""
+
+    async def take_budget(self, key: str, window_s: float, limit: int, now: datetime) -> float | None:
+        """Reserve the next slot of ``key``; ``None`` if it is now, else the seconds until it starts."""
+        ...
+
+
+class SharedBudget:
+    """A connection's vendor budget, shared by every replica through the database.
+
+    Each request reserves the next free slot of the vendor's "``L`` per ``W``" (slots
+    ``W * (1 + slack) / L`` apart) in one row of the store, and sleeps until its slot.
+    Evenly spaced slots keep any ``W`` seconds under ``L`` whichever way the vendor
+    aligns its windows; fixed windows of our own would not: a vendor window opened
+    at another moment than ours can take the end of one of our windows and the start
+    of the next (measured: 429s with two replicas, BENCHMARKS.md). ``slack`` absorbs
+    the jitter between the moment a slot starts and the moment the vendor counts the
+    call, and the replicas' clock differences (they must agree to well within
+    ``slack * W``: NTP), at a cost of ``slack`` of the budget (1 s a minute: 1.6 %).
+    Bursts are the in-process limiter's business; across replicas, calls are paced.
+
+    Args:
+        store: where the budget is counted.
+        connection: the connection name; with the bucket name it keys the budget.
+        clock: the current time (aware; injected in tests).
+        sleep: how to wait for a slot (injected in tests).
+        slack: the fraction of every vendor window added to it.
+    """
+
+    def __init__(
+        self,
+        store: BudgetStore,
+        *,
+        connection: str,
+        clock: Callable[[], datetime],
+        sleep: Sleep = asyncio.sleep,
+        slack: float = 1 / 60,
+    ) -> None:
+        self.store = store
+        self.connection = connection
+        self.clock = clock
+        self.sleep = sleep
+        self.slack = slack
+
+    async def acquire(self, bucket: str, *, limit: int, window_s: float) -> None:
+        """Reserve ``bucket``'s next slot of ``limit`` per ``window_s`` and wait for it."""
+        key = f"{self.connection}:{bucket}"
+        wait_s = await self.store.take_budget(key, window_s * (1 + self.slack), limit, self.clock())
+        if wait_s is not None:
+            await self.sleep(wait_s)
+
+
 class _WaitPolicy:
     """Exponential back-off with jitter, or exactly the vendor's Retry-After."""
 
@@ -207,6 +271,8 @@ class VendorHttp:
         max_attempts: attempts for a retriable failure, including the first.
         backoff_base_s / backoff_cap_s: back-off bounds in seconds.
         sleep: the sleep used between attempts (injected in tests).
+        budget: a budget shared with other replicas, spent by every bucket that
+            knows its vendor window (:func:`within`); ``None``: this process only.
     """
 
     def __init__(
@@ -222,6 +288,7 @@ class VendorHttp:
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 60.0,
         sleep: Sleep = asyncio.sleep,
+        budget: SharedBudget | None = None,
     ) -> None:
         self.client = client
         self.connection = connection
@@ -232,6 +299,7 @@ class VendorHttp:
         self.max_attempts = max_attempts
         self.wait = _WaitPolicy(backoff_base_s, backoff_cap_s)
         self.sleep = sleep
+        self.budget = budget
         self.calls = 0
 
     async def request(
@@ -284,7 +352,7 @@ class VendorHttp:
         url = path if path.startswith("http") else f"{self.base_url}{path}"
         merged = {**self.headers, **(headers or {})}
         limiter = self.buckets.get(bucket) or self.buckets.get("default")
-        async with limiter.hold() if limiter else contextlib.nullcontext():
+        async with limiter.hold(self.budget) if limiter else contextlib.nullcontext():
             self.calls += 1
             try:
                 response = await self.client.request(

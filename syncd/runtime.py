@@ -21,7 +21,7 @@ import httpx
 import structlog
 
 from syncd.errors import ConfigError, MappingError
-from syncd.http import VendorHttp, make_client
+from syncd.http import SharedBudget, VendorHttp, make_client
 from syncd.interfaces import ConnectorContext, Crm, Invoicing, TimeTracker, WebhookVerifier, secret_value
 from syncd.mapping import MappingDefaults, PipelineMapping, load_mapping
 from syncd.settings import Config, PipelineSettings
@@ -116,13 +116,15 @@ class Runtime:
         key = secret_value(config.daemon.encryption_key) or None
         connectors: dict[str, Any] = {}
         verifiers: dict[str, WebhookVerifier] = {}
+        shared = store.is_postgres and config.daemon.shared_rate_budget
         for name, conn in config.connections.items():
+            budget = SharedBudget(store, connection=name, clock=clock) if shared else None
             ctx = ConnectorContext(
                 connection=name,
                 client=client,
                 tokens=DbTokenStore(store, name, key),
                 clock=clock,
-                make_http=functools.partial(VendorHttp, client, connection=name),
+                make_http=functools.partial(VendorHttp, client, connection=name, budget=budget),
             )
             connectors[name] = conn.spec.factory(conn.settings, ctx)
             if conn.spec.verifier is not None:

@@ -59,6 +59,9 @@ class DaemonSettings(BaseModel):
         mapping_watch_interval_s: seconds between looks at the mapping files'
             modification times; a changed file is validated and swapped in (0 = off;
             SIGHUP reloads at once either way).
+        shared_rate_budget: on PostgreSQL, replicas share each vendor's rate budget
+            (one row per connection and bucket reserves evenly spaced request slots)
+            so together they stay under the vendor's limit; ignored on SQLite.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -78,6 +81,7 @@ class DaemonSettings(BaseModel):
     payment_terms_days: int = Field(default=30, ge=0)
     drift_check_interval_s: int = Field(default=3600, ge=0)
     mapping_watch_interval_s: int = Field(default=5, ge=0)
+    shared_rate_budget: bool = True
 
     @field_validator("timezone")
     @classmethod

@@ -266,6 +266,18 @@ class TimeEntryRow(SQLModel, table=True):
     invoiced_at: datetime | None = _ts(nullable=True)
 
 
+class RateBudgetRow(SQLModel, table=True):
+    """A vendor rate budget shared by replicas: when its next request may go out.
+
+    ``key`` names the budget (connection and bucket, ``xero:default``); ``next_at_s``
+    is the start of the first free slot, in seconds since the epoch.
+    """
+
+    __tablename__ = "rate_budgets"
+    key: str = Field(primary_key=True)
+    next_at_s: float = Field(sa_column=Column(sa.Double(), nullable=False))
+
+
 Row = TypeVar("Row", EventRow, EffectRow)
 
 
@@ -625,6 +637,51 @@ class Store:
         stmt = self._insert_ignore(table, ("job", "window")).values(job=job, window=window, owner=owner, started_at=now)
         async with self.engine.begin() as conn:
             return (await conn.execute(stmt.returning(table.c.job))).first() is not None
+
+    # -- rate budgets ---------------------------------------------------------------------
+
+    async def take_budget(self, key: str, window_s: float, limit: int, now: datetime) -> float | None:
+        """Reserve the next slot of budget ``key`` ("``limit`` per ``window_s``"), atomically.
+
+        Slots are ``window_s / limit`` apart, so any ``window_s`` holds at most ``limit``
+        of them, however the vendor aligns its windows (at a fixed time, at the first
+        call after the last window expired, or rolling). One statement,
+        ``INSERT ... ON CONFLICT (key) DO UPDATE SET next_at_s = GREATEST(next_at_s, now)
+        + interval RETURNING next_at_s``: concurrent callers (other replicas) queue on
+        the row lock and each gets its own slot. The caller must wait for its slot and
+        must not take another for the same request.
+
+        Args:
+            key: the budget (connection and bucket).
+            window_s: the vendor's window in seconds.
+            limit: requests allowed per window (at least 1).
+            now: the current time (aware).
+
+        Returns:
+            ``None`` when the slot is now, else the seconds until it starts.
+        """
+        if limit < 1 or window_s <= 0:
+            raise ValueError(f"rate budget {key!r}: limit {limit} per {window_s} s grants nothing")
+        at, interval = now.timestamp(), window_s / limit
+        table = table_of(RateBudgetRow)
+        latest = sa.func.greatest if self.is_postgres else sa.func.max  # SQLite's two-argument max()
+        stmt = self._insert_dialect(table).values(key=key, next_at_s=at + interval)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["key"], set_={"next_at_s": latest(table.c.next_at_s, at) + interval}
+        ).returning(table.c.next_at_s)
+        async with self.engine.begin() as conn:
+            next_at_s = float((await conn.execute(stmt)).scalar_one())
+        wait_s = next_at_s - interval - at
+        return wait_s if wait_s > 0 else None
+
+    def _insert_dialect(self, table: sa.Table) -> Any:
+        if self.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table)
 
 
 class DbTokenStore:
