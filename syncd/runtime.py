@@ -118,7 +118,8 @@ class Runtime:
         verifiers: dict[str, WebhookVerifier] = {}
         shared = store.is_postgres and config.daemon.shared_rate_budget
         for name, conn in config.connections.items():
-            budget = SharedBudget(store, connection=name, clock=clock) if shared else None
+            # Vendor windows run on real time, not on the injected business clock.
+            budget = SharedBudget(store, connection=name, clock=utcnow) if shared else None
             ctx = ConnectorContext(
                 connection=name,
                 client=client,
