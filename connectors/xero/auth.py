@@ -199,13 +199,8 @@ class StaticToken:
         raise AuthError("xero: the stored access token was rejected (401); the daemon will refresh it")
 
 
-class ClientCredentials:
-    """Access tokens for a Xero custom connection (client credentials grant).
-
-    Custom connections doc: https://developer.xero.com/documentation/guides/oauth2/custom-connections/
-    (token request: ``POST https://identity.xero.com/connect/token``, basic auth,
-    ``grant_type=client_credentials``; no refresh token).
-    """
+class _StoredTokens:
+    """What both token sources hold: settings, the token endpoint's client, the store, a cache."""
 
     def __init__(
         self, settings: XeroSettings, client: httpx.AsyncClient, tokens: TokenStore, clock: Callable[[], datetime]
@@ -219,6 +214,15 @@ class ClientCredentials:
 
     def _now(self) -> float:
         return self.clock().timestamp()
+
+
+class ClientCredentials(_StoredTokens):
+    """Access tokens for a Xero custom connection (client credentials grant).
+
+    Custom connections doc: https://developer.xero.com/documentation/guides/oauth2/custom-connections/
+    (token request: ``POST https://identity.xero.com/connect/token``, basic auth,
+    ``grant_type=client_credentials``; no refresh token).
+    """
 
     async def access_token(self) -> str:
         """The cached token, the stored one, or a freshly fetched one."""
@@ -249,25 +253,12 @@ class ClientCredentials:
         return tokens
 
 
-class RefreshingTokens:
+class RefreshingTokens(_StoredTokens):
     """Access tokens of the code flow, refreshed with single-use rotating refresh tokens.
 
     The token set ``{"access_token", "refresh_token", "expires_at"}`` is read from the
     :class:`~syncd.interfaces.TokenStore` (written there by ``syncd auth xero``).
     """
-
-    def __init__(
-        self, settings: XeroSettings, client: httpx.AsyncClient, tokens: TokenStore, clock: Callable[[], datetime]
-    ) -> None:
-        self.settings = settings
-        self.client = client
-        self.tokens = tokens
-        self.clock = clock
-        self._cached: Tokens = {}
-        self._lock = asyncio.Lock()
-
-    def _now(self) -> float:
-        return self.clock().timestamp()
 
     async def access_token(self) -> str:
         """The current access token, refreshed first if it has (nearly) expired."""
