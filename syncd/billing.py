@@ -176,9 +176,21 @@ def deal_won_event(engagement: Engagement, *, billing_start: datetime) -> Billin
     """
     if engagement.type is not EngagementType.ONE_TIME or engagement.bill_on != "won":
         return None
-    if engagement.won_at is None or engagement.won_at < billing_start:
+    if engagement.won_at is None or not won_in_scope(engagement, billing_start):
         return None
-    return billing_event(engagement, BillingEventKind.DEAL_WON, WON, engagement.won_at)
+    return billing_event(engagement, BillingEventKind.DEAL_WON, WON, engagement.won_recorded_at or engagement.won_at)
+
+
+def won_in_scope(engagement: Engagement, billing_start: datetime) -> bool:
+    """Whether the deal was won at or after ``billing_start``.
+
+    Gated on when the source recorded the move into the won stage
+    (``won_recorded_at``), never on an editable close date: a deal won on go-live
+    morning whose close date reads as local midnight is in scope. Without that history
+    the mapped ``won_at`` is used.
+    """
+    won = engagement.won_recorded_at or engagement.won_at
+    return won is not None and won >= billing_start
 
 
 def accepted_event(engagement: Engagement, *, billing_start: datetime) -> BillingEvent | None:
@@ -245,7 +257,7 @@ def deposit_event(engagement: Engagement, *, billing_start: datetime) -> Billing
     Raises:
         ValidationFailed: see :func:`deposit_shares`.
     """
-    if engagement.won_at is None or engagement.won_at < billing_start:
+    if engagement.won_at is None or not won_in_scope(engagement, billing_start):
         return None
     if not sum(deposit_shares(engagement).values(), Decimal(0)):
         return None

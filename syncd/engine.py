@@ -25,16 +25,16 @@ import asyncio
 import hashlib
 from collections import deque
 from collections.abc import Awaitable, Callable
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlmodel import col
 
-from syncd import billing, hours, recurring
+from syncd import billing, hours, receivables, recurring
 from syncd.errors import (
     AuthError,
     FatalError,
@@ -50,6 +50,7 @@ from syncd.interfaces import (
     Client,
     DealBillingStatus,
     Engagement,
+    EngagementType,
     InvoiceDraft,
     InvoiceState,
     InvoiceStatus,
@@ -82,23 +83,6 @@ def backoff_s(attempts: int, retry_after_s: float | None = None) -> float:
     if retry_after_s is not None:
         return min(float(BACKOFF_CAP_S), retry_after_s)
     return float(min(BACKOFF_CAP_S, 5 * 2 ** max(0, attempts - 1)))
-
-
-def crm_status_for(row: InvoiceRow, today: date) -> DealBillingStatus:
-    """What to write on the deal for an invoice row, with overdue derived from ``today``."""
-    due = Decimal(row.amount_due)
-    days_overdue = (today - row.due_date).days if row.due_date and due > 0 else 0
-    state = row.state
-    if days_overdue > 0 and state in {InvoiceState.AUTHORISED, InvoiceState.SENT, InvoiceState.PARTIALLY_PAID}:
-        state = "overdue"
-    return DealBillingStatus(
-        invoice_number=row.number,
-        state=state,
-        amount_due=due,
-        currency=row.currency,
-        due_date=row.due_date,
-        days_overdue=max(0, days_overdue),
-    )
 
 
 class Engine:
@@ -171,11 +155,10 @@ class Engine:
 
     async def _route_event(self, row: EventRow) -> bool:
         handled = False
+        if row.object_type == "deal":
+            handled = await self._route_deal(row)
         for pipeline in self.rt.pipelines:
-            if row.object_type == "deal" and pipeline.crm_name == row.connection:
-                await self.process_deal(pipeline, row.object_id)
-                handled = True
-            elif row.object_type == "invoice" and pipeline.invoicing_name == row.connection:
+            if row.object_type == "invoice" and pipeline.invoicing_name == row.connection:
                 await self.refresh_invoice(pipeline, row.object_id)
                 handled = True
             elif row.object_type == "time_entry" and pipeline.time_tracking_name == row.connection:
@@ -185,14 +168,69 @@ class Engine:
             log.debug("event_ignored", connection=row.connection, object_type=row.object_type, object_id=row.object_id)
         return False
 
-    async def process_deal(self, pipeline: Pipeline, deal_id: str) -> str | None:
+    async def _route_deal(self, row: EventRow) -> bool:
+        """Read a deal once and hand it to the one pipeline that takes it.
+
+        A won deal that no pipeline takes is a recorded skip (``no_pipeline``); a deal
+        that two pipelines take is refused (dead-lettered) naming both filters, since
+        invoicing it twice or picking one silently would both be wrong.
+        """
+        candidates = [p for p in self.rt.pipelines if p.crm_name == row.connection]
+        if not candidates:
+            return False
+        wanted: dict[str, set[str]] = {}
+        for pipeline in candidates:
+            for object_type, names in pipeline.mapping.source_properties.items():
+                wanted.setdefault(object_type, set()).update(names)
+        try:
+            record = await candidates[0].crm.fetch_deal(row.object_id, {k: sorted(v) for k, v in wanted.items()})
+        except NotFound:
+            log.info("deal_gone", connection=row.connection, deal_id=row.object_id)
+            return True
+        await self._remember(record, self.rt.clock())
+        taking = [p for p in candidates if p.mapping.selects(record)]
+        if len(taking) > 1:
+            places = " and ".join(p.mapping.rules.when_place for p in taking)
+            raise MappingError(
+                f"deal {row.object_id} matches more than one pipeline ({places}); make their `when` filters disjoint",
+                place=places,
+            )
+        if taking:
+            await self.process_deal(taking[0], row.object_id, record=record)
+        elif any(self._won_in(p, record) for p in candidates):
+            await self.record_outcome(
+                key=f"skip:no_pipeline:{record.connection}:{record.object_id}:{record.version}",
+                kind="skip",
+                reason="no_pipeline",
+                detail=f"won deal {record.object_id} is outside every pipeline's `when` filter",
+                place=", ".join(p.mapping.rules.when_place for p in candidates),
+                connection=record.connection,
+                object_type="deal",
+                object_id=record.object_id,
+                trigger_at=record.stage_changed_at or record.modified_at,
+            )
+        return True
+
+    def _won_in(self, pipeline: Pipeline, record: SourceRecord) -> bool:
+        try:
+            return pipeline.mapping.won_at(record, defaults=self.rt.defaults) is not None
+        except MappingError:
+            return False
+
+    async def process_deal(self, pipeline: Pipeline, deal_id: str, *, record: SourceRecord | None = None) -> str | None:
         """Re-read a deal, map it, and queue its invoice if a billing event is due.
 
         The engagement is stored with the history the source does not keep (amount
         changes, when a cancellation was first seen: :func:`syncd.recurring.keep_history`),
         then every billing event due for it is queued (:func:`syncd.recurring.bill_engagement`):
         ``deal_won`` as before, and the periods, changes, milestones and hours of the
-        other engagement types.
+        other engagement types. A won one-time deal whose move into the won stage was
+        recorded before ``billing_start`` is a recorded skip.
+
+        Args:
+            pipeline: the pipeline that takes the deal.
+            deal_id: the CRM deal id.
+            record: the deal as just read (read here when ``None``).
 
         Returns:
             the billing event key queued (``deal_won`` first), or ``None``.
@@ -201,32 +239,73 @@ class Engine:
             MappingError: the deal does not fit the mapping (dead-lettered by the caller).
         """
         now = self.rt.clock()
-        try:
-            record = await pipeline.crm.fetch_deal(deal_id, pipeline.mapping.source_properties)
-        except NotFound:
-            log.info("deal_gone", connection=pipeline.crm_name, deal_id=deal_id)
-            return None
-        await self._remember(record, now)
-        if not pipeline.mapping.selects(record):
-            return None
+        if record is None:
+            try:
+                record = await pipeline.crm.fetch_deal(deal_id, pipeline.mapping.source_properties)
+            except NotFound:
+                log.info("deal_gone", connection=pipeline.crm_name, deal_id=deal_id)
+                return None
+            await self._remember(record, now)
+            if not pipeline.mapping.selects(record):
+                return None
         mapped = pipeline.mapping.map_deal(record, defaults=self.rt.defaults)
+        current = mapped.engagement
+        if current.won_at is not None:
+            current = current.model_copy(update={"won_recorded_at": record.stage_changed_at})
         async with self.store.begin() as conn:
             await self._save_client(conn, mapped.client, now)
-            previous = await self.store.get(EngagementRow, mapped.engagement.key, conn=conn)
+            previous = await self.store.get(EngagementRow, current.key, conn=conn)
             engagement = recurring.keep_history(
                 Engagement.model_validate(previous.data) if previous is not None else None,
-                mapped.engagement,
+                current,
                 recorded_at=record.modified_at,
                 timezone=mapped.client.timezone,
             )
             await self.store.upsert(EngagementRow, _engagement_values(engagement, pipeline, deal_id, now), conn)
-        await self._check_divergence(mapped.engagement, record)
-        event = billing.deal_won_event(mapped.engagement, billing_start=self.rt.billing_start)
+        await self._check_divergence(current, record)
+        event = billing.deal_won_event(current, billing_start=self.rt.billing_start)
         won = None
         if event is not None:
-            won = await self.queue_invoice(pipeline, event, mapped.engagement, mapped.client, deal_id)
+            won = await self.queue_invoice(pipeline, event, current, mapped.client, deal_id)
+        elif current.won_at is not None and current.type is EngagementType.ONE_TIME and current.bill_on == "won":
+            await self._skip_before_start(current, record)
         keys = await recurring.bill_engagement(self, pipeline, engagement, mapped.client, deal_id)
         return won or (keys[0] if keys else None)
+
+    async def _skip_before_start(self, engagement: Engagement, record: SourceRecord) -> None:
+        won = engagement.won_recorded_at or engagement.won_at
+        await self.record_outcome(
+            key=f"skip:before_billing_start:{engagement.key}",
+            kind="skip",
+            reason="before_billing_start",
+            detail=f"won at {won.isoformat() if won else '?'}, before billing_start "
+            f"{self.rt.billing_start.isoformat()}: billed by other means",
+            connection=record.connection,
+            object_type="deal",
+            object_id=record.object_id,
+            engagement_key=engagement.key,
+            client_key=engagement.client_key,
+            trigger_at=won,
+        )
+
+    async def record_outcome(
+        self, *, key: str, kind: str, reason: str, detail: str, conn: Any = None, **ctx: Any
+    ) -> bool:
+        """Record a skip, a simulated event or an outcome that needs attention, once per ``key``.
+
+        Every trigger that ends without an invoice ends here or as a dead letter, so
+        an admin can list it (``syncd outcomes``), with its reason.
+
+        Returns:
+            whether it was new.
+        """
+        new = await self.store.add_outcome(
+            conn, key=key, kind=kind, reason=reason, detail=detail, created_at=self.rt.clock(), **ctx
+        )
+        if new:
+            emit = log.warning if kind == "attention" else log.info
+            emit("outcome_recorded", kind=kind, reason=reason, detail=detail, **{k: v for k, v in ctx.items() if v})
+        return new
 
     async def process_time_entry(self, pipeline: Pipeline, row: EventRow) -> None:
         """Read a time tracker's new hours on a hint, and queue what they make due.
@@ -257,6 +336,17 @@ class Engine:
         async with self.store.begin() as conn:
             if not await self.store.add_billing_event(conn, row):
                 return None
+            await self.record_outcome(
+                conn=conn,
+                key=f"skip:nothing_to_bill:{event.key}",
+                kind="skip",
+                reason="nothing_to_bill",
+                detail=f"{event.kind} {event.occurrence}: no billable hours to invoice",
+                engagement_key=event.engagement_key,
+                client_key=client_key,
+                billing_event_key=event.key,
+                trigger_at=event.occurred_at,
+            )
         log.info("billing_event_settled", key=event.key, kind=str(event.kind), engagement=event.engagement_key)
         return str(event.key)
 
@@ -293,8 +383,24 @@ class Engine:
             if not await self.store.add_billing_event(conn, self._event_row(event, live=live)):
                 return None
             await conn.execute(sa.insert(table_of(DeadLetterRow)).values(**letter))
+            if not live:
+                await self._record_simulated(conn, event, credit.client_key)
         log.warning("manual_credit_owed", key=event.key, live=live, detail=credit.message())
         return str(event.key)
+
+    async def _record_simulated(self, conn: AsyncConnection, event: BillingEvent, client_key: str) -> None:
+        await self.record_outcome(
+            conn=conn,
+            key=f"simulated:{event.key}",
+            kind="simulated",
+            reason="not_in_pilot",
+            detail=f"{event.kind} {event.occurrence}: client {client_key} is not in [pilot] clients; "
+            "recorded, nothing sent (syncd backfill makes it real)",
+            engagement_key=event.engagement_key,
+            client_key=client_key,
+            billing_event_key=event.key,
+            trigger_at=event.occurred_at,
+        )
 
     def _event_row(self, event: BillingEvent, *, live: bool) -> BillingEventRow:
         return BillingEventRow(
@@ -388,6 +494,8 @@ class Engine:
             )
             if on_recorded is not None:
                 await on_recorded(conn)
+            if not live:
+                await self._record_simulated(conn, event, draft.client.key)
         log.info(
             "billing_event_recorded", key=event.key, kind=str(event.kind), engagement=event.engagement_key, live=live
         )
@@ -462,8 +570,8 @@ class Engine:
         """Re-read an invoice syncd created and queue a write-back if its status changed."""
         rows = await self.store.select(
             InvoiceRow,
-            _col(InvoiceRow, "invoice_id") == invoice_id,
-            _col(InvoiceRow, "invoicing_connection") == pipeline.invoicing_name,
+            InvoiceRow.invoice_id == invoice_id,
+            InvoiceRow.invoicing_connection == pipeline.invoicing_name,
         )
         if not rows:
             return
@@ -471,55 +579,77 @@ class Engine:
         await self._record_status(rows[0], status)
 
     async def _record_status(self, row: InvoiceRow, status: InvoiceStatus) -> None:
+        """Store the ledger's newer state of a document and queue the deal's write-back.
+
+        A state older than the one stored (by the ledger's own update time) is ignored,
+        so a late or reordered read never moves the deal backwards; a newer one is
+        written even when it reverses an earlier state (a payment deleted).
+        """
         now = self.rt.clock()
         values = _status_values(status)
-        changed = any(str(getattr(row, k)) != str(v) for k, v in values.items() if k != "updated_at")
+        if (
+            status.updated_at is not None
+            and row.source_updated_at is not None
+            and status.updated_at < row.source_updated_at
+        ):
+            log.info("invoice_status_stale", invoice=row.number, seen=str(status.updated_at))
+            return
+        changed = any(str(getattr(row, k)) != str(v) for k, v in values.items())
         if not changed:
             return
         async with self.store.begin() as conn:
             await conn.execute(
                 sa.update(table_of(InvoiceRow))
-                .where(_col(InvoiceRow, "key") == row.key)
-                .values(**values, updated_at=now)
+                .where(table_of(InvoiceRow).c.key == row.key)
+                .values(**values, source_updated_at=status.updated_at, updated_at=now)
             )
-            await self._queue_crm_status(conn, row.key, row.crm_connection, values, now)
-        log.info("invoice_status_changed", invoice=row.number, state=values["state"], amount_due=values["amount_due"])
+            version = (status.updated_at or now).isoformat()
+            await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, f"{row.key}:{version}", now)
+        log.info(
+            "invoice_status_changed",
+            invoice=row.number,
+            state=values["state"],
+            amount_due=values["amount_due"],
+            previous=row.state,
+        )
 
-    async def _queue_crm_status(
-        self, conn: Any, invoice_key: str, crm: str, values: dict[str, Any], now: datetime
-    ) -> None:
-        fingerprint = f"{invoice_key}:{values['state']}:{values['amount_due']}:{values.get('number')}"
-        key = "crm:" + hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
-        await self.store.add_effect(
-            conn, key=key, kind=WRITE_CRM_STATUS, connection=crm, payload={"invoice_key": invoice_key}, now=now
+    async def _queue_crm_status(self, conn: Any, crm: str, deal_id: str, version: str, now: datetime) -> bool:
+        """Queue a write-back of the deal's standing, once per ``version`` of what changed.
+
+        The effect computes the standing from every document of the deal when it runs
+        (:meth:`_write_crm_status`), so an older queued write-back still writes the
+        newest state.
+        """
+        key = "crm:" + hashlib.sha256(f"{crm}:{deal_id}:{version}".encode()).hexdigest()[:32]
+        queued = await self.store.add_effect(
+            conn,
+            key=key,
+            kind=WRITE_CRM_STATUS,
+            connection=crm,
+            payload={"crm_object_id": deal_id},
+            now=now,
         )
         self.notify()
+        return queued
 
     async def refresh_aging(self) -> int:
-        """Queue a write-back for every unpaid invoice past due (daily: overdue days grow).
+        """Queue a write-back for every deal with an unpaid invoice past due (daily: overdue days grow).
 
         Returns:
-            how many write-backs were queued (one per invoice per day at most).
+            how many write-backs were queued (one per deal per day at most).
         """
         now = self.rt.clock()
-        open_states = [str(InvoiceState.AUTHORISED), str(InvoiceState.SENT), str(InvoiceState.PARTIALLY_PAID)]
-        rows = await self.store.select(InvoiceRow, _col(InvoiceRow, "state").in_(open_states))
+        open_states = [str(state) for state in receivables.OPEN_STATES]
+        rows = await self.store.select(
+            InvoiceRow,
+            col(InvoiceRow.state).in_(open_states),
+            col(InvoiceRow.due_date) < now.date(),
+        )
+        deals = {(row.crm_connection, row.crm_object_id) for row in rows}
         queued = 0
-        for row in rows:
-            if row.due_date is None or row.due_date >= now.date():
-                continue
-            key = "aging:" + hashlib.sha256(f"{row.key}:{now.date().isoformat()}".encode()).hexdigest()[:32]
+        for crm, deal_id in sorted(deals):
             async with self.store.begin() as conn:
-                queued += await self.store.add_effect(
-                    conn,
-                    key=key,
-                    kind=WRITE_CRM_STATUS,
-                    connection=row.crm_connection,
-                    payload={"invoice_key": row.key},
-                    now=now,
-                )
-        if queued:
-            self.notify()
+                queued += await self._queue_crm_status(conn, crm, deal_id, f"aging:{now.date().isoformat()}", now)
         return queued
 
     # -- outbox ---------------------------------------------------------------------------
@@ -571,6 +701,7 @@ class Engine:
             "invoicing_connection": row.connection,
             "invoice_id": status.invoice_id,
             **_status_values(status),
+            "source_updated_at": status.updated_at,
             "triggered_at": triggered_at,
             "created_at": now,
             "updated_at": now,
@@ -582,7 +713,14 @@ class Engine:
                 EffectRow, row, status="done", now=now, result={"invoice_id": status.invoice_id}, conn=conn
             ):
                 raise _Fenced()
-            await self._queue_crm_status(conn, draft.key, row.payload["crm"], _status_values(status), now)
+            await conn.execute(
+                sa.update(table_of(BillingEventRow))
+                .where(table_of(BillingEventRow).c.key == draft.key)
+                .values(invoice_key=draft.key)
+            )
+            await self._queue_crm_status(
+                conn, row.payload["crm"], row.payload["crm_object_id"], f"{draft.key}:created", now
+            )
         if mismatch:
             log.warning("invoice_totals_mismatch", key=draft.key, invoice=status.number, detail=mismatch)
         log.info(
@@ -613,14 +751,33 @@ class Engine:
             return customer_id
 
     async def _write_crm_status(self, row: EffectRow) -> None:
-        invoice = await self.store.get(InvoiceRow, row.payload["invoice_key"])
-        if invoice is None:
-            raise RecordError(f"invoice {row.payload['invoice_key']} is not recorded", place=f"effects.id={row.id}")
-        client = await self.store.get(ClientRow, invoice.client_key)
-        zone = ZoneInfo(client.data.get("timezone", "UTC") if client else "UTC")
-        status = crm_status_for(invoice, self.rt.clock().astimezone(zone).date())
-        await self.rt.connectors[row.connection].write_billing_status(invoice.crm_object_id, status)
-        log.info("crm_status_written", deal=invoice.crm_object_id, invoice=invoice.number, state=status.state)
+        """Write the deal's standing across all its documents (:func:`syncd.receivables.deal_status`)."""
+        deal_id = row.payload.get("crm_object_id")
+        if deal_id is None:  # queued before write-backs were per deal
+            invoice = await self.store.get(InvoiceRow, row.payload["invoice_key"])
+            if invoice is None:
+                raise RecordError(f"invoice {row.payload['invoice_key']} is not recorded", place=f"effects.id={row.id}")
+            deal_id = invoice.crm_object_id
+        status = await self.deal_standing(row.connection, str(deal_id))
+        if status is None:
+            return
+        await self.rt.connectors[row.connection].write_billing_status(str(deal_id), status)
+        log.info("crm_status_written", deal=deal_id, invoice=status.invoice_number, state=status.state)
+
+    async def deal_standing(self, crm: str, deal_id: str) -> DealBillingStatus | None:
+        """The standing of a deal across every document syncd created for it, as of now."""
+        rows = await self.store.select(
+            InvoiceRow,
+            InvoiceRow.crm_connection == crm,
+            InvoiceRow.crm_object_id == deal_id,
+            order_by=InvoiceRow.created_at,
+        )
+        if not rows:
+            return None
+        client = await self.store.get(ClientRow, rows[0].client_key)
+        zone = client.data.get("timezone", "UTC") if client else "UTC"
+        today = receivables.today_in(self.rt.clock(), zone)
+        return receivables.deal_status((_document(r) for r in rows), today)
 
     # -- settling -------------------------------------------------------------------------
 
@@ -707,6 +864,18 @@ def _engagement_values(engagement: Engagement, pipeline: Pipeline, deal_id: str,
         "source_version": engagement.source_version,
         "updated_at": now,
     }
+
+
+def _document(row: InvoiceRow) -> receivables.Document:
+    return receivables.Document(
+        kind=row.kind,
+        number=row.number,
+        state=row.state,
+        currency=row.currency,
+        total=Decimal(row.total),
+        amount_due=Decimal(row.amount_due),
+        due_date=row.due_date,
+    )
 
 
 def _status_values(status: InvoiceStatus) -> dict[str, Any]:

@@ -82,6 +82,9 @@ class SourceRecord(Model):
             that must tell one change from another.
         modified_at: the source's last-modified time.
         data: the nested record.
+        stage_changed_at: when the source recorded the move into the record's current
+            stage (HubSpot: the newest entry of the ``dealstage`` property history), or
+            ``None`` where the source keeps no such history.
     """
 
     connection: str
@@ -90,6 +93,7 @@ class SourceRecord(Model):
     version: str
     modified_at: AwareDatetime
     data: Mapping[str, Any]
+    stage_changed_at: AwareDatetime | None = None
 
 
 class ChangePage(Model):
@@ -263,7 +267,11 @@ class Engagement(Model):
         name: a readable name (the deal name).
         currency: ISO 4217 code.
         po_number: PO number for its invoices; ``None`` means the client's.
-        won_at: when the deal was won (``None`` while it is open).
+        won_at: when the deal was won (``None`` while it is open), as the mapping
+            reads it (e.g. the close date); it dates the invoice and anchors periods.
+        won_recorded_at: when the source recorded the move into the won stage (HubSpot:
+            the ``dealstage`` property history), set by the engine; ``billing_start`` is
+            compared with it, never with an editable close date.
         start: first day of service; end: last day (inclusive), both in the client's zone.
         lines: the deal's line items, for ``one_time`` invoices.
         amount: recurring amount per cycle (retainer/subscription).
@@ -311,6 +319,7 @@ class Engagement(Model):
     currency: str
     po_number: str | None = None
     won_at: AwareDatetime | None = None
+    won_recorded_at: AwareDatetime | None = None
     start: date | None = None
     end: date | None = None
     lines: tuple[InvoiceLine, ...] = ()
@@ -485,15 +494,21 @@ class InvoiceStatus(Model):
 
 
 class DealBillingStatus(Model):
-    """What syncd writes back onto a CRM deal.
+    """What syncd writes back onto a CRM deal: the truth across all its documents.
+
+    Built by :func:`syncd.receivables.deal_status` from every invoice and credit note
+    of the deal (voided and deleted ones ignored).
 
     Attributes:
-        invoice_number: the tool's invoice number.
-        state: the invoice state (``overdue`` is derived from due date and as-of).
-        amount_due: what is still owed, in ``currency``.
+        invoice_number: the invoice numbers, oldest first, comma-separated.
+        state: the overall state, by precedence overdue > partially paid > awaiting
+            payment (sent, authorised) > draft > paid; paid only when all is paid.
+        amount_due: what is still owed across the deal's approved invoices, less the
+            unallocated credit of its credit notes, in ``currency``.
         currency: ISO 4217 code.
-        due_date: due date of the invoice.
-        days_overdue: 0 when not overdue.
+        due_date: the earliest due date among the invoices still open.
+        days_overdue: the largest days overdue among them; 0 when none is overdue.
+        total_invoiced: the sum of the approved invoices' totals.
     """
 
     invoice_number: str | None
@@ -502,6 +517,7 @@ class DealBillingStatus(Model):
     currency: str
     due_date: date | None = None
     days_overdue: int = 0
+    total_invoiced: Decimal | None = None
 
 
 # ---------------------------------------------------------------------------

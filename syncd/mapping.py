@@ -209,7 +209,7 @@ _SPECS: Mapping[type[BaseModel], _ModelSpec] = {
         fallback=frozenset({"timezone", "currency", "payment_terms_days"}),
     ),
     Engagement: _ModelSpec(
-        computed=frozenset({"key", "client_key", "won_at", "source_version"}),
+        computed=frozenset({"key", "client_key", "won_at", "won_recorded_at", "source_version"}),
         fallback=frozenset({"currency"}),
     ),
 }

@@ -71,6 +71,7 @@ from syncd.store import (
     DeadLetterRow,
     EffectRow,
     EngagementRow,
+    OutcomeRow,
     SourceRecordRow,
     Store,
     table_of,
@@ -666,6 +667,12 @@ async def _make_real(store: Store, key: str, client: Client, now: datetime) -> N
             .values(status="open", created_at=now)
         )
         await conn.execute(sa.update(events).where(events.c.key == key).values(simulated=False))
+        outcomes = table_of(OutcomeRow)
+        await conn.execute(
+            sa.update(outcomes)
+            .where(outcomes.c.key == f"simulated:{key}", outcomes.c.status == "open")
+            .values(status="resolved", resolved_at=now)
+        )
 
 
 def _redated(payload: dict[str, Any], client: Client, now: datetime) -> dict[str, Any]:

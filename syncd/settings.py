@@ -129,6 +129,8 @@ class PipelineSettings(BaseModel):
     Attributes:
         crm / invoicing / time_tracking: connection names.
         mapping: path of the mapping file, relative to the config file.
+        invoice_delay_s: seconds a won deal's invoice waits before it is created; a
+            deal that leaves the won stage meanwhile is recorded as skipped (0 = at once).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -137,6 +139,7 @@ class PipelineSettings(BaseModel):
     invoicing: str
     time_tracking: str | None = None
     mapping: Path
+    invoice_delay_s: int = Field(default=0, ge=0)
 
 
 class PilotSettings(BaseModel):

@@ -159,6 +159,7 @@ class BillingEventRow(SQLModel, table=True):
     occurred_at: datetime = _ts()
     created_at: datetime = _ts()
     simulated: bool = False
+    invoice_key: str | None = None  # the invoice that carries it (today: the event's own key)
 
 
 class InvoiceRow(SQLModel, table=True):
@@ -170,7 +171,7 @@ class InvoiceRow(SQLModel, table=True):
     engagement_key: str = Field(index=True)
     client_key: str = Field(index=True)
     crm_connection: str
-    crm_object_id: str
+    crm_object_id: str = Field(index=True)
     invoicing_connection: str
     invoice_id: str = Field(index=True)
     number: str | None = None
@@ -186,6 +187,7 @@ class InvoiceRow(SQLModel, table=True):
     updated_at: datetime = _ts()
     totals_mismatch: str | None = None
     divergence: str | None = None
+    source_updated_at: datetime | None = _ts(nullable=True)  # the ledger's last change, when it says
 
 
 class CursorRow(SQLModel, table=True):
@@ -264,6 +266,39 @@ class TimeEntryRow(SQLModel, table=True):
     fetched_at: datetime = _ts()
     invoice_key: str | None = Field(default=None, index=True)
     invoiced_at: datetime | None = _ts(nullable=True)
+
+
+class OutcomeRow(SQLModel, table=True):
+    """A trigger that ended without an invoice, or an invoice that needs a person.
+
+    ``kind`` is ``skip`` (a recorded reason not to invoice: before ``billing_start``,
+    outside every pipeline, not won any more, nothing to bill ...), ``simulated`` (a
+    client outside the pilot: the event is recorded, nothing is sent) or ``attention``
+    (an outcome a person must act on: an invoiced deal that left the won stage, a
+    missing required PO number, a credit left unallocated ...). ``key`` makes
+    recording idempotent: the same trigger records one outcome however often it is seen.
+    ``trigger_at`` is when the reason arose at the source, ``billing_event_key`` the
+    billing event it belongs to, where there is one.
+    """
+
+    __tablename__ = "outcomes"
+    __table_args__ = (sa.Index("ix_outcomes_kind_status", "kind", "status"),)
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    kind: str  # skip | simulated | attention
+    reason: str  # a stable snake_case code, e.g. before_billing_start
+    detail: str
+    place: str | None = None
+    connection: str | None = None
+    object_type: str | None = None
+    object_id: str | None = None
+    engagement_key: str | None = Field(default=None, index=True)
+    client_key: str | None = None
+    billing_event_key: str | None = None
+    trigger_at: datetime | None = _ts(nullable=True)
+    status: str = "open"  # open | resolved (attention); skips stay open: they are a record
+    created_at: datetime = _ts()
+    resolved_at: datetime | None = _ts(nullable=True)
 
 
 class RateBudgetRow(SQLModel, table=True):
@@ -608,6 +643,28 @@ class Store:
             return
         async with self.engine.begin() as own:
             await own.execute(sa.insert(table).values(**values))
+
+    async def add_outcome(self, conn: AsyncConnection | None = None, **values: Any) -> bool:
+        """Record an outcome (:class:`OutcomeRow`) once per ``key``; ``False`` if it exists."""
+        table = table_of(OutcomeRow)
+        values.setdefault("status", "open")
+        stmt = self._insert_ignore(table, ("key",)).values(**values).returning(table.c.key)
+        if conn is not None:
+            return (await conn.execute(stmt)).first() is not None
+        async with self.engine.begin() as own:
+            return (await own.execute(stmt)).first() is not None
+
+    async def outcome_counts(self) -> dict[tuple[str, str], int]:
+        """Open outcomes counted by (kind, reason)."""
+        table = table_of(OutcomeRow)
+        stmt = (
+            sa.select(table.c.kind, table.c.reason, sa.func.count())
+            .where(table.c.status == "open")
+            .group_by(table.c.kind, table.c.reason)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return {(str(kind), str(reason)): int(n) for kind, reason, n in rows}
 
     @contextlib.asynccontextmanager
     async def named_lock(self, name: str) -> AsyncIterator[None]:
