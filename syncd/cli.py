@@ -35,6 +35,10 @@ app.add_typer(setup_app, name="setup")
 app.add_typer(auth_app, name="auth")
 app.add_typer(dead_app, name="dead-letters")
 app.add_typer(preview_app, name="preview")
+outcomes_app = typer.Typer(
+    help="Triggers that ended without an invoice, and what needs a person.", no_args_is_help=True
+)
+app.add_typer(outcomes_app, name="outcomes")
 
 console = Console()
 err = Console(stderr=True)
@@ -134,6 +138,24 @@ def status(config: ConfigOption = Path("config.toml")) -> None:
     for row in asyncio.run(_status(cfg)):
         table.add_row(*row)
     console.print(table)
+    console.print(asyncio.run(_outcome_summary(cfg)), markup=False, highlight=False)
+
+
+async def _outcome_summary(config: Config) -> str:
+    """One line: open outcomes by kind, with the reasons (``syncd outcomes list`` has each)."""
+    from syncd.store import Store
+
+    store = Store.open(config.daemon.database_url)
+    try:
+        counts = await store.outcome_counts()
+    finally:
+        await store.close()
+    parts = []
+    for kind in ("skip", "simulated", "attention"):
+        reasons = {reason: n for (k, reason), n in counts.items() if k == kind}
+        detail = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+        parts.append(f"{kind}: {sum(reasons.values())}" + (f" ({detail})" if detail else ""))
+    return "outcomes without an invoice: " + "; ".join(parts)
 
 
 async def _status(config: Config) -> list[list[str]]:
@@ -472,6 +494,89 @@ def preview_deal(
         render_deal(previews, console)
     if any(item.error for item in previews):
         raise typer.Exit(1)
+
+
+KindOption = Annotated[str | None, typer.Option("--kind", help="skip, simulated or attention.")]
+
+
+@outcomes_app.command("list")
+def outcomes_list(
+    config: ConfigOption = Path("config.toml"),
+    kind: KindOption = None,
+    deal: Annotated[str | None, typer.Option("--deal", help="Only this CRM deal id.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Resolved ones too.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Recorded skips, simulated events and outcomes that need attention, with their reasons."""
+    _print_outcomes(config, kind=kind, deal=deal, all_=all_, as_json=as_json)
+
+
+@app.command()
+def skipped(
+    config: ConfigOption = Path("config.toml"),
+    deal: Annotated[str | None, typer.Option("--deal", help="Only this CRM deal id.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Triggers recorded as skipped, with the reason (same as ``outcomes list --kind skip``)."""
+    _print_outcomes(config, kind="skip", deal=deal, all_=True, as_json=as_json)
+
+
+@outcomes_app.command("resolve")
+def outcomes_resolve(
+    outcome_id: Annotated[int, typer.Argument(help="The outcome id.")],
+    why: Annotated[str, typer.Option("--why", help="What was done about it.")],
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """Close an outcome that needed attention, recording what was done."""
+    from syncd.errors import RecordError
+    from syncd.outcomes import resolve_outcome
+    from syncd.store import Store
+
+    cfg = _load(config)
+
+    async def go() -> None:
+        store = Store.open(cfg.daemon.database_url)
+        try:
+            await resolve_outcome(store, outcome_id, why)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(go())
+    except RecordError as exc:
+        _problem(str(exc))
+        raise typer.Exit(1) from None
+    console.print(f"outcome {outcome_id} resolved")
+
+
+def _print_outcomes(config: Path, *, kind: str | None, deal: str | None, all_: bool, as_json: bool) -> None:
+    from syncd.outcomes import KINDS, list_outcomes
+    from syncd.outcomes import as_json as outcome_json
+    from syncd.store import Store
+
+    if kind is not None and kind not in KINDS:
+        _problem(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        raise typer.Exit(2)
+    cfg = _load(config)
+
+    async def go() -> list[Any]:
+        store = Store.open(cfg.daemon.database_url)
+        try:
+            return await list_outcomes(store, kind=kind, include_resolved=all_, object_id=deal)
+        finally:
+            await store.close()
+
+    rows = asyncio.run(go())
+    if as_json:
+        print(json.dumps([outcome_json(row) for row in rows], indent=2))
+        return
+    table = Table("id", "kind", "reason", "deal", "detail", "when", "status", width=max(console.width, 80))
+    for row in rows:
+        when = (row.trigger_at or row.created_at).isoformat(timespec="minutes")
+        table.add_row(
+            str(row.id), row.kind, row.reason, row.object_id or row.engagement_key or "", row.detail, when, row.status
+        )
+    console.print(table)
 
 
 def main() -> None:

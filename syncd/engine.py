@@ -178,6 +178,11 @@ class Engine:
         candidates = [p for p in self.rt.pipelines if p.crm_name == row.connection]
         if not candidates:
             return False
+        if row.version is not None:
+            seen = await self.store.get(SourceRecordRow, row.connection, "deal", row.object_id)
+            if seen is not None and seen.version == row.version:
+                log.debug("deal_version_already_read", connection=row.connection, deal_id=row.object_id)
+                return True
         wanted: dict[str, set[str]] = {}
         for pipeline in candidates:
             for object_type, names in pipeline.mapping.source_properties.items():
@@ -603,8 +608,8 @@ class Engine:
                 .where(table_of(InvoiceRow).c.key == row.key)
                 .values(**values, source_updated_at=status.updated_at, updated_at=now)
             )
-            version = (status.updated_at or now).isoformat()
-            await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, f"{row.key}:{version}", now)
+            version = f"{row.key}:{(status.updated_at or now).isoformat()}:{values['state']}:{values['amount_due']}"
+            await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, version, now)
         log.info(
             "invoice_status_changed",
             invoice=row.number,

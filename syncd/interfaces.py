@@ -54,6 +54,9 @@ class ChangeHint(Model):
             own fields (never from the time syncd received it).
         occurred_at: when the vendor says the change happened.
         kind: the vendor's event type, for logs (``deal.propertyChange``).
+        version: the record's version the hint reports, when it says (a poll reads it:
+            the same value as :attr:`SourceRecord.version`); a hint of a version already
+            read is not read again.
     """
 
     connection: str
@@ -62,6 +65,7 @@ class ChangeHint(Model):
     event_id: str
     occurred_at: AwareDatetime
     kind: str = ""
+    version: str | None = None
 
 
 class SourceRecord(Model):
@@ -559,10 +563,13 @@ class Crm(Protocol):
         """
         ...
 
-    async def poll_changes(self, cursor: str | None) -> ChangePage:
-        """Deals changed since ``cursor`` (opaque, from the last page; ``None`` = now).
+    async def poll_changes(self, cursor: str | None, *, since: datetime | None = None) -> ChangePage:
+        """Deals changed since ``cursor`` (opaque, from the last page).
 
-        Returns a page; call again with its cursor while ``more`` is true.
+        Without a cursor (a fresh connection) the feed starts at ``since`` (the engine
+        passes ``billing_start``, so a deal won between start and the first poll is
+        found), else now. Returns a page; call again with its cursor while ``more``
+        is true.
         """
         ...
 
@@ -610,8 +617,8 @@ class Invoicing(Protocol):
         """Re-read one invoice."""
         ...
 
-    async def poll_changes(self, cursor: str | None) -> ChangePage:
-        """Invoices changed since ``cursor`` (hints with ``object_type='invoice'``)."""
+    async def poll_changes(self, cursor: str | None, *, since: datetime | None = None) -> ChangePage:
+        """Invoices changed since ``cursor`` (hints with ``object_type='invoice'``); see :meth:`Crm.poll_changes`."""
         ...
 
     async def check(self) -> list[str]:
@@ -632,8 +639,8 @@ class TimeTracker(Protocol):
         """Time entries changed since ``updated_since`` (all when ``None``)."""
         ...
 
-    async def poll_changes(self, cursor: str | None) -> ChangePage:
-        """Time entries changed since ``cursor`` (hints with ``object_type='time_entry'``)."""
+    async def poll_changes(self, cursor: str | None, *, since: datetime | None = None) -> ChangePage:
+        """Time entries changed since ``cursor`` (hints with ``object_type='time_entry'``); see :meth:`Crm.poll_changes`."""
         ...
 
     async def check(self) -> list[str]:

@@ -9,7 +9,7 @@ with several replicas each window runs on exactly one of them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -47,7 +47,7 @@ async def poll_connection(runtime: Runtime, name: str, *, max_pages: int = 100) 
     new = 0
     try:
         for _ in range(max_pages):
-            page = await connector.poll_changes(cursor)
+            page = await connector.poll_changes(cursor, since=runtime.billing_start)
             now = runtime.clock()
             new += await runtime.store.add_events(page.hints, now=now)
             cursor = page.cursor
@@ -118,7 +118,7 @@ async def tick_drift(runtime: Runtime) -> int:
     Not claimed per window like the other ticks: it only reads, and its result is this
     process's ``/metrics`` gauge, which each replica should report. Its cost is one
     properties read per CRM object type and three code lists per invoicing connection.
-    The first run is one interval after start: ``syncd check`` is the check before it.
+    It runs once at start, then every ``drift_check_interval_s``.
     """
     return await drift.run_drift_check(runtime)
 
@@ -130,11 +130,19 @@ def build_scheduler(
     recurring: Callable[[], Awaitable[int]] | None = None,
 ) -> AsyncIOScheduler:
     """An AsyncIOScheduler with a poll job per polled connection, the daily aging job and
-    the hourly recurring-billing job (not yet started)."""
+    the hourly recurring-billing job (not yet started).
+
+    Recurring billing, aging and the drift guard run once as soon as the scheduler
+    starts, then on their interval, so a daemon restarted more often than an interval
+    still bills and ages (the per-window tick rows keep a window from running twice
+    across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
+    connection's first poll reads from ``billing_start``.
+    """
     scheduler = AsyncIOScheduler(timezone="UTC")
+    first = {"next_run_time": datetime.now(UTC)}
     if aging is not None:
         scheduler.add_job(
-            tick_aging, "interval", hours=1, args=[runtime, aging], id="aging", max_instances=1, coalesce=True
+            tick_aging, "interval", hours=1, args=[runtime, aging], id="aging", max_instances=1, coalesce=True, **first
         )
     if recurring is not None:
         scheduler.add_job(
@@ -145,6 +153,7 @@ def build_scheduler(
             id="recurring",
             max_instances=1,
             coalesce=True,
+            **first,
         )
     if runtime.config.daemon.drift_check_interval_s:
         scheduler.add_job(
@@ -155,6 +164,7 @@ def build_scheduler(
             id="drift",
             max_instances=1,
             coalesce=True,
+            **first,
         )
     for name in polled_connections(runtime):
         scheduler.add_job(

@@ -90,6 +90,7 @@ class EventRow(SQLModel, table=True):
     object_id: str
     event_id: str
     kind: str = ""
+    version: str | None = None  # the record version the hint reports, if it says
     occurred_at: datetime = _ts()
     received_at: datetime = _ts()
     status: str = "pending"  # pending | done | dead
@@ -434,6 +435,7 @@ class Store:
                 "object_id": h.object_id,
                 "event_id": h.event_id,
                 "kind": h.kind,
+                "version": h.version,
                 "occurred_at": h.occurred_at,
                 "received_at": now,
                 "status": "pending",

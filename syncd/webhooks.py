@@ -49,6 +49,12 @@ class Metrics:
         self.backlog = Gauge(
             "syncd_backlog", "Rows waiting, by queue and status", ["queue", "status"], registry=self.registry
         )
+        self.outcomes = Gauge(
+            "syncd_outcomes",
+            "Open outcomes without an invoice, by kind (skip, simulated, attention) and reason",
+            ["kind", "reason"],
+            registry=self.registry,
+        )
         self.mapping_drift = Gauge(
             "syncd_mapping_drift_problems",
             "Problems the last drift check found between the mappings and the vendors' live schemas",
@@ -151,6 +157,8 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
                 metrics.backlog.labels(queue, status).set(count)
         dead = await runtime.store.count(DeadLetterRow, table_of(DeadLetterRow).c.status == "open")
         metrics.backlog.labels("dead_letters", "open").set(dead)
+        for (kind, reason), count in (await runtime.store.outcome_counts()).items():
+            metrics.outcomes.labels(kind, reason).set(count)
         metrics.mapping_drift.set(runtime.extra.get(DRIFT_PROBLEMS, 0))
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

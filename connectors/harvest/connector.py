@@ -228,7 +228,7 @@ class HarvestConnector:
         body = await self._get_json(path, {})
         return self._parse(HarvestTimeEntry, body, path).to_time_entry()
 
-    async def poll_changes(self, cursor: str | None) -> ChangePage:
+    async def poll_changes(self, cursor: str | None, *, since: datetime | None = None) -> ChangePage:
         """Time entries changed since ``cursor``; ``None`` starts from now, hinting nothing.
 
         Each poll reads every page of ``updated_since = cursor.since - poll_overlap_s``
@@ -237,6 +237,8 @@ class HarvestConnector:
         ``event_id`` is ``poll:{id}:{updated_at}``; ``more`` is always false. Starting
         from now reads the overlap window once and records it as already seen.
         """
+        if cursor is None and since is not None:
+            return await self._poll(PollCursor(since=min(self.clock(), since)))
         if cursor is None:
             start = await self._poll(PollCursor(since=self.clock()))
             return ChangePage(hints=(), cursor=start.cursor)

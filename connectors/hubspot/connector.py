@@ -276,7 +276,7 @@ class HubSpotConnector:
                 return
             after = page.paging.next.after
 
-    async def poll_changes(self, cursor: str | None) -> ChangePage:
+    async def poll_changes(self, cursor: str | None, *, since: datetime | None = None) -> ChangePage:
         """Deals changed since ``cursor``, one search page per call.
 
         The search is ascending on ``hs_lastmodifieddate`` from the cursor's lower bound.
@@ -286,9 +286,12 @@ class HubSpotConnector:
         Changes on the bound are hinted again with the same ``event_id`` (harmless).
         """
         now_ms = epoch_ms(self.clock())
-        if cursor is None:
+        if cursor is not None:
+            window = PollCursor.load(cursor, connection=self.connection)
+        elif since is not None:
+            window = PollCursor(gte_ms=min(now_ms, epoch_ms(since)))
+        else:
             return ChangePage(hints=(), cursor=PollCursor(gte_ms=now_ms).dump(), more=False)
-        window = PollCursor.load(cursor, connection=self.connection)
         page = await self._search_changed(window)
         hints = tuple(self._hint(deal) for deal in page.results if not self._is_own_write(deal))
         following, more = self._next_cursor(window, page, now_ms)
@@ -397,7 +400,16 @@ class HubSpotConnector:
     # -- helpers -----------------------------------------------------------------
 
     async def _read_deal(self, deal_id: str, properties: Sequence[str]) -> CrmObject:
-        params = {"properties": ",".join(properties), "associations": "companies,contacts,line_items"}
+        # The history of dealstage says when HubSpot recorded the move into the current
+        # stage (billing_start is compared with it, not with the editable closedate):
+        # "propertiesWithHistory: A comma separated list of the properties to be returned
+        # along with their history of previous values" (hubspot-api-client,
+        # crm/deals/api/basic_api.py get_by_id; GET /crm/v3/objects/deals/{dealId}).
+        params = {
+            "properties": ",".join(properties),
+            "propertiesWithHistory": "dealstage",
+            "associations": "companies,contacts,line_items",
+        }
         response = await self.http.request("GET", f"/crm/v3/objects/deals/{deal_id}", params=params)
         return CrmObject.model_validate_json(response.content)
 
@@ -496,6 +508,7 @@ class HubSpotConnector:
             event_id=f"poll:{deal.id}:{modified}",
             occurred_at=_modified_at(deal),
             kind="deal.poll",
+            version=modified,
         )
 
     def _record(self, deal: CrmObject, data: Mapping[str, Any]) -> SourceRecord:
@@ -507,6 +520,7 @@ class HubSpotConnector:
             version=version,
             modified_at=_modified_at(deal),
             data=data,
+            stage_changed_at=deal.entered_current("dealstage"),
         )
 
 

@@ -213,6 +213,7 @@ class _Record:
     created: datetime
     updated: datetime
     archived: bool = False
+    history: dict[str, list[tuple[str | None, datetime]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -483,6 +484,8 @@ class HubSpotEmulator:
         if kind == "deals" and "dealstage" in values:
             changed.extend(self._derive_stage(record))
         now = self._clock()
+        for name in changed:
+            record.history.setdefault(name, []).insert(0, (record.properties.get(name), now))
         record.updated = now
         record.properties[MODIFIED_PROPERTY[kind]] = iso_ms(now)
         return changed
@@ -705,6 +708,9 @@ class HubSpotEmulator:
                 context={"id": [request.path_params["object_id"]]},
             )
         body = _public(record, self._visible(kind, record, _multi(request, "properties")))
+        with_history = _multi(request, "propertiesWithHistory")
+        if with_history:
+            body["propertiesWithHistory"] = _history(record, with_history)
         associations = self._embedded(kind, record.id, _multi(request, "associations"))
         if associations:
             body["associations"] = associations
@@ -1095,6 +1101,24 @@ def _public(record: _Record, properties: Mapping[str, str | None] | None) -> dic
         "createdAt": iso_ms(record.created),
         "updatedAt": iso_ms(record.updated),
         "archived": record.archived,
+    }
+
+
+def _history(record: _Record, names: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """``propertiesWithHistory``: each asked property's values, newest first.
+
+    Properties the record does not have are left out, as HubSpot documents ("If any of
+    the specified properties are not present on the requested object(s), they will be
+    ignored": hubspot-api-client, crm/deals/api/basic_api.py ``get_by_id``). Entries are
+    the SDK's ``ValueWithTimestamp`` (crm/deals/models/value_with_timestamp.py).
+    """
+    return {
+        name: [
+            {"value": value or "", "timestamp": iso_ms(at), "sourceType": "CRM_UI"}
+            for value, at in record.history.get(name, [])
+        ]
+        for name in names
+        if name in record.properties
     }
 
 

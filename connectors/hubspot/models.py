@@ -48,6 +48,14 @@ class AssociationCollection(Wire):
     paging: Paging | None = None
 
 
+class ValueWithTimestamp(Wire):
+    """One past value of a property (``propertiesWithHistory``; the SDK's ``ValueWithTimestamp``)."""
+
+    value: str | None = None
+    timestamp: AwareDatetime
+    source_type: str | None = Field(default=None, alias="sourceType")
+
+
 class CrmObject(Wire):
     """A CRM record (``SimplePublicObject``/``SimplePublicObjectWithAssociations``).
 
@@ -60,6 +68,15 @@ class CrmObject(Wire):
     updated_at: AwareDatetime = Field(alias="updatedAt")
     archived: bool = False
     associations: dict[str, AssociationCollection] = {}
+    properties_with_history: dict[str, list[ValueWithTimestamp]] = Field(default={}, alias="propertiesWithHistory")
+
+    def entered_current(self, name: str) -> AwareDatetime | None:
+        """When ``name`` took its current value: the newest history entry, if it holds that value."""
+        history = self.properties_with_history.get(name) or []
+        newest = max(history, key=lambda entry: entry.timestamp, default=None)
+        if newest is None or (newest.value or None) != (self.properties.get(name) or None):
+            return None
+        return newest.timestamp
 
     def as_data(self) -> dict[str, object]:
         """The record in syncd's nested shape (wire strings kept as they came)."""

@@ -341,7 +341,7 @@ class XeroConnector:
                 raise NotFound(f"xero: no invoice or credit note {invoice_id}") from None
             return credit_note_status(notes[0])
 
-    async def poll_changes(self, cursor: str | None) -> ChangePage:
+    async def poll_changes(self, cursor: str | None, *, since: datetime | None = None) -> ChangePage:
         """Invoices changed since ``cursor`` (``If-Modified-Since``, paged by ``page``).
 
         The cursor is opaque JSON: ``since`` (ISO UTC, whole seconds), the ``page`` to
@@ -349,8 +349,11 @@ class XeroConnector:
         A boundary invoice may be reported twice; its event id is the same both times.
         """
         if cursor is None:
-            now = self.ctx.clock().astimezone(UTC).replace(microsecond=0)
-            return ChangePage(hints=(), cursor=_cursor(now, 1, now))
+            start = self.ctx.clock() if since is None else min(self.ctx.clock(), since)
+            start = start.astimezone(UTC).replace(microsecond=0)
+            if since is None:
+                return ChangePage(hints=(), cursor=_cursor(start, 1, start))
+            cursor = _cursor(start, 1, start)
         since, page, high = _parse_cursor(cursor)
         params = {"page": page, "pageSize": self.page_size, "order": "UpdatedDateUTC ASC"}
         data = XeroInvoices.model_validate(

@@ -645,6 +645,31 @@ class XeroEmulator:
         await self.send_event("INVOICE", "UPDATE", invoice_id)
         return payment
 
+    async def delete_payment(self, payment_id: str) -> None:
+        """Delete (reverse) a payment as a user at Xero would, and deliver the INVOICE UPDATE webhook.
+
+        Xero: "Deleting (reversing) a payment": ``POST /Payments/{PaymentID}`` with
+        ``{"Status": "DELETED"}`` (https://developer.xero.com/documentation/api/accounting/payments);
+        the invoice is owed again and goes back to AUTHORISED.
+
+        Raises:
+            KeyError: no such payment.
+        """
+        payment = self._payments[payment_id]
+        invoice = self._find_document(INVOICE, str(payment["Invoice"]["InvoiceID"]))
+        if invoice is None or payment["Status"] == "DELETED":
+            raise KeyError(f"payment {payment_id} cannot be deleted")
+        payment["Status"] = "DELETED"
+        self._stamp(payment)
+        invoice["Payments"] = [p for p in invoice["Payments"] if p["PaymentID"] != payment_id]
+        invoice["AmountPaid"] -= payment["Amount"]
+        invoice["AmountDue"] += payment["Amount"]
+        invoice["Status"] = "AUTHORISED"
+        invoice.pop("FullyPaidOnDate", None)
+        self._stamp(invoice)
+        invoice["UpdatedDateUTCString"] = self.clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await self.send_event("INVOICE", "UPDATE", invoice["InvoiceID"])
+
     async def send_event(self, category: str, event_type: str, resource_id: str) -> Delivery | None:
         """Deliver one signed event (``xero-webhooks.yaml`` payload) to the subscriber."""
         self._sequence += 1

@@ -1,0 +1,187 @@
+"""Every trigger ends as an invoice, a dead letter or a recorded outcome; the deal shows the truth.
+
+Each test runs on SQLite and on PostgreSQL against the HubSpot and Xero emulators
+(``tests/harness.py``), with a clock the test moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from syncd import scheduler
+from syncd.outcomes import list_outcomes
+from syncd.store import DeadLetterRow, InvoiceRow
+from tests.harness import MAPPING, seed_company, seed_deal, stack
+from tests.servers import invoke
+
+
+class Clock:
+    """A clock the test moves by hand, shared by the emulators and syncd."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+GO_LIVE = datetime(2026, 12, 1, 13, 0, tzinfo=UTC)  # 08:00 in New York, the daemon's zone
+START = f'billing_start = "{GO_LIVE.isoformat()}"'
+
+
+async def test_a_deal_won_on_go_live_morning_is_invoiced_though_its_close_date_is_midnight(
+    tmp_path: Path, db_url: str
+) -> None:
+    """billing_start is compared with when HubSpot recorded the move into won, not the close date."""
+    clock = Clock(GO_LIVE + timedelta(hours=1))
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=START) as s:
+        deal = seed_deal(s.hub)
+        # a date-only close date, as HubSpot stores it: midnight, hours before go-live
+        await s.hub.set_deal_properties(deal, {"closedate": "2026-12-01T05:00:00.000Z"})
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        assert len(s.xero.invoices()) == 1
+        assert await list_outcomes(s.daemon.runtime.store) == []
+
+
+async def test_a_deal_won_before_billing_start_and_edited_later_is_a_recorded_skip(tmp_path: Path, db_url: str) -> None:
+    """A deal won before go-live and edited after it is never invoiced, and the skip says why."""
+    clock = Clock(GO_LIVE - timedelta(days=30))
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=START) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        clock.at = GO_LIVE + timedelta(days=5)
+        await s.hub.set_deal_properties(deal, {"dealname": "Website rebuild (phase 1)"})
+        await s.drain()
+        await s.hub.set_deal_properties(deal, {"dealname": "Website rebuild (phase 1b)"})
+        await s.drain()
+        assert s.xero.invoices() == []
+        (skip,) = await list_outcomes(s.daemon.runtime.store)
+        assert (skip.kind, skip.reason, skip.object_id) == ("skip", "before_billing_start", deal)
+        assert skip.trigger_at == GO_LIVE - timedelta(days=30)
+
+
+async def test_the_first_poll_reads_from_billing_start(tmp_path: Path, db_url: str) -> None:
+    """A deal won after go-live but before the first poll, with no webhook, is found and invoiced."""
+    clock = Clock(GO_LIVE + timedelta(minutes=5))
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=START) as s:
+        s.hub.webhooks.url = None  # the webhook never arrives
+        company = seed_company(s.hub)
+        deal = s.hub.add_deal(
+            {"dealname": "Audit", "dealstage": "closedwon", "pipeline": "default", "deal_currency_code": "USD"},
+            company_id=company[0],
+            contact_ids=[company[1]],
+            line_items=[{"name": "Audit", "quantity": "1", "price": "900.00"}],
+        )
+        clock.at = GO_LIVE + timedelta(minutes=30)
+        assert await scheduler.poll_connection(s.daemon.runtime, "hubspot") >= 1
+        await s.drain()
+        (invoice,) = s.xero.invoices()
+        assert s.hub.deal(deal)["properties"]["syncd_invoice_number"] == invoice["InvoiceNumber"]
+
+
+async def test_a_won_deal_outside_every_pipeline_is_a_recorded_skip(tmp_path: Path, db_url: str) -> None:
+    """A won deal no pipeline takes is recorded as skipped (no_pipeline), listed by `syncd skipped`."""
+    euro_only = tmp_path / "euro-only.toml"
+    text = MAPPING.read_text(encoding="utf-8")
+    when = 'when = { path = "deal.properties.pipeline", equals = "default" }'
+    assert when in text
+    euro_only.write_text(
+        text.replace(when, 'when = { path = "deal.properties.deal_currency_code", equals = "EUR" }'), encoding="utf-8"
+    )
+    async with stack(tmp_path, db_url, mapping=euro_only) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        assert s.xero.invoices() == []
+        (skip,) = await list_outcomes(s.daemon.runtime.store, kind="skip")
+        assert skip.reason == "no_pipeline"
+        assert "euro-only.toml:" in (skip.place or "")
+        result = await asyncio.to_thread(invoke, "skipped", "--json", "--config", str(s.config.path))
+        assert result.exit_code == 0, result.output
+        assert [item["reason"] for item in json.loads(result.stdout)] == ["no_pipeline"]
+
+
+async def test_a_deal_two_pipelines_take_is_dead_lettered_naming_both(tmp_path: Path, db_url: str) -> None:
+    """A deal matching two pipelines creates no invoice; the dead letter names both filters."""
+    second = f'\n[[pipelines]]\ncrm = "hubspot"\ninvoicing = "xero"\nmapping = "{MAPPING}"\n'
+    async with stack(tmp_path, db_url, extra=second) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        assert s.xero.invoices() == []
+        (letter,) = await s.daemon.runtime.store.select(DeadLetterRow)
+        assert "more than one pipeline" in letter.reason
+        assert (letter.place or "").count("hubspot-xero.toml:") == 2
+
+
+async def test_a_client_outside_the_pilot_is_recorded_as_simulated(tmp_path: Path, db_url: str) -> None:
+    """In pilot mode a client not listed gets no invoice and a `simulated` outcome; status counts it."""
+    async with stack(tmp_path, db_url, extra='[pilot]\nclients = ["hubspot:company:somebody-else"]') as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        assert s.xero.invoices() == []
+        (simulated,) = await list_outcomes(s.daemon.runtime.store)
+        assert (simulated.kind, simulated.reason) == ("simulated", "not_in_pilot")
+        result = await asyncio.to_thread(invoke, "status", "--config", str(s.config.path))
+        assert result.exit_code == 0, result.output
+        assert "simulated: 1 (not_in_pilot 1)" in result.stdout
+
+
+async def test_a_deleted_payment_moves_the_deal_back_to_awaiting_payment(tmp_path: Path, db_url: str) -> None:
+    """Paid, then the payment deleted at Xero: the deal goes back to awaiting payment (a reversal is written)."""
+    async with stack(tmp_path, db_url) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        (invoice,) = s.xero.invoices()
+        payment = await s.xero.pay_invoice(invoice["InvoiceID"], Decimal(str(invoice["AmountDue"])))
+        await s.drain()
+        assert s.hub.deal(deal)["properties"]["syncd_invoice_status"] == "paid"
+        await s.xero.delete_payment(payment["PaymentID"])
+        await s.drain()
+        props = s.hub.deal(deal)["properties"]
+        assert props["syncd_invoice_status"] == "authorised"
+        assert Decimal(props["syncd_amount_due"]) == Decimal(str(invoice["Total"]))
+
+
+async def test_the_deal_shows_the_standing_across_all_its_invoices(tmp_path: Path, db_url: str) -> None:
+    """Two invoices on one deal: one paid, one open past due -> overdue, amount due of the open one only."""
+    clock = Clock(datetime(2026, 12, 2, 15, 0, tzinfo=UTC))
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=START) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        (first,) = s.xero.invoices()
+        # a second document of the same deal (as a period or milestone invoice would be)
+        rows = await s.daemon.runtime.store.select(InvoiceRow)
+        second = rows[0].model_copy(update={"key": "second-doc", "invoice_id": "other", "number": "INV-X"})
+        second = second.model_copy(update={"amount_due": "300.00", "total": "300.00", "state": "authorised"})
+        second = second.model_copy(update={"due_date": clock.at.date() - timedelta(days=3)})
+        await s.daemon.runtime.store.upsert(InvoiceRow, second.model_dump())
+        await s.xero.pay_invoice(first["InvoiceID"], Decimal(str(first["AmountDue"])))
+        await s.drain()
+        props = s.hub.deal(deal)["properties"]
+        assert props["syncd_invoice_status"] == "overdue"
+        assert Decimal(props["syncd_amount_due"]) == Decimal("300.00")
+        assert props["syncd_days_overdue"] == "3"
+        assert props["syncd_invoice_number"] == f"{first['InvoiceNumber']}, INV-X"
+
+
+async def test_every_scheduled_job_runs_at_start(tmp_path: Path, db_url: str) -> None:
+    """Recurring billing, aging and drift run when the daemon starts, not one interval later."""
+    async with stack(tmp_path, db_url) as s:
+
+        async def nothing() -> int:
+            return 0
+
+        jobs = scheduler.build_scheduler(s.daemon.runtime, aging=nothing, recurring=nothing).get_jobs()
+        at_start = [job for job in jobs if not job.id.startswith("poll:")]
+        assert {job.id for job in at_start} == {"aging", "recurring", "drift"}
+        now = datetime.now(UTC)
+        assert all(job.next_run_time <= now for job in at_start)
