@@ -56,6 +56,7 @@ from syncd.interfaces import (
     InvoiceStatus,
     SendsInvoices,
     SourceRecord,
+    VoidsInvoices,
 )
 from syncd.runtime import Pipeline, Runtime
 from syncd.store import (
@@ -75,6 +76,8 @@ log = structlog.get_logger("syncd.engine")
 
 CREATE_INVOICE = "create_invoice"
 WRITE_CRM_STATUS = "write_crm_status"
+VOID_INVOICE = "void_invoice"
+DELAYED_KINDS = frozenset({BillingEventKind.DEAL_WON, BillingEventKind.DELIVERABLE_ACCEPTED})
 BACKOFF_CAP_S = 3600
 
 
@@ -267,7 +270,7 @@ class Engine:
                 timezone=mapped.client.timezone,
             )
             await self.store.upsert(EngagementRow, _engagement_values(engagement, pipeline, deal_id, now), conn)
-        await self._check_divergence(current, record)
+        await self._check_divergence(pipeline, current, record)
         event = billing.deal_won_event(current, billing_start=self.rt.billing_start)
         won = None
         if event is not None:
@@ -478,12 +481,15 @@ class Engine:
             created_at=now,
             simulated=not live,
         )
-        payload = {
+        payload: dict[str, Any] = {
             "draft": draft.model_dump(mode="json"),
             "crm": pipeline.crm_name,
             "crm_object_id": crm_object_id,
             "triggered_at": event.occurred_at.isoformat(),
         }
+        delay = pipeline.settings.invoice_delay_s if event.kind in DELAYED_KINDS else 0
+        if delay:
+            payload["recheck_won"] = True
         async with self.store.begin() as conn:
             if not await self.store.add_billing_event(conn, row):
                 return None
@@ -496,6 +502,7 @@ class Engine:
                 now=now,
                 client_key=draft.client.key,
                 status="pending" if live else "simulated",
+                next_at=now + timedelta(seconds=delay),
             )
             if on_recorded is not None:
                 await on_recorded(conn)
@@ -536,7 +543,7 @@ class Engine:
             conn,
         )
 
-    async def _check_divergence(self, engagement: Engagement, record: SourceRecord) -> None:
+    async def _check_divergence(self, pipeline: Pipeline, engagement: Engagement, record: SourceRecord) -> None:
         """A deal edited, reopened or lost after it was invoiced: record it, never re-invoice or void.
 
         Only invoices of the deal's own lines (won or accepted deliverables) are compared;
@@ -558,6 +565,8 @@ class Engine:
             if invoice.subtotal is not None and engagement.lines and subtotal != Decimal(invoice.subtotal):
                 notes.append(f"deal lines now total {subtotal} {engagement.currency}, invoiced {invoice.subtotal}")
             divergence = "; ".join(notes) or None
+            if engagement.won_at is None:
+                await self._on_unwon(pipeline, invoice)
             if divergence != invoice.divergence:
                 await self.store.update(
                     InvoiceRow, [_col(InvoiceRow, "key") == invoice.key], {"divergence": divergence}
@@ -570,6 +579,25 @@ class Engine:
                         version=record.version,
                         divergence=divergence,
                     )
+
+    async def _on_unwon(self, pipeline: Pipeline, invoice: InvoiceRow) -> None:
+        """An invoiced deal left the won stage: needs attention, or a void (``on_unwon``)."""
+        if invoice.state == str(InvoiceState.VOIDED):
+            return
+        if pipeline.settings.on_unwon != "void":
+            await self._unwon_attention(invoice)
+            return
+        async with self.store.begin() as conn:
+            await self.store.add_effect(
+                conn,
+                key=f"void:{invoice.key}",
+                kind=VOID_INVOICE,
+                connection=invoice.invoicing_connection,
+                payload={"invoice_key": invoice.key},
+                now=self.rt.clock(),
+                client_key=invoice.client_key,
+            )
+        self.notify()
 
     async def refresh_invoice(self, pipeline: Pipeline, invoice_id: str) -> None:
         """Re-read an invoice syncd created and queue a write-back if its status changed."""
@@ -677,15 +705,21 @@ class Engine:
         if row.kind == WRITE_CRM_STATUS:
             await self._write_crm_status(row)
             return False
+        if row.kind == VOID_INVOICE:
+            await self._void_unwon(row)
+            return False
         raise FatalError(f"unknown effect kind {row.kind!r}", place=f"effects.id={row.id}")
 
     async def _create_invoice(self, row: EffectRow) -> None:
         draft = InvoiceDraft.model_validate(row.payload["draft"])
         invoicing = self.rt.connectors[row.connection]
-        customer_id = await self._customer_id(row.connection, invoicing, draft.client)
         # Only a retry can follow a create whose answer was lost (or a crash after it):
         # the first attempt skips the lookup, every later one looks up before creating.
         status = await invoicing.find_invoice(draft.key) if row.attempts > 1 else None
+        if status is None and row.payload.get("recheck_won") and not await self._still_won(row):
+            await self._skip_unwon(row, draft)
+            return
+        customer_id = await self._customer_id(row.connection, invoicing, draft.client)
         created = status is None
         if status is None:
             status = await invoicing.create_invoice(draft, customer_id)
@@ -736,6 +770,74 @@ class Engine:
             total=decimal_text(status.total),
             currency=status.currency,
             seconds_since_trigger=round((now - triggered_at).total_seconds(), 3),
+        )
+
+    def _pipeline_for(self, crm: str, invoicing: str) -> Pipeline:
+        for pipeline in self.rt.pipelines:
+            if pipeline.crm_name == crm and pipeline.invoicing_name == invoicing:
+                return pipeline
+        raise FatalError(f"no pipeline from {crm} to {invoicing} in the config", place="[[pipelines]]")
+
+    async def _still_won(self, row: EffectRow) -> bool:
+        """Whether the deal of a delayed invoice is still won (re-read at the CRM)."""
+        pipeline = self._pipeline_for(row.payload["crm"], row.connection)
+        try:
+            record = await pipeline.crm.fetch_deal(row.payload["crm_object_id"], pipeline.mapping.source_properties)
+        except NotFound:
+            return False
+        return pipeline.mapping.selects(record) and self._won_in(pipeline, record)
+
+    async def _skip_unwon(self, row: EffectRow, draft: InvoiceDraft) -> None:
+        """A deal that left the won stage within ``invoice_delay_s``: no invoice, a recorded skip.
+
+        The billing event and its effect are removed, so winning the deal again invoices it.
+        """
+        now = self.rt.clock()
+        async with self.store.begin() as conn:
+            if not await self.store.finish(EffectRow, row, status="skipped", now=now, conn=conn):
+                raise _Fenced()
+            await conn.execute(sa.delete(table_of(EffectRow)).where(table_of(EffectRow).c.id == row.id))
+            await conn.execute(sa.delete(table_of(BillingEventRow)).where(table_of(BillingEventRow).c.key == draft.key))
+            await self.record_outcome(
+                conn=conn,
+                key=f"skip:not_won:{draft.key}:{row.id}",
+                kind="skip",
+                reason="not_won",
+                detail=f"deal {row.payload['crm_object_id']} left the won stage within invoice_delay_s; not invoiced",
+                connection=row.payload["crm"],
+                object_type="deal",
+                object_id=row.payload["crm_object_id"],
+                engagement_key=draft.engagement_key,
+                client_key=draft.client.key,
+                trigger_at=datetime.fromisoformat(row.payload["triggered_at"]),
+            )
+
+    async def _void_unwon(self, row: EffectRow) -> None:
+        """Void the invoice of a deal that left the won stage (``on_unwon = "void"``)."""
+        invoice = await self.store.get(InvoiceRow, row.payload["invoice_key"])
+        invoicing = self.rt.connectors[row.connection]
+        if invoice is None:
+            raise RecordError(f"invoice {row.payload['invoice_key']} is not recorded", place=f"effects.id={row.id}")
+        if not isinstance(invoicing, VoidsInvoices) or Decimal(invoice.amount_paid) > 0:
+            await self._unwon_attention(invoice, "it cannot be voided (payments applied, or the tool cannot void)")
+            return
+        status = await invoicing.void_invoice(invoice.invoice_id, invoice.key)
+        await self._record_status(invoice, status)
+        log.warning("invoice_voided_deal_unwon", invoice=invoice.number, deal=invoice.crm_object_id)
+
+    async def _unwon_attention(self, invoice: InvoiceRow, why: str = "") -> None:
+        await self.record_outcome(
+            key=f"attention:unwon:{invoice.key}",
+            kind="attention",
+            reason="unwon_after_invoice",
+            detail=f"deal {invoice.crm_object_id} left the won stage after invoice {invoice.number} was created"
+            + (f"; {why}" if why else "; void or credit it at the ledger if the deal is lost"),
+            connection=invoice.crm_connection,
+            object_type="deal",
+            object_id=invoice.crm_object_id,
+            engagement_key=invoice.engagement_key,
+            client_key=invoice.client_key,
+            billing_event_key=invoice.key,
         )
 
     async def _customer_id(self, connection: str, invoicing: Any, client: Client) -> str:

@@ -692,6 +692,19 @@ class SendsInvoices(Protocol):
 
 
 @runtime_checkable
+class VoidsInvoices(Protocol):
+    """An invoicing tool that can void an approved invoice that has no payments.
+
+    Errors: as for :class:`Invoicing`; a tool that refuses (a payment was applied
+    meanwhile) raises :class:`~syncd.errors.RecordError` with its message.
+    """
+
+    async def void_invoice(self, invoice_id: str, key: str) -> InvoiceStatus:
+        """Void invoice ``invoice_id``; ``key`` makes the call idempotent. Returns its new status."""
+        ...
+
+
+@runtime_checkable
 class InvoicingCodes(Protocol):
     """Optional for an :class:`Invoicing`: the codes an invoice may name there.
 

@@ -77,14 +77,19 @@ def document_state(document: Document, today: date) -> str:
 def deal_status(documents: Iterable[Document], today: date) -> DealBillingStatus | None:
     """The standing of a deal across its invoices and credit notes, or ``None`` if it has none.
 
-    Voided documents are ignored. The amount due is the sum of the approved invoices'
+    Voided documents are ignored (a deal whose documents are all voided is ``voided``). The amount due is the sum of the approved invoices'
     amounts due less the unallocated credit of approved credit notes (never below 0);
     figures are in the currency of the deal's first invoice (documents in another
     currency are not converted and are left out of the sums).
     """
+    documents = list(documents)
     kept = [doc for doc in documents if doc.state != InvoiceState.VOIDED]
     if not kept:
-        return None
+        if not documents:
+            return None
+        return DealBillingStatus(
+            invoice_number=None, state=InvoiceState.VOIDED, amount_due=Decimal(0), currency=documents[0].currency
+        )
     invoices = [doc for doc in kept if doc.kind == "invoice"]
     currency = (invoices or kept)[0].currency
     same = [doc for doc in kept if doc.currency == currency]

@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -131,6 +131,10 @@ class PipelineSettings(BaseModel):
         mapping: path of the mapping file, relative to the config file.
         invoice_delay_s: seconds a won deal's invoice waits before it is created; a
             deal that leaves the won stage meanwhile is recorded as skipped (0 = at once).
+        on_unwon: what happens when a deal leaves the won stage after its invoice was
+            created: ``attention`` records an outcome that needs a person (default);
+            ``void`` voids the invoice at the ledger when it has no payments (else
+            ``attention``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -140,6 +144,7 @@ class PipelineSettings(BaseModel):
     time_tracking: str | None = None
     mapping: Path
     invoice_delay_s: int = Field(default=0, ge=0)
+    on_unwon: Literal["attention", "void"] = "attention"
 
 
 class PilotSettings(BaseModel):

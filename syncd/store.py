@@ -527,8 +527,9 @@ class Store:
         now: datetime,
         client_key: str | None = None,
         status: str = "pending",
+        next_at: datetime | None = None,
     ) -> bool:
-        """Queue an effect in the caller's transaction; ``False`` if the key exists."""
+        """Queue an effect in the caller's transaction (due at ``next_at``, else now); ``False`` if the key exists."""
         table = table_of(EffectRow)
         stmt = self._insert_ignore(table, ("key",)).values(
             key=key,
@@ -538,7 +539,7 @@ class Store:
             payload=json.loads(json.dumps(payload, default=str)),
             status=status,
             attempts=0,
-            next_at=now,
+            next_at=next_at or now,
             created_at=now,
             updated_at=now,
         )

@@ -185,3 +185,56 @@ async def test_every_scheduled_job_runs_at_start(tmp_path: Path, db_url: str) ->
         assert {job.id for job in at_start} == {"aging", "recurring", "drift"}
         now = datetime.now(UTC)
         assert all(job.next_run_time <= now for job in at_start)
+
+
+async def test_a_deal_unwon_within_the_invoice_delay_is_skipped_and_invoiced_when_won_again(
+    tmp_path: Path, db_url: str
+) -> None:
+    """invoice_delay_s: won then lost within the delay -> no invoice, a not_won skip; won again -> one invoice."""
+    clock = Clock(GO_LIVE + timedelta(hours=2))
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=START, extra="invoice_delay_s = 600") as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        assert s.xero.invoices() == []  # waits for the delay
+        clock.at += timedelta(seconds=120)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedlost"})
+        clock.at += timedelta(seconds=600)
+        await s.drain()
+        assert s.xero.invoices() == []
+        (skip,) = await list_outcomes(s.daemon.runtime.store)
+        assert (skip.kind, skip.reason) == ("skip", "not_won")
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        assert s.xero.invoices() == []
+        clock.at += timedelta(seconds=601)
+        await s.drain()
+        assert len(s.xero.invoices()) == 1
+
+
+async def test_an_invoiced_deal_that_leaves_won_needs_attention(tmp_path: Path, db_url: str) -> None:
+    """By default an invoiced deal that leaves won records an outcome that needs attention; nothing is voided."""
+    async with stack(tmp_path, db_url) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedlost"})
+        await s.drain()
+        await s.hub.set_deal_properties(deal, {"dealname": "Website rebuild (lost)"})
+        await s.drain()
+        (attention,) = await list_outcomes(s.daemon.runtime.store, kind="attention")
+        assert attention.reason == "unwon_after_invoice"
+        assert [invoice["Status"] for invoice in s.xero.invoices()] == ["AUTHORISED"]
+
+
+async def test_with_on_unwon_void_the_invoice_is_voided(tmp_path: Path, db_url: str) -> None:
+    """on_unwon = "void": the unpaid invoice of a deal that leaves won is voided at Xero, and the deal says so."""
+    async with stack(tmp_path, db_url, extra='on_unwon = "void"') as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedlost"})
+        await s.drain()
+        assert [invoice["Status"] for invoice in s.xero.invoices()] == ["VOIDED"]
+        assert s.hub.deal(deal)["properties"]["syncd_invoice_status"] == "voided"
+        assert await list_outcomes(s.daemon.runtime.store) == []

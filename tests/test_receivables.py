@@ -60,7 +60,8 @@ def test_precedence_and_paid_only_when_everything_is_paid() -> None:
     assert deal_status([paid, sent], today).state == "sent"  # type: ignore[union-attr]
     assert deal_status([paid, draft], today).state == "draft"  # type: ignore[union-attr]
     assert deal_status([paid, paid], today).state == "paid"  # type: ignore[union-attr]
-    assert deal_status([doc(state="voided")], today) is None
+    assert deal_status([doc(state="voided")], today).state == "voided"  # type: ignore[union-attr]
+    assert deal_status([], today) is None
 
 
 def test_unallocated_credit_lowers_the_amount_due_and_drafts_owe_nothing() -> None:

@@ -313,6 +313,20 @@ class XeroConnector:
         await self._write("POST", f"/Invoices/{invoice_id}/Email", {}, key=f"{key}-email")
         log.info("xero_invoice_emailed", invoice_id=invoice_id, key=key)
 
+    async def void_invoice(self, invoice_id: str, key: str) -> InvoiceStatus:
+        """Void an approved invoice with no payments: ``POST /Invoices/{InvoiceID}`` with ``Status: VOIDED``.
+
+        "Voiding an invoice: you can void an AUTHORISED invoice that has no payments
+        applied" (https://developer.xero.com/documentation/api/accounting/invoices,
+        Updating invoices; spec ``updateInvoice``). Xero refuses it once a payment is
+        applied, answered as :class:`~connectors.xero.models.XeroRejected`.
+        """
+        body = {"Invoices": [{"InvoiceID": invoice_id, "Status": "VOIDED"}]}
+        data = await self._write("POST", f"/Invoices/{invoice_id}", body, key=f"{key}-void", params=self._unitdp())
+        status = invoice_status(XeroInvoices.model_validate(data).invoices[0])
+        log.info("xero_invoice_voided", invoice_id=invoice_id, number=status.number, key=key)
+        return status
+
     async def find_invoice(self, key: str) -> InvoiceStatus | None:
         """The invoice or credit note whose ``Reference`` carries ``syncd:<key>``.
 
