@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -56,6 +57,7 @@ from syncd.interfaces import (
     InvoiceStatus,
     SendsInvoices,
     SourceRecord,
+    UpdatesCustomers,
     VoidsInvoices,
 )
 from syncd.runtime import Pipeline, Runtime
@@ -850,12 +852,59 @@ class Engine:
             row = await self.store.get(ClientRow, client.key)
             known = row.external_ids.get(connection) if row is not None else None
             if known:
+                await self._sync_customer(connection, invoicing, row, client, str(known))
                 return str(known)
             customer_id = str(await invoicing.upsert_customer(client))
             if row is not None:
                 ids = {**row.external_ids, connection: customer_id}
-                await self.store.update(ClientRow, [_col(ClientRow, "key") == client.key], {"external_ids": ids})
+                pushed = {**(row.pushed or {}), connection: client.ledger_details()}
+                await self.store.update(
+                    ClientRow, [col(ClientRow.key) == client.key], {"external_ids": ids, "pushed": pushed}
+                )
             return customer_id
+
+    async def _sync_customer(
+        self, connection: str, invoicing: Any, row: ClientRow, client: Client, customer_id: str
+    ) -> None:
+        """Bring the ledger's customer record in step with the CRM before the next invoice.
+
+        The CRM owns legal name, billing contact, email, address and tax id: a change
+        there updates the ledger once (keyed by the new details). A ledger-side edit
+        made since syncd's last push is not overwritten: it is an outcome that needs
+        attention, and the invoice still goes out.
+        """
+        wanted = client.ledger_details()
+        last = (row.pushed or {}).get(connection)
+        if wanted == last or not isinstance(invoicing, UpdatesCustomers):
+            return
+        current = await invoicing.customer_details(customer_id)
+        if current == wanted:
+            await self._save_pushed(row, connection, wanted)
+            return
+        if last is not None and current != last:
+            changed = sorted(name for name in wanted if current.get(name) != last.get(name))
+            await self.record_outcome(
+                key=f"attention:customer_edited:{connection}:{client.key}:{_digest(current)}",
+                kind="attention",
+                reason="ledger_customer_edited",
+                detail=f"{connection} customer {customer_id} of client {client.key} was edited at the ledger "
+                f"({', '.join(changed)}) since syncd's last update; the CRM's change was not written over it",
+                connection=connection,
+                client_key=client.key,
+            )
+            return
+        await invoicing.update_customer(customer_id, client, _digest(wanted))
+        await self._save_pushed(row, connection, wanted)
+        log.info(
+            "customer_updated",
+            connection=connection,
+            client=client.key,
+            fields=sorted(name for name in wanted if (last or current).get(name) != wanted[name]),
+        )
+
+    async def _save_pushed(self, row: ClientRow, connection: str, details: dict[str, str | None]) -> None:
+        pushed = {**(row.pushed or {}), connection: details}
+        await self.store.update(ClientRow, [col(ClientRow.key) == row.key], {"pushed": pushed})
 
     async def _write_crm_status(self, row: EffectRow) -> None:
         """Write the deal's standing across all its documents (:func:`syncd.receivables.deal_status`)."""
@@ -971,6 +1020,10 @@ def _engagement_values(engagement: Engagement, pipeline: Pipeline, deal_id: str,
         "source_version": engagement.source_version,
         "updated_at": now,
     }
+
+
+def _digest(details: dict[str, str | None]) -> str:
+    return hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _document(row: InvoiceRow) -> receivables.Document:

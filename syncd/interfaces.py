@@ -158,6 +158,24 @@ class Client(Model):
     timezone: str = "UTC"
     external_ids: Mapping[str, str] = {}
 
+    def ledger_details(self) -> dict[str, str | None]:
+        """The details the CRM owns on the ledger's customer record, in a comparable form.
+
+        Legal name, billing contact (first and last name, email), tax id and the postal
+        address as one line; a connector's :meth:`UpdatesCustomers.customer_details`
+        reports the ledger's copy in the same form.
+        """
+        person = self.billing_contact or Contact()
+        parts = (self.address or Address()).model_dump().values()
+        return {
+            "legal_name": self.legal_name,
+            "first_name": person.first_name,
+            "last_name": person.last_name,
+            "email": person.email,
+            "tax_id": self.tax_id,
+            "address": ", ".join(str(part) for part in parts if part) or None,
+        }
+
     @field_validator("currency")
     @classmethod
     def _currency(cls, value: str) -> str:
@@ -688,6 +706,22 @@ class SendsInvoices(Protocol):
 
     async def send_invoice(self, invoice_id: str, key: str) -> None:
         """Email invoice ``invoice_id``; ``key`` is the billing event key (for idempotency)."""
+        ...
+
+
+@runtime_checkable
+class UpdatesCustomers(Protocol):
+    """An invoicing tool whose customer records syncd keeps in step with the CRM.
+
+    Errors: as for :class:`Invoicing`.
+    """
+
+    async def customer_details(self, customer_id: str) -> dict[str, str | None]:
+        """The customer's details as the tool holds them, in :meth:`Client.ledger_details` form."""
+        ...
+
+    async def update_customer(self, customer_id: str, client: Client, key: str) -> None:
+        """Write ``client``'s details onto customer ``customer_id``; ``key`` makes it idempotent."""
         ...
 
 

@@ -132,6 +132,7 @@ class ClientRow(SQLModel, table=True):
     data: dict[str, Any] = _json(nullable=False)
     external_ids: dict[str, str] = _json(nullable=False)
     updated_at: datetime = _ts()
+    pushed: dict[str, Any] | None = _json()  # per connection: the details last written to its customer record
 
 
 class EngagementRow(SQLModel, table=True):

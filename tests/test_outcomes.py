@@ -12,6 +12,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
+
+from connectors.hubspot.emulator import HubSpotEmulator
 from syncd import scheduler
 from syncd.outcomes import list_outcomes
 from syncd.store import DeadLetterRow, InvoiceRow
@@ -238,3 +241,47 @@ async def test_with_on_unwon_void_the_invoice_is_voided(tmp_path: Path, db_url: 
         assert [invoice["Status"] for invoice in s.xero.invoices()] == ["VOIDED"]
         assert s.hub.deal(deal)["properties"]["syncd_invoice_status"] == "voided"
         assert await list_outcomes(s.daemon.runtime.store) == []
+
+
+async def _edit_company(hub: HubSpotEmulator, company_id: str, properties: dict[str, str]) -> None:
+    """Edit a company as a HubSpot user would, over the emulator's CRM API."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=hub.app), base_url="http://hubspot.test") as api:
+        response = await api.patch(
+            f"/crm/v3/objects/companies/{company_id}",
+            json={"properties": properties},
+            headers={"Authorization": f"Bearer {hub.token}"},
+        )
+        response.raise_for_status()
+
+
+async def test_a_renamed_client_is_updated_at_the_ledger_before_its_next_invoice(tmp_path: Path, db_url: str) -> None:
+    """A legal name changed in the CRM reaches the Xero contact once, before the next invoice; a ledger edit is kept."""
+    async with stack(tmp_path, db_url) as s:
+        company = seed_company(s.hub)
+        first = seed_deal(s.hub, company=company)
+        await s.hub.set_deal_properties(first, {"dealstage": "closedwon"})
+        await s.drain()
+        (contact,) = s.xero.contacts()
+        assert contact["Name"] == "Northwind Traders LLC"
+
+        await _edit_company(s.hub, company[0], {"legal_name": "Northwind Holdings Inc"})
+        second = seed_deal(s.hub, company=company)
+        await s.hub.set_deal_properties(second, {"dealstage": "closedwon"})
+        await s.drain()
+        (contact,) = s.xero.contacts()
+        assert contact["Name"] == "Northwind Holdings Inc"
+        assert [i["Contact"]["ContactID"] for i in s.xero.invoices()] == [contact["ContactID"]] * 2
+        assert await list_outcomes(s.daemon.runtime.store) == []
+
+        # someone fixes the email at Xero; then the CRM renames the client again
+        s.xero.edit_contact(contact["ContactID"], {"EmailAddress": "billing@northwind.example"})
+        await _edit_company(s.hub, company[0], {"legal_name": "Northwind Group"})
+        third = seed_deal(s.hub, company=company)
+        await s.hub.set_deal_properties(third, {"dealstage": "closedwon"})
+        await s.drain()
+        (contact,) = s.xero.contacts()
+        assert (contact["Name"], contact["EmailAddress"]) == ("Northwind Holdings Inc", "billing@northwind.example")
+        assert len(s.xero.invoices()) == 3
+        (attention,) = await list_outcomes(s.daemon.runtime.store, kind="attention")
+        assert attention.reason == "ledger_customer_edited"
+        assert "email" in attention.detail

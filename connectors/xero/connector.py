@@ -53,6 +53,7 @@ from connectors.xero.models import (
     XeroOrganisations,
     XeroRejected,
     carries_stamp,
+    contact_details,
     contact_number,
     contact_payload,
     credit_note_payload,
@@ -274,6 +275,20 @@ class XeroConnector:
         created = XeroContacts.model_validate(data).contacts[0]
         log.info("xero_contact_created", contact_id=created.contact_id, client_key=client.key)
         return created.contact_id
+
+    async def customer_details(self, customer_id: str) -> dict[str, str | None]:
+        """``GET /Contacts/{ContactID}`` (spec ``getContact``), in ``Client.ledger_details`` form."""
+        data = await self._get(f"/Contacts/{customer_id}")
+        contacts = data.get("Contacts") or [] if isinstance(data, dict) else []
+        if not contacts:
+            raise NotFound(f"xero: no contact {customer_id}")
+        return contact_details(contacts[0])
+
+    async def update_customer(self, customer_id: str, client: Client, key: str) -> None:
+        """``POST /Contacts/{ContactID}`` (spec ``updateContact``) with the client's current details."""
+        contact = {**contact_payload(client, contact_number(client.key)), "ContactID": customer_id}
+        await self._write("POST", f"/Contacts/{customer_id}", {"Contacts": [contact]}, key=f"contact-{key}")
+        log.info("xero_contact_updated", contact_id=customer_id, client_key=client.key)
 
     # -- invoices -------------------------------------------------------------
 

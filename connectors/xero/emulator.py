@@ -603,6 +603,12 @@ class XeroEmulator:
         self._contacts[contact["ContactID"]] = contact
         return contact
 
+    def edit_contact(self, contact_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Change a contact as a user in Xero's web app would (``Name``, ``EmailAddress`` ...)."""
+        contact = self._merge_contact(self._contacts[contact_id], dict(fields))
+        self._contacts[contact_id] = contact
+        return contact
+
     def archive_account(self, code: str) -> None:
         """Archive an account as an admin would: ``GET /Accounts`` lists it with Status ARCHIVED.
 

@@ -346,6 +346,23 @@ def _drop_empty(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in mapping.items() if value not in (None, "", [], {})}
 
 
+def contact_details(contact: Mapping[str, Any]) -> dict[str, str | None]:
+    """A Xero contact's details in :meth:`~syncd.interfaces.Client.ledger_details` form.
+
+    The address is the ``POBOX`` one, where :func:`contact_payload` writes it.
+    """
+    postal: Mapping[str, Any] = next((a for a in contact.get("Addresses") or [] if a.get("AddressType") == "POBOX"), {})
+    parts = [postal.get(name) for name in ("AddressLine1", "AddressLine2", "City", "Region", "PostalCode", "Country")]
+    return {
+        "legal_name": contact.get("Name") or None,
+        "first_name": contact.get("FirstName") or None,
+        "last_name": contact.get("LastName") or None,
+        "email": contact.get("EmailAddress") or None,
+        "tax_id": contact.get("TaxNumber") or None,
+        "address": ", ".join(str(part) for part in parts if part) or None,
+    }
+
+
 def contact_payload(client: Client, number: str) -> dict[str, Any]:
     """The ``Contact`` body for a new contact (``PUT /Contacts``).
 

@@ -1,5 +1,5 @@
 """outcomes (skips, simulated, needs attention); the invoice that carries a billing event;
-the ledger's update time of each document; the record version a hint reports
+the ledger's update time of each document; the record version a hint reports; the client details last pushed to each ledger
 
 Revision ID: 0004
 Revises: 0003
@@ -47,6 +47,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("invoice_key", sa.String(), nullable=True))
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.add_column(sa.Column("version", sa.String(), nullable=True))
+    with op.batch_alter_table("clients", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("pushed", sa.JSON(), nullable=True))
     with op.batch_alter_table("invoices", schema=None) as batch_op:
         batch_op.add_column(sa.Column("source_updated_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index(batch_op.f("ix_invoices_crm_object_id"), ["crm_object_id"], unique=False)
@@ -57,6 +59,8 @@ def downgrade() -> None:
     with op.batch_alter_table("invoices", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_invoices_crm_object_id"))
         batch_op.drop_column("source_updated_at")
+    with op.batch_alter_table("clients", schema=None) as batch_op:
+        batch_op.drop_column("pushed")
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.drop_column("version")
     with op.batch_alter_table("billing_events", schema=None) as batch_op:
