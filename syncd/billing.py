@@ -78,6 +78,7 @@ from zoneinfo import ZoneInfo
 
 from syncd.errors import ValidationFailed
 from syncd.interfaces import (
+    OVER_CAP_SUFFIX,
     BillingEvent,
     BillingEventKind,
     Client,
@@ -786,10 +787,15 @@ class HoursDraft:
     Attributes:
         draft: the invoice draft.
         entry_ids: the ids of the entries it bills; pass them as ``invoiced`` later.
+        split: entry id -> the hours billed, for an entry billed only up to the cap
+            (the rest is held, see :func:`held_over_cap`).
+        held: ids of the billable entries held back by the cap.
     """
 
     draft: InvoiceDraft
     entry_ids: frozenset[str]
+    split: Mapping[str, Decimal] = field(default_factory=dict)
+    held: frozenset[str] = frozenset()
 
 
 def hours_draft(
@@ -830,12 +836,45 @@ def hours_draft(
     if engagement.type is not EngagementType.HOURLY:
         raise ValidationFailed("only hourly engagements bill time entries", place=f"{place}.type")
     until = _hours_until(event, engagement, place)
+    entries = list(entries)
     chosen = _entries_to_bill(engagement, entries, invoiced, until)
     if not chosen:
         return None
     lines = hours_lines(engagement, chosen, rates or RateCard())
     draft = assemble_draft(event, engagement, client, lines, options=options)
-    return HoursDraft(draft=draft, entry_ids=frozenset(entry.id for entry in chosen))
+    full = {entry.id: entry.hours for entry in entries}
+    return HoursDraft(
+        draft=draft,
+        entry_ids=frozenset(entry.id for entry in chosen),
+        split={entry.id: entry.hours for entry in chosen if entry.hours < full[entry.id]},
+        held=frozenset(entry.id for entry in held_over_cap(engagement, entries, invoiced, until, chosen)),
+    )
+
+
+def held_over_cap(
+    engagement: Engagement,
+    entries: Iterable[TimeEntry],
+    invoiced: Collection[str],
+    until: date | None = None,
+    chosen: Iterable[TimeEntry] | None = None,
+) -> list[TimeEntry]:
+    """The billable entries not invoiced that the cap holds back (``over_cap="hold"``).
+
+    The part of an entry over the cap is held as its own entry once the part under the
+    cap is invoiced (id + :data:`~syncd.interfaces.OVER_CAP_SUFFIX`); before that the
+    whole entry is listed.
+    """
+    entries = list(entries)
+    if engagement.cap_hours is None or engagement.over_cap == "bill":
+        return []
+    billed = chosen if chosen is not None else _entries_to_bill(engagement, entries, invoiced, until)
+    taken = {entry.id: entry.hours for entry in billed}
+    pending = [
+        entry
+        for entry in _billable(entries)
+        if not entry.invoiced and entry.id not in invoiced and (until is None or entry.spent_date <= until)
+    ]
+    return [entry for entry in pending if taken.get(entry.id, Decimal(0)) < entry.hours]
 
 
 def _hours_until(event: BillingEvent, engagement: Engagement, place: str) -> date | None:
@@ -856,13 +895,17 @@ def _entries_to_bill(
     if engagement.cap_hours is None or engagement.over_cap == "bill":
         return pending
     room = engagement.cap_hours - sum((entry.hours for entry in done), Decimal(0))
-    chosen = []
+    chosen = [entry for entry in pending if entry.released]
     for entry in pending:
+        if entry.released:
+            continue
         if entry.hours > room:
+            if room > 0 and not entry.id.endswith(OVER_CAP_SUFFIX):  # bill the part under the cap; hold the rest
+                chosen.append(entry.model_copy(update={"hours": room}))
             break
         chosen.append(entry)
         room -= entry.hours
-    return chosen
+    return sorted(chosen, key=lambda entry: (entry.spent_date, entry.id))
 
 
 def hours_lines(engagement: Engagement, entries: Iterable[TimeEntry], rates: RateCard) -> list[InvoiceLine]:

@@ -35,6 +35,8 @@ app.add_typer(setup_app, name="setup")
 app.add_typer(auth_app, name="auth")
 app.add_typer(dead_app, name="dead-letters")
 app.add_typer(preview_app, name="preview")
+hours_app = typer.Typer(help="Hours logged at the time tracker.", no_args_is_help=True)
+app.add_typer(hours_app, name="hours")
 outcomes_app = typer.Typer(
     help="Triggers that ended without an invoice, and what needs a person.", no_args_is_help=True
 )
@@ -382,6 +384,8 @@ def unbilled(config: ConfigOption = Path("config.toml")) -> None:
         note = "no engagement bills this project" if item.engagement_key is None else ""
         if item.simulated_hours:
             note = f"{item.simulated_hours} h only on simulated (pilot) invoices"
+        if item.over_cap_hours:
+            note = f"over_cap: {item.over_cap_hours} h held (syncd hours release {' '.join(item.over_cap_entries)})"
         table.add_row(
             item.client_key or "-",
             f"{item.connection}:{item.project_id}",
@@ -493,6 +497,41 @@ def preview_deal(
     else:
         render_deal(previews, console)
     if any(item.error for item in previews):
+        raise typer.Exit(1)
+
+
+@hours_app.command("release")
+def hours_release(
+    entries: Annotated[list[str], typer.Argument(help="Time entry ids (as `syncd unbilled` lists them).")],
+    config: ConfigOption = Path("config.toml"),
+    connection: Annotated[str | None, typer.Option("--connection", help="The time tracker connection.")] = None,
+) -> None:
+    """Let hours held over an engagement's cap be billed by its next hours invoice."""
+    from datetime import UTC, datetime
+
+    from syncd.hours import release_over_cap
+    from syncd.store import Store
+
+    cfg = _load(config)
+    trackers = [p.time_tracking for p in cfg.settings.pipelines if p.time_tracking]
+    name = connection or (trackers[0] if len(set(trackers)) == 1 else None)
+    if name is None:
+        _problem("--connection: name the time tracker connection (none, or several, are configured)")
+        raise typer.Exit(2)
+
+    async def go() -> list[str]:
+        store = Store.open(cfg.daemon.database_url)
+        try:
+            now = datetime.now(UTC)
+            return [entry for entry in entries if not await release_over_cap(store, name, entry, now)]
+        finally:
+            await store.close()
+
+    missing = asyncio.run(go())
+    for entry in missing:
+        _problem(f"{name}: no time entry {entry} held over a cap (or it was released already)")
+    console.print(f"released {len(entries) - len(missing)} entr(y/ies); the next hours invoice bills them")
+    if missing:
         raise typer.Exit(1)
 
 

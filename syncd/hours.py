@@ -35,7 +35,7 @@ by hand; a running timer's entry is billed with the hours it had when read.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -47,9 +47,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from syncd import billing
 from syncd.errors import RetriableError
-from syncd.interfaces import Engagement, EngagementType, Milestone, TimeEntry, TimeTracker
+from syncd.interfaces import OVER_CAP_SUFFIX, Engagement, EngagementType, Milestone, TimeEntry, TimeTracker
 from syncd.runtime import Pipeline, Runtime
-from syncd.store import BillingEventRow, CursorRow, EngagementRow, Store, TimeEntryRow, table_of
+from syncd.store import BillingEventRow, CursorRow, EngagementRow, Store, TimeEntryRow, decimal_text, table_of
 
 log = structlog.get_logger("syncd.hours")
 
@@ -153,31 +153,72 @@ async def project_hours(store: Store, connection: str, project_id: str) -> Proje
     rows = await store.select(
         TimeEntryRow, table.c.connection == connection, table.c.project_id == project_id, order_by=table.c.entry_id
     )
-    keys = {row.entry_id: row.invoice_key for row in rows if row.invoice_key}
-    return ProjectHours(
-        entries=tuple(TimeEntry.model_validate(row.data) for row in rows), invoiced=frozenset(keys), keys=keys
-    )
+    entries: list[TimeEntry] = []
+    keys: dict[str, str] = {}
+    for row in rows:
+        entry = TimeEntry.model_validate(row.data)
+        if row.invoice_key:
+            keys[entry.id] = row.invoice_key
+        billed = Decimal(row.billed_hours) if row.billed_hours is not None else None
+        if billed is None or billed >= entry.hours:
+            entries.append(entry.model_copy(update={"released": bool(row.released_at)}) if row.released_at else entry)
+            continue
+        # billed up to a cap: the part billed keeps the id, the rest is an entry of its own
+        over = entry.model_copy(
+            update={"id": entry.id + OVER_CAP_SUFFIX, "hours": entry.hours - billed, "released": bool(row.released_at)}
+        )
+        entries += [entry.model_copy(update={"hours": billed}), over]
+        if row.remainder_key:
+            keys[over.id] = row.remainder_key
+    return ProjectHours(entries=tuple(entries), invoiced=frozenset(keys), keys=keys)
 
 
 def mark_invoiced(
-    store: Store, connection: str, key: str, entry_ids: Collection[str], now: datetime
+    store: Store,
+    connection: str,
+    key: str,
+    entry_ids: Collection[str],
+    now: datetime,
+    split: Mapping[str, Decimal] | None = None,
 ) -> Callable[[AsyncConnection], Awaitable[None]]:
     """The ``on_recorded`` hook that stamps ``entry_ids`` with the billing-event ``key``.
+
+    An entry in ``split`` is stamped with the hours billed (the part under a cap); an
+    id ending in :data:`~syncd.interfaces.OVER_CAP_SUFFIX` stamps the rest of such an
+    entry. Each part is stamped at most once.
 
     Raises (inside the caller's transaction, which then rolls back):
         RetriableError: an entry was stamped by another event meanwhile; computing
             again from the store drafts the hours that are left.
     """
     table = table_of(TimeEntryRow)
+    split = split or {}
+    whole = sorted(entry for entry in entry_ids if not entry.endswith(OVER_CAP_SUFFIX) and entry not in split)
+    rests = sorted(entry.removesuffix(OVER_CAP_SUFFIX) for entry in entry_ids if entry.endswith(OVER_CAP_SUFFIX))
+    mine = sa.and_(table.c.connection == connection, table.c.invoice_key.is_(None))
 
     async def stamp(conn: AsyncConnection) -> None:
-        stmt = (
-            sa.update(table)
-            .where(table.c.connection == connection, table.c.entry_id.in_(sorted(entry_ids)))
-            .where(table.c.invoice_key.is_(None))
-            .values(invoice_key=key, invoiced_at=now)
-        )
-        stamped = (await conn.execute(stmt)).rowcount
+        stamped = (
+            await conn.execute(
+                sa.update(table).where(mine, table.c.entry_id.in_(whole)).values(invoice_key=key, invoiced_at=now)
+            )
+        ).rowcount
+        for entry_id, part in sorted(split.items()):
+            stamped += (
+                await conn.execute(
+                    sa.update(table)
+                    .where(mine, table.c.entry_id == entry_id)
+                    .values(invoice_key=key, invoiced_at=now, billed_hours=decimal_text(part))
+                )
+            ).rowcount
+        stamped += (
+            await conn.execute(
+                sa.update(table)
+                .where(table.c.connection == connection, table.c.entry_id.in_(rests))
+                .where(table.c.invoice_key.is_not(None), table.c.remainder_key.is_(None))
+                .values(remainder_key=key)
+            )
+        ).rowcount
         if stamped != len(entry_ids):
             raise RetriableError(
                 f"{len(entry_ids) - stamped} of {len(entry_ids)} time entries were invoiced by another billing "
@@ -332,6 +373,9 @@ class Unbilled:
             invoice would be (``None`` without an engagement).
         currency: the engagement's currency.
         simulated_hours: of ``hours``, those only on simulated (pilot) invoices.
+        over_cap_hours: of ``hours``, those held because they are over the engagement's
+            cap (reason ``over_cap``): billed once the cap is raised or they are released.
+        over_cap_entries: the ids to pass to ``syncd hours release``.
     """
 
     connection: str
@@ -342,6 +386,8 @@ class Unbilled:
     amount: Decimal | None
     currency: str | None
     simulated_hours: Decimal = Decimal(0)
+    over_cap_hours: Decimal = Decimal(0)
+    over_cap_entries: tuple[str, ...] = ()
 
 
 async def unbilled(runtime: Runtime) -> list[Unbilled]:
@@ -389,10 +435,14 @@ async def _unbilled_line(
     hours: ProjectHours,
 ) -> Unbilled:
     amount = None
+    held: list[TimeEntry] = []
     if engagement is not None:
         lines = billing.hours_lines(engagement, entries, await rate_card(tracker, project_id))
         amount = sum((line.amount(engagement.currency) for line in lines), Decimal(0))
+        held = billing.held_over_cap(engagement, hours.entries, hours.invoiced)
     return Unbilled(
+        over_cap_hours=sum((entry.hours for entry in held), Decimal(0)),
+        over_cap_entries=tuple(entry.id.removesuffix(OVER_CAP_SUFFIX) for entry in held),
         connection=connection,
         project_id=project_id,
         client_key=engagement.client_key if engagement is not None else None,
@@ -406,6 +456,25 @@ async def _unbilled_line(
 
 def _billable(entries: Iterable[TimeEntry]) -> list[TimeEntry]:
     return [entry for entry in entries if entry.billable and entry.hours > 0 and not entry.invoiced]
+
+
+async def release_over_cap(store: Store, connection: str, entry_id: str, now: datetime) -> bool:
+    """Let the hours of ``entry_id`` held over a cap be billed (``syncd hours release``).
+
+    The rest of an entry billed up to the cap, or an entry held whole, is billed by the
+    next hours invoice of its engagement although the cap is reached.
+
+    Returns:
+        whether an entry was found to release.
+    """
+    table = table_of(TimeEntryRow)
+    async with store.begin() as conn:
+        result = await conn.execute(
+            sa.update(table)
+            .where(table.c.connection == connection, table.c.entry_id == entry_id, table.c.released_at.is_(None))
+            .values(released_at=now)
+        )
+    return bool(result.rowcount)
 
 
 async def linked_engagements(store: Store, pipeline: Pipeline) -> dict[str, Engagement]:

@@ -387,6 +387,8 @@ class TimeEntry(Model):
         billable_rate: the rate the tracker holds for the entry, if any.
         invoiced: whether the tracker already marks it invoiced.
         updated_at: last change at the tracker.
+        released: an admin released these hours past the engagement's cap
+            (``syncd hours release``): they are billed although the cap is reached.
     """
 
     id: str
@@ -400,6 +402,12 @@ class TimeEntry(Model):
     billable_rate: Decimal | None = None
     invoiced: bool = False
     updated_at: AwareDatetime
+    released: bool = False
+
+
+OVER_CAP_SUFFIX = ":over-cap"
+"""Id suffix of the part of a time entry held over an hours cap (the part under the cap
+keeps the entry's own id); see :func:`syncd.hours.project_hours`."""
 
 
 class BillingEventKind(enum.StrEnum):

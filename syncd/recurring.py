@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
@@ -310,13 +311,34 @@ class _HoursRun:
             rates=await self._rates(),
         )
         if found is None:
+            held = billing.held_over_cap(self.engagement, self.entries, self.invoiced)
+            if held:
+                await self._held(event, frozenset(entry.id for entry in held))
             return await self.engine.record_event(event, self.client.key)
         connection = str(self.pipeline.time_tracking_name)
-        stamp = hours.mark_invoiced(runtime.store, connection, event.key, found.entry_ids, now)
+        stamp = hours.mark_invoiced(runtime.store, connection, event.key, found.entry_ids, now, found.split)
         key = await self.engine.queue_draft(self.pipeline, event, found.draft, self.crm_object_id, on_recorded=stamp)
         if key is not None:
             self.invoiced |= found.entry_ids
+            if found.held:
+                await self._held(event, found.held)
         return key
+
+    async def _held(self, event: BillingEvent, held: frozenset[str]) -> None:
+        """Hours held over the cap need a person: raise the cap, or ``syncd hours release``."""
+        hours_held = sum((e.hours for e in self.entries if e.id in held), Decimal(0))
+        await self.engine.record_outcome(
+            key=f"attention:over_cap:{event.key}",
+            kind="attention",
+            reason="hours_over_cap",
+            detail=f"{hours_held} billable hours of {self.engagement.name} are over its cap of "
+            f"{self.engagement.cap_hours} hours and held: raise the cap, or release them with "
+            "`syncd hours release ENTRY_ID` (see `syncd unbilled`)",
+            engagement_key=self.engagement.key,
+            client_key=self.client.key,
+            billing_event_key=event.key,
+            trigger_at=event.occurred_at,
+        )
 
     async def _rates(self) -> billing.RateCard:
         """The project's rate card, read from the tracker once and only if hours wait."""

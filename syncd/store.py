@@ -268,6 +268,9 @@ class TimeEntryRow(SQLModel, table=True):
     fetched_at: datetime = _ts()
     invoice_key: str | None = Field(default=None, index=True)
     invoiced_at: datetime | None = _ts(nullable=True)
+    billed_hours: str | None = None  # set when only the part under a cap was invoiced by invoice_key
+    remainder_key: str | None = None  # the billing event that invoiced the rest, once released
+    released_at: datetime | None = _ts(nullable=True)  # an admin released the rest past the cap
 
 
 class OutcomeRow(SQLModel, table=True):

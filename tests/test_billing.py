@@ -28,6 +28,7 @@ from syncd.billing import (
 )
 from syncd.errors import ValidationFailed
 from syncd.interfaces import (
+    OVER_CAP_SUFFIX,
     BillingEvent,
     BillingEventKind,
     Client,
@@ -500,19 +501,30 @@ def test_steps_reached_together_are_one_event() -> None:
 
 
 def test_over_cap_hours_are_held_or_billed() -> None:
-    """Entries past the cap are held back whole with over_cap=hold and billed with over_cap=bill."""
+    """With over_cap=hold the entry that crosses the cap is billed up to it and the rest held; bill bills all."""
     held = hourly(cycle=None, cap_hours=Decimal(10))
     entries = [entry("e1", 2, "4"), entry("e2", 3, "4"), entry("e3", 4, "4"), entry("e4", 5, "1")]
     events = cap_events(held, entries, billing_start=BILLING_START)
     assert [event.occurrence for event in events] == ["1"]
     result = hours_draft(events[0], held, make_client(), entries, invoiced=(), options=OPTIONS)
     assert result is not None
-    assert result.entry_ids == {"e1", "e2"}
+    assert result.entry_ids == {"e1", "e2", "e3"}
+    assert result.split == {"e3": Decimal(2)}
+    assert result.held == {"e3", "e4"}
+    assert result.draft.subtotal() == sum((line.amount("USD") for line in result.draft.lines), Decimal(0))
+    assert sum((line.quantity for line in result.draft.lines), Decimal(0)) == Decimal(10)
     billed = held.model_copy(update={"over_cap": "bill"})
     result = hours_draft(events[0], billed, make_client(), entries, invoiced=(), options=OPTIONS)
     assert result is not None
     assert result.entry_ids == {"e1", "e2", "e3", "e4"}
-    assert hours_draft(events[0], held, make_client(), entries, invoiced={"e1", "e2"}, options=OPTIONS) is None
+    # as the store gives them back after that invoice: e3's billed part, and its rest on its own
+    after = [*entries[:2], entry("e3", 4, "2"), entry("e3" + OVER_CAP_SUFFIX, 4, "2"), entries[3]]
+    assert hours_draft(events[0], held, make_client(), after, invoiced={"e1", "e2", "e3"}, options=OPTIONS) is None
+    released = [*after[:3], after[3].model_copy(update={"released": True}), after[4]]
+    result = hours_draft(events[0], held, make_client(), released, invoiced={"e1", "e2", "e3"}, options=OPTIONS)
+    assert result is not None
+    assert result.entry_ids == {"e3" + OVER_CAP_SUFFIX}
+    assert result.held == {"e4"}
 
 
 def test_hours_draft_refuses_other_engagements_and_events() -> None:

@@ -24,6 +24,7 @@ from connectors.hubspot.emulator import HubSpotEmulator
 from syncd import hours, recurring
 from syncd.cli import app
 from syncd.demo import free_port, serve
+from syncd.outcomes import list_outcomes
 from syncd.scheduler import poll_connection, tick_recurring
 from syncd.store import BillingEventRow, EffectRow, EngagementRow, TimeEntryRow, table_of
 from tests.harness import REPO, Stack, seed_company, stack, write_config
@@ -152,7 +153,8 @@ async def test_the_cap_trigger_fires_once_per_step_and_holds_hours_over_the_cap(
         log(harvest, project, account.design, account.ada, date(2027, 1, 11), "2")
         log(harvest, project, account.development, account.ada, date(2027, 1, 12), "3")
         await poll_harvest(s)
-        assert subtotals(s) == [Decimal("900.00"), Decimal("240.00")]  # step 2 (10 h): 2 h design fit, 3 h held
+        # step 2 (10 h): 2 h design fit, and of the 3 h development the 2 h under the cap are billed, 1 h held
+        assert subtotals(s) == [Decimal("900.00"), Decimal("540.00")]
 
         clock.now = at(date(2027, 1, 13))
         log(harvest, project, account.development, account.ada, date(2027, 1, 13), "1")
@@ -160,7 +162,7 @@ async def test_the_cap_trigger_fires_once_per_step_and_holds_hours_over_the_cap(
             await poll_harvest(s)
             await tick(s, clock, at(date(2027, 1, 13)))
         await tick(s, clock, at(date(2027, 2, 1)))
-        assert subtotals(s) == [Decimal("900.00"), Decimal("240.00")]
+        assert subtotals(s) == [Decimal("900.00"), Decimal("540.00")]
         events = await s.daemon.runtime.store.select(BillingEventRow)
         assert sorted((row.kind, row.occurrence) for row in events) == [
             ("hours_cap_reached", "1"),
@@ -168,6 +170,19 @@ async def test_the_cap_trigger_fires_once_per_step_and_holds_hours_over_the_cap(
             ("period_due", "2027-01-01"),  # recorded with nothing to invoice: the rest is over the cap
         ]
         assert await s.daemon.runtime.store.count(EffectRow, table_of(EffectRow).c.kind == "create_invoice") == 2
+
+        # the 2 h over the cap are listed with their reason and need a person ...
+        (held,) = await hours.unbilled(s.daemon.runtime)
+        assert held.over_cap_hours == Decimal(2)
+        attention = await list_outcomes(s.daemon.runtime.store, kind="attention")
+        assert {item.reason for item in attention} == {"hours_over_cap"}
+        # ... who releases them: the next hours invoice bills them, once
+        for entry_id in held.over_cap_entries:
+            assert await hours.release_over_cap(s.daemon.runtime.store, "harvest", entry_id, clock.now)
+        await tick(s, clock, at(date(2027, 3, 1)))
+        await tick(s, clock, at(date(2027, 3, 2)))
+        assert subtotals(s) == [Decimal("900.00"), Decimal("540.00"), Decimal("300.00")]
+        assert await hours.unbilled(s.daemon.runtime) == []
 
 
 async def test_a_restart_in_the_middle_of_a_period_run_creates_nothing_twice(tmp_path: Path, db_url: str) -> None:
@@ -314,6 +329,7 @@ async def test_the_cap_can_come_from_the_harvest_project_budget(tmp_path: Path, 
         log(harvest, project, account.development, account.ada, date(2027, 1, 6), "3")
         log(harvest, project, account.development, account.ada, date(2027, 1, 7), "2")
         await tick(s, clock, at(date(2027, 1, 8)))
-        assert subtotals(s) == [Decimal("600.00")]  # 4 h budget reached at 5 h: 3 h x 200 fit, 2 h held
+        # 4 h budget reached at 5 h: 3 h fit, and 1 h of the 2 h entry; its other hour is held
+        assert subtotals(s) == [Decimal("800.00")]
         (event,) = await s.daemon.runtime.store.select(BillingEventRow)
         assert (event.kind, event.occurrence) == ("hours_cap_reached", "1")

@@ -1,5 +1,5 @@
 """outcomes (skips, simulated, needs attention); the invoice that carries a billing event;
-the ledger's update time of each document; the record version a hint reports; the client details last pushed to each ledger
+the ledger's update time of each document; the record version a hint reports; the client details last pushed to each ledger; time entries billed up to an hours cap
 
 Revision ID: 0004
 Revises: 0003
@@ -49,6 +49,10 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("version", sa.String(), nullable=True))
     with op.batch_alter_table("clients", schema=None) as batch_op:
         batch_op.add_column(sa.Column("pushed", sa.JSON(), nullable=True))
+    with op.batch_alter_table("time_entries", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("billed_hours", sa.String(), nullable=True))
+        batch_op.add_column(sa.Column("remainder_key", sa.String(), nullable=True))
+        batch_op.add_column(sa.Column("released_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("invoices", schema=None) as batch_op:
         batch_op.add_column(sa.Column("source_updated_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index(batch_op.f("ix_invoices_crm_object_id"), ["crm_object_id"], unique=False)
@@ -59,6 +63,10 @@ def downgrade() -> None:
     with op.batch_alter_table("invoices", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_invoices_crm_object_id"))
         batch_op.drop_column("source_updated_at")
+    with op.batch_alter_table("time_entries", schema=None) as batch_op:
+        batch_op.drop_column("released_at")
+        batch_op.drop_column("remainder_key")
+        batch_op.drop_column("billed_hours")
     with op.batch_alter_table("clients", schema=None) as batch_op:
         batch_op.drop_column("pushed")
     with op.batch_alter_table("events", schema=None) as batch_op:
