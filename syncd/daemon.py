@@ -176,10 +176,10 @@ class Daemon:
 
 
 def _mapping_stamps(runtime: Runtime) -> dict[Path, tuple[int, int, int] | None]:
-    """Each mapping file's (mtime ns, size, inode); ``None`` for a file that cannot be read."""
+    """The config file's and each mapping file's (mtime ns, size, inode); ``None`` for one that cannot be read."""
     stamps: dict[Path, tuple[int, int, int] | None] = {}
-    for pipeline in runtime.pipelines:
-        path = runtime.config.mapping_path(pipeline.settings)
+    paths = [runtime.config.path, *(runtime.config.mapping_path(p.settings) for p in runtime.pipelines)]
+    for path in paths:
         try:
             found = path.stat()
         except OSError:

@@ -24,7 +24,7 @@ from syncd.errors import ConfigError, MappingError
 from syncd.http import SharedBudget, VendorHttp, make_client
 from syncd.interfaces import ConnectorContext, Crm, Invoicing, TimeTracker, WebhookVerifier, secret_value
 from syncd.mapping import MappingDefaults, PipelineMapping, load_mapping
-from syncd.settings import Config, PipelineSettings
+from syncd.settings import Config, PipelineSettings, load_config
 from syncd.store import DbTokenStore, Store
 
 log = structlog.get_logger("syncd.runtime")
@@ -184,7 +184,26 @@ class Runtime:
             fresh.append(dataclasses.replace(pipeline, mapping=mapping))
             log.info("mapping_reloaded", mapping=str(path))
         self.pipelines = fresh
-        return problems
+        return problems + self.reload_pilot()
+
+    def reload_pilot(self) -> list[str]:
+        """Read ``[pilot] clients`` from the config file again (with the mappings, on SIGHUP or a change).
+
+        A config file with problems keeps the pilot list in force; each problem is
+        logged (``pilot_reload_failed``) and returned.
+        """
+        try:
+            fresh = load_config(self.config.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("pilot_reload_failed", config=str(self.config.path), problem=problem)
+            return list(exc.problems)
+        pilot = fresh.settings.pilot
+        if pilot != self.config.settings.pilot:
+            settings = self.config.settings.model_copy(update={"pilot": pilot})
+            self.config = dataclasses.replace(self.config, settings=settings)
+            log.info("pilot_reloaded", clients=list(pilot.clients))
+        return []
 
     def pilot_allows(self, client_key: str) -> bool:
         """Whether effects for ``client_key`` are real (pilot mode limits them)."""

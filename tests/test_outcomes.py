@@ -285,3 +285,22 @@ async def test_a_renamed_client_is_updated_at_the_ledger_before_its_next_invoice
         (attention,) = await list_outcomes(s.daemon.runtime.store, kind="attention")
         assert attention.reason == "ledger_customer_edited"
         assert "email" in attention.detail
+
+
+async def test_the_pilot_list_reloads_without_a_restart(tmp_path: Path, db_url: str) -> None:
+    """A client added to [pilot] clients in the config file gets real invoices after the watch sees the edit."""
+    async with stack(tmp_path, db_url, extra='[pilot]\nclients = ["hubspot:company:somebody-else"]') as s:
+        company = seed_company(s.hub)
+        first = seed_deal(s.hub, company=company)
+        await s.hub.set_deal_properties(first, {"dealstage": "closedwon"})
+        await s.drain()
+        assert s.xero.invoices() == []
+        text = s.config.path.read_text(encoding="utf-8")
+        s.config.path.write_text(text.replace("somebody-else", company[0]), encoding="utf-8")
+        assert s.daemon.poll_mappings() == []
+        second = seed_deal(s.hub, company=company)
+        await s.hub.set_deal_properties(second, {"dealstage": "closedwon"})
+        await s.drain()
+        assert len(s.xero.invoices()) == 1  # the new deal only: the simulated one stays simulated
+        kinds = sorted(o.kind for o in await list_outcomes(s.daemon.runtime.store))
+        assert kinds == ["simulated"]
