@@ -26,7 +26,9 @@ def xero_spec() -> OpenAPI:
     tenant header are asserted by ``test_xero.py``.
     """
     if not XERO_SPEC_FILE.exists():
-        pytest.fail(f"the Xero OpenAPI file is not at {XERO_SPEC_FILE}; it is tracked in the repository (specs/README.md)")
+        pytest.fail(
+            f"the Xero OpenAPI file is not at {XERO_SPEC_FILE}; it is tracked in the repository (specs/README.md)"
+        )
     with XERO_SPEC_FILE.open("rb") as handle:
         raw = yaml.load(handle, Loader=yaml.CSafeLoader)
     raw.pop("security", None)

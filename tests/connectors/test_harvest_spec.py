@@ -75,7 +75,9 @@ def patch_spec(spec: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def openapi() -> OpenAPI:
     if not SPEC_FILE.exists():
-        pytest.fail(f"the Harvest OpenAPI file is not at {SPEC_FILE}; it is tracked in the repository (specs/README.md)")
+        pytest.fail(
+            f"the Harvest OpenAPI file is not at {SPEC_FILE}; it is tracked in the repository (specs/README.md)"
+        )
     with SPEC_FILE.open("rb") as handle:
         raw = yaml.load(handle, Loader=yaml.CSafeLoader)
     return OpenAPI.from_dict(patch_spec(raw), config=Config(spec_validator_cls=None))
