@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import hashlib
 import re
 import shutil
 import subprocess
@@ -142,3 +143,19 @@ def test_markdown_links_point_at_files_inside_the_repository() -> None:
             if not resolved.is_relative_to(REPO) or not resolved.exists():
                 broken.append(f"{page.relative_to(REPO)}: {target}")
     assert broken == []
+
+
+def test_the_vendor_specs_are_the_copies_specs_readme_records() -> None:
+    """Each file in specs/README.md's table is in the repository with the recorded size and SHA-256, and nothing else is."""
+    rows = re.findall(
+        r"^\| `([^`]+)` \|.*\| ([\d,]+) \| `([0-9a-f]{64})` \|$",
+        (REPO / "specs" / "README.md").read_text(encoding="utf-8"),
+        flags=re.MULTILINE,
+    )
+    assert len(rows) >= 4
+    for name, size, digest in rows:
+        data = (REPO / "specs" / name).read_bytes()
+        assert len(data) == int(size.replace(",", "")), name
+        assert hashlib.sha256(data).hexdigest() == digest, name
+    on_disk = {path.relative_to(REPO / "specs").as_posix() for path in (REPO / "specs").glob("*/*")}
+    assert on_disk == {name for name, _, _ in rows}
