@@ -220,7 +220,8 @@ def test_copy_from_sqlite_to_postgres_keeps_every_row_and_the_copy_works(
     """Every row of every table arrives unchanged, counts are printed, and new ids do not collide."""
     asyncio.run(fill(sqlite_url))
     before = asyncio.run(dump(sqlite_url))
-    assert all(before.values()), [name for name, rows in before.items() if not rows]
+    empty = [name for name, rows in before.items() if not rows]
+    assert empty == [], "fill() must write a row into every table; add one for each table listed"
     output = copy_with_cli(sqlite_url, postgres_url, tmp_path)
     assert asyncio.run(dump(postgres_url)) == before
     assert "events" in output
