@@ -202,6 +202,47 @@ def db_upgrade(config: ConfigOption = Path("config.toml")) -> None:
     console.print("[green]✓[/green] database is at the newest schema")
 
 
+@db_app.command("current")
+def db_current(config: ConfigOption = Path("config.toml")) -> None:
+    """Print the schema revision of the database and the newest one shipped; creates nothing."""
+    from syncd.dbcopy import NOT_INITIALISED, revision
+
+    cfg = _load(config)
+    try:
+        found = asyncio.run(revision(cfg.daemon.database_url))
+    except SyncdError as exc:
+        _problem(str(exc))
+        raise typer.Exit(1) from None
+    print(f"database: {found.current or NOT_INITIALISED}")
+    print(f"shipped:  {found.head}")
+    if found.current is not None and not found.up_to_date:
+        print("the database is behind; run syncd db upgrade")
+
+
+@db_app.command("copy")
+def db_copy(
+    to: Annotated[str, typer.Option("--to", help="The empty target database URL (SQLite or PostgreSQL).")],
+    config: ConfigOption = Path("config.toml"),
+    batch_rows: Annotated[int, typer.Option(help="Rows per batch.", min=1)] = 1000,
+) -> None:
+    """Copy every row of the configured database into an empty database (migrated first); stop syncd before."""
+    from syncd.dbcopy import copy_database, redacted
+
+    cfg = _load(config)
+    try:
+        copied = asyncio.run(copy_database(cfg.daemon.database_url, to, batch_rows=batch_rows))
+    except SyncdError as exc:
+        _problem(str(exc))
+        raise typer.Exit(1) from None
+    table = Table("table", "rows")
+    for item in copied:
+        table.add_row(item.table, str(item.target_rows))
+    console.print(table)
+    console.print(
+        f"[green]✓[/green] copied to {redacted(to)}; every table has as many rows as the source", soft_wrap=True
+    )
+
+
 @app.command()
 def keygen() -> None:
     """Print a new key for ``[daemon].encryption_key`` (OAuth tokens at rest)."""

@@ -247,7 +247,7 @@ async def rate_card(tracker: TimeTracker, project_id: str) -> billing.RateCard:
     """The rates of one tracker project, by its ``bill_by`` (Harvest API v2).
 
     The field descriptions quoted below are the reference's, as also carried by
-    ``shared/specs/harvest/harvest-openapi.yaml``.
+    ``specs/harvest/harvest-openapi.yaml``.
 
     * ``Project``: the project's ``hourly_rate`` ("Rate for projects billed by Project
       Hourly Rate",

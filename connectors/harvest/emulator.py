@@ -9,7 +9,7 @@ Sources, per behaviour:
 
 * Paths, parameters and objects: the API v2 reference pages cited beside each handler,
   and the community OpenAPI file generated from them
-  (``shared/specs/harvest/harvest-openapi.yaml``, jolicode/harvest-openapi-generator).
+  (``specs/harvest/harvest-openapi.yaml``, jolicode/harvest-openapi-generator).
 * Auth: ``Authorization: Bearer`` plus ``Harvest-Account-Id``, or the ``access_token``
   and ``account_id`` query parameters
   (https://help.getharvest.com/api-v2/authentication-api/authentication/authentication/).

@@ -7,7 +7,7 @@ is resolved by :meth:`XeroConnector.find_invoice`, never by creating again.
 
 Sources (Xero developer documentation):
 
-* Endpoints, parameters and schemas: ``shared/specs/xero/xero_accounting.yaml``
+* Endpoints, parameters and schemas: ``specs/xero/xero_accounting.yaml``
   (server ``https://api.xero.com/api.xro/2.0``).
 * Rate limits, 60 calls/minute and 5 concurrent per organisation, 429 on breach:
   https://developer.xero.com/faq/limits

@@ -1,7 +1,7 @@
 """A stateful local fake of Xero's identity service and Accounting API.
 
 It speaks Xero's JSON wire format closely enough that the official ``xero-python`` SDK
-and the published OpenAPI file (``shared/specs/xero/xero_accounting.yaml``) accept it:
+and the published OpenAPI file (``specs/xero/xero_accounting.yaml``) accept it:
 ``/api.xro/2.0`` paths, PascalCase fields, ``/Date(ms+0000)/`` dates with their
 ``DateString`` twins, the ``Id/Status/ProviderName/DateTimeUTC`` envelope, paging with a
 ``pagination`` object, ``ValidationException`` bodies, ``Idempotency-Key`` replay,

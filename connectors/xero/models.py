@@ -7,12 +7,12 @@ and the pure functions that build request bodies from canonical drafts and clien
 
 References (Xero developer documentation and the published OpenAPI file):
 
-* Field names, types and max lengths: ``shared/specs/xero/xero_accounting.yaml``
+* Field names, types and max lengths: ``specs/xero/xero_accounting.yaml``
   (XeroAPI/Xero-OpenAPI, v16.1.0), schemas ``Invoice``, ``CreditNote``, ``Contact``,
   ``LineItem``, ``Address``, ``PaymentTerm``, ``Error``.
 * JSON dates ``/Date(1539993600000+0000)/`` and ``DateString``: the spec's examples, and
   https://developer.xero.com/documentation/api/accounting/requests-and-responses
-* Webhook payload: ``shared/specs/xero/xero-webhooks.yaml`` and
+* Webhook payload: ``specs/xero/xero-webhooks.yaml`` and
   https://developer.xero.com/documentation/webhooks/configuring-your-server
 """
 

@@ -1,7 +1,7 @@
 """Xero webhook verification: the ``x-xero-signature`` HMAC and the event payload.
 
 Rules (https://developer.xero.com/documentation/webhooks/configuring-your-server and
-``shared/specs/xero/xero-webhooks.yaml``):
+``specs/xero/xero-webhooks.yaml``):
 
 * ``x-xero-signature`` is base64(HMAC-SHA256(webhook key, raw body)).
 * A correctly signed delivery is answered 200, an incorrectly signed one 401. The

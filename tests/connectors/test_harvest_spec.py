@@ -2,12 +2,12 @@
 
 Every request the connector sends, and every emulator answer, during a realistic
 scenario is validated with openapi-core against
-``shared/specs/harvest/harvest-openapi.yaml``. That file is community-made
+``specs/harvest/harvest-openapi.yaml``. That file is community-made
 (jolicode/harvest-openapi-generator scrapes https://help.getharvest.com/api-v2/):
 Harvest publishes no OpenAPI description and no official Python SDK, so the reference
 pages are the second check, and where the file and the pages disagree the fixture
 patches the file in memory, citing the page. The file fails the strict spec check, so
-it is loaded with ``Config(spec_validator_cls=None)`` (``shared/specs/README.md``).
+it is loaded with ``Config(spec_validator_cls=None)`` (``specs/README.md``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from syncd.http import VendorHttp
 from syncd.interfaces import ConnectorContext
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC_FILE = REPO.parent / "shared" / "specs" / "harvest" / "harvest-openapi.yaml"
+SPEC_FILE = REPO / "specs" / "harvest" / "harvest-openapi.yaml"
 BASE_URL = "https://api.harvestapp.com/v2"
 START = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 
@@ -75,7 +75,9 @@ def patch_spec(spec: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def openapi() -> OpenAPI:
     if not SPEC_FILE.exists():
-        pytest.skip(f"the Harvest OpenAPI file is not at {SPEC_FILE} (shared/ sits beside the repository)")
+        pytest.fail(
+            f"the Harvest OpenAPI file is not at {SPEC_FILE}; it is tracked in the repository (specs/README.md)"
+        )
     with SPEC_FILE.open("rb") as handle:
         raw = yaml.load(handle, Loader=yaml.CSafeLoader)
     return OpenAPI.from_dict(patch_spec(raw), config=Config(spec_validator_cls=None))

@@ -2,10 +2,10 @@
 
 During a realistic scenario every request the connector sends to the Accounting API,
 and every emulator answer whose status the spec describes, is validated with
-openapi-core against ``shared/specs/xero/xero_accounting.yaml`` (XeroAPI/Xero-OpenAPI).
+openapi-core against ``specs/xero/xero_accounting.yaml`` (XeroAPI/Xero-OpenAPI).
 The server URL carries a path, so requests are validated as host
 ``https://api.xero.com`` plus the full path ``/api.xro/2.0/...``
-(``shared/specs/README.md``). The token endpoint is not part of that file.
+(``specs/README.md``). The token endpoint is not part of that file.
 """
 
 from __future__ import annotations
