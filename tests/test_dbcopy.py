@@ -77,6 +77,14 @@ async def fill(url: str) -> None:
                     created_at=NOW,
                 ),
             )
+        await store.add_outcome(
+            key="skip:before_billing_start:eng:0",
+            kind="skip",
+            reason="before_billing_start",
+            detail="won before billing_start",
+            engagement_key="eng:0",
+            created_at=NOW,
+        )
         await store.upsert(
             ClientRow,
             {
