@@ -1109,6 +1109,14 @@ class _Loader:
             hint = did_you_mean(names[0], allowed)
             self.report(here, f'path "{text}": {root} has no "{names[0]}"{hint}; it has: {listing(allowed)}')
             return
+        if kind == "line_item" and here[:2] == ("engagement", "milestones") and here[-1] == "done_at":
+            self.report(
+                here,
+                f'path "{text}": a milestone cannot be marked done on a line item: syncd is told of changes '
+                "to deals (webhooks and polls) and to Harvest, not of a line item edited alone, so it would "
+                "never see it; read done_at from a deal property, or mark it done at Harvest (tracker_task_id)",
+            )
+            return
         if kind is not None and len(names) >= 2 and names[0] == "properties":
             self.reads.add((kind, names[1]))
             read = SourceRead(object_type=kind, name=names[1], place=self.place(here))

@@ -583,6 +583,32 @@ def test_a_list_field_of_the_model_maps_as_a_repeated_table(tmp_path: Path) -> N
     ]
 
 
+def test_a_milestone_done_on_a_line_item_is_refused_at_load(tmp_path: Path) -> None:
+    """A milestone's done_at read from a line item property is refused: syncd never hears of such a change."""
+    path = write(
+        tmp_path,
+        MINIMAL
+        + "\n[engagement.milestones]\n"
+        + 'each = "line_items"\n'
+        + 'id = { path = "item.id" }\n'
+        + 'name = { path = "item.properties.name" }\n'
+        + 'amount = { money = "item.properties.price" }\n'
+        + 'done_at = { datetime = "item.properties.milestone_done_at" }\n',
+    )
+
+    with pytest.raises(MappingError) as caught:
+        load_mapping(path)
+
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{path}:17 [engagement.milestones].done_at:")
+    assert "cannot be marked done on a line item" in problem
+    deal_property = path.read_text(encoding="utf-8").replace(
+        "item.properties.milestone_done_at", "deal.properties.closedate"
+    )
+    path.write_text(deal_property, encoding="utf-8")
+    assert load_mapping(path).source_properties["deal"]
+
+
 def test_a_repeated_table_other_than_lines_needs_each(tmp_path: Path) -> None:
     """Only [engagement.lines] defaults its list to line_items; others must name theirs."""
     path = write(tmp_path, MINIMAL + '\n[engagement.milestones]\nid = { path = "item.id" }\n')
