@@ -220,15 +220,12 @@ async def test_connector_plays_invoicing_and_is_registered() -> None:
         assert isinstance(r.connector, Invoicing)
         assert load("xero") is SPEC
         assert SPEC.settings_model is XeroSettings
-        assert set(SPEC.secret_fields) == {"client_secret", "webhook_key"}
+        assert set(SPEC.secret_fields) == {"client_secret", "webhook_key", "refresh_token"}
 
 
-async def test_code_flow_requires_a_tenant_and_unitdp_is_four_or_unset() -> None:
-    """The code flow without tenant_id is a ConfigError when built; settings refuse a unitdp other than 4."""
+async def test_unitdp_is_four_or_unset() -> None:
+    """Settings refuse a unitdp other than 4 (the code flow's tenant_id is optional: see the discovery tests)."""
     emulator = XeroEmulator()
-    async with rig() as r:
-        with pytest.raises(ConfigError, match="syncd auth xero"):
-            r.connect(grant="authorization_code", tenant_id=None)
     with pytest.raises(ValidationError, match="unitdp"):
         settings(emulator, unitdp=3)
     assert settings(emulator, unitdp=None).unitdp is None
