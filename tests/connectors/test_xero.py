@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,8 +32,8 @@ from connectors.xero.connector import SPEC, XeroConnector, XeroSettings
 from connectors.xero.emulator import XeroEmulator, compile_where
 from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json
 from connectors.xero.webhooks import XeroWebhookVerifier
-from syncd.errors import AuthError, ConfigError, FatalError, NotFound, RecordError, RetriableError
-from syncd.http import VendorHttp
+from syncd.errors import AuthError, FatalError, NotFound, RecordError, RetriableError
+from syncd.http import Rejected, VendorHttp
 from syncd.interfaces import (
     Address,
     ChangeHint,
@@ -48,6 +49,8 @@ from syncd.interfaces import (
     WebhookRequest,
 )
 from syncd.registry import load
+from syncd.store import DeadLetterRow, EffectRow
+from tests.harness import seed_deal, stack
 
 HOST = "http://xero.test"
 START = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
@@ -920,3 +923,122 @@ async def test_codes_list_the_accounts_tax_types_and_currencies_in_use() -> None
     assert second["account_code"] == frozenset({"200", "400", "090"})
     assert r.emulator.calls["getAccounts"] == 2
     assert r.emulator.calls["getTaxRates"] == r.emulator.calls["getCurrencies"] == 2
+
+
+# ---------------------------------------------------------------------------
+# Vendor errors: read, mapped to the status table's action
+# ---------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def bare_connector(emulator: XeroEmulator, **overrides: Any) -> AsyncIterator[XeroConnector]:
+    """A connector on a plain client: no event hook reads response bodies (as in `syncd run`)."""
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
+        ctx = ConnectorContext(
+            connection="books",
+            client=client,
+            tokens=MemoryTokenStore([]),
+            clock=FakeClock(),
+            make_http=functools.partial(VendorHttp, client, connection="books", sleep=sleep),
+        )
+        yield XeroConnector(settings(emulator, **overrides), ctx)
+
+
+async def test_a_validation_exception_is_read_once_with_every_message() -> None:
+    """A 400 ValidationException raises, on the first attempt, a record error holding each of Xero's messages."""
+    emulator = XeroEmulator(clock=FakeClock())
+    async with bare_connector(emulator) as connector:
+        contact_id = await connector.upsert_customer(client_record())
+        bad = InvoiceLine(
+            description="x", quantity=Decimal(1), unit_price=Decimal(1), account_code="999", tax_type="BOGUS"
+        )
+        with pytest.raises(Rejected) as caught:
+            await connector.create_invoice(draft(lines=(bad,), currency="JPY"), contact_id)
+        assert isinstance(caught.value, RecordError)
+        assert caught.value.status == 400
+        assert "Account code '999' is not a valid code for this document." in caught.value.messages
+        assert "Organisation is not subscribed to currency JPY" in caught.value.messages
+        assert len(caught.value.messages) >= 3
+        for message in caught.value.messages:
+            assert message in str(caught.value)
+        assert emulator.calls["createInvoices"] == 1
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
+async def test_transient_statuses_are_retried_honouring_retry_after(status: int) -> None:
+    """408, 409, 429 and 5xx are retried; a Retry-After is waited exactly."""
+    async with rig() as r:
+        r.emulator.faults.add(Fault(kind="status", status=status, retry_after_s=4, path_contains="/Invoices"))
+        assert await r.connector.find_invoice(KEY) is None
+        assert r.sleeps == [4.0]
+
+
+async def test_a_422_is_a_record_error_and_never_retried() -> None:
+    """A 422 fails the record at once (Rejected), with the body's message."""
+    async with rig() as r:
+        r.emulator.faults.add(Fault(kind="status", status=422, path_contains="/Invoices", times=None))
+        contact_id = await r.connector.upsert_customer(client_record())
+        with pytest.raises(Rejected, match="injected fault") as caught:
+            await r.connector.create_invoice(draft(), contact_id)
+        assert caught.value.status == 422
+        assert r.sleeps == []
+
+
+async def test_a_404_on_the_look_up_means_not_found() -> None:
+    """find_invoice answers None when Xero's look-up answers 404; it is never an error."""
+    async with rig() as r:
+        r.emulator.faults.add(Fault(kind="status", status=404, path_contains="/Invoices"))
+        r.emulator.faults.add(Fault(kind="status", status=404, path_contains="/CreditNotes"))
+        assert await r.connector.find_invoice(KEY) is None
+        assert r.sleeps == []
+
+
+async def test_a_disconnected_tenant_is_an_auth_error_saying_how_to_reconnect() -> None:
+    """A 401 that survives a renewed token raises AuthError naming the connection and `syncd auth xero`."""
+    async with rig() as r:
+        connector = await code_flow(r)
+        r.emulator.faults.add(Fault(kind="status", status=401, path_contains="/Invoices", times=2))
+        with pytest.raises(AuthError) as caught:
+            await connector.find_invoice(KEY)
+        message = str(caught.value)
+        assert message.startswith("xero: GET /api.xro/2.0/Invoices answered 401")
+        assert "syncd auth xero --connection xero" in message
+        assert r.emulator.calls["token"] == 2  # the code exchange, then one renewal after the first 401
+        assert r.sleeps == []
+
+
+async def test_a_403_names_the_tenant_and_the_scopes() -> None:
+    """A 403 (an organisation not connected, or a scope missing) raises AuthError naming both and the fix."""
+    async with rig() as r:
+        connector = await code_flow(r)
+        other = r.connect(grant="authorization_code", tenant_id="00000000-0000-4000-8000-000000000000")
+        with pytest.raises(AuthError) as caught:
+            await other.find_invoice(KEY)
+        message = str(caught.value)
+        assert "403" in message
+        assert "AuthorizationUnsuccessful" in message
+        assert "00000000-0000-4000-8000-000000000000" in message
+        assert "accounting.invoices" in message
+        assert "syncd auth xero" in message
+        assert await connector.find_invoice(KEY) is None
+
+
+async def test_a_refused_draft_is_dead_lettered_on_the_first_attempt(tmp_path: Path, db_url: str) -> None:
+    """Through the engine, a draft Xero refuses becomes one dead letter on attempt 1 holding Xero's messages."""
+    async with stack(tmp_path, db_url) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"deal_currency_code": "JPY", "dealstage": "closedwon"})
+        await s.drain()
+        store = s.daemon.runtime.store
+        (letter,) = await store.select(DeadLetterRow)
+        assert "Organisation is not subscribed to currency JPY" in letter.reason
+        assert letter.connection == "xero"
+        (effect,) = [row for row in await store.select(EffectRow) if row.status == "dead"]
+        assert effect.attempts == 1
+        assert s.xero.invoices() == []
+        assert s.xero.calls["createInvoices"] == 1
