@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from connectors.xero.connector import SPEC, XeroConnector, XeroSettings
 from connectors.xero.emulator import XeroEmulator, compile_where
 from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json
 from connectors.xero.webhooks import XeroWebhookVerifier
-from syncd.errors import AuthError, FatalError, NotFound, RecordError, RetriableError
+from syncd.errors import AuthError, ConfigError, FatalError, NotFound, RecordError, RetriableError
 from syncd.http import Rejected, VendorHttp
 from syncd.interfaces import (
     Address,
@@ -49,10 +50,12 @@ from syncd.interfaces import (
     WebhookRequest,
 )
 from syncd.registry import load
+from syncd.settings import load_config
 from syncd.store import DeadLetterRow, EffectRow
 from tests.harness import seed_deal, stack
 
 HOST = "http://xero.test"
+API = "/api.xro/2.0"
 START = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 KEY = "0123456789abcdef0123456789abcdef"
 
@@ -1042,3 +1045,164 @@ async def test_a_refused_draft_is_dead_lettered_on_the_first_attempt(tmp_path: P
         assert effect.attempts == 1
         assert s.xero.invoices() == []
         assert s.xero.calls["createInvoices"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Bringing in an existing connection (refresh_token setting)
+# ---------------------------------------------------------------------------
+
+
+async def consented_refresh_token(r: Rig) -> str:
+    """A refresh token from a consent made elsewhere (not stored by syncd)."""
+    conf = settings(r.emulator, grant="authorization_code")
+    answer = await r.client.get(consent_url(conf, state="elsewhere"))
+    code = httpx.URL(answer.headers["location"]).params["code"]
+    tokens = await exchange_code(conf, r.client, code, now=lambda: r.clock().timestamp())
+    return str(tokens["refresh_token"])
+
+
+def sha256(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+async def test_a_configured_refresh_token_is_imported_once_and_rotates_in_the_store() -> None:
+    """First use imports the configured token (logged without it), spends it, and stores the rotated set with its digest."""
+    async with rig() as r:
+        configured = await consented_refresh_token(r)
+        connector = r.connect(grant="authorization_code", refresh_token=configured)
+        with structlog.testing.capture_logs() as logs:
+            assert await connector.find_invoice(KEY) is None
+        stored = dict(r.store.tokens or {})
+        assert stored["refresh_token"] != configured
+        assert stored["imported_sha256"] == sha256(configured)
+        assert stored["access_token"]
+        (imported,) = [entry for entry in logs if entry["event"] == "token_imported"]
+        assert imported == {"event": "token_imported", "log_level": "info", "connection": "xero", "replaced": False}
+        assert configured not in json.dumps(logs, default=str)
+        assert stored["refresh_token"] not in json.dumps(logs, default=str)
+
+
+async def test_a_restart_with_the_same_value_keeps_the_rotated_tokens() -> None:
+    """The same configured value after rotation never overwrites the store (its token is spent at Xero)."""
+    async with rig() as r:
+        configured = await consented_refresh_token(r)
+        await r.connect(grant="authorization_code", refresh_token=configured).find_invoice(KEY)
+        rotated = dict(r.store.tokens or {})
+        r.clock.advance(1800)  # the access token expires: the restarted connector must refresh
+        with structlog.testing.capture_logs() as logs:
+            restarted = r.connect(grant="authorization_code", refresh_token=configured)
+            assert await restarted.find_invoice(KEY) is None
+        fresh = dict(r.store.tokens or {})
+        assert fresh["refresh_token"] not in (configured, rotated["refresh_token"])
+        assert fresh["imported_sha256"] == sha256(configured)
+        assert [entry["event"] for entry in logs if entry["event"].startswith("token_")] == ["token_refreshed"]
+        refreshes = [
+            req for req, _ in r.exchanges if req.url.path == "/connect/token" and b"refresh_token=" in req.content
+        ]
+        assert configured.encode() in refreshes[0].content
+        assert rotated["refresh_token"].encode() in refreshes[1].content
+
+
+async def test_a_new_configured_value_replaces_the_stored_tokens() -> None:
+    """A changed configured refresh token replaces the stored set (token_imported, replaced=True)."""
+    async with rig() as r:
+        first = await consented_refresh_token(r)
+        await r.connect(grant="authorization_code", refresh_token=first).find_invoice(KEY)
+        before = dict(r.store.tokens or {})
+        second = await consented_refresh_token(r)
+        with structlog.testing.capture_logs() as logs:
+            assert await r.connect(grant="authorization_code", refresh_token=second).find_invoice(KEY) is None
+        after = dict(r.store.tokens or {})
+        assert after["imported_sha256"] == sha256(second)
+        assert after["access_token"] != before["access_token"]
+        assert [entry.get("replaced") for entry in logs if entry["event"] == "token_imported"] == [True]
+        assert second not in json.dumps(logs, default=str)
+
+
+async def test_the_refresh_token_setting_reads_env_and_needs_the_code_flow(tmp_path: Path) -> None:
+    """refresh_token takes "env:NAME" as a secret, and is refused beside client credentials."""
+    emulator = XeroEmulator()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+[connections.xero]
+connector = "xero"
+base_url = "https://api.xero.com/api.xro/2.0/"
+client_id = "{emulator.client_id}"
+client_secret = "{emulator.client_secret}"
+grant = "authorization_code"
+refresh_token = "env:XERO_REFRESH"
+""",
+        encoding="utf-8",
+    )
+    conn = load_config(config, environ={"XERO_REFRESH": "r3fresh-value"}).connections["xero"]
+    assert isinstance(conn.settings, XeroSettings)
+    assert conn.settings.refresh_token is not None
+    assert conn.settings.refresh_token.get_secret_value() == "r3fresh-value"
+    assert "r3fresh-value" not in repr(conn.settings)
+    assert conn.settings.base_url == "https://api.xero.com"
+    with pytest.raises(ValidationError, match="refresh_token is only used with grant = 'authorization_code'"):
+        settings(emulator, refresh_token="x")
+
+
+# ---------------------------------------------------------------------------
+# Tenant discovery and base_url
+# ---------------------------------------------------------------------------
+
+
+async def test_the_code_flow_discovers_its_only_tenant() -> None:
+    """Without tenant_id the code flow reads GET /connections once and sends that tenant on every call."""
+    async with rig() as r:
+        await code_flow(r)
+        connector = r.connect(grant="authorization_code", tenant_id=None)
+        assert await connector.find_invoice(KEY) is None
+        assert await connector.find_invoice("f" * 32) is None
+        assert r.emulator.calls["connections"] == 1
+        api = [req for req, _ in r.exchanges if req.url.path.startswith(API)]
+        assert {req.headers["xero-tenant-id"] for req in api} == {r.emulator.tenant_id}
+
+
+async def test_several_tenants_ask_for_tenant_id_and_list_them() -> None:
+    """With two connected organisations, the first call raises ConfigError listing both (name and id)."""
+    connections = [
+        {"tenantId": "11111111-1111-4111-8111-111111111111", "tenantName": "Acme AU", "tenantType": "ORGANISATION"},
+        {"tenantId": "22222222-2222-4222-8222-222222222222", "tenantName": "Acme NZ", "tenantType": "ORGANISATION"},
+    ]
+    emulator = XeroEmulator(clock=FakeClock())
+    mounts = {
+        HOST: httpx.ASGITransport(app=emulator.app),
+        "http://identity.test": httpx.MockTransport(lambda _req: httpx.Response(200, json=connections)),
+    }
+    conf = settings(
+        emulator, grant="authorization_code", tenant_id=None, connections_url="http://identity.test/connections"
+    )
+    async with httpx.AsyncClient(mounts=mounts) as client:
+        code = httpx.URL((await client.get(consent_url(conf, state="s"))).headers["location"]).params["code"]
+        store = MemoryTokenStore([])
+        await store.save(await exchange_code(conf, client, code, now=lambda: START.timestamp()))
+        ctx = ConnectorContext(
+            connection="books",
+            client=client,
+            tokens=store,
+            clock=FakeClock(),
+            make_http=functools.partial(VendorHttp, client, connection="books"),
+        )
+        with pytest.raises(ConfigError) as caught:
+            await XeroConnector(conf, ctx).find_invoice(KEY)
+        message = str(caught.value)
+        assert message.startswith("[connections.books].tenant_id: ")
+        assert "'Acme AU' (11111111-1111-4111-8111-111111111111)" in message
+        assert "'Acme NZ' (22222222-2222-4222-8222-222222222222)" in message
+        assert "set tenant_id" in message
+        assert emulator.calls["getInvoices"] == 0
+
+
+@pytest.mark.parametrize(
+    "given", ["http://xero.test", "http://xero.test/", "http://xero.test/api.xro/2.0", "http://xero.test/api.xro/2.0/"]
+)
+async def test_base_url_is_the_host_or_the_full_api_url(given: str) -> None:
+    """base_url takes the host or the spec's server URL; calls go to {host}/api.xro/2.0 either way."""
+    async with rig(base_url=given) as r:
+        assert r.connector.settings.base_url == HOST
+        assert await r.connector.find_invoice(KEY) is None
+        assert r.exchanges[-1][0].url.path == f"{API}/CreditNotes"
