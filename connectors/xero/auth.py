@@ -422,7 +422,12 @@ class XeroCodeFlow:
             for item in connections
         ]
         tenants = {str(item.get("tenantId", "")).lower() for item in connections}
-        if not settings.tenant_id:
+        if not settings.tenant_id and len(connections) == 1:
+            lines.append(
+                "set one of these tenant_id lines in the connection's config section, or leave tenant_id "
+                "unset: with one organisation connected, syncd discovers it"
+            )
+        elif not settings.tenant_id:
             lines.append("set one of these tenant_id lines in the connection's config section")
         elif settings.tenant_id.lower() not in tenants:
             lines.append(f"warning: the configured tenant_id {settings.tenant_id} is not among these organisations")

@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import io
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -21,7 +23,9 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from cryptography.fernet import Fernet
 from pydantic import ValidationError
+from rich.console import Console
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,6 +37,7 @@ from connectors.xero.connector import SPEC, XeroConnector, XeroSettings
 from connectors.xero.emulator import XeroEmulator, compile_where
 from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json
 from connectors.xero.webhooks import XeroWebhookVerifier
+from syncd.demo import free_port, serve
 from syncd.errors import AuthError, ConfigError, FatalError, NotFound, RecordError, RetriableError
 from syncd.http import Rejected, VendorHttp
 from syncd.interfaces import (
@@ -49,9 +54,10 @@ from syncd.interfaces import (
     InvoicingCodes,
     WebhookRequest,
 )
+from syncd.oauth import authorize
 from syncd.registry import load
 from syncd.settings import load_config
-from syncd.store import DeadLetterRow, EffectRow
+from syncd.store import DbTokenStore, DeadLetterRow, EffectRow, Store
 from tests.harness import seed_deal, stack
 
 HOST = "http://xero.test"
@@ -1206,3 +1212,66 @@ async def test_base_url_is_the_host_or_the_full_api_url(given: str) -> None:
         assert r.connector.settings.base_url == HOST
         assert await r.connector.find_invoice(KEY) is None
         assert r.exchanges[-1][0].url.path == f"{API}/CreditNotes"
+
+
+async def test_reconnecting_with_syncd_auth_keeps_the_new_tokens_over_a_configured_one(tmp_path: Path) -> None:
+    """After `syncd auth xero`, a refresh_token still in the config is not imported over the fresh tokens (real SQLite store)."""
+    xero = XeroEmulator(rate_limits=False)
+    port, callback = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    key = Fernet.generate_key().decode()
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[daemon]
+database_url = "sqlite:///{tmp_path / "s.db"}"
+encryption_key = "{key}"
+
+[connections.xero]
+connector = "xero"
+base_url = "{base}"
+token_url = "{base}/connect/token"
+authorize_url = "{base}/identity/connect/authorize"
+connections_url = "{base}/connections"
+client_id = "{xero.client_id}"
+client_secret = "{xero.client_secret}"
+grant = "authorization_code"
+refresh_token = "env:XERO_OLD_REFRESH"
+redirect_uri = "http://localhost:{callback}/callback"
+""",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={"XERO_OLD_REFRESH": "spent-long-ago"})
+    out = io.StringIO()
+    async with serve(xero.app, port):
+        flow = asyncio.create_task(authorize(config, "xero", Console(file=out, width=400)))
+        for _ in range(500):
+            if "http://" in out.getvalue() or flow.done():
+                break
+            await asyncio.sleep(0.01)
+        consent = re.search(r"(http://\S+/identity/connect/authorize\S+)", out.getvalue())
+        assert consent, out.getvalue()
+        async with httpx.AsyncClient(follow_redirects=True) as browser:
+            assert (await browser.get(consent.group(1))).status_code == 200
+        await asyncio.wait_for(flow, 30)
+        assert "leave tenant_id unset" in out.getvalue()
+        store = Store.open(config.daemon.database_url)
+        try:
+            tokens = DbTokenStore(store, "xero", key)
+            stored = await tokens.load()
+            assert stored is not None
+            assert stored["imported_sha256"] == sha256("spent-long-ago")
+            async with httpx.AsyncClient() as client:
+                ctx = ConnectorContext(
+                    connection="xero",
+                    client=client,
+                    tokens=tokens,
+                    clock=lambda: datetime.now(UTC),
+                    make_http=functools.partial(VendorHttp, client, connection="xero"),
+                )
+                connector = XeroConnector(config.connections["xero"].settings, ctx)  # type: ignore[arg-type]
+                assert await connector.find_invoice(KEY) is None
+            assert xero.calls["token"] == 1  # the code exchange only: nothing imported, nothing refreshed
+            assert xero.calls["connections"] == 2  # `syncd auth` listed them; the connector discovered its tenant
+        finally:
+            await store.close()
