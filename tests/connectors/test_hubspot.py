@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from cryptography.fernet import Fernet
 from pydantic import ValidationError
 
 from connectors.emulation import Fault
@@ -36,6 +37,7 @@ from syncd.http import Rejected, VendorHttp
 from syncd.interfaces import ConnectorContext, Crm, CrmSchema, DealBillingStatus, WebhookRequest
 from syncd.registry import load
 from syncd.settings import load_config
+from syncd.store import DbTokenStore, Store
 from tests.harness import write_config
 from tests.servers import invoke, serve_in_thread
 
@@ -828,3 +830,28 @@ async def test_the_daemon_creates_the_properties_before_its_workers(tmp_path: Pa
         names = await daemon.runtime.connectors["hubspot"].properties("deal")
         assert {name.value for name in BillingProperty} <= names
         assert hub.calls["POST /crm/v3/properties/deals"] == len(BillingProperty)
+
+
+async def test_replicas_import_and_refresh_once_on_the_encrypted_store(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator, db_url: str
+) -> None:
+    """On the real token store, two replicas starting at once import and refresh once; a refused new value changes nothing."""
+    deal = emulator.add_deal({"dealname": "Replicas"})
+    store = Store.open(db_url)
+    await store.migrate()
+    try:
+        tokens = DbTokenStore(store, "hubspot", Fernet.generate_key().decode())
+        one = build(client, clock, tokens, oauth_settings())  # type: ignore[arg-type]
+        two = build(client, clock, tokens, oauth_settings())  # type: ignore[arg-type]
+        await asyncio.gather(one.fetch_deal(deal), two.fetch_deal(deal))
+        assert emulator.calls["POST /oauth/v3/token"] == 1
+        saved = await tokens.load()
+        assert saved is not None
+        assert saved["imported_sha256"] == hashlib.sha256(b"emulator-refresh").hexdigest()
+
+        refused = build(client, clock, tokens, oauth_settings(refresh_token="not-the-apps-refresh"))  # type: ignore[arg-type]
+        with pytest.raises(AuthError, match="invalid_grant"):
+            await refused.fetch_deal(deal)
+        assert await tokens.load() == saved
+    finally:
+        await store.close()
