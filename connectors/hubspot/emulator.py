@@ -213,6 +213,7 @@ class HubSpotError(Exception):
         self.body.update(extra)
 
 
+_OAUTH_SCOPES = ["oauth", "crm.objects.deals.read", "crm.objects.deals.write"]
 _SCOPED_PATH = re.compile(r"^/crm/v[34]/(objects|properties)/([a-z_]+)(/.*)?$")
 _READING_POSTS = ("/search", "/batch/read")
 
@@ -733,7 +734,7 @@ class HubSpotEmulator:
                 "access_token": access,
                 "expires_in": settings.access_token_ttl_s,
                 "hub_id": PORTAL_ID,
-                "scopes": ["oauth", "crm.objects.deals.read", "crm.objects.deals.write"],
+                "scopes": ["oauth", *sorted(self.scopes)] if self.scopes is not None else _OAUTH_SCOPES,
             }
         )
 
