@@ -137,13 +137,18 @@ class RotatingTokens:
 
     async def _renew(self, *, rejected: str | None) -> str:
         async with self._lock, self.store.locked():
-            current = await self._import(await self.store.load())
+            stored = await self.store.load()
+            importing = self._import_due(stored)
+            self._import_checked = True
+            current = self._imported() if importing else (stored or {})
             if token_valid(current, self._now()) and current.get("access_token") != rejected:
                 self._cached = current
                 return str(current["access_token"])
             fresh = await self._refresh(current)
             await self.store.save(fresh)
             self._cached = fresh
+            if importing:
+                log.info("token_imported", connection=self.connection, replaced=bool(stored))
             log.info("token_refreshed", connection=self.connection, expires_at=fresh.get("expires_at"))
             return str(fresh["access_token"])
 
@@ -163,15 +168,14 @@ class RotatingTokens:
             return False
         return not stored or stored.get(IMPORTED_DIGEST) != digest(self.configured)
 
-    async def _import(self, stored: Tokens | None) -> Tokens:
-        """The stored set, replaced by the configured refresh token when that value is new."""
-        self._import_checked = True
-        if self.configured is None or not self._import_due(stored):
-            return stored or {}
-        # Not saved on its own: the refresh that follows at once saves the set it yields,
-        # digest included, so a refused token leaves the store as it was.
-        log.info("token_imported", connection=self.connection, replaced=bool(stored))
-        return {"refresh_token": self.configured, IMPORTED_DIGEST: digest(self.configured)}
+    def _imported(self) -> Tokens:
+        """The configured refresh token as a set to refresh from at once.
+
+        It is not saved on its own: the refresh saves the set it yields, digest
+        included, so a refused configured token leaves the store as it was.
+        """
+        configured = self.configured or ""
+        return {"refresh_token": configured, IMPORTED_DIGEST: digest(configured)}
 
     def _now(self) -> float:
         return self.clock().timestamp()

@@ -850,8 +850,9 @@ async def test_replicas_import_and_refresh_once_on_the_encrypted_store(
         assert saved["imported_sha256"] == hashlib.sha256(b"emulator-refresh").hexdigest()
 
         refused = build(client, clock, tokens, oauth_settings(refresh_token="not-the-apps-refresh"))  # type: ignore[arg-type]
-        with pytest.raises(AuthError, match="invalid_grant"):
+        with structlog.testing.capture_logs() as logs, pytest.raises(AuthError, match="invalid_grant"):
             await refused.fetch_deal(deal)
         assert await tokens.load() == saved
+        assert "token_imported" not in [entry["event"] for entry in logs]
     finally:
         await store.close()
