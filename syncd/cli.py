@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from syncd import logging as syncd_logging
-from syncd.errors import ConfigError, MappingError, SyncdError
+from syncd.errors import AuthError, ConfigError, MappingError, SyncdError
 from syncd.settings import Config, load_config
 
 app = typer.Typer(help="syncd: deal signed → invoice sent → cash collected.", no_args_is_help=True)
@@ -79,8 +80,23 @@ def run(config: ConfigOption = Path("config.toml")) -> None:
     # installed before it: make that one a no-op so a drained shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    # A refused start is said in one line below, not as uvicorn's traceback.
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+
+    def unless_refused(_record: logging.LogRecord) -> bool:
+        return daemon.refusal is None
+
+    uvicorn_errors.addFilter(unless_refused)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits 3 when the lifespan fails to start
+        if daemon.refusal is None:
+            raise
+    finally:
+        uvicorn_errors.removeFilter(unless_refused)
     if not server.started:
+        if daemon.refusal:
+            _problem(daemon.refusal)
         raise typer.Exit(1)
 
 
@@ -254,10 +270,21 @@ def setup_hubspot(
     config: ConfigOption = Path("config.toml"),
     connection: Annotated[str, typer.Option(help="The HubSpot connection name.")] = "hubspot",
 ) -> None:
-    """Create, idempotently, the deal properties syncd writes (group ``syncd``)."""
+    """Create, idempotently, the deal properties syncd writes (group ``syncd``), and list each one."""
     cfg = _load(config)
-    result = asyncio.run(_with_connector(cfg, connection, "ensure_properties"))
-    console.print(result)
+    try:
+        result = asyncio.run(_with_connector(cfg, connection, "ensure_properties"))
+    except (AuthError, ConfigError) as exc:
+        _problem(str(exc))
+        raise typer.Exit(1) from None
+    group = "created" if result.group_created else "already present"
+    console.print(f"{connection}: property group 'syncd' {group}", markup=False, highlight=False)
+    for name in (*result.created, *result.present):
+        state = "created" if name in result.created else "already present"
+        console.print(f"  {name:<28} {state}", markup=False, highlight=False)
+    console.print(
+        f"{len(result.created)} created, {len(result.present)} already present", markup=False, highlight=False
+    )
 
 
 async def _with_connector(config: Config, connection: str, method: str) -> Any:

@@ -5,6 +5,10 @@ handled by uvicorn) it stops taking new work, lets every worker finish the batch
 has claimed, stops the scheduler and closes the store: in-flight work is drained, and
 anything not yet claimed stays in the database for the next start.
 
+Before the workers start, every CRM connection that writes billing properties creates
+the ones it lacks (what ``syncd setup hubspot`` does, idempotently); when the token may
+not, the daemon refuses to start with one line naming the scope and the command.
+
 Mapping files are reloaded while it runs: on SIGHUP, and when a file's modification
 time, size or inode changes (looked at every ``[daemon].mapping_watch_interval_s``).
 A valid file is swapped in for the next event; a bad one leaves the running mapping in
@@ -21,7 +25,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 import structlog
@@ -29,12 +33,22 @@ from starlette.applications import Starlette
 
 from syncd import recurring
 from syncd.engine import Engine
+from syncd.errors import AuthError, ConfigError
 from syncd.runtime import Runtime, utcnow
 from syncd.scheduler import build_scheduler
 from syncd.settings import Config
 from syncd.webhooks import create_app
 
 log = structlog.get_logger("syncd.daemon")
+
+
+@runtime_checkable
+class WritesCrmProperties(Protocol):
+    """A CRM connector that writes its own properties and can create them (HubSpot)."""
+
+    async def ensure_properties(self) -> Any:
+        """Create the missing properties; raises AuthError when the token may not."""
+        ...
 
 
 class Daemon:
@@ -46,6 +60,9 @@ class Daemon:
         mounts: URL prefix → transport, to reach in-process emulators.
         poll: run the scheduler's poll ticks (tests that drive polls by hand turn it off).
         workers: worker tasks (default ``[daemon].workers``; 0 in tests that drain by hand).
+
+    Attributes:
+        refusal: why the last start was refused (one line for ``syncd run``), if it was.
     """
 
     def __init__(
@@ -67,6 +84,7 @@ class Daemon:
         self._workers: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
+        self.refusal: str | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -95,6 +113,12 @@ class Daemon:
         """Start the runtime, workers and scheduler; drain and close them on exit."""
         self._stop = asyncio.Event()
         self._runtime = await Runtime.start(self.config, clock=self.clock, mounts=self.mounts)
+        try:
+            await _create_crm_properties(self._runtime)
+        except BaseException as exc:
+            self.refusal = str(exc) if isinstance(exc, ConfigError) else None
+            await self._runtime.aclose()
+            raise
         self._engine = Engine(self._runtime)
         scheduler = (
             build_scheduler(
@@ -173,6 +197,25 @@ class Daemon:
     def _on_sighup(self) -> None:
         log.info("mapping_reload_requested", signal="SIGHUP")
         self.reload_mappings()
+
+
+async def _create_crm_properties(runtime: Runtime) -> None:
+    """``syncd setup hubspot`` for every connection that needs it, before any worker runs.
+
+    Raises:
+        ConfigError: a token lacks the scope to create them (one line: scope and command).
+    """
+    for name, connector in runtime.connectors.items():
+        if not isinstance(connector, WritesCrmProperties):
+            continue
+        try:
+            await connector.ensure_properties()
+        except AuthError as exc:
+            raise ConfigError(
+                f"syncd cannot create the deal properties it writes: {exc}; "
+                f"then run `syncd setup hubspot --connection {name}`",
+                place=f"[connections.{name}]",
+            ) from exc
 
 
 def _mapping_stamps(runtime: Runtime) -> dict[Path, tuple[int, int, int] | None]:

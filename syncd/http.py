@@ -4,7 +4,10 @@ Every connector composes a :class:`VendorHttp` bound to its connection; none bui
 own client or retry loop. The rules:
 
 * HTTP status → action is the single table :data:`STATUS_ACTIONS` (plus: any other 2xx
-  is fine, any other 4xx is fatal for the record, any other 5xx is retriable).
+  is fine, any other 4xx fails the record, any other 5xx is retriable). A failed
+  record raises :class:`Rejected` carrying every message the vendor sent (a connector
+  says how its error bodies read with :class:`VendorErrors`); a 401/403 raises
+  :class:`~syncd.errors.AuthError` saying what an admin does (reconnect, grant a scope).
 * Only :class:`~syncd.errors.RetriableError` is retried (tenacity), with exponential
   back-off and jitter, or exactly the vendor's ``Retry-After`` when it sent one.
 * A request that is not safe to repeat (a create without a vendor idempotency key)
@@ -35,7 +38,7 @@ import structlog
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from syncd.errors import AuthError, FatalError, NotFound, RateLimited, RetriableError
+from syncd.errors import AuthError, FatalError, NotFound, RateLimited, RecordError, RetriableError
 
 log = structlog.get_logger("syncd.http")
 
@@ -56,6 +59,7 @@ STATUS_ACTIONS: Mapping[int, Action] = {
     403: Action.AUTH,
     404: Action.NOT_FOUND,
     408: Action.RETRY,
+    409: Action.RETRY,
     425: Action.RETRY,
     429: Action.RATE_LIMITED,
     500: Action.RETRY,
@@ -166,8 +170,41 @@ def _error_text(response: httpx.Response, limit: int = 300) -> str:
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
-def raise_for_action(response: httpx.Response, *, connection: str) -> None:
-    """Raise the :mod:`syncd.errors` class the status table names; return on success."""
+class Rejected(RecordError, FatalError):
+    """The vendor refused this record as sent (400, 422 …): dead-letter it, never resend it as is.
+
+    A :class:`~syncd.errors.RecordError` (the engine dead-letters the record on the first
+    attempt and the rest keep flowing) and a :class:`~syncd.errors.FatalError` (the call
+    will not succeed by repeating it).
+
+    Attributes:
+        status: the HTTP status.
+        messages: every message the vendor sent, in its words.
+    """
+
+    def __init__(self, message: str, *, status: int, messages: Sequence[str], place: str | None = None) -> None:
+        super().__init__(message, place=place)
+        self.status = status
+        self.messages = tuple(messages)
+
+
+class VendorErrors(Protocol):
+    """How one vendor's error answers read; a connector hands one to :class:`VendorHttp`."""
+
+    def messages(self, response: httpx.Response) -> list[str]:
+        """Every message in an error body, in the vendor's words (empty when there is none)."""
+        ...
+
+    def auth_advice(self, response: httpx.Response) -> str:
+        """What an admin does about this 401 or 403 (reconnect, grant a scope); never a secret."""
+        ...
+
+
+def raise_for_action(response: httpx.Response, *, connection: str, errors: VendorErrors | None = None) -> None:
+    """Raise the :mod:`syncd.errors` class the status table names; return on success.
+
+    The body must have been read (``VendorHttp`` sends without streaming).
+    """
     action = action_for(response.status_code)
     if action is Action.OK:
         return
@@ -181,10 +218,12 @@ def raise_for_action(response: httpx.Response, *, connection: str) -> None:
             retry_after_s=retry_after_s(response.headers),
         )
     if action is Action.AUTH:
-        raise AuthError(f"{where} answered {status}: credentials rejected; run `syncd check`")
+        advice = errors.auth_advice(response) if errors else "check the connection's credentials with `syncd check`"
+        raise AuthError(f"{where} answered {status}: {advice}")
     if action is Action.NOT_FOUND:
         raise NotFound(f"{where} answered 404")
-    raise FatalError(f"{where} answered {status}: {_error_text(response)}")
+    messages = (errors.messages(response) if errors else []) or [_error_text(response)]
+    raise Rejected(f"{where} answered {status}: " + "; ".join(messages), status=status, messages=messages)
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -273,6 +312,7 @@ class VendorHttp:
         sleep: the sleep used between attempts (injected in tests).
         budget: a budget shared with other replicas, spent by every bucket that
             knows its vendor window (:func:`within`); ``None``: this process only.
+        errors: how the vendor's error bodies read (messages, auth advice).
     """
 
     def __init__(
@@ -289,8 +329,10 @@ class VendorHttp:
         backoff_cap_s: float = 60.0,
         sleep: Sleep = asyncio.sleep,
         budget: SharedBudget | None = None,
+        errors: VendorErrors | None = None,
     ) -> None:
         self.client = client
+        self.errors = errors
         self.connection = connection
         self.base_url = base_url.rstrip("/")
         self.auth = auth
@@ -324,7 +366,7 @@ class VendorHttp:
 
         Raises:
             RetriableError: still failing after ``max_attempts`` (or ``retry=False``).
-            AuthError, NotFound, FatalError: per :data:`STATUS_ACTIONS`.
+            AuthError, NotFound, Rejected: per :data:`STATUS_ACTIONS`.
         """
         attempts = self.max_attempts if retry else 1
         retrying = AsyncRetrying(
@@ -363,7 +405,7 @@ class VendorHttp:
             except httpx.TransportError as exc:
                 raise RetriableError(f"{self.connection}: {method} {path} failed: {type(exc).__name__}") from exc
         log.debug("http_request", connection=self.connection, method=method, path=path, status=response.status_code)
-        raise_for_action(response, connection=self.connection)
+        raise_for_action(response, connection=self.connection, errors=self.errors)
         return response
 
     def _auth(self) -> httpx.Auth | httpx._client.UseClientDefault:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -24,6 +26,7 @@ from syncd.http import make_client
 from syncd.interfaces import secret_value
 from syncd.settings import Config
 from syncd.store import DbTokenStore, Store
+from syncd.tokens import IMPORTED_DIGEST, digest
 
 TIMEOUT_S = 600
 
@@ -53,12 +56,23 @@ async def authorize(config: Config, connection: str, console: Console) -> None:
         await store.migrate()
         async with make_client() as client:
             tokens = await flow.exchange_code(conn.settings, client, code)
-            await DbTokenStore(store, connection, key).save(tokens)
+            await DbTokenStore(store, connection, key).save(_mark_configured_imported(tokens, conn.settings))
             for line in await flow.describe(conn.settings, client, tokens):
                 console.print(line, markup=False)
     finally:
         await store.close()
     console.print(f"connected {connection!r}; tokens stored encrypted in the database")
+
+
+def _mark_configured_imported(tokens: Mapping[str, Any], settings: Any) -> dict[str, Any]:
+    """The new set, marked as holding the configured ``refresh_token`` if the settings have one.
+
+    A connection brought in with a ``refresh_token`` setting and then re-connected here
+    keeps the fresh tokens: the daemon imports a configured value only when it differs
+    from the one the stored set records (:mod:`syncd.tokens`).
+    """
+    configured = secret_value(getattr(settings, "refresh_token", None))
+    return {**tokens, IMPORTED_DIGEST: digest(configured)} if configured else dict(tokens)
 
 
 async def _wait_for_code(redirect_uri: str, consent_url: str, state: str, console: Console) -> str:

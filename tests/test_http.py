@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from syncd.errors import AuthError, FatalError, NotFound, RateLimited, RetriableError
-from syncd.http import Action, RateLimit, VendorHttp, action_for, retry_after_s, within
+from syncd.errors import AuthError, FatalError, NotFound, RateLimited, RecordError, RetriableError
+from syncd.http import Action, RateLimit, Rejected, VendorHttp, action_for, retry_after_s, within
 
 
 @pytest.mark.parametrize(
@@ -16,7 +16,10 @@ from syncd.http import Action, RateLimit, VendorHttp, action_for, retry_after_s,
         (204, Action.OK),
         (400, Action.FAIL_RECORD),
         (401, Action.AUTH),
+        (403, Action.AUTH),
         (404, Action.NOT_FOUND),
+        (408, Action.RETRY),
+        (409, Action.RETRY),
         (422, Action.FAIL_RECORD),
         (429, Action.RATE_LIMITED),
         (500, Action.RETRY),
@@ -138,3 +141,46 @@ def test_zero_or_none_switches_a_limit_off() -> None:
     assert within(None, 60) == []
     (only_concurrency,) = within(0, 60, concurrency=5)
     assert only_concurrency.concurrency == 5
+
+
+class _AcmeErrors:
+    """A vendor whose error bodies are ``{"problems": [...]}``."""
+
+    def messages(self, response: httpx.Response) -> list[str]:
+        return [str(item) for item in response.json().get("problems", [])]
+
+    def auth_advice(self, response: httpx.Response) -> str:
+        return f"run `syncd auth acme` (status {response.status_code})"
+
+
+@pytest.mark.parametrize("status", [400, 422])
+async def test_a_refused_record_carries_every_vendor_message(status: int) -> None:
+    """400/422 raise Rejected (a record error) at once, holding each message the vendor's body lists."""
+    body = {"problems": ["Account code '999' is not valid", "Currency JPY is not enabled"]}
+    sleeps: list[float] = []
+    http = _vendor(httpx.MockTransport(lambda _r: httpx.Response(status, json=body)), sleeps, errors=_AcmeErrors())
+    with pytest.raises(Rejected) as caught:
+        await http.request("PUT", "/invoices", json={})
+    assert isinstance(caught.value, RecordError)
+    assert caught.value.messages == ("Account code '999' is not valid", "Currency JPY is not enabled")
+    assert caught.value.status == status
+    assert str(caught.value) == (
+        f"acme: PUT /invoices answered {status}: Account code '999' is not valid; Currency JPY is not enabled"
+    )
+    assert (http.calls, sleeps) == (1, [])
+
+
+async def test_auth_errors_carry_the_vendors_advice() -> None:
+    """A 401/403 message names the connection, the call and what the connector says to do."""
+    http = _vendor(httpx.MockTransport(lambda _r: httpx.Response(403, json={})), [], errors=_AcmeErrors())
+    with pytest.raises(AuthError, match=r"^acme: GET /things answered 403: run `syncd auth acme` \(status 403\)$"):
+        await http.request("GET", "/things")
+
+
+async def test_a_409_conflict_is_retried() -> None:
+    """409 is retriable: a conflicting concurrent change settles and the call succeeds."""
+    answers = iter([httpx.Response(409), httpx.Response(200, json={"ok": True})])
+    sleeps: list[float] = []
+    http = _vendor(httpx.MockTransport(lambda _r: next(answers)), sleeps)
+    assert (await http.request("GET", "/things")).json() == {"ok": True}
+    assert len(sleeps) == 1

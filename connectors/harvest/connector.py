@@ -76,13 +76,16 @@ MAX_PER_PAGE = 2000
 # https://help.getharvest.com/api-v2/introduction/overview/general/ (Rate limiting):
 # 100 requests per 15 seconds for every endpoint but the reports API.
 RATE_LIMIT_PERIOD_S = 15
+API_VERSION_PATH = "/v2"
 
 
 class HarvestSettings(ConnectionSettings):
     """``[connections.NAME]`` for a Harvest account.
 
     Attributes:
-        base_url: the API root (vendor, emulator or proxy).
+        base_url: the API root (vendor, emulator or proxy): the host
+            (``https://api.harvestapp.com``) or the full API URL (``…/v2``); kept as
+            the full API URL.
         token: a personal access token from Harvest ID's Developers section.
         account_id: the Harvest account the token acts on (``Harvest-Account-Id``).
         user_agent: ``App name (contact)``: Harvest requires the application's name
@@ -101,6 +104,14 @@ class HarvestSettings(ConnectionSettings):
     rate_limit_per_15s: int | None = Field(default=100, ge=1)
     per_page: int = Field(default=MAX_PER_PAGE, ge=1, le=MAX_PER_PAGE)
     poll_overlap_s: int = Field(default=300, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _api_root(cls, value: str) -> str:
+        # Harvest API v2 lives under /v2 (https://help.getharvest.com/api-v2/, every
+        # path there starts https://api.harvestapp.com/v2/…).
+        root = value.rstrip("/")
+        return root if root.endswith(API_VERSION_PATH) else root + API_VERSION_PATH
 
     @field_validator("account_id")
     @classmethod

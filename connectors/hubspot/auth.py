@@ -11,8 +11,9 @@ OAuth facts relied on (https://developers.hubspot.com/docs/api-reference/legacy/
 HubSpot's refresh tokens are reused, not rotated: "store the refresh token you get when
 initiating your OAuth integration and use it to generate a new access token once the
 initial one expires" (https://developers.hubspot.com/docs/methods/OAuth2/refresh-access-token).
-A refresh therefore never invalidates what another replica holds; still, refreshes are
-serialised under the token store's lock and the new set is saved before it is used.
+A refresh therefore never invalidates what another replica holds; still, it goes through
+the same lock-reload-refresh-save piece as Xero's (:mod:`syncd.tokens`), which also
+imports the configured ``refresh_token`` once and keeps any newer one HubSpot answers.
 """
 
 from __future__ import annotations
@@ -24,13 +25,10 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from connectors.hubspot.models import TokenResponse
+from connectors.hubspot.models import ErrorBody, TokenResponse
 from syncd.errors import AuthError, RetriableError
 from syncd.interfaces import TokenStore
-
-# Refresh this long before the access token's stated expiry, so a request never
-# leaves with a token that dies in flight.
-EXPIRY_MARGIN_S = 60
+from syncd.tokens import RotatingTokens
 
 
 class BearerToken(httpx.Auth):
@@ -45,109 +43,114 @@ class BearerToken(httpx.Auth):
         yield request
 
 
-class OAuthRefresh(httpx.Auth):
-    """OAuth2 access tokens from a refresh token, kept in the connection's token store.
+def oauth_tokens(
+    *,
+    client: httpx.AsyncClient,
+    token_url: str,
+    client_id: str,
+    client_secret: str,
+    configured_refresh_token: str | None,
+    tokens: TokenStore,
+    clock: Callable[[], datetime],
+    connection: str,
+) -> RotatingTokens:
+    """OAuth access tokens for a HubSpot app: the shared lock-reload-refresh-save piece.
 
-    The access token is cached in memory; it is refreshed when missing, within
-    :data:`EXPIRY_MARGIN_S` of expiry, or once after a 401. Refreshes happen under
-    ``tokens.locked()`` and re-read the store first, so concurrent tasks (and replicas)
-    refresh once; the new set is saved before any request uses it.
+    The configured refresh token is imported once into the token store (again only
+    when the configured value changes); refreshes are serialised under the store's lock
+    and each new set is saved before it is used.
 
     Args:
         client: the shared client, used for the token endpoint.
         token_url: the token endpoint (configurable for emulators and proxies).
         client_id / client_secret: the app's credentials.
-        initial_refresh_token: the configured refresh token, used until the store holds one.
+        configured_refresh_token: the ``refresh_token`` setting.
         tokens: the connection's durable token store.
         clock: current aware UTC time.
+        connection: the connection name, for messages and logs.
     """
 
-    def __init__(
-        self,
-        *,
-        client: httpx.AsyncClient,
-        token_url: str,
-        client_id: str,
-        client_secret: str,
-        initial_refresh_token: str | None,
-        tokens: TokenStore,
-        clock: Callable[[], datetime],
-    ) -> None:
-        self._client = client
-        self._token_url = token_url
-        self._client_id = client_id
-        self._client_secret = client_secret
-        self._initial_refresh = initial_refresh_token
-        self._tokens = tokens
-        self._clock = clock
-        self._cached: Mapping[str, Any] | None = None
-
-    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        """Send with a valid access token; on 401 refresh once and resend."""
-        token = await self.access_token()
-        request.headers["Authorization"] = f"Bearer {token}"
-        response = yield request
-        if response.status_code == 401:
-            token = await self.access_token(rejected=token)
-            request.headers["Authorization"] = f"Bearer {token}"
-            yield request
-
-    async def access_token(self, *, rejected: str | None = None) -> str:
-        """A usable access token: cached, stored by another task, or freshly refreshed.
-
-        Args:
-            rejected: a token the API just refused; it is never returned again.
-        """
-        if self._usable(self._cached, rejected):
-            return str(self._cached["access_token"])  # type: ignore[index]
-        async with self._tokens.locked():
-            stored = await self._tokens.load()
-            if not self._usable(stored, rejected):
-                stored = await self._refresh(stored)
-                await self._tokens.save(stored)
-            self._cached = stored
-        return str(stored["access_token"])  # type: ignore[index]
-
-    def _usable(self, tokens: Mapping[str, Any] | None, rejected: str | None) -> bool:
-        if not tokens or not tokens.get("access_token") or tokens.get("access_token") == rejected:
-            return False
-        expires_at = float(tokens.get("expires_at") or 0)
-        return expires_at - EXPIRY_MARGIN_S > self._clock().timestamp()
-
-    async def _refresh(self, stored: Mapping[str, Any] | None) -> dict[str, Any]:
-        refresh_token = (stored or {}).get("refresh_token") or self._initial_refresh
-        if not refresh_token:
-            raise AuthError("hubspot: no OAuth refresh token stored or configured; re-authorise the app")
+    async def refresh(refresh_token: str) -> dict[str, Any]:
         form = {
             "grant_type": "refresh_token",
-            "client_id": self._client_id,
-            "client_secret": self._client_secret,
-            "refresh_token": str(refresh_token),
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "refresh_token": refresh_token,
         }
-        answer = await self._post_token(form)
+        answer = await _post_token(client, token_url, form)
         return {
             "access_token": answer.access_token,
-            "refresh_token": answer.refresh_token or str(refresh_token),
-            "expires_at": self._clock().timestamp() + answer.expires_in,
+            "refresh_token": answer.refresh_token or refresh_token,
+            "expires_at": clock().timestamp() + answer.expires_in,
             "token_type": answer.token_type,
         }
 
-    async def _post_token(self, form: Mapping[str, str]) -> TokenResponse:
-        try:
-            response = await self._client.post(self._token_url, data=dict(form))
-        except httpx.TransportError as exc:
-            raise RetriableError(f"hubspot: token endpoint unreachable: {type(exc).__name__}") from exc
-        if response.status_code >= 500 or response.status_code == 429:
-            raise RetriableError(f"hubspot: token endpoint answered {response.status_code}")
-        if response.status_code >= 400:
-            raise AuthError(
-                f"hubspot: token refresh rejected ({response.status_code} {_oauth_error(response)}); "
-                "re-authorise the app and update refresh_token"
-            )
-        try:
-            return TokenResponse.model_validate_json(response.content)
-        except ValidationError as exc:
-            raise AuthError("hubspot: token endpoint answered without an access_token/expires_in") from exc
+    return RotatingTokens(
+        store=tokens,
+        refresh=refresh,
+        clock=clock,
+        connection=connection,
+        reconnect="re-authorise the app and set the connection's refresh_token",
+        configured_refresh_token=configured_refresh_token,
+    )
+
+
+async def _post_token(client: httpx.AsyncClient, token_url: str, form: Mapping[str, str]) -> TokenResponse:
+    try:
+        response = await client.post(token_url, data=dict(form))
+    except httpx.TransportError as exc:
+        raise RetriableError(f"hubspot: token endpoint unreachable: {type(exc).__name__}") from exc
+    if response.status_code >= 500 or response.status_code == 429:
+        raise RetriableError(f"hubspot: token endpoint answered {response.status_code}")
+    if response.status_code >= 400:
+        raise AuthError(
+            f"hubspot: token refresh rejected ({response.status_code} {_oauth_error(response)}); "
+            "re-authorise the app and update refresh_token"
+        )
+    try:
+        return TokenResponse.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise AuthError("hubspot: token endpoint answered without an access_token/expires_in") from exc
+
+
+class HubSpotErrors:
+    """How HubSpot's error answers read (:class:`~syncd.http.VendorErrors`).
+
+    Args:
+        connection: the connection name, for the advice.
+        oauth: whether the connection uses an OAuth app (else a private-app token).
+    """
+
+    def __init__(self, connection: str, *, oauth: bool) -> None:
+        self.connection = connection
+        self.oauth = oauth
+
+    def messages(self, response: httpx.Response) -> list[str]:
+        """``message`` and each ``errors[].message`` of the body."""
+        return _error_body(response).messages()
+
+    def auth_advice(self, response: httpx.Response) -> str:
+        """401: the token is refused; 403: name the missing scopes when HubSpot lists them."""
+        body = _error_body(response)
+        grant = (
+            "re-install the OAuth app with that scope and update refresh_token"
+            if self.oauth
+            else "add it to the private app's scopes (Settings > Integrations > Private Apps)"
+        )
+        scopes = body.missing_scopes()
+        if scopes:
+            return f"the token lacks the scope {', '.join(scopes)} ({body.category}); {grant}"
+        if response.status_code == 403:
+            return f"HubSpot refused access ({body.category or 'FORBIDDEN'}: {body.message}); check the app's scopes"
+        fix = "re-authorise the app and update refresh_token" if self.oauth else "check the connection's token"
+        return f"credentials rejected ({body.category or 'UNAUTHORIZED'}); {fix}"
+
+
+def _error_body(response: httpx.Response) -> ErrorBody:
+    try:
+        return ErrorBody.model_validate_json(response.content)
+    except ValidationError:
+        return ErrorBody()
 
 
 def _oauth_error(response: httpx.Response) -> str:

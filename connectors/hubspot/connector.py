@@ -39,9 +39,9 @@ from typing import Any
 
 import httpx
 import structlog
-from pydantic import SecretStr, model_validator
+from pydantic import SecretStr, field_validator, model_validator
 
-from connectors.hubspot.auth import BearerToken, OAuthRefresh
+from connectors.hubspot.auth import BearerToken, HubSpotErrors, oauth_tokens
 from connectors.hubspot.models import (
     AssociatedObject,
     AssociationCollection,
@@ -74,6 +74,7 @@ from syncd.interfaces import (
     WebhookVerifier,
     secret_value,
 )
+from syncd.tokens import TokenAuth
 
 log = structlog.get_logger("connectors.hubspot")
 
@@ -154,10 +155,12 @@ class HubSpotSettings(ConnectionSettings):
     ``client_id`` + ``client_secret`` + ``refresh_token``.
 
     Attributes:
-        base_url: API root (``https://api.hubapi.com``; an emulator or proxy in tests).
+        base_url: API root (``https://api.hubapi.com``, with or without a trailing slash;
+            an emulator or proxy in tests).
         token: private-app access token.
-        client_id / client_secret / refresh_token: OAuth app credentials and the initial
-            refresh token (afterwards the token store holds the current set).
+        client_id / client_secret / refresh_token: OAuth app credentials and the refresh
+            token, imported once into the token store (a changed value replaces the
+            stored set; the same value never overwrites it).
         token_url: OAuth token endpoint.
         webhook_secret: the app's client secret, the key of v3 webhook signatures
             (defaults to ``client_secret`` when unset).
@@ -181,6 +184,12 @@ class HubSpotSettings(ConnectionSettings):
     search_rate_per_s: int | None = 5
     poll_lag_s: int = 30
     search_max_results: int = 10_000
+
+    @field_validator("base_url")
+    @classmethod
+    def _api_root(cls, value: str) -> str:
+        # Paths are joined as ``{base_url}/crm/v3/...``: no trailing slash.
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _one_auth_method(self) -> HubSpotSettings:
@@ -575,15 +584,17 @@ def _iso_text(moment: datetime) -> str:
 def _auth(settings: HubSpotSettings, ctx: ConnectorContext) -> httpx.Auth:
     if settings.token is not None:
         return BearerToken(settings.token.get_secret_value())
-    return OAuthRefresh(
+    tokens = oauth_tokens(
         client=ctx.client,
         token_url=settings.token_url,
         client_id=settings.client_id or "",
         client_secret=secret_value(settings.client_secret),
-        initial_refresh_token=secret_value(settings.refresh_token) or None,
+        configured_refresh_token=secret_value(settings.refresh_token) or None,
         tokens=ctx.tokens,
         clock=ctx.clock,
+        connection=ctx.connection,
     )
+    return TokenAuth(tokens)
 
 
 def rate_limits(settings: HubSpotSettings) -> list[RateLimit]:
@@ -604,6 +615,7 @@ def create(settings: HubSpotSettings, ctx: ConnectorContext) -> HubSpotConnector
         auth=_auth(settings, ctx),
         headers={"Accept": "application/json"},
         limits=rate_limits(settings),
+        errors=HubSpotErrors(ctx.connection, oauth=settings.token is None),
     )
     return HubSpotConnector(settings=settings, http=http, connection=ctx.connection, clock=ctx.clock)
 

@@ -28,6 +28,13 @@ SDK and syncd's connector work against it. Sources (all on developers.hubspot.co
   ``/changelog/2018-11-06-rate-limit-information-headers-will-be-included-in-http-responses``.
   HubSpot does not document ``Retry-After`` on 429, so none is sent;
 * OAuth ``/oauth/v3/token``: ``/docs/api-reference/legacy/authentication/manage-oauth-tokens``;
+* scopes (when the emulator is given ``scopes``): each endpoint needs its object's
+  ``crm.objects.{type}.read``/``.write`` or, for properties, ``crm.schemas.{type}.read``/
+  ``.write`` (the "Scope requirements" of each API guide, e.g.
+  ``/docs/api-reference/latest/crm/properties/guide``); a token without it is answered
+  403 with ``category: MISSING_SCOPES`` and the scopes in
+  ``errors[].context.requiredGranularScopes``, the message linking ``/scopes`` (the
+  body HubSpot sends, as quoted in HubSpot Community threads on MISSING_SCOPES);
 * webhook bodies and v3 signatures: see ``connectors/hubspot/webhooks.py``.
 
 Emulator-only choices (not confirmed against HubSpot): the v3 ``associations[].type``
@@ -206,6 +213,22 @@ class HubSpotError(Exception):
         self.body.update(extra)
 
 
+_OAUTH_SCOPES = ["oauth", "crm.objects.deals.read", "crm.objects.deals.write"]
+_SCOPED_PATH = re.compile(r"^/crm/v[34]/(objects|properties)/([a-z_]+)(/.*)?$")
+_READING_POSTS = ("/search", "/batch/read")
+
+
+def _required_scope(method: str, path: str) -> str | None:
+    """The granular scope an endpoint needs (``None``: not checked by the emulator)."""
+    found = _SCOPED_PATH.match(path)
+    if found is None:
+        return None
+    family, object_type, rest = found.group(1), found.group(2), found.group(3) or ""
+    reads = method == "GET" or (method == "POST" and rest.endswith(_READING_POSTS))
+    kind = "objects" if family == "objects" else "schemas"
+    return f"crm.{kind}.{object_type}.{'read' if reads else 'write'}"
+
+
 @dataclass
 class _Record:
     id: str
@@ -245,6 +268,8 @@ class HubSpotEmulator:
         client_id / refresh_token: OAuth app id and the refresh token the token endpoint accepts.
         access_token_ttl_s: lifetime of issued OAuth access tokens (HubSpot: 1800).
         search_result_cap: results per search query (HubSpot: 10,000; lower it in tests).
+        scopes: the scopes granted to the private-app token and to OAuth access tokens;
+            ``None`` grants every scope (no checks).
         strict_properties: API writes naming an undefined property are refused with
             HubSpot's 400 ``PROPERTY_DOESNT_EXIST`` (as HubSpot does); ``False`` defines
             them on the fly as text properties. Run ``ensure_properties`` (``syncd setup
@@ -272,8 +297,10 @@ class HubSpotEmulator:
         access_token_ttl_s: int = 1800,
         search_result_cap: int = 10_000,
         strict_properties: bool = True,
+        scopes: Iterable[str] | None = None,
     ) -> None:
         self.token = token
+        self.scopes = None if scopes is None else frozenset(scopes)
         self.client_secret = client_secret
         self.client_id = client_id
         self.refresh_token = refresh_token
@@ -607,6 +634,7 @@ class HubSpotEmulator:
             self.calls[f"{request.method} {_NUMERIC_SEGMENT.sub('/{id}', request.url.path)}"] += 1
             try:
                 self._authenticate(request)
+                self._authorise(request)
                 self._throttle(search)
                 response = await handler(request)
             except HubSpotError as exc:
@@ -631,6 +659,25 @@ class HubSpotEmulator:
             )
         if expires_at <= self._clock().timestamp():
             raise HubSpotError(401, "The OAuth token used to make this call expired.", "EXPIRED_AUTHENTICATION")
+
+    def _authorise(self, request: Request) -> None:
+        """403 ``MISSING_SCOPES`` when the granted scopes lack the one this endpoint needs."""
+        needed = _required_scope(request.method, request.url.path)
+        if self.scopes is None or needed is None or needed in self.scopes:
+            return
+        raise HubSpotError(
+            403,
+            "This app hasn't been granted all required scopes to make this call. "
+            "Read more about required scopes here: https://developers.hubspot.com/scopes.",
+            "MISSING_SCOPES",
+            errors=[
+                {
+                    "message": "One or more of the following scopes are required.",
+                    "context": {"requiredGranularScopes": [needed]},
+                }
+            ],
+            links={"scopes": "https://developers.hubspot.com/scopes"},
+        )
 
     def _throttle(self, search: bool) -> None:
         if search:
@@ -690,7 +737,7 @@ class HubSpotEmulator:
                 "access_token": access,
                 "expires_in": settings.access_token_ttl_s,
                 "hub_id": PORTAL_ID,
-                "scopes": ["oauth", "crm.objects.deals.read", "crm.objects.deals.write"],
+                "scopes": ["oauth", *sorted(self.scopes)] if self.scopes is not None else _OAUTH_SCOPES,
             }
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
@@ -157,6 +158,41 @@ class TokenResponse(Wire):
     refresh_token: str | None = None
     expires_in: int
     token_type: str = "bearer"  # noqa: S105 - the token kind, not a secret
+
+
+class ErrorDetail(Wire):
+    """One entry of an error body's ``errors`` (``message``, ``context``)."""
+
+    message: str = ""
+    context: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorBody(Wire):
+    """HubSpot's error answer: ``status``, ``message``, ``category``, ``errors[]``.
+
+    A token without a scope an endpoint needs is answered 403 with category
+    ``MISSING_SCOPES`` and the scopes in ``errors[].context.requiredGranularScopes``
+    (HubSpot links https://developers.hubspot.com/scopes from that message; the body
+    shape as HubSpot sends it is quoted in the HubSpot Community threads on 403
+    MISSING_SCOPES).
+    """
+
+    message: str = ""
+    category: str = ""
+    errors: tuple[ErrorDetail, ...] = ()
+
+    def messages(self) -> list[str]:
+        """The top-level message, then each detail's, without repeats."""
+        found = [self.message, *(detail.message for detail in self.errors)]
+        return list(dict.fromkeys(text for text in found if text))
+
+    def missing_scopes(self) -> list[str]:
+        """The scopes a ``MISSING_SCOPES`` answer names."""
+        scopes: list[str] = []
+        for detail in self.errors:
+            named = detail.context.get("requiredGranularScopes")
+            scopes += [str(scope) for scope in named] if isinstance(named, list) else []
+        return list(dict.fromkeys(scopes))
 
 
 class WebhookEvent(Wire):

@@ -8,17 +8,17 @@ request; its tokens come from one of two sources:
   no refresh token ("Do I need to manage refresh tokens? No" and "the xero-tenant-id
   header is not required": https://developer.xero.com/faq/custom-integration). Tokens
   live 30 minutes and are cached in memory and in the :class:`~syncd.interfaces.TokenStore`.
-* :class:`RefreshingTokens` for the authorization-code flow. Xero refresh tokens are
-  single-use and rotate: "When you perform a token refresh, you should replace your
-  existing refresh token with the new one returned in the response"
-  (https://developer.xero.com/faq/oauth2). A refresh therefore runs only under
-  ``TokenStore.locked()``, re-loads the stored set inside the lock (another replica may
-  have refreshed already) and saves the new set *before* the new access token is used.
+* :func:`refreshing_tokens` for the authorization-code flow: the shared
+  lock-reload-refresh-save piece (:class:`syncd.tokens.RotatingTokens`), because Xero
+  refresh tokens are single-use and rotate ("When you perform a token refresh, you
+  should replace your existing refresh token with the new one returned in the
+  response", https://developer.xero.com/faq/oauth2). An existing connection is brought
+  in with the ``refresh_token`` setting, imported once into the token store. Without a
+  configured ``tenant_id`` the tenant is discovered (:class:`TenantDiscovery`).
 
-The flow retries a request once after a 401 with a renewed token, and translates
-Xero's 400 ``ValidationException`` bodies into :class:`~connectors.xero.models.XeroRejected`
-(the shared :class:`~syncd.http.VendorHttp` would otherwise keep only a short excerpt of
-the body).
+The flow resends a request once after a 401 with a renewed token. It never reads
+bodies: :class:`XeroErrors` tells the shared :class:`~syncd.http.VendorHttp` how Xero's
+error answers read (every ``ValidationException`` message; what to do about a 401/403).
 
 The code flow's first step is the lead's ``syncd auth xero`` CLI: :func:`consent_url`
 and :func:`exchange_code` (https://developer.xero.com/documentation/oauth2/auth-flow).
@@ -28,17 +28,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import httpx
 import structlog
 
-from connectors.xero.models import XeroError, XeroRejected, load_json
-from syncd.errors import AuthError, RateLimited, RetriableError
+from connectors.xero.models import XeroError, load_json
+from syncd.errors import AuthError, ConfigError, RateLimited, RetriableError
 from syncd.http import retry_after_s
+from syncd.interfaces import secret_value
+from syncd.tokens import EXPIRY_MARGIN_S as EXPIRY_MARGIN_S
+from syncd.tokens import RotatingTokens, TokenAuth, TokenSource
+from syncd.tokens import token_valid as token_valid
 
 if TYPE_CHECKING:
     from connectors.xero.connector import XeroSettings
@@ -46,18 +50,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("connectors.xero.auth")
 
-# Renew an access token this many seconds before Xero's expiry (the official SDK uses
-# 60 s too: xero_python/api_client/oauth2.py, OAuth2Token.EXPIRATION_BUFFER_DEFAULT).
-EXPIRY_MARGIN_S = 60
-
 Tokens = Mapping[str, Any]
-
-
-def token_valid(tokens: Tokens | None, now_s: float) -> bool:
-    """Whether ``tokens`` holds an access token still valid for ``EXPIRY_MARGIN_S`` seconds."""
-    if not tokens or not tokens.get("access_token"):
-        return False
-    return float(tokens.get("expires_at", 0)) - EXPIRY_MARGIN_S > now_s
 
 
 def token_set(payload: Mapping[str, Any], now_s: float, previous: Tokens | None = None) -> dict[str, Any]:
@@ -125,63 +118,157 @@ def _advice(grant: str) -> str:
     return "check client_id and client_secret of the connection"
 
 
-def raise_for_validation(response: httpx.Response) -> None:
-    """Raise :class:`XeroRejected` for a 400 that carries Xero's ``Error`` body; else return.
+class XeroErrors:
+    """How Xero's error answers read (:class:`~syncd.http.VendorErrors`).
 
-    Body shape: spec ``components.schemas.Error`` (``ErrorNumber``, ``Type``, ``Message``,
-    ``Elements[].ValidationErrors[].Message``).
+    Args:
+        connection: the connection name, for the advice.
+        settings: the connection's settings (grant, tenant, scopes).
     """
-    if response.status_code != 400:
-        return
+
+    def __init__(self, connection: str, settings: XeroSettings) -> None:
+        self.connection = connection
+        self.settings = settings
+
+    def messages(self, response: httpx.Response) -> list[str]:
+        """Every ``Elements[].ValidationErrors[].Message`` of a ``ValidationException``, else ``Message``.
+
+        Body: spec ``components.schemas.Error`` (``ErrorNumber``, ``Type``, ``Message``,
+        ``Elements[].ValidationErrors[].Message``); "400 Bad Request: A validation
+        exception has occured", with an ``ApiException`` summary of the reason
+        (https://developer.xero.com/documentation/api/http-response-codes).
+        """
+        try:
+            return XeroError.model_validate(load_json(response.content)).messages()
+        except ValueError:
+            return []
+
+    def auth_advice(self, response: httpx.Response) -> str:
+        """401: the grant is gone (reconnect); 403: the organisation or a scope is missing."""
+        reconnect = f"run `syncd auth xero --connection {self.connection}` to reconnect"
+        if self.settings.grant == "client_credentials":
+            reconnect = "check client_id and client_secret, and the custom connection's organisation and scopes"
+        if response.status_code == 401:
+            return f"Xero refused the access token even after renewing it (the app was disconnected?); {reconnect}"
+        tenant = self.settings.tenant_id or "the discovered organisation"
+        scopes = " ".join(self.settings.scopes)
+        return (
+            f"Xero refused access ({_detail(response)}): organisation {tenant} is not connected to this app, "
+            f"or the token lacks the scope for this call (syncd needs: {scopes}); {reconnect}"
+        )
+
+
+def _detail(response: httpx.Response) -> str:
+    """The identity layer's ``Detail`` (``AuthorizationUnsuccessful``), else the status."""
     try:
-        error = XeroError.model_validate(load_json(response.content))
+        body = load_json(response.content)
     except ValueError:
-        return
-    messages = error.messages()
-    if not messages:
-        return
-    where = f"{response.request.method} {response.request.url.path}"
-    raise XeroRejected(f"xero rejected {where}: " + "; ".join(messages), messages=messages)
+        return f"HTTP {response.status_code}"
+    detail = body.get("Detail") if isinstance(body, dict) else None
+    return str(detail) if detail else f"HTTP {response.status_code}"
 
 
-class TokenSource(Protocol):
-    """Where :class:`XeroAuth` gets its access tokens."""
-
-    async def access_token(self) -> str:
-        """A currently valid access token (fetching or refreshing one if needed)."""
-        ...
-
-    async def renew(self, rejected: str) -> str:
-        """A new access token after ``rejected`` was answered 401."""
-        ...
-
-
-class XeroAuth(httpx.Auth):
-    """Bearer token on each request, one retry after a 401, Xero's 400 bodies translated.
+class XeroAuth(TokenAuth):
+    """Bearer token on each request, one resend after a 401, and the ``xero-tenant-id`` header.
 
     Args:
         source: the token source (client credentials, refreshing, or a fixed token).
+        tenants: discovers the tenant when ``tenant_id`` is not configured (code flow).
     """
 
-    requires_response_body = True
+    def __init__(self, source: TokenSource, tenants: TenantDiscovery | None = None) -> None:
+        super().__init__(source)
+        self.tenants = tenants
 
-    def __init__(self, source: TokenSource) -> None:
-        self.source = source
+    async def prepare(self, request: httpx.Request, token: str) -> None:
+        """Add the discovered ``xero-tenant-id`` when the request has none."""
+        if self.tenants is not None and "xero-tenant-id" not in request.headers:
+            request.headers["Xero-tenant-id"] = await self.tenants.tenant_id(token)
 
-    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        """Refused: syncd is async only."""
-        raise RuntimeError("the Xero auth flow is async only")
 
-    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        """Send with the current token; on a 401 renew it once and resend."""
-        token = await self.source.access_token()
-        request.headers["Authorization"] = f"Bearer {token}"
-        response = yield request
-        if response.status_code == 401:
-            log.info("xero_token_rejected", path=request.url.path)
-            request.headers["Authorization"] = f"Bearer {await self.source.renew(token)}"
-            response = yield request
-        raise_for_validation(response)
+class TenantDiscovery:
+    """The one organisation a code-flow token reaches, from ``GET connections_url``.
+
+    Used when ``tenant_id`` is not configured: exactly one connected tenant is taken;
+    none or several is a :class:`~syncd.errors.ConfigError` listing them
+    (https://developer.xero.com/documentation/guides/oauth2/tenants; spec
+    ``xero-identity.yaml`` ``GET /connections``).
+
+    Args:
+        settings: the connection's settings.
+        client: the shared client.
+        connection: the connection name, for messages.
+    """
+
+    def __init__(self, settings: XeroSettings, client: httpx.AsyncClient, connection: str) -> None:
+        self.settings = settings
+        self.client = client
+        self.connection = connection
+        self._tenant: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def tenant_id(self, access_token: str) -> str:
+        """The tenant id (looked up once per process)."""
+        async with self._lock:
+            if self._tenant is None:
+                self._tenant = self._only(await list_connections(self.settings, self.client, access_token))
+                log.info("xero_tenant_discovered", connection=self.connection, tenant_id=self._tenant)
+            return self._tenant
+
+    def _only(self, connections: list[dict[str, Any]]) -> str:
+        tenants = [item for item in connections if item.get("tenantId")]
+        if len(tenants) == 1:
+            return str(tenants[0]["tenantId"])
+        place = f"[connections.{self.connection}].tenant_id"
+        if not tenants:
+            raise ConfigError(
+                f"no Xero organisation is connected to this app; run `syncd auth xero --connection "
+                f"{self.connection}` and pick one",
+                place=place,
+            )
+        listed = ", ".join(f"{item.get('tenantName')!r} ({item['tenantId']})" for item in tenants)
+        raise ConfigError(
+            f"the token reaches {len(tenants)} Xero organisations: {listed}; set tenant_id to the one to invoice in",
+            place=place,
+        )
+
+
+def refresher(
+    settings: XeroSettings, client: httpx.AsyncClient, clock: Callable[[], datetime]
+) -> Callable[[str], Awaitable[dict[str, Any]]]:
+    """The code flow's refresh call for :class:`~syncd.tokens.RotatingTokens`.
+
+    ``POST token_url`` with ``grant_type=refresh_token`` and basic client auth
+    (https://developer.xero.com/documentation/oauth2/auth-flow, "Refreshing access tokens").
+    """
+
+    async def refresh(refresh_token: str) -> dict[str, Any]:
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        payload = await request_token(settings, client, form)
+        return {**token_set(payload, clock().timestamp()), "grant": "authorization_code"}
+
+    return refresh
+
+
+def refreshing_tokens(
+    settings: XeroSettings,
+    client: httpx.AsyncClient,
+    tokens: TokenStore,
+    clock: Callable[[], datetime],
+    connection: str,
+) -> RotatingTokens:
+    """Access tokens of the code flow: the shared lock-reload-refresh-save piece.
+
+    A configured ``refresh_token`` (an existing connection brought in) is imported once.
+    """
+    return RotatingTokens(
+        store=tokens,
+        refresh=refresher(settings, client, clock),
+        clock=clock,
+        connection=connection,
+        reconnect=f"run `syncd auth xero --connection {connection}` to connect",
+        configured_refresh_token=secret_value(settings.refresh_token) or None,
+    )
 
 
 class StaticToken:
@@ -199,8 +286,13 @@ class StaticToken:
         raise AuthError("xero: the stored access token was rejected (401); the daemon will refresh it")
 
 
-class _StoredTokens:
-    """What both token sources hold: settings, the token endpoint's client, the store, a cache."""
+class ClientCredentials:
+    """Access tokens for a Xero custom connection (client credentials grant).
+
+    Custom connections doc: https://developer.xero.com/documentation/guides/oauth2/custom-connections/
+    (token request: ``POST https://identity.xero.com/connect/token``, basic auth,
+    ``grant_type=client_credentials``; no refresh token).
+    """
 
     def __init__(
         self, settings: XeroSettings, client: httpx.AsyncClient, tokens: TokenStore, clock: Callable[[], datetime]
@@ -214,15 +306,6 @@ class _StoredTokens:
 
     def _now(self) -> float:
         return self.clock().timestamp()
-
-
-class ClientCredentials(_StoredTokens):
-    """Access tokens for a Xero custom connection (client credentials grant).
-
-    Custom connections doc: https://developer.xero.com/documentation/guides/oauth2/custom-connections/
-    (token request: ``POST https://identity.xero.com/connect/token``, basic auth,
-    ``grant_type=client_credentials``; no refresh token).
-    """
 
     async def access_token(self) -> str:
         """The cached token, the stored one, or a freshly fetched one."""
@@ -251,44 +334,6 @@ class ClientCredentials(_StoredTokens):
         await self.tokens.save(tokens)
         log.info("xero_token_fetched", grant="client_credentials")
         return tokens
-
-
-class RefreshingTokens(_StoredTokens):
-    """Access tokens of the code flow, refreshed with single-use rotating refresh tokens.
-
-    The token set ``{"access_token", "refresh_token", "expires_at"}`` is read from the
-    :class:`~syncd.interfaces.TokenStore` (written there by ``syncd auth xero``).
-    """
-
-    async def access_token(self) -> str:
-        """The current access token, refreshed first if it has (nearly) expired."""
-        current = self._cached or await self.tokens.load()
-        if not current:
-            raise AuthError("xero: no stored tokens for the code flow; run `syncd auth xero` to connect")
-        if token_valid(current, self._now()):
-            self._cached = current
-            return str(current["access_token"])
-        return str((await self._refresh(str(current.get("access_token", ""))))["access_token"])
-
-    async def renew(self, rejected: str) -> str:
-        """Refresh after a 401, unless another task or replica already did."""
-        return str((await self._refresh(rejected))["access_token"])
-
-    async def _refresh(self, stale: str) -> Tokens:
-        async with self._lock, self.tokens.locked():
-            current = await self.tokens.load()
-            if not current or not current.get("refresh_token"):
-                raise AuthError("xero: no stored refresh token; run `syncd auth xero` to connect")
-            if current.get("access_token") != stale and token_valid(current, self._now()):
-                self._cached = current
-                return current
-            form = {"grant_type": "refresh_token", "refresh_token": str(current["refresh_token"])}
-            payload = await request_token(self.settings, self.client, form)
-            fresh = token_set(payload, self._now(), previous=current)
-            await self.tokens.save(fresh)
-            self._cached = fresh
-            log.info("xero_token_refreshed", expires_at=fresh["expires_at"])
-            return fresh
 
 
 def consent_url(settings: XeroSettings, state: str) -> str:
@@ -377,7 +422,12 @@ class XeroCodeFlow:
             for item in connections
         ]
         tenants = {str(item.get("tenantId", "")).lower() for item in connections}
-        if not settings.tenant_id:
+        if not settings.tenant_id and len(connections) == 1:
+            lines.append(
+                "set one of these tenant_id lines in the connection's config section, or leave tenant_id "
+                "unset: with one organisation connected, syncd discovers it"
+            )
+        elif not settings.tenant_id:
             lines.append("set one of these tenant_id lines in the connection's config section")
         elif settings.tenant_id.lower() not in tenants:
             lines.append(f"warning: the configured tenant_id {settings.tenant_id} is not among these organisations")

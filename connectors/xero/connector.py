@@ -34,14 +34,16 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 import structlog
-from pydantic import SecretStr, field_validator
+from pydantic import SecretStr, field_validator, model_validator
 
 from connectors.xero.auth import (
     ClientCredentials,
-    RefreshingTokens,
     StaticToken,
+    TenantDiscovery,
     XeroAuth,
     XeroCodeFlow,
+    XeroErrors,
+    refreshing_tokens,
     token_valid,
 )
 from connectors.xero.models import (
@@ -66,7 +68,7 @@ from connectors.xero.models import (
     where_literal,
 )
 from connectors.xero.webhooks import XeroWebhookVerifier
-from syncd.errors import ConfigError, FatalError, NotFound, SyncdError
+from syncd.errors import FatalError, NotFound, SyncdError
 from syncd.http import RateLimit, VendorHttp, within
 from syncd.interfaces import (
     Capability,
@@ -84,6 +86,7 @@ from syncd.interfaces import (
     Invoicing,
     InvoicingCodes,
 )
+from syncd.tokens import RotatingTokens
 
 log = structlog.get_logger("connectors.xero")
 
@@ -109,17 +112,23 @@ class XeroSettings(ConnectionSettings):
     """``[connections.NAME]`` for ``connector = "xero"``. Secrets arrive already resolved.
 
     Attributes:
-        base_url: API host; the connector appends ``/api.xro/2.0``.
+        base_url: API host (``https://api.xero.com``) or the full API URL
+            (``https://api.xero.com/api.xro/2.0``); kept as the host, the connector
+            appends ``/api.xro/2.0``.
         token_url: the identity token endpoint.
         authorize_url: Xero's login consent URL (code flow).
         connections_url: the identity ``/connections`` endpoint (code flow tenants).
         client_id / client_secret: the app's credentials.
         grant: ``client_credentials`` (custom connection) or ``authorization_code``.
         scopes: scopes requested in the consent URL (code flow).
-        tenant_id: the organisation (``xero-tenant-id``); required for the code flow
-            (checked when the connector is built, so ``syncd auth xero`` can run first
-            and print the tenant ids), optional for a custom connection, which has
-            exactly one organisation.
+        tenant_id: the organisation (``xero-tenant-id``). Optional: a custom connection
+            has exactly one organisation, and the code flow discovers it from
+            ``connections_url`` when exactly one tenant is connected (several: an
+            error lists them, and this must be set).
+        refresh_token: an existing code-flow connection's refresh token, to bring it in
+            without ``syncd auth xero`` (``"env:NAME"`` works). Imported once into the
+            encrypted token store and rotated there; a changed value replaces the
+            stored tokens, the same value never overwrites tokens rotated since.
         redirect_uri: where Xero sends the browser back to in the code flow.
         webhook_key: the webhook signing key (``None``: no webhooks).
         rate_limit_per_min: calls per minute (Xero: 60 per organisation); ``None`` = off.
@@ -137,11 +146,27 @@ class XeroSettings(ConnectionSettings):
     grant: Literal["client_credentials", "authorization_code"] = "client_credentials"
     scopes: tuple[str, ...] = DEFAULT_SCOPES
     tenant_id: str | None = None
+    refresh_token: SecretStr | None = None
     redirect_uri: str = "http://localhost:8765/callback"
     webhook_key: SecretStr | None = None
     rate_limit_per_min: int | None = 60
     max_concurrent: int | None = 5
     unitdp: int | None = 4
+
+    @field_validator("base_url")
+    @classmethod
+    def _api_host(cls, value: str) -> str:
+        # The README's form is the host; the spec's server URL is the full API URL.
+        return value.rstrip("/").removesuffix(API_PATH).rstrip("/")
+
+    @model_validator(mode="after")
+    def _refresh_token_needs_code_flow(self) -> XeroSettings:
+        if self.refresh_token is not None and self.grant != "authorization_code":
+            raise ValueError(
+                "refresh_token is only used with grant = 'authorization_code' "
+                "(a custom connection's client credentials need none)"
+            )
+        return self
 
     @field_validator("unitdp")
     @classmethod
@@ -189,24 +214,24 @@ class XeroConnector:
     )
 
     def __init__(self, settings: XeroSettings, ctx: ConnectorContext) -> None:
-        if settings.grant == "authorization_code" and not settings.tenant_id:
-            raise ConfigError(
-                "tenant_id is required when grant = 'authorization_code': run `syncd auth xero`, "
-                "which lists the connected organisations' tenant ids",
-                place="tenant_id",
-            )
         self.settings = settings
         self.ctx = ctx
+        tenants: TenantDiscovery | None = None
         if settings.grant == "client_credentials":
-            self.tokens: ClientCredentials | RefreshingTokens = ClientCredentials(
+            self.tokens: ClientCredentials | RotatingTokens = ClientCredentials(
                 settings, ctx.client, ctx.tokens, ctx.clock
             )
         else:
-            self.tokens = RefreshingTokens(settings, ctx.client, ctx.tokens, ctx.clock)
+            self.tokens = refreshing_tokens(settings, ctx.client, ctx.tokens, ctx.clock, ctx.connection)
+            tenants = None if settings.tenant_id else TenantDiscovery(settings, ctx.client, ctx.connection)
         self.api_url = settings.base_url.rstrip("/") + API_PATH
         self.page_size = PAGE_SIZE
         self.http: VendorHttp = ctx.make_http(
-            base_url=self.api_url, auth=XeroAuth(self.tokens), headers=_headers(settings), limits=_limits(settings)
+            base_url=self.api_url,
+            auth=XeroAuth(self.tokens, tenants),
+            headers=_headers(settings),
+            limits=_limits(settings),
+            errors=XeroErrors(ctx.connection, settings),
         )
 
     # -- plumbing -------------------------------------------------------------
@@ -348,15 +373,22 @@ class XeroConnector:
         Uses ``where=Reference!=null&&Reference.Contains("syncd:<key>")``: Xero's filter
         needs the null check first on an optional string field (the ``where`` notes of
         https://developer.xero.com/documentation/api/accounting/requests-and-responses).
+        A 404 on the look-up means nothing was found (``None``), never a failure.
         """
         where = f"Reference!=null&&Reference.Contains({where_literal(stamp(key))})"
-        invoices = XeroInvoices.model_validate(await self._get("/Invoices", {"where": where})).invoices
+        invoices = XeroInvoices.model_validate(await self._look_up("/Invoices", where)).invoices
         matches = [invoice_status(i) for i in invoices if carries_stamp(i.reference, key)]
         if not matches:
-            notes = XeroCreditNotes.model_validate(await self._get("/CreditNotes", {"where": where})).credit_notes
+            notes = XeroCreditNotes.model_validate(await self._look_up("/CreditNotes", where)).credit_notes
             matches = [credit_note_status(n) for n in notes if carries_stamp(n.reference, key)]
         live = [m for m in matches if m.state is not InvoiceState.VOIDED]
         return (live or matches)[0] if matches else None
+
+    async def _look_up(self, path: str, where: str) -> Any:
+        try:
+            return await self._get(path, {"where": where})
+        except NotFound:
+            return {}
 
     async def get_invoice(self, invoice_id: str) -> InvoiceStatus:
         """Re-read one invoice (or, for a credit note's id, that credit note)."""
@@ -520,7 +552,7 @@ SPEC = ConnectorSpec(
     settings_model=XeroSettings,
     factory=factory,
     verifier=verifier,
-    secret_fields=("client_secret", "webhook_key"),
+    secret_fields=("client_secret", "webhook_key", "refresh_token"),
     code_flow=XeroCodeFlow(),
 )
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, time
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Annotated, Any
@@ -29,6 +29,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from syncd.errors import FatalError
+from syncd.http import Rejected
 from syncd.interfaces import Client, DraftKind, InvoiceDraft, InvoiceLine, InvoiceState, InvoiceStatus
 
 # Xero's documented length limits.
@@ -253,16 +254,9 @@ class XeroError(Payload):
         return found or ([self.message] if self.message else [])
 
 
-class XeroRejected(FatalError):
-    """Xero answered 400 with a validation body; ``messages`` holds Xero's own words.
-
-    Attributes:
-        messages: each ``ValidationErrors[].Message`` (or the top-level ``Message``).
-    """
-
-    def __init__(self, message: str, *, messages: Sequence[str], place: str | None = None) -> None:
-        super().__init__(message, place=place)
-        self.messages = tuple(messages)
+# Xero's refusal of a record (a 400 ``ValidationException``) is the shared record error,
+# raised by :class:`~syncd.http.VendorHttp` with every message (``connectors.xero.auth.XeroErrors``).
+XeroRejected = Rejected
 
 
 class XeroWebhookEvent(Payload):

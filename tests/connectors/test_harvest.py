@@ -586,3 +586,28 @@ async def test_emulator_creates_and_updates_entries_over_http(emulator: HarvestE
     assert (patched.json()["hours"], patched.json()["is_billed"]) == (2.0, False)
     assert patched.json()["updated_at"] == "2025-03-03T09:01:00Z"
     assert unassigned.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "https://api.harvestapp.com",
+        "https://api.harvestapp.com/",
+        "https://api.harvestapp.com/v2",
+        "https://api.harvestapp.com/v2/",
+    ],
+)
+async def test_base_url_is_the_host_or_the_full_api_url(emulator: HarvestEmulator, clock: Clock, given: str) -> None:
+    """base_url takes Harvest's host or its /v2 API URL; requests go to /v2/... either way."""
+    account = seed(emulator)
+    log(emulator, account, 3, "2.5")
+    assert (
+        HarvestSettings.model_validate(
+            {"connector": "harvest", "base_url": given, "token": "t", "account_id": "1", "user_agent": USER_AGENT}
+        ).base_url
+        == BASE_URL
+    )
+    async with connected(emulator, clock, base_url=given) as harness:
+        entries = [entry async for entry in harness.connector.time_entries(None)]
+        assert len(entries) == 1
+        assert {request.url.path.split("/")[1] for request in harness.sent} == {"v2"}

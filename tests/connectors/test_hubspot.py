@@ -4,24 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import structlog
+from cryptography.fernet import Fernet
 from pydantic import ValidationError
 
 from connectors.emulation import Fault
-from connectors.hubspot.connector import SPEC, HubSpotConnector, HubSpotSettings, create, create_verifier
+from connectors.hubspot.connector import (
+    SPEC,
+    BillingProperty,
+    HubSpotConnector,
+    HubSpotSettings,
+    create,
+    create_verifier,
+)
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.hubspot.webhooks import sign_v3
+from connectors.xero.emulator import XeroEmulator
+from syncd.daemon import Daemon
 from syncd.errors import AuthError, FatalError, NotFound, RecordError
-from syncd.http import VendorHttp
+from syncd.http import Rejected, VendorHttp
 from syncd.interfaces import ConnectorContext, Crm, CrmSchema, DealBillingStatus, WebhookRequest
 from syncd.registry import load
+from syncd.settings import load_config
+from syncd.store import DbTokenStore, Store
+from tests.harness import write_config
+from tests.servers import invoke, serve_in_thread
 
 BASE = "http://hubspot.test"
 HOOK_URL = "https://syncd.example.com/webhooks/hubspot"
@@ -649,3 +667,192 @@ async def test_a_property_archived_over_the_api_leaves_the_list_and_reads(
     assert "po_number" not in await connector.properties("deal")
     record = await connector.fetch_deal(ids["deal"], {"deal": ["po_number"]})
     assert "po_number" not in record.data["deal"]["properties"]
+
+
+# ---------------------------------------------------------------------------- scopes, setup at start-up
+
+ALL_BUT_SCHEMA_WRITE = (
+    "crm.objects.deals.read",
+    "crm.objects.deals.write",
+    "crm.objects.companies.read",
+    "crm.objects.contacts.read",
+    "crm.objects.line_items.read",
+    "crm.schemas.deals.read",
+)
+
+
+async def test_a_token_without_a_scope_is_refused_403_missing_scopes(clock: Clock) -> None:
+    """The emulator answers 403 MISSING_SCOPES naming the scope; the connector raises AuthError naming it too."""
+    hub = HubSpotEmulator(rate_limits=False, clock=clock, scopes=ALL_BUT_SCHEMA_WRITE)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=hub.app)) as http:
+        raw = await http.post(
+            f"{BASE}/crm/v3/properties/deals",
+            json={"name": "x", "label": "X", "type": "string", "fieldType": "text", "groupName": "dealinformation"},
+            headers={"Authorization": f"Bearer {hub.token}"},
+        )
+        assert raw.status_code == 403
+        body = raw.json()
+        assert body["category"] == "MISSING_SCOPES"
+        assert body["errors"][0]["context"]["requiredGranularScopes"] == ["crm.schemas.deals.write"]
+        connector = build(http, clock, MemoryTokens(hub))
+        assert await connector.properties("deal")
+        with pytest.raises(AuthError) as caught:
+            await connector.ensure_properties()
+    message = str(caught.value)
+    assert "403" in message
+    assert "crm.schemas.deals.write" in message
+    assert "private app" in message
+    assert hub.token not in message
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503])
+async def test_transient_statuses_are_retried(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator, status: int
+) -> None:
+    """408, 409, 429 and 5xx are retried, waiting exactly a Retry-After."""
+    deal = emulator.add_deal({"dealname": "Retry"})
+    emulator.faults.add(Fault(kind="status", status=status, retry_after_s=2, path_contains="/objects/deals/"))
+    sleeps: list[float] = []
+    connector = build(client, clock, MemoryTokens(emulator), sleeps=sleeps)
+    assert (await connector.fetch_deal(deal)).object_id == deal
+    assert sleeps == [2.0]
+
+
+async def test_a_400_is_a_record_error_carrying_hubspots_messages(
+    connector: HubSpotConnector, emulator: HubSpotEmulator
+) -> None:
+    """A write HubSpot refuses (400 PROPERTY_DOESNT_EXIST) raises Rejected at once, with HubSpot's message."""
+    deal = emulator.add_deal({"dealname": "Refused"})
+    with pytest.raises(Rejected) as caught:
+        await connector.http.request("PATCH", f"/crm/v3/objects/deals/{deal}", json={"properties": {"nope_x": "1"}})
+    assert isinstance(caught.value, RecordError)
+    assert caught.value.status == 400
+    assert any("nope_x" in message for message in caught.value.messages)
+    assert emulator.calls["PATCH /crm/v3/objects/deals/{id}"] == 1
+
+
+async def test_an_expired_oauth_token_that_stays_refused_is_an_auth_error(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator
+) -> None:
+    """A 401 after the one renewal raises AuthError saying to re-authorise, never retried further."""
+    deal = emulator.add_deal({"dealname": "OAuth"})
+    connector = build(client, clock, MemoryTokens(emulator), oauth_settings())
+    emulator.faults.add(Fault(kind="status", status=401, path_contains="/objects/deals/", times=2))
+    with pytest.raises(AuthError, match="re-authorise the app") as caught:
+        await connector.fetch_deal(deal)
+    assert str(caught.value).startswith("hubspot: GET /crm/v3/objects/deals/")
+    assert emulator.calls["POST /oauth/v3/token"] == 2
+
+
+async def test_the_configured_refresh_token_is_imported_once_and_replaced_when_changed(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator
+) -> None:
+    """Same rule as Xero: first use imports it; a restart with the same value keeps the store; a new value replaces it."""
+    deal = emulator.add_deal({"dealname": "Import"})
+    tokens = MemoryTokens(emulator)
+    await build(client, clock, tokens, oauth_settings()).fetch_deal(deal)
+    first = dict(tokens.tokens or {})
+    assert first["imported_sha256"] == hashlib.sha256(b"emulator-refresh").hexdigest()
+    await build(client, clock, tokens, oauth_settings()).fetch_deal(deal)
+    assert emulator.calls["POST /oauth/v3/token"] == 1
+    assert tokens.tokens == first
+
+    stale = {**first, "imported_sha256": hashlib.sha256(b"an-older-refresh").hexdigest()}
+    tokens.tokens = stale
+    with structlog.testing.capture_logs() as logs:
+        await build(client, clock, tokens, oauth_settings()).fetch_deal(deal)
+    assert emulator.calls["POST /oauth/v3/token"] == 2
+    assert (tokens.tokens or {})["imported_sha256"] == first["imported_sha256"]
+    assert (tokens.tokens or {})["access_token"] != first["access_token"]
+    assert [entry.get("replaced") for entry in logs if entry["event"] == "token_imported"] == [True]
+    assert "emulator-refresh" not in json.dumps(logs, default=str)
+
+
+@pytest.mark.parametrize("given", ["http://hubspot.test", "http://hubspot.test/", "http://hubspot.test//"])
+def test_base_url_takes_the_host_with_or_without_a_trailing_slash(given: str) -> None:
+    """base_url is kept without a trailing slash, so paths join as {base_url}/crm/v3/..."""
+    assert settings(base_url=given).base_url == BASE
+
+
+def _config_at(tmp_path: Path, hub_url: str, hub: HubSpotEmulator) -> Path:
+    path = write_config(tmp_path, f"sqlite:///{tmp_path / 's.db'}", hub, XeroEmulator())
+    path.write_text(path.read_text(encoding="utf-8").replace("http://hubspot.test", hub_url), encoding="utf-8")
+    return path
+
+
+def test_setup_hubspot_prints_each_property_created_then_present(tmp_path: Path) -> None:
+    """`syncd setup hubspot` lists each property created; run again, each already present."""
+    hub = HubSpotEmulator(rate_limits=False)
+    with serve_in_thread(hub.app) as url:
+        config = _config_at(tmp_path, url, hub)
+        first = invoke("setup", "hubspot", "--config", str(config))
+        second = invoke("setup", "hubspot", "--config", str(config))
+    assert first.exit_code == 0, first.output
+    assert "property group 'syncd' created" in first.output
+    for name in BillingProperty:
+        assert re.search(rf"{name.value}\s+created", first.output)
+        assert re.search(rf"{name.value}\s+already present", second.output)
+    assert "6 created, 0 already present" in first.output
+    assert "0 created, 6 already present" in second.output
+
+
+def test_setup_hubspot_without_the_scope_names_it(tmp_path: Path) -> None:
+    """Without crm.schemas.deals.write, `syncd setup hubspot` exits 1 naming the scope."""
+    hub = HubSpotEmulator(rate_limits=False, scopes=ALL_BUT_SCHEMA_WRITE)
+    with serve_in_thread(hub.app) as url:
+        result = invoke("setup", "hubspot", "--config", str(_config_at(tmp_path, url, hub)))
+    assert result.exit_code == 1
+    assert "crm.schemas.deals.write" in result.output
+
+
+def test_syncd_run_refuses_to_start_without_the_scope(tmp_path: Path) -> None:
+    """`syncd run` creates the properties before its workers; lacking the scope, it exits 1 with one line naming it."""
+    hub = HubSpotEmulator(rate_limits=False, scopes=ALL_BUT_SCHEMA_WRITE)
+    with serve_in_thread(hub.app) as url:
+        result = invoke("run", "--config", str(_config_at(tmp_path, url, hub)))
+    assert result.exit_code == 1
+    (line,) = [text for text in result.output.splitlines() if "crm.schemas.deals.write" in text]
+    assert "syncd setup hubspot" in line
+    assert "Traceback" not in result.output
+
+
+async def test_the_daemon_creates_the_properties_before_its_workers(tmp_path: Path, clock: Clock) -> None:
+    """Starting the daemon creates the billing properties; a write-back right after needs no manual setup."""
+    hub = HubSpotEmulator(rate_limits=False, clock=clock)
+    xero = XeroEmulator(rate_limits=False)
+    config = load_config(write_config(tmp_path, f"sqlite:///{tmp_path / 's.db'}", hub, xero))
+    mounts = {
+        "http://hubspot.test": httpx.ASGITransport(app=hub.app),
+        "http://xero.test": httpx.ASGITransport(app=xero.app),
+    }
+    daemon = Daemon(config, mounts=mounts, poll=False, workers=0)
+    async with daemon.lifespan():
+        names = await daemon.runtime.connectors["hubspot"].properties("deal")
+        assert {name.value for name in BillingProperty} <= names
+        assert hub.calls["POST /crm/v3/properties/deals"] == len(BillingProperty)
+
+
+async def test_replicas_import_and_refresh_once_on_the_encrypted_store(
+    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator, db_url: str
+) -> None:
+    """On the real token store, two replicas starting at once import and refresh once; a refused new value changes nothing."""
+    deal = emulator.add_deal({"dealname": "Replicas"})
+    store = Store.open(db_url)
+    await store.migrate()
+    try:
+        tokens = DbTokenStore(store, "hubspot", Fernet.generate_key().decode())
+        one = build(client, clock, tokens, oauth_settings())  # type: ignore[arg-type]
+        two = build(client, clock, tokens, oauth_settings())  # type: ignore[arg-type]
+        await asyncio.gather(one.fetch_deal(deal), two.fetch_deal(deal))
+        assert emulator.calls["POST /oauth/v3/token"] == 1
+        saved = await tokens.load()
+        assert saved is not None
+        assert saved["imported_sha256"] == hashlib.sha256(b"emulator-refresh").hexdigest()
+
+        refused = build(client, clock, tokens, oauth_settings(refresh_token="not-the-apps-refresh"))  # type: ignore[arg-type]
+        with structlog.testing.capture_logs() as logs, pytest.raises(AuthError, match="invalid_grant"):
+            await refused.fetch_deal(deal)
+        assert await tokens.load() == saved
+        assert "token_imported" not in [entry["event"] for entry in logs]
+    finally:
+        await store.close()

@@ -9,17 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
+import io
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import structlog
+from cryptography.fernet import Fernet
 from pydantic import ValidationError
+from rich.console import Console
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -31,8 +37,9 @@ from connectors.xero.connector import SPEC, XeroConnector, XeroSettings
 from connectors.xero.emulator import XeroEmulator, compile_where
 from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json
 from connectors.xero.webhooks import XeroWebhookVerifier
+from syncd.demo import free_port, serve
 from syncd.errors import AuthError, ConfigError, FatalError, NotFound, RecordError, RetriableError
-from syncd.http import VendorHttp
+from syncd.http import Rejected, VendorHttp
 from syncd.interfaces import (
     Address,
     ChangeHint,
@@ -47,9 +54,14 @@ from syncd.interfaces import (
     InvoicingCodes,
     WebhookRequest,
 )
+from syncd.oauth import authorize
 from syncd.registry import load
+from syncd.settings import load_config
+from syncd.store import DbTokenStore, DeadLetterRow, EffectRow, Store
+from tests.harness import seed_deal, stack
 
 HOST = "http://xero.test"
+API = "/api.xro/2.0"
 START = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 KEY = "0123456789abcdef0123456789abcdef"
 
@@ -220,15 +232,12 @@ async def test_connector_plays_invoicing_and_is_registered() -> None:
         assert isinstance(r.connector, Invoicing)
         assert load("xero") is SPEC
         assert SPEC.settings_model is XeroSettings
-        assert set(SPEC.secret_fields) == {"client_secret", "webhook_key"}
+        assert set(SPEC.secret_fields) == {"client_secret", "webhook_key", "refresh_token"}
 
 
-async def test_code_flow_requires_a_tenant_and_unitdp_is_four_or_unset() -> None:
-    """The code flow without tenant_id is a ConfigError when built; settings refuse a unitdp other than 4."""
+async def test_unitdp_is_four_or_unset() -> None:
+    """Settings refuse a unitdp other than 4 (the code flow's tenant_id is optional: see the discovery tests)."""
     emulator = XeroEmulator()
-    async with rig() as r:
-        with pytest.raises(ConfigError, match="syncd auth xero"):
-            r.connect(grant="authorization_code", tenant_id=None)
     with pytest.raises(ValidationError, match="unitdp"):
         settings(emulator, unitdp=3)
     assert settings(emulator, unitdp=None).unitdp is None
@@ -923,3 +932,346 @@ async def test_codes_list_the_accounts_tax_types_and_currencies_in_use() -> None
     assert second["account_code"] == frozenset({"200", "400", "090"})
     assert r.emulator.calls["getAccounts"] == 2
     assert r.emulator.calls["getTaxRates"] == r.emulator.calls["getCurrencies"] == 2
+
+
+# ---------------------------------------------------------------------------
+# Vendor errors: read, mapped to the status table's action
+# ---------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def bare_connector(emulator: XeroEmulator, **overrides: Any) -> AsyncIterator[XeroConnector]:
+    """A connector on a plain client: no event hook reads response bodies (as in `syncd run`)."""
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=emulator.app)) as client:
+        ctx = ConnectorContext(
+            connection="books",
+            client=client,
+            tokens=MemoryTokenStore([]),
+            clock=FakeClock(),
+            make_http=functools.partial(VendorHttp, client, connection="books", sleep=sleep),
+        )
+        yield XeroConnector(settings(emulator, **overrides), ctx)
+
+
+async def test_a_validation_exception_is_read_once_with_every_message() -> None:
+    """A 400 ValidationException raises, on the first attempt, a record error holding each of Xero's messages."""
+    emulator = XeroEmulator(clock=FakeClock())
+    async with bare_connector(emulator) as connector:
+        contact_id = await connector.upsert_customer(client_record())
+        bad = InvoiceLine(
+            description="x", quantity=Decimal(1), unit_price=Decimal(1), account_code="999", tax_type="BOGUS"
+        )
+        with pytest.raises(Rejected) as caught:
+            await connector.create_invoice(draft(lines=(bad,), currency="JPY"), contact_id)
+        assert isinstance(caught.value, RecordError)
+        assert caught.value.status == 400
+        assert "Account code '999' is not a valid code for this document." in caught.value.messages
+        assert "Organisation is not subscribed to currency JPY" in caught.value.messages
+        assert len(caught.value.messages) >= 3
+        for message in caught.value.messages:
+            assert message in str(caught.value)
+        assert emulator.calls["createInvoices"] == 1
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
+async def test_transient_statuses_are_retried_honouring_retry_after(status: int) -> None:
+    """408, 409, 429 and 5xx are retried; a Retry-After is waited exactly."""
+    async with rig() as r:
+        r.emulator.faults.add(Fault(kind="status", status=status, retry_after_s=4, path_contains="/Invoices"))
+        assert await r.connector.find_invoice(KEY) is None
+        assert r.sleeps == [4.0]
+
+
+async def test_a_422_is_a_record_error_and_never_retried() -> None:
+    """A 422 fails the record at once (Rejected), with the body's message."""
+    async with rig() as r:
+        r.emulator.faults.add(Fault(kind="status", status=422, path_contains="/Invoices", times=None))
+        contact_id = await r.connector.upsert_customer(client_record())
+        with pytest.raises(Rejected, match="injected fault") as caught:
+            await r.connector.create_invoice(draft(), contact_id)
+        assert caught.value.status == 422
+        assert r.sleeps == []
+
+
+async def test_a_404_on_the_look_up_means_not_found() -> None:
+    """find_invoice answers None when Xero's look-up answers 404; it is never an error."""
+    async with rig() as r:
+        r.emulator.faults.add(Fault(kind="status", status=404, path_contains="/Invoices"))
+        r.emulator.faults.add(Fault(kind="status", status=404, path_contains="/CreditNotes"))
+        assert await r.connector.find_invoice(KEY) is None
+        assert r.sleeps == []
+
+
+async def test_a_disconnected_tenant_is_an_auth_error_saying_how_to_reconnect() -> None:
+    """A 401 that survives a renewed token raises AuthError naming the connection and `syncd auth xero`."""
+    async with rig() as r:
+        connector = await code_flow(r)
+        r.emulator.faults.add(Fault(kind="status", status=401, path_contains="/Invoices", times=2))
+        with pytest.raises(AuthError) as caught:
+            await connector.find_invoice(KEY)
+        message = str(caught.value)
+        assert message.startswith("xero: GET /api.xro/2.0/Invoices answered 401")
+        assert "syncd auth xero --connection xero" in message
+        assert r.emulator.calls["token"] == 2  # the code exchange, then one renewal after the first 401
+        assert r.sleeps == []
+
+
+async def test_a_403_names_the_tenant_and_the_scopes() -> None:
+    """A 403 (an organisation not connected, or a scope missing) raises AuthError naming both and the fix."""
+    async with rig() as r:
+        connector = await code_flow(r)
+        other = r.connect(grant="authorization_code", tenant_id="00000000-0000-4000-8000-000000000000")
+        with pytest.raises(AuthError) as caught:
+            await other.find_invoice(KEY)
+        message = str(caught.value)
+        assert "403" in message
+        assert "AuthorizationUnsuccessful" in message
+        assert "00000000-0000-4000-8000-000000000000" in message
+        assert "accounting.invoices" in message
+        assert "syncd auth xero" in message
+        assert await connector.find_invoice(KEY) is None
+
+
+async def test_a_refused_draft_is_dead_lettered_on_the_first_attempt(tmp_path: Path, db_url: str) -> None:
+    """Through the engine, a draft Xero refuses becomes one dead letter on attempt 1 holding Xero's messages."""
+    async with stack(tmp_path, db_url) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"deal_currency_code": "JPY", "dealstage": "closedwon"})
+        await s.drain()
+        store = s.daemon.runtime.store
+        (letter,) = await store.select(DeadLetterRow)
+        assert "Organisation is not subscribed to currency JPY" in letter.reason
+        assert letter.connection == "xero"
+        (effect,) = [row for row in await store.select(EffectRow) if row.status == "dead"]
+        assert effect.attempts == 1
+        assert s.xero.invoices() == []
+        assert s.xero.calls["createInvoices"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Bringing in an existing connection (refresh_token setting)
+# ---------------------------------------------------------------------------
+
+
+async def consented_refresh_token(r: Rig) -> str:
+    """A refresh token from a consent made elsewhere (not stored by syncd)."""
+    conf = settings(r.emulator, grant="authorization_code")
+    answer = await r.client.get(consent_url(conf, state="elsewhere"))
+    code = httpx.URL(answer.headers["location"]).params["code"]
+    tokens = await exchange_code(conf, r.client, code, now=lambda: r.clock().timestamp())
+    return str(tokens["refresh_token"])
+
+
+def sha256(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+async def test_a_configured_refresh_token_is_imported_once_and_rotates_in_the_store() -> None:
+    """First use imports the configured token (logged without it), spends it, and stores the rotated set with its digest."""
+    async with rig() as r:
+        configured = await consented_refresh_token(r)
+        connector = r.connect(grant="authorization_code", refresh_token=configured)
+        with structlog.testing.capture_logs() as logs:
+            assert await connector.find_invoice(KEY) is None
+        stored = dict(r.store.tokens or {})
+        assert stored["refresh_token"] != configured
+        assert stored["imported_sha256"] == sha256(configured)
+        assert stored["access_token"]
+        (imported,) = [entry for entry in logs if entry["event"] == "token_imported"]
+        assert imported == {"event": "token_imported", "log_level": "info", "connection": "xero", "replaced": False}
+        assert configured not in json.dumps(logs, default=str)
+        assert stored["refresh_token"] not in json.dumps(logs, default=str)
+
+
+async def test_a_restart_with_the_same_value_keeps_the_rotated_tokens() -> None:
+    """The same configured value after rotation never overwrites the store (its token is spent at Xero)."""
+    async with rig() as r:
+        configured = await consented_refresh_token(r)
+        await r.connect(grant="authorization_code", refresh_token=configured).find_invoice(KEY)
+        rotated = dict(r.store.tokens or {})
+        r.clock.advance(1800)  # the access token expires: the restarted connector must refresh
+        with structlog.testing.capture_logs() as logs:
+            restarted = r.connect(grant="authorization_code", refresh_token=configured)
+            assert await restarted.find_invoice(KEY) is None
+        fresh = dict(r.store.tokens or {})
+        assert fresh["refresh_token"] not in (configured, rotated["refresh_token"])
+        assert fresh["imported_sha256"] == sha256(configured)
+        assert [entry["event"] for entry in logs if entry["event"].startswith("token_")] == ["token_refreshed"]
+        refreshes = [
+            req for req, _ in r.exchanges if req.url.path == "/connect/token" and b"refresh_token=" in req.content
+        ]
+        assert configured.encode() in refreshes[0].content
+        assert rotated["refresh_token"].encode() in refreshes[1].content
+
+
+async def test_a_new_configured_value_replaces_the_stored_tokens() -> None:
+    """A changed configured refresh token replaces the stored set (token_imported, replaced=True)."""
+    async with rig() as r:
+        first = await consented_refresh_token(r)
+        await r.connect(grant="authorization_code", refresh_token=first).find_invoice(KEY)
+        before = dict(r.store.tokens or {})
+        second = await consented_refresh_token(r)
+        with structlog.testing.capture_logs() as logs:
+            assert await r.connect(grant="authorization_code", refresh_token=second).find_invoice(KEY) is None
+        after = dict(r.store.tokens or {})
+        assert after["imported_sha256"] == sha256(second)
+        assert after["access_token"] != before["access_token"]
+        assert [entry.get("replaced") for entry in logs if entry["event"] == "token_imported"] == [True]
+        assert second not in json.dumps(logs, default=str)
+
+
+async def test_the_refresh_token_setting_reads_env_and_needs_the_code_flow(tmp_path: Path) -> None:
+    """refresh_token takes "env:NAME" as a secret, and is refused beside client credentials."""
+    emulator = XeroEmulator()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+[connections.xero]
+connector = "xero"
+base_url = "https://api.xero.com/api.xro/2.0/"
+client_id = "{emulator.client_id}"
+client_secret = "{emulator.client_secret}"
+grant = "authorization_code"
+refresh_token = "env:XERO_REFRESH"
+""",
+        encoding="utf-8",
+    )
+    conn = load_config(config, environ={"XERO_REFRESH": "r3fresh-value"}).connections["xero"]
+    assert isinstance(conn.settings, XeroSettings)
+    assert conn.settings.refresh_token is not None
+    assert conn.settings.refresh_token.get_secret_value() == "r3fresh-value"
+    assert "r3fresh-value" not in repr(conn.settings)
+    assert conn.settings.base_url == "https://api.xero.com"
+    with pytest.raises(ValidationError, match="refresh_token is only used with grant = 'authorization_code'"):
+        settings(emulator, refresh_token="x")
+
+
+# ---------------------------------------------------------------------------
+# Tenant discovery and base_url
+# ---------------------------------------------------------------------------
+
+
+async def test_the_code_flow_discovers_its_only_tenant() -> None:
+    """Without tenant_id the code flow reads GET /connections once and sends that tenant on every call."""
+    async with rig() as r:
+        await code_flow(r)
+        connector = r.connect(grant="authorization_code", tenant_id=None)
+        assert await connector.find_invoice(KEY) is None
+        assert await connector.find_invoice("f" * 32) is None
+        assert r.emulator.calls["connections"] == 1
+        api = [req for req, _ in r.exchanges if req.url.path.startswith(API)]
+        assert {req.headers["xero-tenant-id"] for req in api} == {r.emulator.tenant_id}
+
+
+async def test_several_tenants_ask_for_tenant_id_and_list_them() -> None:
+    """With two connected organisations, the first call raises ConfigError listing both (name and id)."""
+    connections = [
+        {"tenantId": "11111111-1111-4111-8111-111111111111", "tenantName": "Acme AU", "tenantType": "ORGANISATION"},
+        {"tenantId": "22222222-2222-4222-8222-222222222222", "tenantName": "Acme NZ", "tenantType": "ORGANISATION"},
+    ]
+    emulator = XeroEmulator(clock=FakeClock())
+    mounts = {
+        HOST: httpx.ASGITransport(app=emulator.app),
+        "http://identity.test": httpx.MockTransport(lambda _req: httpx.Response(200, json=connections)),
+    }
+    conf = settings(
+        emulator, grant="authorization_code", tenant_id=None, connections_url="http://identity.test/connections"
+    )
+    async with httpx.AsyncClient(mounts=mounts) as client:
+        code = httpx.URL((await client.get(consent_url(conf, state="s"))).headers["location"]).params["code"]
+        store = MemoryTokenStore([])
+        await store.save(await exchange_code(conf, client, code, now=lambda: START.timestamp()))
+        ctx = ConnectorContext(
+            connection="books",
+            client=client,
+            tokens=store,
+            clock=FakeClock(),
+            make_http=functools.partial(VendorHttp, client, connection="books"),
+        )
+        with pytest.raises(ConfigError) as caught:
+            await XeroConnector(conf, ctx).find_invoice(KEY)
+        message = str(caught.value)
+        assert message.startswith("[connections.books].tenant_id: ")
+        assert "'Acme AU' (11111111-1111-4111-8111-111111111111)" in message
+        assert "'Acme NZ' (22222222-2222-4222-8222-222222222222)" in message
+        assert "set tenant_id" in message
+        assert emulator.calls["getInvoices"] == 0
+
+
+@pytest.mark.parametrize(
+    "given", ["http://xero.test", "http://xero.test/", "http://xero.test/api.xro/2.0", "http://xero.test/api.xro/2.0/"]
+)
+async def test_base_url_is_the_host_or_the_full_api_url(given: str) -> None:
+    """base_url takes the host or the spec's server URL; calls go to {host}/api.xro/2.0 either way."""
+    async with rig(base_url=given) as r:
+        assert r.connector.settings.base_url == HOST
+        assert await r.connector.find_invoice(KEY) is None
+        assert r.exchanges[-1][0].url.path == f"{API}/CreditNotes"
+
+
+async def test_reconnecting_with_syncd_auth_keeps_the_new_tokens_over_a_configured_one(tmp_path: Path) -> None:
+    """After `syncd auth xero`, a refresh_token still in the config is not imported over the fresh tokens (real SQLite store)."""
+    xero = XeroEmulator(rate_limits=False)
+    port, callback = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    key = Fernet.generate_key().decode()
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[daemon]
+database_url = "sqlite:///{tmp_path / "s.db"}"
+encryption_key = "{key}"
+
+[connections.xero]
+connector = "xero"
+base_url = "{base}"
+token_url = "{base}/connect/token"
+authorize_url = "{base}/identity/connect/authorize"
+connections_url = "{base}/connections"
+client_id = "{xero.client_id}"
+client_secret = "{xero.client_secret}"
+grant = "authorization_code"
+refresh_token = "env:XERO_OLD_REFRESH"
+redirect_uri = "http://localhost:{callback}/callback"
+""",
+        encoding="utf-8",
+    )
+    config = load_config(path, environ={"XERO_OLD_REFRESH": "spent-long-ago"})
+    out = io.StringIO()
+    async with serve(xero.app, port):
+        flow = asyncio.create_task(authorize(config, "xero", Console(file=out, width=400)))
+        for _ in range(500):
+            if "http://" in out.getvalue() or flow.done():
+                break
+            await asyncio.sleep(0.01)
+        consent = re.search(r"(http://\S+/identity/connect/authorize\S+)", out.getvalue())
+        assert consent, out.getvalue()
+        async with httpx.AsyncClient(follow_redirects=True) as browser:
+            assert (await browser.get(consent.group(1))).status_code == 200
+        await asyncio.wait_for(flow, 30)
+        assert "leave tenant_id unset" in out.getvalue()
+        store = Store.open(config.daemon.database_url)
+        try:
+            tokens = DbTokenStore(store, "xero", key)
+            stored = await tokens.load()
+            assert stored is not None
+            assert stored["imported_sha256"] == sha256("spent-long-ago")
+            async with httpx.AsyncClient() as client:
+                ctx = ConnectorContext(
+                    connection="xero",
+                    client=client,
+                    tokens=tokens,
+                    clock=lambda: datetime.now(UTC),
+                    make_http=functools.partial(VendorHttp, client, connection="xero"),
+                )
+                connector = XeroConnector(config.connections["xero"].settings, ctx)  # type: ignore[arg-type]
+                assert await connector.find_invoice(KEY) is None
+            assert xero.calls["token"] == 1  # the code exchange only: nothing imported, nothing refreshed
+            assert xero.calls["connections"] == 2  # `syncd auth` listed them; the connector discovered its tenant
+        finally:
+            await store.close()
