@@ -153,24 +153,40 @@ async def project_hours(store: Store, connection: str, project_id: str) -> Proje
     rows = await store.select(
         TimeEntryRow, table.c.connection == connection, table.c.project_id == project_id, order_by=table.c.entry_id
     )
-    entries: list[TimeEntry] = []
     keys: dict[str, str] = {}
     for row in rows:
-        entry = TimeEntry.model_validate(row.data)
         if row.invoice_key:
-            keys[entry.id] = row.invoice_key
-        billed = Decimal(row.billed_hours) if row.billed_hours is not None else None
-        if billed is None or billed >= entry.hours:
-            entries.append(entry.model_copy(update={"released": bool(row.released_at)}) if row.released_at else entry)
-            continue
-        # billed up to a cap: the part billed keeps the id, the rest is an entry of its own
-        over = entry.model_copy(
-            update={"id": entry.id + OVER_CAP_SUFFIX, "hours": entry.hours - billed, "released": bool(row.released_at)}
-        )
-        entries += [entry.model_copy(update={"hours": billed}), over]
+            keys[row.entry_id] = row.invoice_key
         if row.remainder_key:
-            keys[over.id] = row.remainder_key
+            keys[row.entry_id + OVER_CAP_SUFFIX] = row.remainder_key
+    entries = split_entries(
+        [TimeEntry.model_validate(row.data) for row in rows],
+        billed={row.entry_id: Decimal(row.billed_hours) for row in rows if row.billed_hours is not None},
+        released={row.entry_id for row in rows if row.released_at is not None},
+    )
     return ProjectHours(entries=tuple(entries), invoiced=frozenset(keys), keys=keys)
+
+
+def split_entries(
+    entries: Iterable[TimeEntry], *, billed: Mapping[str, Decimal], released: Collection[str] = ()
+) -> list[TimeEntry]:
+    """Entries as billing sees them once some were billed only up to a cap.
+
+    An entry with fewer hours in ``billed`` than it has becomes two: the part billed
+    (its own id) and the rest (id + :data:`~syncd.interfaces.OVER_CAP_SUFFIX`), held
+    until the cap is raised or it is ``released``. The daemon (from the store) and
+    ``syncd simulate`` (from its own run) both go through here.
+    """
+    found: list[TimeEntry] = []
+    for entry in entries:
+        let_go = entry.id in released
+        part = billed.get(entry.id)
+        if part is None or part >= entry.hours:
+            found.append(entry.model_copy(update={"released": True}) if let_go else entry)
+            continue
+        rest = {"id": entry.id + OVER_CAP_SUFFIX, "hours": entry.hours - part, "released": let_go}
+        found += [entry.model_copy(update={"hours": part}), entry.model_copy(update=rest)]
+    return found
 
 
 def mark_invoiced(

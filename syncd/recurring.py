@@ -511,19 +511,29 @@ async def _simulate_one(
     tracked = await tracked_hours(runtime, pipeline, engagement)
     engagement = await with_tracker_state(pipeline, engagement, tracked, runtime.clock())
     run = _Simulation(runtime, pipeline, engagement, client, begin, recorded, tracked)
-    for as_of in _steps(span, client.timezone, daily=tracked is not None):
+    entry_times = [entry.updated_at for entry in tracked.entries] if tracked is not None else None
+    for as_of in _steps(span, client.timezone, entry_times):
         await run.step(as_of)
     return run.found
 
 
-def _steps(span: tuple[date, date], timezone: str, *, daily: bool) -> list[datetime]:
-    """The ``as_of`` moments a simulation runs at: the end of each day, or only the last."""
+def _steps(span: tuple[date, date], timezone: str, entry_times: Sequence[datetime] | None) -> list[datetime]:
+    """The ``as_of`` moments a simulation runs at: the moments the daemon would act.
+
+    The daemon bills an engagement's due events on its hourly tick and whenever new
+    hours arrive. Without hours, only the end of the span matters. With hours, the
+    simulation runs at the start of each day (where period events fall) and at each
+    entry's ``updated_at`` (when its hint arrives), in order, so a cap step and a period
+    end on the same day bill the same hours in the same order as the daemon does.
+    """
     tick = timedelta(microseconds=1)
-    last = start_of_day(span[1], timezone) - tick
-    if not daily:
+    first, last = start_of_day(span[0], timezone), start_of_day(span[1], timezone) - tick
+    if entry_times is None:
         return [last]
     days = (span[1] - span[0]).days
-    return [start_of_day(span[0] + timedelta(days=offset), timezone) - tick for offset in range(1, days + 1)]
+    moments = {start_of_day(span[0] + timedelta(days=offset), timezone) for offset in range(1, days)}
+    moments |= {moment for moment in entry_times if first <= moment <= last}
+    return sorted(moments | {last})
 
 
 class _Simulation:
@@ -549,11 +559,15 @@ class _Simulation:
         self.credit_notes = Capability.CREDIT_NOTES in pipeline.invoicing.capabilities
         self.billed: set[str] = set()
         self.invoiced = _invoiced_before(tracked, recorded, begin)
+        self.split: dict[str, Decimal] = {}
         self.rates: billing.RateCard | None = None
         self.found: list[Simulated] = []
 
     async def step(self, as_of: datetime) -> None:
-        entries = None if self.tracked is None else [e for e in self.tracked.entries if e.updated_at <= as_of]
+        entries = None
+        if self.tracked is not None:
+            arrived = [e for e in self.tracked.entries if e.updated_at <= as_of]
+            entries = hours.split_entries(arrived, billed=self.split)
         events = events_due(
             self.engagement,
             as_of=as_of,
@@ -597,6 +611,7 @@ class _Simulation:
                 event=event, day=options.issue_date, status=status, draft=None, note="no billable hours left to invoice"
             )
         self.invoiced |= found.entry_ids
+        self.split.update(found.split)
         return Simulated(event=event, day=options.issue_date, status=status, draft=found.draft)
 
     def _credits(self, as_of: datetime) -> None:
