@@ -166,6 +166,7 @@ def test_worked_example_lists_the_properties_it_reads(example: PipelineMapping) 
     """source_properties names every vendor property the worked example reads, per object type."""
     assert dict(example.source_properties) == {
         "deal": (
+            "amount",
             "billing_type",
             "closedate",
             "deal_currency_code",
@@ -204,10 +205,12 @@ def test_worked_example_invoice_options_are_authorised_unsent_exclusive(example:
 
 
 def test_selects_takes_deals_of_the_default_pipeline_only(example: PipelineMapping) -> None:
-    """The when filter takes deals in the default pipeline and nothing else."""
-    record = fixture("hubspot_deal_with_company.json")
+    """The when filter takes fixed-fee deals in the default pipeline and nothing else."""
+    record = with_deal_properties(fixture("hubspot_deal_with_company.json"), billing_type="fixed_fee")
 
     assert example.selects(record)
+    assert example.selects(with_deal_properties(record, billing_type=None))
+    assert not example.selects(with_deal_properties(record, billing_type="retainer"))
     assert not example.selects(with_deal_properties(record, pipeline="partner-pipeline"))
     assert not example.selects(with_deal_properties(record, pipeline=None))
     assert not example.selects(record.model_copy(update={"object_type": "time_entry"}))
@@ -323,7 +326,8 @@ def test_a_lookup_without_default_names_the_unknown_key(tmp_path: Path) -> None:
         tmp_path,
         MINIMAL.replace(
             'type = "one_time"', 'type = { lookup = "deal.properties.dealstage", table = { won = "hourly" } }'
-        ),
+        )
+        + '\n[accounts]\ndefault = "200"\n',
     )
     mapping = load_mapping(path)
     record = fixture("hubspot_deal_with_company.json")
@@ -408,8 +412,9 @@ def test_a_file_with_many_mistakes_lists_them_all_with_line_and_key(tmp_path: Pa
         f"{path}:8 [client].payment_terms_days: -5 is not a valid payment_terms_days: -5 is negative",
         f'{path}:9 [client].tax_id: path "compnay.properties.tax_id": unknown root "compnay" (did you mean "company"?);'
         " roots here: company, contact, contacts, deal, defaults, line_items, record",
-        f'{path}:10 [client].legal_nme: unknown key "legal_nme" (did you mean "legal_name"?); [client] takes: address,'
-        " billing_contact, currency, legal_name, payment_terms_days, po_number, tax_id, timezone",
+        f'{path}:10 [client].legal_nme: unknown key "legal_nme" (did you mean "legal_name"?); [client] takes:'
+        " account_code, address, billing_contact, currency, legal_name, payment_terms_days, po_number, tax_id,"
+        " tax_type, timezone",
         f'{path}:12 [engagement].name: missing required key "name"',
         f'{path}:13 [engagement].type: unknown transform "lookpu" (did you mean "lookup"?)',
         f"{path}:14 [engagement].cycle: \"weekly\" is not a valid cycle: Input should be 'monthly', 'quarterly' or"
@@ -482,8 +487,8 @@ def test_missing_and_unknown_top_level_tables_are_reported(tmp_path: Path) -> No
 
     assert caught.value.problems == [
         f"{path}:1: missing table [client]",
-        f'{path}:5 clinet: unknown table [clinet] (did you mean "client"?); expected: client, engagement, invoice,'
-        " pipeline, tables",
+        f'{path}:5 clinet: unknown table [clinet] (did you mean "client"?); expected: accounts, client,'
+        " engagement, invoice, pipeline, tables, tax_types",
     ]
 
 
@@ -639,6 +644,7 @@ def test_line_numbers_survive_multi_line_strings_quoted_keys_and_comments(tmp_pa
 
     assert caught.value.problems == [
         f'{path}:10 [client]."po.number": unknown key "po.number" (did you mean "po_number"?); [client] takes:'
-        " address, billing_contact, currency, legal_name, payment_terms_days, po_number, tax_id, timezone",
+        " account_code, address, billing_contact, currency, legal_name, payment_terms_days, po_number, tax_id, tax_type,"
+        " timezone",
         f'{path}:17 [engagement].name.coalesce[1]: unknown transform "paht" (did you mean "path"?)',
     ]
