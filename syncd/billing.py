@@ -636,6 +636,18 @@ class LedgerRules:
     client_places: Mapping[str, str] = field(default_factory=dict)
 
 
+KNOWN_CODES = "ledger_codes"
+"""Key in :attr:`Runtime.extra <syncd.runtime.Runtime.extra>` holding, by invoicing connection, the
+codes the last drift check read (:mod:`syncd.drift`)."""
+
+
+def known_codes(extra: Mapping[str, object], connection: str) -> Mapping[str, frozenset[str]] | None:
+    """The codes the last drift check read from ``connection`` (``None`` before any check)."""
+    found = extra.get(KNOWN_CODES)
+    codes = found.get(connection) if isinstance(found, Mapping) else None
+    return codes if isinstance(codes, Mapping) else None
+
+
 def with_ledger_codes(
     draft: InvoiceDraft, rules: LedgerRules, *, known: Mapping[str, frozenset[str]] | None = None
 ) -> InvoiceDraft:

@@ -558,6 +558,8 @@ class Capability(enum.StrEnum):
     IDEMPOTENCY_KEYS = "idempotency_keys"
     WEBHOOKS = "webhooks"
     MARK_INVOICED = "mark_invoiced"
+    CREDIT_ALLOCATION = "credit_allocation"
+    LOCK_DATES = "lock_dates"
 
 
 @runtime_checkable

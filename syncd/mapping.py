@@ -59,9 +59,9 @@ from syncd.transforms import (
     ALL,
     ROOTS,
     Coalesce,
-    Const,
     Cond,
     Condition,
+    Const,
     Context,
     Lookup,
     LookupTable,
@@ -138,8 +138,8 @@ class LedgerTable(Model):
     """
 
     default: str | None = Field(default=None, min_length=1)
-    by_line_kind: dict[str, str] = {}
-    by_engagement_type: dict[str, str] = {}
+    by_line_kind: dict[str, str] = Field(default_factory=dict)
+    by_engagement_type: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("by_line_kind")
     @classmethod
@@ -161,7 +161,9 @@ class LedgerTable(Model):
 def _known_keys(value: dict[str, str], known: Sequence[str], what: str) -> dict[str, str]:
     for key, code in value.items():
         if key not in known:
-            raise ValueError(f'"{key}" is not a {what}{did_you_mean(key, list(known))}; {what}s: {listing(list(known))}')
+            raise ValueError(
+                f'"{key}" is not a {what}{did_you_mean(key, list(known))}; {what}s: {listing(list(known))}'
+            )
         if not code:
             raise ValueError(f'the code for "{key}" is empty')
     return value
@@ -1043,7 +1045,9 @@ class _Loader:
         missing: dict[str, list[str]] = {}
         for engagement_type, kind in _line_kinds_made(engagement, self.named):
             accounts = ledger.accounts
-            if not (accounts.default or kind in accounts.by_line_kind or engagement_type in accounts.by_engagement_type):
+            if not (
+                accounts.default or kind in accounts.by_line_kind or engagement_type in accounts.by_engagement_type
+            ):
                 missing.setdefault(engagement_type, []).append(kind)
         if missing:
             self.tables_seen.add(("accounts",))

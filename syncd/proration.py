@@ -231,7 +231,10 @@ def span_line(span: Span, period: Period, *, name: str, currency: str) -> Invoic
     """
     price = prorate(abs(span.amount), span.days, period.days, currency)
     return InvoiceLine(
-        description=_describe(span, period, name, currency), quantity=Decimal(1), unit_price=price, kind=_kind(span, period)
+        description=_describe(span, period, name, currency),
+        quantity=Decimal(1),
+        unit_price=price,
+        kind=_kind(span, period),
     )
 
 

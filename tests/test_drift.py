@@ -63,6 +63,9 @@ def test_target_codes_list_constants_defaults_and_table_values_with_their_place(
         ("tax_type", "OUTPUT", at(MAPPING, "tax_type =", "[engagement.lines].tax_type")),
         ("account_code", "200", at(MAPPING, '"SETUP-FEE"', "[tables.account_code_by_sku].SETUP-FEE")),
         ("tax_type", "NONE", at(MAPPING, '"EXPORT-SERVICES"', "[tables.tax_type_by_sku].EXPORT-SERVICES")),
+        ("account_code", "200", at(MAPPING, "default = ", "[accounts].default")),
+        ("account_code", "200", at(MAPPING, "by_line_kind = ", "[accounts].by_line_kind.deposit")),
+        ("account_code", "200", at(MAPPING, "by_line_kind = ", "[accounts].by_line_kind.deduction")),
     }
 
 
@@ -121,6 +124,11 @@ async def test_a_deleted_property_and_missing_codes_are_reported_with_file_line_
         f"{at(mapping, 'po_number = { coalesce', '[engagement].po_number')}: {gone}",
         f"{at(mapping, 'account_code =', '[engagement.lines].account_code')}: "
         'xero has no account code "200"; it has: 090, 260, 400',
+        f"{at(mapping, 'default = ', '[accounts].default')}: xero has no account code \"200\"; it has: 090, 260, 400",
+        f"{at(mapping, 'by_line_kind = ', '[accounts].by_line_kind.deposit')}: "
+        'xero has no account code "200"; it has: 090, 260, 400',
+        f"{at(mapping, 'by_line_kind = ', '[accounts].by_line_kind.deduction')}: "
+        'xero has no account code "200"; it has: 090, 260, 400',
         f'{table_entry}: xero has no account code "999"; it has: 090, 260, 400',
     ]
 
@@ -134,12 +142,13 @@ async def test_the_scheduled_check_logs_each_problem_and_exposes_the_count(tmp_p
         define_what_it_reads(s.hub, MAPPING)
         s.hub.archive_property("deals", "billing_type")
         with structlog.testing.capture_logs() as logs:
-            assert await tick_drift(s.daemon.runtime) == 1
-        (logged,) = [entry for entry in logs if entry["event"] == "mapping_drift"]
+            assert await tick_drift(s.daemon.runtime) == 2
+        when, logged = [entry for entry in logs if entry["event"] == "mapping_drift"]
+        assert when["place"] == at(MAPPING, "when = { all", "[pipeline].when")
         assert logged["place"] == at(MAPPING, "type = { lookup", "[engagement].type")
         assert 'deal property "billing_type" does not exist' in logged["problem"]
         metrics = (await s.web.get("/metrics")).text
-        assert "syncd_mapping_drift_problems 1.0" in metrics
+        assert "syncd_mapping_drift_problems 2.0" in metrics
 
         s.xero.faults.add(Fault(kind="status", status=403, times=None, path_contains="/Accounts"))
         problems = await drift.check_pipelines(s.daemon.runtime)
