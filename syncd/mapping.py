@@ -73,6 +73,7 @@ from syncd.transforms import (
     did_you_mean,
     listing,
     parse_path,
+    problem,
     show,
     to_date,
     to_datetime,
@@ -161,11 +162,10 @@ class LedgerTable(Model):
 def _known_keys(value: dict[str, str], known: Sequence[str], what: str) -> dict[str, str]:
     for key, code in value.items():
         if key not in known:
-            raise ValueError(
-                f'"{key}" is not a {what}{did_you_mean(key, list(known))}; {what}s: {listing(list(known))}'
-            )
+            hint = did_you_mean(key, list(known))
+            raise problem(f'"{key}" is not a known {what}{hint}; {what}s: {listing(list(known))}')
         if not code:
-            raise ValueError(f'the code for "{key}" is empty')
+            raise problem(f'the code for "{key}" is empty')
     return value
 
 
