@@ -552,6 +552,14 @@ class PipelineMapping:
     target_codes: tuple[TargetCode, ...] = ()
     ledger: LedgerRules = field(default_factory=LedgerRules)
 
+    def generated_line_kinds(self) -> list[tuple[str, str]]:
+        """``(engagement type, line kind)`` of every line this mapping can make without a code of its own.
+
+        These are the lines whose account code comes from ``[client]``, ``[accounts]``
+        and ``[tax_types]`` (checked at load to always get one).
+        """
+        return _line_kinds_made(self.rules.engagement, self.rules.tables)
+
     def selects(self, record: SourceRecord) -> bool:
         """Whether this pipeline takes ``record`` (its source kind and ``when`` filter).
 
