@@ -495,13 +495,20 @@ def assemble_draft(
         issue_date=options.issue_date,
         due_date=options.issue_date + timedelta(days=client.payment_terms_days),
         reference=engagement.po_number or client.po_number,
-        lines=tuple(lines),
+        lines=tuple(_tracked(line, engagement) for line in lines),
         line_amount_types=options.line_amount_types,
         status=options.status,
         send=options.send,
     )
     check_draft(draft, event=event, engagement=engagement)
     return draft
+
+
+def _tracked(line: InvoiceLine, engagement: Engagement) -> InvoiceLine:
+    """``line`` with the engagement's tracking options when it has none of its own."""
+    if line.tracking or not engagement.tracking:
+        return line
+    return line.model_copy(update={"tracking": engagement.tracking})
 
 
 def _contents(event: BillingEvent, engagement: Engagement, timezone: str) -> tuple[DraftKind, tuple[InvoiceLine, ...]]:

@@ -46,6 +46,7 @@ _CODE_WORDS: Mapping[CodeKind, str] = {
     "tax_type": "tax type",
     "currency": "currency",
     "item_code": "item code",
+    "tracking": "tracking category option",
 }
 
 

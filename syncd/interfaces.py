@@ -341,6 +341,8 @@ class Engagement(Model):
             later invoices deduct it (see :mod:`syncd.billing`). ``None``: no deposit.
         first_period_on_won: a retainer or subscription billed in advance invoices its
             first period when the deal is won, even if service starts later.
+        tracking: tracking category options of every line of its invoices that has none
+            of its own (mapped in a mapping's ``[tracking]`` table).
     """
 
     key: str
@@ -375,6 +377,7 @@ class Engagement(Model):
     cap_from_tracker: bool = False
     deposit_percent: Decimal | None = None
     first_period_on_won: bool = False
+    tracking: tuple[TrackingOption, ...] = ()
 
     @field_validator("currency")
     @classmethod
@@ -671,7 +674,7 @@ class TimeTracker(Protocol):
 CRM_OBJECT_TYPES = ("deal", "company", "contact", "line_item")
 """The CRM object types a mapping reads properties of (see :class:`CrmSchema`)."""
 
-CodeKind = Literal["account_code", "tax_type", "currency", "item_code"]
+CodeKind = Literal["account_code", "tax_type", "currency", "item_code", "tracking"]
 """A kind of code an invoice line or draft names at the invoicing tool (see :class:`InvoicingCodes`)."""
 
 

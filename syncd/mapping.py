@@ -14,6 +14,7 @@ canonical :class:`~syncd.interfaces.Client` and :class:`~syncd.interfaces.Engage
     [accounts]        account codes of lines without their own: default, by_line_kind,
                       by_engagement_type (:func:`syncd.billing.with_ledger_codes`)
     [tax_types]       tax types likewise
+    [tracking]        tracking category = option (a transform), on every line
     [tables.NAME]     named lookup tables
 
 The field tables are generic: a key is valid when the canonical model has a field of
@@ -53,6 +54,7 @@ from syncd.interfaces import (
     InvoiceLine,
     Model,
     SourceRecord,
+    TrackingOption,
 )
 from syncd.money import check_currency
 from syncd.transforms import (
@@ -266,10 +268,10 @@ _SPECS: Mapping[type[BaseModel], _ModelSpec] = {
         fallback=frozenset({"timezone", "currency", "payment_terms_days"}),
     ),
     Engagement: _ModelSpec(
-        computed=frozenset({"key", "client_key", "won_at", "source_version"}),
+        computed=frozenset({"key", "client_key", "won_at", "source_version", "tracking"}),
         fallback=frozenset({"currency"}),
     ),
-    InvoiceLine: _ModelSpec(computed=frozenset({"kind"})),
+    InvoiceLine: _ModelSpec(computed=frozenset({"kind", "tracking"})),
 }
 _FIRST = ("timezone", "currency")  # mapped first: later fields read dates and money in them
 _RECORD_KEYS = ("id", "version", "connection", "object_type", "modified_at")
@@ -288,7 +290,11 @@ _ROOT_KINDS: Mapping[str, str] = {
 }
 _LIST_ROOTS = ("contacts", "line_items")
 _EACH_DEFAULTS: Mapping[str, str] = {"lines": "line_items"}  # a repeated table's list when it names none
-_TOP = ("pipeline", "client", "engagement", "invoice", "accounts", "tax_types", "tables")
+_TOP = ("pipeline", "client", "engagement", "invoice", "accounts", "tax_types", "tracking", "tables")
+# Xero allows two active tracking categories per organisation, so a line names at most two
+# (Xero Business Community, "you can only have two active at any other time":
+# https://community.xero.com/business/discussion/54766610).
+TRACKING_MAX = 2
 _LEDGER_TABLES: Mapping[str, CodeKind] = {"accounts": "account_code", "tax_types": "tax_type"}
 # Line kinds each engagement type makes itself (syncd/billing.py, syncd/proration.py);
 # ``one_time`` engagements bill mapped lines, and deposits only with deposit_percent.
@@ -504,6 +510,7 @@ class _Rules:
     client: _SectionRule
     engagement: _SectionRule
     tables: Mapping[str, Mapping[str, Any]]
+    tracking: tuple[_FieldRule, ...] = ()
 
 
 class _PipelineTable(BaseModel):
@@ -604,9 +611,14 @@ class PipelineMapping:
             client_key=client.key,
             won_at=won_at,
             source_version=record.version,
+            tracking=self._tracking(scoped),
         )
         engagement: Engagement = self.rules.engagement.construct(values, scoped)
         return MappedDeal(client=client, engagement=engagement, won_at=won_at)
+
+    def _tracking(self, context: Context) -> tuple[TrackingOption, ...]:
+        found = ((rule.name, rule.value(context)) for rule in self.rules.tracking)
+        return tuple(TrackingOption(name=name, option=option) for name, option in found if option is not None)
 
     def _won_at(self, context: Context) -> datetime | None:
         if not self.rules.won.apply(context.derive(place=self.rules.won_place)):
@@ -887,6 +899,7 @@ class _Loader:
         client = self._section(("client",), Client)
         engagement = self._section(("engagement",), Engagement)
         ledger = self._ledger(client)
+        tracking = self._tracking()
         if not self.found and client is not None and engagement is not None and ledger is not None:
             self._check_ledger(client, engagement, ledger)
         problems = self.problems
@@ -895,7 +908,7 @@ class _Loader:
             raise MappingError(
                 f"{self.path}: {len(problems)} problem(s); fix them and load again:\n{listed}", problems=problems
             )
-        rules = _Rules(client=client, engagement=engagement, tables=self.named, **pipeline)
+        rules = _Rules(client=client, engagement=engagement, tables=self.named, tracking=tracking, **pipeline)
         return PipelineMapping(
             path=self.path,
             source_properties=self._properties(),
@@ -1012,6 +1025,26 @@ class _Loader:
             "won_at": won_at,
             "contact_label": table.billing_contact_label,
         }
+
+    # -- tracking -------------------------------------------------------------
+
+    def _tracking(self) -> tuple[_FieldRule, ...]:
+        raw = self._table_at(("tracking",), required=False) or {}
+        if len(raw) > TRACKING_MAX:
+            self.report(("tracking",), f"{len(raw)} tracking categories; a line takes at most {TRACKING_MAX}")
+        rules = []
+        for category, value in raw.items():
+            here = ("tracking", category)
+            try:
+                transform = _VALUE.validate_python(value)
+            except ValidationError as exc:
+                self._report_validation(here, exc)
+                continue
+            self._check_node(here, transform, ROOTS, None)
+            rules.append(self._rule(here, category, transform, str | None, required=False))
+            found = [(f"{category}/{as_text(option)}", where) for option, where in self._sourced(transform, here)]
+            self._add_codes("tracking", found)
+        return tuple(rules)
 
     # -- ledger codes ---------------------------------------------------------
 

@@ -42,6 +42,7 @@ from syncd.interfaces import (
     InvoiceLine,
     Milestone,
     TimeEntry,
+    TrackingOption,
 )
 from syncd.money import round_money
 
@@ -799,3 +800,17 @@ def test_a_client_code_unknown_to_the_ledger_fails_the_record_naming_the_mapping
     assert "it has: 200, 260" in caught.value.message
     assert with_ledger_codes(draft, RULES).lines[0].account_code == "999"
     assert draft.engagement_type is EngagementType.ONE_TIME
+
+
+def test_the_engagements_tracking_goes_on_every_line_without_its_own() -> None:
+    """Lines take the engagement's tracking options unless they carry their own."""
+    region = (TrackingOption(name="Region", option="North"),)
+    own = (TrackingOption(name="Region", option="South"),)
+    engagement = make_fixed(
+        tracking=region,
+        lines=(line(), line(tracking=own)),
+    )
+    event = deal_won_event(engagement, billing_start=BILLING_START)
+    assert event is not None
+    drafted = draft_for_event(event, engagement, make_client(), issue_date=date(2024, 4, 1))
+    assert [item.tracking for item in drafted.lines] == [region, own]

@@ -124,7 +124,7 @@ async def test_a_deleted_property_and_missing_codes_are_reported_with_file_line_
         f"{at(mapping, 'po_number = { coalesce', '[engagement].po_number')}: {gone}",
         f"{at(mapping, 'account_code =', '[engagement.lines].account_code')}: "
         'xero has no account code "200"; it has: 090, 260, 400',
-        f"{at(mapping, 'default = ', '[accounts].default')}: xero has no account code \"200\"; it has: 090, 260, 400",
+        f'{at(mapping, "default = ", "[accounts].default")}: xero has no account code "200"; it has: 090, 260, 400',
         f"{at(mapping, 'by_line_kind = ', '[accounts].by_line_kind.deposit')}: "
         'xero has no account code "200"; it has: 090, 260, 400',
         f"{at(mapping, 'by_line_kind = ', '[accounts].by_line_kind.deduction')}: "
@@ -185,3 +185,23 @@ def test_syncd_check_reports_drift_by_file_line_and_key(tmp_path: Path, sqlite_u
     assert f"{at(mapping, 'po_number = { coalesce', '[engagement].po_number')}: {property_gone}" in drifted.output
     table_entry = at(mapping, '"SETUP-FEE"', "[tables.account_code_by_sku].SETUP-FEE")
     assert f'{table_entry}: xero has no account code "4000"' in drifted.output
+
+
+async def test_tracking_options_and_ledger_codes_missing_at_xero_are_reported(tmp_path: Path, db_url: str) -> None:
+    """A [tracking] option Xero has no such category option for, and an [accounts] code it lacks, are drift."""
+    mapping = proposed(tmp_path, '\ndefault = "200"\n', '\ndefault = "999"\n')
+    mapping.write_text(
+        mapping.read_text(encoding="utf-8")
+        + '\n[tracking]\nRegion = { path = "deal.properties.region", default = "East" }\n',
+        encoding="utf-8",
+    )
+    async with stack(tmp_path, db_url, mapping=mapping) as s:
+        define_what_it_reads(s.hub, mapping)
+        problems = [str(problem) for problem in await drift.check_pipelines(s.daemon.runtime)]
+        known = s.daemon.runtime.extra[drift.KNOWN_CODES]["xero"]
+    assert problems == [
+        f'{at(mapping, "default = ", "[accounts].default")}: xero has no account code "999"; it has: 090, 200, 260, 400',
+        f'{at(mapping, "Region = ", "[tracking].Region")}: xero has no tracking category option "Region/East"; '
+        "it has: Region/North, Region/South",
+    ]
+    assert "200" in known["account_code"]

@@ -12,7 +12,16 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from syncd.errors import MappingError
-from syncd.interfaces import Address, Client, Contact, Engagement, EngagementType, InvoiceLine, SourceRecord
+from syncd.interfaces import (
+    Address,
+    Client,
+    Contact,
+    Engagement,
+    EngagementType,
+    InvoiceLine,
+    SourceRecord,
+    TrackingOption,
+)
 from syncd.mapping import InvoiceOptions, MappingDefaults, PipelineMapping, load_mapping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -488,7 +497,7 @@ def test_missing_and_unknown_top_level_tables_are_reported(tmp_path: Path) -> No
     assert caught.value.problems == [
         f"{path}:1: missing table [client]",
         f'{path}:5 clinet: unknown table [clinet] (did you mean "client"?); expected: accounts, client,'
-        " engagement, invoice, pipeline, tables, tax_types",
+        " engagement, invoice, pipeline, tables, tax_types, tracking",
     ]
 
 
@@ -752,3 +761,25 @@ def test_the_line_kind_cannot_be_mapped(tmp_path: Path) -> None:
     )
     with pytest.raises(MappingError, match=r'\[engagement.lines\].kind: "kind" is set by syncd and cannot be mapped'):
         load_mapping(write(tmp_path, text))
+
+
+def test_tracking_maps_category_options_onto_the_engagement_and_lists_its_constants(tmp_path: Path) -> None:
+    """[tracking] maps a category to an option per deal; constants are target codes "Category/Option"."""
+    text = (
+        MINIMAL
+        + '\n[tracking]\nRegion = { lookup = "deal.properties.pipeline", table = { default = "North" }, default = "South" }\n'
+    )
+    path = write(tmp_path, text)
+    mapping = load_mapping(path)
+    record = fixture("hubspot_deal_with_company.json")
+    engagement = mapping.map_deal(record, defaults=BERLIN).engagement
+    assert engagement.tracking == (TrackingOption(name="Region", option="North"),)
+    other = mapping.map_deal(with_deal_properties(record, pipeline="partners"), defaults=BERLIN).engagement
+    assert other.tracking == (TrackingOption(name="Region", option="South"),)
+    assert [(code.kind, code.code) for code in mapping.target_codes] == [
+        ("tracking", "Region/North"),
+        ("tracking", "Region/South"),
+    ]
+    three = MINIMAL + '\n[tracking]\nA = "x"\nB = "y"\nC = "z"\n'
+    with pytest.raises(MappingError, match=r"\[tracking\]: 3 tracking categories; a line takes at most 2"):
+        load_mapping(write(tmp_path, three))

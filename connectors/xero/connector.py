@@ -17,8 +17,9 @@ Sources (Xero developer documentation):
   header: https://developer.xero.com/faq/custom-integration
 * Codes for the drift guard: ``GET /Accounts`` (``Account.Code``, ``Status``
   ACTIVE/ARCHIVED/DELETED), ``GET /TaxRates`` (``TaxRate.TaxType``, ``Status``
-  ACTIVE/DELETED/ARCHIVED/PENDING) and ``GET /Currencies`` (``Currency.Code``): spec
-  ``components.schemas.Account``, ``TaxRate`` and ``Currency``. Item codes (``GET /Items``)
+  ACTIVE/DELETED/ARCHIVED/PENDING), ``GET /Currencies`` (``Currency.Code``) and
+  ``GET /TrackingCategories`` (``Name`` and ``Options[].Name``, as ``Category/Option``): spec
+  ``components.schemas.Account``, ``TaxRate``, ``Currency`` and ``TrackingCategory``. Item codes (``GET /Items``)
   are not read: the emulator does not serve Items, so they could not be tested.
 * Idempotency: spec ``components.parameters.idempotencyKey`` ("safely retry requests
   without the risk of duplicate processing. 128 character max") and
@@ -449,10 +450,12 @@ class XeroConnector:
         accounts = await self._get("/Accounts")
         tax_rates = await self._get("/TaxRates")
         currencies = await self._get("/Currencies")
+        tracking = await self._get("/TrackingCategories")
         return {
             "account_code": _live_codes(accounts, "Accounts", "Code"),
             "tax_type": _live_codes(tax_rates, "TaxRates", "TaxType"),
             "currency": _live_codes(currencies, "Currencies", "Code"),
+            "tracking": _tracking_options(tracking),
         }
 
     # -- health ---------------------------------------------------------------
@@ -498,6 +501,24 @@ class XeroConnector:
         if organisation.organisation_status and organisation.organisation_status != "ACTIVE":
             problems.append(f"xero: organisation {organisation.name!r} is {organisation.organisation_status}")
         return problems
+
+
+def _tracking_options(data: Any) -> frozenset[str]:
+    """``Category/Option`` of every active option of every active tracking category.
+
+    Spec schemas ``TrackingCategory`` (``Name``, ``Status`` ACTIVE/ARCHIVED/DELETED,
+    ``Options``) and ``TrackingOption`` (``Name``, ``Status``), ``GET /TrackingCategories``.
+    """
+    rows = data.get("TrackingCategories") if isinstance(data, Mapping) else None
+    if not isinstance(rows, list):
+        raise FatalError("xero: GET /TrackingCategories answered without a TrackingCategories list")
+    return frozenset(
+        f"{row['Name']}/{option['Name']}"
+        for row in rows
+        if isinstance(row, Mapping) and row.get("Name") and row.get("Status") not in RETIRED_STATUSES
+        for option in row.get("Options") or []
+        if isinstance(option, Mapping) and option.get("Name") and option.get("Status") not in RETIRED_STATUSES
+    )
 
 
 def _live_codes(data: Any, collection: str, key: str) -> frozenset[str]:

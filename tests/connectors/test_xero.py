@@ -923,6 +923,7 @@ async def test_codes_list_the_accounts_tax_types_and_currencies_in_use() -> None
         "account_code": frozenset({"200", "260", "400", "090"}),
         "tax_type": frozenset({"OUTPUT", "INPUT", "EXEMPTOUTPUT", "NONE"}),
         "currency": frozenset({"AUD", "USD", "NZD", "GBP", "EUR"}),
+        "tracking": frozenset({"Region/North", "Region/South"}),
     }
     assert second["account_code"] == frozenset({"200", "400", "090"})
     assert r.emulator.calls["getAccounts"] == 2
