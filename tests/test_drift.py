@@ -19,6 +19,7 @@ from connectors.xero.emulator import XeroEmulator
 from syncd import drift
 from syncd.mapping import load_mapping
 from syncd.scheduler import build_scheduler, tick_drift
+from syncd.store import DeadLetterRow
 from tests.harness import MAPPING, stack, write_config
 from tests.servers import invoke, serve_in_thread
 
@@ -205,3 +206,33 @@ async def test_tracking_options_and_ledger_codes_missing_at_xero_are_reported(tm
         "it has: Region/North, Region/South",
     ]
     assert "200" in known["account_code"]
+
+
+async def test_a_client_account_code_xero_lacks_dead_letters_the_deal_at_its_mapping_key(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A company's own account code (read from a CRM property) missing at Xero fails that deal, naming [client].account_code."""
+    mapping = proposed(
+        tmp_path,
+        'po_number = { path = "company.properties.default_po_number" }              # custom\n',
+        'po_number = { path = "company.properties.default_po_number" }              # custom\n'
+        'account_code = { path = "company.properties.xero_account_code" }\n',
+    )
+    async with stack(tmp_path, db_url, mapping=mapping) as s:
+        define_what_it_reads(s.hub, mapping)
+        assert await drift.check_pipelines(s.daemon.runtime) == []
+        for code in ("260", "999"):
+            company = s.hub.add_company({"name": f"Client {code}", "xero_account_code": code})
+            deal = s.hub.add_deal(
+                {"dealname": f"Deal {code}", "pipeline": "default", "dealstage": "contractsent", "amount": "100.00"},
+                company_id=company,
+            )
+            await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+            await s.drain()
+        letters = await s.daemon.runtime.store.select(DeadLetterRow)
+        invoices = s.xero.invoices()
+    (letter,) = letters
+    assert letter.place == at(mapping, "account_code = { path", "[client].account_code")
+    assert "account code '999' read from the CRM is not in use" in letter.reason
+    (invoice,) = invoices
+    assert [line["AccountCode"] for line in invoice["LineItems"]] == ["260"]
