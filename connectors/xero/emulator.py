@@ -1382,9 +1382,9 @@ class XeroEmulator:
         errors = []
         if any(not line.get("AccountCode") for line in document["LineItems"]):
             errors.append("Account code must be specified")
-        issued = parse_xero_date(document["Date"])
+        issued = parse_xero_date(document["Date"]) if document.get("Date") else None
         for what, day in (("period", self.period_lock_date), ("end of year", self.end_of_year_lock_date)):
-            if day is not None and issued <= day:
+            if day is not None and issued is not None and issued <= day:
                 errors.append(
                     f"The document date cannot be before the {what} lock date, currently set at {day:%d-%b-%Y}"
                 )
