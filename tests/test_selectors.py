@@ -11,11 +11,14 @@ import pytest
 from syncd.errors import MappingError
 from syncd.interfaces import SourceRecord
 from syncd.mapping import PipelineMapping, load_mapping
-from syncd.selectors import choose, disjoint, possible_overlaps, taking
+from syncd.selectors import choose, disjoint, possible_overlaps, stored_overlaps, taking
+from tests.harness import stack
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "mappings").glob("*.toml"))
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hubspot_deal_with_company.json"
+FIXED = REPO / "mappings" / "hubspot-xero.toml"
+RETAINER = REPO / "mappings" / "hubspot-xero-retainer.toml"
 
 BASE = """\
 [pipeline]
@@ -106,3 +109,25 @@ def test_a_deal_taken_by_two_pipelines_is_refused_naming_both_places(tmp_path: P
     assert "taken by 2 pipelines" in caught.value.message
     (overlap,) = possible_overlaps([one, two])
     assert "possibly overlapping" in str(overlap)
+
+
+async def test_check_names_stored_deals_two_pipelines_both_take(tmp_path: Path, db_url: str) -> None:
+    """stored_overlaps evaluates both selectors of a possible overlap against the stored deals and names them."""
+    open_ended = tmp_path / "everything.toml"
+    text = FIXED.read_text(encoding="utf-8")
+    start = text.index("when = { all = [")
+    end = text.index("] }\n", start) + len("] }\n")
+    open_ended.write_text(
+        text[:start] + 'when = { path = "deal.properties.dealname", exists = true }\n' + text[end:], encoding="utf-8"
+    )
+    extra = f'\n[[pipelines]]\ncrm = "hubspot"\ninvoicing = "xero"\nmapping = "{RETAINER}"\n'
+    extra += f'\n[[pipelines]]\ncrm = "hubspot"\ninvoicing = "xero"\nmapping = "{open_ended}"\n'
+    async with stack(tmp_path, db_url, extra=extra) as s:
+        retainer = s.hub.add_deal({"dealname": "Care plan", "billing_type": "retainer", "pipeline": "default"})
+        await s.daemon.engine.process_deal(s.daemon.runtime.pipelines[0], retainer)
+        overlaps = await stored_overlaps(s.daemon.runtime)
+    assert [(overlap.first.path, overlap.second.path, overlap.records) for overlap in overlaps] == [
+        (FIXED, open_ended, ()),
+        (RETAINER, open_ended, (retainer,)),
+    ]
+    assert f"both take 1 stored record(s) ({retainer})" in str(overlaps[1])
