@@ -31,6 +31,7 @@ from syncd.billing import (
 )
 from syncd.errors import MappingError, ValidationFailed
 from syncd.interfaces import (
+    LINE_KINDS,
     AmountChange,
     BillingEvent,
     BillingEventKind,
@@ -814,3 +815,51 @@ def test_the_engagements_tracking_goes_on_every_line_without_its_own() -> None:
     assert event is not None
     drafted = draft_for_event(event, engagement, make_client(), issue_date=date(2024, 4, 1))
     assert [item.tracking for item in drafted.lines] == [region, own]
+
+
+CODES = st.sampled_from(["200", "210", "260"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(list(LINE_KINDS)), min_size=1, max_size=6),
+    engagement_type=st.sampled_from(list(EngagementType)),
+    own=st.lists(st.one_of(st.none(), CODES), min_size=6, max_size=6),
+    by_kind=st.dictionaries(st.sampled_from(list(LINE_KINDS)), CODES),
+    by_type=st.dictionaries(st.sampled_from([str(kind) for kind in EngagementType]), CODES),
+    client_code=st.one_of(st.none(), CODES),
+)
+def test_with_ledger_codes_gives_every_line_the_most_specific_code(
+    kinds: list[str],
+    engagement_type: EngagementType,
+    own: list[str | None],
+    by_kind: dict[str, str],
+    by_type: dict[str, str],
+    client_code: str | None,
+) -> None:
+    """With a default, every line gets a code: its own, else the client's, else by kind, type, default; twice is once."""
+    rules = LedgerRules(accounts=CodeRule(default="999", by_line_kind=by_kind, by_engagement_type=by_type))
+    lines = tuple(line(kind, account_code=own[index]) for index, kind in enumerate(kinds))
+    draft = InvoiceDraft(
+        key="k",
+        client=make_client(account_code=client_code),
+        engagement_key="hubspot:deal:1",
+        engagement_type=engagement_type,
+        currency="USD",
+        issue_date=date(2024, 5, 1),
+        due_date=date(2024, 5, 15),
+        lines=lines,
+    )
+    coded_draft = with_ledger_codes(draft, rules)
+    for original, result in zip(lines, coded_draft.lines, strict=True):
+        expected = (
+            original.account_code
+            or client_code
+            or by_kind.get(original.kind)
+            or by_type.get(str(engagement_type))
+            or "999"
+        )
+        assert result.account_code == expected
+        assert result.tax_type is None
+        assert result.model_copy(update={"account_code": original.account_code}) == original
+    assert with_ledger_codes(coded_draft, rules) == coded_draft

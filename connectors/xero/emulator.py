@@ -37,6 +37,13 @@ are accepted without them, as Xero does):
   can still be published);
 * a line's tracking names a category and option that exist (``GET /TrackingCategories``).
 
+Credit note allocations (``PUT /CreditNotes/{id}/Allocations``, spec operation
+``createCreditNoteAllocation``) are checked strictly: both documents AUTHORISED, same
+contact and currency, the amount at most the credit left and the invoice's amount due;
+they lower ``RemainingCredit`` and ``AmountDue`` (a document at zero becomes PAID).
+Webhooks are delivered by the test-facing :meth:`XeroEmulator.allocate` (CREDITNOTE and
+INVOICE UPDATE), not by the API route, as :meth:`XeroEmulator.pay_invoice` does for payments.
+
 Emulator data, not Xero's: one Australian demo organisation; the tax rates OUTPUT 10 %,
 INPUT 10 %, EXEMPTOUTPUT 0 %, NONE 0 %; accounts 200/260 (revenue), 400 (expense) and
 090 (bank); currencies AUD, USD, NZD, GBP, EUR. Validation messages quoted from Xero's
