@@ -358,18 +358,22 @@ class XeroConnector:
                 raise NotFound(f"xero: no invoice or credit note {invoice_id}") from None
             return credit_note_status(notes[0])
 
-    async def poll_changes(self, cursor: str | None) -> ChangePage:
+    async def poll_changes(self, cursor: str | None, *, since: datetime | None = None) -> ChangePage:
         """Invoices and credit notes changed since ``cursor`` (``If-Modified-Since``, paged by ``page``).
 
         The cursor is opaque JSON: ``since`` (ISO UTC, whole seconds), the ``page`` to
         read next of both lists and ``high`` (the newest ``UpdatedDateUTC`` seen). ``None``
-        starts now. A boundary document may be reported twice; its event id is the same
+        starts now (or at ``since``, when given, for a first poll that catches up).
+        A boundary document may be reported twice; its event id is the same
         both times. Credit notes come as hints with ``object_type='credit_note'``
         (a credit note's credit changes when it is allocated).
         """
         if cursor is None:
-            now = self.ctx.clock().astimezone(UTC).replace(microsecond=0)
-            return ChangePage(hints=(), cursor=_cursor(now, 1, now))
+            start = self.ctx.clock() if since is None else min(self.ctx.clock(), since)
+            start = start.astimezone(UTC).replace(microsecond=0)
+            if since is None:
+                return ChangePage(hints=(), cursor=_cursor(start, 1, start))
+            cursor = _cursor(start, 1, start)
         since, page, high = _parse_cursor(cursor)
         params = {"page": page, "pageSize": self.page_size, "order": "UpdatedDateUTC ASC"}
         headers = {"If-Modified-Since": since.isoformat()}
