@@ -76,7 +76,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from syncd.errors import ValidationFailed
+from syncd.errors import MappingError, ValidationFailed
 from syncd.interfaces import (
     OVER_CAP_SUFFIX,
     BillingEvent,
@@ -277,6 +277,7 @@ def deposit_lines(engagement: Engagement) -> tuple[InvoiceLine, ...]:
             description=f"{engagement.name}: deposit, {engagement.deposit_percent}%",
             quantity=Decimal(1),
             unit_price=deposit,
+            kind="deposit",
         ),
     )
 
@@ -295,6 +296,7 @@ def deduction_lines(engagement: Engagement, occurrence: str) -> tuple[InvoiceLin
             description=f"{engagement.name}: less deposit, {engagement.deposit_percent}%",
             quantity=Decimal(1),
             unit_price=-share,
+            kind="deduction",
         ),
     )
 
@@ -501,17 +503,25 @@ def assemble_draft(
         kind=kind,
         client=client,
         engagement_key=engagement.key,
+        engagement_type=engagement.type,
         currency=engagement.currency,
         issue_date=options.issue_date,
         due_date=options.issue_date + timedelta(days=client.payment_terms_days),
         reference=engagement.po_number or client.po_number,
-        lines=tuple(lines),
+        lines=tuple(_tracked(line, engagement) for line in lines),
         line_amount_types=options.line_amount_types,
         status=options.status,
         send=options.send,
     )
     check_draft(draft, event=event, engagement=engagement)
     return draft
+
+
+def _tracked(line: InvoiceLine, engagement: Engagement) -> InvoiceLine:
+    """``line`` with the engagement's tracking options when it has none of its own."""
+    if line.tracking or not engagement.tracking:
+        return line
+    return line.model_copy(update={"tracking": engagement.tracking})
 
 
 def _contents(event: BillingEvent, engagement: Engagement, timezone: str) -> tuple[DraftKind, tuple[InvoiceLine, ...]]:
@@ -534,7 +544,9 @@ def _contents(event: BillingEvent, engagement: Engagement, timezone: str) -> tup
 def _milestone_line(engagement: Engagement, milestone_id: str) -> InvoiceLine:
     for milestone in engagement.milestones:
         if milestone.id == milestone_id:
-            return InvoiceLine(description=milestone.name, quantity=Decimal(1), unit_price=milestone.amount)
+            return InvoiceLine(
+                description=milestone.name, quantity=Decimal(1), unit_price=milestone.amount, kind="milestone"
+            )
     raise ValidationFailed(
         f"no milestone with id {milestone_id!r}", place=f"engagement {engagement.key}: milestones[{milestone_id}]"
     )
@@ -600,6 +612,115 @@ def _check_lines(draft: InvoiceDraft, place: str) -> None:
         raise ValidationFailed(
             f"the total {draft.subtotal()} is negative; a credit is a credit note", place=f"{place}: lines"
         )
+
+
+# ---------------------------------------------------------------------------
+# Ledger codes
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodeRule:
+    """Where one kind of ledger code (an account code, or a tax type) comes from.
+
+    Attributes:
+        default: the code when nothing more specific gives one.
+        by_line_kind: by :data:`~syncd.interfaces.LineKind`.
+        by_engagement_type: by :class:`~syncd.interfaces.EngagementType` value.
+    """
+
+    default: str | None = None
+    by_line_kind: Mapping[str, str] = field(default_factory=dict)
+    by_engagement_type: Mapping[str, str] = field(default_factory=dict)
+
+    def pick(self, line: InvoiceLine, engagement_type: EngagementType | None) -> str | None:
+        """The code for ``line`` by its kind, else the engagement type, else the default."""
+        by_type = self.by_engagement_type.get(str(engagement_type)) if engagement_type is not None else None
+        return self.by_line_kind.get(line.kind) or by_type or self.default
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerRules:
+    """How the lines of a pipeline's drafts get their account code and tax type.
+
+    Attributes:
+        accounts: account codes (``[accounts]`` in a mapping file).
+        tax_types: tax types (``[tax_types]``).
+        client_places: ``file:line [client].key`` of the mapping keys that give a
+            client's own ``account_code`` and ``tax_type``, to name them when a code
+            read from the CRM is unknown to the ledger.
+    """
+
+    accounts: CodeRule = field(default_factory=CodeRule)
+    tax_types: CodeRule = field(default_factory=CodeRule)
+    client_places: Mapping[str, str] = field(default_factory=dict)
+
+
+KNOWN_CODES = "ledger_codes"
+"""Key in :attr:`Runtime.extra <syncd.runtime.Runtime.extra>` holding, by invoicing connection, the
+codes the last drift check read (:mod:`syncd.drift`)."""
+
+
+def known_codes(extra: Mapping[str, object], connection: str) -> Mapping[str, frozenset[str]] | None:
+    """The codes the last drift check read from ``connection`` (``None`` before any check)."""
+    found = extra.get(KNOWN_CODES)
+    codes = found.get(connection) if isinstance(found, Mapping) else None
+    return codes if isinstance(codes, Mapping) else None
+
+
+def with_ledger_codes(
+    draft: InvoiceDraft, rules: LedgerRules, *, known: Mapping[str, frozenset[str]] | None = None
+) -> InvoiceDraft:
+    """``draft`` with every line's account code and tax type resolved, most specific first.
+
+    For each line: its own code (mapped from the CRM line item: product or SKU), else
+    the client's (``Client.account_code`` / ``tax_type``), else by the line's kind, else
+    by the engagement type, else the default. A tax type that resolves to nothing stays
+    ``None``, so the account's default tax rate applies at the tool.
+
+    Args:
+        draft: the draft as billed.
+        rules: the pipeline's ledger rules.
+        known: the ledger's codes in use by kind (``account_code``, ``tax_type``), when
+            known; a client's own code missing from them fails the record here, naming
+            the mapping key that read it, instead of failing at the tool.
+
+    Raises:
+        MappingError: the client's own code is not in ``known``.
+    """
+    client = draft.client
+    _check_client_code(client.account_code, "account_code", client, rules, known)
+    _check_client_code(client.tax_type, "tax_type", client, rules, known)
+    lines = tuple(_coded(line, draft, rules) for line in draft.lines)
+    return draft if lines == draft.lines else draft.model_copy(update={"lines": lines})
+
+
+def _coded(line: InvoiceLine, draft: InvoiceDraft, rules: LedgerRules) -> InvoiceLine:
+    kind = draft.engagement_type
+    account = line.account_code or draft.client.account_code or rules.accounts.pick(line, kind)
+    tax = line.tax_type or draft.client.tax_type or rules.tax_types.pick(line, kind)
+    if account == line.account_code and tax == line.tax_type:
+        return line
+    return line.model_copy(update={"account_code": account, "tax_type": tax})
+
+
+def _check_client_code(
+    code: str | None,
+    name: str,
+    client: Client,
+    rules: LedgerRules,
+    known: Mapping[str, frozenset[str]] | None,
+) -> None:
+    codes = known.get(name) if known is not None else None
+    if code is None or codes is None or code in codes:
+        return
+    word = name.replace("_", " ")
+    raise MappingError(
+        f"client {client.key}: {word} {code!r} read from the CRM is not in use at the invoicing tool; "
+        f"it has: {', '.join(sorted(codes)[:20]) or 'none'}. Fix the value on the record (or the mapping key), "
+        "then replay",
+        place=rules.client_places.get(name, f"client {client.key}: {name}"),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -936,4 +1057,5 @@ def _hours_line(engagement: Engagement, label: str, rate: Decimal, entries: Sequ
         description=f"{engagement.name}: {label}, {first.isoformat()} – {last.isoformat()}",
         quantity=hours,
         unit_price=rate,
+        kind="hours",
     )

@@ -120,6 +120,7 @@ def check(config: ConfigOption = Path("config.toml")) -> None:
 async def _check(path: Path) -> list[str]:
     from syncd.drift import check_pipelines
     from syncd.runtime import Runtime
+    from syncd.selectors import stored_overlaps
 
     try:
         config = load_config(path)
@@ -143,6 +144,9 @@ async def _check(path: Path) -> list[str]:
                 failed.add(name)
         # A connection whose credentials failed is not asked again (nor its token refreshed).
         problems += [str(problem) for problem in await check_pipelines(runtime, skip=failed)]
+        # Pipelines on one CRM must take disjoint deals (syncd/selectors.py).
+        # (A possible overlap no stored deal hits is logged as a warning, not a problem.)
+        problems += [str(overlap) for overlap in await stored_overlaps(runtime) if overlap.records]
     finally:
         await runtime.aclose()
     return problems

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from syncd.billing import KNOWN_CODES
 from syncd.errors import SyncdError
 from syncd.interfaces import CodeKind, CrmSchema, InvoicingCodes
 from syncd.runtime import Pipeline, Runtime
@@ -45,6 +46,7 @@ _CODE_WORDS: Mapping[CodeKind, str] = {
     "tax_type": "tax type",
     "currency": "currency",
     "item_code": "item code",
+    "tracking": "tracking category option",
 }
 
 
@@ -80,6 +82,7 @@ async def check_pipelines(runtime: Runtime, *, skip: Collection[str] = ()) -> li
             problems += await _check_reads(pipeline, answers)
         if pipeline.invoicing_name not in skip:
             problems += await _check_codes(pipeline, answers)
+    answers.remember(runtime)
     return list(dict.fromkeys(problems))
 
 
@@ -122,6 +125,11 @@ class _Answers:
             except SyncdError as exc:
                 self.codes[name] = _unreadable(name, "codes", exc)
         return self.codes[name]
+
+    def remember(self, runtime: Runtime) -> None:
+        """Keep the codes read in ``runtime.extra``: drafts check a client's own codes against them."""
+        kept = runtime.extra.setdefault(KNOWN_CODES, {})
+        kept.update({name: codes for name, codes in self.codes.items() if not isinstance(codes, DriftProblem)})
 
 
 def _unreadable(name: str, what: str, exc: SyncdError) -> DriftProblem:

@@ -472,6 +472,9 @@ class Engine:
         Returns:
             the event key if it was new, else ``None`` (already recorded: nothing queued).
         """
+        draft = billing.with_ledger_codes(
+            draft, pipeline.mapping.ledger, known=billing.known_codes(self.rt.extra, pipeline.invoicing_name)
+        )
         now = self.rt.clock()
         live = self.rt.pilot_allows(draft.client.key)
         row = BillingEventRow(

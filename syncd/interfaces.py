@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
 
@@ -145,6 +145,9 @@ class Client(Model):
         po_number: default purchase-order number for this client's invoices.
         timezone: IANA zone the client's dates are computed in.
         external_ids: each connection's id for this client.
+        account_code: revenue account at the invoicing tool for this client's lines that
+            carry none of their own (see :func:`syncd.billing.with_ledger_codes`).
+        tax_type: tax code at the invoicing tool for this client's lines, likewise.
     """
 
     key: str
@@ -157,6 +160,8 @@ class Client(Model):
     po_number: str | None = None
     timezone: str = "UTC"
     external_ids: Mapping[str, str] = {}
+    account_code: str | None = None
+    tax_type: str | None = None
 
     def ledger_details(self) -> dict[str, str | None]:
         """The details the CRM owns on the ledger's customer record, in a comparable form.
@@ -192,6 +197,35 @@ class EngagementType(enum.StrEnum):
     ONE_TIME = "one_time"
 
 
+LineKind = Literal[
+    "item", "deal", "period", "proration", "adjustment", "credit", "hours", "milestone", "deposit", "deduction"
+]
+"""What made an invoice line, set by the code that makes it:
+
+``item``: a CRM line item mapped by ``[engagement.lines]``; ``deal``: the one line mapped
+from the deal itself when it has no line items; ``period``: a whole retainer or
+subscription period; ``proration``: part of a period; ``adjustment``: an upgrade or
+downgrade settling periods already invoiced; ``credit``: unused days credited after a
+pause or cancellation; ``hours``: logged hours; ``milestone``: a milestone's amount;
+``deposit``: a deposit invoiced when won; ``deduction``: a deposit's share deducted later.
+"""
+
+LINE_KINDS: tuple[LineKind, ...] = get_args(LineKind)
+"""Every :data:`LineKind`, in the order above."""
+
+
+class TrackingOption(Model):
+    """A tracking category option on an invoice line (Xero's ``LineItemTracking``).
+
+    Attributes:
+        name: the tracking category's name (``Region``).
+        option: the option's name within it (``North``).
+    """
+
+    name: str
+    option: str
+
+
 class InvoiceLine(Model):
     """One invoice line. ``amount`` is rounded once, here, half-up to minor units.
 
@@ -200,8 +234,11 @@ class InvoiceLine(Model):
         quantity: how many units.
         unit_price: price per unit, in the draft's currency, unrounded.
         account_code: revenue account at the invoicing tool.
-        tax_type: tax code at the invoicing tool.
+        tax_type: tax code at the invoicing tool (``None``: the account's default applies).
         item_code: product/item code at the invoicing tool.
+        kind: what made the line (:data:`LineKind`); the ledger codes of a line without
+            its own are chosen by it (:func:`syncd.billing.with_ledger_codes`).
+        tracking: tracking category options of the line.
     """
 
     description: str
@@ -210,6 +247,8 @@ class InvoiceLine(Model):
     account_code: str | None = None
     tax_type: str | None = None
     item_code: str | None = None
+    kind: LineKind = "item"
+    tracking: tuple[TrackingOption, ...] = ()
 
     def amount(self, currency: str) -> Decimal:
         """The line amount in ``currency``'s minor units, rounded half-up once."""
@@ -332,6 +371,8 @@ class Engagement(Model):
             later invoices deduct it (see :mod:`syncd.billing`). ``None``: no deposit.
         first_period_on_won: a retainer or subscription billed in advance invoices its
             first period when the deal is won, even if service starts later.
+        tracking: tracking category options of every line of its invoices that has none
+            of its own (mapped in a mapping's ``[tracking]`` table).
     """
 
     key: str
@@ -367,6 +408,7 @@ class Engagement(Model):
     cap_from_tracker: bool = False
     deposit_percent: Decimal | None = None
     first_period_on_won: bool = False
+    tracking: tuple[TrackingOption, ...] = ()
 
     @field_validator("currency")
     @classmethod
@@ -459,12 +501,14 @@ class InvoiceDraft(Model):
         line_amount_types: whether unit prices include tax.
         status: create as a draft, or approved (authorised) at the tool.
         send: email it to the billing contact after creating.
+        engagement_type: the type of the engagement billed (ledger codes may depend on it).
     """
 
     key: str
     kind: DraftKind = DraftKind.INVOICE
     client: Client
     engagement_key: str
+    engagement_type: EngagementType | None = None
     currency: str
     issue_date: date
     due_date: date
@@ -563,6 +607,8 @@ class Capability(enum.StrEnum):
     IDEMPOTENCY_KEYS = "idempotency_keys"
     WEBHOOKS = "webhooks"
     MARK_INVOICED = "mark_invoiced"
+    CREDIT_ALLOCATION = "credit_allocation"
+    LOCK_DATES = "lock_dates"
 
 
 @runtime_checkable
@@ -677,7 +723,7 @@ class TimeTracker(Protocol):
 CRM_OBJECT_TYPES = ("deal", "company", "contact", "line_item")
 """The CRM object types a mapping reads properties of (see :class:`CrmSchema`)."""
 
-CodeKind = Literal["account_code", "tax_type", "currency", "item_code"]
+CodeKind = Literal["account_code", "tax_type", "currency", "item_code", "tracking"]
 """A kind of code an invoice line or draft names at the invoicing tool (see :class:`InvoicingCodes`)."""
 
 
@@ -714,6 +760,109 @@ class SendsInvoices(Protocol):
 
     async def send_invoice(self, invoice_id: str, key: str) -> None:
         """Email invoice ``invoice_id``; ``key`` is the billing event key (for idempotency)."""
+        ...
+
+
+class CreditNoteStatus(Model):
+    """A credit note as the invoicing tool reports it.
+
+    Attributes:
+        credit_note_id: the tool's id.
+        number: the human credit note number.
+        state: see :class:`InvoiceState` (``paid`` once all credit is used).
+        currency: ISO 4217 code.
+        total: the credit note's total.
+        remaining_credit: what is not yet allocated to invoices or refunded.
+        reference: the reference as stored at the tool.
+        updated_at: last change at the tool.
+    """
+
+    credit_note_id: str
+    number: str | None
+    state: InvoiceState
+    currency: str
+    total: Decimal
+    remaining_credit: Decimal
+    reference: str | None = None
+    updated_at: AwareDatetime | None = None
+
+
+class Allocation(Model):
+    """Part of a credit note applied to an invoice, as the tool recorded it.
+
+    Attributes:
+        credit_note_id / invoice_id: the two documents.
+        amount: the amount applied, in the documents' currency.
+        remaining_credit: the credit note's credit left after it.
+        invoice_amount_due: the invoice's amount due after it.
+    """
+
+    credit_note_id: str
+    invoice_id: str
+    amount: Decimal
+    remaining_credit: Decimal
+    invoice_amount_due: Decimal
+
+
+class LockDates(Model):
+    """The dates up to which the ledger is closed: nothing may be dated on or before them.
+
+    Attributes:
+        period_lock: closes the ledger to everyone but advisers (``None``: not set).
+        end_of_year_lock: closes it to everyone (``None``: not set).
+    """
+
+    period_lock: date | None = None
+    end_of_year_lock: date | None = None
+
+    def closed_until(self) -> date | None:
+        """The later of the two dates: a document dated on or before it is refused."""
+        dates = [day for day in (self.period_lock, self.end_of_year_lock) if day is not None]
+        return max(dates) if dates else None
+
+
+@runtime_checkable
+class AllocatesCredit(Protocol):
+    """An invoicing tool that can apply a credit note to an invoice.
+
+    Errors: as for :class:`Invoicing`; an allocation the tool refuses (more than the
+    credit left or the invoice's amount due, another contact or currency) raises
+    :class:`~syncd.errors.FatalError` with the tool's message.
+    """
+
+    async def allocate_credit_note(self, credit_note_id: str, invoice_id: str, amount: Decimal, key: str) -> Allocation:
+        """Apply ``amount`` of credit note ``credit_note_id`` to invoice ``invoice_id``.
+
+        ``key`` identifies this allocation: calling again with the same key (after a lost
+        answer) applies nothing twice.
+        """
+        ...
+
+
+@runtime_checkable
+class ReadsCreditNotes(Protocol):
+    """An invoicing tool whose credit notes can be read one by one.
+
+    Its :meth:`Invoicing.poll_changes` reports changed credit notes too, as hints with
+    ``object_type='credit_note'``. Errors: as for :class:`Invoicing`
+    (:class:`~syncd.errors.NotFound` for an unknown id).
+    """
+
+    async def get_credit_note(self, credit_note_id: str) -> CreditNoteStatus:
+        """Re-read one credit note, with the credit it has left."""
+        ...
+
+
+@runtime_checkable
+class HasLockDates(Protocol):
+    """An invoicing tool whose ledger can be closed up to a date.
+
+    An invoice dated on or before :meth:`LockDates.closed_until` is refused by the tool;
+    the engine dates such invoices after it. Errors: as for :class:`Invoicing`.
+    """
+
+    async def lock_dates(self) -> LockDates:
+        """The ledger's lock dates now."""
         ...
 
 

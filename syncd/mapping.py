@@ -9,7 +9,12 @@ canonical :class:`~syncd.interfaces.Client` and :class:`~syncd.interfaces.Engage
     [client.address]  / [client.billing_contact]: the nested models, the same way
     [engagement]      one key per Engagement field
     [engagement.lines]  one invoice line per line item (``item`` is the line item)
+    [engagement.lines.otherwise]  the one line of a deal whose ``each`` yields none
     [invoice]         status, send, line_amount_types
+    [accounts]        account codes of lines without their own: default, by_line_kind,
+                      by_engagement_type (:func:`syncd.billing.with_ledger_codes`)
+    [tax_types]       tax types likewise
+    [tracking]        tracking category = option (a transform), on every line
     [tables.NAME]     named lookup tables
 
 The field tables are generic: a key is valid when the canonical model has a field of
@@ -38,8 +43,19 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from syncd.billing import CodeRule, LedgerRules
 from syncd.errors import MappingError
-from syncd.interfaces import Client, CodeKind, Engagement, Model, SourceRecord
+from syncd.interfaces import (
+    LINE_KINDS,
+    Client,
+    CodeKind,
+    Engagement,
+    EngagementType,
+    InvoiceLine,
+    Model,
+    SourceRecord,
+    TrackingOption,
+)
 from syncd.money import check_currency
 from syncd.transforms import (
     ALL,
@@ -47,6 +63,7 @@ from syncd.transforms import (
     Coalesce,
     Cond,
     Condition,
+    Const,
     Context,
     Lookup,
     LookupTable,
@@ -58,6 +75,7 @@ from syncd.transforms import (
     did_you_mean,
     listing,
     parse_path,
+    problem,
     show,
     to_date,
     to_datetime,
@@ -110,6 +128,47 @@ class InvoiceOptions(Model):
     status: Literal["draft", "authorised"] = "authorised"
     send: bool = False
     line_amount_types: Literal["Exclusive", "Inclusive", "NoTax"] = "Exclusive"
+
+
+class LedgerTable(Model):
+    """The ``[accounts]`` or ``[tax_types]`` table: codes for lines that carry none of their own.
+
+    Attributes:
+        default: the code of every line nothing more specific gives one.
+        by_line_kind: by what made the line (``period``, ``hours``, ``deposit`` ...:
+            :data:`~syncd.interfaces.LineKind`).
+        by_engagement_type: by the engagement's type (``retainer``, ``hourly`` ...).
+    """
+
+    default: str | None = Field(default=None, min_length=1)
+    by_line_kind: dict[str, str] = Field(default_factory=dict)
+    by_engagement_type: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("by_line_kind")
+    @classmethod
+    def _line_kinds(cls, value: dict[str, str]) -> dict[str, str]:
+        return _known_keys(value, LINE_KINDS, "line kind")
+
+    @field_validator("by_engagement_type")
+    @classmethod
+    def _engagement_types(cls, value: dict[str, str]) -> dict[str, str]:
+        return _known_keys(value, tuple(EngagementType), "engagement type")
+
+    def rule(self) -> CodeRule:
+        """The table as a :class:`~syncd.billing.CodeRule`."""
+        return CodeRule(
+            default=self.default, by_line_kind=dict(self.by_line_kind), by_engagement_type=dict(self.by_engagement_type)
+        )
+
+
+def _known_keys(value: dict[str, str], known: Sequence[str], what: str) -> dict[str, str]:
+    for key, code in value.items():
+        if key not in known:
+            hint = did_you_mean(key, list(known))
+            raise problem(f'"{key}" is not a known {what}{hint}; {what}s: {listing(list(known))}')
+        if not code:
+            raise problem(f'the code for "{key}" is empty')
+    return value
 
 
 class MappedDeal(Model):
@@ -209,9 +268,10 @@ _SPECS: Mapping[type[BaseModel], _ModelSpec] = {
         fallback=frozenset({"timezone", "currency", "payment_terms_days"}),
     ),
     Engagement: _ModelSpec(
-        computed=frozenset({"key", "client_key", "won_at", "won_recorded_at", "source_version"}),
+        computed=frozenset({"key", "client_key", "won_at", "won_recorded_at", "source_version", "tracking"}),
         fallback=frozenset({"currency"}),
     ),
+    InvoiceLine: _ModelSpec(computed=frozenset({"kind", "tracking"})),
 }
 _FIRST = ("timezone", "currency")  # mapped first: later fields read dates and money in them
 _RECORD_KEYS = ("id", "version", "connection", "object_type", "modified_at")
@@ -230,7 +290,22 @@ _ROOT_KINDS: Mapping[str, str] = {
 }
 _LIST_ROOTS = ("contacts", "line_items")
 _EACH_DEFAULTS: Mapping[str, str] = {"lines": "line_items"}  # a repeated table's list when it names none
-_TOP = ("pipeline", "client", "engagement", "invoice", "tables")
+_TOP = ("pipeline", "client", "engagement", "invoice", "accounts", "tax_types", "tracking", "tables")
+# Xero allows two active tracking categories per organisation, so a line names at most two
+# (Xero Business Community, "you can only have two active at any other time":
+# https://community.xero.com/business/discussion/54766610).
+TRACKING_MAX = 2
+_LEDGER_TABLES: Mapping[str, CodeKind] = {"accounts": "account_code", "tax_types": "tax_type"}
+# Line kinds each engagement type makes itself (syncd/billing.py, syncd/proration.py);
+# ``one_time`` engagements bill mapped lines, and deposits only with deposit_percent.
+_GENERATED: Mapping[str, tuple[str, ...]] = {
+    "retainer": ("period", "proration", "adjustment", "credit"),
+    "subscription": ("period", "proration", "adjustment", "credit"),
+    "hourly": ("hours",),
+    "milestone": ("milestone", "deposit", "deduction"),
+    "one_time": (),
+}
+_OTHERWISE = "otherwise"
 _CODE_FIELDS: Mapping[str, CodeKind] = {
     "account_code": "account_code",
     "tax_type": "tax_type",
@@ -392,9 +467,19 @@ class _RepeatRule:
     each: str
     when: Condition | None
     section: _SectionRule
+    otherwise: _SectionRule | None = None
 
     def build(self, context: Context) -> tuple[Any, ...]:
-        """One model per item that passes ``when``."""
+        """One model per item that passes ``when``; else the ``otherwise`` one, if mapped."""
+        built = self._each(context)
+        if built or self.otherwise is None:
+            return built
+        values = self.otherwise.build(context, {})
+        if "kind" in self.otherwise.model.model_fields:
+            values["kind"] = "deal"
+        return (self.otherwise.construct(values, context),)
+
+    def _each(self, context: Context) -> tuple[Any, ...]:
         items = context.resolve(self.each)
         if items is None:
             return ()
@@ -425,6 +510,7 @@ class _Rules:
     client: _SectionRule
     engagement: _SectionRule
     tables: Mapping[str, Mapping[str, Any]]
+    tracking: tuple[_FieldRule, ...] = ()
 
 
 class _PipelineTable(BaseModel):
@@ -458,8 +544,11 @@ class PipelineMapping:
         source_reads: every vendor property read, once per place that reads it, in
             file order (the drift guard names the place of a property that is gone).
         target_codes: every account code, tax type, currency and item code the mapping
-            can produce as written (constants, defaults, lookup-table values), once per
-            place, in file order. Codes read from the record are not known until then.
+            can produce as written (constants, defaults, lookup-table values, and the
+            ``[accounts]`` and ``[tax_types]`` tables), once per place, in file order.
+            Codes read from the record are not known until then.
+        ledger: the account codes and tax types of lines without their own
+            (:func:`syncd.billing.with_ledger_codes`).
     """
 
     path: Path
@@ -468,6 +557,15 @@ class PipelineMapping:
     rules: _Rules = field(repr=False)
     source_reads: tuple[SourceRead, ...] = ()
     target_codes: tuple[TargetCode, ...] = ()
+    ledger: LedgerRules = field(default_factory=LedgerRules)
+
+    def generated_line_kinds(self) -> list[tuple[str, str]]:
+        """``(engagement type, line kind)`` of every line this mapping can make without a code of its own.
+
+        These are the lines whose account code comes from ``[client]``, ``[accounts]``
+        and ``[tax_types]`` (checked at load to always get one).
+        """
+        return _line_kinds_made(self.rules.engagement, self.rules.tables)
 
     def selects(self, record: SourceRecord) -> bool:
         """Whether this pipeline takes ``record`` (its source kind and ``when`` filter).
@@ -513,9 +611,14 @@ class PipelineMapping:
             client_key=client.key,
             won_at=won_at,
             source_version=record.version,
+            tracking=self._tracking(scoped),
         )
         engagement: Engagement = self.rules.engagement.construct(values, scoped)
         return MappedDeal(client=client, engagement=engagement, won_at=won_at)
+
+    def _tracking(self, context: Context) -> tuple[TrackingOption, ...]:
+        found = ((rule.name, rule.value(context)) for rule in self.rules.tracking)
+        return tuple(TrackingOption(name=name, option=option) for name, option in found if option is not None)
 
     def _won_at(self, context: Context) -> datetime | None:
         if not self.rules.won.apply(context.derive(place=self.rules.won_place)):
@@ -795,13 +898,17 @@ class _Loader:
         pipeline = self._pipeline()
         client = self._section(("client",), Client)
         engagement = self._section(("engagement",), Engagement)
+        ledger = self._ledger(client)
+        tracking = self._tracking()
+        if not self.found and client is not None and engagement is not None and ledger is not None:
+            self._check_ledger(client, engagement, ledger)
         problems = self.problems
-        if problems or pipeline is None or client is None or engagement is None or invoice is None:
+        if problems or pipeline is None or client is None or engagement is None or invoice is None or ledger is None:
             listed = "\n".join(f"  {problem}" for problem in problems)
             raise MappingError(
                 f"{self.path}: {len(problems)} problem(s); fix them and load again:\n{listed}", problems=problems
             )
-        rules = _Rules(client=client, engagement=engagement, tables=self.named, **pipeline)
+        rules = _Rules(client=client, engagement=engagement, tables=self.named, tracking=tracking, **pipeline)
         return PipelineMapping(
             path=self.path,
             source_properties=self._properties(),
@@ -809,6 +916,7 @@ class _Loader:
             rules=rules,
             source_reads=tuple(read for _, read in sorted(self.read_at.values(), key=lambda found: found[0])),
             target_codes=tuple(code for _, code in sorted(self.codes.values(), key=lambda found: found[0])),
+            ledger=ledger,
         )
 
     # -- places ---------------------------------------------------------------
@@ -918,6 +1026,79 @@ class _Loader:
             "contact_label": table.billing_contact_label,
         }
 
+    # -- tracking -------------------------------------------------------------
+
+    def _tracking(self) -> tuple[_FieldRule, ...]:
+        raw = self._table_at(("tracking",), required=False) or {}
+        if len(raw) > TRACKING_MAX:
+            self.report(("tracking",), f"{len(raw)} tracking categories; a line takes at most {TRACKING_MAX}")
+        rules = []
+        for category, value in raw.items():
+            here = ("tracking", category)
+            try:
+                transform = _VALUE.validate_python(value)
+            except ValidationError as exc:
+                self._report_validation(here, exc)
+                continue
+            self._check_node(here, transform, ROOTS, None)
+            rules.append(self._rule(here, category, transform, str | None, required=False))
+            found = [(f"{category}/{as_text(option)}", where) for option, where in self._sourced(transform, here)]
+            self._add_codes("tracking", found)
+        return tuple(rules)
+
+    # -- ledger codes ---------------------------------------------------------
+
+    def _ledger(self, client: _SectionRule | None) -> LedgerRules | None:
+        rules: dict[str, CodeRule] = {}
+        for table, kind in _LEDGER_TABLES.items():
+            raw = self._table_at((table,), required=False)
+            if raw is None:
+                if table in self.raw:
+                    return None
+                rules[table] = CodeRule()
+                continue
+            try:
+                parsed = validate_table(LedgerTable, raw)
+            except ValidationError as exc:
+                self._report_validation((table,), exc)
+                return None
+            rules[table] = parsed.rule()
+            self._ledger_codes(table, kind, parsed)
+        places = {}
+        for name in ("account_code", "tax_type"):
+            rule = client.rule(name) if client is not None else None
+            if rule is not None:
+                places[name] = rule.place
+        return LedgerRules(accounts=rules["accounts"], tax_types=rules["tax_types"], client_places=places)
+
+    def _ledger_codes(self, table: str, kind: CodeKind, parsed: LedgerTable) -> None:
+        found: list[tuple[Any, KeyPath]] = []
+        if parsed.default is not None:
+            found.append((parsed.default, (table, "default")))
+        for group in ("by_line_kind", "by_engagement_type"):
+            found += [(code, (table, group, key)) for key, code in getattr(parsed, group).items()]
+        self._add_codes(kind, found)
+
+    def _check_ledger(self, client: _SectionRule, engagement: _SectionRule, ledger: LedgerRules) -> None:
+        """Every line the mapping can make gets an account code (else a problem at ``[accounts]``)."""
+        if _always(client.rule("account_code")):
+            return
+        missing: dict[str, list[str]] = {}
+        for engagement_type, kind in _line_kinds_made(engagement, self.named):
+            accounts = ledger.accounts
+            if not (
+                accounts.default or kind in accounts.by_line_kind or engagement_type in accounts.by_engagement_type
+            ):
+                missing.setdefault(engagement_type, []).append(kind)
+        if missing:
+            self.tables_seen.add(("accounts",))
+            listed = "; ".join(f"{kind} engagements: {', '.join(lines)}" for kind, lines in missing.items())
+            self.report(
+                ("accounts",),
+                f"no account code for the lines syncd makes of {listed}. The ledger refuses an approved invoice "
+                'line without one: add default = "<code>" (or by_line_kind / by_engagement_type entries)',
+            )
+
     # -- model tables ---------------------------------------------------------
 
     def _section(
@@ -948,7 +1129,7 @@ class _Loader:
         self, key_path: tuple[str, ...], key: str, model: type[BaseModel], spec: _ModelSpec, scope: _Scope
     ) -> bool:
         """Whether ``key`` names a field the table may map (reporting why not)."""
-        if scope.repeated and key in ("each", "when"):
+        if scope.repeated and key in ("each", "when", _OTHERWISE):
             return False
         if key in spec.computed:
             self.report((*key_path, key), f'"{key}" is set by syncd and cannot be mapped; remove it')
@@ -1017,9 +1198,12 @@ class _Loader:
         if when is not None:
             self._check_node((*here, "when"), when, scope.roots, scope.item_kind)
         section = self._section(here, model, scope)
+        otherwise = self._section((*here, _OTHERWISE), model) if _OTHERWISE in raw else None
         if section is None:
             return None
-        return _RepeatRule(name=here[-1], place=self.place(here), each=each, when=when, section=section)
+        return _RepeatRule(
+            name=here[-1], place=self.place(here), each=each, when=when, section=section, otherwise=otherwise
+        )
 
     def _rule(self, here: KeyPath, name: str, transform: Transform, annotation: Any, *, required: bool) -> _FieldRule:
         rule = _FieldRule(
@@ -1140,3 +1324,47 @@ def _shape(annotation: Any) -> tuple[str, type[BaseModel]] | None:
         if isinstance(option, type) and issubclass(option, BaseModel):
             return "one", option
     return None
+
+
+def _always(rule: _FieldRule | None) -> bool:
+    """Whether a mapped field always has a value: a constant, or a lookup with a constant default."""
+    if rule is None:
+        return False
+    node = rule.transform
+    if isinstance(node, Const):
+        return not absent(node.value)
+    return node.default is not None and isinstance(node.default, Const) and not absent(node.default.value)
+
+
+def _closed(node: Transform) -> bool:
+    """Whether ``node`` can only return what :meth:`Transform.outputs` lists (or fail)."""
+    if isinstance(node, Const):
+        return True
+    if isinstance(node, Lookup):
+        return node.default is None or _closed(node.default)
+    if isinstance(node, Coalesce):
+        return all(_closed(option) for option in node.options) and (node.default is None or _closed(node.default))
+    return False
+
+
+def _line_kinds_made(engagement: _SectionRule, tables: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(engagement type, line kind) of every line without its own account code the mapping can make."""
+    rule = engagement.rule("type")
+    types = [str(kind) for kind in EngagementType]
+    if rule is not None and _closed(rule.transform):
+        outputs = {str(value) for value in rule.transform.outputs(tables)}
+        types = [kind for kind in types if kind in outputs] or types
+    made = [(kind, line) for kind in types for line in _GENERATED[kind]]
+    if "one_time" in types:
+        made += [("one_time", line) for line in _mapped_line_kinds(engagement)]
+    return made
+
+
+def _mapped_line_kinds(engagement: _SectionRule) -> list[str]:
+    kinds = ["deposit", "deduction"] if engagement.rule("deposit_percent") is not None else []
+    lines = next((repeat for repeat in engagement.repeats if repeat.name == "lines"), None)
+    if lines is not None and not _always(lines.section.rule("account_code")):
+        kinds.append("item")
+    if lines is not None and lines.otherwise is not None and not _always(lines.otherwise.rule("account_code")):
+        kinds.append("deal")
+    return kinds

@@ -94,6 +94,11 @@ async def _wait_for_code(redirect_uri: str, consent_url: str, state: str, consol
     app = Starlette(routes=[Route(parts.path or "/", callback)])
     server = uvicorn.Server(uvicorn.Config(app, host=parts.hostname, port=parts.port, log_config=None))
     task = asyncio.create_task(server.serve())
+    while not server.started:  # the browser's redirect must find the callback listening
+        if task.done():
+            task.result()
+            raise ConfigError(f"could not listen on {redirect_uri} for the redirect", place="redirect_uri")
+        await asyncio.sleep(0.01)
     console.print("Open this URL in a browser and grant access:", markup=False)
     console.print(consent_url, markup=False, soft_wrap=True)
     try:

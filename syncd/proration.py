@@ -50,7 +50,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from syncd.errors import ValidationFailed
-from syncd.interfaces import AmountChange, Engagement, InvoiceLine, Pause
+from syncd.interfaces import AmountChange, Engagement, InvoiceLine, LineKind, Pause
 from syncd.money import round_money
 from syncd.periods import Period, grid_of, issued_at, service_start, start_of_day
 
@@ -222,9 +222,26 @@ def settled_spans(period: Period, before: Terms, after: Terms) -> list[Span]:
 
 
 def span_line(span: Span, period: Period, *, name: str, currency: str) -> InvoiceLine:
-    """The invoice line of a span: one unit at the prorated absolute amount."""
+    """The invoice line of a span: one unit at the prorated absolute amount.
+
+    Its kind (:data:`~syncd.interfaces.LineKind`) says what it bills: a whole period
+    (``period``), part of one (``proration``), the days a pause or cancellation leaves
+    unused (``credit``), or an upgrade or downgrade of days already billed
+    (``adjustment``).
+    """
     price = prorate(abs(span.amount), span.days, period.days, currency)
-    return InvoiceLine(description=_describe(span, period, name, currency), quantity=Decimal(1), unit_price=price)
+    return InvoiceLine(
+        description=_describe(span, period, name, currency),
+        quantity=Decimal(1),
+        unit_price=price,
+        kind=_kind(span, period),
+    )
+
+
+def _kind(span: Span, period: Period) -> LineKind:
+    if span.was == 0:
+        return "period" if span.days == period.days else "proration"
+    return "credit" if span.now == 0 else "adjustment"
 
 
 def _describe(span: Span, period: Period, name: str, currency: str) -> str:

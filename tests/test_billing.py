@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncd.billing import (
+    CodeRule,
     DraftOptions,
+    LedgerRules,
     RateCard,
     accepted_event,
     billing_event,
@@ -25,19 +27,24 @@ from syncd.billing import (
     issue_date_for,
     milestone_events,
     rate_for,
+    with_ledger_codes,
 )
-from syncd.errors import ValidationFailed
+from syncd.errors import MappingError, ValidationFailed
 from syncd.interfaces import (
+    LINE_KINDS,
     OVER_CAP_SUFFIX,
+    AmountChange,
     BillingEvent,
     BillingEventKind,
     Client,
     DraftKind,
     Engagement,
     EngagementType,
+    InvoiceDraft,
     InvoiceLine,
     Milestone,
     TimeEntry,
+    TrackingOption,
 )
 from syncd.money import round_money
 
@@ -689,3 +696,182 @@ def test_first_period_on_won_invoices_a_later_first_period_at_the_win(on_won: bo
     arrears = monthly_retainer(first_period_on_won=on_won, billing_timing="arrears")
     late = due_events(arrears, as_of=as_of, timezone="UTC", billing_start=BILLING_START)
     assert [(event.occurrence, event.occurred_at) for event in late] == [("2024-04-01", as_of)]
+
+
+# ---------------------------------------------------------------------------
+# Line kinds and ledger codes
+# ---------------------------------------------------------------------------
+
+
+def kinds_due(engagement: Engagement, as_of: datetime) -> list[tuple[str, tuple[str, ...]]]:
+    """Every due event's occurrence with its draft's kind and line kinds."""
+    events = due_events(engagement, as_of=as_of, timezone="UTC", billing_start=BILLING_START)
+    drafts = [draft_for_event(event, engagement, make_client(), issue_date=date(2024, 5, 1)) for event in events]
+    return [
+        (f"{draft.kind}:{event.occurrence}", tuple(line.kind for line in draft.lines))
+        for event, draft in zip(events, drafts, strict=True)
+    ]
+
+
+def test_each_generator_names_the_kind_of_line_it_makes() -> None:
+    """Periods, prorations, upgrades, credits, deposits, deductions, milestones and hours carry their kind."""
+    retainer = monthly_retainer(
+        start=date(2024, 4, 10),
+        cancel_date=date(2024, 5, 20),
+        cancelled_at=datetime(2024, 5, 10, tzinfo=UTC),
+        amount_changes=(
+            AmountChange(
+                version="v2",
+                effective=date(2024, 5, 15),
+                amount=Decimal(2000),
+                recorded_at=datetime(2024, 5, 5, tzinfo=UTC),
+            ),
+        ),
+    )
+    assert kinds_due(retainer, datetime(2024, 5, 31, tzinfo=UTC)) == [
+        ("invoice:2024-04-01", ("proration",)),
+        ("invoice:2024-05-01", ("period",)),
+        ("invoice:change:v2", ("adjustment",)),
+        ("credit_note:cancel:2024-05-20", ("credit",)),
+    ]
+    accepted = datetime(2024, 4, 2, 9, tzinfo=UTC)
+    fixed = make_fixed(bill_on="accepted", deposit_percent=Decimal(30), accepted_at=accepted)
+    assert kinds_due(fixed, accepted) == [
+        ("invoice:deposit", ("deposit",)),
+        ("invoice:accepted", ("item", "item", "deduction")),
+    ]
+    done = datetime(2024, 4, 5, tzinfo=UTC)
+    milestones = milestone_project(milestones=(Milestone(id="m1", name="Design", amount=Decimal(500), done_at=done),))
+    assert kinds_due(milestones, done)[-1] == ("invoice:m1", ("milestone",))
+    engagement = hourly()
+    found = hours_draft(
+        april_event(engagement), engagement, make_client(), [entry("e1", 3, "2")], invoiced=(), options=OPTIONS
+    )
+    assert found is not None
+    assert [line.kind for line in found.draft.lines] == ["hours"]
+
+
+RULES = LedgerRules(
+    accounts=CodeRule(default="200", by_line_kind={"deposit": "210"}, by_engagement_type={"retainer": "220"}),
+    tax_types=CodeRule(by_engagement_type={"retainer": "OUTPUT"}),
+    client_places={"account_code": "mappings/x.toml:12 [client].account_code"},
+)
+
+
+def coded(
+    lines: tuple[InvoiceLine, ...], engagement_type: EngagementType, client: Client | None = None
+) -> list[tuple[str | None, str | None]]:
+    draft = InvoiceDraft(
+        key="k",
+        client=client or make_client(),
+        engagement_key="hubspot:deal:1",
+        engagement_type=engagement_type,
+        currency="USD",
+        issue_date=date(2024, 5, 1),
+        due_date=date(2024, 5, 15),
+        lines=lines,
+    )
+    return [(line.account_code, line.tax_type) for line in with_ledger_codes(draft, RULES).lines]
+
+
+def line(kind: str = "item", **changes: object) -> InvoiceLine:
+    values: dict[str, object] = {"description": "x", "quantity": Decimal(1), "unit_price": Decimal(1), "kind": kind}
+    values.update(changes)
+    return InvoiceLine.model_validate(values)
+
+
+def test_ledger_codes_resolve_line_then_client_then_kind_then_engagement_type_then_default() -> None:
+    """The most specific code wins; a tax type that resolves to nothing stays unset."""
+    own = line(account_code="400", tax_type="NONE")
+    assert coded((own, line("deposit"), line("period")), EngagementType.RETAINER) == [
+        ("400", "NONE"),
+        ("210", "OUTPUT"),
+        ("220", "OUTPUT"),
+    ]
+    assert coded((line("hours"),), EngagementType.HOURLY) == [("200", None)]
+    client = make_client(account_code="260", tax_type="EXEMPTOUTPUT")
+    assert coded((own, line("deposit"), line("period")), EngagementType.RETAINER, client) == [
+        ("400", "NONE"),
+        ("260", "EXEMPTOUTPUT"),
+        ("260", "EXEMPTOUTPUT"),
+    ]
+
+
+def test_a_client_code_unknown_to_the_ledger_fails_the_record_naming_the_mapping_key() -> None:
+    """With the ledger's codes known, a client's own code missing from them is a MappingError at its key."""
+    draft = draft_for_event(
+        deal_won_event(make_fixed(), billing_start=BILLING_START),  # type: ignore[arg-type]
+        make_fixed(),
+        make_client(account_code="999"),
+        issue_date=date(2024, 4, 1),
+    )
+    known = {"account_code": frozenset({"200", "260"})}
+    with pytest.raises(MappingError) as caught:
+        with_ledger_codes(draft, RULES, known=known)
+    assert caught.value.place == "mappings/x.toml:12 [client].account_code"
+    assert "'999'" in caught.value.message
+    assert "it has: 200, 260" in caught.value.message
+    assert with_ledger_codes(draft, RULES).lines[0].account_code == "999"
+    assert draft.engagement_type is EngagementType.ONE_TIME
+
+
+def test_the_engagements_tracking_goes_on_every_line_without_its_own() -> None:
+    """Lines take the engagement's tracking options unless they carry their own."""
+    region = (TrackingOption(name="Region", option="North"),)
+    own = (TrackingOption(name="Region", option="South"),)
+    engagement = make_fixed(
+        tracking=region,
+        lines=(line(), line(tracking=own)),
+    )
+    event = deal_won_event(engagement, billing_start=BILLING_START)
+    assert event is not None
+    drafted = draft_for_event(event, engagement, make_client(), issue_date=date(2024, 4, 1))
+    assert [item.tracking for item in drafted.lines] == [region, own]
+
+
+CODES = st.sampled_from(["200", "210", "260"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(list(LINE_KINDS)), min_size=1, max_size=6),
+    engagement_type=st.sampled_from(list(EngagementType)),
+    own=st.lists(st.one_of(st.none(), CODES), min_size=6, max_size=6),
+    by_kind=st.dictionaries(st.sampled_from(list(LINE_KINDS)), CODES),
+    by_type=st.dictionaries(st.sampled_from([str(kind) for kind in EngagementType]), CODES),
+    client_code=st.one_of(st.none(), CODES),
+)
+def test_with_ledger_codes_gives_every_line_the_most_specific_code(
+    kinds: list[str],
+    engagement_type: EngagementType,
+    own: list[str | None],
+    by_kind: dict[str, str],
+    by_type: dict[str, str],
+    client_code: str | None,
+) -> None:
+    """With a default, every line gets a code: its own, else the client's, else by kind, type, default; twice is once."""
+    rules = LedgerRules(accounts=CodeRule(default="999", by_line_kind=by_kind, by_engagement_type=by_type))
+    lines = tuple(line(kind, account_code=own[index]) for index, kind in enumerate(kinds))
+    draft = InvoiceDraft(
+        key="k",
+        client=make_client(account_code=client_code),
+        engagement_key="hubspot:deal:1",
+        engagement_type=engagement_type,
+        currency="USD",
+        issue_date=date(2024, 5, 1),
+        due_date=date(2024, 5, 15),
+        lines=lines,
+    )
+    coded_draft = with_ledger_codes(draft, rules)
+    for original, result in zip(lines, coded_draft.lines, strict=True):
+        expected = (
+            original.account_code
+            or client_code
+            or by_kind.get(original.kind)
+            or by_type.get(str(engagement_type))
+            or "999"
+        )
+        assert result.account_code == expected
+        assert result.tax_type is None
+        assert result.model_copy(update={"account_code": original.account_code}) == original
+    assert with_ledger_codes(coded_draft, rules) == coded_draft

@@ -19,6 +19,7 @@ from connectors.xero.emulator import XeroEmulator
 from syncd import drift
 from syncd.mapping import load_mapping
 from syncd.scheduler import build_scheduler, tick_drift
+from syncd.store import DeadLetterRow
 from tests.harness import MAPPING, stack, write_config
 from tests.servers import invoke, serve_in_thread
 
@@ -63,6 +64,9 @@ def test_target_codes_list_constants_defaults_and_table_values_with_their_place(
         ("tax_type", "OUTPUT", at(MAPPING, "tax_type =", "[engagement.lines].tax_type")),
         ("account_code", "200", at(MAPPING, '"SETUP-FEE"', "[tables.account_code_by_sku].SETUP-FEE")),
         ("tax_type", "NONE", at(MAPPING, '"EXPORT-SERVICES"', "[tables.tax_type_by_sku].EXPORT-SERVICES")),
+        ("account_code", "200", at(MAPPING, "default = ", "[accounts].default")),
+        ("account_code", "200", at(MAPPING, "by_line_kind = ", "[accounts].by_line_kind.deposit")),
+        ("account_code", "200", at(MAPPING, "by_line_kind = ", "[accounts].by_line_kind.deduction")),
     }
 
 
@@ -121,6 +125,11 @@ async def test_a_deleted_property_and_missing_codes_are_reported_with_file_line_
         f"{at(mapping, 'po_number = { coalesce', '[engagement].po_number')}: {gone}",
         f"{at(mapping, 'account_code =', '[engagement.lines].account_code')}: "
         'xero has no account code "200"; it has: 090, 260, 400',
+        f'{at(mapping, "default = ", "[accounts].default")}: xero has no account code "200"; it has: 090, 260, 400',
+        f"{at(mapping, 'by_line_kind = ', '[accounts].by_line_kind.deposit')}: "
+        'xero has no account code "200"; it has: 090, 260, 400',
+        f"{at(mapping, 'by_line_kind = ', '[accounts].by_line_kind.deduction')}: "
+        'xero has no account code "200"; it has: 090, 260, 400',
         f'{table_entry}: xero has no account code "999"; it has: 090, 260, 400',
     ]
 
@@ -134,12 +143,13 @@ async def test_the_scheduled_check_logs_each_problem_and_exposes_the_count(tmp_p
         define_what_it_reads(s.hub, MAPPING)
         s.hub.archive_property("deals", "billing_type")
         with structlog.testing.capture_logs() as logs:
-            assert await tick_drift(s.daemon.runtime) == 1
-        (logged,) = [entry for entry in logs if entry["event"] == "mapping_drift"]
+            assert await tick_drift(s.daemon.runtime) == 2
+        when, logged = [entry for entry in logs if entry["event"] == "mapping_drift"]
+        assert when["place"] == at(MAPPING, "when = { all", "[pipeline].when")
         assert logged["place"] == at(MAPPING, "type = { lookup", "[engagement].type")
         assert 'deal property "billing_type" does not exist' in logged["problem"]
         metrics = (await s.web.get("/metrics")).text
-        assert "syncd_mapping_drift_problems 1.0" in metrics
+        assert "syncd_mapping_drift_problems 2.0" in metrics
 
         s.xero.faults.add(Fault(kind="status", status=403, times=None, path_contains="/Accounts"))
         problems = await drift.check_pipelines(s.daemon.runtime)
@@ -176,3 +186,53 @@ def test_syncd_check_reports_drift_by_file_line_and_key(tmp_path: Path, sqlite_u
     assert f"{at(mapping, 'po_number = { coalesce', '[engagement].po_number')}: {property_gone}" in drifted.output
     table_entry = at(mapping, '"SETUP-FEE"', "[tables.account_code_by_sku].SETUP-FEE")
     assert f'{table_entry}: xero has no account code "4000"' in drifted.output
+
+
+async def test_tracking_options_and_ledger_codes_missing_at_xero_are_reported(tmp_path: Path, db_url: str) -> None:
+    """A [tracking] option Xero has no such category option for, and an [accounts] code it lacks, are drift."""
+    mapping = proposed(tmp_path, '\ndefault = "200"\n', '\ndefault = "999"\n')
+    mapping.write_text(
+        mapping.read_text(encoding="utf-8")
+        + '\n[tracking]\nRegion = { path = "deal.properties.region", default = "East" }\n',
+        encoding="utf-8",
+    )
+    async with stack(tmp_path, db_url, mapping=mapping) as s:
+        define_what_it_reads(s.hub, mapping)
+        problems = [str(problem) for problem in await drift.check_pipelines(s.daemon.runtime)]
+        known = s.daemon.runtime.extra[drift.KNOWN_CODES]["xero"]
+    assert problems == [
+        f'{at(mapping, "default = ", "[accounts].default")}: xero has no account code "999"; it has: 090, 200, 260, 400',
+        f'{at(mapping, "Region = ", "[tracking].Region")}: xero has no tracking category option "Region/East"; '
+        "it has: Region/North, Region/South",
+    ]
+    assert "200" in known["account_code"]
+
+
+async def test_a_client_account_code_xero_lacks_dead_letters_the_deal_at_its_mapping_key(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A company's own account code (read from a CRM property) missing at Xero fails that deal, naming [client].account_code."""
+    mapping = proposed(
+        tmp_path,
+        'po_number = { path = "company.properties.default_po_number" }              # custom\n',
+        'po_number = { path = "company.properties.default_po_number" }              # custom\n'
+        'account_code = { path = "company.properties.xero_account_code" }\n',
+    )
+    async with stack(tmp_path, db_url, mapping=mapping) as s:
+        define_what_it_reads(s.hub, mapping)
+        assert await drift.check_pipelines(s.daemon.runtime) == []
+        for code in ("260", "999"):
+            company = s.hub.add_company({"name": f"Client {code}", "xero_account_code": code})
+            deal = s.hub.add_deal(
+                {"dealname": f"Deal {code}", "pipeline": "default", "dealstage": "contractsent", "amount": "100.00"},
+                company_id=company,
+            )
+            await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+            await s.drain()
+        letters = await s.daemon.runtime.store.select(DeadLetterRow)
+        invoices = s.xero.invoices()
+    (letter,) = letters
+    assert letter.place == at(mapping, "account_code = { path", "[client].account_code")
+    assert "account code '999' read from the CRM is not in use" in letter.reason
+    (invoice,) = invoices
+    assert [line["AccountCode"] for line in invoice["LineItems"]] == ["260"]

@@ -12,7 +12,16 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from syncd.errors import MappingError
-from syncd.interfaces import Address, Client, Contact, Engagement, EngagementType, InvoiceLine, SourceRecord
+from syncd.interfaces import (
+    Address,
+    Client,
+    Contact,
+    Engagement,
+    EngagementType,
+    InvoiceLine,
+    SourceRecord,
+    TrackingOption,
+)
 from syncd.mapping import InvoiceOptions, MappingDefaults, PipelineMapping, load_mapping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +175,7 @@ def test_worked_example_lists_the_properties_it_reads(example: PipelineMapping) 
     """source_properties names every vendor property the worked example reads, per object type."""
     assert dict(example.source_properties) == {
         "deal": (
+            "amount",
             "billing_type",
             "closedate",
             "deal_currency_code",
@@ -204,10 +214,12 @@ def test_worked_example_invoice_options_are_authorised_unsent_exclusive(example:
 
 
 def test_selects_takes_deals_of_the_default_pipeline_only(example: PipelineMapping) -> None:
-    """The when filter takes deals in the default pipeline and nothing else."""
-    record = fixture("hubspot_deal_with_company.json")
+    """The when filter takes fixed-fee deals in the default pipeline and nothing else."""
+    record = with_deal_properties(fixture("hubspot_deal_with_company.json"), billing_type="fixed_fee")
 
     assert example.selects(record)
+    assert example.selects(with_deal_properties(record, billing_type=None))
+    assert not example.selects(with_deal_properties(record, billing_type="retainer"))
     assert not example.selects(with_deal_properties(record, pipeline="partner-pipeline"))
     assert not example.selects(with_deal_properties(record, pipeline=None))
     assert not example.selects(record.model_copy(update={"object_type": "time_entry"}))
@@ -323,7 +335,8 @@ def test_a_lookup_without_default_names_the_unknown_key(tmp_path: Path) -> None:
         tmp_path,
         MINIMAL.replace(
             'type = "one_time"', 'type = { lookup = "deal.properties.dealstage", table = { won = "hourly" } }'
-        ),
+        )
+        + '\n[accounts]\ndefault = "200"\n',
     )
     mapping = load_mapping(path)
     record = fixture("hubspot_deal_with_company.json")
@@ -408,8 +421,9 @@ def test_a_file_with_many_mistakes_lists_them_all_with_line_and_key(tmp_path: Pa
         f"{path}:8 [client].payment_terms_days: -5 is not a valid payment_terms_days: -5 is negative",
         f'{path}:9 [client].tax_id: path "compnay.properties.tax_id": unknown root "compnay" (did you mean "company"?);'
         " roots here: company, contact, contacts, deal, defaults, line_items, record",
-        f'{path}:10 [client].legal_nme: unknown key "legal_nme" (did you mean "legal_name"?); [client] takes: address,'
-        " billing_contact, currency, legal_name, payment_terms_days, po_number, tax_id, timezone",
+        f'{path}:10 [client].legal_nme: unknown key "legal_nme" (did you mean "legal_name"?); [client] takes:'
+        " account_code, address, billing_contact, currency, legal_name, payment_terms_days, po_number, tax_id,"
+        " tax_type, timezone",
         f'{path}:12 [engagement].name: missing required key "name"',
         f'{path}:13 [engagement].type: unknown transform "lookpu" (did you mean "lookup"?)',
         f"{path}:14 [engagement].cycle: \"weekly\" is not a valid cycle: Input should be 'monthly', 'quarterly' or"
@@ -482,8 +496,8 @@ def test_missing_and_unknown_top_level_tables_are_reported(tmp_path: Path) -> No
 
     assert caught.value.problems == [
         f"{path}:1: missing table [client]",
-        f'{path}:5 clinet: unknown table [clinet] (did you mean "client"?); expected: client, engagement, invoice,'
-        " pipeline, tables",
+        f'{path}:5 clinet: unknown table [clinet] (did you mean "client"?); expected: accounts, client,'
+        " engagement, invoice, pipeline, tables, tax_types, tracking",
     ]
 
 
@@ -665,6 +679,133 @@ def test_line_numbers_survive_multi_line_strings_quoted_keys_and_comments(tmp_pa
 
     assert caught.value.problems == [
         f'{path}:10 [client]."po.number": unknown key "po.number" (did you mean "po_number"?); [client] takes:'
-        " address, billing_contact, currency, legal_name, payment_terms_days, po_number, tax_id, timezone",
+        " account_code, address, billing_contact, currency, legal_name, payment_terms_days, po_number, tax_id, tax_type,"
+        " timezone",
         f'{path}:17 [engagement].name.coalesce[1]: unknown transform "paht" (did you mean "path"?)',
     ]
+
+
+# ---------------------------------------------------------------------------
+# Ledger codes and the deal line
+# ---------------------------------------------------------------------------
+
+HOURLY_MINIMAL = MINIMAL.replace('type = "one_time"', 'type = "hourly"')
+
+
+def test_accounts_and_tax_types_tables_become_the_ledger_rules(tmp_path: Path) -> None:
+    """[accounts] and [tax_types] compile to ledger rules; their codes are target codes at their keys."""
+    path = write(
+        tmp_path,
+        HOURLY_MINIMAL
+        + '\n[accounts]\ndefault = "200"\nby_line_kind = { hours = "260" }\n'
+        + '\n[tax_types]\nby_engagement_type = { hourly = "OUTPUT" }\n',
+    )
+    mapping = load_mapping(path)
+    assert mapping.ledger.accounts.default == "200"
+    assert dict(mapping.ledger.accounts.by_line_kind) == {"hours": "260"}
+    assert dict(mapping.ledger.tax_types.by_engagement_type) == {"hourly": "OUTPUT"}
+    assert [(code.kind, code.code, code.place) for code in mapping.target_codes] == [
+        ("account_code", "200", f"{path}:13 [accounts].default"),
+        ("account_code", "260", f"{path}:14 [accounts].by_line_kind.hours"),
+        ("tax_type", "OUTPUT", f"{path}:17 [tax_types].by_engagement_type.hourly"),
+    ]
+
+
+def test_a_mapping_whose_generated_lines_get_no_account_code_is_refused_at_load(tmp_path: Path) -> None:
+    """An hourly mapping with no [accounts] default nor entry for hours lines is a load error naming [accounts]."""
+    with pytest.raises(MappingError) as caught:
+        load_mapping(write(tmp_path, HOURLY_MINIMAL + '\n[accounts]\nby_line_kind = { deposit = "200" }\n'))
+    (problem,) = caught.value.problems
+    assert (
+        "pipeline.toml:12 [accounts]: no account code for the lines syncd makes of hourly engagements: hours" in problem
+    )
+    load_mapping(write(tmp_path, HOURLY_MINIMAL + '\n[accounts]\nby_engagement_type = { hourly = "200" }\n'))
+    client_code = HOURLY_MINIMAL.replace(
+        'legal_name = { path = "company.properties.legal_name" }',
+        'legal_name = { path = "company.properties.legal_name" }\naccount_code = "260"',
+    )
+    assert load_mapping(write(tmp_path, client_code)).ledger.accounts.default is None
+
+
+def test_unknown_line_kinds_and_engagement_types_in_accounts_are_reported_with_their_line(tmp_path: Path) -> None:
+    """by_line_kind and by_engagement_type keys are checked, with a hint."""
+    path = write(
+        tmp_path,
+        MINIMAL
+        + '\n[accounts]\ndefault = "200"\nby_line_kind = { hour = "200" }\nby_engagement_type = { retainr = "200" }\n',
+    )
+    with pytest.raises(MappingError) as caught:
+        load_mapping(path)
+    assert caught.value.problems == [
+        f'{path}:14 [accounts].by_line_kind: "hour" is not a known line kind (did you mean "hours"?); line kinds: adjustment,'
+        " credit, deal, deduction, deposit, hours, item, milestone, period, proration",
+        f'{path}:15 [accounts].by_engagement_type: "retainr" is not a known engagement type (did you mean "retainer"?);'
+        " engagement types: hourly, milestone, one_time, retainer, subscription",
+    ]
+
+
+def test_a_client_account_code_and_tax_type_are_mapped_from_the_company(tmp_path: Path) -> None:
+    """[client].account_code / tax_type read company properties onto the client."""
+    text = MINIMAL.replace(
+        'legal_name = { path = "company.properties.legal_name" }',
+        'legal_name = { path = "company.properties.legal_name" }\n'
+        'account_code = { path = "company.properties.xero_account_code" }\n'
+        'tax_type = { path = "company.properties.xero_tax_type" }',
+    )
+    mapping = load_mapping(write(tmp_path, text))
+    record = fixture("hubspot_deal_with_company.json")
+    company = record.data["company"]
+    record = with_data(
+        record,
+        company={
+            **company,
+            "properties": {**company["properties"], "xero_account_code": "260", "xero_tax_type": "NONE"},
+        },
+    )
+    client = mapping.map_deal(record, defaults=BERLIN).client
+    assert (client.account_code, client.tax_type) == ("260", "NONE")
+    assert mapping.ledger.client_places["account_code"].endswith("pipeline.toml:7 [client].account_code")
+
+
+def test_a_deal_without_line_items_is_billed_as_one_line_from_the_deal(example: PipelineMapping) -> None:
+    """[engagement.lines.otherwise] makes one "deal" line from the deal's name and amount when it has no items."""
+    record = with_deal_properties(fixture("hubspot_deal_with_company.json"), billing_type="fixed_fee")
+    bare = with_data(record, line_items=[])
+    (line,) = example.map_deal(bare, defaults=BERLIN).engagement.lines
+    assert line == InvoiceLine(
+        description="Northwind website rebuild", quantity=Decimal(1), unit_price=Decimal("12500.00"), kind="deal"
+    )
+    with_items = example.map_deal(record, defaults=BERLIN).engagement.lines
+    assert [item.kind for item in with_items] == ["item", "item"]
+
+
+def test_the_line_kind_cannot_be_mapped(tmp_path: Path) -> None:
+    """kind is set by syncd: mapping it in [engagement.lines] is refused."""
+    text = EXAMPLE.read_text(encoding="utf-8").replace(
+        'item_code = { path = "item.properties.hs_sku" }',
+        'item_code = { path = "item.properties.hs_sku" }\nkind = "deal"',
+    )
+    with pytest.raises(MappingError, match=r'\[engagement.lines\].kind: "kind" is set by syncd and cannot be mapped'):
+        load_mapping(write(tmp_path, text))
+
+
+def test_tracking_maps_category_options_onto_the_engagement_and_lists_its_constants(tmp_path: Path) -> None:
+    """[tracking] maps a category to an option per deal; constants are target codes "Category/Option"."""
+    text = (
+        MINIMAL
+        + '\n[tracking]\nRegion = { lookup = "deal.properties.pipeline", table = { default = "North" }, default = "South" }\n'
+    )
+    path = write(tmp_path, text)
+    mapping = load_mapping(path)
+    record = fixture("hubspot_deal_with_company.json")
+    engagement = mapping.map_deal(record, defaults=BERLIN).engagement
+    assert engagement.tracking == (TrackingOption(name="Region", option="North"),)
+    other = mapping.map_deal(with_deal_properties(record, pipeline="partners"), defaults=BERLIN).engagement
+    assert other.tracking == (TrackingOption(name="Region", option="South"),)
+    assert [(code.kind, code.code) for code in mapping.target_codes] == [
+        ("tracking", "Region/North"),
+        ("tracking", "Region/South"),
+    ]
+    three = MINIMAL + '\n[tracking]\nA = "x"\nB = "y"\nC = "z"\n'
+    with pytest.raises(MappingError, match=r"\[tracking\]: 3 tracking categories; a line takes at most 2"):
+        load_mapping(write(tmp_path, three))

@@ -91,10 +91,10 @@ async def test_a_won_deal_outside_every_pipeline_is_a_recorded_skip(tmp_path: Pa
     """A won deal no pipeline takes is recorded as skipped (no_pipeline), listed by `syncd skipped`."""
     euro_only = tmp_path / "euro-only.toml"
     text = MAPPING.read_text(encoding="utf-8")
-    when = 'when = { path = "deal.properties.pipeline", equals = "default" }'
+    when = '{ path = "deal.properties.pipeline", equals = "default" }'
     assert when in text
     euro_only.write_text(
-        text.replace(when, 'when = { path = "deal.properties.deal_currency_code", equals = "EUR" }'), encoding="utf-8"
+        text.replace(when, '{ path = "deal.properties.deal_currency_code", equals = "EUR" }'), encoding="utf-8"
     )
     async with stack(tmp_path, db_url, mapping=euro_only) as s:
         deal = seed_deal(s.hub)

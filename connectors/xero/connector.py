@@ -17,8 +17,9 @@ Sources (Xero developer documentation):
   header: https://developer.xero.com/faq/custom-integration
 * Codes for the drift guard: ``GET /Accounts`` (``Account.Code``, ``Status``
   ACTIVE/ARCHIVED/DELETED), ``GET /TaxRates`` (``TaxRate.TaxType``, ``Status``
-  ACTIVE/DELETED/ARCHIVED/PENDING) and ``GET /Currencies`` (``Currency.Code``): spec
-  ``components.schemas.Account``, ``TaxRate`` and ``Currency``. Item codes (``GET /Items``)
+  ACTIVE/DELETED/ARCHIVED/PENDING), ``GET /Currencies`` (``Currency.Code``) and
+  ``GET /TrackingCategories`` (``Name`` and ``Options[].Name``, as ``Category/Option``): spec
+  ``components.schemas.Account``, ``TaxRate``, ``Currency`` and ``TrackingCategory``. Item codes (``GET /Items``)
   are not read: the emulator does not serve Items, so they could not be tested.
 * Idempotency: spec ``components.parameters.idempotencyKey`` ("safely retry requests
   without the risk of duplicate processing. 128 character max") and
@@ -31,6 +32,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, ClassVar, Literal
 
 import structlog
@@ -50,15 +52,17 @@ from connectors.xero.models import (
     XeroContact,
     XeroContacts,
     XeroCreditNotes,
-    XeroInvoice,
     XeroInvoices,
     XeroOrganisations,
+    XeroPagination,
     XeroRejected,
+    allocation_payload,
     carries_stamp,
     contact_details,
     contact_number,
     contact_payload,
     credit_note_payload,
+    credit_note_state,
     credit_note_status,
     dump_json,
     invoice_payload,
@@ -71,6 +75,8 @@ from connectors.xero.webhooks import XeroWebhookVerifier
 from syncd.errors import FatalError, NotFound, SyncdError
 from syncd.http import RateLimit, VendorHttp, within
 from syncd.interfaces import (
+    AllocatesCredit,
+    Allocation,
     Capability,
     ChangeHint,
     ChangePage,
@@ -79,12 +85,16 @@ from syncd.interfaces import (
     ConnectionSettings,
     ConnectorContext,
     ConnectorSpec,
+    CreditNoteStatus,
     DraftKind,
+    HasLockDates,
     InvoiceDraft,
     InvoiceState,
     InvoiceStatus,
     Invoicing,
     InvoicingCodes,
+    LockDates,
+    ReadsCreditNotes,
 )
 from syncd.tokens import RotatingTokens
 
@@ -210,7 +220,14 @@ class XeroConnector:
     """
 
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.IDEMPOTENCY_KEYS, Capability.CREDIT_NOTES, Capability.SEND_INVOICE, Capability.WEBHOOKS}
+        {
+            Capability.IDEMPOTENCY_KEYS,
+            Capability.CREDIT_NOTES,
+            Capability.SEND_INVOICE,
+            Capability.WEBHOOKS,
+            Capability.CREDIT_ALLOCATION,
+            Capability.LOCK_DATES,
+        }
     )
 
     def __init__(self, settings: XeroSettings, ctx: ConnectorContext) -> None:
@@ -403,11 +420,14 @@ class XeroConnector:
             return credit_note_status(notes[0])
 
     async def poll_changes(self, cursor: str | None, *, since: datetime | None = None) -> ChangePage:
-        """Invoices changed since ``cursor`` (``If-Modified-Since``, paged by ``page``).
+        """Invoices and credit notes changed since ``cursor`` (``If-Modified-Since``, paged by ``page``).
 
         The cursor is opaque JSON: ``since`` (ISO UTC, whole seconds), the ``page`` to
-        read next and ``high`` (the newest ``UpdatedDateUTC`` seen). ``None`` starts now.
-        A boundary invoice may be reported twice; its event id is the same both times.
+        read next of both lists and ``high`` (the newest ``UpdatedDateUTC`` seen). ``None``
+        starts now (or at ``since``, when given, for a first poll that catches up).
+        A boundary document may be reported twice; its event id is the same
+        both times. Credit notes come as hints with ``object_type='credit_note'``
+        (a credit note's credit changes when it is allocated).
         """
         if cursor is None:
             start = self.ctx.clock() if since is None else min(self.ctx.clock(), since)
@@ -417,26 +437,71 @@ class XeroConnector:
             cursor = _cursor(start, 1, start)
         since, page, high = _parse_cursor(cursor)
         params = {"page": page, "pageSize": self.page_size, "order": "UpdatedDateUTC ASC"}
-        data = XeroInvoices.model_validate(
-            await self._get("/Invoices", params, **{"If-Modified-Since": since.isoformat()})
-        )
-        hints = tuple(self._poll_hint(invoice) for invoice in data.invoices if invoice.updated is not None)
+        headers = {"If-Modified-Since": since.isoformat()}
+        invoices = XeroInvoices.model_validate(await self._get("/Invoices", params, **headers))
+        notes = XeroCreditNotes.model_validate(await self._get("/CreditNotes", params, **headers))
+        found = [("invoice", invoice.invoice_id, invoice.updated) for invoice in invoices.invoices]
+        found += [("credit_note", note.credit_note_id, note.updated) for note in notes.credit_notes]
+        hints = tuple(self._poll_hint(kind, ident, updated) for kind, ident, updated in found if updated)
         high = max([high, *(hint.occurred_at for hint in hints)])
-        more = _has_more(data, page, self.page_size)
+        more = _has_more(invoices.pagination, len(invoices.invoices), page, self.page_size) or _has_more(
+            notes.pagination, len(notes.credit_notes), page, self.page_size
+        )
         if more:
             return ChangePage(hints=hints, cursor=_cursor(since, page + 1, high), more=True)
         return ChangePage(hints=hints, cursor=_cursor(high.replace(microsecond=0), 1, high))
 
-    def _poll_hint(self, invoice: XeroInvoice) -> ChangeHint:
-        updated = invoice.updated or self.ctx.clock()
+    def _poll_hint(self, object_type: str, ident: str, updated: datetime) -> ChangeHint:
         return ChangeHint(
             connection=self.ctx.connection,
-            object_type="invoice",
-            object_id=invoice.invoice_id,
-            event_id=f"poll:{invoice.invoice_id}:{updated.isoformat()}",
+            object_type=object_type,
+            object_id=ident,
+            event_id=f"poll:{ident}:{updated.isoformat()}",
             occurred_at=updated,
             kind="poll",
         )
+
+    # -- credit notes, allocations and lock dates -------------------------------
+
+    async def get_credit_note(self, credit_note_id: str) -> CreditNoteStatus:
+        """Re-read one credit note (``GET /CreditNotes/{id}``), with its ``RemainingCredit``."""
+        notes = XeroCreditNotes.model_validate(await self._get(f"/CreditNotes/{credit_note_id}", self._unitdp()))
+        if not notes.credit_notes:
+            raise NotFound(f"xero: no credit note {credit_note_id}")
+        return credit_note_state(notes.credit_notes[0])
+
+    async def allocate_credit_note(self, credit_note_id: str, invoice_id: str, amount: Decimal, key: str) -> Allocation:
+        """Apply ``amount`` of a credit note to an invoice: ``PUT /CreditNotes/{id}/Allocations``.
+
+        Spec operation ``createCreditNoteAllocation`` (body ``Allocations`` of ``Invoice``,
+        ``Amount``, ``Date``; it takes the ``Idempotency-Key`` header, sent as ``key``, so a
+        retried call applies the credit once). Both documents are re-read afterwards for
+        the credit left and the amount due.
+
+        Raises:
+            XeroRejected: Xero refused it (more than the credit left or the amount due,
+                another contact or currency, a document not approved).
+        """
+        body = allocation_payload(invoice_id, amount, self.ctx.clock().date())
+        await self._write("PUT", f"/CreditNotes/{credit_note_id}/Allocations", body, key=key)
+        note = await self.get_credit_note(credit_note_id)
+        invoice = await self.get_invoice(invoice_id)
+        log.info("xero_credit_allocated", credit_note_id=credit_note_id, invoice_id=invoice_id, key=key)
+        return Allocation(
+            credit_note_id=credit_note_id,
+            invoice_id=invoice_id,
+            amount=amount,
+            remaining_credit=note.remaining_credit,
+            invoice_amount_due=invoice.amount_due,
+        )
+
+    async def lock_dates(self) -> LockDates:
+        """``PeriodLockDate`` and ``EndOfYearLockDate`` from ``GET /Organisation`` (spec schema ``Organisation``)."""
+        organisations = XeroOrganisations.model_validate(await self._get("/Organisation")).organisations
+        if not organisations:
+            raise FatalError("xero: GET /Organisation returned no organisation")
+        found = organisations[0]
+        return LockDates(period_lock=found.period_lock_date, end_of_year_lock=found.end_of_year_lock_date)
 
     # -- codes (drift guard) --------------------------------------------------
 
@@ -450,10 +515,12 @@ class XeroConnector:
         accounts = await self._get("/Accounts")
         tax_rates = await self._get("/TaxRates")
         currencies = await self._get("/Currencies")
+        tracking = await self._get("/TrackingCategories")
         return {
             "account_code": _live_codes(accounts, "Accounts", "Code"),
             "tax_type": _live_codes(tax_rates, "TaxRates", "TaxType"),
             "currency": _live_codes(currencies, "Currencies", "Code"),
+            "tracking": _tracking_options(tracking),
         }
 
     # -- health ---------------------------------------------------------------
@@ -501,6 +568,24 @@ class XeroConnector:
         return problems
 
 
+def _tracking_options(data: Any) -> frozenset[str]:
+    """``Category/Option`` of every active option of every active tracking category.
+
+    Spec schemas ``TrackingCategory`` (``Name``, ``Status`` ACTIVE/ARCHIVED/DELETED,
+    ``Options``) and ``TrackingOption`` (``Name``, ``Status``), ``GET /TrackingCategories``.
+    """
+    rows = data.get("TrackingCategories") if isinstance(data, Mapping) else None
+    if not isinstance(rows, list):
+        raise FatalError("xero: GET /TrackingCategories answered without a TrackingCategories list")
+    return frozenset(
+        f"{row['Name']}/{option['Name']}"
+        for row in rows
+        if isinstance(row, Mapping) and row.get("Name") and row.get("Status") not in RETIRED_STATUSES
+        for option in row.get("Options") or []
+        if isinstance(option, Mapping) and option.get("Name") and option.get("Status") not in RETIRED_STATUSES
+    )
+
+
 def _live_codes(data: Any, collection: str, key: str) -> frozenset[str]:
     """The ``key`` of each row of ``data[collection]`` whose ``Status`` is not archived or deleted."""
     rows = data.get(collection) if isinstance(data, Mapping) else None
@@ -525,10 +610,10 @@ def _parse_cursor(cursor: str) -> tuple[datetime, int, datetime]:
         raise FatalError(f"xero: unreadable poll cursor {cursor[:80]!r}; reset the connection's cursor") from exc
 
 
-def _has_more(data: XeroInvoices, page: int, page_size: int) -> bool:
-    if data.pagination is not None:
-        return page < data.pagination.page_count
-    return len(data.invoices) >= page_size
+def _has_more(pagination: XeroPagination | None, count: int, page: int, page_size: int) -> bool:
+    if pagination is not None:
+        return page < pagination.page_count
+    return count >= page_size
 
 
 def factory(settings: XeroSettings, ctx: ConnectorContext) -> XeroConnector:
@@ -548,7 +633,7 @@ def verifier(settings: XeroSettings, clock: Callable[[], datetime]) -> XeroWebho
 
 SPEC = ConnectorSpec(
     name="xero",
-    roles=frozenset({Invoicing, InvoicingCodes}),
+    roles=frozenset({Invoicing, InvoicingCodes, AllocatesCredit, ReadsCreditNotes, HasLockDates}),
     settings_model=XeroSettings,
     factory=factory,
     verifier=verifier,

@@ -17,8 +17,32 @@ Routes (one app; point each setting at it):
 * ``GET /identity/connect/authorize``: consents at once and redirects back with a code
   (login.xero.com/identity/connect/authorize).
 * ``GET /connections`` (``xero-identity.yaml``).
-* ``/api.xro/2.0/``: Organisation, Accounts, TaxRates, Currencies (GET); Contacts,
-  Invoices, CreditNotes (GET/PUT/POST, and by id); ``Invoices/{id}/Email``; Payments.
+* ``/api.xro/2.0/``: Organisation, Accounts, TaxRates, Currencies, TrackingCategories
+  (GET); Contacts, Invoices, CreditNotes (GET/PUT/POST, and by id); ``Invoices/{id}/Email``;
+  ``CreditNotes/{id}/Allocations`` (PUT); Payments.
+
+Ledger rules it enforces on SUBMITTED and AUTHORISED invoices and credit notes (drafts
+are accepted without them, as Xero does):
+
+* every line has an account code: "Account code must be specified" (Xero's wording, as
+  reported in https://github.com/benedwards44/Apex-for-Xero/issues/9 and
+  https://github.com/calcinai/xero-php/issues/230; drafts may leave it out:
+  https://github.com/XeroAPI/xero-node/issues/398);
+* the date is after the lock dates (``PeriodLockDate``, ``EndOfYearLockDate`` on
+  ``GET /Organisation``, spec schema ``Organisation``): "The document date cannot be
+  before the period lock date, currently set at 30-Nov-2018" (Xero's wording, as quoted at
+  https://www.chargebee.com/docs/billing/2.0/kb/accounting/how-to-check-the-lock-date-in-xero
+  and https://help.dext.com/en/articles/105721-how-do-xero-lock-dates-affect-publishing-in-dext,
+  which also says a lock date stops changes "on or before the set date" and that drafts
+  can still be published);
+* a line's tracking names a category and option that exist (``GET /TrackingCategories``).
+
+Credit note allocations (``PUT /CreditNotes/{id}/Allocations``, spec operation
+``createCreditNoteAllocation``) are checked strictly: both documents AUTHORISED, same
+contact and currency, the amount at most the credit left and the invoice's amount due;
+they lower ``RemainingCredit`` and ``AmountDue`` (a document at zero becomes PAID).
+Webhooks are delivered by the test-facing :meth:`XeroEmulator.allocate` (CREDITNOTE and
+INVOICE UPDATE), not by the API route, as :meth:`XeroEmulator.pay_invoice` does for payments.
 
 Emulator data, not Xero's: one Australian demo organisation; the tax rates OUTPUT 10 %,
 INPUT 10 %, EXEMPTOUTPUT 0 %, NONE 0 %; accounts 200/260 (revenue), 400 (expense) and
@@ -474,6 +498,8 @@ def _compute_line(raw: Json, line_amount_types: str, currency: str, unitdp: int,
     }
     if raw.get("ItemCode"):
         line["ItemCode"] = raw["ItemCode"]
+    if raw.get("Tracking"):
+        line["Tracking"] = [{"Name": item.get("Name"), "Option": item.get("Option")} for item in raw["Tracking"]]
     if account is not None:
         line["AccountCode"], line["AccountID"] = account["Code"], account["AccountID"]
     if discount:
@@ -563,6 +589,9 @@ class XeroEmulator:
         self._documents: dict[str, dict[str, Json]] = {INVOICE.name: {}, CREDIT_NOTE.name: {}}
         self._payments: dict[str, Json] = {}
         self._archived_accounts: set[str] = set()
+        self.period_lock_date: date | None = None
+        self.end_of_year_lock_date: date | None = None
+        self.tracking: dict[str, list[str]] = {"Region": ["North", "South"]}
         self._numbers: Counter[str] = Counter()
         self._grants: dict[str, _Grant] = {}
         self._remembered: dict[tuple[str, str], _Remembered] = {}
@@ -618,6 +647,27 @@ class XeroEmulator:
         if _account(code) is None:
             raise KeyError(f"no account with code {code!r}")
         self._archived_accounts.add(code)
+
+    def set_lock_dates(self, *, period: date | None = None, end_of_year: date | None = None) -> None:
+        """Lock the ledger as an adviser would (Accounting > Financial settings > Lock dates)."""
+        self.period_lock_date, self.end_of_year_lock_date = period, end_of_year
+
+    async def allocate(self, credit_note_id: str, invoice_id: str, amount: Decimal) -> dict[str, Any]:
+        """Allocate credit as ``PUT /CreditNotes/{id}/Allocations`` does, then deliver the
+        signed CREDITNOTE and INVOICE UPDATE webhooks (``xero-webhooks.yaml`` eventCategory).
+
+        Raises:
+            ValueError: Xero would refuse the allocation.
+        """
+        errors: list[str] = []
+        allocation = self._apply_allocation(
+            credit_note_id, {"Invoice": {"InvoiceID": invoice_id}, "Amount": amount}, errors
+        )
+        if errors:
+            raise ValueError("; ".join(errors))
+        await self.send_event("CREDITNOTE", "UPDATE", credit_note_id)
+        await self.send_event("INVOICE", "UPDATE", invoice_id)
+        return allocation
 
     def issue_code(self, *, redirect_uri: str, scope: str = "offline_access accounting.invoices") -> str:
         """An authorization code, as if a person had consented (5 minutes, single use)."""
@@ -747,6 +797,8 @@ class XeroEmulator:
             ("PUT", "/CreditNotes", "createCreditNotes", self._create_documents(CREDIT_NOTE, upsert=False)),
             ("POST", "/CreditNotes", "updateOrCreateCreditNotes", self._create_documents(CREDIT_NOTE, upsert=True)),
             ("GET", "/CreditNotes/{ID}", "getCreditNote", self._get_document(CREDIT_NOTE)),
+            ("PUT", "/CreditNotes/{ID}/Allocations", "createCreditNoteAllocation", self._create_allocations),
+            ("GET", "/TrackingCategories", "getTrackingCategories", self._tracking_categories),
             ("POST", "/CreditNotes/{ID}", "updateCreditNote", self._update_document(CREDIT_NOTE)),
             ("GET", "/Payments", "getPayments", self._list_payments),
             ("PUT", "/Payments", "createPayments", self._create_payments),
@@ -1014,6 +1066,9 @@ class XeroEmulator:
             "ExternalLinks": [],
             "PaymentTerms": {},
         }
+        for name, day in (("PeriodLockDate", self.period_lock_date), ("EndOfYearLockDate", self.end_of_year_lock_date)):
+            if day is not None:
+                organisation[name] = format_xero_date(day)  # spec Organisation: "Shown if set"
         return self._ok("Organisations", [organisation])
 
     async def _accounts(self, request: Request, caller: _Caller) -> _Outcome:
@@ -1351,11 +1406,145 @@ class XeroEmulator:
             document["LineItems"] = [
                 _compute_line(line, line_amount_types, currency, unitdp, errors) for line in raw_lines
             ]
+            errors += [error for line in raw_lines for error in self._tracking_errors(line)]
         if document["Status"] == "AUTHORISED" and not document["LineItems"]:
             errors.append("A document must have at least one line item to be approved")
+        if document["Status"] in ("SUBMITTED", "AUTHORISED"):
+            errors += self._ledger_errors(document)
         if kind is INVOICE and document["Status"] == "AUTHORISED" and "DueDate" not in document:
             errors.append("Due Date is required for an approved invoice")
         self._retotal(kind, document)
+
+    def _ledger_errors(self, document: Json) -> list[str]:
+        """What Xero refuses on an approved (or submitted) document: see the module docstring."""
+        errors = []
+        if any(not line.get("AccountCode") for line in document["LineItems"]):
+            errors.append("Account code must be specified")
+        issued = parse_xero_date(document["Date"]) if document.get("Date") else None
+        for what, day in (("period", self.period_lock_date), ("end of year", self.end_of_year_lock_date)):
+            if day is not None and issued is not None and issued <= day:
+                errors.append(
+                    f"The document date cannot be before the {what} lock date, currently set at {day:%d-%b-%Y}"
+                )
+        return errors
+
+    def _tracking_errors(self, raw: Json) -> list[str]:
+        errors = []
+        for tracking in raw.get("Tracking") or []:
+            name, option = tracking.get("Name"), tracking.get("Option")
+            if name not in self.tracking:
+                errors.append(f"Tracking category '{name}' does not exist")
+            elif option not in self.tracking[name]:
+                errors.append(f"Tracking option '{option}' does not exist in category '{name}'")
+        return errors
+
+    async def _tracking_categories(self, request: Request, caller: _Caller) -> _Outcome:
+        # Spec schemas TrackingCategory (TrackingCategoryID, Name, Status, Options) and
+        # TrackingOption (TrackingOptionID, Name, Status).
+        categories = [
+            {
+                "TrackingCategoryID": str(uuid.uuid5(uuid.NAMESPACE_URL, f"xero-emulator/tracking/{name}")),
+                "Name": name,
+                "Status": "ACTIVE",
+                "Options": [
+                    {
+                        "TrackingOptionID": str(
+                            uuid.uuid5(uuid.NAMESPACE_URL, f"xero-emulator/tracking/{name}/{option}")
+                        ),
+                        "Name": option,
+                        "Status": "ACTIVE",
+                    }
+                    for option in options
+                ],
+            }
+            for name, options in self.tracking.items()
+        ]
+        return self._ok("TrackingCategories", categories)
+
+    # -- allocations ------------------------------------------------------------
+
+    async def _create_allocations(self, request: Request, caller: _Caller) -> _Outcome:
+        items = _items(load_json(await request.body() or b"{}"), "Allocations")
+        if items is None:
+            return _Outcome(_error(400, "the body must be an Allocations object", "PostDataInvalidException"))
+        credit_note_id = request.path_params["ID"]
+        if self._find_document(CREDIT_NOTE, credit_note_id) is None:
+            return _Outcome(_error(404, "The resource you're looking for cannot be found", "NotFound"))
+        failures = []
+        for raw in items:
+            errors: list[str] = []
+            self._allocation_parts(credit_note_id, raw, errors)
+            if errors:
+                failures.append(_element(raw, errors))
+        if sum((_decimal(raw.get("Amount", 0), "Amount", []) for raw in items), Decimal(0)) > self._credit_left(
+            credit_note_id
+        ):
+            failures.append(
+                _element({}, ["Credit Note cannot be allocated as amount is greater than amount outstanding"])
+            )
+        if failures:
+            return _Outcome(_validation_error(failures))
+        return self._ok("Allocations", [self._apply_allocation(credit_note_id, raw, []) for raw in items])
+
+    def _credit_left(self, credit_note_id: str) -> Decimal:
+        note = self._find_document(CREDIT_NOTE, credit_note_id)
+        return Decimal(note["RemainingCredit"]) if note is not None else Decimal(0)
+
+    def _allocation_parts(
+        self, credit_note_id: str, raw: Json, errors: list[str]
+    ) -> tuple[Json | None, Json | None, Decimal]:
+        note = self._find_document(CREDIT_NOTE, credit_note_id)
+        ref = raw.get("Invoice") or {}
+        invoice = self._find_document(INVOICE, str(ref.get("InvoiceID") or ref.get("InvoiceNumber") or ""))
+        amount = _decimal(raw.get("Amount", 0), "Amount", errors)
+        if note is None or note["Status"] != "AUTHORISED":
+            errors.append("Only an approved (AUTHORISED) credit note with credit remaining can be allocated")
+        if invoice is None:
+            errors.append("The invoice you are trying to allocate to could not be found")
+        elif invoice["Status"] != "AUTHORISED":
+            # Xero's wording for a paid invoice, as reported by Bill.com's help centre:
+            # https://vendorpayhelp.bill.com/hc/en-us/articles/360007998332
+            errors.append("The invoice you are trying to allocate to has already been paid off")
+        if note is None or invoice is None or errors:
+            return note, invoice, amount
+        if note["Contact"].get("ContactID") != invoice["Contact"].get("ContactID"):
+            errors.append("The credit note and the invoice must belong to the same contact")
+        if note["CurrencyCode"] != invoice["CurrencyCode"]:
+            errors.append("The credit note and the invoice must be in the same currency")
+        if amount <= 0:
+            errors.append("Amount must be greater than zero")
+        elif amount > note["RemainingCredit"] or amount > invoice["AmountDue"]:
+            errors.append("Credit Note cannot be allocated as amount is greater than amount outstanding")
+        return note, invoice, amount
+
+    def _apply_allocation(self, credit_note_id: str, raw: Json, errors: list[str]) -> Json:
+        note, invoice, amount = self._allocation_parts(credit_note_id, raw, errors)
+        if errors or note is None or invoice is None:
+            return {}
+        on = parse_xero_date(str(raw["Date"])) if raw.get("Date") else self.clock().date()
+        allocation: Json = {
+            "AllocationID": str(uuid.uuid4()),
+            "Amount": amount,
+            "Date": format_xero_date(on),
+            "Invoice": {"InvoiceID": invoice["InvoiceID"], "InvoiceNumber": invoice["InvoiceNumber"]},
+            "CreditNote": {"CreditNoteID": note["CreditNoteID"], "CreditNoteNumber": note["CreditNoteNumber"]},
+        }
+        note["Allocations"] = [*note["Allocations"], allocation]
+        note["RemainingCredit"] -= amount
+        if note["RemainingCredit"] == 0:
+            note["Status"] = "PAID"
+        invoice["CreditNotes"] = [
+            *invoice["CreditNotes"],
+            {"CreditNoteID": note["CreditNoteID"], "AppliedAmount": amount},
+        ]
+        invoice["AmountCredited"] = invoice.get("AmountCredited", Decimal(0)) + amount
+        invoice["AmountDue"] -= amount
+        if invoice["AmountDue"] == 0:
+            invoice["Status"] = "PAID"
+        for document in (note, invoice):
+            self._stamp(document)
+            document["UpdatedDateUTCString"] = self.clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return allocation
 
     def _retotal(self, kind: _Kind, document: Json) -> None:
         subtotal, tax, total = _totals(document["LineItems"], document["LineAmountTypes"])
@@ -1364,7 +1553,8 @@ class XeroEmulator:
             paid = document.get("AmountPaid", Decimal(0))
             document["AmountPaid"], document["AmountDue"] = paid, total - paid - document.get("AmountCredited", 0)
         else:
-            document["RemainingCredit"] = total
+            allocated = sum((Decimal(item["Amount"]) for item in document.get("Allocations", [])), Decimal(0))
+            document["RemainingCredit"] = total - allocated
         self._stamp(document)
         document["UpdatedDateUTCString"] = self.clock().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -30,7 +30,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from syncd.errors import FatalError
 from syncd.http import Rejected
-from syncd.interfaces import Client, DraftKind, InvoiceDraft, InvoiceLine, InvoiceState, InvoiceStatus
+from syncd.interfaces import (
+    Client,
+    CreditNoteStatus,
+    DraftKind,
+    InvoiceDraft,
+    InvoiceLine,
+    InvoiceState,
+    InvoiceStatus,
+)
 
 # Xero's documented length limits.
 # ContactNumber: "max length = 50" (spec schema Contact.ContactNumber, maxLength: 50).
@@ -206,6 +214,7 @@ class XeroCreditNotes(Payload):
     """The ``CreditNotes`` envelope."""
 
     credit_notes: tuple[XeroCreditNote, ...] = Field((), alias="CreditNotes")
+    pagination: XeroPagination | None = None
 
 
 class XeroContacts(Payload):
@@ -215,11 +224,17 @@ class XeroContacts(Payload):
 
 
 class XeroOrganisation(Payload):
-    """The few ``Organisation`` fields ``check()`` reads."""
+    """The few ``Organisation`` fields syncd reads (``check()`` and the lock dates).
+
+    ``PeriodLockDate`` and ``EndOfYearLockDate``: "Shown if set" (spec schema
+    ``Organisation``, ``x-is-msdate``).
+    """
 
     organisation_id: str | None = Field(None, alias="OrganisationID")
     name: str | None = Field(None, alias="Name")
     organisation_status: str | None = Field(None, alias="OrganisationStatus")
+    period_lock_date: XeroDate = Field(None, alias="PeriodLockDate")
+    end_of_year_lock_date: XeroDate = Field(None, alias="EndOfYearLockDate")
 
 
 class XeroOrganisations(Payload):
@@ -399,7 +414,11 @@ def _unit_amount(price: Decimal, unitdp: int | None) -> Decimal:
 
 
 def line_payload(line: InvoiceLine, unitdp: int | None) -> dict[str, Any]:
-    """One ``LineItem`` (Description, Quantity, UnitAmount, AccountCode, TaxType, ItemCode)."""
+    """One ``LineItem`` (Description, Quantity, UnitAmount, AccountCode, TaxType, ItemCode, Tracking).
+
+    ``TaxType`` is left out when the line has none, so the account's default tax rate
+    applies. ``Tracking`` is a list of ``{Name, Option}`` (spec schema ``LineItemTracking``).
+    """
     return _drop_empty(
         {
             "Description": line.description,
@@ -408,6 +427,7 @@ def line_payload(line: InvoiceLine, unitdp: int | None) -> dict[str, Any]:
             "AccountCode": line.account_code,
             "TaxType": line.tax_type,
             "ItemCode": line.item_code,
+            "Tracking": [{"Name": item.name, "Option": item.option} for item in line.tracking],
         }
     )
 
@@ -501,6 +521,27 @@ def credit_note_status(note: XeroCreditNote) -> InvoiceStatus:
         reference=note.reference,
         updated_at=note.updated,
     )
+
+
+def credit_note_state(note: XeroCreditNote) -> CreditNoteStatus:
+    """The canonical status of a Xero credit note, with the credit it has left."""
+    remaining = note.total if note.remaining_credit is None else note.remaining_credit
+    return CreditNoteStatus(
+        credit_note_id=note.credit_note_id,
+        number=note.credit_note_number,
+        state=_state(note.status, Decimal(0), False),
+        currency=note.currency_code,
+        total=note.total,
+        remaining_credit=remaining,
+        reference=note.reference,
+        updated_at=note.updated,
+    )
+
+
+def allocation_payload(invoice_id: str, amount: Decimal, on: date) -> dict[str, Any]:
+    """The ``Allocations`` body of ``PUT /CreditNotes/{id}/Allocations`` (spec schema ``Allocation``:
+    ``Invoice``, ``Amount``, ``Date`` required)."""
+    return {"Allocations": [{"Invoice": {"InvoiceID": invoice_id}, "Amount": amount, "Date": on.isoformat()}]}
 
 
 def draft_endpoint(draft: InvoiceDraft) -> str:

@@ -42,16 +42,20 @@ from syncd.errors import AuthError, ConfigError, FatalError, NotFound, RecordErr
 from syncd.http import Rejected, VendorHttp
 from syncd.interfaces import (
     Address,
+    AllocatesCredit,
     ChangeHint,
     Client,
     ConnectorContext,
     Contact,
     DraftKind,
+    HasLockDates,
     InvoiceDraft,
     InvoiceLine,
     InvoiceState,
     Invoicing,
     InvoicingCodes,
+    ReadsCreditNotes,
+    TrackingOption,
     WebhookRequest,
 )
 from syncd.oauth import authorize
@@ -928,6 +932,7 @@ async def test_codes_list_the_accounts_tax_types_and_currencies_in_use() -> None
         "account_code": frozenset({"200", "260", "400", "090"}),
         "tax_type": frozenset({"OUTPUT", "INPUT", "EXEMPTOUTPUT", "NONE"}),
         "currency": frozenset({"AUD", "USD", "NZD", "GBP", "EUR"}),
+        "tracking": frozenset({"Region/North", "Region/South"}),
     }
     assert second["account_code"] == frozenset({"200", "400", "090"})
     assert r.emulator.calls["getAccounts"] == 2
@@ -1275,3 +1280,187 @@ redirect_uri = "http://localhost:{callback}/callback"
             assert xero.calls["connections"] == 2  # `syncd auth` listed them; the connector discovered its tenant
         finally:
             await store.close()
+
+
+# Ledger rules: account codes, lock dates, tracking
+# ---------------------------------------------------------------------------
+
+
+def uncoded(**overrides: Any) -> InvoiceDraft:
+    """A draft whose one line has no account code."""
+    line = InvoiceLine(description="Retainer, March", quantity=Decimal(1), unit_price=Decimal("100.00"), kind="period")
+    return draft(lines=(line,), **overrides)
+
+
+async def test_an_approved_invoice_or_credit_note_line_without_an_account_code_is_refused() -> None:
+    """Xero's ValidationException "Account code must be specified" for AUTHORISED documents; a DRAFT is taken."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        for kind in (DraftKind.INVOICE, DraftKind.CREDIT_NOTE):
+            with pytest.raises(XeroRejected) as caught:
+                await r.connector.create_invoice(uncoded(key=f"{kind}-1", kind=kind), contact_id)
+            assert caught.value.messages == ("Account code must be specified",)
+        (refused,) = [response for _, response in r.exchanges if response.status_code == 400][:1]
+        body = load_json(refused.content)
+        assert body["Type"] == "ValidationException"
+        assert body["Elements"][0]["ValidationErrors"] == [{"Message": "Account code must be specified"}]
+        created = await r.connector.create_invoice(uncoded(key="draft-1", status="draft"), contact_id)
+        assert created.state is InvoiceState.DRAFT
+        assert r.emulator.invoices()[0]["LineItems"][0].get("AccountCode") is None
+
+
+async def test_an_approving_update_of_a_draft_without_account_codes_is_refused() -> None:
+    """A DRAFT saved without codes cannot be approved later without them."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        created = await r.connector.create_invoice(uncoded(status="draft"), contact_id)
+        approve = {"Invoices": [{"Status": "AUTHORISED"}]}
+        with pytest.raises(XeroRejected, match="Account code must be specified"):
+            await r.connector._write("POST", f"/Invoices/{created.invoice_id}", approve, key="approve-1")
+        assert r.emulator.invoices()[0]["Status"] == "DRAFT"
+
+
+async def test_lock_dates_are_read_and_documents_dated_on_or_before_them_are_refused() -> None:
+    """PeriodLockDate/EndOfYearLockDate come from GET /Organisation; an approved invoice on the lock date is refused."""
+    async with rig() as r:
+        assert (await r.connector.lock_dates()).closed_until() is None
+        r.emulator.set_lock_dates(period=date(2025, 2, 28), end_of_year=date(2024, 6, 30))
+        locks = await r.connector.lock_dates()
+        assert (locks.period_lock, locks.end_of_year_lock) == (date(2025, 2, 28), date(2024, 6, 30))
+        assert locks.closed_until() == date(2025, 2, 28)
+        contact_id = await r.connector.upsert_customer(client_record())
+        with pytest.raises(XeroRejected) as caught:
+            await r.connector.create_invoice(draft(key="locked-1", issue_date=date(2025, 2, 28)), contact_id)
+        assert caught.value.messages == (
+            "The document date cannot be before the period lock date, currently set at 28-Feb-2025",
+        )
+        opened = await r.connector.create_invoice(draft(key="open-1", issue_date=date(2025, 3, 1)), contact_id)
+        assert opened.state is InvoiceState.AUTHORISED
+        kept = await r.connector.create_invoice(
+            draft(key="draft-2", issue_date=date(2025, 2, 1), status="draft"), contact_id
+        )
+        assert kept.state is InvoiceState.DRAFT
+
+
+async def test_tracking_options_must_exist_at_xero() -> None:
+    """A line's Tracking {Name, Option} is sent and kept; an unknown option is refused."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        line = InvoiceLine(
+            description="Work",
+            quantity=Decimal(1),
+            unit_price=Decimal(10),
+            account_code="200",
+            tracking=(TrackingOption(name="Region", option="North"),),
+        )
+        await r.connector.create_invoice(draft(key="tracked-1", lines=(line,)), contact_id)
+        assert r.emulator.invoices()[0]["LineItems"][0]["Tracking"] == [{"Name": "Region", "Option": "North"}]
+        wrong = line.model_copy(update={"tracking": (TrackingOption(name="Region", option="East"),)})
+        with pytest.raises(XeroRejected, match="Tracking option 'East' does not exist in category 'Region'"):
+            await r.connector.create_invoice(draft(key="tracked-2", lines=(wrong,)), contact_id)
+
+
+# ---------------------------------------------------------------------------
+# Credit notes: reading, polling and allocation
+# ---------------------------------------------------------------------------
+
+
+async def invoice_and_credit(r: Rig, credit: str = "50.00") -> tuple[str, str]:
+    """An approved invoice of 100.00 AUD (+ GST) and an approved credit note for ``credit`` (+ GST)."""
+    contact_id = await r.connector.upsert_customer(client_record())
+    line = InvoiceLine(description="Work", quantity=Decimal(1), unit_price=Decimal("100.00"), account_code="200")
+    invoice = await r.connector.create_invoice(draft(key="inv-1", lines=(line,)), contact_id)
+    credit_line = line.model_copy(update={"unit_price": Decimal(credit), "kind": "credit"})
+    note = await r.connector.create_invoice(
+        draft(key="cn-1", kind=DraftKind.CREDIT_NOTE, lines=(credit_line,)), contact_id
+    )
+    return invoice.invoice_id, note.invoice_id
+
+
+async def test_a_credit_note_is_allocated_to_an_invoice_once_per_key() -> None:
+    """PUT /CreditNotes/{id}/Allocations lowers RemainingCredit and AmountDue; the same key applies it once."""
+    async with rig() as r:
+        assert isinstance(r.connector, AllocatesCredit)
+        assert isinstance(r.connector, ReadsCreditNotes)
+        assert isinstance(r.connector, HasLockDates)
+        invoice_id, note_id = await invoice_and_credit(r)
+        before = await r.connector.get_credit_note(note_id)
+        assert (before.total, before.remaining_credit, before.state) == (
+            Decimal("55.00"),
+            Decimal("55.00"),
+            InvoiceState.AUTHORISED,
+        )
+        done = await r.connector.allocate_credit_note(note_id, invoice_id, Decimal("30.00"), "alloc-1")
+        assert (done.remaining_credit, done.invoice_amount_due) == (Decimal("25.00"), Decimal("80.00"))
+        again = await r.connector.allocate_credit_note(note_id, invoice_id, Decimal("30.00"), "alloc-1")
+        assert (again.remaining_credit, again.invoice_amount_due) == (Decimal("25.00"), Decimal("80.00"))
+        assert r.emulator.calls["createCreditNoteAllocation"] == 2
+        assert len(r.emulator.credit_notes()[0]["Allocations"]) == 1
+        rest = await r.connector.allocate_credit_note(note_id, invoice_id, Decimal("25.00"), "alloc-2")
+        assert rest.remaining_credit == 0
+        assert (await r.connector.get_credit_note(note_id)).state is InvoiceState.PAID
+        assert (await r.connector.get_invoice(invoice_id)).amount_due == Decimal("55.00")
+
+
+async def test_an_allocation_beyond_the_credit_or_the_amount_due_or_across_contacts_is_refused() -> None:
+    """More than the credit left, more than the invoice's amount due, or another contact: Xero's 400."""
+    async with rig() as r:
+        invoice_id, note_id = await invoice_and_credit(r, credit="200.00")
+        with pytest.raises(XeroRejected) as caught:
+            await r.connector.allocate_credit_note(note_id, invoice_id, Decimal("111.00"), "too-much")
+        assert caught.value.messages == (
+            "Credit Note cannot be allocated as amount is greater than amount outstanding",
+        )
+        other = await r.connector.upsert_customer(client_record(key="hubspot:company:43", name="Other Co"))
+        line = InvoiceLine(description="Other", quantity=Decimal(1), unit_price=Decimal(10), account_code="200")
+        foreign = await r.connector.create_invoice(draft(key="inv-other", lines=(line,)), other)
+        with pytest.raises(XeroRejected, match="same contact"):
+            await r.connector.allocate_credit_note(note_id, foreign.invoice_id, Decimal("1.00"), "other")
+        assert (await r.connector.get_credit_note(note_id)).remaining_credit == Decimal("220.00")
+
+
+async def test_an_allocation_at_the_emulator_sends_creditnote_and_invoice_webhooks() -> None:
+    """The emulator's allocate() delivers signed CREDITNOTE and INVOICE UPDATE events, which the verifier reads."""
+    async with rig() as r:
+        invoice_id, note_id = await invoice_and_credit(r)
+        seen: list[httpx.Request] = []
+
+        async def receive(request: Request) -> Response:
+            seen.append(httpx.Request("POST", str(request.url), headers=request.headers, content=await request.body()))
+            return Response(status_code=200)
+
+        app = Starlette(routes=[Route("/hook", receive, methods=["POST"])])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as hooks:
+            r.emulator.subscribe("http://syncd.test/hook", hooks)
+            await r.emulator.allocate(note_id, invoice_id, Decimal("10.00"))
+        verifier = XeroWebhookVerifier(key=r.emulator.webhook_key, connection="xero", tenant_id=None, clock=r.clock)
+        hints = [
+            hint
+            for request in seen
+            for hint in verifier.verify(
+                WebhookRequest(
+                    method="POST",
+                    url=str(request.url),
+                    headers={k.lower(): v for k, v in request.headers.items()},
+                    body=request.content,
+                    received_at=r.clock(),
+                )
+            )
+        ]
+        assert [(hint.object_type, hint.object_id) for hint in hints] == [
+            ("credit_note", note_id),
+            ("invoice", invoice_id),
+        ]
+
+
+async def test_poll_changes_reports_credit_notes_too() -> None:
+    """A credit note changed since the cursor is a hint with object_type credit_note."""
+    async with rig() as r:
+        start = await r.connector.poll_changes(None)
+        r.clock.advance(60)
+        invoice_id, note_id = await invoice_and_credit(r)
+        page = await r.connector.poll_changes(start.cursor)
+        assert {(hint.object_type, hint.object_id) for hint in page.hints} == {
+            ("invoice", invoice_id),
+            ("credit_note", note_id),
+        }
