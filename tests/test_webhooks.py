@@ -1,0 +1,166 @@
+"""The webhook endpoint never answers 500: malformed input is 400 or 401, a database outage 503.
+
+Driven through the real ASGI app (``httpx.ASGITransport``) and, where sockets and timing
+matter, a real uvicorn on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from connectors.hubspot.webhooks import sign_v3
+from connectors.xero.webhooks import sign as xero_sign
+from syncd.store import DeadLetterRow, EventRow
+from tests.harness import SYNCD_URL, Stack, stack
+
+HUBSPOT_URI = f"{SYNCD_URL}/webhooks/hubspot"
+
+
+def hubspot_event(**changes: Any) -> dict[str, Any]:
+    """One well-formed HubSpot event, with ``changes`` applied."""
+    event: dict[str, Any] = {
+        "eventId": 1,
+        "subscriptionId": 9,
+        "portalId": 1,
+        "occurredAt": int(time.time() * 1000),
+        "subscriptionType": "deal.propertyChange",
+        "objectId": 5,
+        "propertyName": "dealstage",
+        "propertyValue": "closedwon",
+        "attemptNumber": 0,
+    }
+    return {**event, **changes}
+
+
+def hubspot_headers(secret: str, body: bytes, timestamp: str | None = None) -> dict[str, str]:
+    """Headers of a correctly signed HubSpot delivery (now, unless ``timestamp`` is given)."""
+    stamp = str(int(time.time() * 1000)) if timestamp is None else timestamp
+    signature = sign_v3(secret, method="POST", uri=HUBSPOT_URI, body=body, timestamp=stamp)
+    return {
+        "content-type": "application/json",
+        "x-hubspot-signature-v3": signature,
+        "x-hubspot-request-timestamp": stamp,
+    }
+
+
+def xero_event(**changes: Any) -> dict[str, Any]:
+    """One well-formed Xero event, with ``changes`` applied."""
+    event = {
+        "resourceUrl": "https://api.xero.com/api.xro/2.0/Invoices/717f2bfc-c6d4-41fd-b238-3f2f0c0cf777",
+        "resourceId": "717f2bfc-c6d4-41fd-b238-3f2f0c0cf777",
+        "eventDateUtc": "2025-03-03T09:15:39.902",
+        "eventType": "UPDATE",
+        "eventCategory": "INVOICE",
+        "tenantId": "3f7c2a6e-9b1d-4e58-a2c4-6d0e8f1b7a39",
+        "tenantType": "ORGANISATION",
+    }
+    return {**event, **changes}
+
+
+def xero_body(*events: dict[str, Any], **changes: Any) -> bytes:
+    """A Xero delivery body holding ``events``."""
+    payload = {"events": list(events), "firstEventSequence": 1, "lastEventSequence": 1, "entropy": "FXNGWLCCGV"}
+    return json.dumps({**payload, **changes}).encode()
+
+
+async def post_hubspot(s: Stack, body: bytes, timestamp: str | None = None) -> httpx.Response:
+    headers = hubspot_headers(s.hub.client_secret, body, timestamp)
+    # Header bytes as a client may send them: Latin-1, which the server decodes them as.
+    raw = {key: value.encode("latin-1") for key, value in headers.items()}
+    return await s.web.post("/webhooks/hubspot", content=body, headers=raw)
+
+
+async def post_xero(s: Stack, body: bytes) -> httpx.Response:
+    return await s.web.post(
+        "/webhooks/xero", content=body, headers={"x-xero-signature": xero_sign(s.xero.webhook_key, body)}
+    )
+
+
+@pytest.mark.parametrize("timestamp", ["1e30", "nan", "-1", "9" * 400, "²³", "0x10", " ", "1" * 17])
+async def test_an_out_of_range_hubspot_timestamp_is_401(tmp_path: Path, sqlite_url: str, timestamp: str) -> None:
+    """A signed delivery whose X-HubSpot-Request-Timestamp is no epoch-ms number is 401, not 500."""
+    async with stack(tmp_path, sqlite_url) as s:
+        response = await post_hubspot(s, json.dumps([hubspot_event()]).encode(), timestamp)
+        assert response.status_code == 401
+        assert await s.daemon.runtime.store.count(EventRow) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"occurredAt": 10**30}, "occurredAt"),
+        ({"occurredAt": -1}, "occurredAt"),
+        ({"objectId": int("9" * 400)}, "objectId"),
+        ({"eventId": int("9" * 400)}, "eventId"),
+        ({"subscriptionId": -5}, "subscriptionId"),
+        ({"subscriptionType": "deal.teleported"}, "subscriptionType"),
+        ({"subscriptionType": "deal." + "x" * 5000}, "subscriptionType"),
+        ({"subscriptionType": "object.creation", "objectTypeId": "0-" + "1" * 400}, "objectTypeId"),
+    ],
+)
+async def test_a_signed_hubspot_event_out_of_bounds_is_400(
+    tmp_path: Path, sqlite_url: str, change: dict[str, Any], field: str
+) -> None:
+    """A correctly signed HubSpot event with an id, time or type out of bounds is 400 and not stored."""
+    async with stack(tmp_path, sqlite_url) as s:
+        response = await post_hubspot(s, json.dumps([hubspot_event(**change)]).encode())
+        assert response.status_code == 400
+        assert field in response.json()["error"]
+        assert await s.daemon.runtime.store.count(EventRow) == 0
+        assert await s.daemon.runtime.store.count(DeadLetterRow) == 1
+
+
+async def test_json_nested_too_deep_is_400(tmp_path: Path, sqlite_url: str) -> None:
+    """A signed body nested tens of thousands deep (json.loads raises RecursionError) is 400 for both vendors."""
+    deep = b"[" * 50_000 + b"]" * 50_000
+    async with stack(tmp_path, sqlite_url) as s:
+        assert (await post_hubspot(s, deep)).status_code == 400
+        assert (await post_xero(s, b'{"events": ' + deep + b"}")).status_code == 400
+        assert await s.daemon.runtime.store.count(EventRow) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"resourceId": "1" * 400}, "resourceId"),
+        ({"resourceId": "717f2bfc-c6d4-41fd-b238-3f2f0c0cf777" + "0" * 40}, "resourceId"),
+        ({"eventCategory": "INVOICE" * 100}, "eventCategory"),
+        ({"eventType": "update; drop table"}, "eventType"),
+        ({"tenantId": "x" * 400}, "tenantId"),
+        ({"eventDateUtc": "9999-12-31T23:59:59.999-14:00"}, "eventDateUtc"),
+        ({"eventDateUtc": "2025-03-03T09:15:39" + "9" * 400}, "eventDateUtc"),
+        ({"resourceUrl": "https://api.xero.com/" + "a" * 5000}, "resourceUrl"),
+    ],
+)
+async def test_a_signed_xero_event_out_of_bounds_is_400(
+    tmp_path: Path, sqlite_url: str, change: dict[str, Any], field: str
+) -> None:
+    """A correctly signed Xero event with an id, time or enum out of bounds is 400 and not stored."""
+    async with stack(tmp_path, sqlite_url) as s:
+        response = await post_xero(s, xero_body(xero_event(**change)))
+        assert response.status_code == 400
+        assert field in response.json()["error"]
+        assert await s.daemon.runtime.store.count(EventRow) == 0
+
+
+async def test_rejections_are_counted_by_outcome_and_reason(tmp_path: Path, sqlite_url: str) -> None:
+    """/metrics counts each answer by connection, status and a reason from a fixed set; unknown names share one label."""
+    async with stack(tmp_path, sqlite_url) as s:
+        body = json.dumps([hubspot_event()]).encode()
+        assert (await post_hubspot(s, body, "nan")).status_code == 401
+        assert (await post_hubspot(s, json.dumps([hubspot_event(objectId=-1)]).encode())).status_code == 400
+        assert (await post_hubspot(s, body)).status_code == 200
+        for name in ("nope", "other"):
+            assert (await s.web.post(f"/webhooks/{name}", content=body)).status_code == 404
+        metrics = (await s.web.get("/metrics")).text
+        assert 'syncd_webhooks_total{connection="hubspot",outcome="401",reason="signature"} 1.0' in metrics
+        assert 'syncd_webhooks_total{connection="hubspot",outcome="400",reason="malformed"} 1.0' in metrics
+        assert 'syncd_webhooks_total{connection="hubspot",outcome="200",reason="stored"} 1.0' in metrics
+        assert 'syncd_webhooks_total{connection="",outcome="404",reason="unknown_connection"} 2.0' in metrics
+        assert "nope" not in metrics
