@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from anyio.from_thread import start_blocking_portal
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from connectors.hubspot.webhooks import sign_v3
 from connectors.xero.webhooks import sign as xero_sign
 from syncd.store import DeadLetterRow, EventRow
+from tests.conftest import PG_ADMIN
 from tests.harness import SYNCD_URL, Stack, stack
 
 HUBSPOT_URI = f"{SYNCD_URL}/webhooks/hubspot"
@@ -164,3 +169,129 @@ async def test_rejections_are_counted_by_outcome_and_reason(tmp_path: Path, sqli
         assert 'syncd_webhooks_total{connection="hubspot",outcome="200",reason="stored"} 1.0' in metrics
         assert 'syncd_webhooks_total{connection="",outcome="404",reason="unknown_connection"} 2.0' in metrics
         assert "nope" not in metrics
+
+
+async def assert_down(s: Stack) -> None:
+    """While the database is unreachable: webhook 503 + Retry-After, /readyz 503, /metrics 200."""
+    response = await post_hubspot(s, json.dumps([hubspot_event()]).encode())
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "60"
+    malformed = await post_hubspot(s, json.dumps([hubspot_event(objectId=-1)]).encode())
+    assert malformed.status_code == 503  # its dead letter could not be written either
+    assert (await s.web.get("/readyz")).status_code == 503
+    metrics = await s.web.get("/metrics")
+    assert metrics.status_code == 200
+    assert "syncd_database_up 0.0" in metrics.text
+    assert 'syncd_webhooks_total{connection="hubspot",outcome="503",reason="unavailable"} 2.0' in metrics.text
+
+
+async def assert_up(s: Stack) -> None:
+    """Once the database is back the same delivery is stored and the process is ready again."""
+    assert (await post_hubspot(s, json.dumps([hubspot_event()]).encode())).status_code == 200
+    assert (await s.web.get("/readyz")).status_code == 200
+    assert "syncd_database_up 1.0" in (await s.web.get("/metrics")).text
+    assert await s.daemon.runtime.store.count(EventRow) == 1
+
+
+async def test_a_missing_sqlite_file_is_503_then_recovers(tmp_path: Path) -> None:
+    """With the SQLite file's folder gone the webhook is 503 with Retry-After; it is stored once it is back."""
+    folder = tmp_path / "db"
+    folder.mkdir()
+    async with stack(tmp_path, f"sqlite:///{folder / 'syncd.db'}") as s:
+        assert (await s.web.get("/readyz")).status_code == 200
+        folder.rename(tmp_path / "gone")
+        await s.daemon.runtime.store.engine.dispose()  # the pooled connection still holds the old file open
+        await assert_down(s)
+        (tmp_path / "gone").rename(folder)
+        await assert_up(s)
+
+
+@pytest.mark.postgres
+async def test_an_unreachable_postgres_is_503_then_recovers(tmp_path: Path, postgres_url: str) -> None:
+    """With PostgreSQL refusing connections to the database the webhook is 503; it is stored once it is back."""
+    name = postgres_url.rsplit("/", 1)[1]
+    async with stack(tmp_path, postgres_url) as s:
+        assert (await s.web.get("/readyz")).status_code == 200
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        try:
+            await assert_down(s)
+        finally:
+            with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+                admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await assert_up(s)
+
+
+# -- fuzzing: whatever arrives, never a 500 ------------------------------------------------
+
+LATIN1 = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=40)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats()
+    | st.text(max_size=30)
+    | st.just("deal.propertyChange")
+    | st.just("717f2bfc-c6d4-41fd-b238-3f2f0c0cf777")
+)
+JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+)
+
+
+def _shaped(template: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """``template``'s keys, each kept, dropped or given a fuzzed value."""
+    keep = st.sampled_from(["keep", "drop", "fuzz"])
+    return st.fixed_dictionaries({key: st.tuples(keep, JSON) for key in template}).map(
+        lambda picks: {
+            key: template[key] if how == "keep" else value for key, (how, value) in picks.items() if how != "drop"
+        }
+    )
+
+
+HUBSPOT_BODIES = st.one_of(
+    st.binary(max_size=200),
+    JSON.map(lambda value: json.dumps(value).encode()),
+    st.lists(_shaped(hubspot_event()), max_size=3).map(lambda events: json.dumps(events).encode()),
+    st.integers(min_value=1, max_value=60_000).map(lambda depth: b"[" * depth + b"]" * depth),
+)
+XERO_BODIES = st.one_of(
+    st.binary(max_size=200),
+    JSON.map(lambda value: json.dumps(value).encode()),
+    st.lists(_shaped(xero_event()), max_size=3).map(lambda events: xero_body(*events)),
+    _shaped(json.loads(xero_body(xero_event()))).map(lambda payload: json.dumps(payload).encode()),
+)
+ANSWERS = {200, 400, 401, 413}
+
+
+def test_fuzzed_deliveries_never_get_a_500(tmp_path: Path, sqlite_url: str) -> None:
+    """Random headers and bodies, signed or not, to both vendors' endpoints get 200/400/401/413, never 500."""
+    with start_blocking_portal() as portal, portal.wrap_async_context_manager(stack(tmp_path, sqlite_url)) as s:
+
+        @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(
+            body=HUBSPOT_BODIES,
+            signed=st.booleans(),
+            timestamp=st.one_of(st.none(), LATIN1, st.integers().map(str), st.floats().map(str)),
+            signature=LATIN1,
+        )
+        def hubspot(body: bytes, signed: bool, timestamp: str | None, signature: str) -> None:
+            headers = hubspot_headers(s.hub.client_secret, body, timestamp)
+            if not signed:
+                headers["x-hubspot-signature-v3"] = signature
+            raw = {key: value.encode("latin-1") for key, value in headers.items()}
+            response = portal.call(lambda: s.web.post("/webhooks/hubspot", content=body, headers=raw))
+            assert response.status_code in ANSWERS, response.text
+
+        @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(body=XERO_BODIES, signed=st.booleans(), signature=LATIN1)
+        def xero(body: bytes, signed: bool, signature: str) -> None:
+            given_signature = xero_sign(s.xero.webhook_key, body) if signed else signature
+            headers = {"x-xero-signature": given_signature.encode("latin-1")}
+            response = portal.call(lambda: s.web.post("/webhooks/xero", content=body, headers=headers))
+            assert response.status_code in ANSWERS, response.text
+
+        hubspot()
+        xero()
