@@ -13,6 +13,12 @@ Mapping files are reloaded while it runs: on SIGHUP, and when a file's modificat
 time, size or inode changes (looked at every ``[daemon].mapping_watch_interval_s``).
 A valid file is swapped in for the next event; a bad one leaves the running mapping in
 place and each problem is logged (:meth:`~syncd.runtime.Runtime.reload_mappings`).
+
+uvicorn is configured here (:meth:`Daemon.server_config`): it installs no logging of its
+own (its loggers go through the root handler :func:`syncd.logging.configure` sets up, in
+the same format as every other line), it answers 503 beyond ``[daemon].max_connections``
+and closes keep-alive connections idle for ``[daemon].keep_alive_timeout_s``; the app
+itself cuts off a webhook body slower than ``[daemon].webhook_body_timeout_s``.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import httpx
 import structlog
+import uvicorn
 from starlette.applications import Starlette
 
+from syncd import logging as syncd_logging
 from syncd import recurring
 from syncd.engine import Engine
 from syncd.errors import AuthError, ConfigError
@@ -107,6 +115,35 @@ class Daemon:
     def app(self) -> Starlette:
         """The ASGI app, with this daemon's lifespan."""
         return create_app(self, lifespan=self.lifespan)
+
+    def server_config(
+        self, *, log_format: syncd_logging.LogFormat | None = None, lifespan: Literal["on", "off"] = "on"
+    ) -> uvicorn.Config:
+        """uvicorn's settings for this daemon, after setting up the process's logging.
+
+        Args:
+            log_format: ``json`` or ``console`` for every log line of the process (uvicorn,
+                SQLAlchemy, APScheduler, httpx and syncd's own); ``None`` leaves logging as
+                it is (tests). Setting it here mirrors ``uvicorn.Config``, which configures
+                logging when it is built.
+            lifespan: ``off`` when the caller runs :meth:`lifespan` itself (tests).
+        """
+        daemon = self.config.daemon
+        if log_format is not None:
+            syncd_logging.configure(daemon.log_level, json=log_format is syncd_logging.LogFormat.json)
+        host, _, port = daemon.listen.rpartition(":")
+        return uvicorn.Config(
+            self.app(),
+            host=host,
+            port=int(port),
+            lifespan=lifespan,
+            log_config=None,  # uvicorn's loggers propagate to syncd's root handler
+            access_log=False,
+            # uvicorn answers 503 once its open connections (the new one included) or
+            # running requests reach limit_concurrency: +1 lets max_connections be served.
+            limit_concurrency=daemon.max_connections + 1,
+            timeout_keep_alive=daemon.keep_alive_timeout_s,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
