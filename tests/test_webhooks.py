@@ -6,14 +6,19 @@ matter, a real uvicorn on 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
+import uvicorn
 from anyio.from_thread import start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -295,3 +300,94 @@ def test_fuzzed_deliveries_never_get_a_500(tmp_path: Path, sqlite_url: str) -> N
 
         hubspot()
         xero()
+
+
+# -- slow clients: a real uvicorn on 127.0.0.1, raw sockets ---------------------------------
+
+SLOW = "webhook_body_timeout_s = 1\nkeep_alive_timeout_s = 1\nmax_connections = 2"
+
+
+class _Listening(uvicorn.Server):
+    """uvicorn that says when it listens (no polling to find out)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.listening.set()
+
+
+@contextlib.asynccontextmanager
+async def serving(s: Stack) -> AsyncIterator[int]:
+    """The daemon's app under uvicorn, configured as `syncd run` does, on a free port in this loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = _Listening(s.daemon.server_config(lifespan="off"))  # the test's stack runs the lifespan
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    await asyncio.wait_for(server.listening.wait(), timeout=10)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=10)
+        sock.close()
+
+
+async def request_head(port: int, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
+
+
+POST_HEAD = b"POST /webhooks/hubspot HTTP/1.1\r\nhost: syncd.test\r\ncontent-length: 1000\r\n\r\n"
+
+
+async def test_a_body_trickled_byte_by_byte_is_cut_off_with_408(tmp_path: Path, sqlite_url: str) -> None:
+    """A client sending its body a byte at a time is answered 408 and disconnected after webhook_body_timeout_s."""
+    async with stack(tmp_path, sqlite_url, daemon_extra=SLOW) as s, serving(s) as port:
+        reader, writer = await request_head(port, POST_HEAD)
+        started = time.monotonic()
+        answer = asyncio.create_task(reader.read())  # everything until the server hangs up
+        while not answer.done() and time.monotonic() - started < 8:
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"[")
+                await writer.drain()
+            await asyncio.wait([answer], timeout=0.2)
+        text = (await asyncio.wait_for(answer, timeout=2)).decode()
+        elapsed = time.monotonic() - started
+        writer.close()
+        assert text.startswith("HTTP/1.1 408"), text
+        assert "connection: close" in text.lower()
+        assert 1 <= elapsed < 3
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            metrics = (await client.get("/metrics")).text  # the served app counts its own answers
+        assert 'syncd_webhooks_total{connection="hubspot",outcome="408",reason="timeout"} 1.0' in metrics
+
+
+async def test_connections_beyond_max_connections_get_503(tmp_path: Path, sqlite_url: str) -> None:
+    """With max_connections = 2, two slow clients are served and a third connection is answered 503."""
+    async with stack(tmp_path, sqlite_url, daemon_extra=SLOW) as s, serving(s) as port:
+        held = [await request_head(port, POST_HEAD) for _ in range(2)]
+        reader, writer = await request_head(port, b"GET /healthz HTTP/1.1\r\nhost: syncd.test\r\n\r\n")
+        status = await asyncio.wait_for(reader.readline(), timeout=5)
+        assert status.startswith(b"HTTP/1.1 503"), status
+        for held_reader, held_writer in held:
+            # The held ones were being served: each gets its own answer (408, as they stall).
+            assert (await asyncio.wait_for(held_reader.readline(), timeout=5)).startswith(b"HTTP/1.1 408")
+            held_writer.close()
+        writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(tmp_path: Path, sqlite_url: str) -> None:
+    """A keep-alive connection left idle is closed by the server after keep_alive_timeout_s."""
+    async with stack(tmp_path, sqlite_url, daemon_extra=SLOW) as s, serving(s) as port:
+        reader, writer = await request_head(port, b"GET /healthz HTTP/1.1\r\nhost: syncd.test\r\n\r\n")
+        started = time.monotonic()
+        text = await asyncio.wait_for(reader.read(), timeout=5)  # returns when the server hangs up
+        elapsed = time.monotonic() - started
+        writer.close()
+        assert text.startswith(b"HTTP/1.1 200")
+        assert 1 <= elapsed < 3
