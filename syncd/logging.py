@@ -116,6 +116,12 @@ def redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> Mu
     return event_dict
 
 
+def drop_color_message(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: drop uvicorn's ``color_message`` extra (the message again, with ANSI codes)."""
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is when a record arrives (a test runner swaps it)."""
 
@@ -156,7 +162,7 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         # Records from other libraries: their `extra=` fields are kept (and redacted by key).
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), drop_color_message],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,

@@ -7,8 +7,15 @@ in those of uvicorn, SQLAlchemy, httpx and every other standard-library logger.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,7 @@ from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
 from syncd import logging as syncd_logging
 from syncd.daemon import Daemon
+from syncd.demo import free_port
 from syncd.settings import load_config
 from tests.harness import SYNCD_URL, seed_deal, write_config
 from tests.servers import invoke
@@ -196,3 +204,49 @@ async def test_no_secret_or_fetched_token_in_any_debug_line(
     for line in lines:
         text = json.dumps(line)
         assert not [secret for secret in secrets if secret in text], text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_format", [None, "console"])
+async def test_syncd_run_logs_every_library_in_one_format(tmp_path: Path, log_format: str | None) -> None:
+    """`syncd run` writes JSON lines by default, uvicorn's included; --log-format console writes none."""
+    hub, xero = HubSpotEmulator(rate_limits=False), XeroEmulator(rate_limits=False)
+    port = free_port()
+    config = write_config(
+        tmp_path, f"sqlite:///{tmp_path / 'syncd.db'}", hub, xero, daemon_extra="poll_interval_s = 3600"
+    )
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{port}"'))
+    command = [sys.executable, "-m", "syncd", "run", "--config", str(config)]
+    command += ["--log-format", log_format] if log_format else []
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            await _ready(client, f"http://127.0.0.1:{port}", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = log.read_text().strip().splitlines()
+    assert any("Uvicorn running on" in line for line in lines), lines
+    if log_format is None:
+        parsed = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert {"uvicorn.error", "syncd.daemon"} <= {line["logger"] for line in parsed}
+        assert not [line for line in parsed if "color_message" in line]
+    else:
+        assert not any(line.startswith("{") for line in lines)
+
+
+async def _ready(client: httpx.AsyncClient, url: str, proc: subprocess.Popen[bytes]) -> None:
+    """Until ``/readyz`` answers 200 (the daemon runs its own clock, so the test polls it)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"syncd run exited with {proc.returncode}"
+        with contextlib.suppress(httpx.TransportError):
+            if (await client.get(f"{url}/readyz")).status_code == 200:
+                return
+        await asyncio.sleep(0.1)
+    raise AssertionError("syncd run did not become ready")
