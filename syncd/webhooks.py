@@ -2,7 +2,7 @@
 
 A webhook is verified (signature, age), turned into change hints, stored in the inbox
 (duplicates ignored by their vendor event id) and answered 200 at once; the work
-happens later in the engine (``docs/architecture.md``). No request, however malformed,
+happens later in the engine (``README.md``, "syncd run serves"). No request, however malformed,
 is answered 500. Answers:
 
 * 200: stored (or a valid delivery with nothing in it, e.g. Xero's intent-to-receive);
