@@ -67,6 +67,8 @@ class DaemonSettings(BaseModel):
         max_connections: concurrent connections and requests uvicorn serves before it
             answers 503 (its ``limit_concurrency``).
         keep_alive_timeout_s: seconds an idle keep-alive connection stays open.
+        request_head_timeout_s: seconds a client has to send a request line and its
+            headers; a slower connection is closed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -90,6 +92,7 @@ class DaemonSettings(BaseModel):
     webhook_body_timeout_s: float = Field(default=10, gt=0, le=300)
     max_connections: int = Field(default=100, ge=2)
     keep_alive_timeout_s: int = Field(default=5, ge=1)
+    request_head_timeout_s: float = Field(default=10, gt=0, le=300)
 
     @field_validator("timezone")
     @classmethod

@@ -304,7 +304,7 @@ def test_fuzzed_deliveries_never_get_a_500(tmp_path: Path, sqlite_url: str) -> N
 
 # -- slow clients: a real uvicorn on 127.0.0.1, raw sockets ---------------------------------
 
-SLOW = "webhook_body_timeout_s = 1\nkeep_alive_timeout_s = 1\nmax_connections = 2"
+SLOW = "webhook_body_timeout_s = 1\nkeep_alive_timeout_s = 1\nmax_connections = 2\nrequest_head_timeout_s = 1"
 
 
 class _Listening(uvicorn.Server):
@@ -365,6 +365,28 @@ async def test_a_body_trickled_byte_by_byte_is_cut_off_with_408(tmp_path: Path, 
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             metrics = (await client.get("/metrics")).text  # the served app counts its own answers
         assert 'syncd_webhooks_total{connection="hubspot",outcome="408",reason="timeout"} 1.0' in metrics
+
+
+async def test_headers_trickled_byte_by_byte_are_cut_off(tmp_path: Path, sqlite_url: str) -> None:
+    """A client sending its request line and headers a byte at a time is disconnected after request_head_timeout_s."""
+    async with stack(tmp_path, sqlite_url, daemon_extra=SLOW) as s, serving(s) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        closed = asyncio.create_task(reader.read())  # returns when the server hangs up
+        for byte in POST_HEAD[:-2]:  # never the blank line that ends the head
+            if closed.done() or time.monotonic() - started > 8:
+                break
+            with contextlib.suppress(ConnectionError):
+                writer.write(bytes([byte]))
+                await writer.drain()
+            await asyncio.wait([closed], timeout=0.2)
+        assert await asyncio.wait_for(closed, timeout=2) == b""
+        elapsed = time.monotonic() - started
+        writer.close()
+        assert 1 <= elapsed < 3
+        # Prompt requests, several on one kept-alive connection, are served as before.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert [(await client.get("/healthz")).status_code for _ in range(3)] == [200, 200, 200]
 
 
 async def test_connections_beyond_max_connections_get_503(tmp_path: Path, sqlite_url: str) -> None:
