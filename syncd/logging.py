@@ -37,8 +37,10 @@ SENSITIVE_KEY = re.compile(r"(token|secret|password|passwd|authorization|api[_-]
 # Values shorter than this are not registered: "abc" would blank every word containing it.
 MIN_SECRET_CHARS = 6
 # Tokens fetched at run time are kept for scrubbing; the oldest are forgotten past this
-# many (a 30-minute access token is dead long before 1024 later ones were issued).
-MAX_FETCHED = 1024
+# many. A forgotten one is useless by then: a Xero access token lives 30 minutes and a
+# refresh token is single-use, so 64 covers many hours of rotations per connection while
+# keeping the pattern every log string is matched against small.
+MAX_FETCHED = 64
 # A credential after an auth scheme (RFC 6750 b64token / RFC 7617 token68 alphabet).
 _SCHEME = re.compile(r"\b(Bearer|Basic)(\s+)[A-Za-z0-9._~+/\-]+=*", re.I)
 # An OAuth token-response or form field: access_token=..., "refresh_token": "...".
@@ -66,16 +68,18 @@ def register_secrets(values: Iterable[str]) -> None:
     _compile()
 
 
-def redact_value(secret: str) -> None:
-    """Never log ``secret`` from now on: call it with every token obtained at run time.
+def redact_value(*secrets: str) -> None:
+    """Never log these values from now on: call it with every token obtained at run time.
 
     An OAuth access or refresh token is not in the config, so :func:`register_secrets`
-    cannot know it; the code that fetches or refreshes a token hands it here the moment
-    it has it. Values under :data:`MIN_SECRET_CHARS` characters are ignored.
+    cannot know it; the code that fetches, refreshes or loads a token hands it here the
+    moment it has it (``redact_value(tokens["access_token"], tokens.get("refresh_token", ""))``).
+    Values under :data:`MIN_SECRET_CHARS` characters are ignored.
     """
-    if len(secret) < MIN_SECRET_CHARS or secret in _configured or secret in _fetched:
-        return
-    _fetched[secret] = None
+    for secret in secrets:
+        if len(secret) >= MIN_SECRET_CHARS and secret not in _configured:
+            _fetched.pop(secret, None)  # re-registered: now the newest
+            _fetched[secret] = None
     while len(_fetched) > MAX_FETCHED:
         del _fetched[next(iter(_fetched))]
     _compile()

@@ -42,9 +42,15 @@ def _restore_logging() -> Iterator[None]:
     saved, root = structlog.get_config(), logging.getLogger()
     handlers, level = root.handlers[:], root.level
     levels = {name: logging.getLogger(name).level for name in LOGGERS}
+    secrets = (set(syncd_logging._configured), dict(syncd_logging._fetched))
     try:
         yield
     finally:
+        syncd_logging._configured.clear()
+        syncd_logging._configured.update(secrets[0])
+        syncd_logging._fetched.clear()
+        syncd_logging._fetched.update(secrets[1])
+        syncd_logging._compile()
         structlog.configure(**saved)
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -111,8 +117,19 @@ def test_credentials_in_known_shapes_are_redacted_unregistered(capsys: pytest.Ca
 
 def test_short_values_are_not_registered() -> None:
     """A value under six characters would blank ordinary words, so it is ignored."""
-    syncd_logging.redact_value("abc")
+    syncd_logging.redact_value("abc", "")
     assert syncd_logging.scrub("abcdef") == "abcdef"
+
+
+def test_fetched_tokens_are_remembered_up_to_a_bound() -> None:
+    """The newest MAX_FETCHED tokens are scrubbed; the oldest are forgotten, configured secrets never."""
+    syncd_logging.register_secrets(["configured-secret-1"])
+    first = "fetched-token-000000"
+    syncd_logging.redact_value(first, "fetched-refresh-000000")
+    syncd_logging.redact_value(*(f"fetched-token-{n:06d}-x" for n in range(syncd_logging.MAX_FETCHED)))
+    latest = f"fetched-token-{syncd_logging.MAX_FETCHED - 1:06d}-x"
+    assert syncd_logging.scrub(f"{latest} configured-secret-1") == "*** ***"
+    assert syncd_logging.scrub(first) == first
 
 
 def test_library_lines_share_the_json_format(capsys: pytest.CaptureFixture[str]) -> None:
