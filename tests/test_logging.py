@@ -33,7 +33,7 @@ from syncd.settings import load_config
 from tests.harness import SYNCD_URL, seed_deal, write_config
 from tests.servers import invoke
 
-LOGGERS = ("httpx", "httpcore", "apscheduler", "alembic", "sqlalchemy.engine", "tests.wire")
+LOGGERS = ("httpx", "httpcore", "apscheduler", "alembic", "sqlalchemy.engine", "tests.wire", "uvicorn.error")
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +135,7 @@ def test_fetched_tokens_are_remembered_up_to_a_bound() -> None:
 def test_library_lines_share_the_json_format(capsys: pytest.CaptureFixture[str]) -> None:
     """uvicorn and SQLAlchemy lines are JSON with the same keys as syncd's own, their extras kept."""
     syncd_logging.configure("info", json=True)
+    logging.getLogger("uvicorn.error").setLevel(logging.NOTSET)  # as under `syncd run` (another test's uvicorn set it)
     structlog.get_logger("syncd.daemon").info("syncd_started", workers=4)
     logging.getLogger("uvicorn.error").info("Started server process [%d]", 42)
     logging.getLogger("sqlalchemy.engine").warning("pool overflow", extra={"pool_size": 10, "api_key": "k-1234567"})
