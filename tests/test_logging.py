@@ -28,7 +28,7 @@ from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
 from syncd import logging as syncd_logging
 from syncd.daemon import Daemon
-from syncd.demo import free_port
+from syncd.demo import free_port, serve
 from syncd.settings import load_config
 from tests.harness import SYNCD_URL, seed_deal, write_config
 from tests.servers import invoke
@@ -229,25 +229,28 @@ async def test_no_secret_or_fetched_token_in_any_debug_line(
 async def test_syncd_run_logs_every_library_in_one_format(tmp_path: Path, log_format: str | None) -> None:
     """`syncd run` writes JSON lines by default, uvicorn's included; --log-format console writes none."""
     hub, xero = HubSpotEmulator(rate_limits=False), XeroEmulator(rate_limits=False)
-    port = free_port()
+    ports = {name: free_port() for name in ("hub", "xero", "syncd")}
     config = write_config(
         tmp_path, f"sqlite:///{tmp_path / 'syncd.db'}", hub, xero, daemon_extra="poll_interval_s = 3600"
     )
-    config.write_text(config.read_text().replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{port}"'))
+    text = config.read_text().replace('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{ports["syncd"]}"')
+    text = text.replace("http://hubspot.test", f"http://127.0.0.1:{ports['hub']}")
+    config.write_text(text.replace("http://xero.test", f"http://127.0.0.1:{ports['xero']}"))
     command = [sys.executable, "-m", "syncd", "run", "--config", str(config)]
     command += ["--log-format", log_format] if log_format else []
     log = tmp_path / "daemon.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        async with httpx.AsyncClient(timeout=5) as client:
-            await _ready(client, f"http://127.0.0.1:{port}", proc)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    async with serve(hub.app, ports["hub"]), serve(xero.app, ports["xero"]):
+        with log.open("wb") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                await _ready(client, f"http://127.0.0.1:{ports['syncd']}", proc, log)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     lines = log.read_text().strip().splitlines()
     assert any("Uvicorn running on" in line for line in lines), lines
     if log_format is None:
@@ -258,11 +261,11 @@ async def test_syncd_run_logs_every_library_in_one_format(tmp_path: Path, log_fo
         assert not any(line.startswith("{") for line in lines)
 
 
-async def _ready(client: httpx.AsyncClient, url: str, proc: subprocess.Popen[bytes]) -> None:
+async def _ready(client: httpx.AsyncClient, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     """Until ``/readyz`` answers 200 (the daemon runs its own clock, so the test polls it)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"syncd run exited with {proc.returncode}"
+        assert proc.poll() is None, f"syncd run exited with {proc.returncode}: {log.read_text()[-2000:]}"
         with contextlib.suppress(httpx.TransportError):
             if (await client.get(f"{url}/readyz")).status_code == 200:
                 return
