@@ -66,16 +66,18 @@ def _load(path: Path) -> Config:
 
 
 @app.command()
-def run(config: ConfigOption = Path("config.toml")) -> None:
+def run(
+    config: ConfigOption = Path("config.toml"),
+    log_format: Annotated[syncd_logging.LogFormat, typer.Option(help="Log lines as JSON or for a console.")] = (
+        syncd_logging.LogFormat.json
+    ),
+) -> None:
     """Run the daemon: webhooks, health, metrics, poll ticks and workers (migrates first)."""
     from syncd.daemon import Daemon
 
     cfg = _load(config)
-    host, _, port = cfg.daemon.listen.rpartition(":")
     daemon = Daemon(cfg)
-    server = uvicorn.Server(
-        uvicorn.Config(daemon.app(), host=host, port=int(port), log_config=None, access_log=False, lifespan="on")
-    )
+    server = uvicorn.Server(daemon.server_config(log_format=log_format))
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal with the handler that was
     # installed before it: make that one a no-op so a drained shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

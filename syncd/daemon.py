@@ -13,6 +13,13 @@ Mapping files are reloaded while it runs: on SIGHUP, and when a file's modificat
 time, size or inode changes (looked at every ``[daemon].mapping_watch_interval_s``).
 A valid file is swapped in for the next event; a bad one leaves the running mapping in
 place and each problem is logged (:meth:`~syncd.runtime.Runtime.reload_mappings`).
+
+uvicorn is configured here (:meth:`Daemon.server_config`): it installs no logging of its
+own (its loggers go through the root handler :func:`syncd.logging.configure` sets up, in
+the same format as every other line), it answers 503 beyond ``[daemon].max_connections``,
+closes keep-alive connections idle for ``[daemon].keep_alive_timeout_s`` and connections
+whose request line and headers take longer than ``[daemon].request_head_timeout_s``; the
+app itself cuts off a webhook body slower than ``[daemon].webhook_body_timeout_s``.
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import httpx
 import structlog
+import uvicorn
 from starlette.applications import Starlette
 
+from syncd import logging as syncd_logging
 from syncd import recurring
 from syncd.engine import Engine
 from syncd.errors import AuthError, ConfigError
@@ -107,6 +116,36 @@ class Daemon:
     def app(self) -> Starlette:
         """The ASGI app, with this daemon's lifespan."""
         return create_app(self, lifespan=self.lifespan)
+
+    def server_config(
+        self, *, log_format: syncd_logging.LogFormat | None = None, lifespan: Literal["on", "off"] = "on"
+    ) -> uvicorn.Config:
+        """uvicorn's settings for this daemon, after setting up the process's logging.
+
+        Args:
+            log_format: ``json`` or ``console`` for every log line of the process (uvicorn,
+                SQLAlchemy, APScheduler, httpx and syncd's own); ``None`` leaves logging as
+                it is (tests). Setting it here mirrors ``uvicorn.Config``, which configures
+                logging when it is built.
+            lifespan: ``off`` when the caller runs :meth:`lifespan` itself (tests).
+        """
+        daemon = self.config.daemon
+        if log_format is not None:
+            syncd_logging.configure(daemon.log_level, json=log_format is syncd_logging.LogFormat.json)
+        host, _, port = daemon.listen.rpartition(":")
+        return uvicorn.Config(
+            self.app(),
+            host=host,
+            port=int(port),
+            lifespan=lifespan,
+            log_config=None,  # uvicorn's loggers propagate to syncd's root handler
+            access_log=False,
+            # uvicorn answers 503 once its open connections (the new one included) or
+            # running requests reach limit_concurrency: +1 lets max_connections be served.
+            limit_concurrency=daemon.max_connections + 1,
+            timeout_keep_alive=daemon.keep_alive_timeout_s,
+            http=head_deadline_protocol(daemon.request_head_timeout_s),
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
@@ -216,6 +255,61 @@ async def _create_crm_properties(runtime: Runtime) -> None:
                 f"then run `syncd setup hubspot --connection {name}`",
                 place=f"[connections.{name}]",
             ) from exc
+
+
+class _RequestHeadDeadline(asyncio.Protocol):
+    """Closes a connection whose request line and headers are not complete in time.
+
+    uvicorn has no such timeout: its keep-alive timer is reset by every byte received and
+    an ASGI app only runs once the headers are complete, so a client trickling its headers
+    would hold a connection as long as it liked (the analysis of
+    https://github.com/xorbitsai/inference/pull/5213). The deadline runs from the first
+    byte of each request (from the connection's start for the first) until its head is
+    parsed; the body is the app's business (``webhook_body_timeout_s``).
+    """
+
+    head_timeout_s: float = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_cycle: object = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        cycle = getattr(self, "cycle", None)
+        if self._head_timer is None and (cycle is None or cycle.response_complete):
+            self._arm()  # a new request on a kept-alive connection
+        super().data_received(data)
+        if self._head_timer is not None and getattr(self, "cycle", None) is not self._head_cycle:
+            self._disarm()  # the head is parsed: uvicorn made a new request cycle
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._head_cycle = getattr(self, "cycle", None)
+        self._head_timer = asyncio.get_running_loop().call_later(self.head_timeout_s, self._expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _expired(self) -> None:
+        self._head_timer = None
+        log.warning("request_head_timeout", timeout_s=self.head_timeout_s)
+        transport: asyncio.BaseTransport | None = getattr(self, "transport", None)
+        if transport is not None:
+            transport.close()
+
+
+def head_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with a request-head deadline."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return type("SyncdHTTPProtocol", (_RequestHeadDeadline, AutoHTTPProtocol), {"head_timeout_s": timeout_s})
 
 
 def _mapping_stamps(runtime: Runtime) -> dict[Path, tuple[int, int, int] | None]:

@@ -62,6 +62,13 @@ class DaemonSettings(BaseModel):
         shared_rate_budget: on PostgreSQL, replicas share each vendor's rate budget
             (one row per connection and bucket reserves evenly spaced request slots)
             so together they stay under the vendor's limit; ignored on SQLite.
+        webhook_body_timeout_s: seconds a client has to send a whole webhook body; a
+            slower one is answered 408 and disconnected.
+        max_connections: concurrent connections and requests uvicorn serves before it
+            answers 503 (its ``limit_concurrency``).
+        keep_alive_timeout_s: seconds an idle keep-alive connection stays open.
+        request_head_timeout_s: seconds a client has to send a request line and its
+            headers; a slower connection is closed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -82,6 +89,10 @@ class DaemonSettings(BaseModel):
     drift_check_interval_s: int = Field(default=3600, ge=0)
     mapping_watch_interval_s: int = Field(default=5, ge=0)
     shared_rate_budget: bool = True
+    webhook_body_timeout_s: float = Field(default=10, gt=0, le=300)
+    max_connections: int = Field(default=100, ge=2)
+    keep_alive_timeout_s: int = Field(default=5, ge=1)
+    request_head_timeout_s: float = Field(default=10, gt=0, le=300)
 
     @field_validator("timezone")
     @classmethod

@@ -10,6 +10,10 @@ Rules (https://developer.xero.com/documentation/webhooks/configuring-your-server
   one must fail.
 * Events are thin hints (``resourceId``, ``eventCategory``, ``eventType``,
   ``eventDateUtc``); processing re-reads the resource.
+* Every field is bounded before it is used (:class:`SignedEvent`): ids are UUIDs
+  (``format: uuid`` in the spec), the category and type are short upper-case words,
+  sequences fit the spec's int32, strings have a maximum length. A body nested too deep
+  for ``json.loads`` is malformed, like any other bad body.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 from collections.abc import Callable
 from datetime import datetime
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from connectors.xero.models import XeroWebhookEvent, XeroWebhookPayload
 from syncd.errors import AuthError, RecordError
@@ -33,6 +37,35 @@ SIGNATURE_HEADER = "x-xero-signature"
 # CREDITNOTE events exist since 2026 (xero-webhooks.yaml, ``creditNotes`` webhook).
 # Other categories (SUBSCRIPTION, …) are not this connector's business and are skipped.
 OBJECT_TYPES = {"INVOICE": "invoice", "CONTACT": "contact", "CREDITNOTE": "credit_note"}
+
+_UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+# The spec lists CONTACT/INVOICE/SUBSCRIPTION/CREDITNOTE and CREATE/UPDATE; a category
+# Xero adds later must not make every delivery fail (Xero disables a webhook that keeps
+# failing for 24 hours, see configuring-your-server above), so the shape is bounded and
+# unknown categories are skipped rather than refused.
+_WORD = r"^[A-Za-z_]{1,32}$"
+_INT32_MAX = 2_147_483_647
+
+
+class SignedEvent(XeroWebhookEvent):
+    """An event of a correctly signed delivery, every field bounded (``xero-webhooks.yaml``)."""
+
+    resource_url: str = Field(alias="resourceUrl", max_length=2048)
+    resource_id: str = Field(alias="resourceId", pattern=_UUID)
+    event_date_utc: str = Field(alias="eventDateUtc", min_length=1, max_length=40)
+    event_type: str = Field(alias="eventType", pattern=_WORD)
+    event_category: str = Field(alias="eventCategory", pattern=_WORD)
+    tenant_id: str = Field(alias="tenantId", pattern=_UUID)
+    tenant_type: str = Field(alias="tenantType", pattern=_WORD)
+
+
+class SignedPayload(XeroWebhookPayload):
+    """A correctly signed delivery body with bounded events, sequences and entropy."""
+
+    events: tuple[SignedEvent, ...]
+    first_event_sequence: int = Field(alias="firstEventSequence", ge=0, le=_INT32_MAX)
+    last_event_sequence: int = Field(alias="lastEventSequence", ge=0, le=_INT32_MAX)
+    entropy: str = Field(max_length=256)
 
 
 def sign(key: str, body: bytes) -> str:
@@ -87,29 +120,31 @@ class XeroWebhookVerifier:
             raise AuthError(f"xero webhook refused: {SIGNATURE_HEADER} does not match the body")
 
     @staticmethod
-    def _parse(body: bytes) -> XeroWebhookPayload:
+    def _parse(body: bytes) -> SignedPayload:
         try:
             data = json.loads(body)
         except ValueError as exc:
             raise RecordError("xero webhook: the body is not JSON", place="body") from exc
+        except RecursionError as exc:
+            raise RecordError("xero webhook: the body is nested too deeply to be events", place="body") from exc
         try:
-            payload = XeroWebhookPayload.model_validate(data)
+            payload = SignedPayload.model_validate(data)
             for event in payload.events:
                 event.occurred_at()
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(part) for part in first["loc"]) or "body"
             raise RecordError(f"xero webhook: field {field}: {first['msg']}", place=field) from exc
-        except ValueError as exc:
+        except (ValueError, OverflowError, OSError) as exc:  # a /Date(ms)/ past what datetime holds
             raise RecordError(f"xero webhook: field eventDateUtc: {exc}", place="events.eventDateUtc") from exc
         return payload
 
-    def _wanted(self, event: XeroWebhookEvent) -> bool:
+    def _wanted(self, event: SignedEvent) -> bool:
         if event.event_category.upper() not in OBJECT_TYPES:
             return False
         return self.tenant_id is None or event.tenant_id.lower() == self.tenant_id.lower()
 
-    def _hint(self, event: XeroWebhookEvent) -> ChangeHint:
+    def _hint(self, event: SignedEvent) -> ChangeHint:
         return ChangeHint(
             connection=self.connection,
             object_type=OBJECT_TYPES[event.event_category.upper()],
