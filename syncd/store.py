@@ -36,6 +36,7 @@ from sqlmodel import JSON, Column, Field, SQLModel
 
 from syncd.errors import ConfigError
 from syncd.interfaces import ChangeHint
+from syncd.logging import redact_value
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 ADVISORY_LOCK_ID = 7_254_001  # any constant shared by every replica
@@ -779,10 +780,12 @@ class DbTokenStore:
             raise ConfigError(
                 f"stored tokens of {self.connection!r} cannot be decrypted: wrong [daemon].encryption_key"
             ) from exc
+        _never_log(data)
         return data
 
     async def save(self, tokens: Mapping[str, Any]) -> None:
         """Encrypt and persist ``tokens`` (before the caller uses them)."""
+        _never_log(tokens)
         blob = self._cipher().encrypt(json.dumps(dict(tokens)).encode()).decode()
         row = await self.store.get(TokenRow, self.connection)
         version = (row.version + 1) if row is not None else 1
@@ -794,6 +797,11 @@ class DbTokenStore:
     def locked(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold the refresh lock for this connection, across replicas on PostgreSQL."""
         return self.store.named_lock(f"syncd-token:{self.connection}")
+
+
+def _never_log(tokens: Mapping[str, Any]) -> None:
+    """Every token read from or written to the store is scrubbed from logs from then on."""
+    redact_value(*(str(tokens.get(name) or "") for name in ("access_token", "refresh_token")))
 
 
 def _sqlite_pragmas(engine: AsyncEngine) -> None:

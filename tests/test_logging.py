@@ -98,6 +98,30 @@ def test_a_fetched_token_is_redacted_from_every_logger(capsys: pytest.CaptureFix
     assert "refused ***" in lines[2]["exception"]
 
 
+async def test_every_token_through_the_token_store_is_redacted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tokens saved to or loaded from the encrypted store are scrubbed from logs from then on (both connectors use it)."""
+    from cryptography.fernet import Fernet
+
+    from syncd.store import DbTokenStore, Store
+
+    store = Store.open(f"sqlite:///{tmp_path / 'syncd.db'}")
+    key = Fernet.generate_key().decode()
+    try:
+        await store.migrate()
+        await DbTokenStore(store, "xero", key).save({"access_token": "acc-7d1f03b9e2c4", "refresh_token": "ref-55aa01"})
+        syncd_logging._fetched.clear()
+        syncd_logging._compile()
+        assert await DbTokenStore(store, "xero", key).load()  # as a restarted replica reads them
+    finally:
+        await store.close()
+    syncd_logging.configure("info", json=True)
+    structlog.get_logger("syncd.test").info("oops", detail="acc-7d1f03b9e2c4 and ref-55aa01")
+    (line,) = json_lines(capsys.readouterr().err)
+    assert line["detail"] == "*** and ***"
+
+
 def test_credentials_in_known_shapes_are_redacted_unregistered(capsys: pytest.CaptureFixture[str]) -> None:
     """Bearer/Basic credentials and OAuth token fields are blanked even if nobody registered them."""
     syncd_logging.configure("info", json=True)
