@@ -26,7 +26,7 @@ import hashlib
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -46,12 +46,15 @@ from syncd.errors import (
     SyncdError,
 )
 from syncd.interfaces import (
+    AllocatesCredit,
     BillingEvent,
     BillingEventKind,
     Client,
     DealBillingStatus,
+    DraftKind,
     Engagement,
     EngagementType,
+    HasLockDates,
     InvoiceDraft,
     InvoiceState,
     InvoiceStatus,
@@ -79,6 +82,8 @@ log = structlog.get_logger("syncd.engine")
 CREATE_INVOICE = "create_invoice"
 WRITE_CRM_STATUS = "write_crm_status"
 VOID_INVOICE = "void_invoice"
+ALLOCATE_CREDIT = "allocate_credit"
+LOCK_DATES_TTL_S = 600  # lock dates are read at most every 10 minutes per connection (vendor quota)
 DELAYED_KINDS = frozenset({BillingEventKind.DEAL_WON, BillingEventKind.DELIVERABLE_ACCEPTED})
 BACKOFF_CAP_S = 3600
 
@@ -98,6 +103,7 @@ class Engine:
         self.store = runtime.store
         self._idle: deque[asyncio.Future[None]] = deque()
         self._pending = False
+        self._lock_dates: dict[str, tuple[datetime, date | None]] = {}
 
     def notify(self) -> None:
         """Wake one idle worker (new events or effects were stored).
@@ -163,7 +169,7 @@ class Engine:
         if row.object_type == "deal":
             handled = await self._route_deal(row)
         for pipeline in self.rt.pipelines:
-            if row.object_type == "invoice" and pipeline.invoicing_name == row.connection:
+            if row.object_type in ("invoice", "credit_note") and pipeline.invoicing_name == row.connection:
                 await self.refresh_invoice(pipeline, row.object_id)
                 handled = True
             elif row.object_type == "time_entry" and pipeline.time_tracking_name == row.connection:
@@ -713,6 +719,9 @@ class Engine:
         if row.kind == VOID_INVOICE:
             await self._void_unwon(row)
             return False
+        if row.kind == ALLOCATE_CREDIT:
+            await self._allocate_credit(row)
+            return False
         raise FatalError(f"unknown effect kind {row.kind!r}", place=f"effects.id={row.id}")
 
     async def _create_invoice(self, row: EffectRow) -> None:
@@ -727,6 +736,7 @@ class Engine:
         customer_id = await self._customer_id(row.connection, invoicing, draft.client)
         created = status is None
         if status is None:
+            draft = await self._after_lock_date(row.connection, invoicing, draft)
             status = await invoicing.create_invoice(draft, customer_id)
         elif draft.send and status.state is InvoiceState.AUTHORISED and isinstance(invoicing, SendsInvoices):
             # created by an earlier attempt that stopped before emailing it
@@ -765,6 +775,16 @@ class Engine:
             await self._queue_crm_status(
                 conn, row.payload["crm"], row.payload["crm_object_id"], f"{draft.key}:created", now
             )
+            if draft.kind is DraftKind.CREDIT_NOTE and isinstance(invoicing, AllocatesCredit):
+                await self.store.add_effect(
+                    conn,
+                    key=f"allocate:{draft.key}",
+                    kind=ALLOCATE_CREDIT,
+                    connection=row.connection,
+                    payload={"credit_key": draft.key},
+                    now=now,
+                    client_key=draft.client.key,
+                )
         if mismatch:
             log.warning("invoice_totals_mismatch", key=draft.key, invoice=status.number, detail=mismatch)
         log.info(
@@ -776,6 +796,77 @@ class Engine:
             currency=status.currency,
             seconds_since_trigger=round((now - triggered_at).total_seconds(), 3),
         )
+
+    async def _after_lock_date(self, connection: str, invoicing: Any, draft: InvoiceDraft) -> InvoiceDraft:
+        """A draft dated inside a period the ledger has locked, dated on the first open day instead.
+
+        The due date keeps its distance from the issue date, and each line says which
+        day the trigger fell on; the record keeps the trigger time. The ledger never
+        gets a document it would refuse for its date.
+        """
+        if not isinstance(invoicing, HasLockDates):
+            return draft
+        now = self.rt.clock()
+        cached = self._lock_dates.get(connection)
+        if cached is None or (now - cached[0]).total_seconds() > LOCK_DATES_TTL_S:
+            cached = (now, (await invoicing.lock_dates()).closed_until())
+            self._lock_dates[connection] = cached
+        closed = cached[1]
+        if closed is None or draft.issue_date > closed:
+            return draft
+        issue = closed + timedelta(days=1)
+        lines = tuple(
+            line.model_copy(update={"description": f"{line.description} (for {draft.issue_date.isoformat()})"})
+            for line in draft.lines
+        )
+        log.info("invoice_dated_after_lock", key=draft.key, trigger_day=str(draft.issue_date), issue_day=str(issue))
+        return draft.model_copy(
+            update={"issue_date": issue, "due_date": issue + (draft.due_date - draft.issue_date), "lines": lines}
+        )
+
+    async def _allocate_credit(self, row: EffectRow) -> None:
+        """Apply a new credit note to the invoice it credits: min(credit left, the invoice's amount due).
+
+        The invoice is the engagement's latest approved invoice with something still due.
+        Credit left over stays on the contact and is an outcome that needs attention.
+        """
+        credit = await self.store.get(InvoiceRow, row.payload["credit_key"])
+        if credit is None:
+            raise RecordError(f"credit note {row.payload['credit_key']} is not recorded", place=f"effects.id={row.id}")
+        invoicing = self.rt.connectors[row.connection]
+        invoices = await self.store.select(
+            InvoiceRow,
+            col(InvoiceRow.engagement_key) == credit.engagement_key,
+            col(InvoiceRow.kind) == "invoice",
+            col(InvoiceRow.state).in_([str(state) for state in receivables.OPEN_STATES]),
+            col(InvoiceRow.currency) == credit.currency,
+            order_by=col(InvoiceRow.created_at).desc(),
+        )
+        left = Decimal(credit.amount_due)
+        target = next((invoice for invoice in invoices if Decimal(invoice.amount_due) > 0), None)
+        if target is not None and left > 0:
+            amount = min(left, Decimal(target.amount_due))
+            done = await invoicing.allocate_credit_note(
+                credit.invoice_id, target.invoice_id, amount, f"allocate:{credit.key}:{target.invoice_id}"
+            )
+            left = done.remaining_credit
+            log.info("credit_allocated", credit_note=credit.number, invoice=target.number, amount=str(amount))
+            for document in (target, credit):
+                await self._record_status(document, await invoicing.get_invoice(document.invoice_id))
+        if left > 0:
+            await self.record_outcome(
+                key=f"attention:credit_remainder:{credit.key}",
+                kind="attention",
+                reason="credit_remainder",
+                detail=f"credit note {credit.number}: {left} {credit.currency} is not allocated to an invoice and "
+                "stays as credit on the contact; refund it or allocate it at the ledger",
+                connection=row.connection,
+                object_type="deal",
+                object_id=credit.crm_object_id,
+                engagement_key=credit.engagement_key,
+                client_key=credit.client_key,
+                billing_event_key=credit.key,
+            )
 
     def _pipeline_for(self, crm: str, invoicing: str) -> Pipeline:
         for pipeline in self.rt.pipelines:

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from connectors.hubspot.emulator import HubSpotEmulator
 from syncd.cli import app
 from syncd.interfaces import Capability
+from syncd.outcomes import list_outcomes
 from syncd.recurring import run_due
 from syncd.scheduler import tick_recurring
 from syncd.store import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, table_of
@@ -337,3 +338,41 @@ async def test_a_retainer_invoices_its_first_period_when_won_if_the_mapping_says
             ("invoice", "2026-12-20", Decimal("1000.00")),
             ("invoice", "2027-02-01", Decimal("1000.00")),
         ]
+
+
+async def test_a_cancellation_credit_is_allocated_to_the_invoice_it_credits(tmp_path: Path, db_url: str) -> None:
+    """Cancelled mid-month after November was invoiced: the credit note is applied to November's invoice, once."""
+    clock = Clock(at(date(2027, 10, 20)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
+        deal = retainer_deal(s.hub, seed_company(s.hub), start="2027-11-01", amount="1200")
+        await edit(s, clock, at(date(2027, 10, 20)), deal, {"dealstage": "closedwon"})
+        await tick(s, clock, at(date(2027, 11, 1)))
+        await edit(s, clock, at(date(2027, 11, 5)), deal, {"cancellation_date": "2027-11-20"})
+        await tick(s, clock, at(date(2027, 11, 6)))
+        await tick(s, clock, at(date(2027, 11, 7)))
+        (november,) = s.xero.invoices()
+        (credit,) = s.xero.credit_notes()
+        assert Decimal(str(credit["RemainingCredit"])) == 0
+        assert Decimal(str(november["AmountDue"])) == Decimal(str(november["Total"])) - Decimal(str(credit["Total"]))
+        props = s.hub.deal(deal)["properties"]
+        assert Decimal(props["syncd_amount_due"]) == Decimal(str(november["AmountDue"]))
+        assert await list_outcomes(s.daemon.runtime.store, kind="attention") == []
+
+
+async def test_a_trigger_in_a_locked_period_is_invoiced_on_the_first_open_day(tmp_path: Path, db_url: str) -> None:
+    """Xero's ledger locked to Nov 30: a Nov 1 invoice that reaches Xero late is dated Dec 1 and says which day it was for."""
+    clock = Clock(at(date(2027, 10, 20)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
+        deal = retainer_deal(s.hub, seed_company(s.hub), start="2027-11-01", amount="1200")
+        await edit(s, clock, at(date(2027, 10, 20)), deal, {"dealstage": "closedwon"})
+        clock.now = at(date(2027, 11, 1))
+        assert await tick_recurring(s.daemon.runtime, functools.partial(run_due, s.daemon.engine))
+        # the invoice is queued on Nov 1; Xero is not reached until Dec 3, after November was locked
+        s.xero.set_lock_dates(period=date(2027, 11, 30))
+        clock.now = at(date(2027, 12, 3))
+        await s.drain()
+        (invoice,) = s.xero.invoices()
+        assert invoice["DateString"][:10] == "2027-12-01"
+        assert invoice["DueDateString"][:10] == "2027-12-15"  # 14 days, the client's terms
+        assert all("(for 2027-11-01)" in line["Description"] for line in invoice["LineItems"])
+        assert not await s.daemon.runtime.store.select(DeadLetterRow)
