@@ -35,7 +35,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col
 
-from syncd import billing, hours, receivables, recurring
+from syncd import billing, hours, receivables, recurring, selectors
 from syncd.errors import (
     AuthError,
     FatalError,
@@ -204,15 +204,10 @@ class Engine:
             log.info("deal_gone", connection=row.connection, deal_id=row.object_id)
             return True
         await self._remember(record, self.rt.clock())
-        taking = [p for p in candidates if p.mapping.selects(record)]
-        if len(taking) > 1:
-            places = " and ".join(p.mapping.rules.when_place for p in taking)
-            raise MappingError(
-                f"deal {row.object_id} matches more than one pipeline ({places}); make their `when` filters disjoint",
-                place=places,
-            )
-        if taking:
-            await self.process_deal(taking[0], row.object_id, record=record)
+        chosen = selectors.choose([p.mapping for p in candidates], record)
+        if chosen is not None:
+            pipeline = next(p for p in candidates if p.mapping is chosen)
+            await self.process_deal(pipeline, row.object_id, record=record)
         elif any(self._won_in(p, record) for p in candidates):
             await self.record_outcome(
                 key=f"skip:no_pipeline:{record.connection}:{record.object_id}:{record.version}",

@@ -118,8 +118,8 @@ async def test_a_deal_two_pipelines_take_is_dead_lettered_naming_both(tmp_path: 
         await s.drain()
         assert s.xero.invoices() == []
         (letter,) = await s.daemon.runtime.store.select(DeadLetterRow)
-        assert "more than one pipeline" in letter.reason
-        assert (letter.place or "").count("hubspot-xero.toml:") == 2
+        assert "is taken by 2 pipelines" in letter.reason
+        assert letter.reason.count("hubspot-xero.toml:") == 2
 
 
 async def test_a_client_outside_the_pilot_is_recorded_as_simulated(tmp_path: Path, db_url: str) -> None:
