@@ -72,6 +72,7 @@ from syncd.store import (
     EngagementRow,
     EventRow,
     InvoiceRow,
+    OutcomeRow,
     SourceRecordRow,
     decimal_text,
     table_of,
@@ -476,6 +477,9 @@ class Engine:
         draft = billing.with_ledger_codes(
             draft, pipeline.mapping.ledger, known=billing.known_codes(self.rt.extra, pipeline.invoicing_name)
         )
+        if pipeline.mapping.invoice.require_po and not draft.reference and draft.kind is DraftKind.INVOICE:
+            await self._hold_for_po(pipeline, event, draft, crm_object_id)
+            return None
         now = self.rt.clock()
         live = self.rt.pilot_allows(draft.client.key)
         row = BillingEventRow(
@@ -514,11 +518,43 @@ class Engine:
                 await on_recorded(conn)
             if not live:
                 await self._record_simulated(conn, event, draft.client.key)
+            await self._resolve(conn, f"attention:missing_po:{event.key}", "the PO number arrived", now)
         log.info(
             "billing_event_recorded", key=event.key, kind=str(event.kind), engagement=event.engagement_key, live=live
         )
         self.notify()
         return str(event.key)
+
+    async def _hold_for_po(self, pipeline: Pipeline, event: BillingEvent, draft: InvoiceDraft, deal_id: str) -> None:
+        """No invoice without the PO number the mapping requires: held, needing attention.
+
+        Nothing is recorded for the event, so it is invoiced as soon as the deal (or the
+        client) has a PO number and the deal is processed again or the hourly tick runs.
+        """
+        await self.record_outcome(
+            key=f"attention:missing_po:{event.key}",
+            kind="attention",
+            reason="missing_po",
+            detail=f"{event.kind} {event.occurrence} of {draft.client.legal_name}: the mapping requires a PO "
+            "number ([invoice].require_po) and the deal and client have none; the invoice is held until one is set",
+            place=f"{pipeline.mapping.path} [invoice].require_po",
+            connection=pipeline.crm_name,
+            object_type="deal",
+            object_id=deal_id,
+            engagement_key=event.engagement_key,
+            client_key=draft.client.key,
+            billing_event_key=event.key,
+            trigger_at=event.occurred_at,
+        )
+
+    async def _resolve(self, conn: AsyncConnection, key: str, why: str, now: datetime) -> None:
+        """Close an open outcome that the engine itself settled (e.g. a held invoice that went out)."""
+        table = table_of(OutcomeRow)
+        await conn.execute(
+            sa.update(table)
+            .where(table.c.key == key, table.c.status == "open")
+            .values(status="resolved", resolved_at=now, detail=table.c.detail + f" — resolved: {why}")
+        )
 
     async def _remember(self, record: SourceRecord, now: datetime) -> None:
         await self.store.upsert(

@@ -123,11 +123,14 @@ class InvoiceOptions(Model):
         send: email each invoice to the billing contact after creating it.
         line_amount_types: whether line unit prices exclude tax, include it, or have none
             (Xero's ``LineAmountTypes`` values).
+        require_po: an invoice without a PO number is not sent: it is held as an
+            outcome that needs attention until the deal or the client has one.
     """
 
     status: Literal["draft", "authorised"] = "authorised"
     send: bool = False
     line_amount_types: Literal["Exclusive", "Inclusive", "NoTax"] = "Exclusive"
+    require_po: bool = False
 
 
 class LedgerTable(Model):

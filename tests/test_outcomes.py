@@ -304,3 +304,25 @@ async def test_the_pilot_list_reloads_without_a_restart(tmp_path: Path, db_url: 
         assert len(s.xero.invoices()) == 1  # the new deal only: the simulated one stays simulated
         kinds = sorted(o.kind for o in await list_outcomes(s.daemon.runtime.store))
         assert kinds == ["simulated"]
+
+
+async def test_an_invoice_without_a_required_po_is_held_until_the_po_arrives(tmp_path: Path, db_url: str) -> None:
+    """require_po: no PO, no invoice but an outcome that needs attention; the PO set on the deal releases it."""
+    strict = tmp_path / "require-po.toml"
+    strict.write_text(
+        MAPPING.read_text(encoding="utf-8").replace("# require_po = true", "require_po = true"), encoding="utf-8"
+    )
+    async with stack(tmp_path, db_url, mapping=strict) as s:
+        deal = seed_deal(s.hub, po="")
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        await s.hub.set_deal_properties(deal, {"dealname": "Website rebuild, v2"})
+        await s.drain()
+        assert s.xero.invoices() == []
+        (held,) = await list_outcomes(s.daemon.runtime.store, kind="attention")
+        assert (held.reason, held.object_id) == ("missing_po", deal)
+        await s.hub.set_deal_properties(deal, {"po_number": "PO-9001"})
+        await s.drain()
+        (invoice,) = s.xero.invoices()
+        assert invoice["Reference"].startswith("PO-9001")
+        assert await list_outcomes(s.daemon.runtime.store, kind="attention") == []
