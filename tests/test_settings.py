@@ -31,15 +31,15 @@ client_secret = "shh-very-secret"
 
 
 def test_check_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
-    """An unknown key, a missing secret and a malformed URL are each named by file and key."""
+    """An unknown key, a missing secret and a malformed URL are each named by file, line and key."""
     path = tmp_path / "config.toml"
     path.write_text(BAD)
     result = CliRunner().invoke(app, ["check", "--config", str(path)])
     assert result.exit_code != 0
     out = result.output
-    assert f"{path} [daemon].colour: unknown key" in out
-    assert f"{path} [connections.hubspot].token: environment variable SYNCD_TEST_MISSING_TOKEN is not set" in out
-    assert f"{path} [connections.xero].token_url: not an http(s) URL" in out
+    assert f"{path}:4 [daemon].colour: unknown key" in out
+    assert f"{path}:9 [connections.hubspot].token: environment variable SYNCD_TEST_MISSING_TOKEN is not set" in out
+    assert f"{path}:14 [connections.xero].token_url: not an http(s) URL" in out
     assert "shh-very-secret" not in out
 
 
