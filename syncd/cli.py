@@ -33,7 +33,7 @@ from typer.core import TyperGroup
 
 from syncd import logging as syncd_logging
 from syncd.errors import AuthError, ConfigError, MappingError, RetriableError, SyncdError
-from syncd.settings import Config, inspect_config, load_config, redact_url
+from syncd.settings import Config, Connection, inspect_config, load_config, redact_url
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -266,6 +266,8 @@ async def _check(path: Path, scratch: Path) -> _Checked:
             checked.problems += exc.problems
         else:
             pipelines.append(pipeline)
+    connections = _buildable(config, checked)
+    pipelines = [p for p in pipelines if {p.crm, p.invoicing, p.time_tracking} - {None} <= connections.keys()]
     ready = await _database_ready(config.daemon.database_url, checked)
     # Unless the database is there and migrated, the connectors are checked with a
     # throw-away store in ``scratch``: nothing is created where the config points.
@@ -273,7 +275,9 @@ async def _check(path: Path, scratch: Path) -> _Checked:
     daemon = config.daemon if ready else config.daemon.model_copy(update={"database_url": throwaway})
     settings = config.settings.model_copy(update={"daemon": daemon, "pipelines": tuple(pipelines)})
     try:
-        runtime = await Runtime.start(dataclasses.replace(config, settings=settings), migrate=not ready)
+        runtime = await Runtime.start(
+            dataclasses.replace(config, settings=settings, connections=connections), migrate=not ready
+        )
     except (ConfigError, MappingError) as exc:
         checked.problems += exc.problems
         return checked
@@ -295,6 +299,22 @@ async def _check(path: Path, scratch: Path) -> _Checked:
     finally:
         await runtime.aclose()
     return checked
+
+
+def _buildable(config: Config, checked: _Checked) -> dict[str, Connection]:
+    """The connections whose webhook verifier can be built (a missing signing secret is a problem)."""
+    from syncd.runtime import utcnow
+
+    found: dict[str, Connection] = {}
+    for name, connection in config.connections.items():
+        try:
+            if connection.spec.verifier is not None:
+                connection.spec.verifier(connection.settings, utcnow)
+        except ConfigError as exc:
+            checked.problems.append(f"{config.path} {exc}")
+        else:
+            found[name] = connection
+    return found
 
 
 def _sqlite_file_there(url: str, checked: _Checked) -> bool:
