@@ -342,3 +342,34 @@ async def _store_a_valid_xero_token(url: str, key: str, token_url: str, xero: Xe
         )
     finally:
         await store.close()
+
+
+def test_check_asks_hubspot_for_a_token_with_the_configured_oauth_secret(tmp_path: Path) -> None:
+    """A wrong HubSpot OAuth client secret is reported even while a stored access token still works."""
+    hub = HubSpotEmulator(rate_limits=False)
+    key = Fernet.generate_key().decode()
+    db = tmp_path / "s.db"
+    with serve_in_thread(hub.app) as hub_url:
+        path = tmp_path / "config.toml"
+        text = f"""
+[daemon]
+database_url = "sqlite:///{db}"
+encryption_key = "{key}"
+
+[connections.hubspot]
+connector = "hubspot"
+base_url = "{hub_url}"
+token_url = "{hub_url}/oauth/v3/token"
+client_id = "{hub.client_id}"
+client_secret = "{hub.client_secret}"
+refresh_token = "{hub.refresh_token}"
+"""
+        path.write_text(text)
+        assert invoke("db", "upgrade", "--config", str(path)).exit_code == 0
+        fine = invoke("check", "--config", str(path))  # refreshes and stores a valid access token
+        assert fine.exit_code == 0, fine.output
+        path.write_text(text.replace(f'client_secret = "{hub.client_secret}"', 'client_secret = "wrong-secret"'))
+        result = invoke("check", "--config", str(path))
+    assert result.exit_code == 1, result.output
+    assert "[connections.hubspot]: hubspot: hubspot: token refresh rejected (400" in result.output
+    assert "wrong-secret" not in result.output
