@@ -33,7 +33,7 @@ from typer.core import TyperGroup
 
 from syncd import logging as syncd_logging
 from syncd.errors import AuthError, ConfigError, MappingError, RetriableError, SyncdError
-from syncd.settings import Config, Connection, inspect_config, load_config, redact_url
+from syncd.settings import Config, Connection, Inspection, inspect_config, load_config, redact_url
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -266,9 +266,9 @@ async def _check(path: Path, scratch: Path) -> _Checked:
             checked.problems += exc.problems
         else:
             pipelines.append(pipeline)
-    connections = _buildable(config, checked)
+    connections = _buildable(found, checked)
     pipelines = [p for p in pipelines if {p.crm, p.invoicing, p.time_tracking} - {None} <= connections.keys()]
-    ready = await _database_ready(config.daemon.database_url, checked)
+    ready = await _database_ready(config.daemon.database_url, found.place("daemon", "database_url"), checked)
     # Unless the database is there and migrated, the connectors are checked with a
     # throw-away store in ``scratch``: nothing is created where the config points.
     throwaway = f"sqlite:///{scratch / 'check.db'}"
@@ -285,9 +285,9 @@ async def _check(path: Path, scratch: Path) -> _Checked:
         failed: set[str] = set()
         for name, connector in runtime.connectors.items():
             try:
-                problems = [f"[connections.{name}]: {p}" for p in await connector.check()]
+                problems = [f"{found.place('connections', name)}: {p}" for p in await connector.check()]
             except SyncdError as exc:
-                problems = [f"[connections.{name}]: {exc}"]
+                problems = [f"{found.place('connections', name)}: {exc}"]
             checked.problems += problems
             if problems:
                 failed.add(name)
@@ -301,30 +301,30 @@ async def _check(path: Path, scratch: Path) -> _Checked:
     return checked
 
 
-def _buildable(config: Config, checked: _Checked) -> dict[str, Connection]:
+def _buildable(found: Inspection, checked: _Checked) -> dict[str, Connection]:
     """The connections whose webhook verifier can be built (a missing signing secret is a problem)."""
     from syncd.runtime import utcnow
 
-    found: dict[str, Connection] = {}
-    for name, connection in config.connections.items():
+    buildable: dict[str, Connection] = {}
+    for name, connection in found.config.connections.items():
         try:
             if connection.spec.verifier is not None:
                 connection.spec.verifier(connection.settings, utcnow)
         except ConfigError as exc:
-            checked.problems.append(f"{config.path} {exc}")
+            checked.problems.append(f"{found.place('connections', name)}: {exc.message}")
         else:
-            found[name] = connection
-    return found
+            buildable[name] = connection
+    return buildable
 
 
-def _sqlite_file_there(url: str, checked: _Checked) -> bool:
+def _sqlite_file_there(url: str, place: str, checked: _Checked) -> bool:
     """False, with a note or problem, when the SQLite file of ``url`` does not exist (yet)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return True
     file = Path(parsed.database or "")
     if not file.parent.is_dir():
-        checked.problems.append(f"[daemon].database_url: the folder {file.parent} does not exist")
+        checked.problems.append(f"{place}: the folder {file.parent} does not exist")
         return False
     if not file.exists():
         checked.notes.append(f"database {file} does not exist yet: {_MIGRATE}")
@@ -332,7 +332,7 @@ def _sqlite_file_there(url: str, checked: _Checked) -> bool:
     return True
 
 
-async def _database_ready(url: str, checked: _Checked) -> bool:
+async def _database_ready(url: str, place: str, checked: _Checked) -> bool:
     """Whether the database is reachable and migrated; else a note or problem says what to do.
 
     Creates nothing: a SQLite file that does not exist is not opened.
@@ -342,7 +342,7 @@ async def _database_ready(url: str, checked: _Checked) -> bool:
     from syncd.store import Store
 
     shown = redact_url(url)
-    if not _sqlite_file_there(url, checked):
+    if not _sqlite_file_there(url, place, checked):
         return False
     store = Store.open(url)
     try:
@@ -350,7 +350,7 @@ async def _database_ready(url: str, checked: _Checked) -> bool:
             ready = await conn.run_sync(lambda sync: sa.inspect(sync).has_table("meta"))
     except sa_exc.SQLAlchemyError as exc:
         line, _ = _database_problem(exc)
-        checked.problems.append(f"[daemon].database_url {shown}: {line}")
+        checked.problems.append(f"{place}: {line} ({shown})")
         checked.unreachable = True
         return False
     finally:

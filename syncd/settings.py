@@ -29,7 +29,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cryptography.fernet import Fernet
@@ -271,10 +271,19 @@ class Inspection:
         config: the valid part of the configuration: connections and pipelines with a
             problem are left out, a ``[daemon]`` key with a problem keeps its default.
         problems: every problem, in file order, each ``file:line [table].key: message``.
+        where: the config file as named by the caller (the start of each problem).
+        lines: the line of each table and key in the file.
     """
 
     config: Config
     problems: list[str]
+    where: str
+    lines: Mapping[KeyPath, int]
+
+    def place(self, *loc: str | int) -> str:
+        """``config.toml:40 [connections.xero]``: where a table or key is, for a later problem."""
+        line = self.lines.get(loc)
+        return f"{self.where}:{line} {_loc(loc)}" if line else f"{self.where} {_loc(loc)}"
 
 
 def check_url(value: str) -> str:
@@ -294,9 +303,12 @@ def redact_url(value: str) -> str:
     parts = _split_url(value)
     if parts is None:
         return "<not a URL>"
+    head = f"{parts.scheme}:" if parts.scheme else ""
+    if value[len(head) :].startswith("//"):
+        head += "//"  # kept as written: sqlite:////abs/path has an empty host
     _user, at, host = parts.netloc.rpartition("@")
     netloc = f"***@{host}" if at else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", "***" if parts.fragment else ""))
+    return head + netloc + parts.path + ("?***" if parts.query else "") + ("#***" if parts.fragment else "")
 
 
 def _split_url(value: str) -> SplitResult | None:
@@ -371,7 +383,8 @@ def inspect_config(path: Path, environ: Mapping[str, str] | None = None) -> Insp
         found = _TOML_AT.search(str(exc))
         line = f":{found.group(1)}" if found else ""
         raise ConfigError(f"{where}{line}: not valid TOML: {_TOML_AT.sub('', str(exc))}") from None
-    reader = _Reader(where=where, folder=path.absolute().parent, lines=_key_lines(text), env=environ or os.environ)
+    env = os.environ if environ is None else environ
+    reader = _Reader(where=where, folder=path.absolute().parent, lines=_key_lines(text), env=env)
     settings = reader.settings(_merge(raw, EnvSettingsSource(Settings)()))
     connections: dict[str, Connection] = {}
     for name, table in settings.connections.items():
@@ -384,7 +397,7 @@ def inspect_config(path: Path, environ: Mapping[str, str] | None = None) -> Insp
     )
     settings = settings.model_copy(update={"daemon": daemon, "pipelines": pipelines})
     config = Config(path=path.absolute(), settings=settings, connections=connections)
-    return Inspection(config=config, problems=reader.finish())
+    return Inspection(config=config, problems=reader.finish(), where=where, lines=reader.lines)
 
 
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
@@ -595,7 +608,7 @@ class _Reader:
         resolved, failed = self.resolve(table, loc, fields)
         bad_url = False
         for key, value in resolved.items():
-            if key.endswith("url") and isinstance(value, str):
+            if key.endswith(("url", "uri")) and isinstance(value, str):
                 try:
                     check_url(value)
                 except ValueError as exc:

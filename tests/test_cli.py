@@ -319,8 +319,8 @@ mapping = "broken.toml"
     assert f'{path}:5 [daemon].workerz: unknown key (did you mean "workers"?)' in out
     assert f"{mapping}:" in out
     assert "nmae" in out
-    assert f"{path} [connections.hubspot].webhook_secret: webhook_secret is not set" in out
-    assert "[connections.xero]: xero: token endpoint refused client_credentials (invalid_client)" in out
+    assert f"{path}:7 [connections.hubspot]: webhook_secret is not set" in out
+    assert f"{path}:12 [connections.xero]: xero: token endpoint refused client_credentials (invalid_client)" in out
     assert "wrong-secret" not in out
 
 
@@ -371,5 +371,5 @@ refresh_token = "{hub.refresh_token}"
         path.write_text(text.replace(f'client_secret = "{hub.client_secret}"', 'client_secret = "wrong-secret"'))
         result = invoke("check", "--config", str(path))
     assert result.exit_code == 1, result.output
-    assert "[connections.hubspot]: hubspot: hubspot: token refresh rejected (400" in result.output
+    assert f"{path}:6 [connections.hubspot]: hubspot: hubspot: token refresh rejected (400" in result.output
     assert "wrong-secret" not in result.output
