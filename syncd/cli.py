@@ -220,8 +220,9 @@ def check(config: ConfigOption = Path("config.toml")) -> None:
     are checked with a fresh token request where the connection has a token endpoint.
     The drift guard checks every mapping against the vendors' live schemas: each CRM
     property it reads exists, each account code, tax type and currency it can produce
-    exists at the invoicing tool. Safe beside a running daemon: it rotates no token and
-    writes nothing; on a database not created yet it creates nothing and says so.
+    exists at the invoicing tool. Safe beside a running daemon: it spends no single-use
+    refresh token (an access token it fetched for the drift guard may be stored, as the
+    daemon would); on a database not created yet it creates nothing and says so.
     Exit 0 when all is fine, 1 when problems were found, 3 when the database could not
     be reached.
     """
