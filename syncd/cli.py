@@ -196,7 +196,7 @@ def run(
     if not server.started:
         if daemon.refusal:
             _problem(daemon.refusal)
-        raise typer.Exit(EXIT_USAGE if daemon.refusal else EXIT_PROBLEMS)
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 async def _prepare(config: Config) -> None:

