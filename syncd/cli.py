@@ -1,27 +1,118 @@
 """The ``syncd`` command line: run, check, status, db, setup, auth, dead letters, demo,
-simulate, unbilled, backfill, preview."""
+simulate, unbilled, backfill, preview.
+
+A problem of the user's (a bad config or mapping, an unreachable database or vendor,
+rejected credentials, an unknown id, a missing file) never shows a Python traceback: the
+command group (:class:`_Commands`) translates it, for every command at once, into one
+line per problem on stderr and an exit code (:data:`EXIT_CODES`, listed in
+``syncd --help`` and in the README). ``syncd --debug COMMAND`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
+import tempfile
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 import uvicorn
 from cryptography.fernet import Fernet
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from typer._click.core import Context as ClickContext  # the type TyperGroup.invoke takes (typer vendors click)
+from typer.core import TyperGroup
 
 from syncd import logging as syncd_logging
-from syncd.errors import AuthError, ConfigError, MappingError, SyncdError
-from syncd.settings import Config, load_config
+from syncd.errors import AuthError, ConfigError, MappingError, RetriableError, SyncdError
+from syncd.settings import Config, Connection, Inspection, inspect_config, load_config, redact_url
 
-app = typer.Typer(help="syncd: deal signed → invoice sent → cash collected.", no_args_is_help=True)
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+_MIGRATE = "run `syncd db upgrade` (or `syncd run`, which migrates first)"
+EXIT_CODES = (
+    "Exit codes: 0 ok; 1 problems found (`check`) or the work failed (a record, an unknown id); "
+    "2 usage or configuration error (bad option, config, mapping, credentials, missing file); "
+    "3 the database or a vendor could not be reached (try again later)."
+)
+
+
+def _database_problem(exc: sa_exc.SQLAlchemyError) -> tuple[str, int]:
+    """One line for a database error: the driver's first line, never the SQL or its parameters."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    if "no such table" in reason or ("relation" in reason and "does not exist" in reason):
+        return f"the database has no syncd tables yet: {_MIGRATE}", EXIT_USAGE
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return f"database unreachable: {reason}", EXIT_UNREACHABLE
+    return f"database error: {reason}", EXIT_USAGE
+
+
+def _explain(exc: Exception) -> tuple[list[str], int]:
+    """The lines to print and the exit code for an error of the user's."""
+    if isinstance(exc, ConfigError | MappingError):
+        return list(exc.problems), EXIT_USAGE
+    if isinstance(exc, RetriableError):
+        return [str(exc)], EXIT_UNREACHABLE
+    if isinstance(exc, AuthError):
+        return [str(exc)], EXIT_USAGE
+    if isinstance(exc, SyncdError):
+        return [str(exc)], EXIT_PROBLEMS
+    if isinstance(exc, sa_exc.SQLAlchemyError):
+        line, code = _database_problem(exc)
+        return [line], code
+    if isinstance(exc, httpx.HTTPError):
+        return [f"{_request_url(exc)} could not be reached: {type(exc).__name__}"], EXIT_UNREACHABLE
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return [f"could not connect: {exc.strerror or type(exc).__name__}"], EXIT_UNREACHABLE
+    if isinstance(exc, OSError):
+        name = f"{exc.filename}: " if exc.filename else ""
+        return [f"{name}{exc.strerror or exc}"], EXIT_USAGE
+    raise TypeError(f"not a user's error: {type(exc).__name__}") from exc
+
+
+def _request_url(exc: httpx.HTTPError) -> str:
+    try:
+        return redact_url(str(exc.request.url))
+    except RuntimeError:  # httpx raises it when the error has no request
+        return "a vendor"
+
+
+# What a user can cause; anything else is a bug in syncd and keeps its traceback.
+_USER_ERRORS = (SyncdError, sa_exc.SQLAlchemyError, httpx.HTTPError, OSError)
+
+
+class _Commands(TyperGroup):
+    """syncd's command group: a user's error is one line per problem and an exit code."""
+
+    def invoke(self, ctx: ClickContext) -> Any:
+        """Run the command; translate a user's error unless ``--debug`` was given."""
+        try:
+            return super().invoke(ctx)
+        except _USER_ERRORS as exc:
+            if ctx.params.get("debug"):
+                raise
+            lines, code = _explain(exc)
+            for line in lines:
+                _problem(line)
+            raise typer.Exit(code) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    help="syncd: deal signed → invoice sent → cash collected.",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 setup_app = typer.Typer(help="One-time set-up at a vendor.", no_args_is_help=True)
 auth_app = typer.Typer(help="Connect an OAuth2 account.", no_args_is_help=True)
@@ -48,18 +139,21 @@ err = Console(stderr=True)
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML config file.", envvar="SYNCD_CONFIG")]
 
 
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="On an error, show the Python traceback too.")] = False,
+) -> None:
+    """Global options (read by :class:`_Commands`)."""
+
+
 def _problem(text: str) -> None:
     """Print one problem line as is: no markup (``[daemon]`` is a TOML table, not a style), no wrapping."""
     err.print("✗", text, style="red", markup=False, highlight=False, soft_wrap=True)
 
 
 def _load(path: Path) -> Config:
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            _problem(problem)
-        raise typer.Exit(2) from None
+    """The validated config; a :class:`ConfigError` reaches :class:`_Commands` (exit 2)."""
+    config = load_config(path)
     syncd_logging.register_secrets(config.secrets())
     syncd_logging.configure(config.daemon.log_level)
     return config
@@ -76,6 +170,9 @@ def run(
     from syncd.daemon import Daemon
 
     cfg = _load(config)
+    # Migrate and read the mappings before uvicorn: a database or mapping problem is then
+    # one line and exit code here, not a failed lifespan with a traceback in the log.
+    asyncio.run(_prepare(cfg))
     daemon = Daemon(cfg)
     server = uvicorn.Server(daemon.server_config(log_format=log_format))
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal with the handler that was
@@ -99,59 +196,169 @@ def run(
     if not server.started:
         if daemon.refusal:
             _problem(daemon.refusal)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+async def _prepare(config: Config) -> None:
+    from syncd.mapping import load_mapping
+    from syncd.store import Store
+
+    for pipeline in config.settings.pipelines:
+        load_mapping(config.mapping_path(pipeline))
+    store = Store.open(config.daemon.database_url)
+    try:
+        await store.migrate()
+    finally:
+        await store.close()
 
 
 @app.command()
 def check(config: ConfigOption = Path("config.toml")) -> None:
     """Validate the config and mappings, check each connection's credentials, and the drift guard.
 
+    Every problem is reported in one run, each with its file, line and key. Credentials
+    are checked with a fresh token request where the connection has a token endpoint.
     The drift guard checks every mapping against the vendors' live schemas: each CRM
     property it reads exists, each account code, tax type and currency it can produce
-    exists at the invoicing tool. Safe beside a running daemon: it rotates no token and
-    writes nothing.
+    exists at the invoicing tool. Safe beside a running daemon: it spends no single-use
+    refresh token (an access token it fetched for the drift guard may be stored, as the
+    daemon would); on a database not created yet it creates nothing and says so.
+    Exit 0 when all is fine, 1 when problems were found, 3 when the database could not
+    be reached.
     """
-    problems = asyncio.run(_check(config))
-    for problem in problems:
+    with tempfile.TemporaryDirectory(prefix="syncd-check-") as scratch:
+        checked = asyncio.run(_check(config, Path(scratch)))
+    for note in checked.notes:
+        err.print("!", note, style="yellow", markup=False, highlight=False, soft_wrap=True)
+    for problem in checked.problems:
         _problem(problem)
-    if problems:
-        raise typer.Exit(1)
+    if checked.problems:
+        raise typer.Exit(EXIT_UNREACHABLE if checked.unreachable else EXIT_PROBLEMS)
     console.print("[green]✓[/green] config, mappings and connections are fine")
 
 
-async def _check(path: Path) -> list[str]:
+@dataclasses.dataclass(kw_only=True)
+class _Checked:
+    """What ``syncd check`` found."""
+
+    problems: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    unreachable: bool = False
+
+
+async def _check(path: Path, scratch: Path) -> _Checked:
     from syncd.drift import check_pipelines
+    from syncd.mapping import load_mapping
     from syncd.runtime import Runtime
     from syncd.selectors import stored_overlaps
 
     try:
-        config = load_config(path)
+        found = inspect_config(path)
     except ConfigError as exc:
-        return list(exc.problems)
+        return _Checked(problems=list(exc.problems))
+    checked = _Checked(problems=list(found.problems))
+    config = found.config
     syncd_logging.configure(config.daemon.log_level)
+    pipelines = []
+    for pipeline in config.settings.pipelines:
+        try:
+            load_mapping(config.mapping_path(pipeline))
+        except MappingError as exc:
+            checked.problems += exc.problems
+        else:
+            pipelines.append(pipeline)
+    connections = _buildable(found, checked)
+    pipelines = [p for p in pipelines if {p.crm, p.invoicing, p.time_tracking} - {None} <= connections.keys()]
+    ready = await _database_ready(config.daemon.database_url, found.place("daemon", "database_url"), checked)
+    # Unless the database is there and migrated, the connectors are checked with a
+    # throw-away store in ``scratch``: nothing is created where the config points.
+    throwaway = f"sqlite:///{scratch / 'check.db'}"
+    daemon = config.daemon if ready else config.daemon.model_copy(update={"database_url": throwaway})
+    settings = config.settings.model_copy(update={"daemon": daemon, "pipelines": tuple(pipelines)})
     try:
-        runtime = await Runtime.start(config, migrate=False)
+        runtime = await Runtime.start(
+            dataclasses.replace(config, settings=settings, connections=connections), migrate=not ready
+        )
     except (ConfigError, MappingError) as exc:
-        return list(exc.problems)
-    problems: list[str] = []
+        checked.problems += exc.problems
+        return checked
     try:
         failed: set[str] = set()
         for name, connector in runtime.connectors.items():
             try:
-                found = [f"[connections.{name}]: {p}" for p in await connector.check()]
+                problems = [f"{found.place('connections', name)}: {p}" for p in await connector.check()]
             except SyncdError as exc:
-                found = [f"[connections.{name}]: {exc}"]
-            problems += found
-            if found:
+                problems = [f"{found.place('connections', name)}: {exc}"]
+            checked.problems += problems
+            if problems:
                 failed.add(name)
         # A connection whose credentials failed is not asked again (nor its token refreshed).
-        problems += [str(problem) for problem in await check_pipelines(runtime, skip=failed)]
+        checked.problems += [str(problem) for problem in await check_pipelines(runtime, skip=failed)]
         # Pipelines on one CRM must take disjoint deals (syncd/selectors.py).
         # (A possible overlap no stored deal hits is logged as a warning, not a problem.)
-        problems += [str(overlap) for overlap in await stored_overlaps(runtime) if overlap.records]
+        checked.problems += [str(overlap) for overlap in await stored_overlaps(runtime) if overlap.records]
     finally:
         await runtime.aclose()
-    return problems
+    return checked
+
+
+def _buildable(found: Inspection, checked: _Checked) -> dict[str, Connection]:
+    """The connections whose webhook verifier can be built (a missing signing secret is a problem)."""
+    from syncd.runtime import utcnow
+
+    buildable: dict[str, Connection] = {}
+    for name, connection in found.config.connections.items():
+        try:
+            if connection.spec.verifier is not None:
+                connection.spec.verifier(connection.settings, utcnow)
+        except ConfigError as exc:
+            checked.problems.append(f"{found.place('connections', name)}: {exc.message}")
+        else:
+            buildable[name] = connection
+    return buildable
+
+
+def _sqlite_file_there(url: str, place: str, checked: _Checked) -> bool:
+    """False, with a note or problem, when the SQLite file of ``url`` does not exist (yet)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return True
+    file = Path(parsed.database or "")
+    if not file.parent.is_dir():
+        checked.problems.append(f"{place}: the folder {file.parent} does not exist")
+        return False
+    if not file.exists():
+        checked.notes.append(f"database {file} does not exist yet: {_MIGRATE}")
+        return False
+    return True
+
+
+async def _database_ready(url: str, place: str, checked: _Checked) -> bool:
+    """Whether the database is reachable and migrated; else a note or problem says what to do.
+
+    Creates nothing: a SQLite file that does not exist is not opened.
+    """
+    import sqlalchemy as sa
+
+    from syncd.store import Store
+
+    shown = redact_url(url)
+    if not _sqlite_file_there(url, place, checked):
+        return False
+    store = Store.open(url)
+    try:
+        async with store.engine.connect() as conn:
+            ready = await conn.run_sync(lambda sync: sa.inspect(sync).has_table("meta"))
+    except sa_exc.SQLAlchemyError as exc:
+        line, _ = _database_problem(exc)
+        checked.problems.append(f"{place}: {line} ({shown})")
+        checked.unreachable = True
+        return False
+    finally:
+        await store.close()
+    if not ready:
+        checked.notes.append(f"database {shown} has no syncd tables yet: {_MIGRATE}")
+    return bool(ready)
 
 
 @app.command()

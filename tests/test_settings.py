@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
+from syncd import registry
 from syncd.cli import app
 from syncd.errors import ConfigError
-from syncd.settings import load_config
+from syncd.settings import DaemonSettings, PilotSettings, PipelineSettings, inspect_config, load_config
 
 BAD = """
 [daemon]
@@ -31,15 +35,15 @@ client_secret = "shh-very-secret"
 
 
 def test_check_names_every_problem_with_file_and_key(tmp_path: Path) -> None:
-    """An unknown key, a missing secret and a malformed URL are each named by file and key."""
+    """An unknown key, a missing secret and a malformed URL are each named by file, line and key."""
     path = tmp_path / "config.toml"
     path.write_text(BAD)
     result = CliRunner().invoke(app, ["check", "--config", str(path)])
     assert result.exit_code != 0
     out = result.output
-    assert f"{path} [daemon].colour: unknown key" in out
-    assert f"{path} [connections.hubspot].token: environment variable SYNCD_TEST_MISSING_TOKEN is not set" in out
-    assert f"{path} [connections.xero].token_url: not an http(s) URL" in out
+    assert f"{path}:4 [daemon].colour: unknown key" in out
+    assert f"{path}:9 [connections.hubspot].token: environment variable SYNCD_TEST_MISSING_TOKEN is not set" in out
+    assert f"{path}:14 [connections.xero].token_url: not an http(s) URL" in out
     assert "shh-very-secret" not in out
 
 
@@ -91,3 +95,135 @@ def test_pipeline_names_must_exist(tmp_path: Path) -> None:
     text = "\n".join(info.value.problems)
     assert "[[pipelines]] #1.crm: no connection named 'nope'" in text
     assert "[[pipelines]] #1.mapping: file not found" in text
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
+
+
+def _section(text: str, header: str) -> str:
+    """The lines of ``header``'s table in ``text`` (commented out or not), up to the next table."""
+    found = re.search(rf"^#? ?{re.escape(header)}[^\n]*\n(.*?)(?=^#? ?\[|\Z)", text, re.M | re.S)
+    assert found, f"config.example.toml has no {header} table"
+    return found.group(1)
+
+
+def _models() -> list[tuple[str, type[BaseModel]]]:
+    tables: list[tuple[str, type[BaseModel]]] = [
+        ("[daemon]", DaemonSettings),
+        ("[[pipelines]]", PipelineSettings),
+        ("[pilot]", PilotSettings),
+    ]
+    for name in registry.available():
+        tables.append((f"[connections.{name}]", registry.load(name).settings_model))
+    return tables
+
+
+@pytest.mark.parametrize(("header", "model"), _models(), ids=lambda item: item if isinstance(item, str) else "")
+def test_every_settings_key_is_in_the_example(header: str, model: type[BaseModel]) -> None:
+    """Each key of each settings model (daemon, pipelines, pilot, every connector) is in config.example.toml."""
+    section = _section(EXAMPLE.read_text(encoding="utf-8"), header)
+    missing = [key for key in model.model_fields if not re.search(rf"^#? ?{key} *=", section, re.M)]
+    assert not missing, f"config.example.toml {header} lacks {', '.join(missing)}"
+
+
+def test_the_section_helper_fails_on_a_missing_key() -> None:
+    """The example check notices a key that is absent (the test above can fail)."""
+    section = _section("[daemon]\nlisten = 1\n# workers = 4\n[pilot]\nclients = []\n", "[daemon]")
+    assert re.search(r"^#? ?workers *=", section, re.M)
+    assert not re.search(r"^#? ?clients *=", section, re.M)
+
+
+def test_daemon_secrets_come_from_env_and_files(tmp_path: Path) -> None:
+    """`env:` and `X_file` work in [daemon] too; a relative file is read from the config's folder."""
+    key = Fernet.generate_key().decode()
+    (tmp_path / "key.txt").write_text(key + "\n")
+    path = tmp_path / "config.toml"
+    path.write_text('[daemon]\nencryption_key_file = "key.txt"\ndatabase_url = "env:SYNCD_TEST_DB"\n')
+    config = load_config(path, environ={"SYNCD_TEST_DB": "postgresql+psycopg://syncd:pw-in-env@db.test/syncd"})
+    assert config.daemon.encryption_key is not None
+    assert config.daemon.encryption_key.get_secret_value() == key
+    assert config.daemon.database_url == "postgresql+psycopg://syncd:pw-in-env@db.test/syncd"
+    assert "pw-in-env" in config.secrets()  # redacted from logs
+
+
+def test_a_bad_encryption_key_says_run_keygen(tmp_path: Path) -> None:
+    """A key that is not a Fernet key is named with file, line and key, and not shown."""
+    path = tmp_path / "config.toml"
+    path.write_text('[daemon]\nlisten = "127.0.0.1:8080"\nencryption_key = "not-a-fernet-key-but-secret"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:3 [daemon].encryption_key: not a valid key; run syncd keygen"]
+
+
+def test_urls_are_never_shown_with_their_secrets(tmp_path: Path) -> None:
+    """A bad URL is shown without user info or query; so is a bad database URL."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[daemon]\ndatabase_url = "mysql://root:db-pass@db.test/x"\n'
+        '[connections.hubspot]\nconnector = "hubspot"\ntoken = "t"\n'
+        'base_url = "ftp://user:url-pass@api.test/v3?hapikey=query-secret"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = "\n".join(info.value.problems)
+    assert f"{path}:6 [connections.hubspot].base_url: not an http(s) URL: 'ftp://***@api.test/v3?***'" in text
+    assert f"{path}:2 [daemon].database_url: unsupported database 'mysql'" in text
+    assert not {"url-pass", "query-secret", "db-pass"} & set(re.findall(r"[\w-]+", text))
+
+
+def test_unknown_keys_get_the_closest_known_key(tmp_path: Path) -> None:
+    """An unknown key in [daemon], a connection or a pipeline says which key was probably meant."""
+    path = tmp_path / "config.toml"
+    (tmp_path / "m.toml").write_text("")
+    path.write_text(
+        '[daemon]\nlisen = "127.0.0.1:1"\n\n'
+        '[connections.hubspot]\nconnector = "hubspot"\ntoken = "t"\nrate_limit_per_10 = 5\n\n'
+        '[[pipelines]]\ncrm = "hubspot"\ninvoicing = "hubspot"\nmaping = "m.toml"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    assert f'{path}:2 [daemon].lisen: unknown key (did you mean "listen"?)' in problems
+    assert (
+        f'{path}:7 [connections.hubspot].rate_limit_per_10: unknown key (did you mean "rate_limit_per_10s"?)'
+        in problems
+    )
+    assert f'{path}:12 [[pipelines]] #1.maping: unknown key (did you mean "mapping"?)' in problems
+    assert f"{path}:9 [[pipelines]] #1.mapping: missing (required)" in problems
+    assert problems == sorted(problems, key=lambda p: int(p.split(":")[1].split()[0]))  # file order
+
+
+def test_an_unset_variable_is_reported_once(tmp_path: Path) -> None:
+    """Two keys naming the same unset variable give one problem that names both keys."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[connections.hubspot]\nconnector = "hubspot"\n'
+        'client_id = "app"\nclient_secret = "env:SYNCD_TEST_UNSET"\nrefresh_token = "r"\n'
+        'webhook_secret = "env:SYNCD_TEST_UNSET"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.problems == [
+        f"{path}:4 [connections.hubspot].client_secret: environment variable SYNCD_TEST_UNSET is not set "
+        "(also named by [connections.hubspot].webhook_secret)"
+    ]
+
+
+def test_relative_paths_are_relative_to_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative SQLite file and mapping resolve against the config's folder, whatever the working directory."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "m.toml").write_text("")
+    (folder / "config.toml").write_text(
+        '[daemon]\ndatabase_url = "sqlite:///./data.db"\n'
+        '[connections.hubspot]\nconnector = "hubspot"\ntoken = "t"\n'
+        '[connections.xero]\nconnector = "xero"\nclient_id = "i"\nclient_secret = "s"\n'
+        '[[pipelines]]\ncrm = "hubspot"\ninvoicing = "xero"\nmapping = "m.toml"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    found = inspect_config(Path("../etc/config.toml"))
+    assert found.config.daemon.database_url == f"sqlite:///{folder / 'data.db'}"
+    assert found.config.mapping_path(found.config.settings.pipelines[0]).resolve() == folder / "m.toml"
+    assert found.problems == []

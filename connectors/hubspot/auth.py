@@ -95,6 +95,29 @@ def oauth_tokens(
     )
 
 
+async def check_credentials(
+    *, client: httpx.AsyncClient, token_url: str, client_id: str, client_secret: str, refresh_token: str
+) -> None:
+    """Ask the token endpoint for a new access token with the configured credentials.
+
+    ``syncd check`` calls it so that a wrong client secret is reported even while a
+    stored access token still works. Nothing is stored; HubSpot refresh tokens are
+    reused, not spent ("use a previously obtained refresh token to generate a new
+    access token": https://developers.hubspot.com/docs/api-reference/legacy/authentication/oauth-tokens/v1/guide).
+
+    Raises:
+        AuthError: the endpoint refused the credentials.
+        RetriableError: the endpoint could not be reached, or answered 429 or 5xx.
+    """
+    form = {
+        "grant_type": "refresh_token",
+        "client_id": client_id,
+        "client_secret": client_secret,
+        "refresh_token": refresh_token,
+    }
+    await _post_token(client, token_url, form)
+
+
 async def _post_token(client: httpx.AsyncClient, token_url: str, form: Mapping[str, str]) -> TokenResponse:
     try:
         response = await client.post(token_url, data=dict(form))

@@ -41,7 +41,7 @@ import httpx
 import structlog
 from pydantic import SecretStr, field_validator, model_validator
 
-from connectors.hubspot.auth import BearerToken, HubSpotErrors, oauth_tokens
+from connectors.hubspot.auth import BearerToken, HubSpotErrors, check_credentials, oauth_tokens
 from connectors.hubspot.models import (
     AssociatedObject,
     AssociationCollection,
@@ -307,8 +307,20 @@ class HubSpotConnector:
         return ChangePage(hints=hints, cursor=following.dump(), more=more)
 
     async def check(self) -> list[str]:
-        """One cheap authenticated read; problems as sentences (no token is ever included)."""
+        """One cheap authenticated read; problems as sentences (no token is ever included).
+
+        With OAuth, a fresh token request with the configured credentials comes first,
+        so a wrong client secret is reported even while a stored access token works.
+        """
         try:
+            if self.settings.token is None:
+                await check_credentials(
+                    client=self.http.client,
+                    token_url=self.settings.token_url,
+                    client_id=self.settings.client_id or "",
+                    client_secret=secret_value(self.settings.client_secret),
+                    refresh_token=secret_value(self.settings.refresh_token),
+                )
             await self.http.request("GET", "/crm/v3/objects/deals", params={"limit": 1}, retry=False)
         except NotFound:
             return [f"{self.connection}: {self.settings.base_url} has no CRM deals API; check base_url"]

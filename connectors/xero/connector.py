@@ -28,6 +28,7 @@ Sources (Xero developer documentation):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -46,6 +47,7 @@ from connectors.xero.auth import (
     XeroCodeFlow,
     XeroErrors,
     refreshing_tokens,
+    request_token,
     token_valid,
 )
 from connectors.xero.models import (
@@ -530,10 +532,20 @@ class XeroConnector:
 
         With the code flow a stored, still valid access token is used as it is; an
         expired one is reported (the daemon refreshes it) and never refreshed here,
-        because a refresh spends the single-use refresh token.
+        because a refresh spends the single-use refresh token. A custom connection asks
+        for a fresh token with the configured client id and secret (a stored one is not
+        reused, so a wrong secret is reported); it is used for this call only, not stored.
         """
         http = self.http
-        if self.settings.grant == "authorization_code":
+        if self.settings.grant == "client_credentials":
+            try:
+                payload = await request_token(self.settings, self.ctx.client, {"grant_type": "client_credentials"})
+            except SyncdError as exc:
+                return [str(exc)]
+            # The connection's own plumbing (limits, attempts), with that token and no renewal.
+            http = copy.copy(self.http)
+            http.auth = XeroAuth(StaticToken(str(payload["access_token"])))
+        else:
             stored = await self.ctx.tokens.load()
             if not stored:
                 return ["xero: no stored tokens; run `syncd auth xero` to connect this organisation"]

@@ -477,7 +477,7 @@ async def test_oauth_refreshes_once_after_a_401_and_reuses_a_valid_token(
     tokens = MemoryTokens(emulator)
     connector = build(client, clock, tokens, oauth_settings())
     await connector.fetch_deal(deal)
-    await connector.check()
+    await connector.fetch_deal(deal)
     assert emulator.calls["POST /oauth/v3/token"] == 1
 
     emulator.expire_access_tokens()
@@ -486,6 +486,10 @@ async def test_oauth_refreshes_once_after_a_401_and_reuses_a_valid_token(
     assert emulator.calls["POST /oauth/v3/token"] == 2
     assert len(tokens.saved) == 2
     assert tokens.saved[1]["access_token"] != tokens.saved[0]["access_token"]
+    # check() proves the configured secret with a token request of its own, and stores nothing.
+    assert await connector.check() == []
+    assert emulator.calls["POST /oauth/v3/token"] == 3
+    assert len(tokens.saved) == 2
 
 
 async def test_oauth_rejected_refresh_token_raises_auth_error(

@@ -577,10 +577,13 @@ async def test_an_unreadable_cursor_is_a_fatal_error() -> None:
 
 
 async def test_client_credentials_token_is_fetched_once_and_cached_until_expiry() -> None:
-    """A custom connection fetches a token with basic auth, reuses it, and fetches again after 30 minutes."""
+    """A custom connection fetches a token with basic auth, reuses it, and fetches again after 30 minutes.
+
+    (API calls go through ``connector.http``; ``check()`` always asks for a fresh token, below.)
+    """
     async with rig(tenant_id=None) as r:
-        await r.connector.check()
-        await r.connector.check()
+        await r.connector.http.request("GET", "/Organisation")
+        await r.connector.http.request("GET", "/Organisation")
         assert r.emulator.calls["token"] == 1
         assert r.store.tokens is not None
         assert r.store.tokens["grant"] == "client_credentials"
@@ -590,8 +593,11 @@ async def test_client_credentials_token_is_fetched_once_and_cached_until_expiry(
         api = next(req for req, _ in r.exchanges if req.url.path.endswith("/Organisation"))
         assert "xero-tenant-id" not in api.headers
         r.clock.advance(1800)
-        assert await r.connector.check() == []
+        assert (await r.connector.http.request("GET", "/Organisation")).status_code == 200
         assert r.emulator.calls["token"] == 2
+        # check() proves the configured secret: a token request of its own, though one is cached.
+        assert await r.connector.check() == []
+        assert r.emulator.calls["token"] == 3
 
 
 async def test_wrong_client_credentials_are_reported_without_the_secret() -> None:
