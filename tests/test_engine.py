@@ -192,6 +192,53 @@ async def test_a_retriable_failure_is_retried_and_invoices_once(tmp_path: Path, 
         assert s.hub.deal(deal)["properties"].get("syncd_invoice_number") == s.xero.invoices()[0]["InvoiceNumber"]
 
 
+class Clock:
+    """A clock the test moves by hand, shared by the emulators and syncd."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+async def test_a_lost_answer_is_found_by_its_key_after_xero_forgot_the_idempotency_key(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A create whose every answer was lost is found by its key on the retry, after Xero's key memory expired."""
+    from connectors.emulation import Fault
+
+    go_live = datetime(2026, 12, 1, 13, 0, tzinfo=UTC)
+    clock = Clock(go_live + timedelta(hours=2))
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=f'billing_start = "{go_live.isoformat()}"') as s:
+        waits: list[float] = []
+
+        async def no_sleep(seconds: float) -> None:
+            waits.append(seconds)
+
+        s.daemon.runtime.connectors["xero"].http.sleep = no_sleep  # the HTTP retries' back-off, not waited
+        deal = seed_deal(s.hub)
+        # Xero stores the invoice on every PUT, and every answer (the first and its replays) is lost.
+        s.xero.faults.add(Fault(kind="drop_response", method="PUT", path_contains="/Invoices", times=None))
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        assert len(s.xero.invoices()) == 1
+        assert waits  # the HTTP layer retried the PUT with the same key before giving up
+        store = s.daemon.runtime.store
+        (effect,) = await store.select(EffectRow, table_of(EffectRow).c.kind == "create_invoice")
+        assert (effect.status, effect.attempts) == ("pending", 1)
+
+        s.xero.faults.clear()
+        clock.at += timedelta(seconds=s.xero.idempotency_ttl_s + 1)  # past the key's memory and the back-off
+        await s.drain()
+        (invoice,) = s.xero.invoices()
+        (effect,) = await store.select(EffectRow, table_of(EffectRow).c.kind == "create_invoice")
+        assert (effect.status, effect.attempts) == ("done", 2)
+        (row,) = await store.select(InvoiceRow)
+        assert row.invoice_id == invoice["InvoiceID"]
+        assert s.hub.deal(deal)["properties"]["syncd_invoice_number"] == invoice["InvoiceNumber"]
+
+
 @pytest.mark.parametrize("status", [429, 503])
 async def test_vendor_throttling_is_waited_out(tmp_path: Path, db_url: str, status: int) -> None:
     """A 429 or 503 from Xero delays the effect; it succeeds later with one invoice."""

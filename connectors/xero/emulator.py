@@ -101,10 +101,13 @@ BANK_ACCOUNT_CODE = "090"
 ACCESS_TOKEN_TTL_S = 1800
 REFRESH_TOKEN_TTL_S = 60 * 24 * 3600
 CODE_TTL_S = 300
-# Idempotency keys: at most 128 characters (spec parameter ``idempotencyKey``); a key is
-# remembered for 6 minutes and reusing it with a different request is refused
+# Idempotency keys: at most 128 characters (spec parameter ``idempotencyKey``); reusing one
+# with a different request is refused, and "keys are stored for 6 minutes from the time
+# of the first call, after which they expire"
 # (https://developer.xero.com/documentation/guides/idempotent-requests/idempotency/, as
-# summarised by a third party: the official page itself was not reachable from here).
+# quoted by third-party integration docs: the official page itself was not reachable from
+# here). A replay does not extend the window. ``XeroEmulator(idempotency_ttl_s=...)``
+# changes it for a test.
 IDEMPOTENCY_KEY_MAX = 128
 IDEMPOTENCY_TTL_S = 360
 # Limits: 60 calls/minute, 5000/day and 5 concurrent per organisation; 10,000/minute per
@@ -543,6 +546,8 @@ class XeroEmulator:
         rate_limit_per_min / max_concurrent: the limits (Xero: 60 and 5).
         clock: the current aware UTC time; drives token expiry, ``UpdatedDateUTC``,
             idempotency expiry and the rate-limit windows (inject one in tests).
+        idempotency_ttl_s: seconds an ``Idempotency-Key`` is replayed, counted from its
+            first call (Xero: 360); ``0`` remembers no key.
 
     Attributes:
         app: the ASGI app, wrapped in :class:`~connectors.emulation.FaultMiddleware`.
@@ -567,7 +572,11 @@ class XeroEmulator:
         rate_limit_per_min: int = 60,
         max_concurrent: int = 5,
         clock: Callable[[], datetime] | None = None,
+        idempotency_ttl_s: float = IDEMPOTENCY_TTL_S,
     ) -> None:
+        if idempotency_ttl_s < 0:
+            raise ValueError(f"idempotency_ttl_s must be 0 or more seconds, not {idempotency_ttl_s}")
+        self.idempotency_ttl_s = idempotency_ttl_s
         self.client_id = client_id
         self.client_secret = client_secret
         self.tenant_id = tenant_id
@@ -887,7 +896,7 @@ class XeroEmulator:
         ).hexdigest()
         slot = (caller.client_id, key)
         remembered = self._remembered.get(slot)
-        if remembered is not None and self._seconds() - remembered.stored_at < IDEMPOTENCY_TTL_S:
+        if remembered is not None and self._seconds() - remembered.stored_at < self.idempotency_ttl_s:
             if remembered.fingerprint != fingerprint:
                 return _error(400, f"Idempotency key {key} is used with a different request")
             return Response(remembered.body, status_code=remembered.status, media_type=remembered.media_type)

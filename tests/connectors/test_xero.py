@@ -409,6 +409,22 @@ async def test_a_reused_key_with_a_different_body_is_refused() -> None:
         assert len(r.emulator.invoices()) == 1
 
 
+async def test_the_emulator_replays_a_key_only_within_its_window_from_the_first_call() -> None:
+    """A key is replayed for idempotency_ttl_s after its first call (Xero: 360 s); later it creates anew."""
+    assert XeroEmulator().idempotency_ttl_s == 360
+    with pytest.raises(ValueError, match="idempotency_ttl_s"):
+        XeroEmulator(idempotency_ttl_s=-1)
+    async with rig({"idempotency_ttl_s": 60}) as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        first = await r.connector.create_invoice(draft(), contact_id)
+        r.clock.advance(59)
+        assert (await r.connector.create_invoice(draft(), contact_id)).invoice_id == first.invoice_id
+        r.clock.advance(1)  # 60 s after the first call: the replay above did not extend the window
+        later = await r.connector.create_invoice(draft(), contact_id)
+        assert later.invoice_id != first.invoice_id
+        assert len(r.emulator.invoices()) == 2
+
+
 async def test_a_dropped_answer_is_retried_with_the_same_key() -> None:
     """A response lost after Xero committed is retried; the key replays it and no second invoice appears."""
     async with rig() as r:
