@@ -760,7 +760,7 @@ class Engine:
         invoicing = self.rt.connectors[row.connection]
         # Only a retry can follow a create whose answer was lost (or a crash after it):
         # the first attempt skips the lookup, every later one looks up before creating.
-        status = await invoicing.find_invoice(draft.key) if row.attempts > 1 else None
+        status = await invoicing.find_invoice(draft.key, kind=draft.kind) if row.attempts > 1 else None
         if status is None and row.payload.get("recheck_won") and not await self._still_won(row):
             await self._skip_unwon(row, draft)
             return

@@ -677,8 +677,14 @@ class Invoicing(Protocol):
         """Find the customer stamped with ``client.key`` (else adopt or create it); its id."""
         ...
 
-    async def find_invoice(self, key: str) -> InvoiceStatus | None:
-        """The invoice stamped with billing-event ``key``, if one exists."""
+    async def find_invoice(self, key: str, *, kind: DraftKind) -> InvoiceStatus | None:
+        """The document of ``kind`` (invoice or credit note) stamped with billing-event ``key``, if any.
+
+        Only documents of that kind are searched: the engine passes its draft's kind, so
+        an invoice's key is never looked up among credit notes or the other way round.
+        Nothing found, including the vendor answering 404 to the look-up, is ``None``,
+        never an error.
+        """
         ...
 
     async def create_invoice(self, draft: InvoiceDraft, customer_id: str) -> InvoiceStatus:

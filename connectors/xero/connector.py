@@ -386,20 +386,24 @@ class XeroConnector:
         log.info("xero_invoice_voided", invoice_id=invoice_id, number=status.number, key=key)
         return status
 
-    async def find_invoice(self, key: str) -> InvoiceStatus | None:
-        """The invoice or credit note whose ``Reference`` carries ``syncd:<key>``.
+    async def find_invoice(self, key: str, *, kind: DraftKind) -> InvoiceStatus | None:
+        """The document of ``kind`` whose ``Reference`` carries ``syncd:<key>``, else ``None``.
 
-        Uses ``where=Reference!=null&&Reference.Contains("syncd:<key>")``: Xero's filter
-        needs the null check first on an optional string field (the ``where`` notes of
+        Only the list of ``kind`` is read (``GET /Invoices`` or ``GET /CreditNotes``): one
+        request, and a key is never matched against the other kind of document. Uses
+        ``where=Reference!=null&&Reference.Contains("syncd:<key>")``: Xero's filter needs
+        the null check first on an optional string field (the ``where`` notes of
         https://developer.xero.com/documentation/api/accounting/requests-and-responses).
-        A 404 on the look-up means nothing was found (``None``), never a failure.
+        A 404 on the look-up means nothing was found (``None``), never a failure. A
+        voided match is returned only when no live one exists.
         """
         where = f"Reference!=null&&Reference.Contains({where_literal(stamp(key))})"
-        invoices = XeroInvoices.model_validate(await self._look_up("/Invoices", where)).invoices
-        matches = [invoice_status(i) for i in invoices if carries_stamp(i.reference, key)]
-        if not matches:
+        if kind is DraftKind.CREDIT_NOTE:
             notes = XeroCreditNotes.model_validate(await self._look_up("/CreditNotes", where)).credit_notes
             matches = [credit_note_status(n) for n in notes if carries_stamp(n.reference, key)]
+        else:
+            invoices = XeroInvoices.model_validate(await self._look_up("/Invoices", where)).invoices
+            matches = [invoice_status(i) for i in invoices if carries_stamp(i.reference, key)]
         live = [m for m in matches if m.state is not InvoiceState.VOIDED]
         return (live or matches)[0] if matches else None
 

@@ -444,11 +444,26 @@ async def test_after_every_answer_is_lost_find_invoice_finds_it() -> None:
         with pytest.raises(RetriableError):
             await r.connector.create_invoice(draft(), contact_id)
         r.emulator.faults.clear()
-        found = await r.connector.find_invoice(KEY)
+        found = await r.connector.find_invoice(KEY, kind=DraftKind.INVOICE)
         (invoice,) = r.emulator.invoices()
         assert found is not None
         assert found.invoice_id == invoice["InvoiceID"]
-        assert await r.connector.find_invoice("f" * 32) is None
+        assert await r.connector.find_invoice("f" * 32, kind=DraftKind.INVOICE) is None
+
+
+async def test_find_invoice_reads_only_the_list_of_the_drafts_kind() -> None:
+    """An invoice draft's key is looked up among invoices only, a credit note's among credit notes only."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        invoice = await r.connector.create_invoice(draft(), contact_id)
+        note = await r.connector.create_invoice(draft(key="c" * 32, kind=DraftKind.CREDIT_NOTE), contact_id)
+        before = len(r.exchanges)
+        assert await r.connector.find_invoice(KEY, kind=DraftKind.INVOICE) == invoice
+        assert await r.connector.find_invoice("c" * 32, kind=DraftKind.CREDIT_NOTE) == note
+        assert await r.connector.find_invoice(KEY, kind=DraftKind.CREDIT_NOTE) is None
+        assert await r.connector.find_invoice("c" * 32, kind=DraftKind.INVOICE) is None
+        paths = [request.url.path.removeprefix(API) for request, _ in r.exchanges[before:]]
+        assert paths == ["/Invoices", "/CreditNotes", "/CreditNotes", "/Invoices"]
 
 
 async def test_a_long_po_is_trimmed_and_the_stamp_kept() -> None:
@@ -459,7 +474,7 @@ async def test_a_long_po_is_trimmed_and_the_stamp_kept() -> None:
         assert status.reference is not None
         assert len(status.reference) == 255
         assert status.reference.endswith(f" · syncd:{KEY}")
-        assert await r.connector.find_invoice(KEY) == status
+        assert await r.connector.find_invoice(KEY, kind=DraftKind.INVOICE) == status
 
 
 async def test_a_rejected_draft_lists_xeros_validation_messages() -> None:
@@ -492,7 +507,7 @@ async def test_a_credit_note_is_created_found_and_reread() -> None:
         assert status.invoice_id == note["CreditNoteID"]
         assert status.total == Decimal("3300.00")
         assert status.amount_due == Decimal("3300.00")
-        assert await r.connector.find_invoice(KEY) == status
+        assert await r.connector.find_invoice(KEY, kind=DraftKind.CREDIT_NOTE) == status
         assert (await r.connector.get_invoice(status.invoice_id)).invoice_id == status.invoice_id
 
 
@@ -679,7 +694,7 @@ async def test_code_flow_refresh_rotates_saves_before_use_and_spends_the_old_tok
         assert [c["tenantId"] for c in connections] == [r.emulator.tenant_id]
         assert await connector.check() == []
         r.clock.advance(1800)
-        await connector.find_invoice(KEY)
+        await connector.find_invoice(KEY, kind=DraftKind.INVOICE)
         fresh = dict(r.store.tokens or {})
         assert fresh["refresh_token"] != first["refresh_token"]
         assert fresh["access_token"] != first["access_token"]
@@ -701,11 +716,11 @@ async def test_a_replica_reuses_tokens_another_replica_refreshed() -> None:
     async with rig() as r:
         one = await code_flow(r)
         two = r.connect(grant="authorization_code")
-        await one.find_invoice(KEY)
-        await two.find_invoice(KEY)
+        await one.find_invoice(KEY, kind=DraftKind.INVOICE)
+        await two.find_invoice(KEY, kind=DraftKind.INVOICE)
         r.clock.advance(1800)
-        await one.find_invoice(KEY)
-        await two.find_invoice(KEY)
+        await one.find_invoice(KEY, kind=DraftKind.INVOICE)
+        await two.find_invoice(KEY, kind=DraftKind.INVOICE)
         assert r.emulator.calls["token"] == 2  # the code exchange and one refresh
         assert r.store._lock.entered == 2  # the second replica took the lock, found fresh tokens
 
@@ -714,9 +729,9 @@ async def test_a_401_refreshes_once_and_retries() -> None:
     """A token revoked at Xero is answered 401; the flow refreshes and the call succeeds."""
     async with rig() as r:
         connector = await code_flow(r)
-        assert await connector.find_invoice(KEY) is None
+        assert await connector.find_invoice(KEY, kind=DraftKind.INVOICE) is None
         r.emulator.revoke_access_tokens()
-        assert await connector.find_invoice(KEY) is None
+        assert await connector.find_invoice(KEY, kind=DraftKind.INVOICE) is None
         assert r.emulator.calls["token"] == 2
         assert [resp.status_code for req, resp in r.exchanges if req.url.path.endswith("/Invoices")] == [200, 401, 200]
 
@@ -1010,7 +1025,7 @@ async def test_transient_statuses_are_retried_honouring_retry_after(status: int)
     """408, 409, 429 and 5xx are retried; a Retry-After is waited exactly."""
     async with rig() as r:
         r.emulator.faults.add(Fault(kind="status", status=status, retry_after_s=4, path_contains="/Invoices"))
-        assert await r.connector.find_invoice(KEY) is None
+        assert await r.connector.find_invoice(KEY, kind=DraftKind.INVOICE) is None
         assert r.sleeps == [4.0]
 
 
@@ -1026,11 +1041,13 @@ async def test_a_422_is_a_record_error_and_never_retried() -> None:
 
 
 async def test_a_404_on_the_look_up_means_not_found() -> None:
-    """find_invoice answers None when Xero's look-up answers 404; it is never an error."""
+    """find_invoice answers None when Xero's look-up answers 404, for either kind; it is never an error."""
     async with rig() as r:
         r.emulator.faults.add(Fault(kind="status", status=404, path_contains="/Invoices"))
         r.emulator.faults.add(Fault(kind="status", status=404, path_contains="/CreditNotes"))
-        assert await r.connector.find_invoice(KEY) is None
+        assert await r.connector.find_invoice(KEY, kind=DraftKind.INVOICE) is None
+        assert await r.connector.find_invoice(KEY, kind=DraftKind.CREDIT_NOTE) is None
+        assert r.emulator.faults.faults == []  # both look-ups were answered 404
         assert r.sleeps == []
 
 
@@ -1040,7 +1057,7 @@ async def test_a_disconnected_tenant_is_an_auth_error_saying_how_to_reconnect() 
         connector = await code_flow(r)
         r.emulator.faults.add(Fault(kind="status", status=401, path_contains="/Invoices", times=2))
         with pytest.raises(AuthError) as caught:
-            await connector.find_invoice(KEY)
+            await connector.find_invoice(KEY, kind=DraftKind.INVOICE)
         message = str(caught.value)
         assert message.startswith("xero: GET /api.xro/2.0/Invoices answered 401")
         assert "syncd auth xero --connection xero" in message
@@ -1054,14 +1071,14 @@ async def test_a_403_names_the_tenant_and_the_scopes() -> None:
         connector = await code_flow(r)
         other = r.connect(grant="authorization_code", tenant_id="00000000-0000-4000-8000-000000000000")
         with pytest.raises(AuthError) as caught:
-            await other.find_invoice(KEY)
+            await other.find_invoice(KEY, kind=DraftKind.INVOICE)
         message = str(caught.value)
         assert "403" in message
         assert "AuthorizationUnsuccessful" in message
         assert "00000000-0000-4000-8000-000000000000" in message
         assert "accounting.invoices" in message
         assert "syncd auth xero" in message
-        assert await connector.find_invoice(KEY) is None
+        assert await connector.find_invoice(KEY, kind=DraftKind.INVOICE) is None
 
 
 async def test_a_refused_draft_is_dead_lettered_on_the_first_attempt(tmp_path: Path, db_url: str) -> None:
@@ -1104,7 +1121,7 @@ async def test_a_configured_refresh_token_is_imported_once_and_rotates_in_the_st
         configured = await consented_refresh_token(r)
         connector = r.connect(grant="authorization_code", refresh_token=configured)
         with structlog.testing.capture_logs() as logs:
-            assert await connector.find_invoice(KEY) is None
+            assert await connector.find_invoice(KEY, kind=DraftKind.INVOICE) is None
         stored = dict(r.store.tokens or {})
         assert stored["refresh_token"] != configured
         assert stored["imported_sha256"] == sha256(configured)
@@ -1119,12 +1136,12 @@ async def test_a_restart_with_the_same_value_keeps_the_rotated_tokens() -> None:
     """The same configured value after rotation never overwrites the store (its token is spent at Xero)."""
     async with rig() as r:
         configured = await consented_refresh_token(r)
-        await r.connect(grant="authorization_code", refresh_token=configured).find_invoice(KEY)
+        await r.connect(grant="authorization_code", refresh_token=configured).find_invoice(KEY, kind=DraftKind.INVOICE)
         rotated = dict(r.store.tokens or {})
         r.clock.advance(1800)  # the access token expires: the restarted connector must refresh
         with structlog.testing.capture_logs() as logs:
             restarted = r.connect(grant="authorization_code", refresh_token=configured)
-            assert await restarted.find_invoice(KEY) is None
+            assert await restarted.find_invoice(KEY, kind=DraftKind.INVOICE) is None
         fresh = dict(r.store.tokens or {})
         assert fresh["refresh_token"] not in (configured, rotated["refresh_token"])
         assert fresh["imported_sha256"] == sha256(configured)
@@ -1140,11 +1157,16 @@ async def test_a_new_configured_value_replaces_the_stored_tokens() -> None:
     """A changed configured refresh token replaces the stored set (token_imported, replaced=True)."""
     async with rig() as r:
         first = await consented_refresh_token(r)
-        await r.connect(grant="authorization_code", refresh_token=first).find_invoice(KEY)
+        await r.connect(grant="authorization_code", refresh_token=first).find_invoice(KEY, kind=DraftKind.INVOICE)
         before = dict(r.store.tokens or {})
         second = await consented_refresh_token(r)
         with structlog.testing.capture_logs() as logs:
-            assert await r.connect(grant="authorization_code", refresh_token=second).find_invoice(KEY) is None
+            assert (
+                await r.connect(grant="authorization_code", refresh_token=second).find_invoice(
+                    KEY, kind=DraftKind.INVOICE
+                )
+                is None
+            )
         after = dict(r.store.tokens or {})
         assert after["imported_sha256"] == sha256(second)
         assert after["access_token"] != before["access_token"]
@@ -1188,8 +1210,8 @@ async def test_the_code_flow_discovers_its_only_tenant() -> None:
     async with rig() as r:
         await code_flow(r)
         connector = r.connect(grant="authorization_code", tenant_id=None)
-        assert await connector.find_invoice(KEY) is None
-        assert await connector.find_invoice("f" * 32) is None
+        assert await connector.find_invoice(KEY, kind=DraftKind.INVOICE) is None
+        assert await connector.find_invoice("f" * 32, kind=DraftKind.INVOICE) is None
         assert r.emulator.calls["connections"] == 1
         api = [req for req, _ in r.exchanges if req.url.path.startswith(API)]
         assert {req.headers["xero-tenant-id"] for req in api} == {r.emulator.tenant_id}
@@ -1221,7 +1243,7 @@ async def test_several_tenants_ask_for_tenant_id_and_list_them() -> None:
             make_http=functools.partial(VendorHttp, client, connection="books"),
         )
         with pytest.raises(ConfigError) as caught:
-            await XeroConnector(conf, ctx).find_invoice(KEY)
+            await XeroConnector(conf, ctx).find_invoice(KEY, kind=DraftKind.INVOICE)
         message = str(caught.value)
         assert message.startswith("[connections.books].tenant_id: ")
         assert "'Acme AU' (11111111-1111-4111-8111-111111111111)" in message
@@ -1237,8 +1259,8 @@ async def test_base_url_is_the_host_or_the_full_api_url(given: str) -> None:
     """base_url takes the host or the spec's server URL; calls go to {host}/api.xro/2.0 either way."""
     async with rig(base_url=given) as r:
         assert r.connector.settings.base_url == HOST
-        assert await r.connector.find_invoice(KEY) is None
-        assert r.exchanges[-1][0].url.path == f"{API}/CreditNotes"
+        assert await r.connector.find_invoice(KEY, kind=DraftKind.INVOICE) is None
+        assert r.exchanges[-1][0].url.path == f"{API}/Invoices"
 
 
 async def test_reconnecting_with_syncd_auth_keeps_the_new_tokens_over_a_configured_one(tmp_path: Path) -> None:
@@ -1297,7 +1319,7 @@ redirect_uri = "http://localhost:{callback}/callback"
                     make_http=functools.partial(VendorHttp, client, connection="xero"),
                 )
                 connector = XeroConnector(config.connections["xero"].settings, ctx)  # type: ignore[arg-type]
-                assert await connector.find_invoice(KEY) is None
+                assert await connector.find_invoice(KEY, kind=DraftKind.INVOICE) is None
             assert xero.calls["token"] == 1  # the code exchange only: nothing imported, nothing refreshed
             assert xero.calls["connections"] == 2  # `syncd auth` listed them; the connector discovered its tenant
         finally:

@@ -190,8 +190,8 @@ async def _scenario(
     now[0] += timedelta(seconds=30)
     invoice = await connector.create_invoice(_draft("a" * 32, DraftKind.INVOICE, send=True), contact_id)
     await connector.create_invoice(_draft("b" * 32, DraftKind.CREDIT_NOTE), contact_id)
-    assert await connector.find_invoice("a" * 32) is not None
-    assert await connector.find_invoice("b" * 32) is not None
+    assert await connector.find_invoice("a" * 32, kind=DraftKind.INVOICE) is not None
+    assert await connector.find_invoice("b" * 32, kind=DraftKind.CREDIT_NOTE) is not None
     assert (await connector.get_invoice(invoice.invoice_id)).invoice_id == invoice.invoice_id
     try:
         await connector.create_invoice(_draft("c" * 32, DraftKind.INVOICE, account="999"), contact_id)
