@@ -32,6 +32,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, ClassVar, Literal
@@ -426,36 +427,58 @@ class XeroConnector:
             return credit_note_status(notes[0])
 
     async def poll_changes(self, cursor: str | None, *, since: datetime | None = None) -> ChangePage:
-        """Invoices and credit notes changed since ``cursor`` (``If-Modified-Since``, paged by ``page``).
+        """Invoices and credit notes changed since ``cursor``, each list read as its own feed.
 
-        The cursor is opaque JSON: ``since`` (ISO UTC, whole seconds), the ``page`` to
-        read next of both lists and ``high`` (the newest ``UpdatedDateUTC`` seen). ``None``
-        starts now (or at ``since``, when given, for a first poll that catches up).
-        A boundary document may be reported twice; its event id is the same
-        both times. Credit notes come as hints with ``object_type='credit_note'``
-        (a credit note's credit changes when it is allocated).
+        A list is read ordered by ``UpdatedDateUTC`` with ``If-Modified-Since`` (spec
+        ``GET /Invoices`` and ``GET /CreditNotes``: ``order``, ``page``, ``pageSize``,
+        header ``ifModifiedSince``). After a full page the next read is page 1 again from
+        the last ``UpdatedDateUTC`` seen, not page N+1: a document changed while the poll
+        is between pages moves to the end of the order, and under page numbers it would
+        shift another document onto a page already read, which would then never be
+        reported. Documents at that boundary instant are read again and dropped by
+        (id, ``UpdatedDateUTC``), the hint's event id, which the inbox also
+        de-duplicates on. Only when a whole page shares one instant (more documents
+        changed in the same millisecond than a page holds) does the feed turn to the
+        next page at the same instant; within such a run, a document changed again
+        between two reads can still shift another of the run past the page boundary.
+
+        The cursor is opaque JSON, one entry per list (see :class:`_Feed`). ``None``
+        starts now (or at ``since``, when given, for a first poll that catches up). While
+        ``more`` is true only the lists with pages left are read. Credit notes come as
+        hints with ``object_type='credit_note'`` (a credit note's credit changes when it
+        is allocated).
         """
         if cursor is None:
             start = self.ctx.clock() if since is None else min(self.ctx.clock(), since)
             start = start.astimezone(UTC).replace(microsecond=0)
+            feeds = {name: _Feed(since=start) for name in _FEEDS}
             if since is None:
-                return ChangePage(hints=(), cursor=_cursor(start, 1, start))
-            cursor = _cursor(start, 1, start)
-        since, page, high = _parse_cursor(cursor)
-        params = {"page": page, "pageSize": self.page_size, "order": "UpdatedDateUTC ASC"}
-        headers = {"If-Modified-Since": since.isoformat()}
-        invoices = XeroInvoices.model_validate(await self._get("/Invoices", params, **headers))
-        notes = XeroCreditNotes.model_validate(await self._get("/CreditNotes", params, **headers))
-        found = [("invoice", invoice.invoice_id, invoice.updated) for invoice in invoices.invoices]
-        found += [("credit_note", note.credit_note_id, note.updated) for note in notes.credit_notes]
-        hints = tuple(self._poll_hint(kind, ident, updated) for kind, ident, updated in found if updated)
-        high = max([high, *(hint.occurred_at for hint in hints)])
-        more = _has_more(invoices.pagination, len(invoices.invoices), page, self.page_size) or _has_more(
-            notes.pagination, len(notes.credit_notes), page, self.page_size
-        )
-        if more:
-            return ChangePage(hints=hints, cursor=_cursor(since, page + 1, high), more=True)
-        return ChangePage(hints=hints, cursor=_cursor(high.replace(microsecond=0), 1, high))
+                return ChangePage(hints=(), cursor=_cursor(feeds))
+        else:
+            feeds = _parse_cursor(cursor)
+        # A new round reads every list; a round in progress only the lists with pages left.
+        due = [name for name in _FEEDS if feeds[name].more] or list(_FEEDS)
+        hints: list[ChangeHint] = []
+        for name in due:
+            rows, full = await self._read_feed(name, feeds[name])
+            hints += [self._poll_hint(name, ident, at) for ident, at in rows if feeds[name].is_new(ident, at)]
+            feeds[name] = feeds[name].after(rows, full=full)
+        return ChangePage(hints=tuple(hints), cursor=_cursor(feeds), more=any(feed.more for feed in feeds.values()))
+
+    async def _read_feed(self, name: str, feed: _Feed) -> tuple[list[tuple[str, datetime]], bool]:
+        """One page of a list: (id, ``UpdatedDateUTC``) of each document, and whether pages follow."""
+        params = {"page": feed.page, "pageSize": self.page_size, "order": "UpdatedDateUTC ASC"}
+        headers = {"If-Modified-Since": _modified_since(feed.since)}
+        if name == "invoice":
+            invoices = XeroInvoices.model_validate(await self._get("/Invoices", params, **headers))
+            found = [(invoice.invoice_id, invoice.updated) for invoice in invoices.invoices]
+            pagination = invoices.pagination
+        else:
+            notes = XeroCreditNotes.model_validate(await self._get("/CreditNotes", params, **headers))
+            found = [(note.credit_note_id, note.updated) for note in notes.credit_notes]
+            pagination = notes.pagination
+        full = _has_more(pagination, len(found), feed.page, self.page_size)
+        return [(ident, at) for ident, at in found if at is not None], full
 
     def _poll_hint(self, object_type: str, ident: str, updated: datetime) -> ChangeHint:
         return ChangeHint(
@@ -614,16 +637,83 @@ def _live_codes(data: Any, collection: str, key: str) -> frozenset[str]:
     )
 
 
-def _cursor(since: datetime, page: int, high: datetime) -> str:
-    return json.dumps({"since": since.isoformat(), "page": page, "high": high.isoformat()})
+_FEEDS = ("invoice", "credit_note")  # the lists poll_changes reads, named as their hints' object_type
 
 
-def _parse_cursor(cursor: str) -> tuple[datetime, int, datetime]:
+@dataclass(frozen=True, kw_only=True)
+class _Feed:
+    """Where the poll of one list stands.
+
+    Attributes:
+        since: the ``If-Modified-Since`` of the next read: the last ``UpdatedDateUTC``
+            seen (the start, before any).
+        page: the page to read at ``since``; above 1 only while a run of documents that
+            share the instant ``since`` is longer than a page.
+        seen: ids already reported at exactly ``since``, not reported again.
+        more: pages are left in this round.
+    """
+
+    since: datetime
+    page: int = 1
+    seen: frozenset[str] = frozenset()
+    more: bool = False
+
+    def is_new(self, ident: str, at: datetime) -> bool:
+        """Whether a listed (id, ``UpdatedDateUTC``) is a change not reported yet."""
+        return at > self.since or (at == self.since and ident not in self.seen)
+
+    def after(self, rows: list[tuple[str, datetime]], *, full: bool) -> _Feed:
+        """The feed after reading ``rows`` (in ``UpdatedDateUTC`` order); ``full``: pages follow."""
+        last = max([self.since, *(at for _, at in rows)])
+        at_last = {ident for ident, at in rows if at == last}
+        if last == self.since:
+            at_last |= self.seen
+            if full:  # the whole page shares the instant ``since``: the only way on is the next page
+                return _Feed(since=last, page=self.page + 1, seen=frozenset(at_last), more=True)
+        return _Feed(since=last, seen=frozenset(at_last), more=full)
+
+
+def _modified_since(moment: datetime) -> str:
+    """``If-Modified-Since`` as ISO-8601 UTC, with milliseconds when it has any.
+
+    The spec's example for the header (``components.parameters.ifModifiedSince``) is
+    ``2020-02-06T12:17:43.202-08:00``; ``UpdatedDateUTC`` carries milliseconds too.
+    """
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds" if moment.microsecond else "seconds")
+
+
+def _cursor(feeds: Mapping[str, _Feed]) -> str:
+    return json.dumps(
+        {
+            name: {"since": feed.since.isoformat(), "page": feed.page, "seen": sorted(feed.seen), "more": feed.more}
+            for name, feed in feeds.items()
+        }
+    )
+
+
+def _parse_cursor(cursor: str) -> dict[str, _Feed]:
     try:
         data = json.loads(cursor)
-        return datetime.fromisoformat(data["since"]), int(data["page"]), datetime.fromisoformat(data["high"])
+        if "since" in data:  # the earlier form, one page number for both lists: resume both from its ``since``
+            return {name: _Feed(since=_aware(data["since"])) for name in _FEEDS}
+        return {
+            name: _Feed(
+                since=_aware(data[name]["since"]),
+                page=int(data[name]["page"]),
+                seen=frozenset(str(ident) for ident in data[name]["seen"]),
+                more=bool(data[name]["more"]),
+            )
+            for name in _FEEDS
+        }
     except (ValueError, KeyError, TypeError) as exc:
         raise FatalError(f"xero: unreadable poll cursor {cursor[:80]!r}; reset the connection's cursor") from exc
+
+
+def _aware(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"poll cursor time {text!r} has no UTC offset")
+    return moment
 
 
 def _has_more(pagination: XeroPagination | None, count: int, page: int, page_size: int) -> bool:

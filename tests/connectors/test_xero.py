@@ -595,11 +595,94 @@ async def test_poll_changes_pages_until_the_last_page() -> None:
         assert seen == {invoice["InvoiceID"] for invoice in r.emulator.invoices()}
 
 
+async def poll_to_the_end(connector: XeroConnector, cursor: str) -> tuple[list[ChangeHint], str]:
+    """Every page of one poll round: its hints, and the cursor it ends on."""
+    hints: list[ChangeHint] = []
+    for _ in range(50):
+        page = await connector.poll_changes(cursor)
+        hints += page.hints
+        cursor = page.cursor
+        if not page.more:
+            return hints, cursor
+    raise AssertionError("the poll round did not end within 50 pages")
+
+
+async def test_an_invoice_changed_between_pages_does_not_hide_another() -> None:
+    """An invoice that moves to the end of the order while the poll is between pages skips no other invoice."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        start = await r.connector.poll_changes(None)
+        created = []
+        for n in range(4):
+            r.clock.advance(1)
+            created.append(await r.connector.create_invoice(draft(key=f"{n:032x}"), contact_id))
+        r.connector.page_size = 2
+        first = await r.connector.poll_changes(start.cursor)
+        assert [h.object_id for h in first.hints] == [created[0].invoice_id, created[1].invoice_id]
+        assert first.more
+        r.clock.advance(1)
+        await r.emulator.pay_invoice(created[0].invoice_id, Decimal("100.00"))  # now last in UpdatedDateUTC order
+        rest, _ = await poll_to_the_end(r.connector, first.cursor)
+        assert [h.object_id for h in rest] == [c.invoice_id for c in (*created[2:], created[0])]
+        paid_at = START + timedelta(seconds=5)
+        assert rest[-1].event_id == f"poll:{created[0].invoice_id}:{paid_at.isoformat()}"
+        every = [h.event_id for h in (*first.hints, *rest)]
+        assert len(every) == len(set(every)) == 5  # the boundary invoices read again are not hinted again
+        polls = [req for req, _ in r.exchanges if req.url.path == f"{API}/Invoices" and "page" in req.url.params]
+        assert {req.url.params["page"] for req in polls} == {"1"}  # always page 1, from the last change seen
+
+
+async def test_more_changes_in_one_instant_than_a_page_holds_are_each_hinted_once() -> None:
+    """Documents sharing one UpdatedDateUTC beyond a page are read page by page, each hinted once, and the round ends."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        start = await r.connector.poll_changes(None)
+        r.clock.advance(1)
+        created = [await r.connector.create_invoice(draft(key=f"{n:032x}"), contact_id) for n in range(5)]
+        r.connector.page_size = 2
+        hints, cursor = await poll_to_the_end(r.connector, start.cursor)
+        assert sorted(h.object_id for h in hints) == sorted(c.invoice_id for c in created)
+        again = await r.connector.poll_changes(cursor)
+        assert again.hints == ()  # the same instant, read again, hints nothing new
+        hints, _ = await poll_to_the_end(r.connector, cursor)
+        assert hints == []
+
+
+async def test_a_list_that_is_caught_up_is_not_read_again_while_the_other_pages_on() -> None:
+    """While invoices have pages left, later pages of the round do not read credit notes again."""
+    async with rig() as r:
+        start = await r.connector.poll_changes(None)
+        r.clock.advance(1)
+        await invoice_and_credit(r)
+        contact_id = await r.connector.upsert_customer(client_record())
+        for n in range(3):
+            r.clock.advance(1)
+            await r.connector.create_invoice(draft(key=f"{n:032x}"), contact_id)
+        r.connector.page_size = 2
+        before = len(r.exchanges)
+        hints, _ = await poll_to_the_end(r.connector, start.cursor)
+        assert sorted(h.object_type for h in hints) == ["credit_note", *["invoice"] * 4]
+        paths = [req.url.path.removeprefix(API) for req, _ in r.exchanges[before:]]
+        assert paths.count("/CreditNotes") == 1
+        assert paths.count("/Invoices") >= 3
+
+
+async def test_a_cursor_of_the_earlier_form_resumes_from_its_since() -> None:
+    """A cursor saved by the page-numbered poll ({since, page, high}) resumes both lists from its since."""
+    async with rig() as r:
+        r.clock.advance(60)
+        invoice_id, note_id = await invoice_and_credit(r)
+        old = json.dumps({"since": START.isoformat(), "page": 3, "high": START.isoformat()})
+        hints, _ = await poll_to_the_end(r.connector, old)
+        assert {(h.object_type, h.object_id) for h in hints} == {("invoice", invoice_id), ("credit_note", note_id)}
+
+
 async def test_an_unreadable_cursor_is_a_fatal_error() -> None:
     """A cursor that is not the connector's JSON raises FatalError naming the fix."""
     async with rig() as r:
-        with pytest.raises(FatalError, match="reset the connection's cursor"):
-            await r.connector.poll_changes("yesterday")
+        for cursor in ("yesterday", "[]", '{"invoice": {"since": "2025-03-03T09:00:00"}}'):
+            with pytest.raises(FatalError, match="reset the connection's cursor"):
+                await r.connector.poll_changes(cursor)
 
 
 # ---------------------------------------------------------------------------
