@@ -27,15 +27,18 @@ content for ``--json``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from sqlmodel import col
 
 from syncd import billing, recurring
 from syncd.errors import ConfigError, MappingError, ValidationFailed
@@ -52,7 +55,7 @@ from syncd.interfaces import (
 from syncd.mapping import MappedDeal, MappingDefaults, PipelineMapping, load_mapping
 from syncd.runtime import Pipeline, Runtime
 from syncd.settings import Config
-from syncd.store import BillingEventRow, EngagementRow, SourceRecordRow, table_of
+from syncd.store import BillingEventRow, EngagementRow, OutcomeRow, SourceRecordRow, table_of
 
 Status = Literal["same", "changed", "newly_failing", "newly_passing"]
 STATUSES: tuple[Status, ...] = ("same", "changed", "newly_failing", "newly_passing")
@@ -91,6 +94,8 @@ class DealPreview:
         drafts: the drafts it would produce now.
         notes: why there is no draft, or what was left out.
         error: the mapping's error, exactly as a dead letter would hold it.
+        outcomes: what syncd has recorded for the deal without an invoice (skips,
+            simulated events, outcomes that need attention), each ``kind reason: detail``.
     """
 
     mapping: Path
@@ -101,6 +106,7 @@ class DealPreview:
     drafts: tuple[DraftPreview, ...] = ()
     notes: tuple[str, ...] = ()
     error: str | None = None
+    outcomes: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         """The preview as JSON-ready values (``--json``)."""
@@ -121,6 +127,7 @@ class DealPreview:
                 for item in self.drafts
             ],
             "notes": list(self.notes),
+            "outcomes": list(self.outcomes),
         }
 
 
@@ -133,7 +140,20 @@ async def preview_deal(runtime: Runtime, deal_id: str) -> list[DealPreview]:
         NotFound: the CRM has no such deal.
         AuthError / RetriableError / FatalError: the CRM could not be read.
     """
-    return [await _preview_with(runtime, pipeline, deal_id) for pipeline in list(runtime.pipelines)]
+    previews = [await _preview_with(runtime, pipeline, deal_id) for pipeline in list(runtime.pipelines)]
+    recorded = await _recorded_outcomes(runtime, deal_id)
+    return [dataclasses.replace(preview, outcomes=recorded) for preview in previews]
+
+
+async def _recorded_outcomes(runtime: Runtime, deal_id: str) -> tuple[str, ...]:
+    """The deal's recorded outcomes without an invoice, oldest first."""
+    crms = {f"{pipeline.crm_name}:deal:{deal_id}" for pipeline in runtime.pipelines}
+    rows = await runtime.store.select(
+        OutcomeRow,
+        sa.or_(col(OutcomeRow.object_id) == deal_id, col(OutcomeRow.engagement_key).in_(sorted(crms))),
+        order_by=col(OutcomeRow.id),
+    )
+    return tuple(f"{row.kind} {row.reason} ({row.status}): {row.detail}" for row in rows)
 
 
 async def _preview_with(runtime: Runtime, pipeline: Pipeline, deal_id: str) -> DealPreview:
@@ -469,6 +489,8 @@ def render_deal(previews: Sequence[DealPreview], console: Console) -> None:
             console.print(_lines_table(item.draft))
         for note in preview.notes:
             console.print("·", note, markup=False, highlight=False)
+        for outcome in preview.outcomes:
+            console.print("recorded:", outcome, markup=False, highlight=False)
 
 
 def render_diff(diff: MappingDiff, console: Console) -> None:
