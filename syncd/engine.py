@@ -474,9 +474,7 @@ class Engine:
         Returns:
             the event key if it was new, else ``None`` (already recorded: nothing queued).
         """
-        draft = billing.with_ledger_codes(
-            draft, pipeline.mapping.ledger, known=billing.known_codes(self.rt.extra, pipeline.invoicing_name)
-        )
+        draft = recurring.ledger_ready(self.rt, pipeline, draft)
         if pipeline.mapping.invoice.require_po and not draft.reference and draft.kind is DraftKind.INVOICE:
             await self._hold_for_po(pipeline, event, draft, crm_object_id)
             return None

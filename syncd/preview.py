@@ -211,8 +211,10 @@ async def _drafts(runtime: Runtime, pipeline: Pipeline, mapped: MappedDeal) -> t
             notes.append(f"{event.kind} {event.occurrence}: drafted from time entries when due (not previewed)")
         else:
             try:
-                drafts.append(_draft(pipeline.mapping, event, mapped, now, recorded=event.key in recorded))
-            except ValidationFailed as exc:
+                item = _draft(pipeline.mapping, event, mapped, now, recorded=event.key in recorded)
+                ready = recurring.ledger_ready(runtime, pipeline, item.draft)
+                drafts.append(dataclasses.replace(item, draft=ready))
+            except (ValidationFailed, MappingError) as exc:
                 notes.append(str(exc))
     if earlier:
         notes.append(f"{earlier} earlier billing event(s) of this engagement are already recorded (not shown)")
