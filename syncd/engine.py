@@ -333,7 +333,42 @@ class Engine:
             return
         known = await hours.stored_project(self.store, connection, row.object_id, row.occurred_at)
         projects = {known} if known is not None else await hours.sync_entries(self.rt, connection, tracker)
-        await recurring.bill_projects(self, pipeline, projects)
+        if await recurring.bill_projects(self, pipeline, projects):
+            return
+        project = known or await hours.stored_project(self.store, connection, row.object_id, row.occurred_at)
+        engagement = (await hours.linked_engagements(self.store, pipeline)).get(project or "")
+        if engagement is None or engagement.cap_hours is None or engagement.won_at is None or project is None:
+            return
+        tracked = await hours.project_hours(self.store, connection, project)
+        logged = sum((e.hours for e in tracked.entries if e.billable), Decimal(0))
+        if logged > engagement.cap_hours and engagement.over_cap == "hold":
+            await self.record_outcome(
+                key=f"attention:over_cap:{connection}:{row.event_id}",
+                kind="attention",
+                reason="hours_over_cap",
+                detail=f"time entry {row.object_id} of {engagement.name}: {logged} billable hours logged, over the "
+                f"cap of {engagement.cap_hours} h; held: raise the cap, or `syncd hours release ENTRY_ID`",
+                connection=connection,
+                object_type="time_entry",
+                object_id=row.object_id,
+                engagement_key=engagement.key,
+                client_key=engagement.client_key,
+                trigger_at=row.occurred_at,
+            )
+        else:
+            await self.record_outcome(
+                key=f"skip:under_cap:{connection}:{row.event_id}",
+                kind="skip",
+                reason="under_cap",
+                detail=f"time entry {row.object_id} of {engagement.name}: {logged} of {engagement.cap_hours} h, "
+                "no cap step reached yet; billed at the next cap step or at the period's end",
+                connection=connection,
+                object_type="time_entry",
+                object_id=row.object_id,
+                engagement_key=engagement.key,
+                client_key=engagement.client_key,
+                trigger_at=row.occurred_at,
+            )
 
     async def record_event(self, event: BillingEvent, client_key: str) -> str | None:
         """Record a billing event that has nothing to invoice (an hourly period without hours).
