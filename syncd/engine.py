@@ -275,7 +275,7 @@ class Engine:
             )
             await self.store.upsert(EngagementRow, _engagement_values(engagement, pipeline, deal_id, now), conn)
         await self._check_divergence(pipeline, current, record)
-        event = billing.deal_won_event(current, billing_start=self.rt.billing_start)
+        event = billing.deal_won_event(current, billing_start=self.rt.billing_start, timezone=mapped.client.timezone)
         won = None
         if event is not None:
             won = await self.queue_invoice(pipeline, event, current, mapped.client, deal_id)

@@ -174,6 +174,7 @@ async def test_the_deal_shows_the_standing_across_all_its_invoices(tmp_path: Pat
         assert props["syncd_invoice_status"] == "overdue"
         assert Decimal(props["syncd_amount_due"]) == Decimal("300.00")
         assert props["syncd_days_overdue"] == "3"
+        assert Decimal(props["syncd_total_invoiced"]) == Decimal(str(first["Total"])) + Decimal("300.00")
         assert props["syncd_invoice_number"] == f"{first['InvoiceNumber']}, INV-X"
 
 
