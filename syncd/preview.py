@@ -350,7 +350,7 @@ async def preview_mapping(runtime: Runtime, proposed_path: Path, *, pipeline: in
     now = runtime.clock()
     records = []
     for row in rows:
-        record = _record(row)
+        record = row.as_record()
         before = _outcome(current, record, runtime.defaults, now)
         after = _outcome(proposed, record, runtime.defaults, now)
         records.append(_compare(record.object_id, before, after))
@@ -367,18 +367,6 @@ def _pipeline(runtime: Runtime, index: int | None) -> Pipeline:
         listed = ", ".join(f"{n} = {p.settings.mapping}" for n, p in enumerate(pipelines, start=1))
         raise ConfigError(f"name the pipeline with --pipeline N (1 to {len(pipelines)}): {listed or 'none defined'}")
     return pipelines[index - 1]
-
-
-def _record(row: SourceRecordRow) -> SourceRecord:
-    """The stored copy as a record (its fetch time stands in for the source's modification time)."""
-    return SourceRecord(
-        connection=row.connection,
-        object_type=row.object_type,
-        object_id=row.object_id,
-        version=row.version,
-        modified_at=row.fetched_at,
-        data=row.data,
-    )
 
 
 def _outcome(mapping: PipelineMapping, record: SourceRecord, defaults: MappingDefaults, now: datetime) -> Outcome:
