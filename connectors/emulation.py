@@ -25,7 +25,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl
 
@@ -292,11 +292,18 @@ class ContractGate:
         self.breaches: list[Breach] = []
         self.checked = 0
 
-    async def problems(self, request: Request) -> tuple[str, ...]:
-        """The problems of ``request`` (kept as a :class:`Breach` when there are any)."""
+    async def problems(self, request: Request, *, headers: Mapping[str, str] | None = None) -> tuple[str, ...]:
+        """The problems of ``request`` (kept as a :class:`Breach` when there are any).
+
+        ``headers`` are laid over the request's own before the check: what the vendor
+        documents as implied where its description says required (Xero's tenant header
+        on a custom connection).
+        """
         if self.contract is None:
             return ()
         call = await Call.of(request)
+        if headers:
+            call = replace(call, headers={**call.headers, **{name.lower(): value for name, value in headers.items()}})
         self.checked += 1
         found = tuple(self.contract.problems(call))
         if found:

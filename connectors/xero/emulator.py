@@ -877,7 +877,10 @@ class XeroEmulator:
         refused = self._rate_check(caller.tenant_id)
         if refused is not None:
             return refused
-        problems = await self.contract.problems(request)
+        # The spec marks xero-tenant-id required, but a custom connection may leave it out
+        # ("the xero-tenant-id header is not required", https://developer.xero.com/faq/custom-integration):
+        # the contract sees the tenant the token resolved to.
+        problems = await self.contract.problems(request, headers={"xero-tenant-id": caller.tenant_id})
         if problems:
             return _validation_error([{"HasErrors": True, "ValidationErrors": [{"Message": p} for p in problems]}])
         self._inflight[caller.tenant_id] += 1
