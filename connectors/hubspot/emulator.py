@@ -668,12 +668,7 @@ class HubSpotEmulator:
     async def _keeps_contract(self, request: Request) -> None:
         problems = await self.contract.problems(request)
         if problems:
-            raise HubSpotError(
-                400,
-                f"Invalid input JSON: {'; '.join(problems)}",
-                "VALIDATION_ERROR",
-                errors=[{"message": problem} for problem in problems],
-            )
+            raise HubSpotError(400, f"Invalid input JSON: {'; '.join(problems)}", "VALIDATION_ERROR")
 
     def _authenticate(self, request: Request) -> None:
         header = request.headers.get("authorization", "")
