@@ -588,6 +588,25 @@ def test_every_vendor_has_a_breakage() -> None:
     assert {breakage.vendor for breakage in BREAKAGES} == set(VENDORS)
 
 
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("syncd_invoice_statuss", "PROPERTY_DOESNT_EXIST"), ("hs_lastmodifieddate", "READ_ONLY_VALUE")],
+)
+def test_a_real_write_naming_an_unknown_or_read_only_property_is_refused(
+    name: str, error: str, runs: dict[str, Run]
+) -> None:
+    """HubSpot's property checks on writes: the connector's PATCH with one more property is refused 400."""
+    run = runs["hubspot"]
+    original = next(req for req, _ in run.exchanges if _is("PATCH", "/deals/{id}")(req))
+    broken = _with_body(original, _set(["properties", name], "x"))
+
+    answer = asyncio.run(replay(run.emulator, broken))
+
+    message = assert_vendor_error_body("hubspot", answer)
+    assert f'"error": "{error}"' in message
+    assert f'"name": "{name}"' in message
+
+
 # ---------------------------------------------------------------------------- Xero batches
 
 
