@@ -41,7 +41,7 @@ Batches (several Contacts, Invoices or CreditNotes in one PUT or POST) are taken
 by element, as Xero does: a good element is created even when another in the same
 request fails. By default the answer is then a 400 ``ValidationException`` whose
 ``Elements`` are the failing elements with their ``ValidationErrors``, so the created
-ones are not named (the behaviour a Xero developer-relations engineer confirmed at
+ones are not named (observed, and explained by a Xero staff answer, at
 https://stackoverflow.com/questions/52706101/xero-api-response-when-request-has-valid-and-invalid-elements);
 with ``summarizeErrors=false`` it is a 200 listing every element in order, the good ones
 with ``StatusAttributeString: OK`` and the failing ones with ``ERROR``,
@@ -282,10 +282,7 @@ def _summarized(request: Request) -> bool:
 
 def _itemised(answers: list[tuple[Json, bool]]) -> list[Json]:
     """Every element of a batch answered with ``summarizeErrors=false``, in request order."""
-    return [
-        {**answer, "StatusAttributeString": "OK"} if ok else {**answer, "StatusAttributeString": "ERROR"}
-        for answer, ok in answers
-    ]
+    return [{**answer, "StatusAttributeString": "OK" if ok else "ERROR"} for answer, ok in answers]
 
 
 def _decimal(value: Any, name: str, errors: list[str]) -> Decimal:
