@@ -90,7 +90,7 @@ from syncd.interfaces import (
     TimeEntry,
 )
 from syncd.money import round_money
-from syncd.periods import Period, is_recurring, issued_at, period_at, periods_between, service_start
+from syncd.periods import Period, is_recurring, issued_at, period_at, periods_between, service_start, start_of_day
 from syncd.proration import Settlement, billed_spans, settlements, span_line, terms_at
 
 WON = "won"
@@ -162,7 +162,9 @@ def issue_date_for(at: datetime, timezone: str) -> date:
 # ---------------------------------------------------------------------------
 
 
-def deal_won_event(engagement: Engagement, *, billing_start: datetime) -> BillingEvent | None:
+def deal_won_event(
+    engagement: Engagement, *, billing_start: datetime, timezone: str | None = None
+) -> BillingEvent | None:
     """The ``deal_won`` event of a one-time engagement that bills when won.
 
     Args:
@@ -177,12 +179,29 @@ def deal_won_event(engagement: Engagement, *, billing_start: datetime) -> Billin
     """
     if engagement.type is not EngagementType.ONE_TIME or engagement.bill_on != "won":
         return None
-    if engagement.won_at is None or not won_in_scope(engagement, billing_start):
+    if engagement.won_at is None or not won_in_scope(engagement, billing_start, timezone):
         return None
     return billing_event(engagement, BillingEventKind.DEAL_WON, WON, engagement.won_recorded_at or engagement.won_at)
 
 
-def won_in_scope(engagement: Engagement, billing_start: datetime) -> bool:
+def in_scope(moment: datetime, billing_start: datetime, timezone: str | None = None) -> bool:
+    """Whether a trigger at ``moment`` is at or after ``billing_start``.
+
+    A trigger read from a date-only value sits at local midnight of the client's zone
+    (``timezone``); it is in scope if any part of that local day is at or after
+    ``billing_start`` (a milestone marked done "today" on go-live day counts).
+    """
+    if moment >= billing_start:
+        return True
+    if timezone is None:
+        return False
+    local = moment.astimezone(ZoneInfo(timezone))
+    if (local.hour, local.minute, local.second, local.microsecond) != (0, 0, 0, 0):
+        return False
+    return start_of_day(local.date() + timedelta(days=1), timezone) > billing_start
+
+
+def won_in_scope(engagement: Engagement, billing_start: datetime, timezone: str | None = None) -> bool:
     """Whether the deal was won at or after ``billing_start``.
 
     Gated on when the source recorded the move into the won stage
@@ -190,11 +209,14 @@ def won_in_scope(engagement: Engagement, billing_start: datetime) -> bool:
     morning whose close date reads as local midnight is in scope. Without that history
     the mapped ``won_at`` is used.
     """
-    won = engagement.won_recorded_at or engagement.won_at
-    return won is not None and won >= billing_start
+    if engagement.won_recorded_at is not None:
+        return engagement.won_recorded_at >= billing_start
+    return engagement.won_at is not None and in_scope(engagement.won_at, billing_start, timezone)
 
 
-def accepted_event(engagement: Engagement, *, billing_start: datetime) -> BillingEvent | None:
+def accepted_event(
+    engagement: Engagement, *, billing_start: datetime, timezone: str | None = None
+) -> BillingEvent | None:
     """The ``deliverable_accepted`` event of a one-time engagement billed on acceptance.
 
     Returns:
@@ -205,7 +227,7 @@ def accepted_event(engagement: Engagement, *, billing_start: datetime) -> Billin
     if engagement.type is not EngagementType.ONE_TIME or engagement.bill_on != "accepted":
         return None
     accepted = engagement.accepted_at
-    if engagement.won_at is None or accepted is None or accepted < billing_start:
+    if engagement.won_at is None or accepted is None or not in_scope(accepted, billing_start, timezone):
         return None
     return billing_event(engagement, BillingEventKind.DELIVERABLE_ACCEPTED, ACCEPTED, accepted)
 
@@ -248,7 +270,9 @@ def _share(amount: Decimal, percent: Decimal, currency: str) -> Decimal:
     return round_money(amount * percent / 100, currency)
 
 
-def deposit_event(engagement: Engagement, *, billing_start: datetime) -> BillingEvent | None:
+def deposit_event(
+    engagement: Engagement, *, billing_start: datetime, timezone: str | None = None
+) -> BillingEvent | None:
     """The ``deal_won`` event (occurrence ``"deposit"``) that invoices the deposit.
 
     Returns:
@@ -258,7 +282,7 @@ def deposit_event(engagement: Engagement, *, billing_start: datetime) -> Billing
     Raises:
         ValidationFailed: see :func:`deposit_shares`.
     """
-    if engagement.won_at is None or not won_in_scope(engagement, billing_start):
+    if engagement.won_at is None or not won_in_scope(engagement, billing_start, timezone):
         return None
     if not sum(deposit_shares(engagement).values(), Decimal(0)):
         return None
@@ -301,7 +325,9 @@ def deduction_lines(engagement: Engagement, occurrence: str) -> tuple[InvoiceLin
     )
 
 
-def milestone_events(engagement: Engagement, *, billing_start: datetime) -> list[BillingEvent]:
+def milestone_events(
+    engagement: Engagement, *, billing_start: datetime, timezone: str | None = None
+) -> list[BillingEvent]:
     """One ``milestone_done`` event per milestone done at or after ``billing_start``.
 
     Only ``milestone`` engagements that are won have them; the occurrence is the
@@ -312,7 +338,7 @@ def milestone_events(engagement: Engagement, *, billing_start: datetime) -> list
     return [
         billing_event(engagement, BillingEventKind.MILESTONE_DONE, milestone.id, milestone.done_at)
         for milestone in engagement.milestones
-        if milestone.done_at is not None and milestone.done_at >= billing_start
+        if milestone.done_at is not None and in_scope(milestone.done_at, billing_start, timezone)
     ]
 
 
@@ -411,12 +437,12 @@ def due_events(
             deposit's percentage is out of range.
     """
     single = (
-        deal_won_event(engagement, billing_start=billing_start),
-        deposit_event(engagement, billing_start=billing_start),
-        accepted_event(engagement, billing_start=billing_start),
+        deal_won_event(engagement, billing_start=billing_start, timezone=timezone),
+        deposit_event(engagement, billing_start=billing_start, timezone=timezone),
+        accepted_event(engagement, billing_start=billing_start, timezone=timezone),
     )
     events = [event for event in single if event is not None]
-    events += milestone_events(engagement, billing_start=billing_start)
+    events += milestone_events(engagement, billing_start=billing_start, timezone=timezone)
     events += period_events(engagement, as_of=as_of, timezone=timezone, billing_start=billing_start)
     events += settlement_events(
         engagement, as_of=as_of, timezone=timezone, billing_start=billing_start, credit_notes=credit_notes

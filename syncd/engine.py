@@ -275,7 +275,7 @@ class Engine:
             )
             await self.store.upsert(EngagementRow, _engagement_values(engagement, pipeline, deal_id, now), conn)
         await self._check_divergence(pipeline, current, record)
-        event = billing.deal_won_event(current, billing_start=self.rt.billing_start)
+        event = billing.deal_won_event(current, billing_start=self.rt.billing_start, timezone=mapped.client.timezone)
         won = None
         if event is not None:
             won = await self.queue_invoice(pipeline, event, current, mapped.client, deal_id)
@@ -333,7 +333,42 @@ class Engine:
             return
         known = await hours.stored_project(self.store, connection, row.object_id, row.occurred_at)
         projects = {known} if known is not None else await hours.sync_entries(self.rt, connection, tracker)
-        await recurring.bill_projects(self, pipeline, projects)
+        if await recurring.bill_projects(self, pipeline, projects):
+            return
+        project = known or await hours.stored_project(self.store, connection, row.object_id, row.occurred_at)
+        engagement = (await hours.linked_engagements(self.store, pipeline)).get(project or "")
+        if engagement is None or engagement.cap_hours is None or engagement.won_at is None or project is None:
+            return
+        tracked = await hours.project_hours(self.store, connection, project)
+        logged = sum((e.hours for e in tracked.entries if e.billable), Decimal(0))
+        if logged > engagement.cap_hours and engagement.over_cap == "hold":
+            await self.record_outcome(
+                key=f"attention:over_cap:{connection}:{row.event_id}",
+                kind="attention",
+                reason="hours_over_cap",
+                detail=f"time entry {row.object_id} of {engagement.name}: {logged} billable hours logged, over the "
+                f"cap of {engagement.cap_hours} h; held: raise the cap, or `syncd hours release ENTRY_ID`",
+                connection=connection,
+                object_type="time_entry",
+                object_id=row.object_id,
+                engagement_key=engagement.key,
+                client_key=engagement.client_key,
+                trigger_at=row.occurred_at,
+            )
+        else:
+            await self.record_outcome(
+                key=f"skip:under_cap:{connection}:{row.event_id}",
+                kind="skip",
+                reason="under_cap",
+                detail=f"time entry {row.object_id} of {engagement.name}: {logged} of {engagement.cap_hours} h, "
+                "no cap step reached yet; billed at the next cap step or at the period's end",
+                connection=connection,
+                object_type="time_entry",
+                object_id=row.object_id,
+                engagement_key=engagement.key,
+                client_key=engagement.client_key,
+                trigger_at=row.occurred_at,
+            )
 
     async def record_event(self, event: BillingEvent, client_key: str) -> str | None:
         """Record a billing event that has nothing to invoice (an hourly period without hours).
@@ -474,9 +509,7 @@ class Engine:
         Returns:
             the event key if it was new, else ``None`` (already recorded: nothing queued).
         """
-        draft = billing.with_ledger_codes(
-            draft, pipeline.mapping.ledger, known=billing.known_codes(self.rt.extra, pipeline.invoicing_name)
-        )
+        draft = recurring.ledger_ready(self.rt, pipeline, draft)
         if pipeline.mapping.invoice.require_po and not draft.reference and draft.kind is DraftKind.INVOICE:
             await self._hold_for_po(pipeline, event, draft, crm_object_id)
             return None

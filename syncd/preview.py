@@ -27,15 +27,18 @@ content for ``--json``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from sqlmodel import col
 
 from syncd import billing, recurring
 from syncd.errors import ConfigError, MappingError, ValidationFailed
@@ -52,7 +55,7 @@ from syncd.interfaces import (
 from syncd.mapping import MappedDeal, MappingDefaults, PipelineMapping, load_mapping
 from syncd.runtime import Pipeline, Runtime
 from syncd.settings import Config
-from syncd.store import BillingEventRow, EngagementRow, SourceRecordRow, table_of
+from syncd.store import BillingEventRow, EngagementRow, OutcomeRow, SourceRecordRow, table_of
 
 Status = Literal["same", "changed", "newly_failing", "newly_passing"]
 STATUSES: tuple[Status, ...] = ("same", "changed", "newly_failing", "newly_passing")
@@ -91,6 +94,8 @@ class DealPreview:
         drafts: the drafts it would produce now.
         notes: why there is no draft, or what was left out.
         error: the mapping's error, exactly as a dead letter would hold it.
+        outcomes: what syncd has recorded for the deal without an invoice (skips,
+            simulated events, outcomes that need attention), each ``kind reason: detail``.
     """
 
     mapping: Path
@@ -101,6 +106,7 @@ class DealPreview:
     drafts: tuple[DraftPreview, ...] = ()
     notes: tuple[str, ...] = ()
     error: str | None = None
+    outcomes: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         """The preview as JSON-ready values (``--json``)."""
@@ -121,6 +127,7 @@ class DealPreview:
                 for item in self.drafts
             ],
             "notes": list(self.notes),
+            "outcomes": list(self.outcomes),
         }
 
 
@@ -133,7 +140,20 @@ async def preview_deal(runtime: Runtime, deal_id: str) -> list[DealPreview]:
         NotFound: the CRM has no such deal.
         AuthError / RetriableError / FatalError: the CRM could not be read.
     """
-    return [await _preview_with(runtime, pipeline, deal_id) for pipeline in list(runtime.pipelines)]
+    previews = [await _preview_with(runtime, pipeline, deal_id) for pipeline in list(runtime.pipelines)]
+    recorded = await _recorded_outcomes(runtime, deal_id)
+    return [dataclasses.replace(preview, outcomes=recorded) for preview in previews]
+
+
+async def _recorded_outcomes(runtime: Runtime, deal_id: str) -> tuple[str, ...]:
+    """The deal's recorded outcomes without an invoice, oldest first."""
+    crms = {f"{pipeline.crm_name}:deal:{deal_id}" for pipeline in runtime.pipelines}
+    rows = await runtime.store.select(
+        OutcomeRow,
+        sa.or_(col(OutcomeRow.object_id) == deal_id, col(OutcomeRow.engagement_key).in_(sorted(crms))),
+        order_by=col(OutcomeRow.id),
+    )
+    return tuple(f"{row.kind} {row.reason} ({row.status}): {row.detail}" for row in rows)
 
 
 async def _preview_with(runtime: Runtime, pipeline: Pipeline, deal_id: str) -> DealPreview:
@@ -191,8 +211,10 @@ async def _drafts(runtime: Runtime, pipeline: Pipeline, mapped: MappedDeal) -> t
             notes.append(f"{event.kind} {event.occurrence}: drafted from time entries when due (not previewed)")
         else:
             try:
-                drafts.append(_draft(pipeline.mapping, event, mapped, now, recorded=event.key in recorded))
-            except ValidationFailed as exc:
+                item = _draft(pipeline.mapping, event, mapped, now, recorded=event.key in recorded)
+                ready = recurring.ledger_ready(runtime, pipeline, item.draft)
+                drafts.append(dataclasses.replace(item, draft=ready))
+            except (ValidationFailed, MappingError) as exc:
                 notes.append(str(exc))
     if earlier:
         notes.append(f"{earlier} earlier billing event(s) of this engagement are already recorded (not shown)")
@@ -328,7 +350,7 @@ async def preview_mapping(runtime: Runtime, proposed_path: Path, *, pipeline: in
     now = runtime.clock()
     records = []
     for row in rows:
-        record = _record(row)
+        record = row.as_record()
         before = _outcome(current, record, runtime.defaults, now)
         after = _outcome(proposed, record, runtime.defaults, now)
         records.append(_compare(record.object_id, before, after))
@@ -345,18 +367,6 @@ def _pipeline(runtime: Runtime, index: int | None) -> Pipeline:
         listed = ", ".join(f"{n} = {p.settings.mapping}" for n, p in enumerate(pipelines, start=1))
         raise ConfigError(f"name the pipeline with --pipeline N (1 to {len(pipelines)}): {listed or 'none defined'}")
     return pipelines[index - 1]
-
-
-def _record(row: SourceRecordRow) -> SourceRecord:
-    """The stored copy as a record (its fetch time stands in for the source's modification time)."""
-    return SourceRecord(
-        connection=row.connection,
-        object_type=row.object_type,
-        object_id=row.object_id,
-        version=row.version,
-        modified_at=row.fetched_at,
-        data=row.data,
-    )
 
 
 def _outcome(mapping: PipelineMapping, record: SourceRecord, defaults: MappingDefaults, now: datetime) -> Outcome:
@@ -469,6 +479,8 @@ def render_deal(previews: Sequence[DealPreview], console: Console) -> None:
             console.print(_lines_table(item.draft))
         for note in preview.notes:
             console.print("·", note, markup=False, highlight=False)
+        for outcome in preview.outcomes:
+            console.print("recorded:", outcome, markup=False, highlight=False)
 
 
 def render_diff(diff: MappingDiff, console: Console) -> None:

@@ -166,6 +166,20 @@ async def billed_keys(store: Store, engagement_key: str) -> frozenset[str]:
     return frozenset(row.key for row in rows)
 
 
+def ledger_ready(runtime: Runtime, pipeline: Pipeline, draft: InvoiceDraft) -> InvoiceDraft:
+    """``draft`` with every line's account code and tax type resolved, as it is sent.
+
+    The engine queues drafts through here, and ``syncd simulate`` and ``syncd preview``
+    show them through here, so what they show is what the ledger gets.
+
+    Raises:
+        MappingError: a client's own code is unknown at the ledger.
+    """
+    return billing.with_ledger_codes(
+        draft, pipeline.mapping.ledger, known=billing.known_codes(runtime.extra, pipeline.invoicing_name)
+    )
+
+
 def draft_options(pipeline: Pipeline, issue_date: date) -> billing.DraftOptions:
     """The pipeline's ``[invoice]`` options for a draft issued on ``issue_date``."""
     options = pipeline.mapping.invoice
@@ -596,7 +610,12 @@ class _Simulation:
                 send=options.send,
                 line_amount_types=options.line_amount_types,
             )
-            return Simulated(event=event, day=options.issue_date, status=status, draft=draft)
+            return Simulated(
+                event=event,
+                day=options.issue_date,
+                status=status,
+                draft=ledger_ready(self.runtime, self.pipeline, draft),
+            )
         found = billing.hours_draft(
             event,
             self.engagement,
@@ -612,7 +631,8 @@ class _Simulation:
             )
         self.invoiced |= found.entry_ids
         self.split.update(found.split)
-        return Simulated(event=event, day=options.issue_date, status=status, draft=found.draft)
+        draft = ledger_ready(self.runtime, self.pipeline, found.draft)
+        return Simulated(event=event, day=options.issue_date, status=status, draft=draft)
 
     def _credits(self, as_of: datetime) -> None:
         credits = billing.manual_credits(

@@ -20,7 +20,7 @@ where it cannot:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -187,7 +187,7 @@ async def stored_overlaps(runtime: Runtime, *, limit: int = STORED_DEALS_CHECKED
         rows = await runtime.store.select(
             SourceRecordRow, table.c.connection == crm, table.c.object_type == "deal", limit=limit
         )
-        records = [_record(row) for row in rows]
+        records = [row.as_record() for row in rows]
         for pair in pairs:
             checked = _both(pair, records)
             if not checked.records:
@@ -205,14 +205,3 @@ def _both(pair: Overlap, records: Sequence[SourceRecord]) -> Overlap:
         except MappingError:
             continue  # a record the filter cannot read is dead-lettered by its own processing
     return Overlap(first=pair.first, second=pair.second, records=tuple(both))
-
-
-def _record(row: Any) -> SourceRecord:
-    return SourceRecord(
-        connection=row.connection,
-        object_type=row.object_type,
-        object_id=row.object_id,
-        version=row.version,
-        modified_at=row.fetched_at,
-        data=row.data if isinstance(row.data, Mapping) else {},
-    )

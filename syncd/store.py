@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlmodel import JSON, Column, Field, SQLModel
 
 from syncd.errors import ConfigError
-from syncd.interfaces import ChangeHint
+from syncd.interfaces import ChangeHint, SourceRecord
 from syncd.logging import redact_value
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -240,6 +240,17 @@ class SourceRecordRow(SQLModel, table=True):
     version: str
     data: dict[str, Any] = _json(nullable=False)
     fetched_at: datetime = _ts()
+
+    def as_record(self) -> SourceRecord:
+        """The stored copy as a record (its fetch time stands in for the source's modification time)."""
+        return SourceRecord(
+            connection=self.connection,
+            object_type=self.object_type,
+            object_id=self.object_id,
+            version=self.version,
+            modified_at=self.fetched_at,
+            data=self.data if isinstance(self.data, Mapping) else {},
+        )
 
 
 class TickRow(SQLModel, table=True):

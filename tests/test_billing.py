@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -289,6 +290,32 @@ def milestone_project(**changes: object) -> Engagement:
     }
     values.update(changes)
     return make_fixed(**values)
+
+
+def test_a_date_only_trigger_is_in_scope_if_any_part_of_its_local_day_is() -> None:
+    """Go-live at 08:00 New York: a milestone done "today" (local midnight) counts; one done yesterday does not."""
+    start = datetime(2024, 3, 20, 13, 0, tzinfo=UTC)  # 08:00 in New York
+    zone = ZoneInfo("America/New_York")
+    today = datetime(2024, 3, 20, tzinfo=zone)
+    yesterday = datetime(2024, 3, 19, tzinfo=zone)
+    at_seven = datetime(2024, 3, 20, 7, tzinfo=zone)  # a real time before go-live stays out
+    for done, expected in ((today, ["m1"]), (yesterday, []), (at_seven, [])):
+        engagement = milestone_project(
+            milestones=(Milestone(id="m1", name="Discovery", amount=Decimal("2500.00"), done_at=done),)
+        )
+        events = milestone_events(engagement, billing_start=start, timezone="America/New_York")
+        assert [event.occurrence for event in events] == expected, done
+    assert (
+        milestone_events(
+            milestone_project(milestones=(Milestone(id="m1", name="D", amount=Decimal(1), done_at=today),)),
+            billing_start=start,
+        )
+        == []
+    )  # without the client's zone a date cannot be told from a time
+    won_today = make_fixed(won_at=today)
+    assert deal_won_event(won_today, billing_start=start, timezone="America/New_York") is not None
+    recorded_before = won_today.model_copy(update={"won_recorded_at": datetime(2024, 3, 19, 20, tzinfo=UTC)})
+    assert deal_won_event(recorded_before, billing_start=start, timezone="America/New_York") is None
 
 
 def test_a_done_milestone_invoices_its_amount() -> None:

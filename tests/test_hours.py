@@ -176,6 +176,7 @@ async def test_the_cap_trigger_fires_once_per_step_and_holds_hours_over_the_cap(
         assert held.over_cap_hours == Decimal(2)
         attention = await list_outcomes(s.daemon.runtime.store, kind="attention")
         assert {item.reason for item in attention} == {"hours_over_cap"}
+
         # ... who releases them: the next hours invoice bills them, once
         for entry_id in held.over_cap_entries:
             assert await hours.release_over_cap(s.daemon.runtime.store, "harvest", entry_id, clock.now)
@@ -333,3 +334,22 @@ async def test_the_cap_can_come_from_the_harvest_project_budget(tmp_path: Path, 
         assert subtotals(s) == [Decimal("800.00")]
         (event,) = await s.daemon.runtime.store.select(BillingEventRow)
         assert (event.kind, event.occurrence) == ("hours_cap_reached", "1")
+
+
+async def test_hours_under_the_cap_are_a_recorded_skip(tmp_path: Path, db_url: str) -> None:
+    """A time entry that reaches no cap step yet ends as a recorded skip saying how far the hours are."""
+    clock = Clock(at(date(2027, 1, 4)))
+    harvest = HarvestEmulator(rate_limits=False, clock=clock)
+    async with stack(tmp_path, db_url, clock=clock, mapping=HOURLY, harvest=harvest, daemon_extra=BILLING_START) as s:
+        account = seed_harvest(harvest)
+        project = tasks_project(harvest, account, "Website")
+        deal = hourly_deal(s.hub, seed_company(s.hub), project, hours_cap="10", cap_step_percent="50")
+        await poll_harvest(s)
+        await win(s, clock, deal, at(date(2027, 1, 4)))
+        clock.now = at(date(2027, 1, 6))
+        log(harvest, project, account.development, account.ada, date(2027, 1, 6), "3")
+        await poll_harvest(s)
+        assert subtotals(s) == []
+        (skip,) = await list_outcomes(s.daemon.runtime.store, kind="skip")
+        assert skip.reason == "under_cap"
+        assert "3.0 of 10 h" in skip.detail

@@ -17,6 +17,7 @@ import httpx
 from connectors.hubspot.emulator import HubSpotEmulator
 from syncd import scheduler
 from syncd.outcomes import list_outcomes
+from syncd.preview import preview_deal
 from syncd.store import DeadLetterRow, InvoiceRow
 from tests.harness import MAPPING, seed_company, seed_deal, stack
 from tests.servers import invoke
@@ -173,6 +174,7 @@ async def test_the_deal_shows_the_standing_across_all_its_invoices(tmp_path: Pat
         assert props["syncd_invoice_status"] == "overdue"
         assert Decimal(props["syncd_amount_due"]) == Decimal("300.00")
         assert props["syncd_days_overdue"] == "3"
+        assert Decimal(props["syncd_total_invoiced"]) == Decimal(str(first["Total"])) + Decimal("300.00")
         assert props["syncd_invoice_number"] == f"{first['InvoiceNumber']}, INV-X"
 
 
@@ -326,3 +328,18 @@ async def test_an_invoice_without_a_required_po_is_held_until_the_po_arrives(tmp
         (invoice,) = s.xero.invoices()
         assert invoice["Reference"].startswith("PO-9001")
         assert await list_outcomes(s.daemon.runtime.store, kind="attention") == []
+
+
+async def test_preview_shows_what_was_recorded_for_the_deal(tmp_path: Path, db_url: str) -> None:
+    """`syncd preview deal ID` lists the deal's recorded skips, with reason and detail."""
+    clock = Clock(GO_LIVE - timedelta(days=30))
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=START) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        clock.at = GO_LIVE + timedelta(days=1)
+        await s.hub.set_deal_properties(deal, {"dealname": "edited"})
+        await s.drain()
+        (preview,) = await preview_deal(s.daemon.runtime, deal)
+        (recorded,) = preview.outcomes
+        assert recorded.startswith("skip before_billing_start (open): won at 2026-11-01")
+        assert preview.as_json()["outcomes"] == [recorded]

@@ -119,6 +119,7 @@ class BillingProperty(enum.StrEnum):
     INVOICE_CURRENCY = "syncd_invoice_currency"
     INVOICE_DUE_DATE = "syncd_invoice_due_date"
     DAYS_OVERDUE = "syncd_days_overdue"
+    TOTAL_INVOICED = "syncd_total_invoiced"
 
 
 def _property_definition(name: BillingProperty) -> dict[str, Any]:
@@ -130,6 +131,7 @@ def _property_definition(name: BillingProperty) -> dict[str, Any]:
         BillingProperty.INVOICE_CURRENCY: ("Invoice currency", "string", "text"),
         BillingProperty.INVOICE_DUE_DATE: ("Invoice due date", "date", "date"),
         BillingProperty.DAYS_OVERDUE: ("Days overdue", "number", "number"),
+        BillingProperty.TOTAL_INVOICED: ("Total invoiced", "number", "number"),
     }
     label, kind, field_type = labels[name]
     body: dict[str, Any] = {
@@ -353,7 +355,7 @@ class HubSpotConnector:
     # -- writes ------------------------------------------------------------------
 
     async def write_billing_status(self, deal_id: str, status: DealBillingStatus) -> None:
-        """Write the invoice number, state, amount due, currency, due date and aging onto the deal.
+        """Write the deal's standing onto it: invoice numbers, state, amount due, currency, due date, aging, total invoiced.
 
         Date properties take an ISO ``YYYY-MM-DD`` (properties guide); numbers are sent as
         plain decimal strings; an empty string clears a value.
@@ -375,6 +377,9 @@ class HubSpotConnector:
             BillingProperty.INVOICE_CURRENCY.value: status.currency,
             BillingProperty.INVOICE_DUE_DATE.value: status.due_date.isoformat() if status.due_date else "",
             BillingProperty.DAYS_OVERDUE.value: str(status.days_overdue),
+            BillingProperty.TOTAL_INVOICED.value: format(status.total_invoiced, "f")
+            if status.total_invoiced is not None
+            else "",
         }
         response = await self.http.request("PATCH", f"/crm/v3/objects/deals/{deal_id}", json={"properties": values})
         self._remember_write(CrmObject.model_validate_json(response.content))

@@ -74,7 +74,7 @@ from connectors.xero.models import (
     where_literal,
 )
 from connectors.xero.webhooks import XeroWebhookVerifier
-from syncd.errors import FatalError, NotFound, SyncdError
+from syncd.errors import AuthError, FatalError, NotFound, SyncdError
 from syncd.http import RateLimit, VendorHttp, within
 from syncd.interfaces import (
     AllocatesCredit,
@@ -102,6 +102,7 @@ from syncd.tokens import RotatingTokens
 
 log = structlog.get_logger("connectors.xero")
 
+CREDENTIAL_PROBE = "syncd-credential-check"  # a refresh token that cannot exist (see XeroConnector._client_refused)
 API_PATH = "/api.xro/2.0"
 PAGE_SIZE = 100  # "Up to 100 invoices will be returned in a single API call" (spec GET /Invoices ``page``)
 # App-wide limit, used only when the per-minute limit is switched off but concurrency is
@@ -546,6 +547,9 @@ class XeroConnector:
             http = copy.copy(self.http)
             http.auth = XeroAuth(StaticToken(str(payload["access_token"])))
         else:
+            refused = await self._client_refused()
+            if refused:
+                return [refused]
             stored = await self.ctx.tokens.load()
             if not stored:
                 return ["xero: no stored tokens; run `syncd auth xero` to connect this organisation"]
@@ -561,6 +565,26 @@ class XeroConnector:
                 limits=_limits(self.settings),
             )
         return await self._check_organisation(http)
+
+    async def _client_refused(self) -> str | None:
+        """Whether the token endpoint rejects the configured client id and secret (code flow).
+
+        It is asked to refresh a token that cannot exist: a token endpoint authenticates
+        the client before it looks at the grant, answering ``invalid_client`` for a wrong
+        id or secret and ``invalid_grant`` otherwise (RFC 6749 section 5.2, the error
+        codes of the token endpoint). So a wrong secret is found without spending the
+        stored single-use refresh token.
+        """
+        form = {"grant_type": "refresh_token", "refresh_token": CREDENTIAL_PROBE}
+        try:
+            await request_token(self.settings, self.ctx.client, form)
+        except AuthError as exc:
+            if "invalid_client" in str(exc):
+                return "xero: the token endpoint rejected client_id/client_secret (invalid_client)"
+            return None
+        except SyncdError as exc:
+            return f"xero: token endpoint: {exc}"
+        return None
 
     async def _check_organisation(self, http: VendorHttp) -> list[str]:
         try:

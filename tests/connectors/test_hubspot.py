@@ -308,7 +308,7 @@ async def test_ensure_properties_is_idempotent(connector: HubSpotConnector, emul
     second = await connector.ensure_properties()
 
     assert first.group_created is True
-    assert len(first.created) == 6
+    assert len(first.created) == 7
     assert first.present == ()
     assert second.group_created is False
     assert second.created == ()
@@ -331,6 +331,7 @@ async def test_write_billing_status_round_trips(connector: HubSpotConnector, emu
         currency="EUR",
         due_date=date(2024, 7, 31),
         days_overdue=3,
+        total_invoiced=Decimal("4000.00"),
     )
 
     await connector.write_billing_status(deal, status)
@@ -342,6 +343,7 @@ async def test_write_billing_status_round_trips(connector: HubSpotConnector, emu
     assert stored["syncd_invoice_currency"] == "EUR"
     assert stored["syncd_invoice_due_date"] == "2024-07-31"
     assert stored["syncd_days_overdue"] == "3"
+    assert stored["syncd_total_invoiced"] == "4000.00"
     record = await connector.fetch_deal(deal, {"deal": ["syncd_amount_due"]})
     assert record.data["deal"]["properties"]["syncd_amount_due"] == "1234.50"
 
@@ -796,8 +798,8 @@ def test_setup_hubspot_prints_each_property_created_then_present(tmp_path: Path)
     for name in BillingProperty:
         assert re.search(rf"{name.value}\s+created", first.output)
         assert re.search(rf"{name.value}\s+already present", second.output)
-    assert "6 created, 0 already present" in first.output
-    assert "0 created, 6 already present" in second.output
+    assert "7 created, 0 already present" in first.output
+    assert "0 created, 7 already present" in second.output
 
 
 def test_setup_hubspot_without_the_scope_names_it(tmp_path: Path) -> None:

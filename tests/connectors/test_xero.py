@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from connectors.emulation import Fault
-from connectors.xero.auth import consent_url, exchange_code, list_connections
+from connectors.xero.auth import consent_url, exchange_code, list_connections, request_token
 from connectors.xero.connector import SPEC, XeroConnector, XeroSettings
 from connectors.xero.emulator import XeroEmulator, compile_where
 from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json
@@ -609,6 +609,20 @@ async def test_wrong_client_credentials_are_reported_without_the_secret() -> Non
         assert "not-the-secret" not in problem
 
 
+async def test_code_flow_check_reports_a_wrong_client_secret_without_spending_the_refresh_token() -> None:
+    """With the code flow and a valid stored token, check() still finds a wrong secret; the stored token is untouched."""
+    async with rig() as r:
+        good = await code_flow(r)
+        stored = await r.store.load()
+        assert await good.check() == []
+        wrong = r.connect(grant="authorization_code", client_secret="not-the-secret")
+        (problem,) = await wrong.check()
+        assert "invalid_client" in problem
+        assert "not-the-secret" not in problem
+        assert await r.store.load() == stored
+        assert await good.check() == []  # the refresh token was not spent
+
+
 async def code_flow(r: Rig) -> XeroConnector:
     """Run the consent + code exchange (what `syncd auth xero` does) and store the tokens."""
     conf = settings(r.emulator, grant="authorization_code")
@@ -716,9 +730,14 @@ async def test_check_never_rotates_the_refresh_token() -> None:
         (problem,) = await connector.check()
         assert "expired" in problem
         assert "daemon" in problem
-        assert r.emulator.calls["token"] == 1
+        # the code exchange, then one credential probe per check (a refresh token that cannot exist)
+        assert r.emulator.calls["token"] == 3
         assert r.emulator.calls["getOrganisations"] == 1
         assert r.store.tokens == before
+        # the stored refresh token was never spent: it still refreshes
+        conf = settings(r.emulator, grant="authorization_code")
+        form = {"grant_type": "refresh_token", "refresh_token": str(before["refresh_token"])}
+        assert "access_token" in await request_token(conf, r.client, form)
 
 
 async def test_check_without_stored_tokens_says_how_to_connect() -> None:
