@@ -57,13 +57,21 @@ def write_config(
     harvest_url: str = HARVEST_URL,
     extra: str = "",
     name: str = "config.toml",
+    shared_rate_budget: bool | None = False,
 ) -> Path:
     """A config pointing every connection at an emulator host.
 
     With ``harvest``, a ``harvest`` connection (at ``harvest_url``) is the pipeline's
     time tracker; ``extra`` is TOML appended at the end (``[pilot]`` ...).
+
+    ``shared_rate_budget`` is off by default: on PostgreSQL the shared budget paces
+    every vendor call on real time (a slot a second for Xero, ``syncd/http.py``), which
+    only its own tests need (``tests/test_budget.py``); ``None`` leaves syncd's default.
+    A ``daemon_extra`` that sets the key itself wins.
     """
     path = folder / name
+    if shared_rate_budget is not None and "shared_rate_budget" not in daemon_extra:
+        daemon_extra = f"shared_rate_budget = {str(shared_rate_budget).lower()}\n{daemon_extra}"
     tracker = ""
     if harvest is not None:
         tracker = f"""
@@ -124,6 +132,7 @@ async def stack(
     xero: XeroEmulator | None = None,
     harvest: HarvestEmulator | None = None,
     extra: str = "",
+    shared_rate_budget: bool | None = False,
 ) -> AsyncIterator[Stack]:
     """Start emulators and a daemon (no worker tasks, no poll ticks) for one test.
 
@@ -133,11 +142,20 @@ async def stack(
         hub / xero: emulators to reuse (a second daemon on the same vendors); new ones by default.
         harvest: a Harvest emulator, mounted at ``http://harvest.test`` as the pipeline's time tracker.
         extra: TOML appended to the config (``[pilot]`` ...).
+        shared_rate_budget: as for :func:`write_config` (off unless a test is about it).
     """
     hub = hub or HubSpotEmulator(rate_limits=False, clock=clock)
     xero = xero or XeroEmulator(rate_limits=False, clock=clock)
     path = write_config(
-        folder, db_url, hub, xero, daemon_extra=daemon_extra, mapping=mapping, harvest=harvest, extra=extra
+        folder,
+        db_url,
+        hub,
+        xero,
+        daemon_extra=daemon_extra,
+        mapping=mapping,
+        harvest=harvest,
+        extra=extra,
+        shared_rate_budget=shared_rate_budget,
     )
     config = load_config(path)
     mounts = {
