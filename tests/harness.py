@@ -2,14 +2,17 @@
 
 Vendor hosts are routed to the emulators with httpx mounts; the emulators deliver
 webhooks to syncd's ASGI app through another ASGI transport. The daemon runs with no
-worker tasks, so a test drives the engine with ``drain()`` and never sleeps.
+worker tasks, so a test drives the engine with ``drain()`` and never sleeps; a vendor
+call's wait before a retry (``Retry-After``, back-off) is recorded in ``Stack.sleeps``
+and takes no wall time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -39,6 +42,7 @@ class Stack:
     web: httpx.AsyncClient
     config: Config
     harvest: HarvestEmulator | None = None
+    sleeps: list[float] = field(default_factory=list)
 
     async def drain(self) -> None:
         """Process every due event and effect."""
@@ -164,7 +168,14 @@ async def stack(
     }
     if harvest is not None:
         mounts["http://harvest.test"] = httpx.ASGITransport(app=harvest.app)
-    daemon = Daemon(config, mounts=mounts, poll=False, workers=0, clock=clock or utcnow)
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        """A retry's wait, recorded instead of spent (the clock is the test's to move)."""
+        sleeps.append(seconds)
+        await asyncio.sleep(0)
+
+    daemon = Daemon(config, mounts=mounts, poll=False, workers=0, clock=clock or utcnow, sleep=sleep)
     async with (
         daemon.lifespan(),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=daemon.app()), base_url=SYNCD_URL) as web,
@@ -172,7 +183,7 @@ async def stack(
         await daemon.runtime.connectors["hubspot"].ensure_properties()  # what `syncd setup hubspot` does
         hub.subscribe(f"{SYNCD_URL}/webhooks/hubspot", web)
         xero.subscribe(f"{SYNCD_URL}/webhooks/xero", web)
-        yield Stack(hub=hub, xero=xero, daemon=daemon, web=web, config=config, harvest=harvest)
+        yield Stack(hub=hub, xero=xero, daemon=daemon, web=web, config=config, harvest=harvest, sleeps=sleeps)
 
 
 def seed_company(hub: HubSpotEmulator, *, po: str = "PO-4411", terms: str = "14") -> tuple[str, str]:
