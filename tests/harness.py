@@ -62,6 +62,7 @@ def write_config(
     extra: str = "",
     name: str = "config.toml",
     shared_rate_budget: bool | None = False,
+    rate_limits: bool = False,
 ) -> Path:
     """A config pointing every connection at an emulator host.
 
@@ -72,8 +73,17 @@ def write_config(
     every vendor call on real time (a slot a second for Xero, ``syncd/http.py``), which
     only its own tests need (``tests/test_budget.py``); ``None`` leaves syncd's default.
     A ``daemon_extra`` that sets the key itself wins.
+
+    The connections' own rate limits are off unless ``rate_limits``, like those of the
+    emulators the tests build (``rate_limits=False``): syncd's limiter waits on the event
+    loop's real clock, not on a test's, and the limits have their own tests
+    (``tests/test_http.py``, ``tests/connectors/``). For Xero 0 leaves only the
+    concurrency limit and the app-wide 10,000 a minute (``connectors/xero/connector.py``).
     """
     path = folder / name
+    hub_limits = xero_limits = ""
+    if not rate_limits:
+        hub_limits, xero_limits = "rate_limit_per_10s = 0\nsearch_rate_per_s = 0\n", "rate_limit_per_min = 0\n"
     if shared_rate_budget is not None and "shared_rate_budget" not in daemon_extra:
         daemon_extra = f"shared_rate_budget = {str(shared_rate_budget).lower()}\n{daemon_extra}"
     tracker = ""
@@ -102,7 +112,7 @@ connector = "hubspot"
 base_url = "http://hubspot.test"
 token = "{hub.token}"
 webhook_secret = "{hub.client_secret}"
-
+{hub_limits}
 [connections.xero]
 connector = "xero"
 base_url = "http://xero.test"
@@ -111,7 +121,7 @@ client_id = "{xero.client_id}"
 client_secret = "{xero.client_secret}"
 tenant_id = "{xero.tenant_id}"
 webhook_key = "{xero.webhook_key}"
-{tracker}
+{xero_limits}{tracker}
 [[pipelines]]
 crm = "hubspot"
 invoicing = "xero"
@@ -137,6 +147,7 @@ async def stack(
     harvest: HarvestEmulator | None = None,
     extra: str = "",
     shared_rate_budget: bool | None = False,
+    rate_limits: bool = False,
 ) -> AsyncIterator[Stack]:
     """Start emulators and a daemon (no worker tasks, no poll ticks) for one test.
 
@@ -146,7 +157,7 @@ async def stack(
         hub / xero: emulators to reuse (a second daemon on the same vendors); new ones by default.
         harvest: a Harvest emulator, mounted at ``http://harvest.test`` as the pipeline's time tracker.
         extra: TOML appended to the config (``[pilot]`` ...).
-        shared_rate_budget: as for :func:`write_config` (off unless a test is about it).
+        shared_rate_budget / rate_limits: as for :func:`write_config` (off unless a test is about them).
     """
     hub = hub or HubSpotEmulator(rate_limits=False, clock=clock)
     xero = xero or XeroEmulator(rate_limits=False, clock=clock)
@@ -160,6 +171,7 @@ async def stack(
         harvest=harvest,
         extra=extra,
         shared_rate_budget=shared_rate_budget,
+        rate_limits=rate_limits,
     )
     config = load_config(path)
     mounts = {
