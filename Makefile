@@ -25,10 +25,8 @@ lint: install-dev
 	$(BIN)/ruff format --check syncd connectors tests $(wildcard bench)
 	$(BIN)/mypy syncd connectors
 
-# Two pytest-xdist workers: much of a test's time is spent waiting on a database or a
-# subprocess, so two cut the wall time by about a third on two cores; four gained nothing.
 test: lint
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest
 
 bench: install-dev
 	$(BIN)/python -m bench
