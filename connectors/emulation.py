@@ -11,6 +11,12 @@ again:
   its vendor's published limits (switched off or raised for benchmarks).
 * :class:`WebhookSender`: posts signed webhook bodies to a target URL and keeps each
   delivery so a test can re-deliver it, as vendors do.
+* :class:`Contract` and :class:`ContractGate`: an emulator given a contract checks every
+  request it serves against the vendor's published contract (an OpenAPI description
+  through :class:`OpenApiContract`, or a vendor SDK's request models) and refuses a
+  breach with the vendor's own error body, keeping it in ``breaches`` so a test can
+  assert that a connector sent none. The contract is built by the caller: the vendor
+  files and SDKs are test dependencies, and nothing here reads a file.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
+from urllib.parse import parse_qsl
 
 import httpx
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 FaultKind = Literal["status", "drop_response", "latency"]
@@ -212,3 +220,162 @@ class WebhookSender:
             return None
         response = await self.client.post(delivery.url, content=delivery.body, headers=dict(delivery.headers))
         return response.status_code
+
+
+# ---------------------------------------------------------------------- contracts
+
+
+@dataclass(frozen=True, kw_only=True)
+class Call:
+    """One request as a contract sees it.
+
+    Attributes:
+        method: the HTTP method, upper case.
+        path: the full path (``/api.xro/2.0/Invoices``, ``/v2/time_entries``).
+        query: the raw query string, without ``?``.
+        headers: the headers, names in lower case.
+        body: the raw body (``b""`` when there is none).
+    """
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: bytes
+
+    @classmethod
+    async def of(cls, request: Request) -> Call:
+        """The call a Starlette request makes (its body is read and kept for the handler)."""
+        return cls(
+            method=request.method.upper(),
+            path=request.url.path,
+            query=request.url.query,
+            headers={name.lower(): value for name, value in request.headers.items()},
+            body=await request.body(),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Breach:
+    """A request an emulator refused because it breaks the vendor's contract."""
+
+    call: Call
+    problems: tuple[str, ...]
+
+
+class Contract(Protocol):
+    """A vendor's published contract for the requests an emulator serves."""
+
+    def problems(self, call: Call) -> list[str]:
+        """What ``call`` breaks, one sentence each naming the place; empty when it keeps the contract.
+
+        A bad call is reported, never raised: the emulator answers it with the vendor's
+        error body.
+        """
+        ...
+
+
+class ContractGate:
+    """The contract an emulator checks its requests against, and the breaches it refused.
+
+    Args:
+        contract: the contract; ``None`` checks nothing (the default of every emulator,
+            as the demo runs without the test dependencies contracts are built from).
+
+    Attributes:
+        breaches: every refused request with its problems, oldest first.
+        checked: how many requests were checked.
+    """
+
+    def __init__(self, contract: Contract | None) -> None:
+        self.contract = contract
+        self.breaches: list[Breach] = []
+        self.checked = 0
+
+    async def problems(self, request: Request, *, headers: Mapping[str, str] | None = None) -> tuple[str, ...]:
+        """The problems of ``request`` (kept as a :class:`Breach` when there are any).
+
+        ``headers`` are laid over the request's own before the check: what the vendor
+        documents as implied where its description says required (Xero's tenant header
+        on a custom connection).
+        """
+        if self.contract is None:
+            return ()
+        call = await Call.of(request)
+        if headers:
+            call = replace(call, headers={**call.headers, **{name.lower(): value for name, value in headers.items()}})
+        self.checked += 1
+        found = tuple(self.contract.problems(call))
+        if found:
+            self.breaches.append(Breach(call=call, problems=found))
+        return found
+
+
+class OpenApiContract:
+    """A contract read from an OpenAPI description, checked with openapi-core.
+
+    Parameters, headers and the JSON body of each request are validated against the
+    operation its method and path select; a path or method the description lacks is a
+    problem too.
+
+    Args:
+        spec: an ``openapi_core.OpenAPI`` the caller has loaded (and patched, where the
+            file and the vendor's pages disagree).
+        host_url: the scheme and host of the description's server (``https://api.xero.com``);
+            requests are checked as if sent there, whatever host the emulator is reached by.
+    """
+
+    def __init__(self, spec: Any, *, host_url: str) -> None:
+        self.spec = spec
+        self.host_url = host_url.rstrip("/")
+
+    def problems(self, call: Call) -> list[str]:
+        """Every validation error openapi-core finds in ``call``, as sentences."""
+        return [
+            _openapi_problem(error) for error in self.spec.iter_request_errors(_OpenApiRequest(call, self.host_url))
+        ]
+
+
+class _OpenApiRequest:
+    """A :class:`Call` as openapi-core's request protocol (``openapi_core.protocols.Request``)."""
+
+    def __init__(self, call: Call, host_url: str) -> None:
+        from openapi_core.datatypes import RequestParameters
+        from werkzeug.datastructures import Headers, ImmutableMultiDict
+
+        self.call = call
+        self.host_url = host_url
+        self.parameters = RequestParameters(
+            query=ImmutableMultiDict(parse_qsl(call.query, keep_blank_values=True)),
+            header=Headers(list(call.headers.items())),
+            cookie=ImmutableMultiDict(),
+        )
+
+    @property
+    def path(self) -> str:
+        return self.call.path
+
+    @property
+    def method(self) -> str:
+        return self.call.method.lower()
+
+    @property
+    def body(self) -> bytes | None:
+        return self.call.body or None
+
+    @property
+    def content_type(self) -> str:
+        return self.call.headers.get("content-type", "")
+
+
+def _openapi_problem(error: Exception) -> str:
+    """One openapi-core error as a sentence: its kind, its text and each schema error under it."""
+    cause = error.__cause__
+    details = [
+        f"{getattr(item, 'json_path', '$')}: {getattr(item, 'message', item)}"
+        for item in getattr(cause, "schema_errors", ())
+    ]
+    text = f"{type(error).__name__}: {error}"
+    if cause is not None and not details:
+        details = [str(cause)]
+    return f"{text} ({'; '.join(details)})" if details else text

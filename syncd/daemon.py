@@ -43,6 +43,7 @@ from syncd import logging as syncd_logging
 from syncd import recurring
 from syncd.engine import Engine
 from syncd.errors import AuthError, ConfigError
+from syncd.http import Sleep
 from syncd.runtime import Runtime, utcnow
 from syncd.scheduler import build_scheduler
 from syncd.settings import Config
@@ -69,6 +70,7 @@ class Daemon:
         mounts: URL prefix → transport, to reach in-process emulators.
         poll: run the scheduler's poll ticks (tests that drive polls by hand turn it off).
         workers: worker tasks (default ``[daemon].workers``; 0 in tests that drain by hand).
+        sleep: how vendor calls wait between retries (injected in tests: no wall time).
 
     Attributes:
         refusal: why the last start was refused (one line for ``syncd run``), if it was.
@@ -82,11 +84,13 @@ class Daemon:
         mounts: Mapping[str, httpx.AsyncBaseTransport] | None = None,
         poll: bool = True,
         workers: int | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.config = config
         self.clock = clock
         self.mounts = mounts
         self.poll = poll
+        self.sleep = sleep
         self.workers = config.daemon.workers if workers is None else workers
         self._runtime: Runtime | None = None
         self._engine: Engine | None = None
@@ -151,7 +155,7 @@ class Daemon:
     async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
         """Start the runtime, workers and scheduler; drain and close them on exit."""
         self._stop = asyncio.Event()
-        self._runtime = await Runtime.start(self.config, clock=self.clock, mounts=self.mounts)
+        self._runtime = await Runtime.start(self.config, clock=self.clock, mounts=self.mounts, sleep=self.sleep)
         try:
             await _create_crm_properties(self._runtime)
         except BaseException as exc:

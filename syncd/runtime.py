@@ -7,6 +7,7 @@ mapping. ``syncd run``, ``syncd demo`` and the tests build it the same way.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import os
@@ -21,7 +22,7 @@ import httpx
 import structlog
 
 from syncd.errors import ConfigError, MappingError
-from syncd.http import SharedBudget, VendorHttp, make_client
+from syncd.http import SharedBudget, Sleep, VendorHttp, make_client
 from syncd.interfaces import ConnectorContext, Crm, Invoicing, TimeTracker, WebhookVerifier, secret_value
 from syncd.mapping import MappingDefaults, PipelineMapping, load_mapping
 from syncd.settings import Config, PipelineSettings, load_config
@@ -86,6 +87,7 @@ class Runtime:
         clock: Callable[[], datetime] = utcnow,
         mounts: Mapping[str, httpx.AsyncBaseTransport] | None = None,
         migrate: bool = True,
+        sleep: Sleep = asyncio.sleep,
     ) -> Runtime:
         """Open the store (migrating it), build every connection and pipeline.
 
@@ -94,6 +96,8 @@ class Runtime:
             clock: the clock (injected in tests).
             mounts: URL prefix → transport, to route vendor hosts to in-process emulators.
             migrate: run the migrations first (``syncd run`` does).
+            sleep: how vendor calls wait between retries (``Retry-After``, back-off);
+                injected in tests so that a retry takes no wall time.
 
         Raises:
             ConfigError: a mapping file is invalid, or a connection cannot be built.
@@ -103,7 +107,7 @@ class Runtime:
             await store.migrate()
         client = make_client(mounts=mounts)
         try:
-            return await cls._wire(config, store, client, clock)
+            return await cls._wire(config, store, client, clock, sleep)
         except BaseException:
             await client.aclose()
             await store.close()
@@ -111,7 +115,7 @@ class Runtime:
 
     @classmethod
     async def _wire(
-        cls, config: Config, store: Store, client: httpx.AsyncClient, clock: Callable[[], datetime]
+        cls, config: Config, store: Store, client: httpx.AsyncClient, clock: Callable[[], datetime], sleep: Sleep
     ) -> Runtime:
         key = secret_value(config.daemon.encryption_key) or None
         connectors: dict[str, Any] = {}
@@ -125,7 +129,7 @@ class Runtime:
                 client=client,
                 tokens=DbTokenStore(store, name, key),
                 clock=clock,
-                make_http=functools.partial(VendorHttp, client, connection=name, budget=budget),
+                make_http=functools.partial(VendorHttp, client, connection=name, budget=budget, sleep=sleep),
             )
             connectors[name] = conn.spec.factory(conn.settings, ctx)
             if conn.spec.verifier is not None:

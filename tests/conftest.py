@@ -9,8 +9,21 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings
 
 PG_ADMIN = os.environ.get("SYNCD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # readline, loaded in the pytest process, exports COLUMNS=80 and LINES=24 to its
+    # children, so an xdist worker starts with them set. rich reads them once, when
+    # syncd.cli creates its consoles at import, and a CLI test's own COLUMNS would be ignored.
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+
+# Property tests share two cores with another worker and other processes: an example
+# slowed by the scheduler is not a failure (Hypothesis's default deadline is 200 ms).
+settings.register_profile("syncd", deadline=None)
+settings.load_profile("syncd")
 
 
 def _pg_available() -> bool:

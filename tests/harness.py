@@ -2,14 +2,17 @@
 
 Vendor hosts are routed to the emulators with httpx mounts; the emulators deliver
 webhooks to syncd's ASGI app through another ASGI transport. The daemon runs with no
-worker tasks, so a test drives the engine with ``drain()`` and never sleeps.
+worker tasks, so a test drives the engine with ``drain()`` and never sleeps; a vendor
+call's wait before a retry (``Retry-After``, back-off) is recorded in ``Stack.sleeps``
+and takes no wall time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -39,6 +42,7 @@ class Stack:
     web: httpx.AsyncClient
     config: Config
     harvest: HarvestEmulator | None = None
+    sleeps: list[float] = field(default_factory=list)
 
     async def drain(self) -> None:
         """Process every due event and effect."""
@@ -57,13 +61,31 @@ def write_config(
     harvest_url: str = HARVEST_URL,
     extra: str = "",
     name: str = "config.toml",
+    shared_rate_budget: bool | None = False,
+    rate_limits: bool = False,
 ) -> Path:
     """A config pointing every connection at an emulator host.
 
     With ``harvest``, a ``harvest`` connection (at ``harvest_url``) is the pipeline's
     time tracker; ``extra`` is TOML appended at the end (``[pilot]`` ...).
+
+    ``shared_rate_budget`` is off by default: on PostgreSQL the shared budget paces
+    every vendor call on real time (a slot a second for Xero, ``syncd/http.py``), which
+    only its own tests need (``tests/test_budget.py``); ``None`` leaves syncd's default.
+    A ``daemon_extra`` that sets the key itself wins.
+
+    The connections' own rate limits are off unless ``rate_limits``, like those of the
+    emulators the tests build (``rate_limits=False``): syncd's limiter waits on the event
+    loop's real clock, not on a test's, and the limits have their own tests
+    (``tests/test_http.py``, ``tests/connectors/``). For Xero 0 leaves only the
+    concurrency limit and the app-wide 10,000 a minute (``connectors/xero/connector.py``).
     """
     path = folder / name
+    hub_limits = xero_limits = ""
+    if not rate_limits:
+        hub_limits, xero_limits = "rate_limit_per_10s = 0\nsearch_rate_per_s = 0\n", "rate_limit_per_min = 0\n"
+    if shared_rate_budget is not None and "shared_rate_budget" not in daemon_extra:
+        daemon_extra = f"shared_rate_budget = {str(shared_rate_budget).lower()}\n{daemon_extra}"
     tracker = ""
     if harvest is not None:
         tracker = f"""
@@ -90,7 +112,7 @@ connector = "hubspot"
 base_url = "http://hubspot.test"
 token = "{hub.token}"
 webhook_secret = "{hub.client_secret}"
-
+{hub_limits}
 [connections.xero]
 connector = "xero"
 base_url = "http://xero.test"
@@ -99,7 +121,7 @@ client_id = "{xero.client_id}"
 client_secret = "{xero.client_secret}"
 tenant_id = "{xero.tenant_id}"
 webhook_key = "{xero.webhook_key}"
-{tracker}
+{xero_limits}{tracker}
 [[pipelines]]
 crm = "hubspot"
 invoicing = "xero"
@@ -124,6 +146,8 @@ async def stack(
     xero: XeroEmulator | None = None,
     harvest: HarvestEmulator | None = None,
     extra: str = "",
+    shared_rate_budget: bool | None = False,
+    rate_limits: bool = False,
 ) -> AsyncIterator[Stack]:
     """Start emulators and a daemon (no worker tasks, no poll ticks) for one test.
 
@@ -133,11 +157,21 @@ async def stack(
         hub / xero: emulators to reuse (a second daemon on the same vendors); new ones by default.
         harvest: a Harvest emulator, mounted at ``http://harvest.test`` as the pipeline's time tracker.
         extra: TOML appended to the config (``[pilot]`` ...).
+        shared_rate_budget / rate_limits: as for :func:`write_config` (off unless a test is about them).
     """
     hub = hub or HubSpotEmulator(rate_limits=False, clock=clock)
     xero = xero or XeroEmulator(rate_limits=False, clock=clock)
     path = write_config(
-        folder, db_url, hub, xero, daemon_extra=daemon_extra, mapping=mapping, harvest=harvest, extra=extra
+        folder,
+        db_url,
+        hub,
+        xero,
+        daemon_extra=daemon_extra,
+        mapping=mapping,
+        harvest=harvest,
+        extra=extra,
+        shared_rate_budget=shared_rate_budget,
+        rate_limits=rate_limits,
     )
     config = load_config(path)
     mounts = {
@@ -146,7 +180,14 @@ async def stack(
     }
     if harvest is not None:
         mounts["http://harvest.test"] = httpx.ASGITransport(app=harvest.app)
-    daemon = Daemon(config, mounts=mounts, poll=False, workers=0, clock=clock or utcnow)
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        """A retry's wait, recorded instead of spent (the clock is the test's to move)."""
+        sleeps.append(seconds)
+        await asyncio.sleep(0)
+
+    daemon = Daemon(config, mounts=mounts, poll=False, workers=0, clock=clock or utcnow, sleep=sleep)
     async with (
         daemon.lifespan(),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=daemon.app()), base_url=SYNCD_URL) as web,
@@ -154,7 +195,7 @@ async def stack(
         await daemon.runtime.connectors["hubspot"].ensure_properties()  # what `syncd setup hubspot` does
         hub.subscribe(f"{SYNCD_URL}/webhooks/hubspot", web)
         xero.subscribe(f"{SYNCD_URL}/webhooks/xero", web)
-        yield Stack(hub=hub, xero=xero, daemon=daemon, web=web, config=config, harvest=harvest)
+        yield Stack(hub=hub, xero=xero, daemon=daemon, web=web, config=config, harvest=harvest, sleeps=sleeps)
 
 
 def seed_company(hub: HubSpotEmulator, *, po: str = "PO-4411", terms: str = "14") -> tuple[str, str]:

@@ -116,7 +116,7 @@ async def test_two_vendor_clients_sharing_a_budget_stay_under_the_limit(replicas
 
 async def test_sqlite_runs_without_a_shared_budget(sqlite_url: str, tmp_path: Path) -> None:
     """On SQLite (one process) the connectors' HTTP has no shared budget and no row is written."""
-    async with harness.stack(tmp_path, sqlite_url) as stack:
+    async with harness.stack(tmp_path, sqlite_url, shared_rate_budget=None, rate_limits=True) as stack:  # defaults
         xero = stack.daemon.runtime.connectors["xero"]
         assert xero.http.budget is None
         await xero.http.request("GET", "/Organisation")
@@ -126,7 +126,7 @@ async def test_sqlite_runs_without_a_shared_budget(sqlite_url: str, tmp_path: Pa
 @pytest.mark.postgres
 async def test_postgres_replicas_share_the_budget_unless_switched_off(postgres_url: str, tmp_path: Path) -> None:
     """On PostgreSQL each Xero call takes from the shared budget; ``shared_rate_budget = false`` stops it."""
-    async with harness.stack(tmp_path, postgres_url) as stack:
+    async with harness.stack(tmp_path, postgres_url, shared_rate_budget=None, rate_limits=True) as stack:  # defaults
         xero = stack.daemon.runtime.connectors["xero"]
         assert isinstance(xero.http.budget, SharedBudget)
         await xero.http.request("GET", "/Organisation")

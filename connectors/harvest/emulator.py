@@ -40,6 +40,14 @@ Sources, per behaviour:
   does not say which.
 * Unknown ids are answered 404 and invalid input 422, both with the ``Error`` schema
   shape ``{"code", "message"}``; Harvest's own bodies for these are not documented.
+  ("422 Unprocessable Entity: There was a problem with your request parameters. Check
+  the response body for details", the "HTTP Status Codes" of the overview page above.)
+* Given a ``contract`` (:class:`~connectors.emulation.OpenApiContract` over
+  ``specs/harvest/harvest-openapi.yaml``, as ``tests/connectors/test_strict.py`` builds
+  it), every request that passed the User-Agent and auth checks is validated against the
+  description too: a parameter of the wrong type or enum, an unknown path or a body
+  missing a required field is answered 422 with every problem in ``message`` and kept
+  in :attr:`HarvestEmulator.contract` ``.breaches``.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
-from connectors.emulation import FaultMiddleware, FaultPlan, WindowLimiter
+from connectors.emulation import Contract, ContractGate, FaultMiddleware, FaultPlan, WindowLimiter
 
 MAX_PER_PAGE = 2000
 RATE_WINDOW_S = 15.0
@@ -234,12 +242,15 @@ class HarvestEmulator:
         rate_limit_per_15s: requests allowed per 15 s window.
         clock: current aware time, for ``created_at``/``updated_at`` and the rate
             window (defaults to the wall clock).
+        contract: Harvest's published contract to check each request against
+            (``None``: no check; see the module docstring).
 
     Attributes:
         app: the ASGI app (mounted at ``/v2``), wrapped in :class:`FaultMiddleware`.
         faults: the :class:`FaultPlan` that middleware applies.
         calls: requests received per route, as ``"GET /time_entries"``.
         owner_id: the id of the administrator user the token belongs to.
+        contract: the :class:`~connectors.emulation.ContractGate` (``breaches`` lists refused requests).
     """
 
     def __init__(
@@ -250,8 +261,10 @@ class HarvestEmulator:
         rate_limits: bool = True,
         rate_limit_per_15s: int = 100,
         clock: Callable[[], datetime] | None = None,
+        contract: Contract | None = None,
     ) -> None:
         self.token = token
+        self.contract = ContractGate(contract)
         self.account_id = account_id
         self.clock = clock or (lambda: datetime.now(UTC))
         self.limiter = WindowLimiter(rate_limit_per_15s if rate_limits else None, RATE_WINDOW_S, self._seconds)
@@ -543,6 +556,7 @@ class HarvestEmulator:
             self.calls[name] += 1
             try:
                 self._admit(request)
+                await self._keeps_contract(request)
                 return await handler(request)
             except HarvestError as exc:
                 return exc.response()
@@ -562,6 +576,12 @@ class HarvestEmulator:
         if wait_s is not None:
             retry_after = str(max(1, math.ceil(wait_s)))
             raise HarvestError(429, "rate limit exceeded", headers={"Retry-After": retry_after})
+
+    async def _keeps_contract(self, request: Request) -> None:
+        """422 with every problem when the request breaks the contract (if one was given)."""
+        problems = await self.contract.problems(request)
+        if problems:
+            raise HarvestError(422, "; ".join(problems))
 
     # -- time entries ------------------------------------------------------------------
     # https://help.getharvest.com/api-v2/timesheets-api/timesheets/time-entries/

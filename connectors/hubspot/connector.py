@@ -486,7 +486,13 @@ class HubSpotConnector:
         found: list[CrmObject] = []
         for start in range(0, len(ids), BATCH_LIMIT):
             chunk = ids[start : start + BATCH_LIMIT]
-            body = {"inputs": [{"id": object_id} for object_id in chunk], "properties": list(properties)}
+            # propertiesWithHistory is required by HubSpot's batch read model, even when empty
+            # (hubspot-api-client, crm/objects/models/batch_read_input_simple_public_object_id.py).
+            body = {
+                "inputs": [{"id": object_id} for object_id in chunk],
+                "properties": list(properties),
+                "propertiesWithHistory": [],
+            }
             response = await self.http.request("POST", f"/crm/v3/objects/{object_type}/batch/read", json=body)
             by_id = {item.id: item for item in BatchRead.model_validate_json(response.content).results}
             found.extend(by_id[object_id] for object_id in chunk if object_id in by_id)

@@ -37,6 +37,19 @@ SDK and syncd's connector work against it. Sources (all on developers.hubspot.co
   body HubSpot sends, as quoted in HubSpot Community threads on MISSING_SCOPES);
 * webhook bodies and v3 signatures: see ``connectors/hubspot/webhooks.py``.
 
+Request bodies, given a ``contract`` (:class:`SdkContract`, as
+``tests/connectors/test_strict.py`` builds it): each write and search body must fit the
+request model of the official ``hubspot-api-client`` SDK, whose models are generated from
+HubSpot's OpenAPI files: no field the model does not name, each value of the model's type
+(``openapi_types``), every required field present and every enum value allowed (the
+model's own client-side validation). A breach is answered 400 ``VALIDATION_ERROR`` with
+every problem and kept in ``HubSpotEmulator.contract.breaches``. One documented shape is
+accepted beside the model: a search sort given as ``{"propertyName", "direction"}``,
+which the search guide shows, where the SDK's ``PublicObjectSearchRequest.sorts`` says
+``list[str]``. Property names on writes are checked whether or not a contract is given:
+an undefined one is ``PROPERTY_DOESNT_EXIST`` (``strict_properties``) and a read-only one
+``READ_ONLY_VALUE``.
+
 Emulator-only choices (not confirmed against HubSpot): the v3 ``associations[].type``
 names other than ``deal_to_company``/``deal_to_company_unlabeled``/``deal_to_contact``/
 ``deal_to_line_item`` follow the same pattern; list ``after`` cursors are record ids;
@@ -47,6 +60,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import importlib
 import itertools
 import json
 import re
@@ -66,7 +80,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from connectors.emulation import FaultMiddleware, FaultPlan, WebhookSender, WindowLimiter
+from connectors.emulation import Call, Contract, ContractGate, FaultMiddleware, FaultPlan, WebhookSender, WindowLimiter
 from connectors.hubspot.models import epoch_ms, iso_ms, parse_hubspot_time
 from connectors.hubspot.webhooks import sign_v3
 
@@ -274,6 +288,8 @@ class HubSpotEmulator:
             HubSpot's 400 ``PROPERTY_DOESNT_EXIST`` (as HubSpot does); ``False`` defines
             them on the fly as text properties. Run ``ensure_properties`` (``syncd setup
             hubspot``) before writing billing status to a strict portal.
+        contract: HubSpot's published request models to check each body against
+            (:class:`SdkContract`; ``None``: no check).
 
     Attributes:
         token / client_secret / client_id / refresh_token: the credentials it accepts.
@@ -281,6 +297,7 @@ class HubSpotEmulator:
         faults: the fault plan applied to requests.
         webhooks: the webhook sender (deliveries kept for re-delivery).
         calls: requests received, keyed ``"GET /crm/v3/objects/deals/{id}"``.
+        contract: the :class:`~connectors.emulation.ContractGate` (``breaches`` lists refused requests).
     """
 
     def __init__(
@@ -298,8 +315,10 @@ class HubSpotEmulator:
         search_result_cap: int = 10_000,
         strict_properties: bool = True,
         scopes: Iterable[str] | None = None,
+        contract: Contract | None = None,
     ) -> None:
         self.token = token
+        self.contract = ContractGate(contract)
         self.scopes = None if scopes is None else frozenset(scopes)
         self.client_secret = client_secret
         self.client_id = client_id
@@ -636,6 +655,7 @@ class HubSpotEmulator:
                 self._authenticate(request)
                 self._authorise(request)
                 self._throttle(search)
+                await self._keeps_contract(request)
                 response = await handler(request)
             except HubSpotError as exc:
                 response = JSONResponse(exc.body, status_code=exc.status)
@@ -644,6 +664,11 @@ class HubSpotEmulator:
             return response
 
         return endpoint
+
+    async def _keeps_contract(self, request: Request) -> None:
+        problems = await self.contract.problems(request)
+        if problems:
+            raise HubSpotError(400, f"Invalid input JSON: {'; '.join(problems)}", "VALIDATION_ERROR")
 
     def _authenticate(self, request: Request) -> None:
         header = request.headers.get("authorization", "")
@@ -1136,6 +1161,148 @@ class HubSpotEmulator:
         names += ["createdate", MODIFIED_PROPERTY[kind], "hs_object_id"]
         defined = self._properties[kind]
         return {name: record.properties.get(name) for name in dict.fromkeys(names) if name in defined}
+
+
+# ---------------------------------------------------------------------- request contract
+
+# (method, path, SDK models module, model) for each body the emulator takes: the
+# operations' request bodies in hubspot-api-client (crm/objects/api/basic_api.py ``create``
+# and ``update``, batch_api.py ``read``, search_api.py ``do_search``;
+# crm/properties/api/core_api.py ``create``, groups_api.py ``create``).
+_BODY_MODELS: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
+    ("POST", re.compile(r"/crm/v3/objects/[^/]+/search"), "hubspot.crm.objects", "PublicObjectSearchRequest"),
+    (
+        "POST",
+        re.compile(r"/crm/v3/objects/[^/]+/batch/read"),
+        "hubspot.crm.objects",
+        "BatchReadInputSimplePublicObjectId",
+    ),
+    ("POST", re.compile(r"/crm/v3/objects/[^/]+"), "hubspot.crm.objects", "SimplePublicObjectInputForCreate"),
+    ("PATCH", re.compile(r"/crm/v3/objects/[^/]+/[^/]+"), "hubspot.crm.objects", "SimplePublicObjectInput"),
+    ("POST", re.compile(r"/crm/v3/properties/[^/]+/groups"), "hubspot.crm.properties", "PropertyGroupCreate"),
+    ("POST", re.compile(r"/crm/v3/properties/[^/]+"), "hubspot.crm.properties", "PropertyCreate"),
+)
+_PRIMITIVES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "datetime": (str,),
+    "date": (str,),
+}
+# The search guide's sort object ("sorts": [{"propertyName": "createdate", "direction":
+# "DESCENDING"}], https://developers.hubspot.com/docs/api-reference/legacy/crm/search-the-crm).
+SORT_DIRECTIONS = ("ASCENDING", "DESCENDING")
+
+
+class SdkContract:
+    """HubSpot's request models, as the official ``hubspot-api-client`` SDK generates them.
+
+    The SDK is a test dependency: it is imported when the contract is built, so an
+    emulator without a contract (the demo) never needs it.
+
+    Raises:
+        ModuleNotFoundError: ``hubspot-api-client`` is not installed (``pip install -e '.[dev]'``).
+    """
+
+    def __init__(self) -> None:
+        self._models: list[tuple[str, re.Pattern[str], Any, Any]] = []
+        for method, pattern, package, name in _BODY_MODELS:
+            models = importlib.import_module(f"{package}.models")
+            configuration = importlib.import_module(f"{package}.configuration").Configuration()
+            configuration.client_side_validation = True
+            self._models.append((method, pattern, getattr(models, name), configuration))
+
+    def problems(self, call: Call) -> list[str]:
+        """The body's problems against its operation's model (none for a call without a body model)."""
+        for method, pattern, model, configuration in self._models:
+            if call.method == method and pattern.fullmatch(call.path):
+                try:
+                    payload = json.loads(call.body or b"{}")
+                except ValueError as exc:
+                    return [f"{model.__name__}: the body is not JSON ({exc})"]
+                return _fit(model, payload, model.__name__, configuration)
+        return []
+
+
+def _fit(model: Any, data: Any, place: str, configuration: Any) -> list[str]:
+    """Problems of ``data`` as an instance of the SDK ``model``: unknown fields, types, required, enums."""
+    if not isinstance(data, dict):
+        return [f"{place}: expected an object ({model.__name__}), got {type(data).__name__}"]
+    names = {key: attribute for attribute, key in model.attribute_map.items()}
+    problems = [
+        f"{place}.{key}: not a field of {model.__name__} (fields: {', '.join(sorted(names))})"
+        for key in data
+        if key not in names
+    ]
+    values = {names[key]: value for key, value in data.items() if key in names}
+    for attribute, value in values.items():
+        where = f"{place}.{model.attribute_map[attribute]}"
+        if model.__name__ == "PublicObjectSearchRequest" and attribute == "sorts":
+            problems += _sorts(value, where)
+        else:
+            problems += _fit_type(model.openapi_types[attribute], value, where, model, configuration)
+    if not problems:
+        try:
+            model(**values, local_vars_configuration=configuration)
+        except ValueError as exc:  # the model's client-side validation: a required field or an enum
+            problems.append(f"{place}: {exc}")
+    return problems
+
+
+def _fit_type(kind: str, value: Any, place: str, model: Any, configuration: Any) -> list[str]:
+    """Problems of ``value`` as the SDK type ``kind`` (``str``, ``list[Filter]``, ``dict[str, str]`` ...)."""
+    if value is None:
+        return []  # a None for a required field is the model's own check
+    if kind.startswith("list["):
+        if not isinstance(value, list):
+            return [f"{place}: expected a list, got {type(value).__name__}"]
+        return [
+            problem
+            for index, item in enumerate(value)
+            for problem in _fit_type(kind[5:-1], item, f"{place}[{index}]", model, configuration)
+        ]
+    if kind.startswith(("dict[", "dict(")):
+        if not isinstance(value, dict):
+            return [f"{place}: expected an object, got {type(value).__name__}"]
+        inner = kind[5:-1].split(",", 1)[1].strip()
+        return [
+            problem
+            for key, item in value.items()
+            for problem in _fit_type(inner, item, f"{place}.{key}", model, configuration)
+        ]
+    if kind == "object":
+        return []
+    if kind in _PRIMITIVES:
+        expected = _PRIMITIVES[kind]
+        wrong_bool = isinstance(value, bool) and bool not in expected
+        if wrong_bool or not isinstance(value, expected):
+            return [f"{place}: expected {kind}, got {type(value).__name__} {value!r}"]
+        return []
+    nested = getattr(importlib.import_module(model.__module__.rsplit(".", 1)[0]), kind)
+    return _fit(nested, value, place, configuration)
+
+
+def _sorts(value: Any, place: str) -> list[str]:
+    """A search's ``sorts``: property names (the SDK's ``list[str]``) or the guide's sort objects."""
+    if not isinstance(value, list):
+        return [f"{place}: expected a list, got {type(value).__name__}"]
+    problems: list[str] = []
+    for index, item in enumerate(value):
+        where = f"{place}[{index}]"
+        if isinstance(item, str):
+            continue
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected a property name or a sort object, got {type(item).__name__}")
+            continue
+        unknown = sorted(set(item) - {"propertyName", "direction"})
+        if unknown:
+            problems.append(f"{where}: not fields of a sort: {', '.join(unknown)} (fields: direction, propertyName)")
+        if not isinstance(item.get("propertyName"), str):
+            problems.append(f"{where}.propertyName: required, a property name")
+        if item.get("direction", "ASCENDING") not in SORT_DIRECTIONS:
+            problems.append(f"{where}.direction: {item['direction']!r} must be one of {', '.join(SORT_DIRECTIONS)}")
+    return problems
 
 
 # ---------------------------------------------------------------------- pure helpers

@@ -37,6 +37,31 @@ are accepted without them, as Xero does):
   can still be published);
 * a line's tracking names a category and option that exist (``GET /TrackingCategories``).
 
+Batches (several Contacts, Invoices or CreditNotes in one PUT or POST) are taken element
+by element, as Xero does: a good element is created even when another in the same
+request fails. By default the answer is then a 400 ``ValidationException`` whose
+``Elements`` are the failing elements with their ``ValidationErrors``, so the created
+ones are not named (observed, and explained by a Xero staff answer, at
+https://stackoverflow.com/questions/52706101/xero-api-response-when-request-has-valid-and-invalid-elements);
+with ``summarizeErrors=false`` it is a 200 listing every element in order, the good ones
+with ``StatusAttributeString: OK`` and the failing ones with ``ERROR``,
+``HasErrors: true`` and their ``ValidationErrors`` (spec parameter ``summarizeErrors``:
+"If false return 200 OK and mix of successfully created objects and any with validation
+errors").
+
+A request without ``Accept: application/json`` is refused with 406 before anything else:
+Xero would answer it in XML ("By default all successful responses on the accounting API
+are returned as XML", https://developer.xero.com/documentation/api/requests-and-responses),
+which a JSON client cannot read, so the emulator makes that mistake loud rather than
+inventing an XML body.
+
+Given a ``contract`` (:class:`~connectors.emulation.OpenApiContract` over
+``specs/xero/xero_accounting.yaml``, as ``tests/connectors/test_strict.py`` builds it),
+each authenticated Accounting API request is also validated against the published
+description (parameters, headers, body schema: required fields, types, enums) and a
+breach is answered with the spec's ``400Error`` body, a ``ValidationException`` whose one
+element carries every problem; it is kept in ``XeroEmulator.contract.breaches``.
+
 Credit note allocations (``PUT /CreditNotes/{id}/Allocations``, spec operation
 ``createCreditNoteAllocation``) are checked strictly: both documents AUTHORISED, same
 contact and currency, the amount at most the credit left and the invoice's amount due;
@@ -79,7 +104,15 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from connectors.emulation import Delivery, FaultMiddleware, FaultPlan, WebhookSender, WindowLimiter
+from connectors.emulation import (
+    Contract,
+    ContractGate,
+    Delivery,
+    FaultMiddleware,
+    FaultPlan,
+    WebhookSender,
+    WindowLimiter,
+)
 from connectors.xero.models import (
     dump_json,
     format_xero_date,
@@ -243,6 +276,16 @@ def _validation_error(elements: list[Json]) -> Response:
 
 def _element(raw: Json, errors: list[str]) -> Json:
     return {**raw, "HasErrors": True, "ValidationErrors": [{"Message": message} for message in errors]}
+
+
+def _summarized(request: Request) -> bool:
+    """``summarizeErrors`` (spec parameter; default true): a failing batch is answered 400."""
+    return request.query_params.get("summarizeErrors", "true").lower() != "false"
+
+
+def _itemised(answers: list[tuple[Json, bool]]) -> list[Json]:
+    """Every element of a batch answered with ``summarizeErrors=false``, in request order."""
+    return [{**answer, "StatusAttributeString": "OK" if ok else "ERROR"} for answer, ok in answers]
 
 
 def _decimal(value: Any, name: str, errors: list[str]) -> Decimal:
@@ -548,6 +591,8 @@ class XeroEmulator:
             idempotency expiry and the rate-limit windows (inject one in tests).
         idempotency_ttl_s: seconds an ``Idempotency-Key`` is replayed, counted from its
             first call (Xero: 360); ``0`` remembers no key.
+        contract: Xero's published contract to check each Accounting API request
+            against (``None``: no check; see the module docstring).
 
     Attributes:
         app: the ASGI app, wrapped in :class:`~connectors.emulation.FaultMiddleware`.
@@ -555,6 +600,7 @@ class XeroEmulator:
         webhooks: the webhook sender (deliveries kept for re-delivery).
         calls: calls per operation (the spec's ``operationId``; ``token`` …).
         emails: ids of invoices emailed through ``POST /Invoices/{id}/Email``.
+        contract: the :class:`~connectors.emulation.ContractGate` (``breaches`` lists refused requests).
         on_commit: called with ``("invoice" | "credit_note", object)`` right after an
             invoice or credit note is stored by an API call, before the answer is sent
             (and after its idempotency record is kept); an exception from it escapes
@@ -573,11 +619,13 @@ class XeroEmulator:
         max_concurrent: int = 5,
         clock: Callable[[], datetime] | None = None,
         idempotency_ttl_s: float = IDEMPOTENCY_TTL_S,
+        contract: Contract | None = None,
     ) -> None:
         if idempotency_ttl_s < 0:
             raise ValueError(f"idempotency_ttl_s must be 0 or more seconds, not {idempotency_ttl_s}")
         self.idempotency_ttl_s = idempotency_ttl_s
         self.client_id = client_id
+        self.contract = ContractGate(contract)
         self.client_secret = client_secret
         self.tenant_id = tenant_id
         self.webhook_key = webhook_key
@@ -827,7 +875,7 @@ class XeroEmulator:
     async def _serve(self, request: Request, operation: str, handler: Handler) -> Response:
         self.calls[operation] += 1
         if "application/json" not in request.headers.get("accept", ""):
-            # Xero answers XML unless asked for JSON; the emulator speaks JSON only.
+            # Xero answers XML unless asked for JSON (module docstring); the emulator speaks JSON only.
             return _error(406, "send Accept: application/json (Xero answers XML otherwise)", "NotAcceptable")
         caller = self._authenticate(request, tenant_required=True)
         if isinstance(caller, Response):
@@ -835,6 +883,12 @@ class XeroEmulator:
         refused = self._rate_check(caller.tenant_id)
         if refused is not None:
             return refused
+        # The spec marks xero-tenant-id required, but a custom connection may leave it out
+        # ("the xero-tenant-id header is not required", https://developer.xero.com/faq/custom-integration):
+        # the contract sees the tenant the token resolved to.
+        problems = await self.contract.problems(request, headers={"xero-tenant-id": caller.tenant_id})
+        if problems:
+            return _validation_error([{"HasErrors": True, "ValidationErrors": [{"Message": p} for p in problems]}])
         self._inflight[caller.tenant_id] += 1
         try:
             response = await self._idempotent(request, caller, handler)
@@ -1164,22 +1218,23 @@ class XeroEmulator:
         items = _items(load_json(await request.body() or b"{}"), "Contacts")
         if items is None:
             return _Outcome(_error(400, "the body must be a Contacts object", "PostDataInvalidException"))
-        results: list[Json] = []
-        failures: list[Json] = []
+        answers: list[tuple[Json, bool]] = []
         staged: dict[str, Json] = {}
         for raw in items:
             existing = target or (self._match_contact(raw) if upsert else None)
             errors = self._contact_errors(raw, existing, staged, upsert=upsert)
             if errors:
-                failures.append(_element(raw, errors))
+                answers.append((_element(raw, errors), False))
                 continue
             contact = self._merge_contact(existing, raw) if existing is not None else self._new_contact(raw)
             staged[contact["ContactID"]] = contact
-            results.append(contact)
-        if failures:
-            return _Outcome(_validation_error(failures))
-        self._contacts.update(staged)
-        return self._ok("Contacts", results)
+            answers.append((contact, True))
+        self._contacts.update(staged)  # the good elements are kept even when others fail (module docstring)
+        if all(ok for _, ok in answers):
+            return self._ok("Contacts", [answer for answer, _ in answers])
+        if _summarized(request):
+            return _Outcome(_validation_error([answer for answer, ok in answers if not ok]))
+        return self._ok("Contacts", _itemised(answers))
 
     def _match_contact(self, raw: Json) -> Json | None:
         if raw.get("ContactID"):
@@ -1263,6 +1318,16 @@ class XeroEmulator:
 
         return handler
 
+    def _rendered(self, kind: _Kind, document: Json, request: Request) -> Json:
+        """A stored document as answered: unit amounts rounded to two decimals unless ``unitdp=4``."""
+        if request.query_params.get("unitdp") == "4":
+            return document
+        lines = [
+            {**line, "UnitAmount": line["UnitAmount"].quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)}
+            for line in document.get("LineItems", [])
+        ]
+        return {**document, "LineItems": lines}
+
     def _render_outcome(self, outcome: _Outcome, kind: _Kind, request: Request) -> _Outcome:
         """Unit amounts keep four decimals only for callers asking ``unitdp=4``."""
         if request.query_params.get("unitdp") == "4" or outcome.response.status_code != 200:
@@ -1314,9 +1379,7 @@ class XeroEmulator:
     def _store_documents(
         self, kind: _Kind, items: list[Json], unitdp: int, *, upsert: bool, request: Request
     ) -> _Outcome:
-        staged: list[Json] = []
-        failures: list[Json] = []
-        numbers = Counter(self._numbers)
+        answers: list[tuple[Json, bool]] = []
         for raw in items:
             errors: list[str] = []
             existing = self._find_document(kind, str(raw.get(kind.id_field, ""))) if upsert else None
@@ -1326,21 +1389,30 @@ class XeroEmulator:
                 errors.append(f"{kind.id_field} {raw[kind.id_field]} could not be found")
             document = self._revise(kind, existing, raw, unitdp, errors) if existing else None
             if existing is None and not errors:
+                numbers = Counter(self._numbers)  # a failing element uses up no number
                 document = self._new_document(kind, raw, unitdp, numbers, errors)
+                if not errors:
+                    self._numbers = numbers
             if errors or document is None:
-                failures.append(_element(raw, errors))
+                answers.append((_element(raw, errors), False))
             else:
-                staged.append(document)
-        if failures:
-            return _Outcome(_validation_error(failures))
-        self._numbers = numbers
-        for document in staged:
-            self._documents[kind.name][document[kind.id_field]] = document
-            if document["Type"] in ("ACCREC", "ACCRECCREDIT"):
-                self._contacts[document["Contact"]["ContactID"]]["IsCustomer"] = True
-        outcome = self._render_outcome(self._ok(kind.collection, staged), kind, request)
+                self._keep(kind, document)  # kept even when another element fails (module docstring)
+                answers.append((document, True))
+        staged = [answer for answer, ok in answers if ok]
+        if len(staged) == len(answers):
+            outcome = self._render_outcome(self._ok(kind.collection, staged), kind, request)
+        elif _summarized(request):
+            outcome = _Outcome(_validation_error([answer for answer, ok in answers if not ok]))
+        else:
+            rendered = [(self._rendered(kind, answer, request) if ok else answer, ok) for answer, ok in answers]
+            outcome = self._ok(kind.collection, _itemised(rendered))
         outcome.committed = [(kind.name, document) for document in staged]
         return outcome
+
+    def _keep(self, kind: _Kind, document: Json) -> None:
+        self._documents[kind.name][document[kind.id_field]] = document
+        if document["Type"] in ("ACCREC", "ACCRECCREDIT"):
+            self._contacts[document["Contact"]["ContactID"]]["IsCustomer"] = True
 
     def _resolve_contact(self, raw: Any, errors: list[str]) -> Json | None:
         raw = raw if isinstance(raw, dict) else {}

@@ -152,6 +152,7 @@ async def test_every_request_and_answer_of_a_billing_scenario_matches_the_spec(x
             client_id=emulator.client_id,
             client_secret=emulator.client_secret,
             tenant_id=emulator.tenant_id,
+            rate_limit_per_min=None,  # syncd's limiter waits on the real clock; the emulator's runs on now[0]
         )
         ctx = ConnectorContext(
             connection="xero",
