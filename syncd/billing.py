@@ -1,7 +1,7 @@
 """Billing rules: from canonical models to billing events and invoice drafts. Pure.
 
 Nothing here does I/O or reads a clock: the time a rule needs is a parameter
-(DESIGN §3.3), and so is every piece of state (the keys already billed, the time entries
+(docs/architecture.md), and so is every piece of state (the keys already billed, the time entries
 already invoiced). The engine maps a source record to an
 :class:`~syncd.interfaces.Engagement` and a :class:`~syncd.interfaces.Client`, asks
 :func:`due_events` (and :func:`cap_events` for hours) which billing events are due, and

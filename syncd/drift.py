@@ -1,4 +1,4 @@
-"""The drift guard: each mapping against the vendors' live schemas (issue 3).
+"""The drift guard: each mapping against the vendors' live schemas.
 
 A mapping is validated at load against syncd's own vocabulary; this module checks it
 against the world it runs in:

@@ -1,6 +1,6 @@
 """Inbox → process → outbox, the executor, and dead letters.
 
-The flow (DESIGN §1), each arrow a committed row before the next step starts:
+The flow (docs/architecture.md), each arrow a committed row before the next step starts:
 
 1. **Process an event** (claimed from the inbox with a lease): re-read the record from
    the source API (the hint is not the truth), map it, and in *one transaction*

@@ -12,7 +12,7 @@ own client or retry loop. The rules:
   back-off and jitter, or exactly the vendor's ``Retry-After`` when it sent one.
 * A request that is not safe to repeat (a create without a vendor idempotency key)
   is sent with ``retry=False``: the engine then resolves a lost answer by looking the
-  object up, never by creating it again (DESIGN §3.1).
+  object up, never by creating it again (docs/architecture.md).
 * Each connection has its own limiters, set to the vendor's published limits
   (:class:`RateLimit`); they can be raised or switched off in the connection settings.
 * Replicas sharing a PostgreSQL database also share each vendor budget

@@ -453,7 +453,7 @@ keeps the entry's own id); see :func:`syncd.hours.project_hours`."""
 
 
 class BillingEventKind(enum.StrEnum):
-    """One reason to invoice (DESIGN §2)."""
+    """One reason to invoice (docs/architecture.md)."""
 
     DEAL_WON = "deal_won"
     PERIOD_DUE = "period_due"

@@ -1,4 +1,4 @@
-"""Pipeline mapping files: load, validate and apply them (DESIGN §6).
+"""Pipeline mapping files: load, validate and apply them (docs/architecture.md).
 
 A mapping file (``mappings/*.toml``, format in ``mappings/README.md``) says which CRM
 records a pipeline takes, when a deal counts as won, and how a record becomes the

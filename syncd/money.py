@@ -1,6 +1,6 @@
 """Currencies and rounding: Decimal only, ISO 4217 codes, the currency's minor units.
 
-Rounding happens once, at the line, half-up (DESIGN §3.4). Minor units come from the
+Rounding happens once, at the line, half-up (docs/architecture.md). Minor units come from the
 CLDR data that babel ships (``JPY`` has 0, ``KWD`` 3, most have 2).
 """
 

@@ -8,7 +8,7 @@ one amount as::
     unit_price = round_half_up(amount × n / days_in_period, currency's minor units)
     quantity   = 1
 
-so each line is rounded exactly once (DESIGN §3.4). A full period is billed at exactly
+so each line is rounded exactly once (docs/architecture.md). A full period is billed at exactly
 ``amount`` (rounded to minor units). Because each line is rounded once, the prorated parts
 of a period add up to the full-period amount within half a minor unit per line.
 

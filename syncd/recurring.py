@@ -22,7 +22,7 @@ their events to the :class:`~syncd.engine.Engine`:
 
 Because the events and their keys depend only on the engagement, ``as_of`` and the keys
 already recorded, running every hour, once a day or once a month gives the same
-invoices (DESIGN §2: a key never depends on wall-clock time).
+invoices (docs/architecture.md: a key never depends on wall-clock time).
 
 **Credits without credit notes.** For an invoicing tool that does not declare
 :attr:`~syncd.interfaces.Capability.CREDIT_NOTES`, a credit owed (a downgrade or a

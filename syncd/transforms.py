@@ -1,4 +1,4 @@
-"""The mapping vocabulary: small typed transforms and conditions (DESIGN §6).
+"""The mapping vocabulary: small typed transforms and conditions (docs/architecture.md).
 
 A mapping file never holds code. Each value in it is one of a closed set of transforms,
 each a frozen pydantic model with an ``apply(context)`` method. In TOML a transform is an
