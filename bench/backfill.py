@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench import report, stack
 from bench.report import Profile, Row, Target
-from syncd.demo import free_port
+from syncd.plumbing.serving import free_port
 
 MARK = "BACKFILL "
 LIST_CALL = "GET /crm/v3/objects/deals"
@@ -122,8 +122,8 @@ async def measure(size: int) -> dict[str, float]:
 
 async def child(config_path: Path) -> dict[str, float]:
     """In the child: build syncd's runtime and read every deal; seconds, deals and memory."""
-    from syncd.runtime import Runtime
-    from syncd.settings import load_config
+    from syncd.engine.runtime import Runtime
+    from syncd.plumbing.settings import load_config
 
     runtime = await Runtime.start(load_config(config_path))
     try:

@@ -18,7 +18,7 @@ Target: ≥ 95 % of the limit with zero 429s in steady state.
 With PostgreSQL (profiles that run it, when a server answers) the same deals go through
 **two syncd replicas** on one database, the webhooks alternating between them. Each is
 configured with the full 600 per minute (its own limiter smooths its bursts) and the
-shared rate budget on (``syncd.http.SharedBudget``: evenly spaced call slots reserved
+shared rate budget on (``syncd.plumbing.http.SharedBudget``: evenly spaced call slots reserved
 in one PostgreSQL row), so the two together must stay under the one Xero limit; Xero's
 5 concurrent calls are split by configuration (2 each), as the budget shares only the
 per-minute count.

@@ -27,9 +27,9 @@ from bench import report, stack
 from bench.report import Profile, Row, Target
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.interfaces import Crm
-from syncd.runtime import Runtime
-from syncd.settings import load_config
+from syncd.core.interfaces import Crm
+from syncd.engine.runtime import Runtime
+from syncd.plumbing.settings import load_config
 
 TARGET_CALLS = Target(op="<=", limit=5.0)
 MAX_PAGES = 100

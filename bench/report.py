@@ -281,7 +281,7 @@ def show(
 
 def quiet_logs() -> None:
     """Keep the in-process parts (connectors, runtime) to warnings: the table is the output."""
-    from syncd import logging as syncd_logging
+    from syncd.plumbing import logging as syncd_logging
 
     syncd_logging.configure("warning")
 
