@@ -1,6 +1,6 @@
 """Backfill: a first full read of every deal through the HubSpot list endpoint.
 
-Measurement 4 of issue 5. The HubSpot emulator (limits off) holds N deals; a separate
+Backfill (BENCHMARKS.md). The HubSpot emulator (limits off) holds N deals; a separate
 process builds syncd's runtime from a config (as ``syncd run`` does: store, HTTP
 client, connectors) and iterates ``HubSpotConnector.iter_deals()`` (``GET
 /crm/v3/objects/deals``, 100 per page; the search endpoint stops at 10,000 results).

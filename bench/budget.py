@@ -1,6 +1,6 @@
 """Rate-budget use: how much of Xero's per-minute limit syncd spends, and how many 429s it draws.
 
-Measurement 3 of issue 5. The Xero emulator enforces its limits (5 concurrent calls,
+Xero quota use (BENCHMARKS.md). The Xero emulator enforces its limits (5 concurrent calls,
 5,000 a day, and a per-minute limit scaled from Xero's 60 to **600 per minute** so a
 run takes minutes, not hours); syncd is configured with the same 600 per minute and 5
 concurrent. Won deals (ten per client, so most deals reuse a known Xero contact) are

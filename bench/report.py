@@ -27,7 +27,7 @@ from rich.table import Table
 
 @dataclass(frozen=True, kw_only=True)
 class Target:
-    """A goal from issue 5: ``value <op> limit``.
+    """A goal from BENCHMARKS.md: ``value <op> limit``.
 
     Attributes:
         op: ``<=`` (at most) or ``>=`` (at least).
