@@ -12,8 +12,11 @@ emulator's ``on_commit`` hook), then sends the next. The same runs are repeated 
 Reported per run: deals per second, latency webhook → invoice (p50/p95/p99), syncd's
 resident memory under the load (peak of ``VmRSS`` sampled every 100 ms) and its CPU
 per deal (``/proc/<pid>/stat`` user+system time from the start of the load until every
-invoice of the run is also written back to the deal, divided by the deals). The
-vendor calls per deal are counted on the first deal of each run.
+invoice of the run is also written back to the deal, divided by the deals). Over the
+same span, divided by the same deals: the vendor calls at each emulator (every API
+call but Xero's OAuth token requests) and, for syncd, the database transactions its
+process began (``syncd_db_transactions_total`` on its ``/metrics``, read before the
+load and after the drain; reads and empty claims included).
 
 Targets (no added latency, SQLite, everything on the 2 cores): ≥ 330 deals/s at
 concurrency 16; p99 ≤ 13 ms at concurrency 1; RSS ≤ 140 MB; ≥ 0.8 of the baseline's
@@ -36,6 +39,8 @@ from bench.load import DealWonWebhooks, Exhausted, LoopResult, closed_loop
 from bench.report import Latencies, Profile, Row, Target
 
 WRITE_BACK = "PATCH /crm/v3/objects/deals/{id}"
+TRANSACTIONS = "syncd_db_transactions_total"
+TARGET_TRANSACTIONS = Target(op="<=", limit=4.0)
 SLOW_S = 0.1
 SYNCD_WORKERS = 4  # syncd's default ``[daemon].workers``; a run uses max(this, clients)
 TARGET_RATE = Target(op=">=", limit=330.0)
@@ -88,6 +93,8 @@ class Outcome:
         cpu_ms_per_deal: the system's CPU per deal (load start → every write-back done).
         peak_rss_mb: the system's highest sampled resident memory during the load.
         hub_calls / xero_calls: vendor calls per deal during the load (Xero's token excluded).
+        transactions: database transactions per deal in the system's process over the
+            same span as ``cpu_ms_per_deal`` (``None`` for the baseline, which has none).
         drained: whether every invoice was also written back in time.
         cpu_busy / bench_busy: CPU share of the system and of the bench process during the load.
     """
@@ -101,6 +108,7 @@ class Outcome:
     peak_rss_mb: float
     hub_calls: float
     xero_calls: float
+    transactions: float | None
     drained: bool
     cpu_busy: float
     bench_busy: float
@@ -181,6 +189,7 @@ async def _load(
             raise Exhausted
         return await deal_invoiced(hooks, watch, deal)
 
+    before_tx = await child.metric(TRANSACTIONS)
     before, before_own, before_count, before_calls = child.stats(), stack.own_cpu_s(), watch.count, _calls(bench)
     started = time.perf_counter()
     async with _sampling(child.stats) as peak:
@@ -190,7 +199,11 @@ async def _load(
         load_s = time.perf_counter() - started
         drained = await written_back(bench, watch.count, 60.0)
     after, calls = child.stats(), _calls(bench)
+    after_tx = await child.metric(TRANSACTIONS)
     deals_done = max(1, watch.count - before_count)
+    transactions = None
+    if before_tx is not None and after_tx is not None:
+        transactions = (after_tx - before_tx - 1) / deals_done  # less the later scrape's own read
     return Outcome(
         system=run.system,
         clients=run.clients,
@@ -201,6 +214,7 @@ async def _load(
         peak_rss_mb=max(peak()),
         hub_calls=(calls[0] - before_calls[0]) / deals_done,
         xero_calls=(calls[1] - before_calls[1]) / deals_done,
+        transactions=transactions,
         drained=drained,
         cpu_busy=load_cpu / load_s,
         bench_busy=load_own / load_s,
@@ -294,7 +308,21 @@ def outcome_rows(outcome: Outcome) -> list[Row]:
             setting=setting,
             metric="vendor calls/deal",
             value=outcome.hub_calls + outcome.xero_calls,
-            note=f"HubSpot {outcome.hub_calls:.1f}, Xero {outcome.xero_calls:.1f} (after the first deal)",
+            note=f"HubSpot {outcome.hub_calls:.1f}, Xero {outcome.xero_calls:.1f} (OAuth token calls excluded)",
+        ),
+        *(
+            []
+            if outcome.transactions is None
+            else [
+                Row(
+                    measurement="e2e",
+                    setting=setting,
+                    metric="transactions/deal",
+                    value=outcome.transactions,
+                    target=TARGET_TRANSACTIONS if fast else None,
+                    note="begun in syncd's process, reads and empty claims included",
+                )
+            ]
         ),
         Row(
             measurement="cpu",

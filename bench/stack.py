@@ -137,6 +137,18 @@ class Child:
             self.proc.kill()
             await asyncio.wait_for(self.proc.wait(), 10)
 
+    async def metric(self, name: str) -> float | None:
+        """The value of an unlabelled metric on its ``/metrics`` (``None`` if it has none)."""
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            response = await client.get(self.url + "/metrics")
+        if response.status_code != 200:
+            return None
+        for line in response.text.splitlines():
+            metric, _, value = line.partition(" ")
+            if metric == name:
+                return float(value)
+        return None
+
     def tail(self, chars: int = 2000) -> str:
         """The end of its log."""
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""

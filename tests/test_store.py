@@ -84,6 +84,18 @@ async def test_concurrent_claimers_get_disjoint_rows(store: Store) -> None:
     assert len(ids) == len(set(ids)) == 40
 
 
+async def test_every_transaction_is_counted(store: Store) -> None:
+    """The store counts each transaction it begins: writes, reads and claims that find nothing."""
+    before = store.transactions
+    await store.add_events([hint("e1")], now=NOW)
+    assert await store.claim(EventRow, owner="a", limit=10, lease_s=30, now=NOW - timedelta(seconds=1)) == []
+    assert await store.count(EventRow) == 1
+    async with store.begin() as conn:
+        await store.get(EventRow, 1, conn=conn)
+        await store.upsert(TokenRow, {"connection": "x", "ciphertext": "c", "version": 1, "updated_at": NOW}, conn)
+    assert store.transactions == before + 4
+
+
 async def test_a_tick_window_runs_once(store: Store) -> None:
     """Only the first replica to claim a (job, window) runs it."""
     results = await asyncio.gather(*(store.claim_tick("poll:hubspot", "42", owner=f"r{i}", now=NOW) for i in range(5)))

@@ -176,6 +176,23 @@ async def test_rejections_are_counted_by_outcome_and_reason(tmp_path: Path, sqli
         assert "nope" not in metrics
 
 
+def _transactions(metrics: str) -> float:
+    (line,) = [line for line in metrics.splitlines() if line.startswith("syncd_db_transactions_total ")]
+    return float(line.split()[1])
+
+
+async def test_metrics_count_the_transactions_of_the_store(tmp_path: Path, sqlite_url: str) -> None:
+    """/metrics shows the store's transactions: a scrape is one read, a stored webhook one more, a duplicate one."""
+    async with stack(tmp_path, sqlite_url) as s:
+        first = _transactions((await s.web.get("/metrics")).text)
+        assert _transactions((await s.web.get("/metrics")).text) == first + 1
+        body = json.dumps([hubspot_event()]).encode()
+        assert (await post_hubspot(s, body)).status_code == 200
+        assert (await post_hubspot(s, body)).status_code == 200  # the same event again: stored once
+        assert _transactions((await s.web.get("/metrics")).text) == first + 4
+        assert await s.daemon.runtime.store.count(EventRow) == 1
+
+
 async def assert_down(s: Stack) -> None:
     """While the database is unreachable: webhook 503 + Retry-After, /readyz 503, /metrics 200."""
     response = await post_hubspot(s, json.dumps([hubspot_event()]).encode())

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -333,6 +334,15 @@ class RateBudgetRow(SQLModel, table=True):
 Row = TypeVar("Row", EventRow, EffectRow)
 
 
+class Backlog(NamedTuple):
+    """What waits: ``queues`` maps ``(queue, status)`` to rows (``events``/``effects`` ×
+    ``pending``/``dead``, and ``dead_letters``/``open``, zeros included); ``outcomes`` maps
+    ``(kind, reason)`` to open outcomes."""
+
+    queues: dict[tuple[str, str], int]
+    outcomes: dict[tuple[str, str], int]
+
+
 def table_of(model: type[SQLModel]) -> sa.Table:
     """The SQLAlchemy table behind a SQLModel table class."""
     table = getattr(model, "__table__", None)
@@ -366,6 +376,22 @@ class Store:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self._locks: dict[str, asyncio.Lock] = {}
+        self._transactions = 0
+        self._count_lock = threading.Lock()
+        event.listen(engine.sync_engine, "begin", self._count_transaction)
+
+    @property
+    def transactions(self) -> int:
+        """Transactions begun by this store since it was opened, reads and empty claims included.
+
+        Exposed as ``syncd_db_transactions_total`` on ``/metrics``; the end-to-end
+        benchmark divides it by the deals invoiced (BENCHMARKS.md).
+        """
+        return self._transactions
+
+    def _count_transaction(self, _conn: Any) -> None:
+        with self._count_lock:
+            self._transactions += 1
 
     @classmethod
     def open(cls, database_url: str) -> Store:
@@ -675,15 +701,28 @@ class Store:
 
     async def outcome_counts(self) -> dict[tuple[str, str], int]:
         """Open outcomes counted by (kind, reason)."""
-        table = table_of(OutcomeRow)
-        stmt = (
-            sa.select(table.c.kind, table.c.reason, sa.func.count())
-            .where(table.c.status == "open")
-            .group_by(table.c.kind, table.c.reason)
-        )
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(stmt)).all()
-        return {(str(kind), str(reason)): int(n) for kind, reason, n in rows}
+            return await _outcome_counts(conn)
+
+    async def backlog(self) -> Backlog:
+        """What waits, in one read transaction (for ``/metrics``)."""
+        queues: dict[tuple[str, str], int] = {}
+        async with self.engine.connect() as conn:
+            for model, queue in ((EventRow, "events"), (EffectRow, "effects")):
+                table = table_of(model)
+                stmt = (
+                    sa.select(table.c.status, sa.func.count())
+                    .where(table.c.status.in_(("pending", "dead")))
+                    .group_by(table.c.status)
+                )
+                found = {str(status): int(n) for status, n in (await conn.execute(stmt)).all()}
+                for status in ("pending", "dead"):
+                    queues[queue, status] = found.get(status, 0)
+            letters = table_of(DeadLetterRow)
+            stmt = sa.select(sa.func.count()).select_from(letters).where(letters.c.status == "open")
+            queues["dead_letters", "open"] = int(await conn.scalar(stmt) or 0)
+            outcomes = await _outcome_counts(conn)
+        return Backlog(queues=queues, outcomes=outcomes)
 
     @contextlib.asynccontextmanager
     async def named_lock(self, name: str) -> AsyncIterator[None]:
@@ -831,6 +870,16 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+async def _outcome_counts(conn: AsyncConnection) -> dict[tuple[str, str], int]:
+    table = table_of(OutcomeRow)
+    stmt = (
+        sa.select(table.c.kind, table.c.reason, sa.func.count())
+        .where(table.c.status == "open")
+        .group_by(table.c.kind, table.c.reason)
+    )
+    return {(str(kind), str(reason)): int(n) for kind, reason, n in (await conn.execute(stmt)).all()}
 
 
 def _alembic_upgrade(sync_conn: sa.Connection) -> None:

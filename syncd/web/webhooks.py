@@ -27,11 +27,14 @@ connection label, so the label set stays bounded whatever clients send. ``/ready
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
 import sqlalchemy as sa
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -40,7 +43,6 @@ from starlette.routing import Route
 from syncd.core.errors import AuthError, RecordError
 from syncd.core.interfaces import WebhookRequest
 from syncd.engine.drift import DRIFT_PROBLEMS
-from syncd.store.db import DeadLetterRow, EffectRow, EventRow, table_of
 
 log = structlog.get_logger("syncd.web.webhooks")
 
@@ -69,11 +71,34 @@ class _TooLarge(Exception):
     """The body grew past :data:`MAX_BODY_BYTES` while it was read."""
 
 
-class Metrics:
-    """The process's Prometheus metrics, in a registry of their own."""
+class _Transactions(Collector):
+    """``syncd_db_transactions_total``: transactions the store has begun (:attr:`Store.transactions`).
 
-    def __init__(self) -> None:
+    Read when scraped, after the scrape's own read, so two scrapes differ by the
+    transactions in between plus the later scrape's one read (``bench/e2e.py``).
+    """
+
+    def __init__(self, count: Callable[[], int | None]) -> None:
+        self.count = count
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        value = self.count()
+        if value is not None:
+            yield CounterMetricFamily(
+                "syncd_db_transactions", "Database transactions begun, reads and empty claims included", value=value
+            )
+
+
+class Metrics:
+    """The process's Prometheus metrics, in a registry of their own.
+
+    Args:
+        transactions: the store's transaction count, or ``None`` before it is open.
+    """
+
+    def __init__(self, transactions: Callable[[], int | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(_Transactions(transactions))
         self.webhooks = Counter(
             "syncd_webhooks_total",
             "Webhook deliveries by connection, outcome (HTTP status) and reason",
@@ -127,7 +152,7 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
         host: the process serving it; its runtime and engine are read per request.
         lifespan: the lifespan context that owns the runtime (``syncd run``).
     """
-    metrics = Metrics()
+    metrics = Metrics(lambda: _transactions(host))
 
     async def webhook(request: Request) -> Response:
         name = request.path_params["connection"]
@@ -220,13 +245,10 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _backlog(store: Any) -> None:
-        for model, queue in ((EventRow, "events"), (EffectRow, "effects")):
-            for status in ("pending", "dead"):
-                count = await store.count(model, table_of(model).c.status == status)
-                metrics.backlog.labels(queue, status).set(count)
-        dead = await store.count(DeadLetterRow, table_of(DeadLetterRow).c.status == "open")
-        metrics.backlog.labels("dead_letters", "open").set(dead)
-        for (kind, reason), count in (await store.outcome_counts()).items():
+        backlog = await store.backlog()
+        for (queue, status), count in backlog.queues.items():
+            metrics.backlog.labels(queue, status).set(count)
+        for (kind, reason), count in backlog.outcomes.items():
             metrics.outcomes.labels(kind, reason).set(count)
 
     routes = [
@@ -253,6 +275,13 @@ async def _read_body(request: Request, timeout_s: float) -> bytes:
             if len(body) > MAX_BODY_BYTES:
                 raise _TooLarge
     return bytes(body)
+
+
+def _transactions(host: Host) -> int | None:
+    try:
+        return int(host.runtime.store.transactions)
+    except RuntimeError:  # not started
+        return None
 
 
 async def _ping(store: Any) -> bool:
