@@ -265,7 +265,7 @@ async def test_a_notification_wakes_one_idle_worker(tmp_path: Path, sqlite_url: 
     async with stack(tmp_path, sqlite_url) as s:
         engine = s.daemon.engine
         stop = asyncio.Event()
-        sleepers = [asyncio.create_task(engine._idle_until_notified(stop, 60)) for _ in range(3)]
+        sleepers = [asyncio.create_task(engine._idle_until_notified(stop)) for _ in range(3)]
         await asyncio.sleep(0)
         engine.notify()
         done, pending = await asyncio.wait(sleepers, timeout=1)
@@ -274,7 +274,7 @@ async def test_a_notification_wakes_one_idle_worker(tmp_path: Path, sqlite_url: 
         await asyncio.wait(pending, timeout=1)
         engine.notify()
         engine.notify()
-        await asyncio.wait_for(engine._idle_until_notified(asyncio.Event(), 60), 1)
+        await asyncio.wait_for(engine._idle_until_notified(asyncio.Event()), 1)
 
 
 async def test_an_invoice_whose_email_failed_is_emailed_on_the_retry_once(tmp_path: Path, db_url: str) -> None:

@@ -26,8 +26,10 @@ class BillingQueue(Protocol):
         """The runtime (store, clock, connections, pipelines)."""
         ...
 
-    async def record_event(self, event: BillingEvent, client_key: str) -> str | None:
-        """Record a billing event that invoices nothing (the key if new)."""
+    async def record_event(
+        self, event: BillingEvent, client_key: str, *, conn: AsyncConnection | None = None
+    ) -> str | None:
+        """Record a billing event that invoices nothing (the key if new), in ``conn`` if given."""
         ...
 
     async def record_outcome(
@@ -36,14 +38,23 @@ class BillingQueue(Protocol):
         """Record how a trigger ended without an invoice (whether it was new)."""
         ...
 
-    async def surface_credit(self, pipeline: Pipeline, credit: ManualCredit) -> str | None:
-        """Record a credit the ledger cannot issue, as a dead letter (the key if new)."""
+    async def surface_credit(
+        self, pipeline: Pipeline, credit: ManualCredit, *, conn: AsyncConnection | None = None
+    ) -> str | None:
+        """Record a credit the ledger cannot issue, as a dead letter (the key if new), in ``conn`` if given."""
         ...
 
     async def queue_invoice(
-        self, pipeline: Pipeline, event: BillingEvent, engagement: Engagement, client: Client, crm_object_id: str
+        self,
+        pipeline: Pipeline,
+        event: BillingEvent,
+        engagement: Engagement,
+        client: Client,
+        crm_object_id: str,
+        *,
+        conn: AsyncConnection | None = None,
     ) -> str | None:
-        """Draft and queue the invoice for a billing event (the key if new)."""
+        """Draft and queue the invoice for a billing event (the key if new), in ``conn`` if given."""
         ...
 
     async def queue_draft(
@@ -54,6 +65,7 @@ class BillingQueue(Protocol):
         crm_object_id: str,
         *,
         on_recorded: Callable[[AsyncConnection], Awaitable[None]] | None = None,
+        conn: AsyncConnection | None = None,
     ) -> str | None:
-        """Queue a draft built by the workflow (the key if new)."""
+        """Queue a draft built by the workflow (the key if new), in ``conn`` if given."""
         ...

@@ -22,10 +22,14 @@ dead-letter table with the reason and the place, and the rest keep flowing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -49,6 +53,7 @@ from syncd.core.interfaces import (
     AllocatesCredit,
     BillingEvent,
     BillingEventKind,
+    ChangeHint,
     Client,
     DealBillingStatus,
     DraftKind,
@@ -74,6 +79,7 @@ from syncd.store.db import (
     EventRow,
     InvoiceRow,
     OutcomeRow,
+    Settle,
     SourceRecordRow,
     decimal_text,
     table_of,
@@ -81,6 +87,8 @@ from syncd.store.db import (
 
 log = structlog.get_logger("syncd.engine.loop")
 
+STANDING = "standing"  # a _FollowUp's prefetched deal standing
+CLIENT = "client"  # a _FollowUp's prefetched client row (and lock generation)
 CREATE_INVOICE = "create_invoice"
 WRITE_CRM_STATUS = "write_crm_status"
 VOID_INVOICE = "void_invoice"
@@ -97,15 +105,64 @@ def backoff_s(attempts: int, retry_after_s: float | None = None) -> float:
     return float(min(BACKOFF_CAP_S, 5 * 2 ** max(0, attempts - 1)))
 
 
+HAND_OFF_MAX = 10  # hints of one delivery handed to one idle worker at most (a worker's batch)
+
+
+@dataclass(kw_only=True)
+class _FollowUp:
+    """An effect a worker queued already claimed, to execute next (see :class:`_Work`).
+
+    ``prefetched`` holds what the queuing transaction already read for it: the deal's
+    standing for a write-back, the client's row for an invoice.
+    """
+
+    row: EffectRow
+    prefetched: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class _Work:
+    """The row a worker is working on, found by the engine's transactions through :data:`_working`.
+
+    Three things save a transaction each (BENCHMARKS.md, "Transactions per deal"):
+
+    * the work's last transaction may settle the row itself (:meth:`Engine._settle_in`),
+      fenced as :meth:`~syncd.store.db.Store.finish` is; ``settled`` is then set;
+    * an effect the work queues due now is queued already claimed by this worker
+      (:meth:`~syncd.store.db.Store.add_claimed_effect`) and executed right after
+      this row (``followups``), instead of being claimed in a transaction of its own;
+      it joins ``followups`` only once the transaction that queued it commits
+      (``staged`` until then, dropped on a rollback);
+    * a row done without a transaction of its own is settled in the worker's next
+      claim (:meth:`~syncd.store.db.Store.claim_work`).
+    """
+
+    model: Any
+    row: Any
+    settled: bool = False
+    depth: int = 0  # engine transactions open (Engine._transaction)
+    staged: list[_FollowUp] = field(default_factory=list)
+    followups: list[_FollowUp] = field(default_factory=list)
+    prefetched: dict[str, Any] = field(default_factory=dict)
+    clients: dict[str, tuple[ClientRow, int | None]] = field(default_factory=dict)
+
+
+_working: ContextVar[_Work | None] = ContextVar("syncd_working", default=None)
+
+
 class Engine:
     """Claims and processes inbox events and outbox effects for one :class:`Runtime`."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.store = runtime.store
-        self._idle: deque[asyncio.Future[None]] = deque()
+        self._idle: deque[asyncio.Future[list[EventRow]]] = deque()
         self._pending = False
+        self._handed: deque[EventRow] = deque()
         self._lock_dates: dict[str, tuple[datetime, date | None]] = {}
+        self._workers = 0
+        self._poller: asyncio.Task[None] | None = None
+        self._last_claim = 0.0
 
     def notify(self) -> None:
         """Wake one idle worker (new events or effects were stored).
@@ -115,38 +172,133 @@ class Engine:
         one more. With no worker idle, the next one to go idle finds ``_pending`` and
         claims again at once.
         """
+        waiter = self._idle_waiter()
+        if waiter is not None:
+            waiter.set_result([])
+            return
+        self._pending = True
+
+    def _idle_waiter(self) -> asyncio.Future[list[EventRow]] | None:
         while self._idle:
             waiter = self._idle.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._pending = True
+                return waiter
+        return None
+
+    async def store_events(self, hints: Sequence[ChangeHint], *, now: datetime) -> int:
+        """Store change hints from a webhook or a poll; an idle worker gets them already claimed.
+
+        With a worker waiting, the hints are stored claimed by it
+        (:meth:`~syncd.store.db.Store.add_claimed_events`) and handed over: storing and
+        claiming are one transaction. Otherwise they are stored pending and a worker is
+        woken (:meth:`notify`). Nothing is acknowledged before this returns, either way.
+
+        Returns:
+            how many hints were new.
+        """
+        waiter = self._idle_waiter() if len(hints) <= HAND_OFF_MAX else None
+        if waiter is None:
+            new = await self.store.add_events(hints, now=now)
+            if new:
+                self.notify()
+            return new
+        try:
+            rows = await self.store.add_claimed_events(
+                hints, owner=self.rt.owner, lease_s=self.rt.config.daemon.lease_s, now=now
+            )
+        except BaseException:
+            self._idle.appendleft(waiter)
+            raise
+        if not rows:  # all seen before: the worker waits on
+            self._idle.appendleft(waiter)
+        elif not waiter.done():
+            self._last_claim = time.monotonic()
+            waiter.set_result(rows)
+        else:  # the worker stopped waiting meanwhile: the next worker to look takes them
+            self._handed.extend(rows)
+            self.notify()
+        return len(rows)
 
     # -- workers --------------------------------------------------------------------------
 
     async def run_worker(self, stop: asyncio.Event, *, batch: int = 10, idle_s: float = 1.0) -> None:
-        """Process events and effects until ``stop`` is set, then finish the claimed batch."""
-        while not stop.is_set():
-            try:
-                done = await self.process_events(batch) + await self.execute_effects(batch)
-            except Exception:  # the database is away, or a bug: keep the worker alive
-                log.exception("worker_error")
-                done = 0
-            if done == 0:
-                await self._idle_until_notified(stop, idle_s)
+        """Process events and effects until ``stop`` is set, then finish the claimed batch.
 
-    async def _idle_until_notified(self, stop: asyncio.Event, idle_s: float) -> None:
-        """Sleep until :meth:`notify`, ``stop``, or ``idle_s`` (due retries need a look)."""
+        Each round settles the rows the previous one finished and claims the next
+        events and effects in one transaction (:meth:`~syncd.store.db.Store.claim_work`).
+        A worker that finds nothing waits for :meth:`notify` or for hints handed to it
+        (:meth:`store_events`); one look every ``idle_s`` without any claim, by one
+        worker, finds retries that came due and leases that ran out.
+        """
+        self._workers += 1
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_while_idle(idle_s))
+        later: list[Settle] = []
+        handed: list[EventRow] = []
+        try:
+            while not stop.is_set():
+                try:
+                    done = await self._round(batch, handed, later)
+                except Exception:  # the database is away, or a bug: keep the worker alive
+                    log.exception("worker_error")
+                    done = 0
+                handed = []
+                if done == 0:
+                    handed = await self._idle_until_notified(stop)
+            if later:
+                await self.store.settle(later)
+        finally:
+            self._workers -= 1
+            if self._workers == 0 and self._poller is not None:
+                self._poller.cancel()
+
+    async def _round(self, batch: int, handed: list[EventRow], later: list[Settle]) -> int:
+        """Work what was handed over, else claim (settling ``later`` in the same transaction); how many rows."""
+        events: list[EventRow] = handed or [self._handed.popleft() for _ in range(min(batch, len(self._handed)))]
+        effects: list[EffectRow] = []
+        if not events:
+            claimed = await self.store.claim_work(
+                owner=self.rt.owner,
+                limit=batch,
+                lease_s=self.rt.config.daemon.lease_s,
+                now=self.rt.clock(),
+                settle=later,
+            )
+            later.clear()
+            self._last_claim = time.monotonic()
+            for lost in claimed.fenced:
+                log.warning("lease_lost", id=lost.id, attempt=lost.attempts)
+            events, effects = claimed.events, claimed.effects
+            if len(events) == batch or len(effects) == batch:
+                self.notify()  # there may be more: one more worker looks
+        for event in events:
+            await self._settle(EventRow, event, "event", self._route_event, later)
+        for effect in effects:
+            await self._settle(EffectRow, effect, "effect", self._execute, later)
+        return len(events) + len(effects)
+
+    async def _poll_while_idle(self, idle_s: float) -> None:
+        """Wake one idle worker when nothing was claimed for ``idle_s``: due retries and run-out leases need a look."""
+        while True:
+            await asyncio.sleep(max(0.05, self._last_claim + idle_s - time.monotonic()))
+            if time.monotonic() - self._last_claim >= idle_s:
+                self._last_claim = time.monotonic()
+                self.notify()
+
+    async def _idle_until_notified(self, stop: asyncio.Event) -> list[EventRow]:
+        """Sleep until :meth:`notify`, hints handed over (returned), or ``stop``."""
         if self._pending:
             self._pending = False
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return []
+        waiter: asyncio.Future[list[EventRow]] = asyncio.get_running_loop().create_future()
         self._idle.append(waiter)
         stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-        watched: list[asyncio.Future[Any]] = [waiter, stopping]
-        await asyncio.wait(watched, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([waiter, stopping], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
+        if waiter.done():
+            return waiter.result()
         waiter.cancel()
+        return []
 
     async def drain(self, *, rounds: int = 50) -> None:
         """Process until nothing is due (tests and the demo use this instead of sleeping)."""
@@ -205,23 +357,27 @@ class Engine:
         except NotFound:
             log.info("deal_gone", connection=row.connection, deal_id=row.object_id)
             return True
-        await self._remember(record, self.rt.clock())
         chosen = selectors.choose([p.mapping for p in candidates], record)
         if chosen is not None:
             pipeline = next(p for p in candidates if p.mapping is chosen)
-            await self.process_deal(pipeline, row.object_id, record=record)
-        elif any(self._won_in(p, record) for p in candidates):
-            await self.record_outcome(
-                key=f"skip:no_pipeline:{record.connection}:{record.object_id}:{record.version}",
-                kind="skip",
-                reason="no_pipeline",
-                detail=f"won deal {record.object_id} is outside every pipeline's `when` filter",
-                place=", ".join(p.mapping.rules.when_place for p in candidates),
-                connection=record.connection,
-                object_type="deal",
-                object_id=record.object_id,
-                trigger_at=record.stage_changed_at or record.modified_at,
-            )
+            await self.process_deal(pipeline, row.object_id, record=record, settle=True)
+            return True
+        async with self._transaction() as conn:
+            await self._remember(record, self.rt.clock(), conn)
+            if any(self._won_in(p, record) for p in candidates):
+                await self.record_outcome(
+                    conn=conn,
+                    key=f"skip:no_pipeline:{record.connection}:{record.object_id}:{record.version}",
+                    kind="skip",
+                    reason="no_pipeline",
+                    detail=f"won deal {record.object_id} is outside every pipeline's `when` filter",
+                    place=", ".join(p.mapping.rules.when_place for p in candidates),
+                    connection=record.connection,
+                    object_type="deal",
+                    object_id=record.object_id,
+                    trigger_at=record.stage_changed_at or record.modified_at,
+                )
+            await self._settle_in(conn)
         return True
 
     def _won_in(self, pipeline: Pipeline, record: SourceRecord) -> bool:
@@ -230,7 +386,9 @@ class Engine:
         except MappingError:
             return False
 
-    async def process_deal(self, pipeline: Pipeline, deal_id: str, *, record: SourceRecord | None = None) -> str | None:
+    async def process_deal(
+        self, pipeline: Pipeline, deal_id: str, *, record: SourceRecord | None = None, settle: bool = False
+    ) -> str | None:
         """Re-read a deal, map it, and queue its invoice if a billing event is due.
 
         The engagement is stored with the history the source does not keep (amount
@@ -240,10 +398,18 @@ class Engine:
         other engagement types. A won one-time deal whose move into the won stage was
         recorded before ``billing_start`` is a recorded skip.
 
+        It is one transaction after the read (the deal as read, the client, the
+        engagement, the billing events and their effects, and the event being worked
+        on, settled: :meth:`_settle_in`) when billing needs no further vendor read;
+        a pipeline with a time tracker reads it after that transaction, and queues
+        what is due in transactions of its own.
+
         Args:
             pipeline: the pipeline that takes the deal.
             deal_id: the CRM deal id.
             record: the deal as just read (read here when ``None``).
+            settle: settle the event being worked on in the same transaction (the
+                caller has nothing left to do for it).
 
         Returns:
             the billing event key queued (``deal_won`` first), or ``None``.
@@ -258,15 +424,18 @@ class Engine:
             except NotFound:
                 log.info("deal_gone", connection=pipeline.crm_name, deal_id=deal_id)
                 return None
-            await self._remember(record, now)
             if not pipeline.mapping.selects(record):
+                await self._remember(record, now)
                 return None
         mapped = pipeline.mapping.map_deal(record, defaults=self.rt.defaults)
         current = mapped.engagement
         if current.won_at is not None:
             current = current.model_copy(update={"won_recorded_at": record.stage_changed_at})
-        async with self.store.begin() as conn:
-            await self._save_client(conn, mapped.client, now)
+        reads_tracker = pipeline.time_tracker is not None
+        keys: list[str] = []
+        async with self._transaction() as conn:
+            await self._remember(record, now, conn)
+            await self._save_client(conn, mapped.client, now, pipeline.invoicing_name)
             previous = await self.store.get(EngagementRow, current.key, conn=conn)
             engagement = recurring.keep_history(
                 Engagement.model_validate(previous.data) if previous is not None else None,
@@ -275,19 +444,27 @@ class Engine:
                 timezone=mapped.client.timezone,
             )
             await self.store.upsert(EngagementRow, _engagement_values(engagement, pipeline, deal_id, now), conn)
-        await self._check_divergence(pipeline, current, record)
-        event = billing.deal_won_event(current, billing_start=self.rt.billing_start, timezone=mapped.client.timezone)
-        won = None
-        if event is not None:
-            won = await self.queue_invoice(pipeline, event, current, mapped.client, deal_id)
-        elif current.won_at is not None and current.type is EngagementType.ONE_TIME and current.bill_on == "won":
-            await self._skip_before_start(current, record)
-        keys = await recurring.bill_engagement(self, pipeline, engagement, mapped.client, deal_id)
+            await self._check_divergence(pipeline, current, record, conn)
+            event = billing.deal_won_event(
+                current, billing_start=self.rt.billing_start, timezone=mapped.client.timezone
+            )
+            won = None
+            if event is not None:
+                won = await self.queue_invoice(pipeline, event, current, mapped.client, deal_id, conn=conn)
+            elif current.won_at is not None and current.type is EngagementType.ONE_TIME and current.bill_on == "won":
+                await self._skip_before_start(current, record, conn)
+            if not reads_tracker:
+                keys = await recurring.bill_engagement(self, pipeline, engagement, mapped.client, deal_id, conn=conn)
+                if settle:
+                    await self._settle_in(conn)
+        if reads_tracker:
+            keys = await recurring.bill_engagement(self, pipeline, engagement, mapped.client, deal_id)
         return won or (keys[0] if keys else None)
 
-    async def _skip_before_start(self, engagement: Engagement, record: SourceRecord) -> None:
+    async def _skip_before_start(self, engagement: Engagement, record: SourceRecord, conn: AsyncConnection) -> None:
         won = engagement.won_recorded_at or engagement.won_at
         await self.record_outcome(
+            conn=conn,
             key=f"skip:before_billing_start:{engagement.key}",
             kind="skip",
             reason="before_billing_start",
@@ -371,7 +548,9 @@ class Engine:
                 trigger_at=row.occurred_at,
             )
 
-    async def record_event(self, event: BillingEvent, client_key: str) -> str | None:
+    async def record_event(
+        self, event: BillingEvent, client_key: str, *, conn: AsyncConnection | None = None
+    ) -> str | None:
         """Record a billing event that has nothing to invoice (an hourly period without hours).
 
         Recording it keeps it from being computed again; hours logged late for that
@@ -381,7 +560,7 @@ class Engine:
             the event key if it was new, else ``None``.
         """
         row = self._event_row(event, live=self.rt.pilot_allows(client_key))
-        async with self.store.begin() as conn:
+        async with self._transaction(conn) as conn:
             if not await self.store.add_billing_event(conn, row):
                 return None
             await self.record_outcome(
@@ -398,7 +577,9 @@ class Engine:
         log.info("billing_event_settled", key=event.key, kind=str(event.kind), engagement=event.engagement_key)
         return str(event.key)
 
-    async def surface_credit(self, pipeline: Pipeline, credit: billing.ManualCredit) -> str | None:
+    async def surface_credit(
+        self, pipeline: Pipeline, credit: billing.ManualCredit, *, conn: AsyncConnection | None = None
+    ) -> str | None:
         """Record a credit the invoicing tool cannot issue, as a dead letter a person acts on.
 
         The billing event and the dead letter (source ``manual_credit``, its reason the
@@ -427,7 +608,7 @@ class Engine:
             "status": "open" if live else "simulated",
             "created_at": now,
         }
-        async with self.store.begin() as conn:
+        async with self._transaction(conn) as conn:
             if not await self.store.add_billing_event(conn, self._event_row(event, live=live)):
                 return None
             await conn.execute(sa.insert(table_of(DeadLetterRow)).values(**letter))
@@ -462,7 +643,14 @@ class Engine:
         )
 
     async def queue_invoice(
-        self, pipeline: Pipeline, event: BillingEvent, engagement: Engagement, client: Client, crm_object_id: str
+        self,
+        pipeline: Pipeline,
+        event: BillingEvent,
+        engagement: Engagement,
+        client: Client,
+        crm_object_id: str,
+        *,
+        conn: AsyncConnection | None = None,
     ) -> str | None:
         """Draft the invoice for ``event`` (:func:`syncd.core.billing.draft_for_event`) and queue it.
 
@@ -482,7 +670,7 @@ class Engine:
             send=options.send,
             line_amount_types=options.line_amount_types,
         )
-        return await self.queue_draft(pipeline, event, draft, crm_object_id)
+        return await self.queue_draft(pipeline, event, draft, crm_object_id, conn=conn)
 
     async def queue_draft(
         self,
@@ -492,6 +680,7 @@ class Engine:
         crm_object_id: str,
         *,
         on_recorded: Callable[[AsyncConnection], Awaitable[None]] | None = None,
+        conn: AsyncConnection | None = None,
     ) -> str | None:
         """Record a billing event and, in the same transaction, queue the effect creating ``draft``.
 
@@ -506,13 +695,14 @@ class Engine:
             crm_object_id: the CRM record (deal) the status is written back to.
             on_recorded: runs in the same transaction once the event is new (e.g. to
                 mark time entries as invoiced by this key).
+            conn: the caller's transaction, else one of its own.
 
         Returns:
             the event key if it was new, else ``None`` (already recorded: nothing queued).
         """
         draft = recurring.ledger_ready(self.rt, pipeline, draft)
         if pipeline.mapping.invoice.require_po and not draft.reference and draft.kind is DraftKind.INVOICE:
-            await self._hold_for_po(pipeline, event, draft, crm_object_id)
+            await self._hold_for_po(pipeline, event, draft, crm_object_id, conn)
             return None
         now = self.rt.clock()
         live = self.rt.pilot_allows(draft.client.key)
@@ -534,38 +724,55 @@ class Engine:
         delay = pipeline.settings.invoice_delay_s if event.kind in DELAYED_KINDS else 0
         if delay:
             payload["recheck_won"] = True
-        async with self.store.begin() as conn:
-            if not await self.store.add_billing_event(conn, row):
+        async with self._transaction(conn) as tx:
+            if not await self.store.add_billing_event(tx, row):
                 return None
-            await self.store.add_effect(
-                conn,
-                key=event.key,
-                kind=CREATE_INVOICE,
-                connection=pipeline.invoicing_name,
-                payload=payload,
-                now=now,
-                client_key=draft.client.key,
-                status="pending" if live else "simulated",
-                next_at=now + timedelta(seconds=delay),
-            )
+            if live and not delay:
+                current = _working.get()
+                client = current.clients.get(draft.client.key) if current is not None else None
+                await self._queue_effect(
+                    tx,
+                    key=event.key,
+                    kind=CREATE_INVOICE,
+                    connection=pipeline.invoicing_name,
+                    payload=payload,
+                    now=now,
+                    client_key=draft.client.key,
+                    prefetched={CLIENT: client} if client is not None else None,
+                )
+            else:
+                await self.store.add_effect(
+                    tx,
+                    key=event.key,
+                    kind=CREATE_INVOICE,
+                    connection=pipeline.invoicing_name,
+                    payload=payload,
+                    now=now,
+                    client_key=draft.client.key,
+                    status="pending" if live else "simulated",
+                    next_at=now + timedelta(seconds=delay),
+                )
             if on_recorded is not None:
-                await on_recorded(conn)
+                await on_recorded(tx)
             if not live:
-                await self._record_simulated(conn, event, draft.client.key)
-            await self._resolve(conn, f"attention:missing_po:{event.key}", "the PO number arrived", now)
+                await self._record_simulated(tx, event, draft.client.key)
+            await self._resolve(tx, f"attention:missing_po:{event.key}", "the PO number arrived", now)
         log.info(
             "billing_event_recorded", key=event.key, kind=str(event.kind), engagement=event.engagement_key, live=live
         )
-        self.notify()
+        self._notify_unless_claimed()
         return str(event.key)
 
-    async def _hold_for_po(self, pipeline: Pipeline, event: BillingEvent, draft: InvoiceDraft, deal_id: str) -> None:
+    async def _hold_for_po(
+        self, pipeline: Pipeline, event: BillingEvent, draft: InvoiceDraft, deal_id: str, conn: AsyncConnection | None
+    ) -> None:
         """No invoice without the PO number the mapping requires: held, needing attention.
 
         Nothing is recorded for the event, so it is invoiced as soon as the deal (or the
         client) has a PO number and the deal is processed again or the hourly tick runs.
         """
         await self.record_outcome(
+            conn=conn,
             key=f"attention:missing_po:{event.key}",
             kind="attention",
             reason="missing_po",
@@ -590,7 +797,7 @@ class Engine:
             .values(status="resolved", resolved_at=now, detail=table.c.detail + f" — resolved: {why}")
         )
 
-    async def _remember(self, record: SourceRecord, now: datetime) -> None:
+    async def _remember(self, record: SourceRecord, now: datetime, conn: AsyncConnection | None = None) -> None:
         await self.store.upsert(
             SourceRecordRow,
             {
@@ -601,25 +808,35 @@ class Engine:
                 "data": dict(record.data),
                 "fetched_at": now,
             },
-        )
-
-    async def _save_client(self, conn: Any, client: Client, now: datetime) -> None:
-        existing = await self.store.get(ClientRow, client.key, conn=conn)
-        ids = dict(existing.external_ids) if existing is not None else {}
-        ids.update(client.external_ids)
-        await self.store.upsert(
-            ClientRow,
-            {
-                "key": client.key,
-                "legal_name": client.legal_name,
-                "data": client.model_dump(mode="json", exclude={"external_ids"}),
-                "external_ids": ids,
-                "updated_at": now,
-            },
             conn,
         )
 
-    async def _check_divergence(self, pipeline: Pipeline, engagement: Engagement, record: SourceRecord) -> None:
+    async def _save_client(self, conn: AsyncConnection, client: Client, now: datetime, invoicing: str) -> None:
+        """Store the client as mapped, keeping the ids other systems gave it.
+
+        The row as stored is kept for the invoice this transaction may queue
+        (:meth:`_customer_id` reads it instead of the database when nothing changed it since).
+        """
+        generation = self.store.lock_generation(_customer_lock(invoicing, client.key))
+        existing = await self.store.get(ClientRow, client.key, conn=conn)
+        ids = dict(existing.external_ids) if existing is not None else {}
+        ids.update(client.external_ids)
+        values = {
+            "key": client.key,
+            "legal_name": client.legal_name,
+            "data": client.model_dump(mode="json", exclude={"external_ids"}),
+            "external_ids": ids,
+            "updated_at": now,
+        }
+        await self.store.upsert(ClientRow, values, conn)
+        current = _working.get()
+        if current is not None:
+            stored = ClientRow.model_validate({**values, "pushed": existing.pushed if existing is not None else None})
+            current.clients[client.key] = (stored, generation)
+
+    async def _check_divergence(
+        self, pipeline: Pipeline, engagement: Engagement, record: SourceRecord, conn: AsyncConnection
+    ) -> None:
         """A deal edited, reopened or lost after it was invoiced: record it, never re-invoice or void.
 
         Only invoices of the deal's own lines (won or accepted deliverables) are compared;
@@ -632,6 +849,7 @@ class Engine:
             col(InvoiceRow.engagement_key) == engagement.key,
             col(InvoiceRow.kind) == "invoice",
             col(InvoiceRow.key).in_(billed_lines),
+            conn=conn,
         )
         for invoice in invoices:
             notes = []
@@ -642,9 +860,11 @@ class Engine:
                 notes.append(f"deal lines now total {subtotal} {engagement.currency}, invoiced {invoice.subtotal}")
             divergence = "; ".join(notes) or None
             if engagement.won_at is None:
-                await self._on_unwon(pipeline, invoice)
+                await self._on_unwon(pipeline, invoice, conn)
             if divergence != invoice.divergence:
-                await self.store.update(InvoiceRow, [col(InvoiceRow.key) == invoice.key], {"divergence": divergence})
+                await self.store.update(
+                    InvoiceRow, [col(InvoiceRow.key) == invoice.key], {"divergence": divergence}, conn=conn
+                )
                 if divergence:
                     log.warning(
                         "invoice_divergence",
@@ -654,24 +874,23 @@ class Engine:
                         divergence=divergence,
                     )
 
-    async def _on_unwon(self, pipeline: Pipeline, invoice: InvoiceRow) -> None:
+    async def _on_unwon(self, pipeline: Pipeline, invoice: InvoiceRow, conn: AsyncConnection) -> None:
         """An invoiced deal left the won stage: needs attention, or a void (``on_unwon``)."""
         if invoice.state == str(InvoiceState.VOIDED):
             return
         if pipeline.settings.on_unwon != "void":
-            await self._unwon_attention(invoice)
+            await self._unwon_attention(invoice, conn=conn)
             return
-        async with self.store.begin() as conn:
-            await self.store.add_effect(
-                conn,
-                key=f"void:{invoice.key}",
-                kind=VOID_INVOICE,
-                connection=invoice.invoicing_connection,
-                payload={"invoice_key": invoice.key},
-                now=self.rt.clock(),
-                client_key=invoice.client_key,
-            )
-        self.notify()
+        await self._queue_effect(
+            conn,
+            key=f"void:{invoice.key}",
+            kind=VOID_INVOICE,
+            connection=invoice.invoicing_connection,
+            payload={"invoice_key": invoice.key},
+            now=self.rt.clock(),
+            client_key=invoice.client_key,
+        )
+        self._notify_unless_claimed()
 
     async def refresh_invoice(self, pipeline: Pipeline, invoice_id: str) -> None:
         """Re-read an invoice syncd created and queue a write-back if its status changed."""
@@ -704,7 +923,7 @@ class Engine:
         changed = any(str(getattr(row, k)) != str(v) for k, v in values.items())
         if not changed:
             return
-        async with self.store.begin() as conn:
+        async with self._transaction() as conn:
             await conn.execute(
                 sa.update(table_of(InvoiceRow))
                 .where(table_of(InvoiceRow).c.key == row.key)
@@ -712,6 +931,7 @@ class Engine:
             )
             version = f"{row.key}:{(status.updated_at or now).isoformat()}:{values['state']}:{values['amount_due']}"
             await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, version, now)
+        self._notify_unless_claimed()
         log.info(
             "invoice_status_changed",
             invoice=row.number,
@@ -720,24 +940,33 @@ class Engine:
             previous=row.state,
         )
 
-    async def _queue_crm_status(self, conn: Any, crm: str, deal_id: str, version: str, now: datetime) -> bool:
+    async def _queue_crm_status(
+        self, conn: AsyncConnection, crm: str, deal_id: str, version: str, now: datetime
+    ) -> bool:
         """Queue a write-back of the deal's standing, once per ``version`` of what changed.
 
         The effect computes the standing from every document of the deal when it runs
         (:meth:`_write_crm_status`), so an older queued write-back still writes the
-        newest state.
+        newest state. One this worker runs next (:class:`_Work`) gets the standing
+        as of this transaction instead, which is the same thing one step earlier.
+        The caller notifies a worker after its commit (:meth:`_notify_unless_claimed`).
         """
         key = "crm:" + hashlib.sha256(f"{crm}:{deal_id}:{version}".encode()).hexdigest()[:32]
-        queued = await self.store.add_effect(
+        claims = _working.get() is not None
+        return await self._queue_effect(
             conn,
             key=key,
             kind=WRITE_CRM_STATUS,
             connection=crm,
             payload={"crm_object_id": deal_id},
             now=now,
+            prefetched={STANDING: await self.deal_standing(crm, deal_id, conn=conn)} if claims else None,
         )
-        self.notify()
-        return queued
+
+    def _notify_unless_claimed(self) -> None:
+        """After a commit that queued effects: wake a worker, unless a worker queued them (claimed, :class:`_Work`)."""
+        if _working.get() is None:
+            self.notify()
 
     async def refresh_aging(self) -> int:
         """Queue a write-back for every deal with an unpaid invoice past due (daily: overdue days grow).
@@ -755,8 +984,10 @@ class Engine:
         deals = {(row.crm_connection, row.crm_object_id) for row in rows}
         queued = 0
         for crm, deal_id in sorted(deals):
-            async with self.store.begin() as conn:
+            async with self._transaction() as conn:
                 queued += await self._queue_crm_status(conn, crm, deal_id, f"aging:{now.date().isoformat()}", now)
+        if queued:
+            self._notify_unless_claimed()
         return queued
 
     # -- outbox ---------------------------------------------------------------------------
@@ -796,58 +1027,59 @@ class Engine:
         if status is None and row.payload.get("recheck_won") and not await self._still_won(row):
             await self._skip_unwon(row, draft)
             return
-        customer_id = await self._customer_id(row.connection, invoicing, draft.client)
-        created = status is None
-        if status is None:
-            draft = await self._after_lock_date(row.connection, invoicing, draft)
-            status = await invoicing.create_invoice(draft, customer_id)
-        elif draft.send and status.state is InvoiceState.AUTHORISED and isinstance(invoicing, SendsInvoices):
-            # created by an earlier attempt that stopped before emailing it
-            await invoicing.send_invoice(status.invoice_id, draft.key)
-            status = status.model_copy(update={"state": InvoiceState.SENT})
-        now = self.rt.clock()
-        mismatch = _totals_mismatch(draft, status)
-        triggered_at = datetime.fromisoformat(row.payload["triggered_at"])
-        values = {
-            "key": draft.key,
-            "kind": str(draft.kind),
-            "engagement_key": draft.engagement_key,
-            "client_key": draft.client.key,
-            "crm_connection": row.payload["crm"],
-            "crm_object_id": row.payload["crm_object_id"],
-            "invoicing_connection": row.connection,
-            "invoice_id": status.invoice_id,
-            **_status_values(status),
-            "source_updated_at": status.updated_at,
-            "triggered_at": triggered_at,
-            "created_at": now,
-            "updated_at": now,
-            "totals_mismatch": mismatch,
-        }
-        async with self.store.begin() as conn:
-            await self.store.upsert(InvoiceRow, values, conn)
-            if not await self.store.finish(
-                EffectRow, row, status="done", now=now, result={"invoice_id": status.invoice_id}, conn=conn
-            ):
-                raise _Fenced()
-            await conn.execute(
-                sa.update(table_of(BillingEventRow))
-                .where(table_of(BillingEventRow).c.key == draft.key)
-                .values(invoice_key=draft.key)
-            )
-            await self._queue_crm_status(
-                conn, row.payload["crm"], row.payload["crm_object_id"], f"{draft.key}:created", now
-            )
-            if draft.kind is DraftKind.CREDIT_NOTE and isinstance(invoicing, AllocatesCredit):
-                await self.store.add_effect(
-                    conn,
-                    key=f"allocate:{draft.key}",
-                    kind=ALLOCATE_CREDIT,
-                    connection=row.connection,
-                    payload={"credit_key": draft.key},
-                    now=now,
-                    client_key=draft.client.key,
+        async with contextlib.AsyncExitStack() as held:
+            customer_id, learned = await self._customer_id(row.connection, invoicing, draft.client, held)
+            created = status is None
+            if status is None:
+                draft = await self._after_lock_date(row.connection, invoicing, draft)
+                status = await invoicing.create_invoice(draft, customer_id)
+            elif draft.send and status.state is InvoiceState.AUTHORISED and isinstance(invoicing, SendsInvoices):
+                # created by an earlier attempt that stopped before emailing it
+                await invoicing.send_invoice(status.invoice_id, draft.key)
+                status = status.model_copy(update={"state": InvoiceState.SENT})
+            now = self.rt.clock()
+            mismatch = _totals_mismatch(draft, status)
+            triggered_at = datetime.fromisoformat(row.payload["triggered_at"])
+            values = {
+                "key": draft.key,
+                "kind": str(draft.kind),
+                "engagement_key": draft.engagement_key,
+                "client_key": draft.client.key,
+                "crm_connection": row.payload["crm"],
+                "crm_object_id": row.payload["crm_object_id"],
+                "invoicing_connection": row.connection,
+                "invoice_id": status.invoice_id,
+                **_status_values(status),
+                "source_updated_at": status.updated_at,
+                "triggered_at": triggered_at,
+                "created_at": now,
+                "updated_at": now,
+                "totals_mismatch": mismatch,
+            }
+            async with self._transaction() as conn:
+                if learned is not None:
+                    await self.store.update(ClientRow, [col(ClientRow.key) == draft.client.key], learned, conn=conn)
+                await self.store.upsert(InvoiceRow, values, conn)
+                await self._settle_in(conn, result={"invoice_id": status.invoice_id})
+                await conn.execute(
+                    sa.update(table_of(BillingEventRow))
+                    .where(table_of(BillingEventRow).c.key == draft.key)
+                    .values(invoice_key=draft.key)
                 )
+                await self._queue_crm_status(
+                    conn, row.payload["crm"], row.payload["crm_object_id"], f"{draft.key}:created", now
+                )
+                if draft.kind is DraftKind.CREDIT_NOTE and isinstance(invoicing, AllocatesCredit):
+                    await self._queue_effect(
+                        conn,
+                        key=f"allocate:{draft.key}",
+                        kind=ALLOCATE_CREDIT,
+                        connection=row.connection,
+                        payload={"credit_key": draft.key},
+                        now=now,
+                        client_key=draft.client.key,
+                    )
+        self._notify_unless_claimed()
         if mismatch:
             log.warning("invoice_totals_mismatch", key=draft.key, invoice=status.number, detail=mismatch)
         log.info(
@@ -984,8 +1216,11 @@ class Engine:
         await self._record_status(invoice, status)
         log.warning("invoice_voided_deal_unwon", invoice=invoice.number, deal=invoice.crm_object_id)
 
-    async def _unwon_attention(self, invoice: InvoiceRow, why: str = "") -> None:
+    async def _unwon_attention(
+        self, invoice: InvoiceRow, why: str = "", *, conn: AsyncConnection | None = None
+    ) -> None:
         await self.record_outcome(
+            conn=conn,
             key=f"attention:unwon:{invoice.key}",
             kind="attention",
             reason="unwon_after_invoice",
@@ -999,26 +1234,54 @@ class Engine:
             billing_event_key=invoice.key,
         )
 
-    async def _customer_id(self, connection: str, invoicing: Any, client: Client) -> str:
+    async def _customer_id(
+        self, connection: str, invoicing: Any, client: Client, held: contextlib.AsyncExitStack
+    ) -> tuple[str, dict[str, Any] | None]:
         """The client's customer id at the invoicing tool, created at most once.
 
         Two effects of the same client may run at once (on two replicas): the lock makes
-        the second wait and then read the id the first stored.
+        the second wait and then read the id the first stored. A customer created here
+        is recorded in the transaction that records the invoice (the caller's), so the
+        lock is then kept in ``held`` until the caller leaves it; a create whose invoice
+        fails is found again by its stamp (``upsert_customer`` looks up before it creates).
+        The client's row as the queuing transaction stored it (:meth:`_save_client`)
+        stands in for a read while it holds the id, or while no one took the lock since.
+
+        Returns:
+            the id, and the client row's new values to record with the invoice (or ``None``).
         """
-        async with self.store.named_lock(f"customer:{connection}:{client.key}"):
-            row = await self.store.get(ClientRow, client.key)
+        name = _customer_lock(connection, client.key)
+        lock = contextlib.AsyncExitStack()
+        await lock.enter_async_context(self.store.named_lock(name))
+        try:
+            row = await self._client_row(connection, client.key, name)
             known = row.external_ids.get(connection) if row is not None else None
-            if known:
+            if row is not None and known:
                 await self._sync_customer(connection, invoicing, row, client, str(known))
-                return str(known)
+                await lock.aclose()
+                return str(known), None
             customer_id = str(await invoicing.upsert_customer(client))
-            if row is not None:
-                ids = {**row.external_ids, connection: customer_id}
-                pushed = {**(row.pushed or {}), connection: client.ledger_details()}
-                await self.store.update(
-                    ClientRow, [col(ClientRow.key) == client.key], {"external_ids": ids, "pushed": pushed}
-                )
-            return customer_id
+        except BaseException:
+            await lock.aclose()
+            raise
+        held.push_async_callback(lock.aclose)
+        if row is None:
+            return customer_id, None
+        ids = {**row.external_ids, connection: customer_id}
+        pushed = {**(row.pushed or {}), connection: client.ledger_details()}
+        return customer_id, {"external_ids": ids, "pushed": pushed}
+
+    async def _client_row(self, connection: str, client_key: str, lock_name: str) -> ClientRow | None:
+        """The client's row, under its customer lock: as the queuing transaction left it if that is still current."""
+        current = _working.get()
+        snapshot = current.prefetched.get(CLIENT) if current is not None else None
+        if snapshot is not None:
+            row, generation = snapshot
+            if row.external_ids.get(connection) or (
+                generation is not None and generation == self.store.lock_generation(lock_name)
+            ):
+                return row  # type: ignore[no-any-return]
+        return await self.store.get(ClientRow, client_key)  # type: ignore[no-any-return]
 
     async def _sync_customer(
         self, connection: str, invoicing: Any, row: ClientRow, client: Client, customer_id: str
@@ -1071,55 +1334,163 @@ class Engine:
             if invoice is None:
                 raise RecordError(f"invoice {row.payload['invoice_key']} is not recorded", place=f"effects.id={row.id}")
             deal_id = invoice.crm_object_id
-        status = await self.deal_standing(row.connection, str(deal_id))
+        current = _working.get()
+        prefetched = current.prefetched if current is not None else {}
+        if STANDING in prefetched:
+            status = prefetched[STANDING]
+        else:
+            status = await self.deal_standing(row.connection, str(deal_id))
         if status is None:
             return
         await self.rt.connectors[row.connection].write_billing_status(str(deal_id), status)
         log.info("crm_status_written", deal=deal_id, invoice=status.invoice_number, state=status.state)
 
-    async def deal_standing(self, crm: str, deal_id: str) -> DealBillingStatus | None:
-        """The standing of a deal across every document syncd created for it, as of now."""
+    async def deal_standing(
+        self, crm: str, deal_id: str, *, conn: AsyncConnection | None = None
+    ) -> DealBillingStatus | None:
+        """The standing of a deal across every document syncd created for it, as of now (in ``conn`` if given)."""
         rows = await self.store.select(
             InvoiceRow,
             InvoiceRow.crm_connection == crm,
             InvoiceRow.crm_object_id == deal_id,
             order_by=InvoiceRow.created_at,
+            conn=conn,
         )
         if not rows:
             return None
-        client = await self.store.get(ClientRow, rows[0].client_key)
+        client = await self.store.get(ClientRow, rows[0].client_key, conn=conn)
         zone = client.data.get("timezone", "UTC") if client else "UTC"
         today = receivables.today_in(self.rt.clock(), zone)
         return receivables.deal_status((_document(r) for r in rows), today)
 
     # -- settling -------------------------------------------------------------------------
 
-    async def _settle(self, model: Any, row: Any, source: str, work: Callable[[Any], Awaitable[bool]]) -> None:
+    async def _settle(
+        self,
+        model: Any,
+        row: Any,
+        source: str,
+        work: Callable[[Any], Awaitable[bool]],
+        later: list[Settle] | None = None,
+        prefetched: dict[str, Any] | None = None,
+    ) -> None:
         """Run ``work`` for a claimed row and settle it: done, retry later, or dead-letter.
 
-        ``work`` returns ``True`` when it already settled the row in its own transaction.
+        ``work`` returns ``True`` when it already settled the row in its own transaction
+        (or settles it through :meth:`_settle_in`). A row done otherwise is settled in
+        the worker's next claim when ``later`` is given (the worker's loop), else at once.
+        Then the effects the work queued claimed (:class:`_Work`) are executed, in order.
         """
         log_ctx = {"source": source, "id": row.id, "attempt": row.attempts}
+        current = _Work(model=model, row=row, prefetched=prefetched or {})
+        token = _working.set(current)
         try:
             settled = await work(row)
         except _Fenced:
             log.warning("lease_lost", **log_ctx)
-            return
+            settled = True
         except (RetriableError, AuthError) as exc:
             await self._retry_or_bury(model, row, source, exc)
-            return
+            settled = True
         except (MappingError, RecordError, FatalError) as exc:
             await self._bury(model, row, source, exc)
-            return
+            settled = True
         except SyncdError as exc:
             await self._bury(model, row, source, exc)
-            return
+            settled = True
         except Exception as exc:  # a bug or an untranslated library error: retry, then bury
             log.exception("work_crashed", **log_ctx)
             await self._retry_or_bury(model, row, source, RetriableError(f"unexpected {type(exc).__name__}: {exc}"))
+            settled = True
+        finally:
+            _working.reset(token)
+        if not (settled or current.settled):
+            now = self.rt.clock()
+            if later is not None and not current.followups:
+                later.append(Settle(model=model, row=row, status="done", now=now))
+            else:
+                await self.store.finish(model, row, status="done", now=now)
+        for followup in current.followups:
+            await self._settle(EffectRow, followup.row, "effect", self._execute, later, followup.prefetched)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, conn: AsyncConnection | None = None) -> AsyncIterator[AsyncConnection]:
+        """The caller's transaction, or a new one; effects queued claimed in it run once it commits (:class:`_Work`)."""
+        if conn is not None:
+            yield conn
             return
-        if not settled:
-            await self.store.finish(model, row, status="done", now=self.rt.clock())
+        current = _working.get()
+        if current is None:
+            async with self.store.begin() as own:
+                yield own
+            return
+        mark = len(current.staged)
+        current.depth += 1
+        try:
+            async with self.store.begin() as own:
+                yield own
+        except BaseException:
+            del current.staged[mark:]
+            raise
+        finally:
+            current.depth -= 1
+        current.followups += current.staged[mark:]
+        del current.staged[mark:]
+
+    async def _settle_in(
+        self, conn: AsyncConnection, *, status: str = "done", result: Mapping[str, Any] | None = None
+    ) -> None:
+        """Settle the row being worked on in ``conn``, fenced on its attempt.
+
+        Raises:
+            _Fenced: the row was claimed again meanwhile (``conn``'s transaction must roll back).
+        """
+        current = _working.get()
+        if current is None or current.settled:
+            return
+        if not await self.store.finish(
+            current.model, current.row, status=status, now=self.rt.clock(), result=result, conn=conn
+        ):
+            raise _Fenced()
+        current.settled = True
+
+    async def _queue_effect(
+        self,
+        conn: AsyncConnection,
+        *,
+        key: str,
+        kind: str,
+        connection: str,
+        payload: Mapping[str, Any],
+        now: datetime,
+        client_key: str | None = None,
+        prefetched: dict[str, Any] | None = None,
+    ) -> bool:
+        """Queue an effect due now in ``conn``: claimed by this worker when it runs in one (:class:`_Work`).
+
+        Returns:
+            whether it was new. An effect queued unclaimed needs :meth:`notify` after the commit.
+        """
+        current = _working.get()
+        if current is None or current.depth == 0:
+            return await self.store.add_effect(
+                conn, key=key, kind=kind, connection=connection, payload=payload, now=now, client_key=client_key
+            )
+        row = await self.store.add_claimed_effect(
+            conn,
+            key=key,
+            kind=kind,
+            connection=connection,
+            payload=payload,
+            now=now,
+            client_key=client_key,
+            owner=self.rt.owner,
+            lease_s=self.rt.config.daemon.lease_s,
+        )
+        if row is None:
+            return False
+        current.staged.append(_FollowUp(row=row, prefetched=prefetched or {}))
+        return True
 
     async def _retry_or_bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
         if row.attempts >= self.rt.config.daemon.max_attempts:
@@ -1173,6 +1544,10 @@ def _engagement_values(engagement: Engagement, pipeline: Pipeline, deal_id: str,
         "source_version": engagement.source_version,
         "updated_at": now,
     }
+
+
+def _customer_lock(connection: str, client_key: str) -> str:
+    return f"customer:{connection}:{client_key}"
 
 
 def _digest(details: dict[str, str | None]) -> str:

@@ -80,6 +80,8 @@ from syncd.store.db import (
 )
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
     from syncd.engine.api import BillingQueue
 
 log = structlog.get_logger("syncd.engine.recurring")
@@ -161,9 +163,9 @@ def events_due(
     return sorted(due, key=lambda event: (event.occurred_at, event.kind, event.occurrence))
 
 
-async def billed_keys(store: Store, engagement_key: str) -> frozenset[str]:
-    """The keys of every billing event recorded for the engagement (simulated ones too)."""
-    rows = await store.select(BillingEventRow, table_of(BillingEventRow).c.engagement_key == engagement_key)
+async def billed_keys(store: Store, engagement_key: str, *, conn: AsyncConnection | None = None) -> frozenset[str]:
+    """The keys of every billing event recorded for the engagement (simulated ones too), in ``conn`` if given."""
+    rows = await store.select(BillingEventRow, table_of(BillingEventRow).c.engagement_key == engagement_key, conn=conn)
     return frozenset(row.key for row in rows)
 
 
@@ -224,9 +226,19 @@ async def with_tracker_state(
 
 
 async def bill_engagement(
-    engine: BillingQueue, pipeline: Pipeline, engagement: Engagement, client: Client, crm_object_id: str
+    engine: BillingQueue,
+    pipeline: Pipeline,
+    engagement: Engagement,
+    client: Client,
+    crm_object_id: str,
+    *,
+    conn: AsyncConnection | None = None,
 ) -> list[str]:
     """Queue every billing event of ``engagement`` that is due now and not yet recorded.
+
+    With ``conn``, everything is read and queued in the caller's transaction: only for
+    a pipeline without a time tracker, whose billing reads no vendor (no call may run
+    while a transaction holds the database).
 
     Returns:
         the keys recorded by this call.
@@ -237,10 +249,12 @@ async def bill_engagement(
     """
     runtime = engine.rt
     now = runtime.clock()
+    if conn is not None and pipeline.time_tracker is not None:
+        raise ValueError("bill_engagement: a pipeline with a time tracker reads it, outside any transaction")
     tracked = await tracked_hours(runtime, pipeline, engagement)
     engagement = await with_tracker_state(pipeline, engagement, tracked, now)
     credit_notes = Capability.CREDIT_NOTES in pipeline.invoicing.capabilities
-    billed = await billed_keys(runtime.store, engagement.key)
+    billed = await billed_keys(runtime.store, engagement.key, conn=conn)
     events = events_due(
         engagement,
         as_of=now,
@@ -250,9 +264,9 @@ async def bill_engagement(
         credit_notes=credit_notes,
         entries=tracked.entries if tracked is not None else None,
     )
-    keys = await _queue(engine, pipeline, engagement, client, crm_object_id, events, tracked)
+    keys = await _queue(engine, pipeline, engagement, client, crm_object_id, events, tracked, conn)
     if not credit_notes:
-        keys += await _surface_credits(engine, pipeline, engagement, client, billed, now)
+        keys += await _surface_credits(engine, pipeline, engagement, client, billed, now, conn)
     return keys
 
 
@@ -264,6 +278,7 @@ async def _queue(
     crm_object_id: str,
     events: Sequence[BillingEvent],
     tracked: hours.ProjectHours | None,
+    conn: AsyncConnection | None,
 ) -> list[str]:
     keys: list[str] = []
     hourly = _HoursRun(engine, pipeline, engagement, client, crm_object_id, tracked) if tracked is not None else None
@@ -271,7 +286,7 @@ async def _queue(
         if hourly is not None and is_hours_event(engagement, event):
             key = await hourly.queue(event)
         else:
-            key = await engine.queue_invoice(pipeline, event, engagement, client, crm_object_id)
+            key = await engine.queue_invoice(pipeline, event, engagement, client, crm_object_id, conn=conn)
         if key is not None:
             keys.append(key)
     return keys
@@ -284,6 +299,7 @@ async def _surface_credits(
     client: Client,
     billed: frozenset[str],
     now: datetime,
+    conn: AsyncConnection | None,
 ) -> list[str]:
     credits = billing.manual_credits(
         engagement,
@@ -292,7 +308,7 @@ async def _surface_credits(
         billing_start=engine.rt.billing_start,
         handled=billed,
     )
-    keys = [await engine.surface_credit(pipeline, credit) for credit in credits]
+    keys = [await engine.surface_credit(pipeline, credit, conn=conn) for credit in credits]
     return [key for key in keys if key is not None]
 
 

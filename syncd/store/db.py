@@ -22,6 +22,7 @@ import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -334,6 +335,27 @@ class RateBudgetRow(SQLModel, table=True):
 Row = TypeVar("Row", EventRow, EffectRow)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Settle:
+    """How to settle a claimed row (:meth:`Store.finish`), to be done in a later transaction."""
+
+    model: type[EventRow] | type[EffectRow]
+    row: EventRow | EffectRow
+    status: str
+    now: datetime
+    error: str | None = None
+    next_at: datetime | None = None
+    result: Mapping[str, Any] | None = None
+
+
+class Claimed(NamedTuple):
+    """What :meth:`Store.claim_work` claimed, and the rows it could not settle (claimed again meanwhile)."""
+
+    events: list[EventRow]
+    effects: list[EffectRow]
+    fenced: list[EventRow | EffectRow]
+
+
 class Backlog(NamedTuple):
     """What waits: ``queues`` maps ``(queue, status)`` to rows (``events``/``effects`` ×
     ``pending``/``dead``, and ``dead_letters``/``open``, zeros included); ``outcomes`` maps
@@ -376,6 +398,7 @@ class Store:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self._locks: dict[str, asyncio.Lock] = {}
+        self._generations: dict[str, int] = {}
         self._transactions = 0
         self._count_lock = threading.Lock()
         event.listen(engine.sync_engine, "begin", self._count_transaction)
@@ -470,27 +493,32 @@ class Store:
         """
         if not hints:
             return 0
-        rows = [
-            {
-                "connection": h.connection,
-                "object_type": h.object_type,
-                "object_id": h.object_id,
-                "event_id": h.event_id,
-                "kind": h.kind,
-                "version": h.version,
-                "occurred_at": h.occurred_at,
-                "received_at": now,
-                "status": "pending",
-                "attempts": 0,
-                "next_at": now,
-            }
-            for h in hints
-        ]
         table = table_of(EventRow)
         stmt = self._insert_ignore(table, ("connection", "event_id")).returning(table.c.id)
         async with self.engine.begin() as conn:
-            inserted = (await conn.execute(stmt, rows)).all()
+            inserted = (await conn.execute(stmt, _event_values(hints, now))).all()
         return len(inserted)
+
+    async def add_claimed_events(
+        self, hints: Sequence[ChangeHint], *, owner: str, lease_s: int, now: datetime
+    ) -> list[EventRow]:
+        """Store change hints already claimed by ``owner`` (attempt 1, leased), in one transaction.
+
+        For a worker that waits idle: storing and claiming are one transaction instead of
+        two. Duplicates are ignored as in :meth:`add_events`.
+
+        Returns:
+            the new rows, claimed.
+        """
+        if not hints:
+            return []
+        table = table_of(EventRow)
+        lease = {"attempts": 1, "lease_owner": owner, "lease_until": now + timedelta(seconds=lease_s)}
+        rows = [{**values, **lease} for values in _event_values(hints, now)]
+        stmt = self._insert_ignore(table, ("connection", "event_id")).returning(*table.c)
+        async with self.engine.begin() as conn:
+            inserted = (await conn.execute(stmt, rows)).mappings().all()
+        return sorted((EventRow.model_validate(dict(r)) for r in inserted), key=lambda r: r.id or 0)
 
     def _insert_ignore(self, table: sa.Table, conflict: Sequence[str]) -> Any:
         if self.is_postgres:
@@ -503,6 +531,32 @@ class Store:
 
     async def claim(self, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime) -> list[Row]:
         """Claim up to ``limit`` due rows of ``model`` (events or effects) with a lease."""
+        async with self.engine.begin() as conn:
+            return await self._claim(conn, model, owner=owner, limit=limit, lease_s=lease_s, now=now)
+
+    async def claim_work(
+        self, *, owner: str, limit: int, lease_s: int, now: datetime, settle: Sequence[Settle] = ()
+    ) -> Claimed:
+        """Settle finished rows and claim the next due events and effects, in one transaction.
+
+        A worker's loop runs on this: the rows it finished without a transaction of their
+        own (:class:`Settle`, each fenced as in :meth:`finish`) are settled in the same
+        transaction that claims its next work, up to ``limit`` events and ``limit`` effects.
+        """
+        async with self.engine.begin() as conn:
+            fenced = [item.row for item in settle if not await self._finish(conn, item)]
+            events = await self._claim(conn, EventRow, owner=owner, limit=limit, lease_s=lease_s, now=now)
+            effects = await self._claim(conn, EffectRow, owner=owner, limit=limit, lease_s=lease_s, now=now)
+        return Claimed(events=events, effects=effects, fenced=fenced)
+
+    async def settle(self, items: Sequence[Settle]) -> list[EventRow | EffectRow]:
+        """Settle rows finished earlier (:class:`Settle`) in one transaction; the rows claimed again meanwhile."""
+        async with self.engine.begin() as conn:
+            return [item.row for item in items if not await self._finish(conn, item)]
+
+    async def _claim(
+        self, conn: AsyncConnection, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime
+    ) -> list[Row]:
         table = table_of(model)
         lease_free = sa.or_(table.c.lease_until.is_(None), table.c.lease_until < now)
         due = (
@@ -518,8 +572,7 @@ class Store:
             .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s), attempts=table.c.attempts + 1)
             .returning(*table.c)
         )
-        async with self.engine.begin() as conn:
-            rows = (await conn.execute(stmt)).mappings().all()
+        rows = (await conn.execute(stmt)).mappings().all()
         return sorted((model.model_validate(dict(r)) for r in rows), key=lambda r: r.id or 0)
 
     async def finish(
@@ -542,19 +595,29 @@ class Store:
         Returns:
             ``False`` when the row was claimed again since (this writer is fenced off).
         """
-        table = table_of(model)
-        values: dict[str, Any] = {"status": status, "lease_owner": None, "lease_until": None, "last_error": error}
-        if next_at is not None:
-            values["next_at"] = next_at
-        if model is EffectRow:
-            values["updated_at"] = now
-            if result is not None:
-                values["result"] = dict(result)
-        stmt = sa.update(table).where(table.c.id == row.id, table.c.attempts == row.attempts).values(**values)
+        item = Settle(model=model, row=row, status=status, now=now, error=error, next_at=next_at, result=result)
         if conn is not None:
-            return bool((await conn.execute(stmt)).rowcount)
+            return await self._finish(conn, item)
         async with self.engine.begin() as own:
-            return bool((await own.execute(stmt)).rowcount)
+            return await self._finish(own, item)
+
+    async def _finish(self, conn: AsyncConnection, item: Settle) -> bool:
+        table = table_of(item.model)
+        values: dict[str, Any] = {
+            "status": item.status,
+            "lease_owner": None,
+            "lease_until": None,
+            "last_error": item.error,
+        }
+        if item.next_at is not None:
+            values["next_at"] = item.next_at
+        if item.model is EffectRow:
+            values["updated_at"] = item.now
+            if item.result is not None:
+                values["result"] = dict(item.result)
+        row = item.row
+        stmt = sa.update(table).where(table.c.id == row.id, table.c.attempts == row.attempts).values(**values)
+        return bool((await conn.execute(stmt)).rowcount)
 
     # -- outbox -------------------------------------------------------------------------
 
@@ -573,19 +636,37 @@ class Store:
     ) -> bool:
         """Queue an effect in the caller's transaction (due at ``next_at``, else now); ``False`` if the key exists."""
         table = table_of(EffectRow)
-        stmt = self._insert_ignore(table, ("key",)).values(
-            key=key,
-            kind=kind,
-            connection=connection,
-            client_key=client_key,
-            payload=json.loads(json.dumps(payload, default=str)),
-            status=status,
-            attempts=0,
-            next_at=next_at or now,
-            created_at=now,
-            updated_at=now,
-        )
+        values = _effect_values(key, kind, connection, payload, now, client_key, status, next_at)
+        stmt = self._insert_ignore(table, ("key",)).values(**values)
         return (await conn.execute(stmt.returning(table.c.key))).first() is not None
+
+    async def add_claimed_effect(
+        self,
+        conn: AsyncConnection,
+        *,
+        key: str,
+        kind: str,
+        connection: str,
+        payload: Mapping[str, Any],
+        now: datetime,
+        owner: str,
+        lease_s: int,
+        client_key: str | None = None,
+    ) -> EffectRow | None:
+        """Queue an effect due now, already claimed by ``owner`` (attempt 1, leased), in the caller's transaction.
+
+        For the worker that goes on to execute it at once: no claim of its own. The
+        lease and the attempt counter are those of :meth:`claim`, so fencing is unchanged.
+
+        Returns:
+            the row, or ``None`` if the key exists (nothing queued, nothing claimed).
+        """
+        table = table_of(EffectRow)
+        values = _effect_values(key, kind, connection, payload, now, client_key, "pending", None)
+        values |= {"attempts": 1, "lease_owner": owner, "lease_until": now + timedelta(seconds=lease_s)}
+        stmt = self._insert_ignore(table, ("key",)).values(**values).returning(*table.c)
+        row = (await conn.execute(stmt)).mappings().first()
+        return None if row is None else EffectRow.model_validate(dict(row))
 
     async def add_billing_event(self, conn: AsyncConnection, row: BillingEventRow) -> bool:
         """Record a billing event in the caller's transaction; ``False`` if its key exists."""
@@ -630,17 +711,25 @@ class Store:
             await own.execute(stmt)
 
     async def select(
-        self, model: type[SQLModel], *where: Any, order_by: Any = None, limit: int | None = None
+        self,
+        model: type[SQLModel],
+        *where: Any,
+        order_by: Any = None,
+        limit: int | None = None,
+        conn: AsyncConnection | None = None,
     ) -> list[Any]:
-        """Rows of ``model`` matching ``where`` (SQLAlchemy column expressions)."""
+        """Rows of ``model`` matching ``where`` (SQLAlchemy column expressions), in ``conn`` if given."""
         table = table_of(model)
         stmt = sa.select(table).where(*where)
         if order_by is not None:
             stmt = stmt.order_by(order_by)
         if limit is not None:
             stmt = stmt.limit(limit)
-        async with self.engine.connect() as conn:
+        if conn is not None:
             rows = (await conn.execute(stmt)).mappings().all()
+        else:
+            async with self.engine.connect() as own:
+                rows = (await own.execute(stmt)).mappings().all()
         return [model.model_validate(dict(r)) for r in rows]
 
     async def count(self, model: type[SQLModel], *where: Any) -> int:
@@ -650,12 +739,20 @@ class Store:
             value = await conn.scalar(sa.select(sa.func.count()).select_from(table).where(*where))
         return int(value or 0)
 
-    async def update(self, model: type[SQLModel], where: Iterable[Any], values: Mapping[str, Any]) -> int:
-        """Update rows of ``model`` matching ``where``; how many changed."""
-        table = table_of(model)
-        async with self.engine.begin() as conn:
-            result = await conn.execute(sa.update(table).where(*where).values(**values))
-        return int(result.rowcount or 0)
+    async def update(
+        self,
+        model: type[SQLModel],
+        where: Iterable[Any],
+        values: Mapping[str, Any],
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> int:
+        """Update rows of ``model`` matching ``where`` (in ``conn`` if given); how many changed."""
+        stmt = sa.update(table_of(model)).where(*where).values(**values)
+        if conn is not None:
+            return int((await conn.execute(stmt)).rowcount or 0)
+        async with self.engine.begin() as own:
+            return int((await own.execute(stmt)).rowcount or 0)
 
     # -- dead letters ---------------------------------------------------------------------
 
@@ -734,7 +831,10 @@ class Store:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             if not self.is_postgres:
-                yield
+                try:
+                    yield
+                finally:
+                    self._generations[name] = self._generations.get(name, 0) + 1
                 return
             async with self.engine.connect() as conn:
                 await conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:k))"), {"k": name})
@@ -743,6 +843,15 @@ class Store:
                 finally:
                     await conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
                     await conn.commit()
+
+    def lock_generation(self, name: str) -> int | None:
+        """How often :meth:`named_lock` ``name`` was released in this process; ``None`` on PostgreSQL.
+
+        A value read before a read and found unchanged later means no holder of the lock
+        wrote in between. On PostgreSQL other replicas hold the lock too, so nothing can be
+        concluded (``None``).
+        """
+        return None if self.is_postgres else self._generations.get(name, 0)
 
     # -- ticks ----------------------------------------------------------------------------
 
@@ -870,6 +979,49 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _event_values(hints: Sequence[ChangeHint], now: datetime) -> list[dict[str, Any]]:
+    return [
+        {
+            "connection": h.connection,
+            "object_type": h.object_type,
+            "object_id": h.object_id,
+            "event_id": h.event_id,
+            "kind": h.kind,
+            "version": h.version,
+            "occurred_at": h.occurred_at,
+            "received_at": now,
+            "status": "pending",
+            "attempts": 0,
+            "next_at": now,
+        }
+        for h in hints
+    ]
+
+
+def _effect_values(
+    key: str,
+    kind: str,
+    connection: str,
+    payload: Mapping[str, Any],
+    now: datetime,
+    client_key: str | None,
+    status: str,
+    next_at: datetime | None,
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "kind": kind,
+        "connection": connection,
+        "client_key": client_key,
+        "payload": json.loads(json.dumps(payload, default=str)),
+        "status": status,
+        "attempts": 0,
+        "next_at": next_at or now,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 async def _outcome_counts(conn: AsyncConnection) -> dict[tuple[str, str], int]:

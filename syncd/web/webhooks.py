@@ -137,7 +137,7 @@ class Host(Protocol):
 
     @property
     def engine(self) -> Any:
-        """The :class:`~syncd.engine.loop.Engine`, woken when events are stored."""
+        """The :class:`~syncd.engine.loop.Engine`, which stores events (``store_events``) and hands them to a worker."""
         ...
 
     def ready(self) -> bool:
@@ -200,11 +200,9 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
         # The verifier knows the connector, not the configured connection name.
         hints = [h.model_copy(update={"connection": name}) for h in hints]
         try:
-            new = await runtime.store.add_events(hints, now=runtime.clock())
+            new = await host.engine.store_events(hints, now=runtime.clock())
         except STORE_DOWN as exc:
             return _unavailable(name, exc)
-        if new:
-            host.engine.notify()
         log.info("webhook_received", connection=name, hints=len(hints), new=new)
         return Answer(Response(status_code=200), "stored")
 
