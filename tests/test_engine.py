@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -295,3 +296,49 @@ async def test_an_invoice_whose_email_failed_is_emailed_on_the_retry_once(tmp_pa
         assert effect.attempts == 2
         assert effect.status == "done"
         assert s.hub.deal(deal)["properties"]["syncd_invoice_status"] == "sent"
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Yield to the workers until ``condition`` holds (bounded: a hang fails the test)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the workers did not get there in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_won_deal_takes_at_most_four_transactions(tmp_path: Path, sqlite_url: str) -> None:
+    """With a worker waiting, a won deal of a new client is acknowledged, processed, invoiced and written back in 4.
+
+    The four: the webhook stores the event claimed by the idle worker; processing the
+    deal records the client, engagement, billing event and its effect claimed by the same
+    worker and settles the event; creating the invoice records it with the customer id,
+    settles the effect and queues the write-back claimed, with the deal's standing; the
+    write-back is settled with the worker's next (empty) claim.
+    """
+    async with stack(tmp_path, sqlite_url) as s:
+        engine, store = s.daemon.engine, s.daemon.runtime.store
+        stop = asyncio.Event()
+        worker = asyncio.create_task(engine.run_worker(stop, idle_s=3600))
+        try:
+            deals = []
+            for name in ("Northwind", "Contoso"):
+                company = s.hub.add_company({"name": name, "legal_name": f"{name} LLC", "default_po_number": "PO-1"})
+                contact = s.hub.add_contact({"email": f"ap@{name.lower()}.example"}, company_id=company)
+                deals.append(seed_deal(s.hub, company=(company, contact)))
+            for written, deal in enumerate(deals, start=1):  # the first also fetches Xero's token
+                await _until(lambda: len(engine._idle) == 1)
+                before = store.transactions
+                await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+                await _until(lambda n=written: len(s.xero.invoices()) == n and len(engine._idle) == 1)
+                assert s.hub.deal(deal)["properties"]["syncd_invoice_status"] == "authorised"
+            assert store.transactions - before <= 4
+            assert len({contact["ContactID"] for contact in s.xero.contacts()}) == 2
+            effects = await store.select(EffectRow)
+            assert {(e.kind, e.status, e.attempts) for e in effects} == {
+                ("create_invoice", "done", 1),
+                ("write_crm_status", "done", 1),
+            }
+            assert {(e.status, e.attempts) for e in await store.select(EventRow)} == {("done", 1)}
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 10)

@@ -1245,12 +1245,17 @@ class Engine:
         lock is then kept in ``held`` until the caller leaves it; a create whose invoice
         fails is found again by its stamp (``upsert_customer`` looks up before it creates).
         The client's row as the queuing transaction stored it (:meth:`_save_client`)
-        stands in for a read while it holds the id, or while no one took the lock since.
+        stands in for a read while it holds the id, or while no one took the lock since;
+        a known customer that needs no update takes no lock at all.
 
         Returns:
             the id, and the client row's new values to record with the invoice (or ``None``).
         """
         name = _customer_lock(connection, client.key)
+        current = _working.get()
+        snapshot = current.prefetched.get(CLIENT) if current is not None else None
+        if snapshot is not None and _in_step(snapshot[0], connection, client, invoicing):
+            return str(snapshot[0].external_ids[connection]), None  # known, nothing to update: no lock needed
         lock = contextlib.AsyncExitStack()
         await lock.enter_async_context(self.store.named_lock(name))
         try:
@@ -1544,6 +1549,14 @@ def _engagement_values(engagement: Engagement, pipeline: Pipeline, deal_id: str,
         "source_version": engagement.source_version,
         "updated_at": now,
     }
+
+
+def _in_step(row: ClientRow, connection: str, client: Client, invoicing: Any) -> bool:
+    """Whether the client's customer at ``connection`` is known and needs no update (:meth:`Engine._sync_customer`)."""
+    if not row.external_ids.get(connection):
+        return False
+    last = (row.pushed or {}).get(connection)
+    return client.ledger_details() == last or not isinstance(invoicing, UpdatesCustomers)
 
 
 def _customer_lock(connection: str, client_key: str) -> str:
