@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import backfill, budget, e2e, ingest, poll, report
+from bench import backfill, budget, e2e, ingest, poll, report, store
 from bench.report import Measure, Profile, Row
 
 MEASUREMENTS: dict[str, Measure] = {
@@ -22,6 +22,7 @@ MEASUREMENTS: dict[str, Measure] = {
     "budget": budget.run,
     "backfill": backfill.run,
     "poll": poll.run,
+    "store": store.run,
 }
 
 

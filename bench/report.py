@@ -147,6 +147,7 @@ class Profile:
         budget_deals: deals pushed through the rate-limited Xero emulator.
         backfill_sizes: deal counts of the backfill runs.
         poll_total / poll_changed: deals at the CRM, and how many of them changed.
+        store_s: seconds per run of the store benchmark (each model, each concurrency).
         postgres: whether to run the PostgreSQL variants (when a server answers).
     """
 
@@ -165,6 +166,7 @@ class Profile:
     backfill_sizes: tuple[int, ...] = (10_000,)
     poll_total: int = 10_000
     poll_changed: int = 10
+    store_s: float = 4.0
     postgres: bool = True
 
 
@@ -181,6 +183,7 @@ FULL = Profile(
     budget_deals=1000,
     backfill_sizes=(10_000, 50_000, 100_000),
     poll_total=100_000,
+    store_s=15.0,
 )
 TINY = Profile(
     name="tiny",
@@ -198,6 +201,7 @@ TINY = Profile(
     backfill_sizes=(250,),
     poll_total=300,
     poll_changed=5,
+    store_s=1.0,
     postgres=False,
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import backfill, budget, e2e, ingest, poll
+from bench import backfill, budget, e2e, ingest, poll, store
 from bench.report import TINY, Row
 
 pytestmark = pytest.mark.slow
@@ -63,3 +63,14 @@ async def test_poll_hints_exactly_the_changed_deals() -> None:
     (calls,) = [row for row in rows if row.metric == "API calls"]
     assert calls.value == 1.0
     assert calls.note.startswith(f"{TINY.poll_changed} deals hinted")
+
+
+async def test_store_runs_a_deals_transactions_under_every_model() -> None:
+    """Each way of running the store completes deals' transactions on SQLite, none failing."""
+    rows = await store.run(TINY)
+    rates = [row for row in rows if row.metric == "deals/s"]
+    assert [row.setting for row in rates] == [
+        f"sqlite {model} c={clients}" for model in store.MODELS["sqlite"] for clients in (1, 16)
+    ]
+    assert all(row.value and row.value > 0 for row in rates if row.setting.endswith("c=1"))
+    assert all(row.note.startswith("failed 0") for row in rates)
