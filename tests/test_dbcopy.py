@@ -180,7 +180,7 @@ async def dump(url: str) -> dict[str, list[dict[str, Any]]]:
     """Every row of every syncd table, in primary-key order."""
     store = Store.open(url)
     try:
-        async with store.engine.connect() as conn:
+        async with store.connect() as conn:
             return {
                 table.name: [
                     dict(row._mapping)
@@ -337,7 +337,7 @@ async def test_db_current_on_a_fresh_postgres_database_creates_no_table(postgres
     assert not found.up_to_date
     store = Store.open(postgres_url)
     try:
-        async with store.engine.connect() as conn:
+        async with store.connect() as conn:
             assert await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names()) == []
     finally:
         await store.close()

@@ -222,7 +222,7 @@ async def test_a_missing_sqlite_file_is_503_then_recovers(tmp_path: Path) -> Non
     async with stack(tmp_path, f"sqlite:///{folder / 'syncd.db'}") as s:
         assert (await s.web.get("/readyz")).status_code == 200
         folder.rename(tmp_path / "gone")
-        await s.daemon.runtime.store.engine.dispose()  # the pooled connection still holds the old file open
+        s.daemon.runtime.store.engine.dispose()  # the pooled connection still holds the old file open
         await assert_down(s)
         (tmp_path / "gone").rename(folder)
         await assert_up(s)

@@ -347,7 +347,7 @@ async def _database_ready(url: str, place: str, checked: _Checked) -> bool:
         return False
     store = Store.open(url)
     try:
-        async with store.engine.connect() as conn:
+        async with store.connect() as conn:
             ready = await conn.run_sync(lambda sync: sa.inspect(sync).has_table("meta"))
     except sa_exc.SQLAlchemyError as exc:
         line, _ = _database_problem(exc)

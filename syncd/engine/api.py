@@ -11,11 +11,10 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection
-
     from syncd.core.billing import ManualCredit
     from syncd.core.interfaces import BillingEvent, Client, Engagement, InvoiceDraft
     from syncd.engine.runtime import Pipeline, Runtime
+    from syncd.store.db import Connection
 
 
 class BillingQueue(Protocol):
@@ -26,9 +25,7 @@ class BillingQueue(Protocol):
         """The runtime (store, clock, connections, pipelines)."""
         ...
 
-    async def record_event(
-        self, event: BillingEvent, client_key: str, *, conn: AsyncConnection | None = None
-    ) -> str | None:
+    async def record_event(self, event: BillingEvent, client_key: str, *, conn: Connection | None = None) -> str | None:
         """Record a billing event that invoices nothing (the key if new), in ``conn`` if given."""
         ...
 
@@ -39,7 +36,7 @@ class BillingQueue(Protocol):
         ...
 
     async def surface_credit(
-        self, pipeline: Pipeline, credit: ManualCredit, *, conn: AsyncConnection | None = None
+        self, pipeline: Pipeline, credit: ManualCredit, *, conn: Connection | None = None
     ) -> str | None:
         """Record a credit the ledger cannot issue, as a dead letter (the key if new), in ``conn`` if given."""
         ...
@@ -52,7 +49,7 @@ class BillingQueue(Protocol):
         client: Client,
         crm_object_id: str,
         *,
-        conn: AsyncConnection | None = None,
+        conn: Connection | None = None,
     ) -> str | None:
         """Draft and queue the invoice for a billing event (the key if new), in ``conn`` if given."""
         ...
@@ -64,8 +61,8 @@ class BillingQueue(Protocol):
         draft: InvoiceDraft,
         crm_object_id: str,
         *,
-        on_recorded: Callable[[AsyncConnection], Awaitable[None]] | None = None,
-        conn: AsyncConnection | None = None,
+        on_recorded: Callable[[Connection], Awaitable[None]] | None = None,
+        conn: Connection | None = None,
     ) -> str | None:
         """Queue a draft built by the workflow (the key if new), in ``conn`` if given."""
         ...

@@ -43,13 +43,21 @@ from typing import Any, Protocol, runtime_checkable
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from syncd.core import billing
 from syncd.core.errors import RetriableError
 from syncd.core.interfaces import OVER_CAP_SUFFIX, Engagement, EngagementType, Milestone, TimeEntry, TimeTracker
 from syncd.engine.runtime import Pipeline, Runtime
-from syncd.store.db import BillingEventRow, CursorRow, EngagementRow, Store, TimeEntryRow, decimal_text, table_of
+from syncd.store.db import (
+    BillingEventRow,
+    Connection,
+    CursorRow,
+    EngagementRow,
+    Store,
+    TimeEntryRow,
+    decimal_text,
+    table_of,
+)
 
 log = structlog.get_logger("syncd.engine.hours")
 
@@ -174,7 +182,7 @@ def mark_invoiced(
     entry_ids: Collection[str],
     now: datetime,
     split: Mapping[str, Decimal] | None = None,
-) -> Callable[[AsyncConnection], Awaitable[None]]:
+) -> Callable[[Connection], Awaitable[None]]:
     """The ``on_recorded`` hook that stamps ``entry_ids`` with the billing-event ``key``.
 
     An entry in ``split`` is stamped with the hours billed (the part under a cap); an
@@ -191,7 +199,7 @@ def mark_invoiced(
     rests = sorted(entry.removesuffix(OVER_CAP_SUFFIX) for entry in entry_ids if entry.endswith(OVER_CAP_SUFFIX))
     mine = sa.and_(table.c.connection == connection, table.c.invoice_key.is_(None))
 
-    async def stamp(conn: AsyncConnection) -> None:
+    async def stamp(conn: Connection) -> None:
         stamped = (
             await conn.execute(
                 sa.update(table).where(mine, table.c.entry_id.in_(whole)).values(invoice_key=key, invoiced_at=now)

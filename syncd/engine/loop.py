@@ -36,7 +36,6 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col
 
 from syncd.core import billing, receivables
@@ -73,6 +72,7 @@ from syncd.engine.runtime import Pipeline, Runtime
 from syncd.store.db import (
     BillingEventRow,
     ClientRow,
+    Connection,
     DeadLetterRow,
     EffectRow,
     EngagementRow,
@@ -461,7 +461,7 @@ class Engine:
             keys = await recurring.bill_engagement(self, pipeline, engagement, mapped.client, deal_id)
         return won or (keys[0] if keys else None)
 
-    async def _skip_before_start(self, engagement: Engagement, record: SourceRecord, conn: AsyncConnection) -> None:
+    async def _skip_before_start(self, engagement: Engagement, record: SourceRecord, conn: Connection) -> None:
         won = engagement.won_recorded_at or engagement.won_at
         await self.record_outcome(
             conn=conn,
@@ -548,9 +548,7 @@ class Engine:
                 trigger_at=row.occurred_at,
             )
 
-    async def record_event(
-        self, event: BillingEvent, client_key: str, *, conn: AsyncConnection | None = None
-    ) -> str | None:
+    async def record_event(self, event: BillingEvent, client_key: str, *, conn: Connection | None = None) -> str | None:
         """Record a billing event that has nothing to invoice (an hourly period without hours).
 
         Recording it keeps it from being computed again; hours logged late for that
@@ -578,7 +576,7 @@ class Engine:
         return str(event.key)
 
     async def surface_credit(
-        self, pipeline: Pipeline, credit: billing.ManualCredit, *, conn: AsyncConnection | None = None
+        self, pipeline: Pipeline, credit: billing.ManualCredit, *, conn: Connection | None = None
     ) -> str | None:
         """Record a credit the invoicing tool cannot issue, as a dead letter a person acts on.
 
@@ -617,7 +615,7 @@ class Engine:
         log.warning("manual_credit_owed", key=event.key, live=live, detail=credit.message())
         return str(event.key)
 
-    async def _record_simulated(self, conn: AsyncConnection, event: BillingEvent, client_key: str) -> None:
+    async def _record_simulated(self, conn: Connection, event: BillingEvent, client_key: str) -> None:
         await self.record_outcome(
             conn=conn,
             key=f"simulated:{event.key}",
@@ -650,7 +648,7 @@ class Engine:
         client: Client,
         crm_object_id: str,
         *,
-        conn: AsyncConnection | None = None,
+        conn: Connection | None = None,
     ) -> str | None:
         """Draft the invoice for ``event`` (:func:`syncd.core.billing.draft_for_event`) and queue it.
 
@@ -679,8 +677,8 @@ class Engine:
         draft: InvoiceDraft,
         crm_object_id: str,
         *,
-        on_recorded: Callable[[AsyncConnection], Awaitable[None]] | None = None,
-        conn: AsyncConnection | None = None,
+        on_recorded: Callable[[Connection], Awaitable[None]] | None = None,
+        conn: Connection | None = None,
     ) -> str | None:
         """Record a billing event and, in the same transaction, queue the effect creating ``draft``.
 
@@ -764,7 +762,7 @@ class Engine:
         return str(event.key)
 
     async def _hold_for_po(
-        self, pipeline: Pipeline, event: BillingEvent, draft: InvoiceDraft, deal_id: str, conn: AsyncConnection | None
+        self, pipeline: Pipeline, event: BillingEvent, draft: InvoiceDraft, deal_id: str, conn: Connection | None
     ) -> None:
         """No invoice without the PO number the mapping requires: held, needing attention.
 
@@ -788,7 +786,7 @@ class Engine:
             trigger_at=event.occurred_at,
         )
 
-    async def _resolve(self, conn: AsyncConnection, key: str, why: str, now: datetime) -> None:
+    async def _resolve(self, conn: Connection, key: str, why: str, now: datetime) -> None:
         """Close an open outcome that the engine itself settled (e.g. a held invoice that went out)."""
         table = table_of(OutcomeRow)
         await conn.execute(
@@ -797,7 +795,7 @@ class Engine:
             .values(status="resolved", resolved_at=now, detail=table.c.detail + f" — resolved: {why}")
         )
 
-    async def _remember(self, record: SourceRecord, now: datetime, conn: AsyncConnection | None = None) -> None:
+    async def _remember(self, record: SourceRecord, now: datetime, conn: Connection | None = None) -> None:
         await self.store.upsert(
             SourceRecordRow,
             {
@@ -811,7 +809,7 @@ class Engine:
             conn,
         )
 
-    async def _save_client(self, conn: AsyncConnection, client: Client, now: datetime, invoicing: str) -> None:
+    async def _save_client(self, conn: Connection, client: Client, now: datetime, invoicing: str) -> None:
         """Store the client as mapped, keeping the ids other systems gave it.
 
         The row as stored is kept for the invoice this transaction may queue
@@ -835,7 +833,7 @@ class Engine:
             current.clients[client.key] = (stored, generation)
 
     async def _check_divergence(
-        self, pipeline: Pipeline, engagement: Engagement, record: SourceRecord, conn: AsyncConnection
+        self, pipeline: Pipeline, engagement: Engagement, record: SourceRecord, conn: Connection
     ) -> None:
         """A deal edited, reopened or lost after it was invoiced: record it, never re-invoice or void.
 
@@ -874,7 +872,7 @@ class Engine:
                         divergence=divergence,
                     )
 
-    async def _on_unwon(self, pipeline: Pipeline, invoice: InvoiceRow, conn: AsyncConnection) -> None:
+    async def _on_unwon(self, pipeline: Pipeline, invoice: InvoiceRow, conn: Connection) -> None:
         """An invoiced deal left the won stage: needs attention, or a void (``on_unwon``)."""
         if invoice.state == str(InvoiceState.VOIDED):
             return
@@ -940,9 +938,7 @@ class Engine:
             previous=row.state,
         )
 
-    async def _queue_crm_status(
-        self, conn: AsyncConnection, crm: str, deal_id: str, version: str, now: datetime
-    ) -> bool:
+    async def _queue_crm_status(self, conn: Connection, crm: str, deal_id: str, version: str, now: datetime) -> bool:
         """Queue a write-back of the deal's standing, once per ``version`` of what changed.
 
         The effect computes the standing from every document of the deal when it runs
@@ -1216,9 +1212,7 @@ class Engine:
         await self._record_status(invoice, status)
         log.warning("invoice_voided_deal_unwon", invoice=invoice.number, deal=invoice.crm_object_id)
 
-    async def _unwon_attention(
-        self, invoice: InvoiceRow, why: str = "", *, conn: AsyncConnection | None = None
-    ) -> None:
+    async def _unwon_attention(self, invoice: InvoiceRow, why: str = "", *, conn: Connection | None = None) -> None:
         await self.record_outcome(
             conn=conn,
             key=f"attention:unwon:{invoice.key}",
@@ -1351,7 +1345,7 @@ class Engine:
         log.info("crm_status_written", deal=deal_id, invoice=status.invoice_number, state=status.state)
 
     async def deal_standing(
-        self, crm: str, deal_id: str, *, conn: AsyncConnection | None = None
+        self, crm: str, deal_id: str, *, conn: Connection | None = None
     ) -> DealBillingStatus | None:
         """The standing of a deal across every document syncd created for it, as of now (in ``conn`` if given)."""
         rows = await self.store.select(
@@ -1419,7 +1413,7 @@ class Engine:
             await self._settle(EffectRow, followup.row, "effect", self._execute, later, followup.prefetched)
 
     @contextlib.asynccontextmanager
-    async def _transaction(self, conn: AsyncConnection | None = None) -> AsyncIterator[AsyncConnection]:
+    async def _transaction(self, conn: Connection | None = None) -> AsyncIterator[Connection]:
         """The caller's transaction, or a new one; effects queued claimed in it run once it commits (:class:`_Work`)."""
         if conn is not None:
             yield conn
@@ -1443,7 +1437,7 @@ class Engine:
         del current.staged[mark:]
 
     async def _settle_in(
-        self, conn: AsyncConnection, *, status: str = "done", result: Mapping[str, Any] | None = None
+        self, conn: Connection, *, status: str = "done", result: Mapping[str, Any] | None = None
     ) -> None:
         """Settle the row being worked on in ``conn``, fenced on its attempt.
 
@@ -1461,7 +1455,7 @@ class Engine:
 
     async def _queue_effect(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         *,
         key: str,
         kind: str,

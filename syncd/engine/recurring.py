@@ -80,9 +80,8 @@ from syncd.store.db import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection
-
     from syncd.engine.api import BillingQueue
+    from syncd.store.db import Connection
 
 log = structlog.get_logger("syncd.engine.recurring")
 
@@ -163,7 +162,7 @@ def events_due(
     return sorted(due, key=lambda event: (event.occurred_at, event.kind, event.occurrence))
 
 
-async def billed_keys(store: Store, engagement_key: str, *, conn: AsyncConnection | None = None) -> frozenset[str]:
+async def billed_keys(store: Store, engagement_key: str, *, conn: Connection | None = None) -> frozenset[str]:
     """The keys of every billing event recorded for the engagement (simulated ones too), in ``conn`` if given."""
     rows = await store.select(BillingEventRow, table_of(BillingEventRow).c.engagement_key == engagement_key, conn=conn)
     return frozenset(row.key for row in rows)
@@ -232,7 +231,7 @@ async def bill_engagement(
     client: Client,
     crm_object_id: str,
     *,
-    conn: AsyncConnection | None = None,
+    conn: Connection | None = None,
 ) -> list[str]:
     """Queue every billing event of ``engagement`` that is due now and not yet recorded.
 
@@ -278,7 +277,7 @@ async def _queue(
     crm_object_id: str,
     events: Sequence[BillingEvent],
     tracked: hours.ProjectHours | None,
-    conn: AsyncConnection | None,
+    conn: Connection | None,
 ) -> list[str]:
     keys: list[str] = []
     hourly = _HoursRun(engine, pipeline, engagement, client, crm_object_id, tracked) if tracked is not None else None
@@ -299,7 +298,7 @@ async def _surface_credits(
     client: Client,
     billed: frozenset[str],
     now: datetime,
-    conn: AsyncConnection | None,
+    conn: Connection | None,
 ) -> list[str]:
     credits = billing.manual_credits(
         engagement,

@@ -38,7 +38,7 @@ from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
 from syncd.core.errors import ConfigError
-from syncd.store.db import MIGRATIONS, MetaRow, Store, async_url
+from syncd.store.db import MIGRATIONS, Connection, MetaRow, Store, async_url
 
 ALEMBIC_TABLE = "alembic_version"
 NOT_INITIALISED = "not initialised; run syncd db upgrade"
@@ -211,7 +211,7 @@ async def _check_source(source_url: str) -> None:
 
 async def _check_empty(target: Store, target_url: str) -> None:
     """Refuse a target that holds syncd rows (other than ``meta``) or tables syncd does not know."""
-    async with target.engine.connect() as conn:
+    async with target.connect() as conn:
         names = set(await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names()))
         foreign = sorted(names - {t.name for t in _tables()} - {ALEMBIC_TABLE})
         filled = [
@@ -237,11 +237,11 @@ async def _check_no_foreign_tables(conn: AsyncConnection, url: str, side: str) -
         )
 
 
-async def _count(conn: AsyncConnection, table: sa.Table) -> int:
+async def _count(conn: AsyncConnection | Connection, table: sa.Table) -> int:
     return int(await conn.scalar(sa.select(sa.func.count()).select_from(table)) or 0)
 
 
-async def _copy_table(src: AsyncConnection, dst: AsyncConnection, table: sa.Table, batch_rows: int) -> None:
+async def _copy_table(src: AsyncConnection, dst: Connection, table: sa.Table, batch_rows: int) -> None:
     if table.name == MetaRow.__tablename__:
         await dst.execute(sa.delete(table))  # the target's own created_at gives way to the source's
     result = await src.stream(sa.select(table).order_by(*table.primary_key.columns))
@@ -249,7 +249,7 @@ async def _copy_table(src: AsyncConnection, dst: AsyncConnection, table: sa.Tabl
         await dst.execute(sa.insert(table), [dict(row._mapping) for row in batch])
 
 
-async def _reset_sequences(dst: AsyncConnection) -> None:
+async def _reset_sequences(dst: Connection) -> None:
     """Move each serial sequence past the largest copied id (or back to 1 for an empty table)."""
     for table in _tables():
         column = table.autoincrement_column
@@ -269,7 +269,7 @@ async def _reset_sequences(dst: AsyncConnection) -> None:
 
 async def _verify(src: AsyncConnection, target: Store) -> list[TableCopied]:
     copied: list[TableCopied] = []
-    async with target.engine.connect() as dst:
+    async with target.connect() as dst:
         for table in _tables():
             copied.append(
                 TableCopied(

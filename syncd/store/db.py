@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -33,7 +33,6 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlmodel import JSON, Column, Field, SQLModel
 
 from syncd.core.errors import ConfigError
@@ -42,6 +41,8 @@ from syncd.plumbing.logging import redact_value
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 ADVISORY_LOCK_ID = 7_254_001  # any constant shared by every replica
+CHECKPOINT_EVERY = 200  # SQLite: write commits between WAL checkpoints (Store._checkout)
+T = TypeVar("T")
 
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
@@ -374,9 +375,18 @@ def table_of(model: type[SQLModel]) -> sa.Table:
 
 
 def async_url(url: str) -> str:
-    """The async driver URL for a configured ``database_url``."""
+    """The async driver URL for a configured ``database_url`` (``syncd db copy`` reads its source with it)."""
     if url.startswith("sqlite:"):
         return url.replace("sqlite:", "sqlite+aiosqlite:", 1)
+    if url.startswith(("postgresql:", "postgres:")):
+        return "postgresql+psycopg:" + url.split(":", 1)[1]
+    return url
+
+
+def sync_url(url: str) -> str:
+    """The synchronous driver URL for a configured ``database_url`` (the store's engine)."""
+    if url.startswith("sqlite+aiosqlite:"):
+        return url.replace("sqlite+aiosqlite:", "sqlite:", 1)
     if url.startswith(("postgresql:", "postgres:")):
         return "postgresql+psycopg:" + url.split(":", 1)[1]
     return url
@@ -387,21 +397,73 @@ def decimal_text(value: Decimal) -> str:
     return format(value, "f")
 
 
-class Store:
-    """Async access to the database.
+class Connection:
+    """A connection of the store inside one transaction, with the async calls syncd makes on it.
 
-    Args:
-        engine: an ``AsyncEngine`` built by :meth:`open`.
+    Statements are SQLAlchemy Core; results come back whole (no server-side cursors).
+    On SQLite a statement runs on the event loop's thread: the one statement that may
+    wait (``BEGIN IMMEDIATE``, for another process's write lock) was run on a worker
+    thread when the transaction began, and the rest are in-memory or page-cache work
+    that a thread would run while holding the GIL anyway. On PostgreSQL, which answers
+    over the network, each statement runs on a worker thread (BENCHMARKS.md, "Store").
+
+    Attributes:
+        sync: the underlying synchronous SQLAlchemy connection.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, sync: sa.Connection, *, inline: bool) -> None:
+        self.sync = sync
+        self._inline = inline
+
+    async def call(self, work: Callable[[sa.Connection], T]) -> T:
+        """Run ``work`` on the synchronous connection: several statements for the price of one."""
+        if self._inline:
+            return work(self.sync)
+        return await asyncio.to_thread(work, self.sync)
+
+    async def execute(self, statement: Any, parameters: Any = None) -> sa.CursorResult[Any]:
+        """Execute one statement (``parameters``: a mapping, or a list of them for many rows)."""
+        return await self.call(lambda conn: conn.execute(statement, parameters))
+
+    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
+        """The first column of the first row, or ``None``."""
+        return await self.call(lambda conn: conn.execute(statement, parameters).scalar())
+
+    async def exec_driver_sql(self, sql: str) -> sa.CursorResult[Any]:
+        """Execute a literal SQL string."""
+        return await self.call(lambda conn: conn.exec_driver_sql(sql))
+
+    async def run_sync(self, work: Callable[[sa.Connection], T]) -> T:
+        """Run ``work`` on the synchronous connection on a worker thread (inspection, migrations)."""
+        return await asyncio.to_thread(work, self.sync)
+
+
+class Store:
+    """Async access to the database, over a synchronous SQLAlchemy engine.
+
+    The API is async; underneath, each of the store's own operations runs as one
+    synchronous unit (on PostgreSQL on a worker thread: one hand-off per transaction),
+    and a transaction a caller holds (:meth:`begin`) runs its statements as
+    :class:`Connection` describes. SQLite has one connection per process: callers queue
+    for it in order (asyncio), never in SQLite's busy handler, and nothing may ask for a
+    second connection while holding one. Measured against SQLAlchemy's async engine over
+    aiosqlite and psycopg's async connection in BENCHMARKS.md ("Store").
+
+    Args:
+        engine: a synchronous ``Engine`` built by :meth:`open`.
+    """
+
+    def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._inline = not self.is_postgres
+        self._one = asyncio.Lock()  # SQLite: the one connection, taken in order
         self._locks: dict[str, asyncio.Lock] = {}
         self._generations: dict[str, int] = {}
         self._transactions = 0
         self._count_lock = threading.Lock()
-        event.listen(engine.sync_engine, "begin", self._count_transaction)
+        self._commits = 0  # SQLite: write commits since the last WAL checkpoint
+        event.listen(engine, "begin", self._count_transaction)
 
     @property
     def transactions(self) -> int:
@@ -419,49 +481,111 @@ class Store:
     @classmethod
     def open(cls, database_url: str) -> Store:
         """Create the engine (no connection is made yet)."""
-        url = async_url(database_url)
+        url = sync_url(database_url)
         if url.startswith("sqlite"):
             # SQLite has one writer: one connection per process queues transactions in
             # order instead of parking them in SQLite's busy handler (p99 ingest 253 → 46 ms,
-            # BENCHMARKS.md). Nothing may ask for a second connection while holding one.
-            engine = create_async_engine(
-                url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60
+            # BENCHMARKS.md). The connection moves between the loop's thread and workers,
+            # one user at a time (Store._one), hence check_same_thread off.
+            engine = sa.create_engine(
+                url,
+                connect_args={"timeout": 30, "check_same_thread": False},
+                pool_size=1,
+                max_overflow=0,
+                pool_timeout=60,
+                pool_reset_on_return=None,  # every use ends its own transaction
             )
             _sqlite_pragmas(engine)
         else:
-            engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+            engine = sa.create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
         return cls(engine)
 
     async def close(self) -> None:
         """Dispose of the connection pool."""
-        await self.engine.dispose()
+        await asyncio.to_thread(self.engine.dispose)
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision, under a database-wide lock."""
-        async with self.engine.begin() as conn:
+        async with self.begin() as conn:
             if self.is_postgres:
                 await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_ID})")
-            await conn.run_sync(_alembic_upgrade)
-            await self._ensure_meta(conn)
+            await conn.run_sync(_migrate)
 
-    async def _ensure_meta(self, conn: AsyncConnection) -> None:
-        now = datetime.now(UTC).isoformat()
-        table = table_of(MetaRow)
-        exists = await conn.scalar(sa.select(table.c.value).where(table.c.key == "created_at"))
-        if exists is None:
-            await conn.execute(sa.insert(table).values(key="created_at", value=now))
+    # -- transactions ---------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def begin(self) -> AsyncIterator[AsyncConnection]:
-        """A connection inside one transaction (committed on success)."""
-        async with self.engine.begin() as conn:
+    async def begin(self) -> AsyncIterator[Connection]:
+        """A connection inside one write transaction (committed on success, rolled back on an error)."""
+        async with self._connection(write=True) as conn:
             yield conn
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[Connection]:
+        """A connection for reads, inside one snapshot (rolled back at the end)."""
+        async with self._connection(write=False) as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, *, write: bool) -> AsyncIterator[Connection]:
+        if self.is_postgres:
+            sync = await asyncio.to_thread(self._checkout, write)
+            try:
+                yield Connection(sync, inline=False)
+            except BaseException:
+                await asyncio.to_thread(_release, sync, commit=False)
+                raise
+            await asyncio.to_thread(_release, sync, commit=write)
+            return
+        async with self._one:
+            # A deferred BEGIN (a read) never waits under WAL; BEGIN IMMEDIATE may, for
+            # another process (a CLI command) holding the write lock: on a worker thread.
+            sync = await asyncio.to_thread(self._checkout, True) if write else self._checkout(False)
+            try:
+                yield Connection(sync, inline=True)
+            except BaseException:
+                _release(sync, commit=False)
+                raise
+            _release(sync, commit=write)
+            self._commits += write
+
+    def _checkout(self, write: bool) -> sa.Connection:
+        conn = self.engine.connect()
+        try:
+            if write and not self.is_postgres and self._commits >= CHECKPOINT_EVERY:
+                # WAL checkpoints run here, on this worker thread, not in a COMMIT on the
+                # loop's thread (the connection's own automatic checkpoints are off).
+                conn.connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
+                self._commits = 0
+            conn.execution_options(syncd_write=write)
+            conn.begin()  # SQLite: BEGIN IMMEDIATE for a write, sent now (_sqlite_pragmas)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _unit(self, work: Callable[[sa.Connection], T], *, write: bool) -> T:
+        """Run ``work`` in one transaction of its own: on PostgreSQL one worker-thread hand-off in all."""
+        if self.is_postgres:
+            return await asyncio.to_thread(self._unit_sync, work, write)
+        async with self._connection(write=write) as conn:
+            return work(conn.sync)
+
+    def _unit_sync(self, work: Callable[[sa.Connection], T], write: bool) -> T:
+        conn = self._checkout(write)
+        try:
+            result = work(conn)
+        except BaseException:
+            _release(conn, commit=False)
+            raise
+        _release(conn, commit=write)
+        return result
 
     async def ping(self) -> bool:
         """Whether the database answers and is migrated."""
         try:
-            async with self.engine.connect() as conn:
-                await conn.scalar(sa.select(sa.func.count()).select_from(table_of(MetaRow)))
+            await self._unit(
+                lambda c: c.execute(sa.select(sa.func.count()).select_from(table_of(MetaRow))).scalar(), write=False
+            )
         except sa.exc.SQLAlchemyError:
             return False
         return True
@@ -470,9 +594,9 @@ class Store:
 
     async def meta(self, key: str) -> str | None:
         """A value from the ``meta`` table."""
-        async with self.engine.connect() as conn:
-            table = table_of(MetaRow)
-            value = await conn.scalar(sa.select(table.c.value).where(table.c.key == key))
+        table = table_of(MetaRow)
+        stmt = sa.select(table.c.value).where(table.c.key == key)
+        value = await self._unit(lambda c: c.execute(stmt).scalar(), write=False)
         return None if value is None else str(value)
 
     async def created_at(self) -> datetime | None:
@@ -495,9 +619,8 @@ class Store:
             return 0
         table = table_of(EventRow)
         stmt = self._insert_ignore(table, ("connection", "event_id")).returning(table.c.id)
-        async with self.engine.begin() as conn:
-            inserted = (await conn.execute(stmt, _event_values(hints, now))).all()
-        return len(inserted)
+        rows = _event_values(hints, now)
+        return await self._unit(lambda c: len(c.execute(stmt, rows).all()), write=True)
 
     async def add_claimed_events(
         self, hints: Sequence[ChangeHint], *, owner: str, lease_s: int, now: datetime
@@ -516,23 +639,17 @@ class Store:
         lease = {"attempts": 1, "lease_owner": owner, "lease_until": now + timedelta(seconds=lease_s)}
         rows = [{**values, **lease} for values in _event_values(hints, now)]
         stmt = self._insert_ignore(table, ("connection", "event_id")).returning(*table.c)
-        async with self.engine.begin() as conn:
-            inserted = (await conn.execute(stmt, rows)).mappings().all()
+        inserted = await self._unit(lambda c: c.execute(stmt, rows).mappings().all(), write=True)
         return sorted((EventRow.model_validate(dict(r)) for r in inserted), key=lambda r: r.id or 0)
 
     def _insert_ignore(self, table: sa.Table, conflict: Sequence[str]) -> Any:
-        if self.is_postgres:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            return pg_insert(table).on_conflict_do_nothing(index_elements=list(conflict))
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(table).on_conflict_do_nothing(index_elements=list(conflict))
+        return self._insert_dialect(table).on_conflict_do_nothing(index_elements=list(conflict))
 
     async def claim(self, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime) -> list[Row]:
         """Claim up to ``limit`` due rows of ``model`` (events or effects) with a lease."""
-        async with self.engine.begin() as conn:
-            return await self._claim(conn, model, owner=owner, limit=limit, lease_s=lease_s, now=now)
+        return await self._unit(
+            lambda c: _claim(c, model, owner=owner, limit=limit, lease_s=lease_s, now=now), write=True
+        )
 
     async def claim_work(
         self, *, owner: str, limit: int, lease_s: int, now: datetime, settle: Sequence[Settle] = ()
@@ -543,37 +660,18 @@ class Store:
         own (:class:`Settle`, each fenced as in :meth:`finish`) are settled in the same
         transaction that claims its next work, up to ``limit`` events and ``limit`` effects.
         """
-        async with self.engine.begin() as conn:
-            fenced = [item.row for item in settle if not await self._finish(conn, item)]
-            events = await self._claim(conn, EventRow, owner=owner, limit=limit, lease_s=lease_s, now=now)
-            effects = await self._claim(conn, EffectRow, owner=owner, limit=limit, lease_s=lease_s, now=now)
-        return Claimed(events=events, effects=effects, fenced=fenced)
+
+        def work(c: sa.Connection) -> Claimed:
+            fenced = [item.row for item in settle if not _finish(c, item)]
+            events = _claim(c, EventRow, owner=owner, limit=limit, lease_s=lease_s, now=now)
+            effects = _claim(c, EffectRow, owner=owner, limit=limit, lease_s=lease_s, now=now)
+            return Claimed(events=events, effects=effects, fenced=fenced)
+
+        return await self._unit(work, write=True)
 
     async def settle(self, items: Sequence[Settle]) -> list[EventRow | EffectRow]:
         """Settle rows finished earlier (:class:`Settle`) in one transaction; the rows claimed again meanwhile."""
-        async with self.engine.begin() as conn:
-            return [item.row for item in items if not await self._finish(conn, item)]
-
-    async def _claim(
-        self, conn: AsyncConnection, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime
-    ) -> list[Row]:
-        table = table_of(model)
-        lease_free = sa.or_(table.c.lease_until.is_(None), table.c.lease_until < now)
-        due = (
-            sa.select(table.c.id)
-            .where(table.c.status == "pending", table.c.next_at <= now, lease_free)
-            .order_by(table.c.next_at, table.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        stmt = (
-            sa.update(table)
-            .where(table.c.id.in_(due.scalar_subquery()))
-            .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s), attempts=table.c.attempts + 1)
-            .returning(*table.c)
-        )
-        rows = (await conn.execute(stmt)).mappings().all()
-        return sorted((model.model_validate(dict(r)) for r in rows), key=lambda r: r.id or 0)
+        return await self._unit(lambda c: [item.row for item in items if not _finish(c, item)], write=True)
 
     async def finish(
         self,
@@ -585,7 +683,7 @@ class Store:
         error: str | None = None,
         next_at: datetime | None = None,
         result: Mapping[str, Any] | None = None,
-        conn: AsyncConnection | None = None,
+        conn: Connection | None = None,
     ) -> bool:
         """Settle a claimed row, fenced on the attempt it was claimed with.
 
@@ -597,33 +695,14 @@ class Store:
         """
         item = Settle(model=model, row=row, status=status, now=now, error=error, next_at=next_at, result=result)
         if conn is not None:
-            return await self._finish(conn, item)
-        async with self.engine.begin() as own:
-            return await self._finish(own, item)
-
-    async def _finish(self, conn: AsyncConnection, item: Settle) -> bool:
-        table = table_of(item.model)
-        values: dict[str, Any] = {
-            "status": item.status,
-            "lease_owner": None,
-            "lease_until": None,
-            "last_error": item.error,
-        }
-        if item.next_at is not None:
-            values["next_at"] = item.next_at
-        if item.model is EffectRow:
-            values["updated_at"] = item.now
-            if item.result is not None:
-                values["result"] = dict(item.result)
-        row = item.row
-        stmt = sa.update(table).where(table.c.id == row.id, table.c.attempts == row.attempts).values(**values)
-        return bool((await conn.execute(stmt)).rowcount)
+            return await conn.call(lambda c: _finish(c, item))
+        return await self._unit(lambda c: _finish(c, item), write=True)
 
     # -- outbox -------------------------------------------------------------------------
 
     async def add_effect(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         *,
         key: str,
         kind: str,
@@ -637,12 +716,12 @@ class Store:
         """Queue an effect in the caller's transaction (due at ``next_at``, else now); ``False`` if the key exists."""
         table = table_of(EffectRow)
         values = _effect_values(key, kind, connection, payload, now, client_key, status, next_at)
-        stmt = self._insert_ignore(table, ("key",)).values(**values)
-        return (await conn.execute(stmt.returning(table.c.key))).first() is not None
+        stmt = self._insert_ignore(table, ("key",)).values(**values).returning(table.c.key)
+        return await conn.call(lambda c: c.execute(stmt).first() is not None)
 
     async def add_claimed_effect(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         *,
         key: str,
         kind: str,
@@ -665,50 +744,40 @@ class Store:
         values = _effect_values(key, kind, connection, payload, now, client_key, "pending", None)
         values |= {"attempts": 1, "lease_owner": owner, "lease_until": now + timedelta(seconds=lease_s)}
         stmt = self._insert_ignore(table, ("key",)).values(**values).returning(*table.c)
-        row = (await conn.execute(stmt)).mappings().first()
+        row = await conn.call(lambda c: c.execute(stmt).mappings().first())
         return None if row is None else EffectRow.model_validate(dict(row))
 
-    async def add_billing_event(self, conn: AsyncConnection, row: BillingEventRow) -> bool:
+    async def add_billing_event(self, conn: Connection, row: BillingEventRow) -> bool:
         """Record a billing event in the caller's transaction; ``False`` if its key exists."""
         table = table_of(BillingEventRow)
         stmt = self._insert_ignore(table, ("key",)).values(**row.model_dump()).returning(table.c.key)
-        return (await conn.execute(stmt)).first() is not None
+        return await conn.call(lambda c: c.execute(stmt).first() is not None)
 
     # -- rows by key ----------------------------------------------------------------------
 
-    async def get(self, model: type[SQLModel], *pk: Any, conn: AsyncConnection | None = None) -> Any:
+    async def get(self, model: type[SQLModel], *pk: Any, conn: Connection | None = None) -> Any:
         """One row by primary key, or ``None`` (inside the caller's transaction if ``conn``)."""
         table = table_of(model)
         cols = list(table.primary_key.columns)
         stmt = sa.select(table).where(*(c == v for c, v in zip(cols, pk, strict=True)))
-        if conn is not None:
-            row = (await conn.execute(stmt)).mappings().first()
-        else:
-            async with self.engine.connect() as own:
-                row = (await own.execute(stmt)).mappings().first()
-        return None if row is None else model.model_validate(dict(row))
 
-    async def upsert(
-        self, model: type[SQLModel], values: Mapping[str, Any], conn: AsyncConnection | None = None
-    ) -> None:
+        def work(c: sa.Connection) -> Any:
+            row = c.execute(stmt).mappings().first()
+            return None if row is None else model.model_validate(dict(row))
+
+        return await (conn.call(work) if conn is not None else self._unit(work, write=False))
+
+    async def upsert(self, model: type[SQLModel], values: Mapping[str, Any], conn: Connection | None = None) -> None:
         """Insert or update a row by primary key."""
         table = table_of(model)
         keys = [c.name for c in table.primary_key.columns]
-        if self.is_postgres:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            ins: Any = pg_insert(table).values(**values)
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            ins = sqlite_insert(table).values(**values)
+        ins = self._insert_dialect(table).values(**values)
         update = {k: ins.excluded[k] for k in values if k not in keys}
         stmt = ins.on_conflict_do_update(index_elements=keys, set_=update) if update else ins.on_conflict_do_nothing()
         if conn is not None:
             await conn.execute(stmt)
             return
-        async with self.engine.begin() as own:
-            await own.execute(stmt)
+        await self._unit(lambda c: c.execute(stmt), write=True)
 
     async def select(
         self,
@@ -716,7 +785,7 @@ class Store:
         *where: Any,
         order_by: Any = None,
         limit: int | None = None,
-        conn: AsyncConnection | None = None,
+        conn: Connection | None = None,
     ) -> list[Any]:
         """Rows of ``model`` matching ``where`` (SQLAlchemy column expressions), in ``conn`` if given."""
         table = table_of(model)
@@ -725,19 +794,16 @@ class Store:
             stmt = stmt.order_by(order_by)
         if limit is not None:
             stmt = stmt.limit(limit)
-        if conn is not None:
-            rows = (await conn.execute(stmt)).mappings().all()
-        else:
-            async with self.engine.connect() as own:
-                rows = (await own.execute(stmt)).mappings().all()
-        return [model.model_validate(dict(r)) for r in rows]
+
+        def work(c: sa.Connection) -> list[Any]:
+            return [model.model_validate(dict(r)) for r in c.execute(stmt).mappings().all()]
+
+        return await (conn.call(work) if conn is not None else self._unit(work, write=False))
 
     async def count(self, model: type[SQLModel], *where: Any) -> int:
         """How many rows of ``model`` match ``where``."""
-        table = table_of(model)
-        async with self.engine.connect() as conn:
-            value = await conn.scalar(sa.select(sa.func.count()).select_from(table).where(*where))
-        return int(value or 0)
+        stmt = sa.select(sa.func.count()).select_from(table_of(model)).where(*where)
+        return await self._unit(lambda c: int(c.execute(stmt).scalar() or 0), write=False)
 
     async def update(
         self,
@@ -745,14 +811,15 @@ class Store:
         where: Iterable[Any],
         values: Mapping[str, Any],
         *,
-        conn: AsyncConnection | None = None,
+        conn: Connection | None = None,
     ) -> int:
         """Update rows of ``model`` matching ``where`` (in ``conn`` if given); how many changed."""
         stmt = sa.update(table_of(model)).where(*where).values(**values)
-        if conn is not None:
-            return int((await conn.execute(stmt)).rowcount or 0)
-        async with self.engine.begin() as own:
-            return int((await own.execute(stmt)).rowcount or 0)
+
+        def work(c: sa.Connection) -> int:
+            return int(c.execute(stmt).rowcount or 0)
+
+        return await (conn.call(work) if conn is not None else self._unit(work, write=True))
 
     # -- dead letters ---------------------------------------------------------------------
 
@@ -766,7 +833,7 @@ class Store:
         place: str | None,
         payload: Mapping[str, Any] | None,
         now: datetime,
-        conn: AsyncConnection | None = None,
+        conn: Connection | None = None,
     ) -> None:
         """Record a record that cannot be processed (no secrets: callers pass hints, not bodies)."""
         values = {
@@ -779,32 +846,32 @@ class Store:
             "status": "open",
             "created_at": now,
         }
-        table = table_of(DeadLetterRow)
+        stmt = sa.insert(table_of(DeadLetterRow)).values(**values)
         if conn is not None:
-            await conn.execute(sa.insert(table).values(**values))
+            await conn.execute(stmt)
             return
-        async with self.engine.begin() as own:
-            await own.execute(sa.insert(table).values(**values))
+        await self._unit(lambda c: c.execute(stmt), write=True)
 
-    async def add_outcome(self, conn: AsyncConnection | None = None, **values: Any) -> bool:
+    async def add_outcome(self, conn: Connection | None = None, **values: Any) -> bool:
         """Record an outcome (:class:`OutcomeRow`) once per ``key``; ``False`` if it exists."""
         table = table_of(OutcomeRow)
         values.setdefault("status", "open")
         stmt = self._insert_ignore(table, ("key",)).values(**values).returning(table.c.key)
-        if conn is not None:
-            return (await conn.execute(stmt)).first() is not None
-        async with self.engine.begin() as own:
-            return (await own.execute(stmt)).first() is not None
+
+        def work(c: sa.Connection) -> bool:
+            return c.execute(stmt).first() is not None
+
+        return await (conn.call(work) if conn is not None else self._unit(work, write=True))
 
     async def outcome_counts(self) -> dict[tuple[str, str], int]:
         """Open outcomes counted by (kind, reason)."""
-        async with self.engine.connect() as conn:
-            return await _outcome_counts(conn)
+        return await self._unit(_outcome_counts, write=False)
 
     async def backlog(self) -> Backlog:
         """What waits, in one read transaction (for ``/metrics``)."""
-        queues: dict[tuple[str, str], int] = {}
-        async with self.engine.connect() as conn:
+
+        def work(c: sa.Connection) -> Backlog:
+            queues: dict[tuple[str, str], int] = {}
             for model, queue in ((EventRow, "events"), (EffectRow, "effects")):
                 table = table_of(model)
                 stmt = (
@@ -812,14 +879,15 @@ class Store:
                     .where(table.c.status.in_(("pending", "dead")))
                     .group_by(table.c.status)
                 )
-                found = {str(status): int(n) for status, n in (await conn.execute(stmt)).all()}
+                found = {str(status): int(n) for status, n in c.execute(stmt).all()}
                 for status in ("pending", "dead"):
                     queues[queue, status] = found.get(status, 0)
             letters = table_of(DeadLetterRow)
             stmt = sa.select(sa.func.count()).select_from(letters).where(letters.c.status == "open")
-            queues["dead_letters", "open"] = int(await conn.scalar(stmt) or 0)
-            outcomes = await _outcome_counts(conn)
-        return Backlog(queues=queues, outcomes=outcomes)
+            queues["dead_letters", "open"] = int(c.execute(stmt).scalar() or 0)
+            return Backlog(queues=queues, outcomes=_outcome_counts(c))
+
+        return await self._unit(work, write=False)
 
     @contextlib.asynccontextmanager
     async def named_lock(self, name: str) -> AsyncIterator[None]:
@@ -836,13 +904,12 @@ class Store:
                 finally:
                     self._generations[name] = self._generations.get(name, 0) + 1
                 return
-            async with self.engine.connect() as conn:
+            async with self.connect() as conn:
                 await conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:k))"), {"k": name})
                 try:
                     yield
                 finally:
                     await conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
-                    await conn.commit()
 
     def lock_generation(self, name: str) -> int | None:
         """How often :meth:`named_lock` ``name`` was released in this process; ``None`` on PostgreSQL.
@@ -859,8 +926,7 @@ class Store:
         """Whether this replica runs ``job`` for ``window`` (the first to insert wins)."""
         table = table_of(TickRow)
         stmt = self._insert_ignore(table, ("job", "window")).values(job=job, window=window, owner=owner, started_at=now)
-        async with self.engine.begin() as conn:
-            return (await conn.execute(stmt.returning(table.c.job))).first() is not None
+        return await self._unit(lambda c: c.execute(stmt.returning(table.c.job)).first() is not None, write=True)
 
     # -- rate budgets ---------------------------------------------------------------------
 
@@ -893,8 +959,7 @@ class Store:
         stmt = stmt.on_conflict_do_update(
             index_elements=["key"], set_={"next_at_s": latest(table.c.next_at_s, at) + interval}
         ).returning(table.c.next_at_s)
-        async with self.engine.begin() as conn:
-            next_at_s = float((await conn.execute(stmt)).scalar_one())
+        next_at_s = float(await self._unit(lambda c: c.execute(stmt).scalar_one(), write=True))
         wait_s = next_at_s - interval - at
         return wait_s if wait_s > 0 else None
 
@@ -963,10 +1028,14 @@ def _never_log(tokens: Mapping[str, Any]) -> None:
     redact_value(*(str(tokens.get(name) or "") for name in ("access_token", "refresh_token")))
 
 
-def _sqlite_pragmas(engine: AsyncEngine) -> None:
-    """WAL, a busy timeout, and ``BEGIN IMMEDIATE`` so writers queue instead of failing."""
+def _sqlite_pragmas(engine: sa.Engine) -> None:
+    """WAL, a busy timeout, and ``BEGIN IMMEDIATE`` for writes so writers queue instead of failing.
 
-    @event.listens_for(engine.sync_engine, "connect")
+    Reads take a deferred ``BEGIN``: one snapshot, no write lock. The connection's own
+    WAL checkpoints are off: :meth:`Store._checkout` runs them on a worker thread.
+    """
+
+    @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
@@ -974,11 +1043,58 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    @event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        write = conn.get_execution_options().get("syncd_write", True)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _release(conn: sa.Connection, *, commit: bool) -> None:
+    """End the connection's transaction (commit or roll back) and return it to the pool."""
+    try:
+        if commit:
+            conn.commit()
+        else:
+            conn.rollback()
+    finally:
+        conn.close()
+
+
+def _claim(conn: sa.Connection, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime) -> list[Row]:
+    table = table_of(model)
+    lease_free = sa.or_(table.c.lease_until.is_(None), table.c.lease_until < now)
+    due = (
+        sa.select(table.c.id)
+        .where(table.c.status == "pending", table.c.next_at <= now, lease_free)
+        .order_by(table.c.next_at, table.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (
+        sa.update(table)
+        .where(table.c.id.in_(due.scalar_subquery()))
+        .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s), attempts=table.c.attempts + 1)
+        .returning(*table.c)
+    )
+    rows = conn.execute(stmt).mappings().all()
+    return sorted((model.model_validate(dict(r)) for r in rows), key=lambda r: r.id or 0)
+
+
+def _finish(conn: sa.Connection, item: Settle) -> bool:
+    table = table_of(item.model)
+    values: dict[str, Any] = {"status": item.status, "lease_owner": None, "lease_until": None, "last_error": item.error}
+    if item.next_at is not None:
+        values["next_at"] = item.next_at
+    if item.model is EffectRow:
+        values["updated_at"] = item.now
+        if item.result is not None:
+            values["result"] = dict(item.result)
+    row = item.row
+    stmt = sa.update(table).where(table.c.id == row.id, table.c.attempts == row.attempts).values(**values)
+    return bool(conn.execute(stmt).rowcount)
 
 
 def _event_values(hints: Sequence[ChangeHint], now: datetime) -> list[dict[str, Any]]:
@@ -1024,14 +1140,22 @@ def _effect_values(
     }
 
 
-async def _outcome_counts(conn: AsyncConnection) -> dict[tuple[str, str], int]:
+def _outcome_counts(conn: sa.Connection) -> dict[tuple[str, str], int]:
     table = table_of(OutcomeRow)
     stmt = (
         sa.select(table.c.kind, table.c.reason, sa.func.count())
         .where(table.c.status == "open")
         .group_by(table.c.kind, table.c.reason)
     )
-    return {(str(kind), str(reason)): int(n) for kind, reason, n in (await conn.execute(stmt)).all()}
+    return {(str(kind), str(reason)): int(n) for kind, reason, n in conn.execute(stmt).all()}
+
+
+def _migrate(conn: sa.Connection) -> None:
+    """Alembic's upgrade to the newest revision, then the ``meta`` facts a new database starts with."""
+    _alembic_upgrade(conn)
+    table = table_of(MetaRow)
+    if conn.execute(sa.select(table.c.value).where(table.c.key == "created_at")).scalar() is None:
+        conn.execute(sa.insert(table).values(key="created_at", value=datetime.now(UTC).isoformat()))
 
 
 def _alembic_upgrade(sync_conn: sa.Connection) -> None:
