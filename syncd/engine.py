@@ -529,6 +529,7 @@ class Engine:
             "crm": pipeline.crm_name,
             "crm_object_id": crm_object_id,
             "triggered_at": event.occurred_at.isoformat(),
+            "pipeline": pipeline.name,
         }
         delay = pipeline.settings.invoice_delay_s if event.kind in DELAYED_KINDS else 0
         if delay:
@@ -849,6 +850,7 @@ class Engine:
                     now=now,
                     client_key=draft.client.key,
                 )
+        self.rt.metrics.invoice_created(self._pipeline_name(row), (now - triggered_at).total_seconds())
         if mismatch:
             log.warning("invoice_totals_mismatch", key=draft.key, invoice=status.number, detail=mismatch)
         log.info(
@@ -931,6 +933,15 @@ class Engine:
                 client_key=credit.client_key,
                 billing_event_key=credit.key,
             )
+
+    def _pipeline_name(self, row: EffectRow) -> str:
+        """The ``pipeline`` label of an invoice effect (queued before effects named it: the first on its route)."""
+        named = row.payload.get("pipeline")
+        if isinstance(named, str) and named:
+            return named
+        crm = row.payload.get("crm")
+        route = (p.name for p in self.rt.pipelines if p.crm_name == crm and p.invoicing_name == row.connection)
+        return next(route, "")
 
     def _pipeline_for(self, crm: str, invoicing: str) -> Pipeline:
         for pipeline in self.rt.pipelines:
@@ -1155,6 +1166,8 @@ class Engine:
                 now=now,
                 conn=conn,
             )
+        if model is EffectRow and row.kind == CREATE_INVOICE:
+            self.rt.metrics.invoice_failed(self._pipeline_name(row))
         log.error("dead_lettered", source=source, id=row.id, reason=exc.message, place=exc.place)
 
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -331,6 +332,23 @@ class RateBudgetRow(SQLModel, table=True):
 
 
 Row = TypeVar("Row", EventRow, EffectRow)
+
+
+@dataclass(kw_only=True)
+class MetricCounts:
+    """The counts ``/metrics`` shows from the database (:meth:`Store.metric_counts`).
+
+    Attributes:
+        backlog: (queue, status) → rows: events and effects pending or dead, open dead letters.
+        outcomes: (kind, reason) → open outcomes.
+        dead_letters: source → open dead letters.
+        skips: reason → recorded skips, open or not.
+    """
+
+    backlog: dict[tuple[str, str], int] = field(default_factory=dict)
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    skips: dict[str, int] = field(default_factory=dict)
 
 
 def table_of(model: type[SQLModel]) -> sa.Table:
@@ -684,6 +702,60 @@ class Store:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(stmt)).all()
         return {(str(kind), str(reason)): int(n) for kind, reason, n in rows}
+
+    async def metric_counts(self) -> MetricCounts:
+        """What the ``/metrics`` gauges show, read in one transaction (:mod:`syncd.metrics`)."""
+        events, effects = table_of(EventRow), table_of(EffectRow)
+        dead, outcomes = table_of(DeadLetterRow), table_of(OutcomeRow)
+        found = MetricCounts()
+        async with self.engine.connect() as conn:
+            for queue, table in (("events", events), ("effects", effects)):
+                for status in ("pending", "dead"):
+                    value = await conn.scalar(sa.select(sa.func.count()).where(table.c.status == status))
+                    found.backlog[(queue, status)] = int(value or 0)
+            by_source = sa.select(dead.c.source, sa.func.count()).where(dead.c.status == "open").group_by(dead.c.source)
+            found.dead_letters.update({str(s): int(n) for s, n in (await conn.execute(by_source)).all()})
+            found.backlog[("dead_letters", "open")] = sum(found.dead_letters.values())
+            by_kind = (
+                sa.select(outcomes.c.kind, outcomes.c.reason, sa.func.count())
+                .where(outcomes.c.status == "open")
+                .group_by(outcomes.c.kind, outcomes.c.reason)
+            )
+            found.outcomes.update({(str(k), str(r)): int(n) for k, r, n in (await conn.execute(by_kind)).all()})
+            skips = (
+                sa.select(outcomes.c.reason, sa.func.count())
+                .where(outcomes.c.kind == "skip")
+                .group_by(outcomes.c.reason)
+            )
+            found.skips.update({str(r): int(n) for r, n in (await conn.execute(skips)).all()})
+        return found
+
+    async def pages(self, model: type[SQLModel], *where: Any, key: str, size: int = 500) -> AsyncIterator[list[Any]]:
+        """Rows of ``model`` matching ``where``, ``size`` at a time, in the order of column ``key``.
+
+        Keyset pagination: each page is ``WHERE key > <the last key of the previous page>
+        ORDER BY key LIMIT size``, one short read each, so no transaction or connection
+        is held while the caller works through a page (SQLite has one connection). A row
+        is yielded at most once even if rows are inserted or updated meanwhile; a row
+        inserted behind the cursor is left to the next run. ``key`` must be unique.
+        """
+        if size < 1:
+            raise ValueError(f"page size must be at least 1, got {size}")
+        table = table_of(model)
+        column = table.c[key]
+        last: Any = None
+        while True:
+            stmt = sa.select(table).where(*where).order_by(column).limit(size)
+            if last is not None:
+                stmt = stmt.where(column > last)
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(stmt)).mappings().all()
+            if not rows:
+                return
+            yield [model.model_validate(dict(r)) for r in rows]
+            if len(rows) < size:
+                return
+            last = rows[-1][key]
 
     @contextlib.asynccontextmanager
     async def named_lock(self, name: str) -> AsyncIterator[None]:

@@ -616,6 +616,7 @@ def _auth(settings: HubSpotSettings, ctx: ConnectorContext) -> httpx.Auth:
         tokens=ctx.tokens,
         clock=ctx.clock,
         connection=ctx.connection,
+        on_failure=ctx.token_refresh_failed,
     )
     return TokenAuth(tokens)
 

@@ -240,10 +240,12 @@ class XeroConnector:
         tenants: TenantDiscovery | None = None
         if settings.grant == "client_credentials":
             self.tokens: ClientCredentials | RotatingTokens = ClientCredentials(
-                settings, ctx.client, ctx.tokens, ctx.clock
+                settings, ctx.client, ctx.tokens, ctx.clock, on_failure=ctx.token_refresh_failed
             )
         else:
-            self.tokens = refreshing_tokens(settings, ctx.client, ctx.tokens, ctx.clock, ctx.connection)
+            self.tokens = refreshing_tokens(
+                settings, ctx.client, ctx.tokens, ctx.clock, ctx.connection, on_failure=ctx.token_refresh_failed
+            )
             tenants = None if settings.tenant_id else TenantDiscovery(settings, ctx.client, ctx.connection)
         self.api_url = settings.base_url.rstrip("/") + API_PATH
         self.page_size = PAGE_SIZE
