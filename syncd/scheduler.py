@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from syncd import drift
+from syncd import drift, retention
 from syncd.errors import SyncdError
 from syncd.runtime import Runtime
 from syncd.store import CursorRow
@@ -94,6 +94,18 @@ async def tick_aging(runtime: Runtime, refresh: Callable[[], Awaitable[int]]) ->
         await refresh()
 
 
+async def tick_retention(runtime: Runtime) -> dict[str, int] | None:
+    """Once a day across replicas: delete what ``[retention]`` lets go (:func:`syncd.retention.prune`).
+
+    Returns:
+        rows deleted per rule, or ``None`` when another run (or replica) had the day.
+    """
+    now = runtime.clock()
+    if not await runtime.store.claim_tick("retention", now.date().isoformat(), owner=runtime.owner, now=now):
+        return None
+    return await retention.prune(runtime.store, runtime.config.settings.retention, now=now)
+
+
 async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) -> bool:
     """Once per hour across replicas: read new hours and queue every billing event due.
 
@@ -129,11 +141,11 @@ def build_scheduler(
     aging: Callable[[], Awaitable[int]] | None = None,
     recurring: Callable[[], Awaitable[int]] | None = None,
 ) -> AsyncIOScheduler:
-    """An AsyncIOScheduler with a poll job per polled connection, the daily aging job and
-    the hourly recurring-billing job (not yet started).
+    """An AsyncIOScheduler with a poll job per polled connection, the daily aging and
+    retention jobs and the hourly recurring-billing job (not yet started).
 
-    Recurring billing, aging and the drift guard run once as soon as the scheduler
-    starts, then on their interval, so a daemon restarted more often than an interval
+    Recurring billing, aging, retention and the drift guard run once as soon as the
+    scheduler starts, then on their interval, so a daemon restarted more often than an interval
     still bills and ages (the per-window tick rows keep a window from running twice
     across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
     connection's first poll reads from ``billing_start``.
@@ -155,6 +167,9 @@ def build_scheduler(
             coalesce=True,
             **first,
         )
+    scheduler.add_job(
+        tick_retention, "interval", hours=1, args=[runtime], id="retention", max_instances=1, coalesce=True, **first
+    )
     if runtime.config.daemon.drift_check_interval_s:
         scheduler.add_job(
             tick_drift,

@@ -197,6 +197,50 @@ class PilotSettings(BaseModel):
     clients: tuple[str, ...] = ()
 
 
+MIN_RECORD_MONTHS = 13
+"""Billing records (outcomes, the payloads syncd sent) are kept at least this long: a year
+of audits and the same month a year before (docs/operations.md, "Retention")."""
+
+
+class RetentionSettings(BaseModel):
+    """``[retention]``: what the daily retention job deletes, and after how long (:mod:`syncd.retention`).
+
+    Ages count back from the job's run; ``0`` keeps the rows forever. Billing events,
+    invoices, time entries, clients, engagements, open dead letters, outcomes that still
+    need attention and each record's newest source snapshot are never deleted.
+
+    Attributes:
+        events_days: processed inbox events (status ``done``), by when they arrived.
+        effects_days: finished outbox effects (status ``done``) other than invoice
+            creations: CRM write-backs, credit allocations, voids; by their last change.
+        ticks_days: the scheduler's tick rows (one per job and window), by their start.
+        outcomes_months: skips, simulated events and resolved outcomes, by when they were
+            recorded; 0 or at least 13.
+        sent_payloads_months: finished invoice creations, which hold the payload syncd
+            sent; 0 or at least 13.
+        batch_size: rows deleted per transaction (no giant transaction holds the database).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    events_days: int = Field(default=30, ge=0)
+    effects_days: int = Field(default=30, ge=0)
+    ticks_days: int = Field(default=7, ge=0)
+    outcomes_months: int = Field(default=24, ge=0)
+    sent_payloads_months: int = Field(default=24, ge=0)
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+
+    @field_validator("outcomes_months", "sent_payloads_months")
+    @classmethod
+    def _billing_records(cls, value: int) -> int:
+        if 0 < value < MIN_RECORD_MONTHS:
+            raise ValueError(
+                f"{value} months is too short: billing records are kept at least {MIN_RECORD_MONTHS} months "
+                "(0 keeps them forever)"
+            )
+        return value
+
+
 class Settings(BaseSettings):
     """The whole configuration tree (step 1: before connectors validate their tables).
 
@@ -216,6 +260,7 @@ class Settings(BaseSettings):
     connections: dict[str, dict[str, Any]] = {}
     pipelines: tuple[PipelineSettings, ...] = ()
     pilot: PilotSettings = PilotSettings()
+    retention: RetentionSettings = RetentionSettings()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -462,6 +507,7 @@ _TABLE_MODELS: Mapping[str, type[BaseModel]] = {
     "daemon": DaemonSettings,
     "pilot": PilotSettings,
     "pipelines": PipelineSettings,
+    "retention": RetentionSettings,
 }
 
 

@@ -757,6 +757,29 @@ class Store:
                 return
             last = rows[-1][key]
 
+    async def delete_in_batches(self, model: type[SQLModel], *where: Any, batch: int) -> int:
+        """Delete the rows of ``model`` matching ``where``, ``batch`` per transaction; how many.
+
+        Each batch is one ``DELETE ... WHERE <primary key> IN (SELECT <primary key> ...
+        ORDER BY <primary key> LIMIT batch)`` in its own transaction (a row value ``IN`` for
+        a composite key), so the database is never held by one long delete; the loop
+        ends on the first short batch.
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        table = table_of(model)
+        keys = list(table.primary_key.columns)
+        chosen = sa.select(*keys).where(*where).order_by(*keys).limit(batch)
+        target = keys[0].in_(chosen.scalar_subquery()) if len(keys) == 1 else sa.tuple_(*keys).in_(chosen)
+        total = 0
+        while True:
+            async with self.engine.begin() as conn:
+                deleted = int((await conn.execute(sa.delete(table).where(target))).rowcount or 0)
+            total += deleted
+            if deleted < batch:
+                return total
+            await asyncio.sleep(0)  # let the workers in between batches
+
     @contextlib.asynccontextmanager
     async def named_lock(self, name: str) -> AsyncIterator[None]:
         """Hold a lock named ``name`` across tasks, and across replicas on PostgreSQL.
