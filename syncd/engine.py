@@ -336,7 +336,8 @@ class Engine:
         if await recurring.bill_projects(self, pipeline, projects):
             return
         project = known or await hours.stored_project(self.store, connection, row.object_id, row.occurred_at)
-        engagement = (await hours.linked_engagements(self.store, pipeline)).get(project or "")
+        linked = await hours.linked_engagements(self.store, pipeline, [project] if project else [])
+        engagement = linked.get(project or "")
         if engagement is None or engagement.cap_hours is None or engagement.won_at is None or project is None:
             return
         tracked = await hours.project_hours(self.store, connection, project)

@@ -84,6 +84,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("syncd.recurring")
 
 HOURS_KINDS = frozenset({BillingEventKind.PERIOD_DUE, BillingEventKind.HOURS_CAP_REACHED})
+PAGE_SIZE = 200
+"""Engagements read per page by :func:`run_due` (keyset pagination: ``syncd/store.py``, ``Store.pages``)."""
 
 
 # ---------------------------------------------------------------------------
@@ -411,27 +413,41 @@ async def bill_row(engine: Engine, pipeline: Pipeline, row: EngagementRow) -> li
     return await bill_engagement(engine, pipeline, engagement, client, row.crm_object_id)
 
 
-async def run_due(engine: Engine) -> int:
+async def run_due(engine: Engine, *, page_size: int = PAGE_SIZE) -> int:
     """Read every time tracker's new hours, then queue what is due for every stored engagement.
 
-    A failure is logged per engagement (the deal's own processing dead-letters it) and
-    the others go on. Returns how many billing events were recorded.
+    Only won engagements on a CRM some pipeline reads are read (nothing is ever due for
+    one that is not won: every rule of :mod:`syncd.billing` starts from ``won_at``), in
+    pages of ``page_size`` by key, so the hourly run holds one page in memory, not the
+    table; each is handled once per run. A failure is logged per engagement (the deal's
+    own processing dead-letters it) and the others go on. Returns how many billing
+    events were recorded.
     """
     runtime = engine.rt
     for each in runtime.pipelines:
         await _read_hours(runtime, each)
-    rows = await runtime.store.select(EngagementRow, order_by=table_of(EngagementRow).c.key)
-    recorded = 0
-    for row in rows:
-        pipeline = await pipeline_for(runtime, row)
-        if pipeline is None:
-            continue
-        try:
-            recorded += len(await bill_row(engine, pipeline, row))
-        except SyncdError as exc:
-            log.warning("recurring_billing_failed", engagement=row.key, error=str(exc))
-    log.info("recurring_run_done", engagements=len(rows), recorded=recorded)
+    table = table_of(EngagementRow)
+    crms = sorted({pipeline.crm_name for pipeline in runtime.pipelines})
+    won = (table.c.won_at.is_not(None), table.c.crm_connection.in_(crms))
+    seen = recorded = 0
+    async for page in runtime.store.pages(EngagementRow, *won, key="key", size=page_size):
+        for row in page:
+            seen += 1
+            recorded += await _bill_stored(engine, row)
+    log.info("recurring_run_done", engagements=seen, recorded=recorded)
     return recorded
+
+
+async def _bill_stored(engine: Engine, row: EngagementRow) -> int:
+    """:func:`bill_row` for the pipeline that takes ``row``; a failure is logged, not raised."""
+    pipeline = await pipeline_for(engine.rt, row)
+    if pipeline is None:
+        return 0
+    try:
+        return len(await bill_row(engine, pipeline, row))
+    except SyncdError as exc:
+        log.warning("recurring_billing_failed", engagement=row.key, error=str(exc))
+        return 0
 
 
 async def _read_hours(runtime: Runtime, pipeline: Pipeline) -> set[str]:
@@ -447,10 +463,7 @@ async def _read_hours(runtime: Runtime, pipeline: Pipeline) -> set[str]:
 async def bill_projects(engine: Engine, pipeline: Pipeline, project_ids: Iterable[str]) -> list[str]:
     """Queue what is due for the pipeline's hourly engagements that bill ``project_ids``."""
     wanted = set(project_ids)
-    table = table_of(EngagementRow)
-    rows = await engine.rt.store.select(
-        EngagementRow, table.c.type == str(EngagementType.HOURLY), table.c.crm_connection == pipeline.crm_name
-    )
+    rows = await hours.hourly_engagements(engine.rt.store, pipeline.crm_name, wanted)
     keys: list[str] = []
     for row in rows:
         if Engagement.model_validate(row.data).time_project_id not in wanted:
@@ -501,7 +514,6 @@ async def simulate(runtime: Runtime, client_key: str, start: date, end: date) ->
         ValidationFailed: an engagement's draft cannot be valid.
     """
     client = await stored_client(runtime.store, client_key)
-    recorded = {row.key: row for row in await runtime.store.select(BillingEventRow)}
     table = table_of(EngagementRow)
     rows = await runtime.store.select(EngagementRow, table.c.client_key == client_key, order_by=table.c.key)
     found: list[Simulated] = []
@@ -509,7 +521,7 @@ async def simulate(runtime: Runtime, client_key: str, start: date, end: date) ->
         pipeline = await pipeline_for(runtime, row)
         if pipeline is not None:
             engagement = Engagement.model_validate(row.data)
-            found += await _simulate_one(runtime, pipeline, engagement, client, (start, end), recorded)
+            found += await _simulate_one(runtime, pipeline, engagement, client, (start, end))
     return sorted(found, key=lambda item: (item.event.occurred_at, item.event.engagement_key, item.event.kind))
 
 
@@ -519,16 +531,30 @@ async def _simulate_one(
     engagement: Engagement,
     client: Client,
     span: tuple[date, date],
-    recorded: dict[str, BillingEventRow],
 ) -> list[Simulated]:
     begin = start_of_day(span[0], client.timezone)
     tracked = await tracked_hours(runtime, pipeline, engagement)
+    recorded = await _recorded(runtime.store, engagement.key, tracked)
     engagement = await with_tracker_state(pipeline, engagement, tracked, runtime.clock())
     run = _Simulation(runtime, pipeline, engagement, client, begin, recorded, tracked)
     entry_times = [entry.updated_at for entry in tracked.entries] if tracked is not None else None
     for as_of in _steps(span, client.timezone, entry_times):
         await run.step(as_of)
     return run.found
+
+
+async def _recorded(
+    store: Store, engagement_key: str, tracked: hours.ProjectHours | None
+) -> dict[str, BillingEventRow]:
+    """The billing events a simulation of one engagement looks up: its own, and those that invoiced its hours.
+
+    Read by engagement and by key in SQL, never the whole table.
+    """
+    table = table_of(BillingEventRow)
+    rows = await store.select(BillingEventRow, table.c.engagement_key == engagement_key)
+    if tracked is not None:
+        rows += await store.select_in(BillingEventRow, "key", tracked.keys.values())
+    return {row.key: row for row in rows}
 
 
 def _steps(span: tuple[date, date], timezone: str, entry_times: Sequence[datetime] | None) -> list[datetime]:

@@ -757,6 +757,43 @@ class Store:
                 return
             last = rows[-1][key]
 
+    async def values_pages(self, column: sa.Column[Any], *where: Any, size: int = 500) -> AsyncIterator[list[Any]]:
+        """The distinct values of ``column`` among the rows matching ``where``, ``size`` at a time, in order.
+
+        Keyset pagination as in :meth:`pages` (``SELECT DISTINCT column ... WHERE column >
+        <last> ORDER BY column LIMIT size``).
+        """
+        if size < 1:
+            raise ValueError(f"page size must be at least 1, got {size}")
+        last: Any = None
+        while True:
+            stmt = sa.select(column).distinct().where(*where).order_by(column).limit(size)
+            if last is not None:
+                stmt = stmt.where(column > last)
+            async with self.engine.connect() as conn:
+                values = list((await conn.execute(stmt)).scalars().all())
+            if not values:
+                return
+            yield values
+            if len(values) < size:
+                return
+            last = values[-1]
+
+    async def select_in(
+        self, model: type[SQLModel], column: str, values: Iterable[Any], *where: Any, chunk: int = 500
+    ) -> list[Any]:
+        """Rows of ``model`` whose ``column`` is one of ``values`` (and match ``where``).
+
+        The values are sent ``chunk`` at a time, under every driver's limit on bound
+        parameters however many there are.
+        """
+        table = table_of(model)
+        wanted = sorted(set(values))
+        found: list[Any] = []
+        for start in range(0, len(wanted), chunk):
+            found += await self.select(model, table.c[column].in_(wanted[start : start + chunk]), *where)
+        return found
+
     async def delete_in_batches(self, model: type[SQLModel], *where: Any, batch: int) -> int:
         """Delete the rows of ``model`` matching ``where``, ``batch`` per transaction; how many.
 
