@@ -353,3 +353,30 @@ async def test_hours_under_the_cap_are_a_recorded_skip(tmp_path: Path, db_url: s
         (skip,) = await list_outcomes(s.daemon.runtime.store, kind="skip")
         assert skip.reason == "under_cap"
         assert "3.0 of 10 h" in skip.detail
+
+
+async def test_unbilled_reads_projects_page_by_page_and_lists_each_once(tmp_path: Path, db_url: str) -> None:
+    """Seven projects read two at a time: each with open hours listed once, the invoiced one not at all."""
+    clock = Clock(at(date(2027, 1, 4)))
+    harvest = HarvestEmulator(rate_limits=False, clock=clock)
+    async with stack(tmp_path, db_url, clock=clock, mapping=HOURLY, harvest=harvest, daemon_extra=BILLING_START) as s:
+        account = seed_harvest(harvest)
+        company = seed_company(s.hub)
+        projects = [tasks_project(harvest, account, f"Project {n}") for n in range(7)]
+        invoiced, linked, *loose = projects
+        await win(s, clock, hourly_deal(s.hub, company, invoiced), at(date(2027, 1, 4)))
+        await win(s, clock, hourly_deal(s.hub, company, linked), at(date(2027, 1, 4)))
+        clock.now = at(date(2027, 1, 10))
+        log(harvest, invoiced, account.development, account.ada, date(2027, 1, 7), "3")
+        await tick(s, clock, at(date(2027, 2, 1)))  # January's hours of the first project are invoiced
+        assert subtotals(s) == [Decimal("450.00")]
+        clock.now = at(date(2027, 2, 3))
+        for n, project in enumerate(projects[1:], start=1):
+            log(harvest, project, account.development, account.ada, date(2027, 2, 2), str(n))
+        await tick(s, clock, at(date(2027, 2, 3)))  # reads the new entries
+        found = await hours.unbilled(s.daemon.runtime, page_size=2)
+        assert [(item.project_id, item.client_key, item.hours) for item in found] == [
+            (str(linked), f"hubspot:company:{company[0]}", Decimal(1)),
+            *sorted((str(project), None, Decimal(n)) for n, project in enumerate(loose, start=2)),
+        ]
+        assert found == await hours.unbilled(s.daemon.runtime)  # the same with the default page

@@ -12,7 +12,7 @@ from cryptography.fernet import Fernet
 
 from syncd.errors import ConfigError
 from syncd.interfaces import ChangeHint
-from syncd.store import DbTokenStore, EventRow, Store, TokenRow
+from syncd.store import DbTokenStore, EventRow, Store, TokenRow, table_of
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -106,3 +106,32 @@ async def test_tokens_with_the_wrong_key_are_a_config_error(store: Store) -> Non
     await DbTokenStore(store, "xero", Fernet.generate_key().decode()).save({"refresh_token": "x"})
     with pytest.raises(ConfigError, match="encryption_key"):
         await DbTokenStore(store, "xero", Fernet.generate_key().decode()).load()
+
+
+async def test_pages_yield_every_row_once_in_key_order_while_rows_change(store: Store) -> None:
+    """25 events read 4 at a time: each once, in id order, though rows are updated and added meanwhile."""
+    await store.add_events([hint(f"e{n:02d}") for n in range(25)], now=NOW)
+    table = table_of(EventRow)
+    seen: list[int] = []
+    sizes: list[int] = []
+    async for page in store.pages(EventRow, table.c.connection == "hubspot", key="id", size=4):
+        sizes.append(len(page))
+        seen += [row.id for row in page]
+        # The work done between pages touches the rows just read and adds a new one behind the cursor.
+        await store.update(EventRow, [table.c.id.in_([row.id for row in page])], {"status": "done"})
+        if len(seen) == 8:
+            await store.add_events([hint("late")], now=NOW)
+    ids = [row.id for row in await store.select(EventRow, table.c.event_id != "late", order_by=table.c.id)]
+    assert seen[:25] == ids
+    assert len(seen) == len(set(seen)) == 26  # the one added later has a higher id: read once, at the end
+    assert sizes == [4] * 6 + [2]
+    assert [page async for page in store.pages(EventRow, table.c.connection == "xero", key="id")] == []
+
+
+async def test_value_pages_yield_each_distinct_value_once(store: Store) -> None:
+    """Distinct object ids of 30 events (10 ids, 3 events each) read 3 at a time: each id once, in order."""
+    await store.add_events([hint(f"e{n}", object_id=f"deal-{n % 10:02d}") for n in range(30)], now=NOW)
+    column = table_of(EventRow).c.object_id
+    pages = [values async for values in store.values_pages(column, size=3)]
+    assert [len(values) for values in pages] == [3, 3, 3, 1]
+    assert [value for values in pages for value in values] == [f"deal-{n:02d}" for n in range(10)]
