@@ -627,12 +627,12 @@ class Engine:
         period, milestone and hours invoices bill other amounts by design.
         """
         line_kinds = [str(BillingEventKind.DEAL_WON), str(BillingEventKind.DELIVERABLE_ACCEPTED)]
-        billed_lines = sa.select(_col(BillingEventRow, "key")).where(_col(BillingEventRow, "kind").in_(line_kinds))
+        billed_lines = sa.select(col(BillingEventRow.key)).where(col(BillingEventRow.kind).in_(line_kinds))
         invoices = await self.store.select(
             InvoiceRow,
-            _col(InvoiceRow, "engagement_key") == engagement.key,
-            _col(InvoiceRow, "kind") == "invoice",
-            _col(InvoiceRow, "key").in_(billed_lines),
+            col(InvoiceRow.engagement_key) == engagement.key,
+            col(InvoiceRow.kind) == "invoice",
+            col(InvoiceRow.key).in_(billed_lines),
         )
         for invoice in invoices:
             notes = []
@@ -645,9 +645,7 @@ class Engine:
             if engagement.won_at is None:
                 await self._on_unwon(pipeline, invoice)
             if divergence != invoice.divergence:
-                await self.store.update(
-                    InvoiceRow, [_col(InvoiceRow, "key") == invoice.key], {"divergence": divergence}
-                )
+                await self.store.update(InvoiceRow, [col(InvoiceRow.key) == invoice.key], {"divergence": divergence})
                 if divergence:
                     log.warning(
                         "invoice_divergence",
@@ -1174,10 +1172,6 @@ class Engine:
 
 class _Fenced(Exception):
     """This worker's lease was taken over; its result is discarded."""
-
-
-def _col(model: Any, name: str) -> Any:
-    return table_of(model).c[name]
 
 
 def _engagement_values(engagement: Engagement, pipeline: Pipeline, deal_id: str, now: datetime) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from syncd.errors import ConfigError
 from syncd.http import make_client
-from syncd.interfaces import secret_value
+from syncd.registry import secret_value
 from syncd.settings import Config
 from syncd.store import DbTokenStore, Store
 from syncd.tokens import IMPORTED_DIGEST, digest

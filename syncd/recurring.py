@@ -12,8 +12,8 @@ their events to the :class:`~syncd.engine.Engine`:
 * :func:`bill_engagement` computes every billing event due now
   (:func:`syncd.billing.due_events`, plus :func:`syncd.billing.cap_events` for hours)
   with the keys already recorded as ``billed``, and queues each: an invoice or credit
-  note (:meth:`~syncd.engine.Engine.queue_invoice`), an hours invoice
-  (:meth:`~syncd.engine.Engine.queue_draft`, stamping the entries in the same
+  note (:meth:`~syncd.engine_api.BillingQueue.queue_invoice`), an hours invoice
+  (:meth:`~syncd.engine_api.BillingQueue.queue_draft`, stamping the entries in the same
   transaction), or a record with nothing to invoice (an hourly period without hours);
 * :func:`run_due` does that for every stored engagement: the hourly scheduler tick
   (:func:`syncd.scheduler.tick_recurring`) calls it, so retainers and subscriptions are
@@ -33,7 +33,7 @@ dead-letters list`` shows it; ``syncd replay`` leaves it alone. No negative invo
 ever created.
 
 **Pilot mode.** A client outside ``[pilot] clients`` gets its billing events recorded as
-simulated and its effects parked (see :meth:`~syncd.engine.Engine.queue_draft`); its
+simulated and its effects parked (see :meth:`~syncd.engine_api.BillingQueue.queue_draft`); its
 manual credits are dead letters with status ``simulated``. Because those keys are
 recorded, a client that joins the pilot is billed from then on and never for the
 simulated periods, unless :func:`backfill` (``syncd backfill``) makes them real.
@@ -79,7 +79,7 @@ from syncd.store import (
 )
 
 if TYPE_CHECKING:
-    from syncd.engine import Engine
+    from syncd.engine_api import BillingQueue
 
 log = structlog.get_logger("syncd.recurring")
 
@@ -225,7 +225,7 @@ async def with_tracker_state(
 
 
 async def bill_engagement(
-    engine: Engine, pipeline: Pipeline, engagement: Engagement, client: Client, crm_object_id: str
+    engine: BillingQueue, pipeline: Pipeline, engagement: Engagement, client: Client, crm_object_id: str
 ) -> list[str]:
     """Queue every billing event of ``engagement`` that is due now and not yet recorded.
 
@@ -258,7 +258,7 @@ async def bill_engagement(
 
 
 async def _queue(
-    engine: Engine,
+    engine: BillingQueue,
     pipeline: Pipeline,
     engagement: Engagement,
     client: Client,
@@ -279,7 +279,12 @@ async def _queue(
 
 
 async def _surface_credits(
-    engine: Engine, pipeline: Pipeline, engagement: Engagement, client: Client, billed: frozenset[str], now: datetime
+    engine: BillingQueue,
+    pipeline: Pipeline,
+    engagement: Engagement,
+    client: Client,
+    billed: frozenset[str],
+    now: datetime,
 ) -> list[str]:
     credits = billing.manual_credits(
         engagement,
@@ -297,7 +302,7 @@ class _HoursRun:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: BillingQueue,
         pipeline: Pipeline,
         engagement: Engagement,
         client: Client,
@@ -406,14 +411,14 @@ async def pipeline_for(runtime: Runtime, row: EngagementRow) -> Pipeline | None:
     return None
 
 
-async def bill_row(engine: Engine, pipeline: Pipeline, row: EngagementRow) -> list[str]:
+async def bill_row(engine: BillingQueue, pipeline: Pipeline, row: EngagementRow) -> list[str]:
     """:func:`bill_engagement` for a stored engagement (with its stored client)."""
     client = await stored_client(engine.rt.store, row.client_key)
     engagement = Engagement.model_validate(row.data)
     return await bill_engagement(engine, pipeline, engagement, client, row.crm_object_id)
 
 
-async def run_due(engine: Engine, *, page_size: int = PAGE_SIZE) -> int:
+async def run_due(engine: BillingQueue, *, page_size: int = PAGE_SIZE) -> int:
     """Read every time tracker's new hours, then queue what is due for every stored engagement.
 
     Only won engagements on a CRM some pipeline reads are read (nothing is ever due for
@@ -438,7 +443,7 @@ async def run_due(engine: Engine, *, page_size: int = PAGE_SIZE) -> int:
     return recorded
 
 
-async def _bill_stored(engine: Engine, row: EngagementRow) -> int:
+async def _bill_stored(engine: BillingQueue, row: EngagementRow) -> int:
     """:func:`bill_row` for the pipeline that takes ``row``; a failure is logged, not raised."""
     pipeline = await pipeline_for(engine.rt, row)
     if pipeline is None:
@@ -460,7 +465,7 @@ async def _read_hours(runtime: Runtime, pipeline: Pipeline) -> set[str]:
         return set()
 
 
-async def bill_projects(engine: Engine, pipeline: Pipeline, project_ids: Iterable[str]) -> list[str]:
+async def bill_projects(engine: BillingQueue, pipeline: Pipeline, project_ids: Iterable[str]) -> list[str]:
     """Queue what is due for the pipeline's hourly engagements that bill ``project_ids``."""
     wanted = set(project_ids)
     rows = await hours.hourly_engagements(engine.rt.store, pipeline.crm_name, wanted)

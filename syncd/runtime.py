@@ -23,9 +23,10 @@ import structlog
 
 from syncd.errors import ConfigError, MappingError
 from syncd.http import SharedBudget, Sleep, VendorHttp, make_client
-from syncd.interfaces import ConnectorContext, Crm, Invoicing, TimeTracker, WebhookVerifier, secret_value
+from syncd.interfaces import Crm, Invoicing, TimeTracker, WebhookVerifier
 from syncd.mapping import MappingDefaults, PipelineMapping, load_mapping
 from syncd.metrics import Metrics
+from syncd.registry import ConnectorContext, secret_value
 from syncd.settings import Config, PipelineSettings, load_config
 from syncd.store import DbTokenStore, Store
 

@@ -40,8 +40,8 @@ from sqlalchemy.exc import ArgumentError
 
 from syncd import registry
 from syncd.errors import ConfigError
-from syncd.interfaces import ConnectionSettings, ConnectorSpec
 from syncd.money import check_currency
+from syncd.registry import ConnectionSettings, ConnectorSpec
 from syncd.transforms import did_you_mean
 
 

@@ -4,7 +4,7 @@ One sequence, used by every connector whose vendor issues refresh tokens (Xero's
 flow, HubSpot's OAuth apps): when the access token is missing, (nearly) expired or was
 just refused with a 401,
 
-1. take :meth:`~syncd.interfaces.TokenStore.locked` (one refresh at a time, across
+1. take :meth:`~syncd.registry.TokenStore.locked` (one refresh at a time, across
    tasks and, on PostgreSQL, across replicas);
 2. re-load the stored set inside the lock: another task or replica may have refreshed
    already, and then its token is used and no refresh is spent;
@@ -41,7 +41,7 @@ import httpx
 import structlog
 
 from syncd.errors import AuthError, SyncdError
-from syncd.interfaces import TokenStore
+from syncd.registry import TokenStore
 
 log = structlog.get_logger("syncd.tokens")
 

@@ -56,16 +56,8 @@ from connectors.harvest.models import (
 )
 from syncd.errors import AuthError, FatalError, NotFound, RecordError, SyncdError
 from syncd.http import VendorHttp, within
-from syncd.interfaces import (
-    Capability,
-    ChangeHint,
-    ChangePage,
-    ConnectionSettings,
-    ConnectorContext,
-    ConnectorSpec,
-    TimeEntry,
-    TimeTracker,
-)
+from syncd.interfaces import Capability, ChangeHint, ChangePage, TimeEntry, TimeTracker
+from syncd.registry import ConnectionSettings, ConnectorContext, ConnectorSpec
 
 P = TypeVar("P", bound=Payload)
 

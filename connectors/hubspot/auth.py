@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from connectors.hubspot.models import ErrorBody, TokenResponse
 from syncd.errors import AuthError, RetriableError
-from syncd.interfaces import TokenStore
+from syncd.registry import TokenStore
 from syncd.tokens import RotatingTokens
 
 

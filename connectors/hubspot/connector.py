@@ -63,17 +63,14 @@ from syncd.interfaces import (
     Capability,
     ChangeHint,
     ChangePage,
-    ConnectionSettings,
-    ConnectorContext,
-    ConnectorSpec,
     Crm,
     CrmSchema,
     DealBillingStatus,
     InvoiceState,
     SourceRecord,
     WebhookVerifier,
-    secret_value,
 )
+from syncd.registry import ConnectionSettings, ConnectorContext, ConnectorSpec, secret_value
 from syncd.tokens import TokenAuth
 
 log = structlog.get_logger("connectors.hubspot")

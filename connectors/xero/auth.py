@@ -7,7 +7,7 @@ request; its tokens come from one of two sources:
   ``POST token_url`` with HTTP basic auth and ``grant_type=client_credentials``; there is
   no refresh token ("Do I need to manage refresh tokens? No" and "the xero-tenant-id
   header is not required": https://developer.xero.com/faq/custom-integration). Tokens
-  live 30 minutes and are cached in memory and in the :class:`~syncd.interfaces.TokenStore`.
+  live 30 minutes and are cached in memory and in the :class:`~syncd.registry.TokenStore`.
 * :func:`refreshing_tokens` for the authorization-code flow: the shared
   lock-reload-refresh-save piece (:class:`syncd.tokens.RotatingTokens`), because Xero
   refresh tokens are single-use and rotate ("When you perform a token refresh, you
@@ -39,14 +39,14 @@ import structlog
 from connectors.xero.models import XeroError, load_json
 from syncd.errors import AuthError, ConfigError, RateLimited, RetriableError
 from syncd.http import retry_after_s
-from syncd.interfaces import secret_value
+from syncd.registry import secret_value
 from syncd.tokens import EXPIRY_MARGIN_S as EXPIRY_MARGIN_S
 from syncd.tokens import RotatingTokens, TokenAuth, TokenSource
 from syncd.tokens import token_valid as token_valid
 
 if TYPE_CHECKING:
-    from connectors.xero.connector import XeroSettings
-    from syncd.interfaces import TokenStore
+    from connectors.xero.settings import XeroSettings
+    from syncd.registry import TokenStore
 
 log = structlog.get_logger("connectors.xero.auth")
 
@@ -410,7 +410,7 @@ async def list_connections(
 
 
 class XeroCodeFlow:
-    """``syncd auth xero``: Xero's authorization-code flow (:class:`~syncd.interfaces.CodeFlow`).
+    """``syncd auth xero``: Xero's authorization-code flow (:class:`~syncd.registry.CodeFlow`).
 
     syncd runs the localhost listener on ``redirect_uri``; this object knows Xero's URLs.
     """

@@ -27,7 +27,8 @@ from connectors.harvest.connector import SPEC, HarvestConnector, HarvestSettings
 from connectors.harvest.emulator import HarvestEmulator
 from syncd.errors import AuthError, FatalError, NotFound, RecordError
 from syncd.http import VendorHttp
-from syncd.interfaces import ConnectorContext, TimeTracker
+from syncd.interfaces import TimeTracker
+from syncd.registry import ConnectorContext
 
 BASE_URL = "https://api.harvestapp.com/v2"
 START = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)

@@ -36,7 +36,7 @@ from connectors.harvest.connector import SPEC, HarvestConnector, HarvestSettings
 from connectors.harvest.emulator import HarvestEmulator
 from syncd.errors import AuthError
 from syncd.http import VendorHttp
-from syncd.interfaces import ConnectorContext
+from syncd.registry import ConnectorContext
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_FILE = REPO / "specs" / "harvest" / "harvest-openapi.yaml"

@@ -34,8 +34,8 @@ from connectors.xero.emulator import XeroEmulator
 from syncd.daemon import Daemon
 from syncd.errors import AuthError, FatalError, NotFound, RecordError
 from syncd.http import Rejected, VendorHttp
-from syncd.interfaces import ConnectorContext, Crm, CrmSchema, DealBillingStatus, WebhookRequest
-from syncd.registry import load
+from syncd.interfaces import Crm, CrmSchema, DealBillingStatus, WebhookRequest
+from syncd.registry import ConnectorContext, load
 from syncd.settings import load_config
 from syncd.store import DbTokenStore, Store
 from tests.harness import write_config

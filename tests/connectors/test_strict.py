@@ -39,16 +39,8 @@ from connectors.xero.connector import XeroConnector, XeroSettings
 from connectors.xero.emulator import API, XeroEmulator
 from connectors.xero.models import dump_json, load_json
 from syncd.http import VendorHttp
-from syncd.interfaces import (
-    Address,
-    Client,
-    ConnectorContext,
-    Contact,
-    DealBillingStatus,
-    DraftKind,
-    InvoiceDraft,
-    InvoiceLine,
-)
+from syncd.interfaces import Address, Client, Contact, DealBillingStatus, DraftKind, InvoiceDraft, InvoiceLine
+from syncd.registry import ConnectorContext
 from tests.connectors.test_harvest_spec import patch_spec
 
 REPO = Path(__file__).resolve().parents[2]

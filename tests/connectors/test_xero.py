@@ -45,7 +45,6 @@ from syncd.interfaces import (
     AllocatesCredit,
     ChangeHint,
     Client,
-    ConnectorContext,
     Contact,
     DraftKind,
     HasLockDates,
@@ -59,7 +58,7 @@ from syncd.interfaces import (
     WebhookRequest,
 )
 from syncd.oauth import authorize
-from syncd.registry import load
+from syncd.registry import ConnectorContext, load
 from syncd.settings import load_config
 from syncd.store import DbTokenStore, DeadLetterRow, EffectRow, Store
 from tests.harness import seed_deal, stack
