@@ -1,4 +1,4 @@
-"""/metrics, scraped over HTTP after real flows through the emulators (syncd/metrics.py).
+"""/metrics, scraped over HTTP after real flows through the emulators (syncd/plumbing/metrics.py).
 
 Each test runs a daemon on SQLite and on PostgreSQL (``tests/harness.py``) with a clock
 the test moves, drives a deal or a fault through it, and reads the series it expects

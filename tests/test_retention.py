@@ -1,4 +1,4 @@
-"""Retention (syncd/retention.py): old work rows go in bounded batches; billing records stay.
+"""Retention (syncd/store/retention.py): old work rows go in bounded batches; billing records stay.
 
 Each test runs on SQLite and on PostgreSQL against the emulators (``tests/harness.py``),
 with a clock the test moves past the configured ages.
@@ -16,10 +16,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from syncd import retention, scheduler
-from syncd.errors import ConfigError
-from syncd.settings import RetentionSettings, load_config
-from syncd.store import (
+from syncd.core.errors import ConfigError
+from syncd.engine import scheduler
+from syncd.plumbing.settings import RetentionSettings, load_config
+from syncd.store import retention
+from syncd.store.db import (
     BillingEventRow,
     EffectRow,
     EventRow,

@@ -1,4 +1,4 @@
-"""The Xero connector: the :class:`~syncd.interfaces.Invoicing` role on Xero's Accounting API.
+"""The Xero connector: the :class:`~syncd.core.interfaces.Invoicing` role on Xero's Accounting API.
 
 Customers are Xero contacts stamped with syncd's client key in ``ContactNumber``;
 invoices are ``ACCREC`` invoices (credit notes ``ACCRECCREDIT``) created with the
@@ -75,9 +75,8 @@ from connectors.xero.models import (
 )
 from connectors.xero.settings import API_PATH, XeroSettings
 from connectors.xero.webhooks import XeroWebhookVerifier
-from syncd.errors import AuthError, FatalError, NotFound, SyncdError
-from syncd.http import RateLimit, VendorHttp, within
-from syncd.interfaces import (
+from syncd.core.errors import AuthError, FatalError, NotFound, SyncdError
+from syncd.core.interfaces import (
     AllocatesCredit,
     Allocation,
     Capability,
@@ -96,8 +95,9 @@ from syncd.interfaces import (
     LockDates,
     ReadsCreditNotes,
 )
-from syncd.registry import ConnectorContext, ConnectorSpec
-from syncd.tokens import RotatingTokens
+from syncd.plumbing.http import RateLimit, VendorHttp, within
+from syncd.plumbing.registry import ConnectorContext, ConnectorSpec
+from syncd.plumbing.tokens import RotatingTokens
 
 log = structlog.get_logger("connectors.xero")
 
@@ -137,7 +137,7 @@ def _is_name_clash(messages: tuple[str, ...]) -> bool:
 
 
 class XeroConnector:
-    """One Xero connection, playing the :class:`~syncd.interfaces.Invoicing` role.
+    """One Xero connection, playing the :class:`~syncd.core.interfaces.Invoicing` role.
 
     Args:
         settings: the connection's settings.
@@ -268,7 +268,7 @@ class XeroConnector:
         ``syncd:<key>`` stamp in ``Reference`` lets :meth:`find_invoice` recover it later.
 
         Raises:
-            XeroRejected: (a :class:`~syncd.errors.FatalError`) Xero's validation messages.
+            XeroRejected: (a :class:`~syncd.core.errors.FatalError`) Xero's validation messages.
         """
         if draft.kind is DraftKind.CREDIT_NOTE:
             return await self._create_credit_note(draft, customer_id)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import SecretStr, field_validator, model_validator
 
-from syncd.registry import ConnectionSettings
+from syncd.plumbing.registry import ConnectionSettings
 
 API_PATH = "/api.xro/2.0"
 
