@@ -591,8 +591,52 @@ def replay(
     console.print(f"requeued {done.count} record(s); the daemon processes them next")
 
 
+def _port_option(name: str, what: str) -> Any:
+    """A port option of `syncd emulate`, also read from ``SYNCD_EMULATE_<NAME>_PORT``."""
+    return typer.Option(
+        f"--{name}-port",
+        envvar=f"SYNCD_EMULATE_{name.upper()}_PORT",
+        min=0,
+        max=65535,
+        help=f"Port on 127.0.0.1 for {what} (0: a free one, printed).",
+    )
+
+
 @app.command()
-def demo(keep: Annotated[bool, typer.Option(help="Keep the temporary database.")] = False) -> None:
+def emulate(
+    write_config: Annotated[
+        Path | None, typer.Option("--write-config", help="Also write the config to this file (its database beside it).")
+    ] = None,
+    hubspot_port: Annotated[int, _port_option("hubspot", "the HubSpot emulator")] = 8101,
+    xero_port: Annotated[int, _port_option("xero", "the Xero emulator")] = 8102,
+    harvest_port: Annotated[int, _port_option("harvest", "the Harvest emulator")] = 8103,
+    syncd_port: Annotated[int, _port_option("syncd", "syncd's webhooks ([daemon].listen)")] = 8080,
+) -> None:
+    """Serve seeded HubSpot, Xero and Harvest emulators on 127.0.0.1 and print a config for them; Ctrl-C stops.
+
+    Deals changed over the HubSpot emulator's API reach syncd as signed webhooks.
+    """
+    from syncd.emulate import Options, Ports
+    from syncd.emulate import emulate as serve_emulators
+
+    syncd_logging.configure("warning")
+    ports = Ports(hubspot=hubspot_port, xero=xero_port, harvest=harvest_port, syncd=syncd_port)
+    options = Options(ports=ports, write_config=write_config)
+
+    async def until_stopped() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_emulators(options, lambda line: print(line, flush=True), stop)
+
+    asyncio.run(until_stopped())
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Keep the temporary folder (config, database) and print where.")] = False,
+) -> None:
     """Run the end-to-end demo against the HubSpot and Xero emulators, and exit."""
     from syncd.demo import run_demo
 

@@ -53,19 +53,21 @@ def terminal_width() -> int:
 # ---------------------------------------------------------------------------- text layout
 
 
-def entry(head: str, fields: Sequence[tuple[str, str]], width: int) -> list[str]:
-    """One item as lines no longer than ``width``: the head, then ``  label: value`` lines.
+def entry(head: str, fields: Sequence[tuple[str, str]], width: int, *, indent: int = 0) -> list[str]:
+    """One item as lines no longer than ``width``: the head, then ``label: value`` lines under it.
 
-    Values are wrapped (long words broken), continuation lines aligned under the value.
-    A field with an empty value is left out.
+    The head starts ``indent`` columns in, the fields two more. Values are wrapped (long
+    words broken), continuation lines aligned under the value. A field with an empty
+    value is left out.
     """
-    lines = _wrap(head, width, "", "    ")
+    margin = " " * indent
+    lines = _wrap(head, width, margin, margin + "    ")
     shown = [(label, value) for label, value in fields if value]
-    pad = max((len(label) for label, _ in shown), default=0) + 4
+    pad = indent + 2 + max((len(label) for label, _ in shown), default=0) + 2
     if pad > width // 3:
-        pad = 6
+        pad = indent + 6
     for label, value in shown:
-        first = f"  {label}:".ljust(pad)
+        first = f"{margin}  {label}:".ljust(pad)
         lines += _wrap(value, width, first, " " * pad)
     return lines
 
@@ -331,7 +333,11 @@ def _named(name: str | None, key: str | None) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class ConnectionStatus:
-    """One connection's standing: its last sync, its backlog and its dead letters."""
+    """One connection's standing: its last sync, its backlog and its dead letters.
+
+    ``last_sync`` is the newest successful read of any of its feeds (``cursors``: the
+    change feed, a time tracker's entries); ``last_error`` names each feed's last error.
+    """
 
     connection: str
     last_sync: datetime | None
@@ -373,12 +379,14 @@ async def status(store: Store, connections: Sequence[str]) -> Status:
     dead = await store.dead_letter_counts()
     found = []
     for name in connections:
-        cursor: CursorRow | None = await store.get(CursorRow, name, "changes")
+        cursors: list[CursorRow] = await store.select(CursorRow, table_of(CursorRow).c.connection == name)
+        synced = [cursor.last_success_at for cursor in cursors if cursor.last_success_at is not None]
+        errors = [f"{cursor.stream}: {cursor.last_error}" for cursor in cursors if cursor.last_error]
         found.append(
             ConnectionStatus(
                 connection=name,
-                last_sync=cursor.last_success_at if cursor else None,
-                last_error=cursor.last_error if cursor else None,
+                last_sync=max(synced, default=None),
+                last_error="; ".join(errors) or None,
                 events_pending=await _pending(store, EventRow, name),
                 effects_pending=await _pending(store, EffectRow, name),
                 dead_letters_open=dead.get((name, "open"), 0),
@@ -460,19 +468,21 @@ def invoice_json(item: InvoiceItem) -> dict[str, Any]:
 
 def status_lines(found: Status, width: int) -> list[str]:
     """The status as text: connections, the newest invoices, dead letters and outcomes."""
-    lines = ["connections"]
+    lines = ["connections:"]
     for item in found.connections:
         lines += entry(
-            f"  {item.connection}: last sync {when(item.last_sync) or 'never'}",
+            f"{item.connection}: last sync {when(item.last_sync) or 'never'}",
             [
                 ("pending", f"{item.events_pending} events, {item.effects_pending} effects"),
                 ("dead letters", f"{item.dead_letters_open} open, {item.dead_letters_dismissed} dismissed"),
                 ("last error", item.last_error or ""),
             ],
             width,
+            indent=2,
         )
     shown = len(found.invoices)
-    lines.append(f"invoices: {found.invoice_count}" + (f", the {shown} newest:" if shown else ""))
+    more = f" (the {shown} newest below)" if found.invoice_count > shown else ""
+    lines.append(f"invoices: {found.invoice_count}{more}")
     for invoice in found.invoices:
         lines += _invoice_lines(invoice, width)
     lines += _wrap(outcome_summary(found.outcomes), width, "", "  ")
@@ -484,9 +494,9 @@ def _invoice_lines(item: InvoiceItem, width: int) -> list[str]:
     number = row.number or row.invoice_id
     kind = "" if row.kind == "invoice" else f"{row.kind.replace('_', ' ')} "
     due = f" · due {row.due_date.isoformat()}" if row.due_date else ""
-    head = f"  {kind}{number} · {row.total} {row.currency} · {row.state}{due}"
+    head = f"{kind}{number} · {row.total} {row.currency} · {row.state}{due}"
     deal = f"{row.crm_object_id} {item.deal_name or ''}".strip()
-    return entry(head, [("deal", deal), ("client", _named(item.client_name, row.client_key))], width)
+    return entry(head, [("deal", deal), ("client", _named(item.client_name, row.client_key))], width, indent=2)
 
 
 def outcome_summary(counts: Mapping[tuple[str, str], int]) -> str:

@@ -8,8 +8,8 @@ Each test runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import json
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
