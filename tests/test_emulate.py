@@ -10,19 +10,21 @@ replaced by the ones bound.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,11 @@ import httpx
 import pytest
 import structlog
 
+from syncd.emulate import MARK, Options, Ports, claim_config, emulate
+from syncd.errors import ConfigError
+from syncd.settings import load_config
 from tests.harness import REPO
+from tests.servers import invoke
 
 README = REPO / "README.md"
 DEFAULT_PORTS = {"hubspot": 8101, "xero": 8102, "harvest": 8103, "syncd": 8080}
@@ -220,3 +226,99 @@ def test_the_quick_start_in_the_readme_runs_as_written(tmp_path: Path) -> None:
         rest = emulator.communicate(timeout=WAIT_S)[0]
         assert emulator.returncode == 0
         assert "stopping the emulators" in rest
+
+
+@contextlib.asynccontextmanager
+async def emulating(write_config: Path | None) -> AsyncIterator[list[str]]:
+    """`syncd emulate` in this process on free ports, until the block exits; the lines it printed."""
+    lines: list[str] = []
+    ready, stop = asyncio.Event(), asyncio.Event()
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if line.startswith("ready"):
+            ready.set()
+
+    free = Ports(hubspot=0, xero=0, harvest=0, syncd=0)
+    task = asyncio.create_task(emulate(Options(ports=free, write_config=write_config), say, stop))
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiting.cancel()
+        task.result()
+    try:
+        yield lines
+    finally:
+        stop.set()
+        await task
+
+
+async def test_the_config_it_writes_checks_clean_against_the_emulators(tmp_path: Path) -> None:
+    """The written config loads, its credentials work and every mapping's properties and codes exist (`syncd check`)."""
+    path = tmp_path / "emulated.toml"
+    async with emulating(path) as lines:
+        assert path.read_text(encoding="utf-8").startswith(MARK)
+        config = load_config(path)
+        assert [pipeline.mapping for pipeline in config.settings.pipelines] == [
+            REPO / "mappings" / name
+            for name in ("hubspot-xero.toml", "hubspot-xero-retainer.toml", "hubspot-harvest-xero.toml")
+        ]
+        assert config.daemon.database_url == f"sqlite:///{tmp_path / 'emulated.db'}"  # beside the config
+        checked = await asyncio.to_thread(invoke, "check", "--config", str(path))
+        printed = "\n".join(lines)
+    assert checked.exit_code == 0, checked.output
+    assert "config, mappings and connections are fine" in checked.output
+    assert f"config written to {path}" in printed
+    assert path.read_text(encoding="utf-8").strip() in printed  # the config is printed too
+
+
+async def test_without_write_config_it_prints_the_config_and_writes_nothing(tmp_path: Path) -> None:
+    """Without --write-config the config is printed only, and lists every seeded deal."""
+    before = set(Path.cwd().iterdir())
+    async with emulating(None) as lines:
+        pass
+    assert set(Path.cwd().iterdir()) == before
+    text = "\n".join(lines)
+    config = tomllib.loads(text.split("\n\n[[pipelines]]", 1)[0])
+    assert config["connections"]["hubspot"]["token"] == "pat-emulator"
+    for deal in ("1003  Northwind website rebuild", "1008  Globex care plan", "1011  Initech support"):
+        assert deal in text
+    assert "save the config above as emulated.toml" in text
+    assert lines[-1] == "stopping the emulators"
+
+
+def test_it_replaces_only_its_own_config_and_database(tmp_path: Path) -> None:
+    """A config it wrote has its database removed for a fresh run; another file, or a stray database, is refused."""
+    own = tmp_path / "emulated.toml"
+    own.write_text(f"{MARK} earlier\n", encoding="utf-8")
+    for leftover in ("emulated.db", "emulated.db-wal", "emulated.db-shm"):
+        (tmp_path / leftover).write_text("old", encoding="utf-8")
+    assert claim_config(own) == "sqlite:///./emulated.db"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["emulated.toml"]
+
+    theirs = tmp_path / "config.toml"
+    theirs.write_text("[daemon]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"config\.toml exists and was not written by syncd emulate"):
+        claim_config(theirs)
+    (tmp_path / "fresh.db").write_text("someone's", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"fresh\.db exists"):
+        claim_config(tmp_path / "fresh.toml")
+    assert theirs.read_text(encoding="utf-8") == "[daemon]\n"
+    assert (tmp_path / "fresh.db").read_text(encoding="utf-8") == "someone's"
+
+
+def test_a_refused_config_or_a_taken_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """`syncd emulate` on a foreign config file or a port in use says so in one line, exit 2, and serves nothing."""
+    theirs = tmp_path / "config.toml"
+    theirs.write_text("[daemon]\n", encoding="utf-8")
+    refused = invoke("emulate", "--write-config", str(theirs))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = invoke("emulate", "--hubspot-port", str(port), "--xero-port", "0", "--harvest-port", "0")
+    assert (refused.exit_code, busy.exit_code) == (2, 2)
+    assert (
+        refused.output == f"✗ --write-config: {theirs} exists and was not written by syncd emulate; name a new file\n"
+    )
+    assert busy.output == f"✗ --hubspot-port: 127.0.0.1:{port} is in use; choose another port\n"
