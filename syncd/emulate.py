@@ -307,10 +307,13 @@ def claim_config(path: Path) -> str:
     """The ``database_url`` for a config written to ``path``, its database made ready to start afresh.
 
     Raises:
-        ConfigError: ``path`` exists and was not written by ``syncd emulate``, or the
-            database file beside it exists while the config does not.
+        ConfigError: ``path`` exists and was not written by ``syncd emulate``, the
+            database file beside it exists while the config does not, or the folder
+            is missing.
     """
     database = path.with_suffix(".db")
+    if not path.parent.is_dir():
+        raise ConfigError(f"the folder {path.parent} does not exist", place="--write-config")
     if path.exists():
         if not path.is_file() or not path.read_text(encoding="utf-8", errors="replace").startswith(MARK):
             raise ConfigError(

@@ -307,12 +307,11 @@ def _letter_head(row: DeadLetterRow) -> str:
 
 def _letter_fields(item: DeadLetterItem) -> list[tuple[str, str]]:
     row = item.row
-    deal = split_deal_key(item.deal) if item.deal else None
     dismissed = ""
     if row.status == "dismissed":
         dismissed = f"{when(row.dismissed_at)} by {row.dismissed_by}: {row.dismissed_why}"
     return [
-        ("deal", f"{deal[1]} {item.deal_name or ''}".strip() if deal else ""),
+        ("deal", _named(item.deal_name, item.deal)),
         ("client", _named(item.client_name, item.client)),
         ("reason", row.reason),
         ("place", row.place or ""),
@@ -322,7 +321,7 @@ def _letter_fields(item: DeadLetterItem) -> list[tuple[str, str]]:
 
 
 def _named(name: str | None, key: str | None) -> str:
-    """``Northwind Traders LLC (hubspot:company:1001)``, or whichever of the two is known."""
+    """``Northwind Traders LLC (hubspot:company:1001)``: a name with its key, or whichever is known."""
     if name and key:
         return f"{name} ({key})"
     return name or key or ""
@@ -495,7 +494,7 @@ def _invoice_lines(item: InvoiceItem, width: int) -> list[str]:
     kind = "" if row.kind == "invoice" else f"{row.kind.replace('_', ' ')} "
     due = f" · due {row.due_date.isoformat()}" if row.due_date else ""
     head = f"{kind}{number} · {row.total} {row.currency} · {row.state}{due}"
-    deal = f"{row.crm_object_id} {item.deal_name or ''}".strip()
+    deal = _named(item.deal_name, deal_key(row.crm_connection, row.crm_object_id))
     return entry(head, [("deal", deal), ("client", _named(item.client_name, row.client_key))], width, indent=2)
 
 
@@ -581,8 +580,7 @@ def unbilled_lines(items: Sequence[UnbilledItem], width: int) -> list[str]:
     for item in items:
         hours = item.hours
         worth = f" · {hours.amount} {hours.currency}" if hours.amount is not None else ""
-        split = split_deal_key(item.deal) if item.deal else None
-        deal = f"{split[1]} {item.deal_name or ''}".strip() if split else (hours.engagement_key or "")
+        deal = _named(item.deal_name, item.deal or hours.engagement_key)
         lines += entry(
             _named(item.client_name, hours.client_key) or "no client",
             [

@@ -199,7 +199,7 @@ def test_the_quick_start_in_the_readme_runs_as_written(tmp_path: Path) -> None:
             status, outcomes = (run(command, work, env) for command in look_block)
             assert (status.returncode, outcomes.returncode) == (0, 0), status.stderr + outcomes.stderr
             assert f"{invoice['InvoiceNumber']} · 13750.00 USD · authorised" in status.stdout
-            assert f"deal:   {deal_id} Northwind website rebuild" in status.stdout
+            assert f"deal:   Northwind website rebuild (hubspot:deal:{deal_id})" in status.stdout
             assert "client: Northwind Traders LLC (hubspot:company:" in status.stdout
             assert max(len(line) for line in status.stdout.splitlines()) <= 80
             assert run(f"{look_block[1]} --json", work, env).stdout.strip() == "[]"  # "none here"
@@ -303,6 +303,8 @@ def test_it_replaces_only_its_own_config_and_database(tmp_path: Path) -> None:
     (tmp_path / "fresh.db").write_text("someone's", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"fresh\.db exists"):
         claim_config(tmp_path / "fresh.toml")
+    with pytest.raises(ConfigError, match=r"the folder .*missing does not exist"):
+        claim_config(tmp_path / "missing" / "emulated.toml")
     assert theirs.read_text(encoding="utf-8") == "[daemon]\n"
     assert (tmp_path / "fresh.db").read_text(encoding="utf-8") == "someone's"
 

@@ -313,7 +313,7 @@ async def test_unbilled_lists_hours_on_no_invoice_with_their_worth(tmp_path: Pat
         assert max(len(line) for line in text) <= 80
         assert f"Northwind Traders LLC ({client_key})" in text
         assert f"  project: harvest:{project}" in text
-        assert f"  deal:    {deal} Build {project}" in text
+        assert f"  deal:    Build {project} (hubspot:deal:{deal})" in text
         assert "  hours:   3.75 h · 612.50 USD" in text
         assert "  note:    no engagement bills this project" in text
 

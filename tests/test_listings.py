@@ -78,9 +78,9 @@ async def test_dead_letters_name_their_deal_and_client_in_80_columns_and_as_json
     assert len(heads) == 2
     assert heads[0].startswith("#1 open · effect ")
     assert heads[1].startswith("#2 open · event ")
-    assert f"  deal:   {named} Website rebuild" in lines
+    assert f"  deal:   Website rebuild (hubspot:deal:{named})" in lines
     assert f"  client: Northwind Traders LLC ({client})" in lines
-    assert f"  deal:   {nameless} Website rebuild" in lines  # from the stored copy: it was never mapped
+    assert f"  deal:   Website rebuild (hubspot:deal:{nameless})" in lines  # from the stored copy: it was never mapped
     assert sum(line.startswith("  client:") for line in lines) == 1  # the nameless one has none to show
     assert any(line.startswith("  reason: ") for line in lines)
     assert any(line.startswith("  place:  ") for line in lines)
@@ -192,7 +192,7 @@ async def test_status_names_the_newest_invoices_in_80_columns_and_as_json(tmp_pa
     assert "  hubspot: last sync never" in lines
     assert "invoices: 1" in lines
     assert any(line.startswith(f"  {number} · {invoice['Total']} USD · authorised · due ") for line in lines)
-    assert f"    deal:   {deal} Website rebuild" in lines
+    assert f"    deal:   Website rebuild (hubspot:deal:{deal})" in lines
     assert f"    client: Northwind Traders LLC (hubspot:company:{company[0]})" in lines
     assert lines[-1] == "outcomes without an invoice: skip: 0; simulated: 0; attention: 0"
 
