@@ -341,7 +341,7 @@ class _Server(uvicorn.Server):
 
 
 def bind(port: int, option: str) -> socket.socket:
-    """A listening socket on 127.0.0.1:``port`` (``0``: a free port).
+    """A socket bound to 127.0.0.1:``port`` (``0``: a free port), for uvicorn to listen on.
 
     Raises:
         ConfigError: the port is taken (naming the option that sets it).
@@ -359,7 +359,11 @@ def bind(port: int, option: str) -> socket.socket:
 
 
 def free_port(port: int, option: str) -> int:
-    """``port``, or a port free right now when it is ``0`` (for syncd, which binds it itself)."""
+    """``port`` once it is found free right now, or a free port for ``0`` (for syncd, which binds it itself).
+
+    Raises:
+        ConfigError: the port is taken.
+    """
     with contextlib.closing(bind(port, option)) as sock:
         return int(sock.getsockname()[1])
 
@@ -399,42 +403,44 @@ class Options:
 async def emulate(options: Options, say: Callable[[str], None], stop: asyncio.Event) -> None:
     """Start, seed and serve the emulators until ``stop`` is set; ``say`` prints one line.
 
+    Every port is checked before anything is written or removed: syncd's too, so that a
+    ``syncd run`` left from an earlier run (on the database this run replaces) is noticed.
+
     Raises:
         ConfigError: a port is taken, or the config file may not be written.
     """
-    database = claim_config(options.write_config) if options.write_config else "sqlite:///./emulated.db"
     ports = options.ports
-    sockets = {
-        "hubspot": bind(ports.hubspot, "--hubspot-port"),
-        "xero": bind(ports.xero, "--xero-port"),
-        "harvest": bind(ports.harvest, "--harvest-port"),
-    }
-    bound = {name: int(sock.getsockname()[1]) for name, sock in sockets.items()}
-    syncd_port = free_port(ports.syncd, "--syncd-port") if ports.syncd == 0 else ports.syncd
-    urls = Urls(
-        hubspot=f"http://{HOST}:{bound['hubspot']}",
-        xero=f"http://{HOST}:{bound['xero']}",
-        harvest=f"http://{HOST}:{bound['harvest']}/v2",
-        syncd=f"http://{HOST}:{syncd_port}",
-    )
-    today = options.today or datetime.now(UTC).date()
-    portal = build_portal(today=today)
-    text = config_text(portal, urls, database=database, listen=f"{HOST}:{syncd_port}")
-    async with (
-        httpx.AsyncClient(timeout=10) as client,
-        serving(portal.hub.app, sockets["hubspot"]),
-        serving(portal.xero.app, sockets["xero"]),
-        serving(portal.harvest.app, sockets["harvest"]),
-    ):
-        portal.hub.subscribe(f"{urls.syncd}/webhooks/hubspot", client, properties=watched_properties())
-        portal.xero.subscribe(f"{urls.syncd}/webhooks/xero", client)
-        entries = await log_hours(client, urls, portal, today=today)
-        if options.write_config is not None:
-            options.write_config.write_text(text, encoding="utf-8")
-        for line in summary(portal, urls, text=text, written=options.write_config, entries=entries):
-            say(line)
-        await stop.wait()
-        say("stopping the emulators")
+    syncd_port = free_port(ports.syncd, "--syncd-port")
+    with contextlib.ExitStack() as opened:
+        sockets = {
+            name: opened.enter_context(contextlib.closing(bind(port, f"--{name}-port")))
+            for name, port in (("hubspot", ports.hubspot), ("xero", ports.xero), ("harvest", ports.harvest))
+        }
+        database = claim_config(options.write_config) if options.write_config else "sqlite:///./emulated.db"
+        urls = Urls(
+            hubspot=f"http://{HOST}:{sockets['hubspot'].getsockname()[1]}",
+            xero=f"http://{HOST}:{sockets['xero'].getsockname()[1]}",
+            harvest=f"http://{HOST}:{sockets['harvest'].getsockname()[1]}/v2",
+            syncd=f"http://{HOST}:{syncd_port}",
+        )
+        today = options.today or datetime.now(UTC).date()
+        portal = build_portal(today=today)
+        text = config_text(portal, urls, database=database, listen=f"{HOST}:{syncd_port}")
+        async with (
+            httpx.AsyncClient(timeout=10) as client,
+            serving(portal.hub.app, sockets["hubspot"]),
+            serving(portal.xero.app, sockets["xero"]),
+            serving(portal.harvest.app, sockets["harvest"]),
+        ):
+            portal.hub.subscribe(f"{urls.syncd}/webhooks/hubspot", client, properties=watched_properties())
+            portal.xero.subscribe(f"{urls.syncd}/webhooks/xero", client)
+            entries = await log_hours(client, urls, portal, today=today)
+            if options.write_config is not None:
+                options.write_config.write_text(text, encoding="utf-8")
+            for line in summary(portal, urls, text=text, written=options.write_config, entries=entries):
+                say(line)
+            await stop.wait()
+            say("stopping the emulators")
 
 
 def summary(

@@ -310,17 +310,29 @@ def test_it_replaces_only_its_own_config_and_database(tmp_path: Path) -> None:
 
 
 def test_a_refused_config_or_a_taken_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    """`syncd emulate` on a foreign config file or a port in use says so in one line, exit 2, and serves nothing."""
+    """A foreign config file or a port in use is one line and exit 2; nothing is served, written or removed."""
+    free = {f"--{name}-port": "0" for name in DEFAULT_PORTS}
     theirs = tmp_path / "config.toml"
     theirs.write_text("[daemon]\n", encoding="utf-8")
-    refused = invoke("emulate", "--write-config", str(theirs))
+    refused = invoke("emulate", "--write-config", str(theirs), *_options(free))
+    own, database = tmp_path / "emulated.toml", tmp_path / "emulated.db"
+    own.write_text(f"{MARK} earlier\n", encoding="utf-8")
+    database.write_text("a syncd from the earlier run may still use it", encoding="utf-8")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        busy = invoke("emulate", "--hubspot-port", str(port), "--xero-port", "0", "--harvest-port", "0")
-    assert (refused.exit_code, busy.exit_code) == (2, 2)
+        port = str(taken.getsockname()[1])
+        busy = invoke("emulate", *_options({**free, "--hubspot-port": port}))
+        syncd_busy = invoke("emulate", "--write-config", str(own), *_options({**free, "--syncd-port": port}))
+    assert (refused.exit_code, busy.exit_code, syncd_busy.exit_code) == (2, 2, 2)
     assert (
         refused.output == f"✗ --write-config: {theirs} exists and was not written by syncd emulate; name a new file\n"
     )
     assert busy.output == f"✗ --hubspot-port: 127.0.0.1:{port} is in use; choose another port\n"
+    assert syncd_busy.output == f"✗ --syncd-port: 127.0.0.1:{port} is in use; choose another port\n"
+    assert database.exists()  # checked before the earlier run's database is replaced
+    assert own.read_text(encoding="utf-8") == f"{MARK} earlier\n"
+
+
+def _options(ports: dict[str, str]) -> list[str]:
+    return [part for option, value in ports.items() for part in (option, value)]
