@@ -1,4 +1,4 @@
-"""`syncd emulate` (syncd/emulate.py) and the README's "Quick start without accounts", run as written.
+"""`syncd emulate` (syncd/cli/emulate.py) and the README's "Quick start without accounts", run as written.
 
 The quick start's shell commands are read out of README.md, so the README and this test
 cannot drift apart, and run as real processes in a shell: `syncd` is the installed
@@ -32,9 +32,9 @@ import httpx
 import pytest
 import structlog
 
-from syncd.emulate import MARK, Options, Ports, claim_config, emulate
-from syncd.errors import ConfigError
-from syncd.settings import load_config
+from syncd.cli.emulate import MARK, Options, Ports, claim_config, emulate
+from syncd.core.errors import ConfigError
+from syncd.plumbing.settings import load_config
 from tests.harness import REPO
 from tests.servers import invoke
 

@@ -1,4 +1,4 @@
-"""Listings (syncd/listings.py) and dismissing dead letters (syncd/replay.py): `syncd status`,
+"""Listings (syncd/cli/listings.py) and dismissing dead letters (syncd/engine/replay.py): `syncd status`,
 `syncd dead-letters list|dismiss`, `syncd replay` of an unknown id.
 
 Each test runs on SQLite and on PostgreSQL with the emulators over ASGI transports; the
@@ -19,9 +19,9 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from connectors.emulation import Fault
-from syncd.cli import app
-from syncd.listings import entry
-from syncd.store import DeadLetterRow, EffectRow
+from syncd.cli.listings import entry
+from syncd.cli.main import app
+from syncd.store.db import DeadLetterRow, EffectRow
 from tests.harness import Stack, seed_company, seed_deal, stack
 
 

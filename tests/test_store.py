@@ -17,9 +17,9 @@ from alembic.migration import MigrationContext
 from cryptography.fernet import Fernet
 from sqlmodel import SQLModel
 
-from syncd.errors import ConfigError
-from syncd.interfaces import ChangeHint
-from syncd.store import MIGRATIONS, DbTokenStore, EventRow, Store, TokenRow
+from syncd.core.errors import ConfigError
+from syncd.core.interfaces import ChangeHint
+from syncd.store.db import MIGRATIONS, DbTokenStore, EventRow, Store, TokenRow
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
