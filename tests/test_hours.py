@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -298,13 +299,23 @@ async def test_unbilled_lists_hours_on_no_invoice_with_their_worth(tmp_path: Pat
             name="cli.toml",
         )
         async with serve(harvest.app, port):
-            result = await asyncio.to_thread(cli, "unbilled", "-c", str(config), env={"COLUMNS": "200"})
-        assert result.exit_code == 0, result.output
-        (row,) = [line for line in result.output.splitlines() if f"harvest:{project} " in line]
-        assert client_key in row
-        assert "3.75" in row
-        assert "612.50 USD" in row
-        assert any(f"harvest:{loose} " in line and "no engagement" in line for line in result.output.splitlines())
+            result = await asyncio.to_thread(cli, "unbilled", "-c", str(config), env={"COLUMNS": "80"})
+            listed = await asyncio.to_thread(cli, "unbilled", "-c", str(config), "--json")
+        assert (result.exit_code, listed.exit_code) == (0, 0), result.output + listed.output
+        rows = json.loads(listed.output)
+        assert [(r["project_id"], r["client"], r["hours"], r["amount"], r["currency"]) for r in rows] == [
+            (str(project), client_key, "3.75", "612.50", "USD"),
+            (str(loose), None, "2.0", None, None),
+        ]
+        assert (rows[0]["client_name"], rows[0]["deal_name"]) == ("Northwind Traders LLC", f"Build {project}")
+        assert rows[1]["note"] == "no engagement bills this project"
+        text = result.output.splitlines()
+        assert max(len(line) for line in text) <= 80
+        assert f"Northwind Traders LLC ({client_key})" in text
+        assert f"  project: harvest:{project}" in text
+        assert f"  deal:    Build {project} (hubspot:deal:{deal})" in text
+        assert "  hours:   3.75 h · 612.50 USD" in text
+        assert "  note:    no engagement bills this project" in text
 
         await tick(s, clock, at(date(2027, 2, 1)))
         assert subtotals(s) == [Decimal("612.50")]

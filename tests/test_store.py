@@ -6,13 +6,20 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
+from alembic.migration import MigrationContext
 from cryptography.fernet import Fernet
+from sqlmodel import SQLModel
 
 from syncd.core.errors import ConfigError
 from syncd.core.interfaces import ChangeHint
-from syncd.store.db import DbTokenStore, EventRow, Store, TokenRow, table_of
+from syncd.store.db import MIGRATIONS, DbTokenStore, EventRow, Store, TokenRow, table_of
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -35,6 +42,37 @@ async def test_migrate_twice_is_harmless(store: Store) -> None:
     assert first is not None
     await store.migrate()
     assert await store.created_at() == first
+
+
+async def test_the_migrated_schema_is_the_one_the_tables_declare(store: Store) -> None:
+    """Alembic's comparison of the migrated database with the SQLModel tables finds no difference."""
+    async with store.engine.connect() as conn:
+        diff = await conn.run_sync(lambda sync: compare_metadata(MigrationContext.configure(sync), SQLModel.metadata))
+    assert diff == []
+
+
+async def test_the_dismissal_migration_goes_down_and_up_again(store: Store) -> None:
+    """0005 adds who, when and why a dead letter was dismissed; its downgrade removes them again."""
+
+    def columns(sync: sa.Connection) -> set[str]:
+        return {column["name"] for column in sa.inspect(sync).get_columns("dead_letters")}
+
+    def to(revision: str) -> Any:
+        def move(sync: sa.Connection) -> None:
+            cfg = AlembicConfig()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["connection"] = sync
+            (command.upgrade if revision == "head" else command.downgrade)(cfg, revision)
+
+        return move
+
+    added = {"dismissed_at", "dismissed_by", "dismissed_why"}
+    async with store.engine.begin() as conn:
+        assert added <= await conn.run_sync(columns)
+        await conn.run_sync(to("0004"))
+        assert not added & await conn.run_sync(columns)
+        await conn.run_sync(to("head"))
+        assert added <= await conn.run_sync(columns)
 
 
 async def test_a_new_database_has_no_creation_time_until_migrated(tmp_path: Path) -> None:

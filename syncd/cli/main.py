@@ -16,9 +16,10 @@ import json
 import logging
 import signal
 import tempfile
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import httpx
 import typer
@@ -34,6 +35,9 @@ from typer.core import TyperGroup
 from syncd.core.errors import AuthError, ConfigError, MappingError, RetriableError, SyncdError
 from syncd.plumbing import logging as syncd_logging
 from syncd.plumbing.settings import Config, Connection, Inspection, inspect_config, load_config, redact_url
+
+if TYPE_CHECKING:
+    from syncd.store.db import Store
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -137,6 +141,8 @@ app.add_typer(outcomes_app, name="outcomes")
 console = Console()
 err = Console(stderr=True)
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML config file.", envvar="SYNCD_CONFIG")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON list of objects instead of text.")]
+_T = TypeVar("_T")
 
 
 @app.callback()
@@ -362,55 +368,34 @@ async def _database_ready(url: str, place: str, checked: _Checked) -> bool:
 
 
 @app.command()
-def status(config: ConfigOption = Path("config.toml")) -> None:
-    """Per connection: last successful sync, backlog of events and effects, dead letters."""
+def status(config: ConfigOption = Path("config.toml"), as_json: JsonOption = False) -> None:
+    """Per connection: last sync, backlog, dead letters (open and dismissed); the newest invoices; open outcomes."""
+    from syncd.cli.listings import status as read_status
+    from syncd.cli.listings import status_json, status_lines, terminal_width
+
     cfg = _load(config)
-    table = Table("connection", "last sync", "last error", "events pending", "effects pending", "dead letters")
-    for row in asyncio.run(_status(cfg)):
-        table.add_row(*row)
-    console.print(table)
-    console.print(asyncio.run(_outcome_summary(cfg)), markup=False, highlight=False)
+    found = asyncio.run(_with_store(cfg, lambda store: read_status(store, list(cfg.connections))))
+    if as_json:
+        print(json.dumps(status_json(found), indent=2))
+        return
+    _lines(status_lines(found, terminal_width()))
 
 
-async def _outcome_summary(config: Config) -> str:
-    """One line: open outcomes by kind, with the reasons (``syncd outcomes list`` has each)."""
+async def _with_store(config: Config, read: Callable[[Store], Awaitable[_T]]) -> _T:
+    """``read`` on the configured database, closed afterwards."""
     from syncd.store.db import Store
 
     store = Store.open(config.daemon.database_url)
     try:
-        counts = await store.outcome_counts()
+        return await read(store)
     finally:
         await store.close()
-    parts = []
-    for kind in ("skip", "simulated", "attention"):
-        reasons = {reason: n for (k, reason), n in counts.items() if k == kind}
-        detail = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
-        parts.append(f"{kind}: {sum(reasons.values())}" + (f" ({detail})" if detail else ""))
-    return "outcomes without an invoice: " + "; ".join(parts)
 
 
-async def _status(config: Config) -> list[list[str]]:
-    from syncd.store.db import CursorRow, DeadLetterRow, EffectRow, EventRow, Store, table_of
-
-    store = Store.open(config.daemon.database_url)
-    rows: list[list[str]] = []
-    try:
-        for name in config.connections:
-            cursor = await store.get(CursorRow, name, "changes")
-            events = await store.count(
-                EventRow, table_of(EventRow).c.connection == name, table_of(EventRow).c.status == "pending"
-            )
-            effects = await store.count(
-                EffectRow, table_of(EffectRow).c.connection == name, table_of(EffectRow).c.status == "pending"
-            )
-            dead = await store.count(
-                DeadLetterRow, table_of(DeadLetterRow).c.connection == name, table_of(DeadLetterRow).c.status == "open"
-            )
-            last = cursor.last_success_at.isoformat() if cursor and cursor.last_success_at else "never"
-            rows.append([name, last, (cursor.last_error or "") if cursor else "", str(events), str(effects), str(dead)])
-    finally:
-        await store.close()
-    return rows
+def _lines(lines: list[str]) -> None:
+    """Print lines already laid out to the terminal's width (no markup, no re-wrapping)."""
+    for line in lines:
+        print(line)
 
 
 @db_app.command("upgrade")
@@ -530,17 +515,56 @@ def auth_xero(
 
 
 @dead_app.command("list")
-def dead_list(config: ConfigOption = Path("config.toml"), all_: Annotated[bool, typer.Option("--all")] = False) -> None:
-    """List dead letters (open ones unless --all), with reason and place."""
-    from syncd.engine.replay import list_dead_letters
+def dead_list(
+    config: ConfigOption = Path("config.toml"),
+    all_: Annotated[bool, typer.Option("--all", help="Replayed and dismissed ones too.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """List dead letters (open ones unless --all): reason, place, and the deal and client they are about."""
+    from syncd.cli.listings import dead_letter_json, dead_letter_lines, dead_letters, terminal_width
 
     cfg = _load(config)
-    table = Table("id", "source", "connection", "reason", "place", "created", "status")
-    for row in asyncio.run(list_dead_letters(cfg, include_replayed=all_)):
-        table.add_row(
-            str(row.id), row.source, row.connection, row.reason, row.place or "", row.created_at.isoformat(), row.status
-        )
-    console.print(table)
+
+    async def read(store: Store) -> tuple[list[Any], dict[str, int]]:
+        counts: dict[str, int] = {}
+        for (_, state), n in (await store.dead_letter_counts()).items():
+            counts[state] = counts.get(state, 0) + n
+        return await dead_letters(store, every=all_), counts
+
+    items, counts = asyncio.run(_with_store(cfg, read))
+    if as_json:
+        print(json.dumps([dead_letter_json(item) for item in items], indent=2))
+        return
+    _lines(dead_letter_lines(items, counts, every=all_, width=terminal_width()))
+
+
+@dead_app.command("dismiss")
+def dead_dismiss(
+    letter_id: Annotated[int, typer.Argument(help="The dead letter id (as `dead-letters list` shows it).")],
+    why: Annotated[str, typer.Option("--why", help="Why it needs no replay: what was done instead.")],
+    config: ConfigOption = Path("config.toml"),
+    by: Annotated[str | None, typer.Option("--by", help="Who dismisses it (default: the login name).")] = None,
+) -> None:
+    """Close a dead letter that needs no replay, keeping who, when and why; `list` then hides it."""
+    from syncd.engine.replay import dismiss_dead_letter
+
+    if not why.strip():
+        raise typer.BadParameter("say why the dead letter needs no replay", param_hint="--why")
+    who = by or _login_name()
+    cfg = _load(config)
+    now = datetime.now(UTC)
+    asyncio.run(_with_store(cfg, lambda store: dismiss_dead_letter(store, letter_id, why=why.strip(), by=who, now=now)))
+    print(f"dead letter {letter_id} dismissed by {who}")
+
+
+def _login_name() -> str:
+    """The login name of whoever runs the command (``unknown`` where the system cannot say)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no LOGNAME/USER and no passwd entry (a bare container)
+        return "unknown"
 
 
 @app.command()
@@ -549,19 +573,70 @@ def replay(
     config: ConfigOption = Path("config.toml"),
     all_: Annotated[bool, typer.Option("--all", help="Replay every open dead letter.")] = False,
 ) -> None:
-    """Re-run dead letters after the mapping or the data is fixed (no duplicate effects)."""
+    """Re-run dead letters after the mapping or the data is fixed (no duplicate effects).
+
+    An id that names no dead letter is an error (exit 1) and nothing is requeued.
+    """
     from syncd.engine.replay import replay_dead_letters
 
     if not ids and not all_:
         err.print("name dead letter ids, or --all")
         raise typer.Exit(2)
     cfg = _load(config)
-    count = asyncio.run(replay_dead_letters(cfg, ids or [], all_=all_))
-    console.print(f"requeued {count} record(s); the daemon processes them next")
+    done = asyncio.run(replay_dead_letters(cfg, ids or [], all_=all_))
+    for letter_id, why_not in done.left:
+        err.print(
+            "!", f"dead letter {letter_id} left as it is: {why_not}", style="yellow", markup=False, highlight=False
+        )
+    console.print(f"requeued {done.count} record(s); the daemon processes them next")
+
+
+def _port_option(name: str, what: str) -> Any:
+    """A port option of `syncd emulate`, also read from ``SYNCD_EMULATE_<NAME>_PORT``."""
+    return typer.Option(
+        f"--{name}-port",
+        envvar=f"SYNCD_EMULATE_{name.upper()}_PORT",
+        min=0,
+        max=65535,
+        help=f"Port on 127.0.0.1 for {what} (0: a free one, printed).",
+    )
 
 
 @app.command()
-def demo(keep: Annotated[bool, typer.Option(help="Keep the temporary database.")] = False) -> None:
+def emulate(
+    write_config: Annotated[
+        Path | None, typer.Option("--write-config", help="Also write the config to this file (its database beside it).")
+    ] = None,
+    hubspot_port: Annotated[int, _port_option("hubspot", "the HubSpot emulator")] = 8101,
+    xero_port: Annotated[int, _port_option("xero", "the Xero emulator")] = 8102,
+    harvest_port: Annotated[int, _port_option("harvest", "the Harvest emulator")] = 8103,
+    syncd_port: Annotated[int, _port_option("syncd", "syncd's webhooks ([daemon].listen)")] = 8080,
+) -> None:
+    """Serve seeded HubSpot, Xero and Harvest emulators on 127.0.0.1 and print a config for them; Ctrl-C stops.
+
+    Deals changed over the HubSpot emulator's API reach syncd as signed webhooks.
+    """
+    from syncd.cli.emulate import Options, Ports
+    from syncd.cli.emulate import emulate as serve_emulators
+
+    syncd_logging.configure("warning")
+    ports = Ports(hubspot=hubspot_port, xero=xero_port, harvest=harvest_port, syncd=syncd_port)
+    options = Options(ports=ports, write_config=write_config)
+
+    async def until_stopped() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_emulators(options, lambda line: print(line, flush=True), stop)
+
+    asyncio.run(until_stopped())
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Keep the temporary folder (config, database) and print where.")] = False,
+) -> None:
     """Run the end-to-end demo against the HubSpot and Xero emulators, and exit."""
     from syncd.cli.demo import run_demo
 
@@ -651,40 +726,30 @@ def _simulated_row(item: Any) -> list[str]:
 
 
 @app.command()
-def unbilled(config: ConfigOption = Path("config.toml")) -> None:
+def unbilled(config: ConfigOption = Path("config.toml"), as_json: JsonOption = False) -> None:
     """Billable hours logged at the time tracker but on no invoice, per client and project, with their worth."""
+    from syncd.cli.listings import terminal_width, unbilled_json, unbilled_lines
+
     cfg = _load(config)
     try:
         found = asyncio.run(_unbilled(cfg))
     except SyncdError as exc:
         _problem(str(exc))
         raise typer.Exit(1) from None
-    table = Table("client", "project", "engagement", "hours", "amount", "note")
-    for item in found:
-        amount = f"{item.amount} {item.currency}" if item.amount is not None else "-"
-        note = "no engagement bills this project" if item.engagement_key is None else ""
-        if item.simulated_hours:
-            note = f"{item.simulated_hours} h only on simulated (pilot) invoices"
-        if item.over_cap_hours:
-            note = f"over_cap: {item.over_cap_hours} h held (syncd hours release {' '.join(item.over_cap_entries)})"
-        table.add_row(
-            item.client_key or "-",
-            f"{item.connection}:{item.project_id}",
-            item.engagement_key or "-",
-            str(item.hours),
-            amount,
-            note,
-        )
-    console.print(table)
+    if as_json:
+        print(json.dumps([unbilled_json(item) for item in found], indent=2))
+        return
+    _lines(unbilled_lines(found, terminal_width()))
 
 
 async def _unbilled(config: Config) -> list[Any]:
+    from syncd.cli.listings import unbilled_names
     from syncd.engine.hours import unbilled as unbilled_hours
     from syncd.engine.runtime import Runtime
 
     runtime = await Runtime.start(config, migrate=False)
     try:
-        return await unbilled_hours(runtime)
+        return await unbilled_names(runtime.store, await unbilled_hours(runtime))
     finally:
         await runtime.aclose()
 
@@ -715,9 +780,6 @@ async def _backfill(config: Config, client: str, since: date | None) -> list[str
         return await backfill_client(store, client, since=since, now=datetime.now(UTC))
     finally:
         await store.close()
-
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
 @preview_app.callback()

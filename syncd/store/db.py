@@ -216,9 +216,12 @@ class DeadLetterRow(SQLModel, table=True):
     reason: str
     place: str | None = None
     payload: dict[str, Any] | None = _json()
-    status: str = Field(default="open", index=True)  # open | replayed
+    status: str = Field(default="open", index=True)  # open | replayed | dismissed | simulated (a pilot's credit)
     created_at: datetime = _ts()
     replayed_at: datetime | None = _ts(nullable=True)
+    dismissed_at: datetime | None = _ts(nullable=True)  # a person closed it without a replay
+    dismissed_by: str | None = None
+    dismissed_why: str | None = None
 
 
 class TokenRow(SQLModel, table=True):
@@ -816,6 +819,15 @@ class Store:
             if deleted < batch:
                 return total
             await asyncio.sleep(0)  # let the workers in between batches
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        """Dead letters counted by (connection, status)."""
+        table = table_of(DeadLetterRow)
+        stmt = sa.select(table.c.connection, table.c.status, sa.func.count()).group_by(
+            table.c.connection, table.c.status
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return {(str(connection), str(status)): int(n) for connection, status, n in rows}
 
     @contextlib.asynccontextmanager
     async def named_lock(self, name: str) -> AsyncIterator[None]:
