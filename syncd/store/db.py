@@ -819,6 +819,7 @@ class Store:
             if deleted < batch:
                 return total
             await asyncio.sleep(0)  # let the workers in between batches
+
     async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
         """Dead letters counted by (connection, status)."""
         table = table_of(DeadLetterRow)
