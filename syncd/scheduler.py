@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from syncd import drift
+from syncd import audit, drift
 from syncd.errors import SyncdError
 from syncd.runtime import Runtime
 from syncd.store import CursorRow
@@ -23,6 +23,7 @@ log = structlog.get_logger("syncd.scheduler")
 
 CHANGES = "changes"
 RECURRING_INTERVAL_S = 3600  # the recurring-billing tick runs once an hour across replicas
+AUDIT_INTERVAL_S = 3600  # the monthly audit is looked at hourly; it runs once per closed month
 
 
 def polled_connections(runtime: Runtime) -> list[str]:
@@ -112,6 +113,18 @@ async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) ->
     return True
 
 
+async def tick_audit(runtime: Runtime) -> bool:
+    """The monthly audit (:func:`syncd.audit.run_monthly`), once per closed month across replicas.
+
+    Looked at every hour: the first look after a month closes (in the company's zone)
+    claims the month's window, logs its audit and records an alert for each rising share.
+
+    Returns:
+        whether this replica ran it.
+    """
+    return await audit.run_monthly(runtime) is not None
+
+
 async def tick_drift(runtime: Runtime) -> int:
     """The drift guard (:func:`syncd.drift.run_drift_check`), on every replica.
 
@@ -129,10 +142,10 @@ def build_scheduler(
     aging: Callable[[], Awaitable[int]] | None = None,
     recurring: Callable[[], Awaitable[int]] | None = None,
 ) -> AsyncIOScheduler:
-    """An AsyncIOScheduler with a poll job per polled connection, the daily aging job and
-    the hourly recurring-billing job (not yet started).
+    """An AsyncIOScheduler with a poll job per polled connection, the daily aging job, the
+    hourly recurring-billing job and the monthly audit (not yet started).
 
-    Recurring billing, aging and the drift guard run once as soon as the scheduler
+    Recurring billing, aging, the audit and the drift guard run once as soon as the scheduler
     starts, then on their interval, so a daemon restarted more often than an interval
     still bills and ages (the per-window tick rows keep a window from running twice
     across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
@@ -155,6 +168,16 @@ def build_scheduler(
             coalesce=True,
             **first,
         )
+    scheduler.add_job(
+        tick_audit,
+        "interval",
+        seconds=AUDIT_INTERVAL_S,
+        args=[runtime],
+        id="audit",
+        max_instances=1,
+        coalesce=True,
+        **first,
+    )
     if runtime.config.daemon.drift_check_interval_s:
         scheduler.add_job(
             tick_drift,

@@ -27,6 +27,7 @@ connection label, so the label set stays bounded whatever clients send. ``/ready
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
 import sqlalchemy as sa
@@ -37,6 +38,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from syncd import audit
 from syncd.drift import DRIFT_PROBLEMS
 from syncd.errors import AuthError, RecordError
 from syncd.interfaces import WebhookRequest
@@ -100,6 +102,32 @@ class Metrics:
             "Problems the last drift check found between the mappings and the vendors' live schemas",
             registry=self.registry,
         )
+        # The audit of the last complete month (syncd/audit.py, docs/operations.md "Audit").
+        audit_gauges = {
+            "syncd_audit_month_info": ("The month the audit gauges describe (the last complete one)", ["month"]),
+            "syncd_audit_invoices": (
+                "Invoices issued, late, corrected by hand, due and overdue in the month",
+                ["what"],
+            ),
+            "syncd_audit_share": ("Share of late, hand-corrected and overdue invoices in the month", ["number"]),
+            "syncd_audit_overdue_amount_share": (
+                "Share of the amount due in the month not paid by its due date",
+                ["currency"],
+            ),
+            "syncd_audit_latency_seconds": ("Trigger to issue of the month's invoices, median and p95", ["quantile"]),
+            "syncd_audit_trend_rising": ("1 when the share rose two months running", ["number"]),
+            "syncd_audit_history_complete": ("1 when the three months of a trend all have data", ["number"]),
+        }
+        self.audit = {
+            name: Gauge(name, text, labels, registry=self.registry) for name, (text, labels) in audit_gauges.items()
+        }
+
+    def set_audit(self, values: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+        """Replace the audit gauges with ``values`` (:func:`syncd.audit.gauges`)."""
+        for gauge in self.audit.values():
+            gauge.clear()
+        for (name, labels), value in values.items():
+            self.audit[name].labels(**dict(labels)).set(value)
 
 
 class Host(Protocol):
@@ -211,6 +239,7 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
         runtime = host.runtime
         try:
             await _backlog(runtime.store)
+            metrics.set_audit(audit.gauges(await audit.latest(runtime)))
         except STORE_DOWN as exc:
             metrics.database_up.set(0)
             log.warning("metrics_store_unavailable", error=type(exc).__name__)
