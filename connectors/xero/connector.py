@@ -422,8 +422,9 @@ class XeroConnector:
         return (live or matches)[0] if matches else None
 
     async def _look_up(self, path: str, where: str) -> Any:
+        # unitdp as on every other read of a document, so its content compares equal (syncd.trail).
         try:
-            return await self._get(path, {"where": where})
+            return await self._get(path, {"where": where, **self._unitdp()})
         except NotFound:
             return {}
 
