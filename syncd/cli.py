@@ -1059,7 +1059,7 @@ def client_show(
     from syncd.clients import client_record, show_value
 
     cfg = _load(config)
-    record = asyncio.run(_with_store(cfg, lambda store: client_record(store, key, cfg.settings.clients)))
+    record = asyncio.run(_with_store(cfg, lambda store: client_record(store, key, cfg)))
     if format_ is Format.json:
         print(json.dumps(record.as_json(), indent=2, default=str))
         return

@@ -45,10 +45,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from syncd.errors import RecordError
 from syncd.interfaces import Client, Contact, Engagement, UpdatesCompanies, UpdatesCustomers
 from syncd.settings import CLIENT_FIELDS, ClientsSettings
-from syncd.store import ClientChangeRow, ClientConflictRow, ClientRow, OutcomeRow, Store, table_of
+from syncd.store import ClientChangeRow, ClientConflictRow, ClientRow, EngagementRow, OutcomeRow, Store, table_of
 
 if TYPE_CHECKING:
     from syncd.runtime import Runtime
+    from syncd.settings import Config
 
 log = structlog.get_logger("syncd.clients")
 
@@ -654,12 +655,14 @@ async def list_clients(store: Store) -> list[ClientRow]:
     return list(await store.select(ClientRow, order_by=table_of(ClientRow).c.legal_name))
 
 
-async def client_record(store: Store, key: str, owners: ClientsSettings) -> ClientRecord:
-    """One client's record.
+async def client_record(store: Store, key: str, config: Config) -> ClientRecord:
+    """One client's record: its fields, the ids of each system (the time tracker's projects of its
+    hourly engagements too), conflicts and change log.
 
     Raises:
         RecordError: no client with that key.
     """
+    owners = config.settings.clients
     row = await store.get(ClientRow, key)
     if row is None:
         raise RecordError(f"no client {key!r}", place="syncd client list")
@@ -686,6 +689,11 @@ async def client_record(store: Store, key: str, owners: ClientsSettings) -> Clie
     )
     crm, _, _ = key.partition(":")
     ids = {crm: key.rsplit(":", 1)[-1], **row.external_ids}
+    trackers = {p.crm: p.time_tracking for p in config.settings.pipelines if p.time_tracking}
+    engagements = await store.select(EngagementRow, table_of(EngagementRow).c.client_key == key)
+    projects = sorted({str(e.data["time_project_id"]) for e in engagements if e.data.get("time_project_id")})
+    if projects and crm in trackers:
+        ids[f"{trackers[crm]} projects"] = ", ".join(projects)
     return ClientRecord(
         key=key, legal_name=row.legal_name, ids=ids, fields=states, changes=list(changes), conflicts=list(conflicts)
     )

@@ -35,7 +35,7 @@ from syncd.audit import Month
 from syncd.cli import app
 from syncd.store import InvoiceRow, InvoiceTrailRow, PendingAlertRow, table_of
 from syncd.trail import invoice_trail
-from tests.harness import Stack, seed_company, seed_deal, stack
+from tests.harness import MAPPING, Stack, seed_company, seed_deal, stack
 
 NEW_YORK = ZoneInfo("America/New_York")  # the harness's [daemon].timezone
 
@@ -500,3 +500,23 @@ async def test_invoice_rows_keep_what_was_sent_and_when_it_was_issued(
         assert row.sent["customer_id"] == s.xero.contacts()[0]["ContactID"]
         assert row.document is not None
         assert len(row.document["lines"]) == 2
+
+
+async def test_a_draft_is_issued_when_syncd_first_reads_it_approved(tmp_path: Path, db_url: str, clock: Clock) -> None:
+    """A draft invoice has no issue time; approved at Xero, it is issued when the webhook's read sees it so."""
+    drafts = tmp_path / "drafts.toml"
+    drafts.write_text(MAPPING.read_text(encoding="utf-8").replace('status = "authorised"', 'status = "draft"'))
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=START, mapping=drafts) as s:
+        await win(s, seed_deal(s.hub))
+        (created,) = s.xero.invoices()
+        store = s.daemon.runtime.store
+        (row,) = await store.select(InvoiceRow)
+        assert (row.state, row.issued_at) == ("draft", None)
+        clock.at += timedelta(hours=30)
+        await s.xero.edit_invoice(created["InvoiceID"], {"Status": "AUTHORISED"})
+        await s.drain()
+        (row,) = await store.select(InvoiceRow)
+        assert (row.state, row.issued_at) == ("authorised", clock.at)
+        assert await store.count(InvoiceTrailRow, table_of(InvoiceTrailRow).c.kind == "correction") == 0
+        numbers = (await audit.build_report(store, s.config, Month(2026, 11))).current
+        assert (numbers.issued, numbers.latency_median_s) == (1, 30 * 3600.0)

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from connectors.harvest.emulator import HarvestEmulator
 from connectors.hubspot.emulator import HubSpotEmulator
 from syncd.cli import app
+from syncd.clients import client_record
 from syncd.demo import free_port, serve
 from syncd.errors import ConfigError, RecordError
 from syncd.outcomes import list_outcomes, resolve_outcome
@@ -285,3 +286,8 @@ async def test_a_rate_changed_at_the_crm_reaches_the_next_invoice_for_hours_from
             ClientChangeRow, table_of(ClientChangeRow).c.field == f"rate@hubspot:deal:{deal}"
         )
         assert [(c.system, c.old, c.new) for c in changes] == [("hubspot", None, "100"), ("hubspot", "100", "120")]
+        record = await client_record(s.daemon.runtime.store, f"hubspot:company:{company[0]}", s.config)
+        assert record.ids["harvest projects"] == str(project)
+        assert record.ids["xero"] == s.xero.contacts()[0]["ContactID"]
+        rate = next(f for f in record.fields if f.field == f"rate@hubspot:deal:{deal}")
+        assert (rate.value, rate.owner) == ("120", "crm")

@@ -26,7 +26,7 @@ from syncd.interfaces import Capability
 from syncd.outcomes import list_outcomes
 from syncd.recurring import run_due
 from syncd.scheduler import tick_recurring
-from syncd.store import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, table_of
+from syncd.store import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, InvoiceTrailRow, table_of
 from tests.harness import MAPPING, REPO, Stack, seed_company, seed_deal, stack
 
 RETAINER = REPO / "mappings" / "hubspot-xero-retainer.toml"
@@ -357,6 +357,9 @@ async def test_a_cancellation_credit_is_allocated_to_the_invoice_it_credits(tmp_
         props = s.hub.deal(deal)["properties"]
         assert Decimal(props["syncd_amount_due"]) == Decimal(str(november["AmountDue"]))
         assert await list_outcomes(s.daemon.runtime.store, kind="attention") == []
+        # syncd's own credit note applied to the invoice is no hand correction (syncd/trail.py)
+        store = s.daemon.runtime.store
+        assert await store.count(InvoiceTrailRow, table_of(InvoiceTrailRow).c.kind == "correction") == 0
 
 
 async def test_a_trigger_in_a_locked_period_is_invoiced_on_the_first_open_day(tmp_path: Path, db_url: str) -> None:
