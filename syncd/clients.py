@@ -354,6 +354,9 @@ async def record_observation(
         await _open_conflict(store, conn, row, conflict, now)
     for name in settled.agreed:
         await _close(conn, row.key, name, system, f"{system} holds the value in force again", now)
+    for other in (await open_conflicts(conn, row.key)).values():
+        if other.other != system and settled.record.get(other.field) == other.other_value:
+            await _close(conn, row.key, other.field, other.other, f"{system} now holds the same value", now)
     if settled.changes:
         log.info(
             "client_record_seen",
