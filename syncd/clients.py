@@ -42,7 +42,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from syncd.errors import RecordError
+from syncd.errors import RecordError, SyncdError
 from syncd.interfaces import Client, Contact, Engagement, UpdatesCompanies, UpdatesCustomers
 from syncd.settings import CLIENT_FIELDS, ClientsSettings
 from syncd.store import ClientChangeRow, ClientConflictRow, ClientRow, EngagementRow, OutcomeRow, Store, table_of
@@ -533,7 +533,11 @@ async def settle_ledger(
             )
         row = await store.get(ClientRow, client_key)
         await _write_ledger(runtime, row, connection, invoicing, customer_id)
-    await write_crm(runtime, client_key)
+    try:
+        await write_crm(runtime, client_key)
+    except SyncdError as exc:
+        # The invoice still goes out: the CRM company is written again before the next one.
+        await _crm_write_failed(runtime, client_key, exc)
     row = await store.get(ClientRow, client_key)
     return applied(Client.model_validate({**row.data, "external_ids": row.external_ids}), row.record)
 
@@ -574,6 +578,21 @@ async def write_crm(runtime: Runtime, client_key: str) -> list[str]:
     await crm.update_company(systems.company_id, values)
     await _written(runtime, row.key, systems.crm, names)
     return names
+
+
+async def _crm_write_failed(runtime: Runtime, client_key: str, exc: SyncdError) -> None:
+    """A value in force could not be written on the CRM company: logged, and an outcome that needs attention."""
+    log.warning("client_record_write_failed", client=client_key, error=str(exc), place=exc.place)
+    await runtime.store.add_outcome(
+        key=f"attention:client_write_failed:{client_key}:{_digest({'error': exc.message})}",
+        kind="attention",
+        reason="client_write_failed",
+        detail=f"client {client_key}: a value in force could not be written on the CRM company: {exc.message}; "
+        "syncd tries again before the next invoice",
+        place=exc.place,
+        client_key=client_key,
+        created_at=runtime.clock(),
+    )
 
 
 def _as_property(value: Any) -> str | None:

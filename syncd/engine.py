@@ -1363,9 +1363,17 @@ def _customer_of(row: InvoiceRow) -> str | None:
     return str(found) if found else None
 
 
-def _billed_as(draft: InvoiceDraft, client: Client) -> InvoiceDraft:
-    """``draft`` for ``client`` as the client record has it now: a due date set by the payment
-    terms follows the terms in force (changed at their owner since the draft was queued)."""
+def _billed_as(draft: InvoiceDraft, billed: Client) -> InvoiceDraft:
+    """``draft`` with the client record's values in force (``billed``): the legal name, tax id and
+    payment terms another system may own; a due date set by the terms follows the terms in
+    force (changed at their owner since the draft was queued)."""
+    client = draft.client.model_copy(
+        update={
+            "legal_name": billed.legal_name,
+            "tax_id": billed.tax_id,
+            "payment_terms_days": billed.payment_terms_days,
+        }
+    )
     update: dict[str, Any] = {"client": client}
     by_terms = draft.due_date - draft.issue_date == timedelta(days=draft.client.payment_terms_days)
     if by_terms and client.payment_terms_days != draft.client.payment_terms_days:

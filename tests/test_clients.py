@@ -22,6 +22,7 @@ import structlog
 from click.testing import Result
 from typer.testing import CliRunner
 
+from connectors.emulation import Fault
 from connectors.harvest.emulator import HarvestEmulator
 from connectors.hubspot.emulator import HubSpotEmulator
 from syncd.cli import app
@@ -291,3 +292,24 @@ async def test_a_rate_changed_at_the_crm_reaches_the_next_invoice_for_hours_from
         assert record.ids["xero"] == s.xero.contacts()[0]["ContactID"]
         rate = next(f for f in record.fields if f.field == f"rate@hubspot:deal:{deal}")
         assert (rate.value, rate.owner) == ("120", "crm")
+
+
+async def test_a_failed_write_to_the_crm_company_does_not_hold_back_the_invoice(
+    tmp_path: Path, db_url: str, clock: Clock
+) -> None:
+    """Terms changed at Xero cannot be written on the company (HubSpot refuses it): the invoice still goes out
+    with the ledger's terms, the failure is an outcome that needs attention, and the next invoice writes it."""
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=START) as s:
+        company = seed_company(s.hub, terms="14")
+        await win(s, company)
+        (contact,) = s.xero.contacts()
+        s.xero.edit_contact(contact["ContactID"], TERMS_45)
+        s.hub.faults.add(Fault(kind="status", status=400, method="PATCH", path_contains="/objects/companies/"))
+        second = await win(s, company)
+        assert due_days(second) == 45
+        (failed,) = await list_outcomes(s.daemon.runtime.store, kind="attention")
+        assert failed.reason == "client_write_failed"
+        assert "could not be written on the CRM company" in failed.detail
+        assert s.hub.company(company[0])["properties"]["payment_terms_days"] == "14"
+        await win(s, company)
+        assert s.hub.company(company[0])["properties"]["payment_terms_days"] == "45"
