@@ -30,11 +30,11 @@ import structlog
 from click.testing import Result
 from typer.testing import CliRunner
 
-from syncd import audit, scheduler
-from syncd.audit import Month
-from syncd.cli import app
-from syncd.store import InvoiceRow, InvoiceTrailRow, PendingAlertRow, table_of
-from syncd.trail import invoice_trail
+from syncd.cli.main import app
+from syncd.engine import audit, scheduler
+from syncd.engine.audit import Month
+from syncd.store.db import InvoiceRow, InvoiceTrailRow, PendingAlertRow, table_of
+from syncd.store.trail import invoice_trail
 from tests.harness import MAPPING, Stack, seed_company, seed_deal, stack
 
 NEW_YORK = ZoneInfo("America/New_York")  # the harness's [daemon].timezone

@@ -25,13 +25,13 @@ from typer.testing import CliRunner
 from connectors.emulation import Fault
 from connectors.harvest.emulator import HarvestEmulator
 from connectors.hubspot.emulator import HubSpotEmulator
-from syncd.cli import app
-from syncd.clients import client_record
-from syncd.demo import free_port, serve
-from syncd.errors import ConfigError, RecordError
-from syncd.outcomes import list_outcomes, resolve_outcome
-from syncd.settings import load_config
-from syncd.store import ClientChangeRow, ClientConflictRow, PendingAlertRow, table_of
+from syncd.cli.demo import free_port, serve
+from syncd.cli.main import app
+from syncd.core.errors import ConfigError, RecordError
+from syncd.engine.clients import client_record
+from syncd.plumbing.settings import load_config
+from syncd.store.db import ClientChangeRow, ClientConflictRow, PendingAlertRow, table_of
+from syncd.store.outcomes import list_outcomes, resolve_outcome
 from tests.harness import Stack, seed_company, seed_deal, stack
 from tests.test_hours import (
     BILLING_START,

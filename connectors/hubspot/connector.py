@@ -18,7 +18,7 @@ Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
   at most (400 beyond), 5 requests per second
   (https://developers.hubspot.com/docs/api-reference/legacy/crm/search-the-crm).
 * ``PATCH /crm/v3/objects/companies/{id}`` — a client detail owned by another system
-  (the client record, :mod:`syncd.clients`) written onto the company.
+  (the client record, :mod:`syncd.engine.clients`) written onto the company.
 * ``PATCH /crm/v3/objects/deals/{id}`` and the properties API
   (``/crm/v3/properties/deals``, ``/crm/v3/properties/deals/groups``) —
   https://developers.hubspot.com/docs/api-reference/legacy/crm/properties/guide.
@@ -59,15 +59,11 @@ from connectors.hubspot.models import (
     parse_hubspot_time,
 )
 from connectors.hubspot.webhooks import HubSpotWebhookVerifier
-from syncd.errors import ConfigError, NotFound, RecordError, SyncdError
-from syncd.http import RateLimit, VendorHttp, within
-from syncd.interfaces import (
+from syncd.core.errors import ConfigError, NotFound, RecordError, SyncdError
+from syncd.core.interfaces import (
     Capability,
     ChangeHint,
     ChangePage,
-    ConnectionSettings,
-    ConnectorContext,
-    ConnectorSpec,
     Crm,
     CrmSchema,
     DealBillingStatus,
@@ -75,9 +71,10 @@ from syncd.interfaces import (
     SourceRecord,
     UpdatesCompanies,
     WebhookVerifier,
-    secret_value,
 )
-from syncd.tokens import TokenAuth
+from syncd.plumbing.http import RateLimit, VendorHttp, within
+from syncd.plumbing.registry import ConnectionSettings, ConnectorContext, ConnectorSpec, secret_value
+from syncd.plumbing.tokens import TokenAuth
 
 log = structlog.get_logger("connectors.hubspot")
 
@@ -229,7 +226,7 @@ class PropertySetup:
 
 
 class HubSpotConnector:
-    """HubSpot as syncd's :class:`~syncd.interfaces.Crm`.
+    """HubSpot as syncd's :class:`~syncd.core.interfaces.Crm`.
 
     Args:
         settings: the connection's settings.
@@ -639,7 +636,7 @@ def _auth(settings: HubSpotSettings, ctx: ConnectorContext) -> httpx.Auth:
 
 
 def rate_limits(settings: HubSpotSettings) -> list[RateLimit]:
-    """The connection's buckets, sized to stay under HubSpot's windows (:func:`syncd.http.within`).
+    """The connection's buckets, sized to stay under HubSpot's windows (:func:`syncd.plumbing.http.within`).
 
     ``None`` or 0 switches a limit off (TOML has no null).
     """
