@@ -138,6 +138,7 @@ async def test_terms_changed_at_xero_reach_the_crm_company_and_the_next_due_date
         )
         assert [(c.system, c.old, c.new, c.by) for c in changes] == [
             ("hubspot", None, 14, "seen"),
+            ("xero", None, 14, "syncd"),  # the new contact, created with the terms in force
             ("xero", 14, 45, "seen"),
             ("hubspot", 14, 45, "syncd"),
         ]

@@ -495,14 +495,24 @@ async def _close(conn: AsyncConnection, client_key: str, name: str, system: str,
 
 
 async def settle_ledger(
-    runtime: Runtime, *, connection: str, invoicing: Any, client_key: str, customer_id: str
+    runtime: Runtime,
+    *,
+    connection: str,
+    invoicing: Any,
+    client_key: str,
+    customer_id: str,
+    created: Client | None = None,
 ) -> Client | None:
     """Read the client's customer record at a ledger, settle it, and write what flows.
 
     The ledger's values are observed (:func:`record_observation`); then each field the
-    ledger holds differently from the record is written to it, and each field the CRM
-    company holds differently is written there (only fields with no open conflict at
-    that system). The caller holds the client's customer lock.
+    ledger holds differently from the record, and does not own, is written to it, and
+    each such field of the CRM company is written there (only fields with no open
+    conflict at that system). The caller holds the client's customer lock.
+
+    Args:
+        created: the client as syncd just wrote it to a new customer record: the record
+            is taken to hold it, and is not read back (one call fewer per new client).
 
     Returns:
         the client to bill with (the CRM's details with the values in force applied),
@@ -514,7 +524,9 @@ async def settle_ledger(
     if row is None:
         return None
     systems = systems_of(runtime, row)
-    if isinstance(invoicing, UpdatesCustomers):
+    if created is not None:
+        await _held(runtime, client_key, connection, ledger_view(created.ledger_details()))
+    elif isinstance(invoicing, UpdatesCustomers):
         details = await invoicing.customer_details(customer_id)
         async with store.begin() as conn:
             locked = await locked_row(store, conn, client_key)
@@ -542,10 +554,13 @@ async def settle_ledger(
     return applied(Client.model_validate({**row.data, "external_ids": row.external_ids}), row.record)
 
 
-async def _write_ledger(runtime: Runtime, row: ClientRow, connection: str, invoicing: Any, customer_id: str) -> None:
+async def _write_ledger(
+    runtime: Runtime, row: ClientRow, connection: str, invoicing: Any, customer_id: str, *, owned: bool = False
+) -> None:
     async with runtime.store.begin() as conn:
         blocked = set(await open_conflicts(conn, row.key, connection))
-    names = due_writes(row.record or {}, (row.seen or {}).get(connection, {}), tuple(LEDGER_KEYS), blocked)
+    fields = _writable(runtime, tuple(LEDGER_KEYS), "ledger", owned=owned)
+    names = due_writes(row.record or {}, _seed(row).get(connection, {}), fields, blocked)
     if not names:
         return
     client = applied(Client.model_validate({**row.data, "external_ids": row.external_ids}), row.record)
@@ -555,8 +570,38 @@ async def _write_ledger(runtime: Runtime, row: ClientRow, connection: str, invoi
     await _written(runtime, row.key, connection, names)
 
 
-async def write_crm(runtime: Runtime, client_key: str) -> list[str]:
+def _writable(runtime: Runtime, fields: tuple[str, ...], role: str, *, owned: bool) -> tuple[str, ...]:
+    """Of ``fields``, those syncd writes to a system playing ``role``: the ones it does not own
+    (its own values are the truth), or all of them when a resolution says so (``owned``)."""
+    owners = runtime.config.settings.clients
+    return tuple(name for name in fields if owned or owners.owner(base_field(name)) != role)
+
+
+async def _held(runtime: Runtime, client_key: str, system: str, values: Mapping[str, Any]) -> None:
+    """Record that ``system`` holds ``values`` because syncd just wrote them there (a new customer record)."""
+    async with runtime.store.begin() as conn:
+        row = await locked_row(runtime.store, conn, client_key)
+        if row is None:
+            return
+        seen = _seed(row)
+        held = seen.setdefault(system, {})
+        changes = [
+            Change(system=system, field=name, old=held.get(name), new=value, by="syncd")
+            for name, value in values.items()
+            if held.get(name) != value
+        ]
+        held.update(values)
+        await conn.execute(
+            sa.update(table_of(ClientRow)).where(table_of(ClientRow).c.key == client_key).values(seen=seen)
+        )
+        await _log(conn, client_key, changes, runtime.clock())
+
+
+async def write_crm(runtime: Runtime, client_key: str, *, owned: bool = False) -> list[str]:
     """Write the values in force the CRM company holds differently (a field the ledger owns changed there).
+
+    Args:
+        owned: write fields the CRM owns too (a conflict resolved for the other value).
 
     Returns:
         the fields written.
@@ -571,7 +616,8 @@ async def write_crm(runtime: Runtime, client_key: str) -> list[str]:
         return []
     async with store.begin() as conn:
         blocked = set(await open_conflicts(conn, row.key, systems.crm))
-    names = due_writes(row.record or {}, (row.seen or {}).get(systems.crm, {}), tuple(systems.crm_properties), blocked)
+    fields = _writable(runtime, tuple(systems.crm_properties), "crm", owned=owned)
+    names = due_writes(row.record or {}, _seed(row).get(systems.crm, {}), fields, blocked)
     if not names:
         return []
     values = {systems.crm_properties[name]: _as_property((row.record or {})[name]) for name in names}
@@ -766,13 +812,13 @@ async def resolve(runtime: Runtime, key: str, name: str, take: str) -> ClientCon
 
 
 async def write_everywhere(runtime: Runtime, key: str) -> None:
-    """Write the values in force to every system of the client that holds something else."""
+    """Write the values in force to every system of the client that holds something else (owners too)."""
     row = await runtime.store.get(ClientRow, key)
     if row is None:
         return
     for connection, customer_id in systems_of(runtime, row).ledgers.items():
         invoicing = runtime.connectors.get(connection)
         if isinstance(invoicing, UpdatesCustomers):
-            await _write_ledger(runtime, row, connection, invoicing, customer_id)
+            await _write_ledger(runtime, row, connection, invoicing, customer_id, owned=True)
             row = await runtime.store.get(ClientRow, key)
-    await write_crm(runtime, key)
+    await write_crm(runtime, key, owned=True)

@@ -1207,16 +1207,22 @@ class Engine:
         async with self.store.named_lock(f"customer:{connection}:{client.key}"):
             row = await self.store.get(ClientRow, client.key)
             known = row.external_ids.get(connection) if row is not None else None
+            created: Client | None = None
             if known:
                 customer_id = str(known)
             else:
-                billed = clients.applied(client, row.record if row is not None else None)
-                customer_id = str(await invoicing.upsert_customer(billed))
+                created = clients.applied(client, row.record if row is not None else None)
+                customer_id = str(await invoicing.upsert_customer(created))
                 if row is not None:
                     ids = {**row.external_ids, connection: customer_id}
                     await self.store.update(ClientRow, [col(ClientRow.key) == client.key], {"external_ids": ids})
             settled = await clients.settle_ledger(
-                self.rt, connection=connection, invoicing=invoicing, client_key=client.key, customer_id=customer_id
+                self.rt,
+                connection=connection,
+                invoicing=invoicing,
+                client_key=client.key,
+                customer_id=customer_id,
+                created=created,
             )
             return customer_id, settled or client
 
