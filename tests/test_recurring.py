@@ -25,7 +25,7 @@ from syncd.cli.main import app
 from syncd.core.interfaces import Capability
 from syncd.engine.recurring import run_due
 from syncd.engine.scheduler import tick_recurring
-from syncd.store.db import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, table_of
+from syncd.store.db import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, InvoiceTrailRow, table_of
 from syncd.store.outcomes import list_outcomes
 from tests.harness import MAPPING, REPO, Stack, seed_company, seed_deal, stack
 
@@ -357,6 +357,9 @@ async def test_a_cancellation_credit_is_allocated_to_the_invoice_it_credits(tmp_
         props = s.hub.deal(deal)["properties"]
         assert Decimal(props["syncd_amount_due"]) == Decimal(str(november["AmountDue"]))
         assert await list_outcomes(s.daemon.runtime.store, kind="attention") == []
+        # syncd's own credit note applied to the invoice is no hand correction (syncd/store/trail.py)
+        store = s.daemon.runtime.store
+        assert await store.count(InvoiceTrailRow, table_of(InvoiceTrailRow).c.kind == "correction") == 0
 
 
 async def test_a_trigger_in_a_locked_period_is_invoiced_on_the_first_open_day(tmp_path: Path, db_url: str) -> None:

@@ -424,6 +424,10 @@ class HubSpotEmulator:
         """The stored deal: ``id``, ``properties``, ``createdAt``, ``updatedAt``, ``archived``."""
         return _public(self._get("deals", deal_id), None)
 
+    def company(self, company_id: str) -> dict[str, Any]:
+        """The stored company: ``id``, ``properties``, ``createdAt``, ``updatedAt``, ``archived``."""
+        return _public(self._get("companies", company_id), None)
+
     def subscribe(self, url: str, client: httpx.AsyncClient, *, properties: Iterable[str] | None = None) -> None:
         """Deliver webhooks to ``url`` (the full public URL, which is what gets signed).
 

@@ -1,5 +1,5 @@
 """The ``syncd`` command line: run, check, status, db, setup, auth, dead letters, demo,
-simulate, unbilled, backfill, preview.
+simulate, unbilled, backfill, preview, audit, invoice show, client.
 
 A problem of the user's (a bad config or mapping, an unreachable database or vendor,
 rejected credentials, an unknown id, a missing file) never shows a Python traceback: the
@@ -11,7 +11,10 @@ line per problem on stderr and an exit code (:data:`EXIT_CODES`, listed in
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
+import enum
+import io
 import json
 import logging
 import signal
@@ -959,6 +962,240 @@ def _print_outcomes(config: Path, *, kind: str | None, deal: str | None, all_: b
             str(row.id), row.kind, row.reason, row.object_id or row.engagement_key or "", row.detail, when, row.status
         )
     console.print(table)
+
+
+class Format(enum.StrEnum):
+    """How a report is printed."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+FormatOption = Annotated[Format, typer.Option("--format", help="table, json or csv.")]
+invoice_app = typer.Typer(help="One invoice's trail.", no_args_is_help=True)
+app.add_typer(invoice_app, name="invoice")
+client_app = typer.Typer(help="The client billing record: fields, owners, change log, conflicts.", no_args_is_help=True)
+app.add_typer(client_app, name="client")
+
+
+@app.command("audit")
+def audit_command(
+    month: Annotated[
+        str | None,
+        typer.Option("--month", help="YYYY-MM, in the company's time zone; default: the last complete month."),
+    ] = None,
+    format_: FormatOption = Format.table,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """The monthly audit: late invoices, hand corrections, the overdue share, trigger → issued latency, trends."""
+    from syncd.engine import audit
+
+    try:
+        chosen = audit.Month.parse(month) if month is not None else None
+    except ValueError as exc:
+        _problem(f"--month: {exc}")
+        raise typer.Exit(2) from None
+    cfg = _load(config)
+    target = chosen or audit.Month.last_complete(datetime.now(UTC), cfg.daemon.timezone)
+    report = asyncio.run(_with_store(cfg, lambda store: audit.build_report(store, cfg, target)))
+    if format_ is Format.json:
+        print(json.dumps(report.as_json(), indent=2))
+        return
+    if format_ is Format.csv:
+        print(audit.as_csv(report), end="")
+        return
+    console.print(
+        f"audit of {report.month} ({report.zone}); invoice_delay_s: "
+        + (", ".join(f"{name} {delay} s" for name, delay in report.delays.items()) or "-")
+    )
+    table = Table("", *(str(m.month) for m in report.history), "trend", width=max(console.width, 100))
+    for row in audit.summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    worst = audit.worst_rows(report)
+    if worst:
+        late = Table("late invoice", "deal", "client", "triggered", "delay", "invoice_delay_s", title="latest invoices")
+        for row in worst:
+            late.add_row(*row)
+        console.print(late)
+
+
+@invoice_app.command("show")
+def invoice_show(
+    number: Annotated[str, typer.Argument(help="The ledger's invoice number (or syncd's key, or the ledger's id).")],
+    format_: FormatOption = Format.table,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """One invoice's trail: trigger, billing event, draft, what was sent, the ledger's answers, status changes, corrections."""
+    from syncd.store.trail import invoice_trail
+
+    cfg = _load(config)
+    found = asyncio.run(_with_store(cfg, lambda store: invoice_trail(store, number)))
+    if format_ is Format.json:
+        print(json.dumps(found.as_json(), indent=2, default=str))
+        return
+    if format_ is Format.csv:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["at", "what", "actor", "summary"])
+        for step in found.steps:
+            writer.writerow([step.at.isoformat(), step.what, step.actor, step.summary])
+        print(out.getvalue(), end="")
+        return
+    invoice = found.invoice
+    console.print(
+        f"{invoice.kind} {invoice.number or invoice.invoice_id} ({invoice.key}): {invoice.state}, "
+        f"{invoice.total} {invoice.currency}, due {invoice.due_date or '-'}, deal {invoice.crm_object_id}",
+        markup=False,
+    )
+    table = Table("at", "what", "by", "summary", width=max(console.width, 100))
+    for step in found.steps:
+        table.add_row(step.at.isoformat(timespec="seconds"), step.what, step.actor, step.summary)
+    console.print(table)
+
+
+@client_app.command("list")
+def client_list(format_: FormatOption = Format.table, config: ConfigOption = Path("config.toml")) -> None:
+    """Every client with its legal name, currency, payment terms, each system's id and open conflicts."""
+    from syncd.engine.clients import list_clients
+    from syncd.store.db import ClientConflictRow
+
+    cfg = _load(config)
+
+    async def go(store: Any) -> tuple[list[Any], dict[str, int]]:
+        rows = await list_clients(store)
+        conflicts = await store.select(ClientConflictRow, ClientConflictRow.status == "open")
+        counts: dict[str, int] = {}
+        for conflict in conflicts:
+            counts[conflict.client_key] = counts.get(conflict.client_key, 0) + 1
+        return rows, counts
+
+    rows, counts = asyncio.run(_with_store(cfg, go))
+    items = [
+        {
+            "key": row.key,
+            "legal_name": row.legal_name,
+            "currency": (row.record or {}).get("currency", row.data.get("currency")),
+            "payment_terms_days": (row.record or {}).get("payment_terms_days", row.data.get("payment_terms_days")),
+            "ids": {row.key.split(":", 1)[0]: row.key.rsplit(":", 1)[-1], **row.external_ids},
+            "open_conflicts": counts.get(row.key, 0),
+        }
+        for row in rows
+    ]
+    if format_ is not Format.table:
+        _print_items(items, format_)
+        return
+    table = Table("client", "legal name", "currency", "terms (days)", "ids", "open conflicts")
+    for item in items:
+        ids = ", ".join(f"{name} {ident}" for name, ident in item["ids"].items())
+        table.add_row(
+            item["key"],
+            item["legal_name"],
+            str(item["currency"]),
+            str(item["payment_terms_days"]),
+            ids,
+            str(item["open_conflicts"]),
+        )
+    console.print(table)
+
+
+@client_app.command("show")
+def client_show(
+    key: Annotated[str, typer.Argument(help="The client's key, e.g. hubspot:company:501 (`syncd client list`).")],
+    format_: FormatOption = Format.table,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """One client's record: each field's value, owner and value at each system; conflicts; the change log."""
+    from syncd.engine.clients import client_record, show_value
+
+    cfg = _load(config)
+    record = asyncio.run(_with_store(cfg, lambda store: client_record(store, key, cfg)))
+    if format_ is Format.json:
+        print(json.dumps(record.as_json(), indent=2, default=str))
+        return
+    if format_ is Format.csv:
+        _print_items(
+            [
+                {
+                    "at": c.at.isoformat(),
+                    "system": c.system,
+                    "field": c.field,
+                    "old": show_value(c.old),
+                    "new": show_value(c.new),
+                    "by": c.by,
+                }
+                for c in record.changes
+            ],
+            format_,
+        )
+        return
+    console.print(
+        f"{record.key}: {record.legal_name}; ids: " + ", ".join(f"{n} {i}" for n, i in record.ids.items()), markup=False
+    )
+    systems = sorted({system for item in record.fields for system in item.seen})
+    fields = Table("field", "value in force", "owner", *(f"at {system}" for system in systems), "conflict")
+    for item in record.fields:
+        conflict = item.conflict
+        fields.add_row(
+            item.field,
+            show_value(item.value),
+            item.owner,
+            *(show_value(item.seen[system]) if system in item.seen else "" for system in systems),
+            f"open: {conflict.other} has {show_value(conflict.other_value)}" if conflict else "",
+        )
+    console.print(fields)
+    log = Table("when", "system", "field", "old", "new", "by", title="change log")
+    for change in record.changes:
+        log.add_row(
+            change.at.isoformat(timespec="seconds"),
+            change.system,
+            change.field,
+            show_value(change.old),
+            show_value(change.new),
+            change.by,
+        )
+    console.print(log)
+
+
+@client_app.command("resolve")
+def client_resolve(
+    key: Annotated[str, typer.Argument(help="The client's key.")],
+    field: Annotated[str, typer.Argument(help="The field in conflict (`syncd client show KEY`).")],
+    take: Annotated[str, typer.Option("--take", help="owner: keep the owner's value; other: take the other system's.")],
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """Settle a conflict: keep the owner's value (written over the other edit) or take the other system's (written to the owner)."""
+    from syncd.engine.clients import resolve
+    from syncd.engine.runtime import Runtime
+
+    if take not in ("owner", "other"):
+        _problem(f"--take: expected owner or other, got {take!r}")
+        raise typer.Exit(2)
+    cfg = _load(config)
+
+    async def go() -> Any:
+        runtime = await Runtime.start(cfg, migrate=False)
+        try:
+            return await resolve(runtime, key, field, take)
+        finally:
+            await runtime.aclose()
+
+    conflict = asyncio.run(go())
+    console.print(f"{key} {field}: took the {take}'s value; conflict {conflict.id} resolved", markup=False)
+
+
+def _print_items(items: list[dict[str, Any]], format_: Format) -> None:
+    if format_ is Format.json:
+        print(json.dumps(items, indent=2, default=str))
+        return
+    out = io.StringIO()
+    names = list(items[0]) if items else []
+    writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for item in items:
+        writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in item.items()})
+    print(out.getvalue(), end="")
 
 
 def main() -> None:

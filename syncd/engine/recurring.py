@@ -60,6 +60,7 @@ from syncd.core.interfaces import (
     Engagement,
     EngagementType,
     InvoiceDraft,
+    RateChange,
     SourceRecord,
     TimeEntry,
 )
@@ -103,6 +104,9 @@ def keep_history(
       :class:`~syncd.core.interfaces.AmountChange` (:func:`syncd.core.proration.with_history`)
       effective on ``current.amount_effective``, else on the day of ``recorded_at`` in
       ``timezone``; its version (the change sequence in its billing key) is the source's.
+    * An hourly rate that differs from the one in force becomes a
+      :class:`~syncd.core.interfaces.RateChange` effective on the day of ``recorded_at`` in
+      ``timezone`` (:func:`with_rate_history`): hours dated from then on are billed at it.
     * A cancellation date seen for the first time is taken as recorded at
       ``recorded_at``; the moment is kept while the date stays the same.
 
@@ -118,10 +122,35 @@ def keep_history(
         return current
     effective = current.amount_effective or billing.issue_date_for(recorded_at, timezone)
     kept = with_history(previous, current, recorded_at=recorded_at, effective=effective)
+    kept = with_rate_history(
+        previous, kept, recorded_at=recorded_at, effective=billing.issue_date_for(recorded_at, timezone)
+    )
     if kept.cancel_date is None or kept.cancelled_at is not None:
         return kept
     seen = previous.cancelled_at if previous.cancel_date == kept.cancel_date else None
     return kept.model_copy(update={"cancelled_at": seen or recorded_at})
+
+
+def with_rate_history(
+    previous: Engagement, current: Engagement, *, recorded_at: datetime, effective: date
+) -> Engagement:
+    """``current`` carrying the rate history of ``previous``, plus the change it makes.
+
+    The mapping yields the rate the source holds now; hours logged before a change keep
+    the rate of their day, so the history is kept here from one mapping to the next:
+    ``rate`` stays the rate before the first change, and a new rate is appended as a
+    :class:`~syncd.core.interfaces.RateChange` effective on ``effective``. Hours already
+    invoiced are never billed again whatever the rate (``time_entries.invoice_key``).
+    """
+    if current.rate is None or current.rate_changes:
+        return current
+    in_force = previous.current_rate()
+    if in_force is None:
+        return current
+    history = previous.rate_changes
+    if in_force != current.rate:
+        history = (*history, RateChange(effective=effective, rate=current.rate, recorded_at=recorded_at))
+    return current.model_copy(update={"rate": previous.rate, "rate_changes": history})
 
 
 # ---------------------------------------------------------------------------

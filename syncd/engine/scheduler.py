@@ -15,7 +15,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.core.errors import SyncdError
-from syncd.engine import drift
+from syncd.engine import audit, drift
 from syncd.engine.runtime import Runtime
 from syncd.store import retention
 from syncd.store.db import CursorRow
@@ -24,6 +24,7 @@ log = structlog.get_logger("syncd.engine.scheduler")
 
 CHANGES = "changes"
 RECURRING_INTERVAL_S = 3600  # the recurring-billing tick runs once an hour across replicas
+AUDIT_INTERVAL_S = 3600  # the monthly audit is looked at hourly; it runs once per closed month
 
 
 def polled_connections(runtime: Runtime) -> list[str]:
@@ -125,6 +126,18 @@ async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) ->
     return True
 
 
+async def tick_audit(runtime: Runtime) -> bool:
+    """The monthly audit (:func:`syncd.audit.run_monthly`), once per closed month across replicas.
+
+    Looked at every hour: the first look after a month closes (in the company's zone)
+    claims the month's window, logs its audit and records an alert for each rising share.
+
+    Returns:
+        whether this replica ran it.
+    """
+    return await audit.run_monthly(runtime) is not None
+
+
 async def tick_drift(runtime: Runtime) -> int:
     """The drift guard (:func:`syncd.engine.drift.run_drift_check`), on every replica.
 
@@ -143,9 +156,9 @@ def build_scheduler(
     recurring: Callable[[], Awaitable[int]] | None = None,
 ) -> AsyncIOScheduler:
     """An AsyncIOScheduler with a poll job per polled connection, the daily aging and
-    retention jobs and the hourly recurring-billing job (not yet started).
+    retention jobs, the hourly recurring-billing job and the monthly audit (not yet started).
 
-    Recurring billing, aging, retention and the drift guard run once as soon as the
+    Recurring billing, aging, retention, the audit and the drift guard run once as soon as the
     scheduler starts, then on their interval, so a daemon restarted more often than an interval
     still bills and ages (the per-window tick rows keep a window from running twice
     across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
@@ -170,6 +183,16 @@ def build_scheduler(
         )
     scheduler.add_job(
         tick_retention, "interval", hours=1, args=[runtime], id="retention", max_instances=1, coalesce=True, **first
+    )
+    scheduler.add_job(
+        tick_audit,
+        "interval",
+        seconds=AUDIT_INTERVAL_S,
+        args=[runtime],
+        id="audit",
+        max_instances=1,
+        coalesce=True,
+        **first,
     )
     if runtime.config.daemon.drift_check_interval_s:
         scheduler.add_job(

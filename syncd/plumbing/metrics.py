@@ -34,6 +34,7 @@ A pipeline is labelled by its mapping file's stem (``hubspot-xero``; see
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import httpx
@@ -136,6 +137,30 @@ class Metrics:
             ["connection"],
             registry=r,
         )
+        # The audit of the last complete month (syncd/engine/audit.py, docs/operations.md "Audit").
+        audit_gauges = {
+            "syncd_audit_month_info": ("The month the audit gauges describe (the last complete one)", ["month"]),
+            "syncd_audit_invoices": (
+                "Invoices issued, late, corrected by hand, due and overdue in the month",
+                ["what"],
+            ),
+            "syncd_audit_share": ("Share of late, hand-corrected and overdue invoices in the month", ["number"]),
+            "syncd_audit_overdue_amount_share": (
+                "Share of the amount due in the month not paid by its due date",
+                ["currency"],
+            ),
+            "syncd_audit_latency_seconds": ("Trigger to issue of the month's invoices, median and p95", ["quantile"]),
+            "syncd_audit_trend_rising": ("1 when the share rose two months running", ["number"]),
+            "syncd_audit_history_complete": ("1 when the three months of a trend all have data", ["number"]),
+        }
+        self.audit = {name: Gauge(name, text, labels, registry=r) for name, (text, labels) in audit_gauges.items()}
+
+    def set_audit(self, values: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+        """Replace the audit gauges with ``values`` (:func:`syncd.engine.audit.gauges`)."""
+        for gauge in self.audit.values():
+            gauge.clear()
+        for (name, labels), value in values.items():
+            self.audit[name].labels(**dict(labels)).set(value)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""

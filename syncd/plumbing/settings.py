@@ -241,6 +241,81 @@ class RetentionSettings(BaseModel):
         return value
 
 
+class AuditSettings(BaseModel):
+    """``[audit]``: the monthly audit (``syncd audit``, ``/metrics``, the monthly tick).
+
+    Attributes:
+        late_after_h: hours from an invoice's trigger to its issue beyond which it is
+            late (a pipeline's ``invoice_delay_s`` counts toward them).
+        worst: how many of the latest invoices the report lists.
+        months: months shown, the month asked and those before it (at least 3: the
+            trend compares three months).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    late_after_h: float = Field(default=48, gt=0)
+    worst: int = Field(default=5, ge=0, le=100)
+    months: int = Field(default=3, ge=3, le=24)
+
+
+Owner = Literal["crm", "ledger"]
+
+# The client record's fields (docs/operations.md, "The client record"), and the systems
+# that can own each: a field only the CRM holds (currency, PO number, rates) is owned by it.
+CLIENT_FIELDS: Mapping[str, tuple[Owner, ...]] = {
+    "legal_name": ("crm", "ledger"),
+    "billing_contact": ("crm",),
+    "address": ("crm",),
+    "tax_id": ("crm", "ledger"),
+    "currency": ("crm",),
+    "payment_terms_days": ("crm", "ledger"),
+    "po_number": ("crm",),
+    "rates": ("crm",),
+}
+DEFAULT_OWNERS: Mapping[str, Owner] = {
+    "legal_name": "crm",
+    "billing_contact": "crm",
+    "address": "crm",
+    "tax_id": "crm",
+    "currency": "crm",
+    "payment_terms_days": "ledger",
+    "po_number": "crm",
+    "rates": "crm",
+}
+
+
+class ClientsSettings(BaseModel):
+    """``[clients]``: the one client billing record.
+
+    Attributes:
+        owners: per field of the client record, the system that owns it (``crm`` or
+            ``ledger``): its changes flow to the other system, a change anywhere else is
+            a conflict. Unnamed fields keep their default (:data:`DEFAULT_OWNERS`: the
+            CRM owns all but the payment terms, which the ledger owns). The billing
+            contact, the address, the currency, the PO number and the rates can only be
+            owned by the CRM (syncd writes them to no CRM).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    owners: dict[str, Owner] = Field(default_factory=dict)
+
+    @field_validator("owners")
+    @classmethod
+    def _owners(cls, value: dict[str, Owner]) -> dict[str, Owner]:
+        for name, owner in value.items():
+            if name not in CLIENT_FIELDS:
+                raise ValueError(f"unknown field {name!r}; the client record has {', '.join(CLIENT_FIELDS)}")
+            if owner not in CLIENT_FIELDS[name]:
+                raise ValueError(f"{name} can only be owned by {' or '.join(CLIENT_FIELDS[name])}, not {owner!r}")
+        return value
+
+    def owner(self, field: str) -> Owner:
+        """The system owning ``field`` (a field of :data:`CLIENT_FIELDS`)."""
+        return self.owners.get(field, DEFAULT_OWNERS[field])
+
+
 class Settings(BaseSettings):
     """The whole configuration tree (step 1: before connectors validate their tables).
 
@@ -261,6 +336,8 @@ class Settings(BaseSettings):
     pipelines: tuple[PipelineSettings, ...] = ()
     pilot: PilotSettings = PilotSettings()
     retention: RetentionSettings = RetentionSettings()
+    audit: AuditSettings = AuditSettings()
+    clients: ClientsSettings = ClientsSettings()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -508,6 +585,8 @@ _TABLE_MODELS: Mapping[str, type[BaseModel]] = {
     "pilot": PilotSettings,
     "pipelines": PipelineSettings,
     "retention": RetentionSettings,
+    "audit": AuditSettings,
+    "clients": ClientsSettings,
 }
 
 

@@ -135,6 +135,8 @@ class ClientRow(SQLModel, table=True):
     external_ids: dict[str, str] = _json(nullable=False)
     updated_at: datetime = _ts()
     pushed: dict[str, Any] | None = _json()  # per connection: the details last written to its customer record
+    record: dict[str, Any] | None = _json()  # the client record: field -> the value in force (syncd.engine.clients)
+    seen: dict[str, Any] | None = _json()  # per connection: field -> the value last seen (or written) there
 
 
 class EngagementRow(SQLModel, table=True):
@@ -192,6 +194,10 @@ class InvoiceRow(SQLModel, table=True):
     totals_mismatch: str | None = None
     divergence: str | None = None
     source_updated_at: datetime | None = _ts(nullable=True)  # the ledger's last change, when it says
+    issued_at: datetime | None = _ts(nullable=True)  # when the ledger first held it approved (payable)
+    paid_on: date | None = None  # the day it was fully paid (the ledger's date, else the day syncd saw it)
+    sent: dict[str, Any] | None = _json()  # what syncd sent: the draft as sent and the customer id
+    document: dict[str, Any] | None = _json()  # the ledger's content as last read (LedgerDocument)
 
 
 class CursorRow(SQLModel, table=True):
@@ -320,6 +326,80 @@ class OutcomeRow(SQLModel, table=True):
     status: str = "open"  # open | resolved (attention); skips stay open: they are a record
     created_at: datetime = _ts()
     resolved_at: datetime | None = _ts(nullable=True)
+
+
+class InvoiceTrailRow(SQLModel, table=True):
+    """One step in an invoice's life after syncd sent it: the ledger's answers, status changes, corrections.
+
+    ``kind`` is ``sent`` (what syncd sent, and the ledger's first answer), ``status``
+    (a state change read at the ledger), ``correction`` (a change made at the ledger
+    by hand: ``classes`` says what changed, ``detail`` how), ``void`` (voided by syncd),
+    ``reissue`` (a document issued by hand after a hand void). ``key`` makes recording
+    idempotent. Rows are never deleted, so the trail outlives the 13 months the audit
+    compares (docs/operations.md, "Audit").
+    """
+
+    __tablename__ = "invoice_trail"
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    invoice_key: str = Field(index=True)
+    kind: str
+    actor: str  # syncd | ledger | person
+    summary: str
+    classes: str | None = None  # a correction's classes, comma-separated (lines, amounts, terms, contact, tax ...)
+    detail: dict[str, Any] | None = _json()
+    at: datetime = _ts()
+
+
+class PendingAlertRow(SQLModel, table=True):
+    """An alert-worthy event waiting for a sender: the hook an alert channel reads.
+
+    syncd records these (an audit trend flag, a client record conflict) and does not
+    send them itself; a sender lists the rows with ``sent_at`` unset
+    (:meth:`Store.pending_alerts`), delivers them and marks them (:meth:`Store.mark_alerts_sent`).
+    ``key`` makes recording idempotent.
+    """
+
+    __tablename__ = "pending_alerts"
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    source: str  # audit | client
+    title: str
+    text: str
+    fields: dict[str, Any] | None = _json()
+    created_at: datetime = _ts()
+    sent_at: datetime | None = _ts(nullable=True)
+
+
+class ClientChangeRow(SQLModel, table=True):
+    """The client record's change log: a field changed at a system, or written there by syncd."""
+
+    __tablename__ = "client_changes"
+    id: int | None = Field(default=None, primary_key=True)
+    client_key: str = Field(index=True)
+    system: str  # the connection (hubspot, xero)
+    field: str
+    old: Any = _json()
+    new: Any = _json()
+    by: str  # seen (changed at the system) | syncd (written by syncd) | resolve (a conflict resolved)
+    at: datetime = _ts()
+
+
+class ClientConflictRow(SQLModel, table=True):
+    """A client detail changed at a system that does not own it, to a value the owner does not hold."""
+
+    __tablename__ = "client_conflicts"
+    id: int | None = Field(default=None, primary_key=True)
+    client_key: str = Field(index=True)
+    field: str
+    owner: str  # the owning connection
+    other: str  # the connection where it was changed
+    owner_value: Any = _json()
+    other_value: Any = _json()
+    status: str = "open"  # open | resolved
+    opened_at: datetime = _ts()
+    resolved_at: datetime | None = _ts(nullable=True)
+    resolution: str | None = None
 
 
 class RateBudgetRow(SQLModel, table=True):
@@ -829,6 +909,53 @@ class Store:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(stmt)).all()
         return {(str(connection), str(status)): int(n) for connection, status, n in rows}
+
+    # -- the alert hook -------------------------------------------------------------------
+
+    async def add_alert(
+        self,
+        *,
+        key: str,
+        source: str,
+        title: str,
+        text: str,
+        fields: Mapping[str, Any] | None,
+        now: datetime,
+        conn: AsyncConnection | None = None,
+    ) -> bool:
+        """Record an alert for a sender to deliver, once per ``key``; ``False`` if it exists."""
+        table = table_of(PendingAlertRow)
+        values = {
+            "key": key,
+            "source": source,
+            "title": title,
+            "text": text,
+            "fields": json.loads(json.dumps(dict(fields or {}), default=str)),
+            "created_at": now,
+        }
+        stmt = self._insert_ignore(table, ("key",)).values(**values).returning(table.c.id)
+        if conn is not None:
+            return (await conn.execute(stmt)).first() is not None
+        async with self.engine.begin() as own:
+            return (await own.execute(stmt)).first() is not None
+
+    async def pending_alerts(self, limit: int = 100) -> list[PendingAlertRow]:
+        """Alerts not yet sent, oldest first."""
+        return list(
+            await self.select(
+                PendingAlertRow,
+                table_of(PendingAlertRow).c.sent_at.is_(None),
+                order_by=table_of(PendingAlertRow).c.id,
+                limit=limit,
+            )
+        )
+
+    async def mark_alerts_sent(self, ids: Iterable[int], now: datetime) -> int:
+        """Mark alerts delivered; how many were still pending."""
+        table = table_of(PendingAlertRow)
+        return await self.update(
+            PendingAlertRow, [table.c.id.in_(list(ids)), table.c.sent_at.is_(None)], {"sent_at": now}
+        )
 
     @contextlib.asynccontextmanager
     async def named_lock(self, name: str) -> AsyncIterator[None]:

@@ -40,6 +40,7 @@ from starlette.routing import Route
 
 from syncd.core.errors import AuthError, RecordError
 from syncd.core.interfaces import WebhookRequest
+from syncd.engine import audit
 from syncd.engine.drift import DRIFT_PROBLEMS
 
 log = structlog.get_logger("syncd.web.webhooks")
@@ -179,6 +180,7 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
         metrics = runtime.metrics
         try:
             await metrics.read_store(runtime.store)
+            metrics.set_audit(audit.gauges(await audit.latest(runtime)))
         except STORE_DOWN as exc:
             metrics.database_up.set(0)
             log.warning("metrics_store_unavailable", error=type(exc).__name__)
