@@ -6,7 +6,7 @@ benchmark runs the same four transactions, with the same tables, statements and 
 settings as :class:`syncd.store.db.Store`, in closed loops of 1 and 16 concurrent
 deals, under each way the store could run them:
 
-* ``async`` (what syncd ran before): SQLAlchemy's async engine, statement by
+* ``async`` (the store before this benchmark): SQLAlchemy's async engine, statement by
   statement, over aiosqlite (SQLite: a thread of its own per connection, several hand-offs
   per statement) or psycopg's async connection (PostgreSQL);
 * ``thread/tx``: a synchronous engine, each transaction run as one synchronous unit on a
@@ -39,6 +39,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench import report, stack
 from bench.load import closed_loop
@@ -53,6 +54,8 @@ from syncd.store.db import (
     OutcomeRow,
     SourceRecordRow,
     Store,
+    async_url,
+    sync_url,
     table_of,
 )
 
@@ -131,11 +134,11 @@ MODELS = {
 async def _runner(model: str, url: str) -> AsyncIterator[RunDeal]:
     """A function running one deal's transactions under ``model``."""
     if model == "async":
-        store = Store.open(url)
+        async_engine = _async_engine(url)
         try:
-            yield lambda deal: _async_deal(store, deal)
+            yield lambda deal: _async_deal(async_engine, deal)
         finally:
-            await store.close()
+            await async_engine.dispose()
         return
     engine = _sync_engine(url)
     one_writer = asyncio.Lock()  # SQLite has one writer: queue in asyncio, not in a thread
@@ -156,24 +159,39 @@ def _sync_engine(url: str) -> sa.Engine:
         engine = sa.create_engine(
             url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=1, max_overflow=0
         )
-
-        @sa.event.listens_for(engine, "connect")
-        def _connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None
-            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
-                dbapi_conn.execute(f"PRAGMA {pragma}")
-
-        @sa.event.listens_for(engine, "begin")
-        def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
+        _sqlite_settings(engine)
         return engine
-    return sa.create_engine(url, pool_size=10, max_overflow=10)
+    return sa.create_engine(sync_url(url), pool_size=10, max_overflow=10)
 
 
-async def _async_deal(store: Store, deal: Sequence[Transaction]) -> None:
+def _sqlite_settings(engine: sa.Engine) -> None:
+    """WAL, a busy timeout and ``BEGIN IMMEDIATE``, as the store sets them."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
+            dbapi_conn.execute(f"PRAGMA {pragma}")
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _async_engine(url: str) -> AsyncEngine:
+    """The store's engine before it moved to a synchronous one: SQLAlchemy async over aiosqlite / psycopg async."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(
+            async_url(url), connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60
+        )
+        _sqlite_settings(engine.sync_engine)
+        return engine
+    return create_async_engine(async_url(url), pool_size=10, max_overflow=10)
+
+
+async def _async_deal(engine: AsyncEngine, deal: Sequence[Transaction]) -> None:
     for statements in deal:
-        async with store.engine.begin() as conn:
+        async with engine.begin() as conn:
             for statement in statements:
                 _consume(await conn.execute(statement))
 

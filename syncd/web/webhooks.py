@@ -20,21 +20,19 @@ is answered 500. Answers:
 ``syncd_webhooks_total`` counts every answer by connection, status and a reason from
 :data:`REASONS`; a path naming no configured connection is counted with an empty
 connection label, so the label set stays bounded whatever clients send. ``/readyz`` is
-503 while the database does not answer; ``/metrics`` answers 200 regardless, with
-``syncd_database_up`` 0 and the backlog gauges left as they were.
+503 while the database does not answer; ``/metrics`` renders the runtime's
+:class:`~syncd.plumbing.metrics.Metrics` and answers 200 regardless, with ``syncd_database_up`` 0
+and the gauges read from the database left as they were.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
 import sqlalchemy as sa
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -42,6 +40,7 @@ from starlette.routing import Route
 
 from syncd.core.errors import AuthError, RecordError
 from syncd.core.interfaces import WebhookRequest
+from syncd.engine import audit
 from syncd.engine.drift import DRIFT_PROBLEMS
 
 log = structlog.get_logger("syncd.web.webhooks")
@@ -71,62 +70,6 @@ class _TooLarge(Exception):
     """The body grew past :data:`MAX_BODY_BYTES` while it was read."""
 
 
-class _Transactions(Collector):
-    """``syncd_db_transactions_total``: transactions the store has begun (:attr:`Store.transactions`).
-
-    Read when scraped, after the scrape's own read, so two scrapes differ by the
-    transactions in between plus the later scrape's one read (``bench/e2e.py``).
-    """
-
-    def __init__(self, count: Callable[[], int | None]) -> None:
-        self.count = count
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        value = self.count()
-        if value is not None:
-            yield CounterMetricFamily(
-                "syncd_db_transactions", "Database transactions begun, reads and empty claims included", value=value
-            )
-
-
-class Metrics:
-    """The process's Prometheus metrics, in a registry of their own.
-
-    Args:
-        transactions: the store's transaction count, or ``None`` before it is open.
-    """
-
-    def __init__(self, transactions: Callable[[], int | None] = lambda: None) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(_Transactions(transactions))
-        self.webhooks = Counter(
-            "syncd_webhooks_total",
-            "Webhook deliveries by connection, outcome (HTTP status) and reason",
-            ["connection", "outcome", "reason"],
-            registry=self.registry,
-        )
-        self.database_up = Gauge(
-            "syncd_database_up", "1 when the last /metrics scrape could read the database", registry=self.registry
-        )
-        self.webhook_seconds = Histogram(
-            "syncd_webhook_ack_seconds", "Time to acknowledge a webhook", ["connection"], registry=self.registry
-        )
-        self.backlog = Gauge(
-            "syncd_backlog", "Rows waiting, by queue and status", ["queue", "status"], registry=self.registry
-        )
-        self.outcomes = Gauge(
-            "syncd_outcomes",
-            "Open outcomes without an invoice, by kind (skip, simulated, attention) and reason",
-            ["kind", "reason"],
-            registry=self.registry,
-        )
-        self.mapping_drift = Gauge(
-            "syncd_mapping_drift_problems",
-            "Problems the last drift check found between the mappings and the vendors' live schemas",
-            registry=self.registry,
-        )
-
-
 class Host(Protocol):
     """What the app needs from the process that serves it (see :class:`syncd.daemon.Daemon`)."""
 
@@ -152,10 +95,10 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
         host: the process serving it; its runtime and engine are read per request.
         lifespan: the lifespan context that owns the runtime (``syncd run``).
     """
-    metrics = Metrics(lambda: _transactions(host))
 
     async def webhook(request: Request) -> Response:
         name = request.path_params["connection"]
+        metrics = host.runtime.metrics
         verifier = host.runtime.verifiers.get(name)
         if verifier is None:
             metrics.webhooks.labels("", "404", "unknown_connection").inc()
@@ -232,22 +175,18 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
 
     async def metrics_endpoint(_request: Request) -> Response:
         runtime = host.runtime
+        metrics = runtime.metrics
         try:
-            await _backlog(runtime.store)
+            with runtime.store.uncounted():  # the scrape's own reads: syncd_db_transactions_total counts the rest
+                await metrics.read_store(runtime.store)
+                metrics.set_audit(audit.gauges(await audit.latest(runtime)))
         except STORE_DOWN as exc:
             metrics.database_up.set(0)
             log.warning("metrics_store_unavailable", error=type(exc).__name__)
         else:
             metrics.database_up.set(1)
         metrics.mapping_drift.set(runtime.extra.get(DRIFT_PROBLEMS, 0))
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def _backlog(store: Any) -> None:
-        backlog = await store.backlog()
-        for (queue, status), count in backlog.queues.items():
-            metrics.backlog.labels(queue, status).set(count)
-        for (kind, reason), count in backlog.outcomes.items():
-            metrics.outcomes.labels(kind, reason).set(count)
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
         Route("/webhooks/{connection}", webhook, methods=["POST"]),
@@ -273,13 +212,6 @@ async def _read_body(request: Request, timeout_s: float) -> bytes:
             if len(body) > MAX_BODY_BYTES:
                 raise _TooLarge
     return bytes(body)
-
-
-def _transactions(host: Host) -> int | None:
-    try:
-        return int(host.runtime.store.transactions)
-    except RuntimeError:  # not started
-        return None
 
 
 async def _ping(store: Any) -> bool:
