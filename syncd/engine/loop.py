@@ -807,6 +807,7 @@ class Engine:
                 "data": dict(record.data),
                 "fetched_at": now,
             },
+            conn,
         )
 
     async def _save_client(

@@ -549,6 +549,7 @@ class Store:
         self.is_postgres = engine.dialect.name == "postgresql"
         self._inline = not self.is_postgres
         self._one = asyncio.Lock()  # SQLite: the one connection, taken in order
+        self._holder: asyncio.Task[Any] | None = None  # the task holding it
         self._locks: dict[str, asyncio.Lock] = {}
         self._transactions = 0
         self._count_lock = threading.Lock()
@@ -626,17 +627,32 @@ class Store:
                 raise
             await asyncio.to_thread(_release, sync, commit=write)
             return
+        task = asyncio.current_task()
+        if task is not None and task is self._holder:
+            raise RuntimeError(
+                "the store's one SQLite connection was asked for again by the task that holds it; "
+                "pass its Connection (conn=...) instead of opening a second transaction"
+            )
         async with self._one:
-            # A deferred BEGIN (a read) never waits under WAL; BEGIN IMMEDIATE may, for
-            # another process (a CLI command) holding the write lock: on a worker thread.
-            sync = await asyncio.to_thread(self._checkout, True) if write else self._checkout(False)
+            self._holder = task
             try:
-                yield Connection(sync, inline=True)
-            except BaseException:
-                _release(sync, commit=False)
-                raise
-            _release(sync, commit=write)
-            self._commits += write
+                async with self._sqlite_connection(write=write) as conn:
+                    yield conn
+            finally:
+                self._holder = None
+
+    @contextlib.asynccontextmanager
+    async def _sqlite_connection(self, *, write: bool) -> AsyncIterator[Connection]:
+        # A deferred BEGIN (a read) never waits under WAL; BEGIN IMMEDIATE may, for
+        # another process (a CLI command) holding the write lock: on a worker thread.
+        sync = await asyncio.to_thread(self._checkout, True) if write else self._checkout(False)
+        try:
+            yield Connection(sync, inline=True)
+        except BaseException:
+            _release(sync, commit=False)
+            raise
+        _release(sync, commit=write)
+        self._commits += write
 
     def _checkout(self, write: bool) -> sa.Connection:
         conn = self.engine.connect()
