@@ -21,7 +21,8 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -42,6 +43,7 @@ from syncd.plumbing.logging import redact_value
 MIGRATIONS = Path(__file__).parent / "migrations"
 ADVISORY_LOCK_ID = 7_254_001  # any constant shared by every replica
 CHECKPOINT_EVERY = 200  # SQLite: write commits between WAL checkpoints (Store._checkout)
+_UNCOUNTED: ContextVar[bool] = ContextVar("syncd_store_uncounted", default=False)
 T = TypeVar("T")
 
 
@@ -566,8 +568,19 @@ class Store:
         return self._transactions
 
     def _count_transaction(self, _conn: Any) -> None:
+        if _UNCOUNTED.get():
+            return
         with self._count_lock:
             self._transactions += 1
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Leave the transactions begun inside out of :attr:`transactions` (``/metrics`` reading itself)."""
+        token = _UNCOUNTED.set(True)
+        try:
+            yield
+        finally:
+            _UNCOUNTED.reset(token)
 
     @classmethod
     def open(cls, database_url: str) -> Store:
