@@ -506,6 +506,7 @@ async def settle_ledger(
     client_key: str,
     customer_id: str,
     created: Client | None = None,
+    external_ids: Mapping[str, str] | None = None,
 ) -> Client | None:
     """Read the client's customer record at a ledger, settle it, and write what flows.
 
@@ -514,9 +515,15 @@ async def settle_ledger(
     each such field of the CRM company is written there (only fields with no open
     conflict at that system). The caller holds the client's customer lock.
 
+    The database work is one transaction between the vendor calls: the ledger's record is
+    read before it, and a write to the ledger or the CRM company comes after it, recorded
+    in a transaction of its own only when there is one (BENCHMARKS.md, "Transactions").
+
     Args:
         created: the client as syncd just wrote it to a new customer record: the record
             is taken to hold it, and is not read back (one call fewer per new client).
+        external_ids: the client's ids with the new customer's, written first in the same
+            transaction (the caller created the customer record).
 
     Returns:
         the client to bill with (the CRM's details with the values in force applied),
@@ -524,37 +531,43 @@ async def settle_ledger(
     """
     store, now = runtime.store, runtime.clock()
     owners = runtime.config.settings.clients
-    row = await store.get(ClientRow, client_key)
-    if row is None:
-        return None
-    systems = systems_of(runtime, row)
-    if created is not None:
-        await _held(runtime, client_key, connection, ledger_view(created.ledger_details()))
-    elif isinstance(invoicing, UpdatesCustomers):
+    details = None
+    if created is None and isinstance(invoicing, UpdatesCustomers):
         details = await invoicing.customer_details(customer_id)
-        async with store.begin() as conn:
-            locked = await locked_row(store, conn, client_key)
-            if locked is None:
-                return None
+    table = table_of(ClientRow)
+    async with store.begin() as conn:
+        if external_ids is not None:
+            await conn.execute(
+                sa.update(table).where(table.c.key == client_key).values(external_ids=dict(external_ids))
+            )
+        row = await locked_row(store, conn, client_key)
+        if row is None:
+            return None
+        if created is not None:
+            await _hold(conn, row, connection, ledger_view(created.ledger_details()), now)
+        elif details is not None:
             await record_observation(
                 store,
                 conn,
-                locked,
+                row,
                 system=connection,
                 role="ledger",
                 observed=ledger_view(details),
                 owners=owners,
-                owner_systems=systems.owner_systems(connection),
+                owner_systems=systems_of(runtime, row).owner_systems(connection),
                 now=now,
             )
-        row = await store.get(ClientRow, client_key)
-        await _write_ledger(runtime, row, connection, invoicing, customer_id)
+        if created is not None or details is not None:
+            row = await locked_row(store, conn, client_key) or row
+        to_ledger = await _due_ledger(runtime, conn, row, connection) if details is not None else []
+        to_crm = await _due_crm(runtime, conn, row)
+    if to_ledger:
+        await _send_ledger(runtime, row, connection, invoicing, customer_id, to_ledger)
     try:
-        await write_crm(runtime, client_key)
+        await _send_crm(runtime, row, to_crm)
     except SyncdError as exc:
         # The invoice still goes out: the CRM company is written again before the next one.
         await _crm_write_failed(runtime, client_key, exc)
-    row = await store.get(ClientRow, client_key)
     return applied(Client.model_validate({**row.data, "external_ids": row.external_ids}), row.record)
 
 
@@ -562,9 +575,22 @@ async def _write_ledger(
     runtime: Runtime, row: ClientRow, connection: str, invoicing: Any, customer_id: str, *, owned: bool = False
 ) -> None:
     async with runtime.store.begin() as conn:
-        blocked = set(await open_conflicts(conn, row.key, connection))
+        names = await _due_ledger(runtime, conn, row, connection, owned=owned)
+    await _send_ledger(runtime, row, connection, invoicing, customer_id, names)
+
+
+async def _due_ledger(
+    runtime: Runtime, conn: Connection, row: ClientRow, connection: str, *, owned: bool = False
+) -> list[str]:
+    """The fields due at the ledger ``connection`` (held differently there, no open conflict)."""
+    blocked = set(await open_conflicts(conn, row.key, connection))
     fields = _writable(runtime, tuple(LEDGER_KEYS), "ledger", owned=owned)
-    names = due_writes(row.record or {}, _seed(row).get(connection, {}), fields, blocked)
+    return due_writes(row.record or {}, _seed(row).get(connection, {}), fields, blocked)
+
+
+async def _send_ledger(
+    runtime: Runtime, row: ClientRow, connection: str, invoicing: Any, customer_id: str, names: list[str]
+) -> None:
     if not names:
         return
     client = applied(Client.model_validate({**row.data, "external_ids": row.external_ids}), row.record)
@@ -581,24 +607,18 @@ def _writable(runtime: Runtime, fields: tuple[str, ...], role: str, *, owned: bo
     return tuple(name for name in fields if owned or owners.owner(base_field(name)) != role)
 
 
-async def _held(runtime: Runtime, client_key: str, system: str, values: Mapping[str, Any]) -> None:
+async def _hold(conn: Connection, row: ClientRow, system: str, values: Mapping[str, Any], now: datetime) -> None:
     """Record that ``system`` holds ``values`` because syncd just wrote them there (a new customer record)."""
-    async with runtime.store.begin() as conn:
-        row = await locked_row(runtime.store, conn, client_key)
-        if row is None:
-            return
-        seen = _seed(row)
-        held = seen.setdefault(system, {})
-        changes = [
-            Change(system=system, field=name, old=held.get(name), new=value, by="syncd")
-            for name, value in values.items()
-            if held.get(name) != value
-        ]
-        held.update(values)
-        await conn.execute(
-            sa.update(table_of(ClientRow)).where(table_of(ClientRow).c.key == client_key).values(seen=seen)
-        )
-        await _log(conn, client_key, changes, runtime.clock())
+    seen = _seed(row)
+    held = seen.setdefault(system, {})
+    changes = [
+        Change(system=system, field=name, old=held.get(name), new=value, by="syncd")
+        for name, value in values.items()
+        if held.get(name) != value
+    ]
+    held.update(values)
+    await conn.execute(sa.update(table_of(ClientRow)).where(table_of(ClientRow).c.key == row.key).values(seen=seen))
+    await _log(conn, row.key, changes, now)
 
 
 async def write_crm(runtime: Runtime, client_key: str, *, owned: bool = False) -> list[str]:
@@ -614,19 +634,30 @@ async def write_crm(runtime: Runtime, client_key: str, *, owned: bool = False) -
     row = await store.get(ClientRow, client_key)
     if row is None:
         return []
+    async with store.begin() as conn:
+        names = await _due_crm(runtime, conn, row, owned=owned)
+    return await _send_crm(runtime, row, names)
+
+
+async def _due_crm(runtime: Runtime, conn: Connection, row: ClientRow, *, owned: bool = False) -> list[str]:
+    """The fields due at the client's CRM company (held differently there, no open conflict)."""
     systems = systems_of(runtime, row)
     crm = runtime.connectors.get(systems.crm or "")
     if systems.crm is None or systems.company_id is None or not isinstance(crm, UpdatesCompanies):
         return []
-    async with store.begin() as conn:
-        blocked = set(await open_conflicts(conn, row.key, systems.crm))
+    blocked = set(await open_conflicts(conn, row.key, systems.crm))
     fields = _writable(runtime, tuple(systems.crm_properties), "crm", owned=owned)
-    names = due_writes(row.record or {}, _seed(row).get(systems.crm, {}), fields, blocked)
+    return due_writes(row.record or {}, _seed(row).get(systems.crm, {}), fields, blocked)
+
+
+async def _send_crm(runtime: Runtime, row: ClientRow, names: list[str]) -> list[str]:
     if not names:
         return []
+    systems = systems_of(runtime, row)
+    crm = runtime.connectors[str(systems.crm)]
     values = {systems.crm_properties[name]: _as_property((row.record or {})[name]) for name in names}
     await crm.update_company(systems.company_id, values)
-    await _written(runtime, row.key, systems.crm, names)
+    await _written(runtime, row.key, str(systems.crm), names)
     return names
 
 

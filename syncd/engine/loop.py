@@ -1434,6 +1434,7 @@ class Engine:
             row = await self.store.get(ClientRow, client.key)
             known = row.external_ids.get(connection) if row is not None else None
             created: Client | None = None
+            ids: dict[str, str] | None = None
             if known:
                 customer_id = str(known)
             else:
@@ -1441,7 +1442,6 @@ class Engine:
                 customer_id = str(await invoicing.upsert_customer(created))
                 if row is not None:
                     ids = {**row.external_ids, connection: customer_id}
-                    await self.store.update(ClientRow, [col(ClientRow.key) == client.key], {"external_ids": ids})
             settled = await clients.settle_ledger(
                 self.rt,
                 connection=connection,
@@ -1449,6 +1449,7 @@ class Engine:
                 client_key=client.key,
                 customer_id=customer_id,
                 created=created,
+                external_ids=ids,
             )
             return customer_id, settled or client
 
