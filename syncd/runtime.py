@@ -65,6 +65,7 @@ class Runtime:
         owner: this process's id in leases (host:pid:random).
         billing_start: never invoice a deal won before this.
         defaults: mapping defaults from ``[daemon]``.
+        http: each connection's HTTP plumbing (its rate limits size the engine's claims).
     """
 
     config: Config
@@ -78,6 +79,7 @@ class Runtime:
     billing_start: datetime
     defaults: MappingDefaults
     extra: dict[str, Any] = field(default_factory=dict)
+    http: dict[str, VendorHttp] = field(default_factory=dict)
 
     @classmethod
     async def start(
@@ -120,7 +122,14 @@ class Runtime:
         key = secret_value(config.daemon.encryption_key) or None
         connectors: dict[str, Any] = {}
         verifiers: dict[str, WebhookVerifier] = {}
+        https: dict[str, VendorHttp] = {}
         shared = store.is_postgres and config.daemon.shared_rate_budget
+
+        def make_http(name: str, budget: SharedBudget | None, **kwargs: Any) -> VendorHttp:
+            http = VendorHttp(client, connection=name, budget=budget, sleep=sleep, **kwargs)
+            https.setdefault(name, http)  # the connector's own plumbing is the first one it makes
+            return http
+
         for name, conn in config.connections.items():
             # Vendor windows run on real time, not on the injected business clock.
             budget = SharedBudget(store, connection=name, clock=utcnow) if shared else None
@@ -129,7 +138,7 @@ class Runtime:
                 client=client,
                 tokens=DbTokenStore(store, name, key),
                 clock=clock,
-                make_http=functools.partial(VendorHttp, client, connection=name, budget=budget, sleep=sleep),
+                make_http=functools.partial(make_http, name, budget),
             )
             connectors[name] = conn.spec.factory(conn.settings, ctx)
             if conn.spec.verifier is not None:
@@ -154,6 +163,7 @@ class Runtime:
             owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             billing_start=billing_start,
             defaults=defaults,
+            http=https,
         )
 
     async def aclose(self) -> None:
@@ -208,6 +218,10 @@ class Runtime:
             self.config = dataclasses.replace(self.config, settings=settings)
             log.info("pilot_reloaded", clients=list(pilot.clients))
         return []
+
+    def call_interval_s(self) -> float:
+        """Seconds between calls at the slowest connection's sustained rate limit (0: none limited)."""
+        return max((http.call_interval_s() for http in self.http.values()), default=0.0)
 
     def pilot_allows(self, client_key: str) -> bool:
         """Whether effects for ``client_key`` are real (pilot mode limits them)."""

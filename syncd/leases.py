@@ -1,0 +1,139 @@
+"""The lease on a claimed row, held while a worker works on it.
+
+A worker claims rows with a lease (:meth:`syncd.store.Store.claim`). While it works on
+one, a :class:`Lease` makes sure no other worker can take the row over mid-call, and
+that this worker stops as soon as one has (docs/architecture.md, Leases and fencing):
+
+* **renewal**: a background task extends the lease every third of ``lease_s`` while
+  the row's work runs, fenced (only while the row is still this claim's);
+* **write guard**: right before each vendor write, :meth:`Lease.guard` renews the
+  lease in the database and raises :class:`~syncd.errors.LeaseLost` if the claim was
+  taken over, so a fenced worker writes nothing;
+* **retry budget**: :meth:`Lease.retry_budget_s` bounds the HTTP plumbing's retries
+  within one request (``syncd/http.py``) below the lease left, and to nothing once
+  the claim is lost or the process is stopping: the row goes back to the queue with
+  its back-off instead of a worker sleeping on it.
+
+The lease of the row being worked on is found through a context variable
+(:func:`current`), so ``VendorHttp`` needs no argument threaded through every
+connector call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from syncd.errors import LeaseLost
+
+if TYPE_CHECKING:
+    from syncd.store import Store
+
+log = structlog.get_logger("syncd.leases")
+
+RENEW_FRACTION = 1 / 3  # renew every third of the lease: two renewals may fail or lag before it runs out
+RETRY_SHARE = 0.5  # in-request retries may spend half the lease left; the rest is for the request itself
+
+_current: ContextVar[Lease | None] = ContextVar("syncd_lease", default=None)
+
+
+def current() -> Lease | None:
+    """The lease of the row this task works on, if any (none outside the workers)."""
+    return _current.get()
+
+
+class Lease:
+    """A worker's hold on one claimed row.
+
+    Args:
+        store: the store the row lives in.
+        model: the row's table model (``EventRow`` or ``EffectRow``).
+        row: the row as claimed (its ``attempts`` and ``lease_owner`` fence every renewal).
+        lease_s: the lease length (``[daemon].lease_s``).
+        clock: the current aware time (the clock claims are made with).
+        stopping: whether the process is shutting down (no retries then).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        model: Any,
+        row: Any,
+        *,
+        lease_s: int,
+        clock: Callable[[], datetime],
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.store = store
+        self.model = model
+        self.row = row
+        self.lease_s = lease_s
+        self.clock = clock
+        self.stopping = stopping
+        self.until: datetime = row.lease_until
+        self.lost = False
+
+    @property
+    def where(self) -> str:
+        """The row, for messages: ``effects.id=12 attempt 3``."""
+        return f"{self.model.__tablename__}.id={self.row.id} attempt {self.row.attempts}"
+
+    def remaining_s(self) -> float:
+        """Seconds until the lease runs out, as last renewed (0 once lost)."""
+        return 0.0 if self.lost else max(0.0, (self.until - self.clock()).total_seconds())
+
+    def retry_budget_s(self) -> float:
+        """Seconds a request's retries may take in all: none once lost or stopping."""
+        if self.lost or self.stopping():
+            return 0.0
+        return self.remaining_s() * RETRY_SHARE
+
+    async def renew(self) -> bool:
+        """Extend the lease if the row is still this claim's; ``False`` (and lost) if not."""
+        if self.lost:
+            return False
+        until = await self.store.renew(self.model, self.row, lease_s=self.lease_s, now=self.clock())
+        if until is None:
+            self.lost = True
+            return False
+        self.until = until
+        return True
+
+    async def guard(self, what: str) -> None:
+        """Right before a vendor write: renew, or raise if the claim was taken over.
+
+        Raises:
+            LeaseLost: another worker claimed the row; ``what`` must not be sent.
+        """
+        if not await self.renew():
+            raise LeaseLost(f"{self.where}: the lease was taken over; {what} was not sent", place=self.where)
+
+    async def _keep(self) -> None:
+        """Renew every third of the lease until cancelled or lost."""
+        interval = self.lease_s * RENEW_FRACTION
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.renew():
+                    log.warning("lease_renewal_refused", row=self.where)
+                    return
+            except Exception:  # the database is away: try again at the next interval
+                log.exception("lease_renewal_failed", row=self.where)
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[Lease]:
+        """Work on the row under this lease: renewed in the background, found by :func:`current`."""
+        token = _current.set(self)
+        keeper = asyncio.create_task(self._keep())
+        try:
+            yield self
+        finally:
+            keeper.cancel()
+            await asyncio.wait([keeper])  # a cancellation of this task itself still propagates
+            _current.reset(token)
