@@ -1028,7 +1028,7 @@ class Engine:
         if not await self.store.update(
             EffectRow, [col(EffectRow.id) == row.id, col(EffectRow.attempts) == row.attempts], {"payload": payload}
         ):
-            raise LeaseLost(f"{place}: claimed again meanwhile; not drafted again", place=place)
+            raise LeaseLost("claimed again meanwhile; not drafted again", place=place)
         log.info("invoice_redrafted", key=fresh.key, effect=row.id, mapping=str(pipeline.mapping.path))
         return fresh
 
@@ -1281,6 +1281,10 @@ class Engine:
             clock=self.rt.clock,
             stopping=self.stop.is_set,
         )
+        if lease.remaining_s() < self.rt.config.daemon.lease_s * LEASE_SHARE and not await lease.renew():
+            # its turn in the batch came after its lease ran out, and another worker took it
+            self._log_lost(source, row, "claimed again before its turn in this worker's batch")
+            return
         started = time.monotonic()
         try:
             async with lease.held():

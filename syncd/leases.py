@@ -112,13 +112,16 @@ class Lease:
             LeaseLost: another worker claimed the row; ``what`` must not be sent.
         """
         if not await self.renew():
-            raise LeaseLost(f"{self.where}: the lease was taken over; {what} was not sent", place=self.where)
+            raise LeaseLost(f"the lease was taken over; {what} was not sent", place=self.where)
 
-    async def _keep(self) -> None:
-        """Renew every third of the lease until cancelled or lost."""
+    async def _keep(self, done: asyncio.Event) -> None:
+        """Renew every third of the lease until ``done`` is set or the lease is lost."""
         interval = self.lease_s * RENEW_FRACTION
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=interval)
+            if done.is_set():
+                return
             try:
                 if not await self.renew():
                     log.warning("lease_renewal_refused", row=self.where)
@@ -128,12 +131,17 @@ class Lease:
 
     @contextlib.asynccontextmanager
     async def held(self) -> AsyncIterator[Lease]:
-        """Work on the row under this lease: renewed in the background, found by :func:`current`."""
+        """Work on the row under this lease: renewed in the background, found by :func:`current`.
+
+        The renewal task is told to stop, not cancelled: a renewal under way finishes
+        its transaction (a cancelled one could leave its connection checked out).
+        """
         token = _current.set(self)
-        keeper = asyncio.create_task(self._keep())
+        done = asyncio.Event()
+        keeper = asyncio.create_task(self._keep(done))
         try:
             yield self
         finally:
-            keeper.cancel()
-            await asyncio.wait([keeper])  # a cancellation of this task itself still propagates
+            done.set()
             _current.reset(token)
+            await asyncio.wait([keeper])  # not cancelled if this task is: it ends by itself
