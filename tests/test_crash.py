@@ -30,8 +30,8 @@ from starlette.types import Receive, Scope, Send
 from connectors.emulation import Fault
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.demo import free_port, serve
-from syncd.store import EffectRow, Store
+from syncd.plumbing.serving import free_port, serve
+from syncd.store.db import EffectRow, Store
 from tests.harness import seed_company, seed_deal, stack, write_config
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from syncd.store import BillingEventRow, EffectRow, EventRow, InvoiceRow, table_of
+from syncd.store.db import BillingEventRow, EffectRow, EventRow, InvoiceRow, table_of
 from tests.harness import MAPPING, SYNCD_URL, seed_company, seed_deal, stack
 
 
@@ -302,7 +302,7 @@ async def test_a_failing_invoice_is_retried_until_give_up_after_s_then_dead_lett
 ) -> None:
     """Back-off doubles up to retry_max_delay_s; the record is dead-lettered only once give_up_after_s has passed."""
     from connectors.emulation import Fault
-    from syncd.store import DeadLetterRow
+    from syncd.store.db import DeadLetterRow
 
     now = [datetime.now(UTC)]
     start = (now[0] - timedelta(days=1)).isoformat()
@@ -347,7 +347,7 @@ async def test_two_events_of_one_deal_lose_no_engagement_update(tmp_path: Path, 
     """
     import psycopg
 
-    from syncd.store import EngagementRow
+    from syncd.store.db import EngagementRow
     from tests.test_recurring import RETAINER, Clock, at
 
     clock = Clock(at(datetime(2027, 1, 10).date()))

@@ -1,4 +1,4 @@
-"""Leases (syncd/leases.py): a claim is not taken over mid-call, and a worker that lost one writes nothing.
+"""Leases (syncd/plumbing/leases.py): a claim is not taken over mid-call, and a worker that lost one writes nothing.
 
 Two daemons (each its own engine, store and owner) share one database, a SQLite file or
 a PostgreSQL database, and one pair of emulators over ASGI transports. The harness's
@@ -17,8 +17,8 @@ import pytest
 import structlog
 
 from connectors.emulation import Fault
-from syncd.runtime import utcnow
-from syncd.store import EffectRow
+from syncd.engine.runtime import utcnow
+from syncd.store.db import EffectRow
 from tests.harness import Stack, seed_company, seed_deal, stack
 
 LEASE_S = 5  # tests/harness.py
