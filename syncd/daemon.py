@@ -3,7 +3,8 @@
 The lifespan owns the store, the HTTP client and the scheduler. Shutdown is bounded by
 ``[daemon].shutdown_grace_s`` from the signal (SIGTERM or SIGINT, seen by
 :class:`Server`): the workers claim nothing more at once and ``/readyz`` answers 503;
-each worker finishes the row in flight (no in-request retries any more) and hands the
+each worker finishes the vendor call in flight (no retry and no further call of that
+row; the row goes back to the queue with its attempt counted) and hands the
 rest of its claimed batch back to the queue uncounted (:meth:`syncd.engine.loop.Engine._work`).
 uvicorn closes the connections (at most a fifth of the grace), the scheduler stops,
 and a worker still busy when the grace is nearly spent is cancelled: its row goes back

@@ -139,3 +139,32 @@ async def test_a_claim_takes_only_what_fits_in_the_lease(tmp_path: Path, db_url:
             EffectRow, EffectRow.kind == "create_invoice", EffectRow.attempts == 0
         )
         assert len(untouched) == 2
+
+
+async def test_a_stopping_worker_finishes_the_call_in_flight_and_starts_no_other(tmp_path: Path, db_url: str) -> None:
+    """Stop during a slow read: the read finishes, no write follows, and every claimed row is back in the queue."""
+    async with stack(tmp_path, db_url) as s:
+        await _queued_invoices(s, deals=3)
+        slow_read = s.xero.faults.add(Fault(kind="latency", latency_s=1.0, method="GET", path_contains="/Contacts"))
+        engine = s.daemon.engine
+        with structlog.testing.capture_logs() as logs:
+            worker = asyncio.create_task(engine.execute_effects(10))
+            await _fault_taken(slow_read)
+            engine.stop.set()  # what SIGTERM does (syncd/daemon.py)
+            assert await worker == 3
+        rows = await s.daemon.runtime.store.select(EffectRow, EffectRow.kind == "create_invoice", order_by=EffectRow.id)
+
+    assert s.xero.calls["createContacts"] == 0
+    assert s.xero.calls["createInvoices"] == 0
+    first, *rest = rows
+    assert (first.status, first.attempts, first.lease_owner, first.last_error) == (
+        "pending",
+        1,
+        None,
+        "interrupted at shutdown",
+    )
+    assert [(row.status, row.attempts, row.first_attempt_at, row.lease_owner) for row in rest] == [
+        ("pending", 0, None, None)
+    ] * 2
+    events = [line["event"] for line in logs if line["event"] in ("work_interrupted", "claims_released", "work_retry")]
+    assert events == ["work_interrupted", "claims_released"]

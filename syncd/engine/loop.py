@@ -24,7 +24,8 @@ Claims (docs/architecture.md, Leases and fencing): a worker claims only as many 
 it can finish within the lease at the vendors' rate limits and at the pace it measured;
 each row is worked under a :class:`~syncd.plumbing.leases.Lease`, renewed while its calls run and
 checked before every vendor write. On shutdown a worker claims nothing more, finishes
-the row in flight and hands the rest of its batch back uncounted.
+the vendor call in flight (no further call of that row is started: it goes back to the
+queue with its attempt counted) and hands the rest of its batch back uncounted.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from syncd.core.errors import (
     NotFound,
     RecordError,
     RetriableError,
+    Stopping,
     SyncdError,
 )
 from syncd.core.interfaces import (
@@ -148,7 +150,7 @@ class Engine:
     async def run_worker(self, stop: asyncio.Event | None = None, *, batch: int = 10, idle_s: float = 1.0) -> None:
         """Process events and effects until the engine's ``stop`` is set.
 
-        Once it is set the worker claims nothing more, finishes the row in flight and
+        Once it is set the worker claims nothing more, finishes the vendor call in flight and
         hands the rest of its claimed batch back (:meth:`_work`). ``batch`` is the most
         rows one claim takes; fewer when they would not fit in the lease
         (:meth:`claim_size`).
@@ -1300,6 +1302,8 @@ class Engine:
     async def _failed(self, model: Any, row: Any, source: str, exc: Exception, *, lost: bool) -> None:
         if isinstance(exc, LeaseLost) or lost:
             self._log_lost(source, row, str(exc))
+        elif isinstance(exc, Stopping):  # the call in flight finished; the row goes back as it is
+            await self._release(model, source, [row], uncount=False)
         elif isinstance(exc, RetriableError | AuthError):
             await self._retry_or_bury(model, row, source, exc)
         elif isinstance(exc, SyncdError):  # mapping, record, fatal, not found: retrying would not help

@@ -22,7 +22,8 @@ own client or retry loop. The rules:
   preceded by the lease's write guard (a fenced renewal: a worker whose claim was taken
   over sends nothing), and the retries of one request stop before they would spend the
   lease's retry budget (half the lease left; nothing once the claim is lost or the
-  process is stopping): the row then goes back to the queue with its back-off.
+  process is stopping): the row then goes back to the queue with its back-off. Once the
+  process is stopping, no request is started (the one in flight finishes).
 """
 
 from __future__ import annotations
@@ -400,10 +401,13 @@ class VendorHttp:
             RetriableError: still failing after ``max_attempts`` (or ``retry=False``),
                 or the next retry would not fit in the lease's retry budget.
             LeaseLost: the worker's claim was taken over; nothing more was sent.
+            Stopping: the process is stopping (in a worker's row); nothing was sent.
             AuthError, NotFound, Rejected: per :data:`STATUS_ACTIONS`.
         """
         attempts = self.max_attempts if retry else 1
         lease = leases.current()
+        if lease is not None:
+            lease.before_call(f"{self.connection}: {method} {path}")
         stop: stop_base = stop_after_attempt(attempts)
         if lease is not None:
             stop = stop | _WithinLease(lease)

@@ -9,6 +9,9 @@ that this worker stops as soon as one has (docs/architecture.md, Leases and fenc
 * **write guard**: right before each vendor write, :meth:`Lease.guard` renews the
   lease in the database and raises :class:`~syncd.errors.LeaseLost` if the claim was
   taken over, so a fenced worker writes nothing;
+* **stop boundary**: once the process is stopping, :meth:`Lease.before_call` refuses
+  every vendor call after the one in flight (:class:`~syncd.core.errors.Stopping`), so
+  a stopping worker finishes only that call;
 * **retry budget**: :meth:`Lease.retry_budget_s` bounds the HTTP plumbing's retries
   within one request (``syncd/plumbing/http.py``) below the lease left, and to nothing once
   the claim is lost or the process is stopping: the row goes back to the queue with
@@ -30,7 +33,7 @@ from datetime import datetime
 
 import structlog
 
-from syncd.core.errors import LeaseLost
+from syncd.core.errors import LeaseLost, Stopping
 
 log = structlog.get_logger("syncd.plumbing.leases")
 
@@ -87,6 +90,15 @@ class Lease:
         if self.lost or self.stopping():
             return 0.0
         return self.remaining_s() * RETRY_SHARE
+
+    def before_call(self, what: str) -> None:
+        """Before a vendor call is started: refuse it once the process is stopping.
+
+        Raises:
+            Stopping: the process is stopping; ``what`` is not sent.
+        """
+        if self.stopping():
+            raise Stopping(f"syncd is stopping; {what} was not sent", place=self.where)
 
     async def renew(self) -> bool:
         """Extend the lease if the row is still this claim's; ``False`` (and lost) if not."""
