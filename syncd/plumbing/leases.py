@@ -7,7 +7,7 @@ that this worker stops as soon as one has (docs/architecture.md, Leases and fenc
 * **renewal**: a background task extends the lease every third of ``lease_s`` while
   the row's work runs, fenced (only while the row is still this claim's);
 * **write guard**: right before each vendor write, :meth:`Lease.guard` renews the
-  lease in the database and raises :class:`~syncd.errors.LeaseLost` if the claim was
+  lease in the database and raises :class:`~syncd.core.errors.LeaseLost` if the claim was
   taken over, so a fenced worker writes nothing;
 * **stop boundary**: once the process is stopping, :meth:`Lease.before_call` refuses
   every vendor call after the one in flight (:class:`~syncd.core.errors.Stopping`), so
@@ -60,7 +60,7 @@ class Lease:
         lease_s: the lease length (``[daemon].lease_s``).
         renew: the fenced renewal (:meth:`syncd.store.db.Store.renew` bound to the row).
         clock: the current aware time (the clock claims are made with).
-        stopping: whether the process is shutting down (no retries then).
+        stopping: whether the process is shutting down (no new call and no retry then).
     """
 
     def __init__(

@@ -571,7 +571,11 @@ class Store:
         result: Mapping[str, Any] | None = None,
         conn: AsyncConnection | None = None,
     ) -> bool:
-        """Settle a claimed row, fenced on the attempt it was claimed with.
+        """Settle a claimed row, fenced on the attempt it was claimed with and its owner.
+
+        The owner matters once a row was handed back uncounted (:meth:`release` takes
+        ``attempts`` back by one): a worker that lost the row before that must not
+        settle it with the attempt number it had.
 
         Args:
             status: ``done``, ``dead``, ``simulated``, or ``pending`` (retry at ``next_at``).
@@ -587,7 +591,11 @@ class Store:
             values["updated_at"] = now
             if result is not None:
                 values["result"] = dict(result)
-        stmt = sa.update(table).where(table.c.id == row.id, table.c.attempts == row.attempts).values(**values)
+        stmt = (
+            sa.update(table)
+            .where(table.c.id == row.id, table.c.attempts == row.attempts, table.c.lease_owner == row.lease_owner)
+            .values(**values)
+        )
         if conn is not None:
             return bool((await conn.execute(stmt)).rowcount)
         async with self.engine.begin() as own:
