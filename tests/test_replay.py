@@ -66,14 +66,15 @@ async def test_a_fixed_record_is_invoiced_once_after_replay(tmp_path: Path, db_u
         company, letter = await nameless_deal_dead_lettered(s)
         await name_company(s.hub, company, "Nameless Co")
 
-        assert await replay_dead_letters(s.config, [letter.id]) == 1
-        assert await replay_dead_letters(s.config, [letter.id]) == 0
+        assert (await replay_dead_letters(s.config, [letter.id])).requeued == (letter.id,)
+        again = await replay_dead_letters(s.config, [letter.id])
+        assert (again.count, again.left) == (0, ((letter.id, "it is replayed, not open"),))
         await s.drain()
         (invoice,) = s.xero.invoices()
         assert invoice["Contact"]["Name"] == "Nameless Co"
         assert invoice["Reference"].startswith("PO-9 · syncd:")
 
-        assert await replay_dead_letters(s.config, [], all_=True) == 0
+        assert (await replay_dead_letters(s.config, [], all_=True)).count == 0
         assert await s.hub.redeliver_last() == 200
         await s.drain()
         assert len(s.xero.invoices()) == 1
@@ -137,7 +138,7 @@ async def test_a_replayed_invoice_is_drafted_from_the_fixed_mapping(tmp_path: Pa
         _mapping_with_account(tmp_path, "200")
         assert s.daemon.reload_mappings() == []
         now[0] += timedelta(minutes=7)  # past Xero's 6-minute idempotency window of the refused request
-        assert await replay_dead_letters(s.config, [letter.id]) == 1
+        assert (await replay_dead_letters(s.config, [letter.id])).requeued == (letter.id,)
         await s.drain()
 
         (invoice,) = s.xero.invoices()
@@ -181,7 +182,7 @@ async def test_replay_resets_the_record_and_marks_the_letter_in_one_transaction(
                 "DROP TRIGGER refuse ON dead_letters" if store.is_postgres else "DROP TRIGGER refuse"
             )
 
-        assert await replay_dead_letters(s.config, [letter.id]) == 1
+        assert (await replay_dead_letters(s.config, [letter.id])).requeued == (letter.id,)
         (requeued,) = await store.select(EffectRow, EffectRow.kind == "create_invoice")
         assert (requeued.status, requeued.attempts, requeued.first_attempt_at, requeued.last_error) == (
             "pending",
@@ -201,6 +202,8 @@ async def test_a_letter_whose_record_is_not_dead_any_more_stays_open(tmp_path: P
         store = s.daemon.runtime.store
         await store.update(EffectRow, [EffectRow.kind == "create_invoice"], {"status": "done"})  # settled meanwhile
 
-        assert await replay_dead_letters(s.config, [letter.id]) == 0
+        done = await replay_dead_letters(s.config, [letter.id])
+        assert done.count == 0
+        assert done.left == ((letter.id, f"its effect {letter.ref} is not dead any more (requeued or settled since)"),)
         (still,) = await list_dead_letters(s.config)
         assert (still.id, still.status) == (letter.id, "open")
