@@ -23,7 +23,7 @@ own client or retry loop. The rules:
 * Inside a worker's claimed row (:func:`syncd.plumbing.leases.current`), every vendor write is
   preceded by the lease's write guard (a fenced renewal: a worker whose claim was taken
   over sends nothing), and the retries of one request stop before they would spend the
-  lease's retry budget (half the lease left; nothing once the claim is lost or the
+  lease's retry budget (four fifths of the lease left; nothing once the claim is lost or the
   process is stopping): the row then goes back to the queue with its back-off. Once the
   process is stopping, no request is started (the one in flight finishes).
 """

@@ -38,7 +38,7 @@ from syncd.core.errors import LeaseLost, Stopping
 log = structlog.get_logger("syncd.plumbing.leases")
 
 RENEW_FRACTION = 1 / 3  # renew every third of the lease: two renewals may fail or lag before it runs out
-RETRY_SHARE = 0.5  # in-request retries may spend half the lease left; the rest is for the request itself
+RETRY_SHARE = 0.8  # in-request retries end before the lease left does; the last fifth is for the request itself
 
 Renew = Callable[[], Awaitable[datetime | None]]
 """Extends the lease in the database if the claim is still this worker's: its new end, else ``None``."""
