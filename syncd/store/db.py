@@ -101,6 +101,7 @@ class EventRow(SQLModel, table=True):
     received_at: datetime = _ts()
     status: str = "pending"  # pending | done | dead
     attempts: int = 0
+    first_attempt_at: datetime | None = _ts(nullable=True)  # give_up_after_s counts from here
     next_at: datetime = _ts()
     lease_owner: str | None = None
     lease_until: datetime | None = _ts(nullable=True)
@@ -120,6 +121,7 @@ class EffectRow(SQLModel, table=True):
     payload: dict[str, Any] = _json(nullable=False)
     status: str = "pending"  # pending | done | dead | simulated
     attempts: int = 0
+    first_attempt_at: datetime | None = _ts(nullable=True)  # give_up_after_s counts from here
     next_at: datetime = _ts()
     lease_owner: str | None = None
     lease_until: datetime | None = _ts(nullable=True)
@@ -755,7 +757,12 @@ class Store:
         if not hints:
             return []
         table = table_of(EventRow)
-        lease = {"attempts": 1, "lease_owner": owner, "lease_until": now + timedelta(seconds=lease_s)}
+        lease = {
+            "attempts": 1,
+            "lease_owner": owner,
+            "lease_until": now + timedelta(seconds=lease_s),
+            "first_attempt_at": now,
+        }
         rows = [{**values, **lease} for values in _event_values(hints, now)]
         stmt = self._insert_ignore(table, ("connection", "event_id")).returning(*table.c)
         inserted = await self._unit(lambda c: c.execute(stmt, rows).mappings().all(), write=True)
@@ -771,19 +778,19 @@ class Store:
         )
 
     async def claim_work(
-        self, *, owner: str, limit: int, lease_s: int, now: datetime, settle: Sequence[Settle] = ()
+        self, *, owner: str, limits: tuple[int, int], lease_s: int, now: datetime, settle: Sequence[Settle] = ()
     ) -> Claimed:
         """Settle finished rows and claim the next due events and effects, in one transaction.
 
         A worker's loop runs on this: the rows it finished without a transaction of their
         own (:class:`Settle`, each fenced as in :meth:`finish`) are settled in the same
-        transaction that claims its next work, up to ``limit`` events and ``limit`` effects.
+        transaction that claims its next work, up to ``limits`` (events, effects).
         """
 
         def work(c: sa.Connection) -> Claimed:
             fenced = [item.row for item in settle if not _finish(c, item)]
-            events = _claim(c, EventRow, owner=owner, limit=limit, lease_s=lease_s, now=now)
-            effects = _claim(c, EffectRow, owner=owner, limit=limit, lease_s=lease_s, now=now)
+            events = _claim(c, EventRow, owner=owner, limit=limits[0], lease_s=lease_s, now=now)
+            effects = _claim(c, EffectRow, owner=owner, limit=limits[1], lease_s=lease_s, now=now)
             return Claimed(events=events, effects=effects, fenced=fenced)
 
         return await self._unit(work, write=True)
@@ -791,6 +798,60 @@ class Store:
     async def settle(self, items: Sequence[Settle]) -> list[EventRow | EffectRow]:
         """Settle rows finished earlier (:class:`Settle`) in one transaction; the rows claimed again meanwhile."""
         return await self._unit(lambda c: [item.row for item in items if not _finish(c, item)], write=True)
+
+    async def renew(self, model: type[Row], row: Row, *, lease_s: int, now: datetime) -> datetime | None:
+        """Extend a claim's lease to ``now + lease_s`` if it is still this claim's.
+
+        Fenced like :meth:`finish`, and on the owner too: the row must still be pending,
+        claimed by ``row.lease_owner`` with ``row.attempts``. A lease that ran out but
+        was not claimed again is still ours (a claim and a renewal are serialised by
+        the row lock on PostgreSQL, by the write lock on SQLite).
+
+        Returns:
+            the new end of the lease, or ``None`` when the claim is lost.
+        """
+        table = table_of(model)
+        until = now + timedelta(seconds=lease_s)
+        stmt = (
+            sa.update(table)
+            .where(
+                table.c.id == row.id,
+                table.c.attempts == row.attempts,
+                table.c.lease_owner == row.lease_owner,
+                table.c.status == "pending",
+            )
+            .values(lease_until=until)
+        )
+        renewed = await self._unit(lambda c: bool(c.execute(stmt).rowcount), write=True)
+        return until if renewed else None
+
+    async def release(self, model: type[Row], rows: Sequence[Row], *, uncount: bool, error: str | None = None) -> int:
+        """Hand claimed rows back to the queue at once: no lease, due as they were.
+
+        Args:
+            rows: rows this worker claimed (fenced on owner and attempt, like :meth:`renew`).
+            uncount: the rows were not worked on: their claim does not count as an
+                attempt (``attempts`` goes back, and a first attempt time set by that
+                claim is cleared). ``False`` for a row whose work was interrupted: its
+                attempt did happen, so the next one looks up what it may have created.
+            error: recorded as the row's last error.
+
+        Returns:
+            how many rows were released.
+        """
+        if not rows:
+            return 0
+        table = table_of(model)
+        values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+        if uncount:
+            values["attempts"] = table.c.attempts - 1
+            values["first_attempt_at"] = sa.case((table.c.attempts == 1, None), else_=table.c.first_attempt_at)
+        if error is not None:
+            values["last_error"] = error
+        claims = sa.or_(*(sa.and_(table.c.id == row.id, table.c.attempts == row.attempts) for row in rows))
+        owners = {row.lease_owner for row in rows}
+        stmt = sa.update(table).where(claims, table.c.lease_owner.in_(owners), table.c.status == "pending")
+        return await self._unit(lambda c: int(c.execute(stmt.values(**values)).rowcount or 0), write=True)
 
     async def finish(
         self,
@@ -804,7 +865,11 @@ class Store:
         result: Mapping[str, Any] | None = None,
         conn: Connection | None = None,
     ) -> bool:
-        """Settle a claimed row, fenced on the attempt it was claimed with.
+        """Settle a claimed row, fenced on the attempt it was claimed with and its owner.
+
+        The owner matters once a row was handed back uncounted (:meth:`release` takes
+        ``attempts`` back by one): a worker that lost the row before that must not
+        settle it with the attempt number it had.
 
         Args:
             status: ``done``, ``dead``, ``simulated``, or ``pending`` (retry at ``next_at``).
@@ -861,7 +926,12 @@ class Store:
         """
         table = table_of(EffectRow)
         values = _effect_values(key, kind, connection, payload, now, client_key, "pending", None)
-        values |= {"attempts": 1, "lease_owner": owner, "lease_until": now + timedelta(seconds=lease_s)}
+        values |= {
+            "attempts": 1,
+            "lease_owner": owner,
+            "lease_until": now + timedelta(seconds=lease_s),
+            "first_attempt_at": now,
+        }
         stmt = self._insert_ignore(table, ("key",)).values(**values).returning(*table.c)
         row = await conn.call(lambda c: c.execute(stmt).mappings().first())
         return None if row is None else EffectRow.model_validate(dict(row))
@@ -985,6 +1055,18 @@ class Store:
     async def outcome_counts(self) -> dict[tuple[str, str], int]:
         """Open outcomes counted by (kind, reason)."""
         return await self._unit(_outcome_counts, write=False)
+
+    async def lock_for_transaction(self, conn: Connection, name: str) -> None:
+        """Hold a lock named ``name`` until ``conn``'s transaction ends, across replicas.
+
+        On PostgreSQL a transaction-level advisory lock (``pg_advisory_xact_lock``, keyed
+        by a 64-bit hash of the name): a second transaction asking for the same name
+        waits until the first commits, and then reads what it wrote. SQLite needs
+        nothing: ``BEGIN IMMEDIATE`` already makes each write transaction wait for the
+        one before it.
+        """
+        if self.is_postgres:
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": name})
 
     async def metric_counts(self) -> MetricCounts:
         """What the ``/metrics`` gauges show, read in one transaction (:mod:`syncd.plumbing.metrics`)."""
@@ -1332,7 +1414,12 @@ def _claim(conn: sa.Connection, model: type[Row], *, owner: str, limit: int, lea
     stmt = (
         sa.update(table)
         .where(table.c.id.in_(due.scalar_subquery()))
-        .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s), attempts=table.c.attempts + 1)
+        .values(
+            lease_owner=owner,
+            lease_until=now + timedelta(seconds=lease_s),
+            attempts=table.c.attempts + 1,
+            first_attempt_at=sa.func.coalesce(table.c.first_attempt_at, now),
+        )
         .returning(*table.c)
     )
     rows = conn.execute(stmt).mappings().all()
@@ -1349,7 +1436,11 @@ def _finish(conn: sa.Connection, item: Settle) -> bool:
         if item.result is not None:
             values["result"] = dict(item.result)
     row = item.row
-    stmt = sa.update(table).where(table.c.id == row.id, table.c.attempts == row.attempts).values(**values)
+    stmt = (
+        sa.update(table)
+        .where(table.c.id == row.id, table.c.attempts == row.attempts, table.c.lease_owner == row.lease_owner)
+        .values(**values)
+    )
     return bool(conn.execute(stmt).rowcount)
 
 
