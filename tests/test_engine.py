@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from syncd.plumbing.leases import Lease
 from syncd.store.db import BillingEventRow, EffectRow, EventRow, InvoiceRow, table_of
 from tests.harness import MAPPING, SYNCD_URL, seed_company, seed_deal, stack
 
@@ -307,31 +308,42 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None
         await asyncio.sleep(0.01)
 
 
-async def test_a_won_deal_takes_four_transactions_besides_the_customer_record(tmp_path: Path, sqlite_url: str) -> None:
+async def test_a_won_deal_takes_four_transactions_besides_the_customer_record(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With a worker waiting, a won deal of a new client is acknowledged, processed, invoiced and written back in 4.
 
     The four: the webhook stores the event claimed by the idle worker; processing the
     deal records the client, engagement, billing event and its effect claimed by the same
     worker and settles the event; creating the invoice records it, settles the effect and
     queues the write-back claimed, with the deal's standing; the write-back is settled
-    with the worker's next (empty) claim. The customer step before the invoice
-    (``Engine._customer_id``: the ledger's customer found or created, then settled
-    against the client record, docs/operations.md) runs transactions of its own: counted
-    apart here, and in BENCHMARKS.md.
+    with the worker's next (empty) claim. Counted apart, here and in BENCHMARKS.md: the
+    customer step before the invoice (``Engine._customer_id``: the ledger's customer found
+    or created, then settled against the client record, docs/operations.md: 2) and the
+    lease's guard before each vendor write (``syncd/plumbing/leases.py``: one renewal each,
+    3 for a new client).
     """
     async with stack(tmp_path, sqlite_url) as s:
         engine, store = s.daemon.engine, s.daemon.runtime.store
-        in_customer_step: list[int] = []
-        customer_id = engine._customer_id
+        apart = {"customer": 0, "guards": 0}
+        customer_id, guard = engine._customer_id, Lease.guard
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
-            before = store.transactions
+            before, guards = store.transactions, apart["guards"]
             try:
                 return await customer_id(*args, **kwargs)
             finally:
-                in_customer_step.append(store.transactions - before)
+                apart["customer"] += store.transactions - before - (apart["guards"] - guards)
+
+        async def counted_guard(lease: Lease, what: str) -> None:
+            before = store.transactions
+            try:
+                await guard(lease, what)
+            finally:
+                apart["guards"] += store.transactions - before
 
         engine._customer_id = counted  # type: ignore[method-assign]
+        monkeypatch.setattr(Lease, "guard", counted_guard)
         stop = asyncio.Event()
         worker = asyncio.create_task(engine.run_worker(stop, idle_s=3600))
         try:
@@ -343,11 +355,12 @@ async def test_a_won_deal_takes_four_transactions_besides_the_customer_record(tm
             for written, deal in enumerate(deals, start=1):  # the first also fetches Xero's token
                 await _until(lambda: len(engine._idle) == 1)
                 before = store.transactions
+                apart.update(customer=0, guards=0)
                 await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
                 await _until(lambda n=written: len(s.xero.invoices()) == n and len(engine._idle) == 1)
                 assert s.hub.deal(deal)["properties"]["syncd_invoice_status"] == "authorised"
-            assert len(in_customer_step) == 2
-            assert store.transactions - before - in_customer_step[-1] == 4
+            assert apart == {"customer": 2, "guards": 3}
+            assert store.transactions - before - apart["customer"] - apart["guards"] == 4
             assert len({contact["ContactID"] for contact in s.xero.contacts()}) == 2
             effects = await store.select(EffectRow)
             assert {(e.kind, e.status, e.attempts) for e in effects} == {
