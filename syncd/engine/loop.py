@@ -143,9 +143,11 @@ class _Work:
 
     * the work's last transaction may settle the row itself (:meth:`Engine._settle_in`),
       fenced as :meth:`~syncd.store.db.Store.finish` is; ``settled`` is then set;
-    * an effect the work queues due now is queued already claimed by this worker
-      (:meth:`~syncd.store.db.Store.add_claimed_effect`) and executed right after
-      this row (``followups``), instead of being claimed in a transaction of its own;
+    * in a worker's loop (``chains``; :meth:`Engine.process_events`, ``execute_effects``
+      and ``drain`` keep the steps apart), an effect the work queues due now is queued
+      already claimed by this worker (:meth:`~syncd.store.db.Store.add_claimed_effect`)
+      and executed right after this row (``followups``), instead of being claimed in a
+      transaction of its own;
       it joins ``followups`` only once the transaction that queued it commits
       (``staged`` until then, dropped on a rollback);
     * a row done without a transaction of its own is settled in the worker's next
@@ -154,6 +156,7 @@ class _Work:
 
     model: Any
     row: Any
+    chains: bool = False  # a worker's loop runs it: effects due now are queued claimed, run next
     settled: bool = False
     depth: int = 0  # engine transactions open (Engine._transaction)
     staged: list[_FollowUp] = field(default_factory=list)
@@ -529,7 +532,11 @@ class Engine:
             if not pipeline.mapping.selects(record):
                 await self._remember(record, now)
                 return None
-        mapped = pipeline.mapping.map_deal(record, defaults=self.rt.defaults)
+        try:
+            mapped = pipeline.mapping.map_deal(record, defaults=self.rt.defaults)
+        except SyncdError:
+            await self._remember(record, now)  # previews compare mappings over the deals as read
+            raise
         current = mapped.engagement
         if current.won_at is not None:
             current = current.model_copy(update={"won_recorded_at": record.stage_changed_at})
@@ -1217,7 +1224,8 @@ class Engine:
         The caller notifies a worker after its commit (:meth:`_notify_unless_claimed`).
         """
         key = "crm:" + hashlib.sha256(f"{crm}:{deal_id}:{version}".encode()).hexdigest()[:32]
-        claims = _working.get() is not None
+        current = _working.get()
+        claims = current is not None and current.chains
         return await self._queue_effect(
             conn,
             key=key,
@@ -1230,7 +1238,8 @@ class Engine:
 
     def _notify_unless_claimed(self) -> None:
         """After a commit that queued effects: wake a worker, unless a worker queued them (claimed, :class:`_Work`)."""
-        if _working.get() is None:
+        current = _working.get()
+        if current is None or not current.chains:
             self.notify()
 
     async def refresh_aging(self) -> int:
@@ -1724,7 +1733,7 @@ class Engine:
             # its turn in the batch came after its lease ran out, and another worker took it
             self._log_lost(source, row, "claimed again before its turn in this worker's batch")
             return
-        current = _Work(model=model, row=row, prefetched=prefetched or {})
+        current = _Work(model=model, row=row, chains=later is not None, prefetched=prefetched or {})
         token = _working.set(current)
         started = time.monotonic()
         try:
@@ -1806,7 +1815,7 @@ class Engine:
             whether it was new. An effect queued unclaimed needs :meth:`notify` after the commit.
         """
         current = _working.get()
-        if current is None or current.depth == 0:
+        if current is None or current.depth == 0 or not current.chains:
             return await self.store.add_effect(
                 conn, key=key, kind=kind, connection=connection, payload=payload, now=now, client_key=client_key
             )
