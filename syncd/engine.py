@@ -67,7 +67,6 @@ from syncd.runtime import Pipeline, Runtime
 from syncd.store import (
     BillingEventRow,
     ClientRow,
-    DeadLetterRow,
     EffectRow,
     EngagementRow,
     EventRow,
@@ -429,7 +428,7 @@ class Engine:
         async with self.store.begin() as conn:
             if not await self.store.add_billing_event(conn, self._event_row(event, live=live)):
                 return None
-            await conn.execute(sa.insert(table_of(DeadLetterRow)).values(**letter))
+            await self.store.add_dead_letter(conn, letter)
             if not live:
                 await self._record_simulated(conn, event, credit.client_key)
         log.warning("manual_credit_owed", key=event.key, live=live, detail=credit.message())

@@ -21,12 +21,15 @@ from syncd.interfaces import ChangeHint
 from syncd.store import (
     BillingEventRow,
     ClientRow,
+    CompanyStandingRow,
     CursorRow,
     DbTokenStore,
     DeadLetterRow,
     EngagementRow,
     EventRow,
+    FollowUpTaskRow,
     InvoiceRow,
+    LedgerDocumentRow,
     MetaRow,
     SourceRecordRow,
     Store,
@@ -169,6 +172,48 @@ async def fill(url: str) -> None:
                 payload=None,
                 now=NOW,
             )
+        await store.upsert(
+            LedgerDocumentRow,
+            {
+                "key": "ledger:xero:7d3b",
+                "connection": "xero",
+                "document_id": "7d3b",
+                "client_key": "hubspot:company:1",
+                "state": "authorised",
+                "currency": "USD",
+                "total": "50.00",
+                "amount_due": "50.00",
+                "due_date": date(2026, 12, 1),
+                "updated_at": NOW,
+            },
+        )
+        await store.upsert(
+            CompanyStandingRow,
+            {
+                "crm_connection": "hubspot",
+                "company_id": "1",
+                "client_key": "hubspot:company:1",
+                "figures": {"syncd_outstanding_balance": "50.00"},
+                "cause": "INV-1 created",
+                "written_at": NOW,
+            },
+        )
+        await store.upsert(
+            FollowUpTaskRow,
+            {
+                "key": "task:eng:1:won:1",
+                "document_key": "eng:1:won",
+                "step": 1,
+                "crm_connection": "hubspot",
+                "task_id": "9001",
+                "subject": "Collect INV-1",
+                "body": "overdue",
+                "created_at": NOW,
+            },
+        )
+        store.alerting = True
+        for n in range(2):
+            await store.add_alert(None, key=f"alert-{n}", kind="auth_lost", title="xero", detail="401", now=NOW)
         await DbTokenStore(store, "xero", "4t4Cs0Qg3xA6nGu8Yc2a3rRvy7Dl5MFhb3S2HJZc4Rk=").save({"access_token": "a"})
         await store.claim_tick("poll:hubspot", "2026-11-27T12:00", owner="a", now=NOW)
         await store.take_budget("xero:default", 60.0, 60, NOW)
