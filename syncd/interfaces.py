@@ -552,6 +552,11 @@ class InvoiceStatus(Model):
         due_date: due date.
         reference: the reference as stored at the tool (holds our stamp).
         updated_at: last change at the tool.
+        kind: ``invoice`` or ``credit_note``.
+        customer_id: the tool's id of the customer it is addressed to, when it says.
+        stamped_key: the billing-event key syncd stamped on it (``None``: not one of
+            syncd's, e.g. made by hand at the tool).
+        last_payment_date: the date of its latest payment, when it has any.
     """
 
     invoice_id: str
@@ -565,6 +570,10 @@ class InvoiceStatus(Model):
     due_date: date | None = None
     reference: str | None = None
     updated_at: AwareDatetime | None = None
+    kind: str = "invoice"
+    customer_id: str | None = None
+    stamped_key: str | None = None
+    last_payment_date: date | None = None
 
 
 class DealBillingStatus(Model):
@@ -592,6 +601,67 @@ class DealBillingStatus(Model):
     due_date: date | None = None
     days_overdue: int = 0
     total_invoiced: Decimal | None = None
+
+
+class CompanyBillingStatus(Model):
+    """What syncd writes onto a CRM company: its client's receivables, per currency.
+
+    Built by :func:`syncd.receivables.company_status` from every invoice and credit note
+    of the client (voided ones ignored). Amounts are in ``currency``, the company's main
+    currency; other currencies are never converted into it but summed on their own in
+    ``other_currencies``.
+
+    Attributes:
+        currency: ISO 4217 code of the figures.
+        outstanding_balance: what the approved invoices owe, less unallocated credit.
+        overdue_balance: what the invoices past due owe.
+        oldest_overdue_days: the largest days overdue (0: nothing overdue).
+        aging_current / aging_1_30 / aging_31_60 / aging_61_90 / aging_90_plus: what the
+            invoices owe, by days overdue (current: not yet due).
+        unallocated_credit: credit of approved credit notes not yet applied.
+        last_payment_date: the latest payment on any invoice of the client.
+        at_risk: whether the configured at-risk rule holds.
+        at_risk_reason: why, when it does.
+        other_currencies: the same figures in each other currency, one line
+            (``EUR outstanding 1200.00, overdue 300.00 (oldest 12 days)``).
+    """
+
+    currency: str
+    outstanding_balance: Decimal
+    overdue_balance: Decimal
+    oldest_overdue_days: int = 0
+    aging_current: Decimal = Decimal(0)
+    aging_1_30: Decimal = Decimal(0)
+    aging_31_60: Decimal = Decimal(0)
+    aging_61_90: Decimal = Decimal(0)
+    aging_90_plus: Decimal = Decimal(0)
+    unallocated_credit: Decimal = Decimal(0)
+    last_payment_date: date | None = None
+    at_risk: bool = False
+    at_risk_reason: str | None = None
+    other_currencies: str | None = None
+
+
+class FollowUpTask(Model):
+    """A CRM task asking a person to collect an overdue invoice (:mod:`syncd.collection`).
+
+    Attributes:
+        key: syncd's key for it (one per invoice and step); stamped in the body so a
+            retry can find a task whose creation answer was lost.
+        subject: the task's title.
+        body: the notes: invoice number, amount due, days overdue, a link to the invoice.
+        due_at: when the task is due.
+        owner_id: the CRM user it is assigned to (``None``: unassigned).
+        deal_id / company_id: the CRM records it is associated with.
+    """
+
+    key: str
+    subject: str
+    body: str
+    due_at: AwareDatetime
+    owner_id: str | None = None
+    deal_id: str | None = None
+    company_id: str | None = None
 
 
 # ---------------------------------------------------------------------------
