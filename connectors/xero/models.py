@@ -161,6 +161,19 @@ class XeroContact(Payload):
     contact_status: str | None = Field(None, alias="ContactStatus")
 
 
+class XeroContactRef(Payload):
+    """The ``Contact`` a document is addressed to (schema ``Contact``: only its id is read)."""
+
+    contact_id: str | None = Field(None, alias="ContactID")
+
+
+class XeroPaymentRef(Payload):
+    """A payment as listed on an invoice's ``Payments`` (schema ``Payment``: ``Date``, ``Amount``)."""
+
+    date: XeroDate = Field(None, alias="Date")
+    amount: Decimal | None = Field(None, alias="Amount")
+
+
 class XeroInvoice(Payload):
     """An invoice as Xero returns it (schema ``Invoice``)."""
 
@@ -177,6 +190,9 @@ class XeroInvoice(Payload):
     sent_to_contact: bool = Field(False, alias="SentToContact")
     due_date: XeroDate = Field(None, alias="DueDate")
     updated: XeroDateTime = Field(None, alias="UpdatedDateUTC")
+    contact: XeroContactRef | None = Field(None, alias="Contact")
+    payments: tuple[XeroPaymentRef, ...] = Field((), alias="Payments")
+    fully_paid_on: XeroDate = Field(None, alias="FullyPaidOnDate")
 
 
 class XeroCreditNote(Payload):
@@ -192,6 +208,7 @@ class XeroCreditNote(Payload):
     remaining_credit: Decimal | None = Field(None, alias="RemainingCredit")
     due_date: XeroDate = Field(None, alias="DueDate")
     updated: XeroDateTime = Field(None, alias="UpdatedDateUTC")
+    contact: XeroContactRef | None = Field(None, alias="Contact")
 
 
 class XeroPagination(Payload):
@@ -351,6 +368,15 @@ def carries_stamp(reference_text: str | None, key: str) -> bool:
     return re.search(rf"(?:^|\s){re.escape(stamp(key))}(?:\s|$)", reference_text) is not None
 
 
+_STAMPED = re.compile(rf"(?:^|\s){re.escape(STAMP_PREFIX)}(\S+)(?:\s|$)")
+
+
+def stamped_key(reference_text: str | None) -> str | None:
+    """The billing-event key stamped in a ``Reference`` (:func:`stamp`), or ``None``."""
+    found = _STAMPED.search(reference_text or "")
+    return found.group(1) if found else None
+
+
 def _drop_empty(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in mapping.items() if value not in (None, "", [], {})}
 
@@ -501,7 +527,17 @@ def invoice_status(invoice: XeroInvoice) -> InvoiceStatus:
         due_date=invoice.due_date,
         reference=invoice.reference,
         updated_at=invoice.updated,
+        kind="invoice",
+        customer_id=invoice.contact.contact_id if invoice.contact else None,
+        stamped_key=stamped_key(invoice.reference),
+        last_payment_date=_last_payment(invoice),
     )
+
+
+def _last_payment(invoice: XeroInvoice) -> date | None:
+    """The latest ``Payments[].Date`` (a deleted payment leaves the list), else ``FullyPaidOnDate``."""
+    dates = [payment.date for payment in invoice.payments if payment.date is not None]
+    return max(dates) if dates else invoice.fully_paid_on
 
 
 def credit_note_status(note: XeroCreditNote) -> InvoiceStatus:
@@ -520,6 +556,9 @@ def credit_note_status(note: XeroCreditNote) -> InvoiceStatus:
         due_date=note.due_date,
         reference=note.reference,
         updated_at=note.updated,
+        kind="credit_note",
+        customer_id=note.contact.contact_id if note.contact else None,
+        stamped_key=stamped_key(note.reference),
     )
 
 
