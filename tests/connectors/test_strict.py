@@ -46,8 +46,8 @@ from syncd.interfaces import (
     ConnectorContext,
     Contact,
     DealBillingStatus,
-    FollowUpTask,
     DraftKind,
+    FollowUpTask,
     InvoiceDraft,
     InvoiceLine,
 )
