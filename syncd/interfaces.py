@@ -972,6 +972,61 @@ class VoidsInvoices(Protocol):
 
 
 @runtime_checkable
+class LinksInvoices(Protocol):
+    """An invoicing tool whose invoices can be opened by a link in its web app.
+
+    Errors: as for :class:`Invoicing`.
+    """
+
+    async def invoice_url(self, invoice_id: str) -> str:
+        """A link to invoice ``invoice_id`` in the tool's web app."""
+        ...
+
+
+@runtime_checkable
+class WritesCompanyStatus(Protocol):
+    """A CRM that shows a client's receivables on the company record (:class:`CompanyBillingStatus`).
+
+    Errors: as for :class:`Crm`.
+    """
+
+    async def ensure_company_properties(self) -> Any:
+        """Create the company properties it writes, if missing (idempotent)."""
+        ...
+
+    async def write_company_status(self, company_id: str, status: CompanyBillingStatus) -> None:
+        """Write ``status`` onto company ``company_id``."""
+        ...
+
+
+@runtime_checkable
+class ManagesTasks(Protocol):
+    """A CRM that holds tasks for its users (:class:`FollowUpTask`).
+
+    Errors: as for :class:`Crm`.
+    """
+
+    async def record_owner(self, object_type: str, object_id: str) -> str | None:
+        """The user who owns a ``deal`` or ``company`` (``None``: nobody)."""
+        ...
+
+    async def create_task(self, task: FollowUpTask) -> str:
+        """Create ``task``, associated with its deal and company; the task's id.
+
+        Not idempotent: after a lost answer, call :meth:`find_task` before creating again.
+        """
+        ...
+
+    async def find_task(self, task: FollowUpTask) -> str | None:
+        """The id of the task created earlier for ``task.key``, if the CRM shows it."""
+        ...
+
+    async def close_task(self, task_id: str, body: str, *, complete: bool) -> None:
+        """Replace the task's notes with ``body`` and, if ``complete``, mark it completed."""
+        ...
+
+
+@runtime_checkable
 class InvoicingCodes(Protocol):
     """Optional for an :class:`Invoicing`: the codes an invoice may name there.
 

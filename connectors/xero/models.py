@@ -250,6 +250,7 @@ class XeroOrganisation(Payload):
     organisation_id: str | None = Field(None, alias="OrganisationID")
     name: str | None = Field(None, alias="Name")
     organisation_status: str | None = Field(None, alias="OrganisationStatus")
+    short_code: str | None = Field(None, alias="ShortCode")
     period_lock_date: XeroDate = Field(None, alias="PeriodLockDate")
     end_of_year_lock_date: XeroDate = Field(None, alias="EndOfYearLockDate")
 
