@@ -6,8 +6,9 @@ has claimed, stops the scheduler and closes the store: in-flight work is drained
 anything not yet claimed stays in the database for the next start.
 
 Before the workers start, every CRM connection that writes billing properties creates
-the ones it lacks (what ``syncd setup hubspot`` does, idempotently); when the token may
-not, the daemon refuses to start with one line naming the scope and the command.
+the ones it lacks (what ``syncd setup hubspot`` does, idempotently): the deal's, and the
+company's with ``[collections] company_status``; when the token may not, the daemon
+refuses to start with one line naming the scope and the command.
 
 Mapping files are reloaded while it runs: on SIGHUP, and when a file's modification
 time, size or inode changes (looked at every ``[daemon].mapping_watch_interval_s``).
@@ -44,6 +45,7 @@ from syncd import recurring
 from syncd.engine import Engine
 from syncd.errors import AuthError, ConfigError
 from syncd.http import Sleep
+from syncd.interfaces import WritesCompanyStatus
 from syncd.runtime import Runtime, utcnow
 from syncd.scheduler import build_scheduler
 from syncd.settings import Config
@@ -169,6 +171,7 @@ class Daemon:
                 self._engine.notify,
                 self._engine.refresh_aging,
                 functools.partial(recurring.run_due, self._engine),
+                self._engine.collections.run,
             )
             if self.poll
             else None
@@ -248,15 +251,18 @@ async def _create_crm_properties(runtime: Runtime) -> None:
     Raises:
         ConfigError: a token lacks the scope to create them (one line: scope and command).
     """
+    company_status = runtime.config.settings.collections.company_status
     for name, connector in runtime.connectors.items():
         if not isinstance(connector, WritesCrmProperties):
             continue
         try:
             await connector.ensure_properties()
+            if company_status and isinstance(connector, WritesCompanyStatus):
+                await connector.ensure_company_properties()
         except AuthError as exc:
             raise ConfigError(
-                f"syncd cannot create the deal properties it writes: {exc}; "
-                f"then run `syncd setup hubspot --connection {name}`",
+                f"syncd cannot create the deal{' and company' if company_status else ''} properties it writes: "
+                f"{exc}; then run `syncd setup hubspot --connection {name}`",
                 place=f"[connections.{name}]",
             ) from exc
 

@@ -35,7 +35,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col
 
-from syncd import billing, hours, receivables, recurring, selectors
+from syncd import billing, collection, hours, receivables, recurring, selectors
 from syncd.errors import (
     AuthError,
     FatalError,
@@ -104,6 +104,7 @@ class Engine:
         self._idle: deque[asyncio.Future[None]] = deque()
         self._pending = False
         self._lock_dates: dict[str, tuple[datetime, date | None]] = {}
+        self.collections = collection.Collections(runtime, self.notify)
 
     def notify(self) -> None:
         """Wake one idle worker (new events or effects were stored).
@@ -674,13 +675,19 @@ class Engine:
         self.notify()
 
     async def refresh_invoice(self, pipeline: Pipeline, invoice_id: str) -> None:
-        """Re-read an invoice syncd created and queue a write-back if its status changed."""
+        """Re-read an invoice syncd created and queue a write-back if its status changed.
+
+        One syncd did not create is read only with ``[collections] track_ledger_documents``
+        (:meth:`syncd.collection.Collections.track_ledger_document`).
+        """
         rows = await self.store.select(
             InvoiceRow,
             InvoiceRow.invoice_id == invoice_id,
             InvoiceRow.invoicing_connection == pipeline.invoicing_name,
         )
         if not rows:
+            if self.rt.config.settings.collections.track_ledger_documents:
+                await self.collections.track_ledger_document(pipeline, invoice_id)
             return
         status = await pipeline.invoicing.get_invoice(invoice_id)
         await self._record_status(rows[0], status)
@@ -710,8 +717,17 @@ class Engine:
                 .where(table_of(InvoiceRow).c.key == row.key)
                 .values(**values, source_updated_at=status.updated_at, updated_at=now)
             )
-            version = f"{row.key}:{(status.updated_at or now).isoformat()}:{values['state']}:{values['amount_due']}"
-            await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, version, now)
+            change = f"{(status.updated_at or now).isoformat()}:{values['state']}:{values['amount_due']}"
+            await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, f"{row.key}:{change}", now)
+            await self.collections.on_document(
+                conn,
+                row,
+                before=(row.state, row.amount_due),
+                after=(values["state"], values["amount_due"]),
+                version=change,
+                last_payment=status.last_payment_date,
+                now=now,
+            )
         log.info(
             "invoice_status_changed",
             invoice=row.number,
@@ -785,6 +801,9 @@ class Engine:
         if row.kind == ALLOCATE_CREDIT:
             await self._allocate_credit(row)
             return False
+        if row.kind in collection.EFFECT_KINDS:
+            await self.collections.execute(row)
+            return False
         raise FatalError(f"unknown effect kind {row.kind!r}", place=f"effects.id={row.id}")
 
     async def _create_invoice(self, row: EffectRow) -> None:
@@ -837,6 +856,15 @@ class Engine:
             )
             await self._queue_crm_status(
                 conn, row.payload["crm"], row.payload["crm_object_id"], f"{draft.key}:created", now
+            )
+            await self.collections.on_document(
+                conn,
+                InvoiceRow.model_validate(values),
+                before=None,
+                after=(str(status.state), decimal_text(status.amount_due)),
+                version="created",
+                last_payment=status.last_payment_date,
+                now=now,
             )
             if draft.kind is DraftKind.CREDIT_NOTE and isinstance(invoicing, AllocatesCredit):
                 await self.store.add_effect(
@@ -1192,6 +1220,7 @@ def _document(row: InvoiceRow) -> receivables.Document:
         total=Decimal(row.total),
         amount_due=Decimal(row.amount_due),
         due_date=row.due_date,
+        last_payment_date=row.last_payment_date,
     )
 
 
@@ -1205,6 +1234,7 @@ def _status_values(status: InvoiceStatus) -> dict[str, Any]:
         "amount_due": decimal_text(status.amount_due),
         "amount_paid": decimal_text(status.amount_paid),
         "due_date": status.due_date,
+        "last_payment_date": status.last_payment_date,
     }
 
 

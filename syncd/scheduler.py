@@ -23,6 +23,7 @@ log = structlog.get_logger("syncd.scheduler")
 
 CHANGES = "changes"
 RECURRING_INTERVAL_S = 3600  # the recurring-billing tick runs once an hour across replicas
+COLLECTIONS_INTERVAL_S = 3600  # the collections tick too
 
 
 def polled_connections(runtime: Runtime) -> list[str]:
@@ -112,6 +113,24 @@ async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) ->
     return True
 
 
+async def tick_collections(runtime: Runtime, run: Callable[[], Awaitable[int]]) -> bool:
+    """Once per hour across replicas: company receivables for each client's new local day,
+    and the follow-up tasks due (:meth:`syncd.collection.Collections.run`).
+
+    Hourly, not daily: a client's day starts at its own midnight, and aging moves then.
+
+    Returns:
+        whether this replica ran the window.
+    """
+    now = runtime.clock()
+    if not await runtime.store.claim_tick(
+        "collections", window_of(now, COLLECTIONS_INTERVAL_S), owner=runtime.owner, now=now
+    ):
+        return False
+    await run()
+    return True
+
+
 async def tick_drift(runtime: Runtime) -> int:
     """The drift guard (:func:`syncd.drift.run_drift_check`), on every replica.
 
@@ -128,11 +147,12 @@ def build_scheduler(
     notify: object = None,
     aging: Callable[[], Awaitable[int]] | None = None,
     recurring: Callable[[], Awaitable[int]] | None = None,
+    collections: Callable[[], Awaitable[int]] | None = None,
 ) -> AsyncIOScheduler:
-    """An AsyncIOScheduler with a poll job per polled connection, the daily aging job and
-    the hourly recurring-billing job (not yet started).
+    """An AsyncIOScheduler with a poll job per polled connection, the daily aging job, the
+    hourly recurring-billing job and the hourly collections job (not yet started).
 
-    Recurring billing, aging and the drift guard run once as soon as the scheduler
+    Recurring billing, aging, collections and the drift guard run once as soon as the scheduler
     starts, then on their interval, so a daemon restarted more often than an interval
     still bills and ages (the per-window tick rows keep a window from running twice
     across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
@@ -151,6 +171,17 @@ def build_scheduler(
             seconds=RECURRING_INTERVAL_S,
             args=[runtime, recurring],
             id="recurring",
+            max_instances=1,
+            coalesce=True,
+            **first,
+        )
+    if collections is not None:
+        scheduler.add_job(
+            tick_collections,
+            "interval",
+            seconds=COLLECTIONS_INTERVAL_S,
+            args=[runtime, collections],
+            id="collections",
             max_instances=1,
             coalesce=True,
             **first,
