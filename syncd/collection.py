@@ -86,7 +86,7 @@ Document = InvoiceRow | LedgerDocumentRow
 
 def company_of(client_key: str) -> tuple[str, str] | None:
     """``(crm connection, company id)`` of a client keyed ``<crm>:company:<id>``, else ``None``."""
-    connection, kind, object_id = (client_key.split(":", 2) + ["", ""])[:3]
+    connection, kind, object_id = ([*client_key.split(":", 2), "", ""])[:3]
     if kind != "company" or not connection or not object_id:
         return None
     return connection, object_id

@@ -263,7 +263,7 @@ async def test_a_task_whose_answer_was_lost_is_found_not_created_twice(tmp_path:
     clock = Clock(datetime(2026, 12, 2, 15, 0, tzinfo=UTC))
     hub = HubSpotEmulator(rate_limits=False, clock=clock)
     async with stack(tmp_path, db_url, clock=clock, hub=hub, daemon_extra=START, extra=collecting()) as s:
-        company, deal = company_with_deal(hub, deal_owner=None, company_owner=None)
+        _company, deal = company_with_deal(hub, deal_owner=None, company_owner=None)
         await win(s, deal)
         hub.faults.add(Fault(kind="drop_response", method="POST", path_contains="/crm/v3/objects/tasks"))
         await collections_tick(s, clock, datetime(2026, 12, 20, 15, tzinfo=UTC))
