@@ -42,6 +42,7 @@ from starlette.applications import Starlette
 
 from syncd import logging as syncd_logging
 from syncd import recurring
+from syncd.alerts import AlertSender
 from syncd.engine import Engine
 from syncd.errors import AuthError, ConfigError
 from syncd.http import Sleep
@@ -76,6 +77,8 @@ class Daemon:
 
     Attributes:
         refusal: why the last start was refused (one line for ``syncd run``), if it was.
+        alert_sender: posts alerts (``[alerts] webhook_url`` set); a task of its own
+            beside the workers (none when ``workers`` is 0: tests call it by hand).
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
         self.refusal: str | None = None
+        self.alert_sender: AlertSender | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -177,6 +181,9 @@ class Daemon:
             else None
         )
         self._workers = [asyncio.create_task(self._engine.run_worker(self._stop)) for _ in range(self.workers)]
+        self.alert_sender = AlertSender(self._runtime) if self.config.settings.alerts.webhook_url else None
+        if self.alert_sender is not None and self.workers:
+            self._workers.append(asyncio.create_task(self.alert_sender.run(self._stop)))
         self._stamps = _mapping_stamps(self._runtime)
         watch = self._watch_mappings()
         sighup = self._listen_for_sighup()

@@ -35,7 +35,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col
 
-from syncd import billing, collection, hours, receivables, recurring, selectors
+from syncd import alerts, billing, collection, hours, receivables, recurring, selectors
 from syncd.errors import (
     AuthError,
     FatalError,
@@ -1134,9 +1134,11 @@ class Engine:
             log.warning("lease_lost", **log_ctx)
             return
         except (RetriableError, AuthError) as exc:
+            await self._note_failure(row.connection, exc)
             await self._retry_or_bury(model, row, source, exc)
             return
         except (MappingError, RecordError, FatalError) as exc:
+            self.rt.health.succeeded(row.connection)  # the vendor answered; the record is at fault
             await self._bury(model, row, source, exc)
             return
         except SyncdError as exc:
@@ -1146,8 +1148,18 @@ class Engine:
             log.exception("work_crashed", **log_ctx)
             await self._retry_or_bury(model, row, source, RetriableError(f"unexpected {type(exc).__name__}: {exc}"))
             return
+        self.rt.health.succeeded(row.connection)
         if not settled:
             await self.store.finish(model, row, status="done", now=self.rt.clock())
+
+    async def _note_failure(self, connection: str, exc: SyncdError) -> None:
+        """Lost authorisation, or one more failure of a streak (:mod:`syncd.alerts`)."""
+        now = self.rt.clock()
+        if isinstance(exc, AuthError):
+            await alerts.auth_lost(self.store, connection, exc.message, now)
+            return
+        after_s = self.rt.config.settings.alerts.vendor_errors_after_s
+        await self.rt.health.failed(self.store, connection, exc.message, now, after_s=after_s)
 
     async def _retry_or_bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
         if row.attempts >= self.rt.config.daemon.max_attempts:

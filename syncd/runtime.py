@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import structlog
 
+from syncd.alerts import VendorHealth
 from syncd.errors import ConfigError, MappingError
 from syncd.http import SharedBudget, Sleep, VendorHttp, make_client
 from syncd.interfaces import ConnectorContext, Crm, Invoicing, TimeTracker, WebhookVerifier, secret_value
@@ -65,6 +66,7 @@ class Runtime:
         owner: this process's id in leases (host:pid:random).
         billing_start: never invoice a deal won before this.
         defaults: mapping defaults from ``[daemon]``.
+        health: each connection's failing streak, for ``vendor_errors`` alerts (:mod:`syncd.alerts`).
     """
 
     config: Config
@@ -78,6 +80,7 @@ class Runtime:
     billing_start: datetime
     defaults: MappingDefaults
     extra: dict[str, Any] = field(default_factory=dict)
+    health: VendorHealth = field(default_factory=VendorHealth)
 
     @classmethod
     async def start(
@@ -103,6 +106,7 @@ class Runtime:
             ConfigError: a mapping file is invalid, or a connection cannot be built.
         """
         store = Store.open(config.daemon.database_url)
+        store.alerting = config.settings.alerts.webhook_url is not None
         if migrate:
             await store.migrate()
         client = make_client(mounts=mounts)

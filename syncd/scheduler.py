@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from syncd import drift
-from syncd.errors import SyncdError
+from syncd import alerts, drift
+from syncd.errors import AuthError, RetriableError, SyncdError
 from syncd.runtime import Runtime
 from syncd.store import CursorRow
 
@@ -58,10 +58,22 @@ async def poll_connection(runtime: Runtime, name: str, *, max_pages: int = 100) 
     except SyncdError as exc:
         await _save_cursor(runtime, name, cursor, None, str(exc))
         log.warning("poll_failed", connection=name, error=str(exc))
+        await _note_failure(runtime, name, exc)
         return new
+    runtime.health.succeeded(name)
     if new:
         log.info("poll_done", connection=name, new=new)
     return new
+
+
+async def _note_failure(runtime: Runtime, name: str, exc: SyncdError) -> None:
+    """A poll that failed for want of authorisation, or again at a vendor (:mod:`syncd.alerts`)."""
+    now = runtime.clock()
+    if isinstance(exc, AuthError):
+        await alerts.auth_lost(runtime.store, name, exc.message, now)
+    elif isinstance(exc, RetriableError):
+        after_s = runtime.config.settings.alerts.vendor_errors_after_s
+        await runtime.health.failed(runtime.store, name, exc.message, now, after_s=after_s)
 
 
 async def _save_cursor(
