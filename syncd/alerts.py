@@ -212,7 +212,7 @@ def message(alerts: Sequence[AlertRow]) -> dict[str, Any]:
     """
     groups = {kind: [row for row in alerts if row.kind == kind] for kind in KINDS}
     groups = {kind: rows for kind, rows in groups.items() if rows}
-    summary = ", ".join(f"{len(rows)} {KINDS[kind].lower()}" for kind, rows in groups.items())
+    summary = "; ".join(f"{KINDS[kind]}: {len(rows)}" for kind, rows in groups.items())
     blocks: list[dict[str, Any]] = [
         {
             "type": "header",

@@ -112,7 +112,7 @@ async def test_an_outage_sends_one_grouped_summary_then_waits_its_interval(tmp_p
             assert await s.daemon.runtime.store.count(DeadLetterRow) == 3
             assert await sender(s).deliver_due() == 4  # the first dead letter has waited its 60 s
             (body,) = receiver.bodies
-            assert body["text"] == "syncd: 3 dead letters, 1 sustained vendor errors"
+            assert body["text"] == "syncd: Dead letters: 3; Sustained vendor errors: 1"
             assert body["blocks"][0]["text"]["text"] == "syncd: 4 alerts"
             dead, vendor = sections(body)
             assert dead.startswith("*Dead letters (3)*\n• *effect ")
@@ -260,6 +260,6 @@ def test_a_message_lists_five_per_kind_counts_the_rest_and_stays_within_slacks_l
     assert dead.endswith("… and 7 more")
     assert attention.startswith("*Needs attention (1)*\n• *&lt;!channel&gt; &amp; co*: xxx")
     assert len(attention) < 3000
-    assert body["text"] == "syncd: 12 dead letters, 1 needs attention"
+    assert body["text"] == "syncd: Dead letters: 12; Needs attention: 1"
     assert len(body["blocks"]) <= 50
     assert all(len(block["text"]["text"]) <= 3000 for block in body["blocks"] if "text" in block)
