@@ -25,10 +25,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from connectors.emulation import Fault
-from syncd import alerts
-from syncd.alerts import AlertSender, message
-from syncd.outcomes import list_outcomes
-from syncd.store import AlertRow, DeadLetterRow
+from syncd.engine import alerts
+from syncd.engine.alerts import AlertSender, message
+from syncd.store.outcomes import list_outcomes
+from syncd.store.db import AlertRow, DeadLetterRow
 from tests.harness import Stack, seed_company, seed_deal, stack
 from tests.servers import serve_in_thread
 

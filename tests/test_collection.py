@@ -18,10 +18,10 @@ from connectors.emulation import Fault
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import API, XeroEmulator
 from connectors.xero.models import dump_json, load_json
-from syncd.collection import describe_change
-from syncd.outcomes import list_outcomes
-from syncd.scheduler import poll_connection, tick_collections
-from syncd.store import CompanyStandingRow, FollowUpTaskRow
+from syncd.engine.collection import describe_change
+from syncd.store.outcomes import list_outcomes
+from syncd.engine.scheduler import poll_connection, tick_collections
+from syncd.store.db import CompanyStandingRow, FollowUpTaskRow
 from tests.harness import MAPPING, Stack, stack
 from tests.test_recurring import BILLING_START, RETAINER, retainer_deal, tick
 

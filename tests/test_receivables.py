@@ -8,7 +8,7 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from syncd.receivables import (
+from syncd.core.receivables import (
     AtRiskRule,
     Document,
     company_status,

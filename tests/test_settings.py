@@ -11,10 +11,10 @@ from cryptography.fernet import Fernet
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from syncd import registry
-from syncd.cli import app
-from syncd.errors import ConfigError
-from syncd.settings import (
+from syncd.cli.main import app
+from syncd.core.errors import ConfigError
+from syncd.plumbing import registry
+from syncd.plumbing.settings import (
     AlertSettings,
     CollectionsSettings,
     DaemonSettings,
