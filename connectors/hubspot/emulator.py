@@ -35,7 +35,13 @@ SDK and syncd's connector work against it. Sources (all on developers.hubspot.co
   403 with ``category: MISSING_SCOPES`` and the scopes in
   ``errors[].context.requiredGranularScopes``, the message linking ``/scopes`` (the
   body HubSpot sends, as quoted in HubSpot Community threads on MISSING_SCOPES);
-* webhook bodies and v3 signatures: see ``connectors/hubspot/webhooks.py``.
+* webhook bodies and v3 signatures: see ``connectors/hubspot/webhooks.py``;
+* tasks (``/crm/v3/objects/tasks``, object type ``0-27``): ``hs_timestamp`` required on
+  create, ``hs_task_status`` ``NOT_STARTED``/``COMPLETED``, ``hs_task_priority``
+  ``LOW``/``MEDIUM``/``HIGH``, ``hs_task_type`` ``EMAIL``/``CALL``/``TODO``, the contacts
+  scopes, associations 216 (task→deal) and 192 (task→company):
+  ``/docs/api-reference/legacy/crm/activities/tasks/guide``; ``hubspot_owner_id`` on
+  deals, companies and tasks takes the ids of the owners added with ``add_owner``.
 
 Request bodies, given a ``contract`` (:class:`SdkContract`, as
 ``tests/connectors/test_strict.py`` builds it): each write and search body must fit the
@@ -50,7 +56,9 @@ which the search guide shows, where the SDK's ``PublicObjectSearchRequest.sorts`
 an undefined one is ``PROPERTY_DOESNT_EXIST`` (``strict_properties``) and a read-only one
 ``READ_ONLY_VALUE``.
 
-Emulator-only choices (not confirmed against HubSpot): the v3 ``associations[].type``
+Emulator-only choices (not confirmed against HubSpot): the task property group name
+(``taskinformation``), ``hs_task_body`` as an ``html`` property, the reverse task
+association ids 215 and 191 (seen in public client code, not in HubSpot's pages); the v3 ``associations[].type``
 names other than ``deal_to_company``/``deal_to_company_unlabeled``/``deal_to_contact``/
 ``deal_to_line_item`` follow the same pattern; list ``after`` cursors are record ids;
 the exact wording of error messages.
