@@ -27,8 +27,8 @@ from starlette.routing import Route
 from connectors.emulation import Fault
 from syncd.engine import alerts
 from syncd.engine.alerts import AlertSender, message
-from syncd.store.outcomes import list_outcomes
 from syncd.store.db import AlertRow, DeadLetterRow
+from syncd.store.outcomes import list_outcomes
 from tests.harness import Stack, seed_company, seed_deal, stack
 from tests.servers import serve_in_thread
 

@@ -19,9 +19,9 @@ from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import API, XeroEmulator
 from connectors.xero.models import dump_json, load_json
 from syncd.engine.collection import describe_change
-from syncd.store.outcomes import list_outcomes
 from syncd.engine.scheduler import poll_connection, tick_collections
 from syncd.store.db import CompanyStandingRow, FollowUpTaskRow
+from syncd.store.outcomes import list_outcomes
 from tests.harness import MAPPING, Stack, stack
 from tests.test_recurring import BILLING_START, RETAINER, retainer_deal, tick
 
