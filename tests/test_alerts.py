@@ -134,21 +134,28 @@ async def test_an_outage_sends_one_grouped_summary_then_waits_its_interval(tmp_p
 async def test_a_failing_receiver_is_retried_with_back_off_and_never_blocks_the_engine(
     tmp_path: Path, db_url: str
 ) -> None:
-    """The receiver holds its answer, then fails: meanwhile a deal is invoiced; the alerts go out on a later try."""
+    """Alerts from the hook wait while the receiver holds its answer, then fails: meanwhile a deal is
+    invoiced; they go out on a later try."""
     clock = Clock(datetime(2026, 12, 2, 15, 0, tzinfo=UTC))
     receiver = Receiver(answers=[500, 429])
     receiver.hold.clear()
     with receiving(receiver) as url:
         async with stack(tmp_path, db_url, clock=clock, daemon_extra=START, extra=alerting(url, min_interval_s=0)) as s:
-            store = s.daemon.runtime.store
-            await alerts.audit_trend(
-                store, month="2026-11", metric="late invoices", detail="3% → 5% → 8%", now=clock.now
+            store = s.daemon.runtime.store  # the hook the audit and the client record record alerts through
+            await store.add_alert(
+                key="audit:2026-11:late",
+                source="audit",
+                title="Audit 2026-11: the late share rose two months running",
+                text="3% → 5% → 8%",
+                fields=None,
+                now=clock.now,
             )
-            await alerts.client_conflict(
-                store,
-                client_key="hubspot:company:7",
-                field="payment_terms_days",
-                detail="CRM 30, Xero 14",
+            await store.add_alert(
+                key="client_conflict:7",
+                source="client",
+                title="Client detail conflict: Acme, payment_terms_days",
+                text="CRM 30, Xero 14",
+                fields=None,
                 now=clock.now,
             )
             clock.now += timedelta(seconds=61)
@@ -177,8 +184,11 @@ async def test_a_failing_receiver_is_retried_with_back_off_and_never_blocks_the_
             assert len(receiver.bodies) == 3
             assert receiver.bodies[0] == receiver.bodies[2]
             conflict, audit = sections(receiver.bodies[2])
-            assert conflict.startswith("*Client record conflicts (1)*\n• *hubspot:company:7 payment_terms_days*")
+            assert conflict == (
+                "*Client record conflicts (1)*\n• *Client detail conflict: Acme, payment_terms_days*: CRM 30, Xero 14"
+            )
             assert "3% → 5% → 8%" in audit
+            assert await store.pending_alerts() == []  # taken by the sender, once
 
 
 async def test_pending_alerts_survive_a_restart(tmp_path: Path) -> None:

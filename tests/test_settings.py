@@ -20,6 +20,7 @@ from syncd.plumbing.settings import (
     DaemonSettings,
     PilotSettings,
     PipelineSettings,
+    RetentionSettings,
     inspect_config,
     load_config,
 )
@@ -121,6 +122,7 @@ def _models() -> list[tuple[str, type[BaseModel]]]:
         ("[daemon]", DaemonSettings),
         ("[[pipelines]]", PipelineSettings),
         ("[pilot]", PilotSettings),
+        ("[retention]", RetentionSettings),
         ("[collections]", CollectionsSettings),
         ("[alerts]", AlertSettings),
     ]
@@ -131,7 +133,7 @@ def _models() -> list[tuple[str, type[BaseModel]]]:
 
 @pytest.mark.parametrize(("header", "model"), _models(), ids=lambda item: item if isinstance(item, str) else "")
 def test_every_settings_key_is_in_the_example(header: str, model: type[BaseModel]) -> None:
-    """Each key of each settings model (daemon, pipelines, pilot, every connector) is in config.example.toml."""
+    """Each key of each settings model (daemon, pipelines, pilot, retention, every connector) is in config.example.toml."""
     section = _section(EXAMPLE.read_text(encoding="utf-8"), header)
     missing = [key for key in model.model_fields if not re.search(rf"^#? ?{key} *=", section, re.M)]
     assert not missing, f"config.example.toml {header} lacks {', '.join(missing)}"

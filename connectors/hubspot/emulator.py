@@ -36,6 +36,11 @@ SDK and syncd's connector work against it. Sources (all on developers.hubspot.co
   ``errors[].context.requiredGranularScopes``, the message linking ``/scopes`` (the
   body HubSpot sends, as quoted in HubSpot Community threads on MISSING_SCOPES);
 * webhook bodies and v3 signatures: see ``connectors/hubspot/webhooks.py``;
+* webhook subscriptions: "For property change subscriptions, you will need to specify
+  which property you want to be notified of" (``/docs/methods/webhooks/webhooks-overview``),
+  so a change made through the API (``PATCH /crm/v3/objects/deals/{id}``) is delivered
+  as a ``deal.propertyChange`` event for each changed property with a subscription
+  (``HubSpotEmulator.subscribe(..., properties=...)``), and for no other.
 * tasks (``/crm/v3/objects/tasks``, object type ``0-27``): ``hs_timestamp`` required on
   create, ``hs_task_status`` ``NOT_STARTED``/``COMPLETED``, ``hs_task_priority``
   ``LOW``/``MEDIUM``/``HIGH``, ``hs_task_type`` ``EMAIL``/``CALL``/``TODO``, the contacts
@@ -56,9 +61,11 @@ which the search guide shows, where the SDK's ``PublicObjectSearchRequest.sorts`
 an undefined one is ``PROPERTY_DOESNT_EXIST`` (``strict_properties``) and a read-only one
 ``READ_ONLY_VALUE``.
 
-Emulator-only choices (not confirmed against HubSpot): the task property group name
-(``taskinformation``), ``hs_task_body`` as an ``html`` property, the reverse task
-association ids 215 and 191 (seen in public client code, not in HubSpot's pages); the v3 ``associations[].type``
+Emulator-only choices (not confirmed against HubSpot): ``changeSource`` is ``API`` on
+events of changes made through the API (``CRM_UI`` on the seeding API's edits); the task
+property group name (``taskinformation``), ``hs_task_body`` as an ``html`` property, the
+reverse task association ids 215 and 191 (seen in public client code, not in HubSpot's
+pages); the v3 ``associations[].type``
 names other than ``deal_to_company``/``deal_to_company_unlabeled``/``deal_to_contact``/
 ``deal_to_line_item`` follow the same pattern; list ``after`` cursors are record ids;
 the exact wording of error messages.
@@ -396,6 +403,7 @@ class HubSpotEmulator:
         self._ids = itertools.count(1001)
         self._event_ids = itertools.count(100)
         self._subscriptions: dict[str, int] = {}
+        self._watched: frozenset[str] | None = None
         self._access_tokens: dict[str, float] = {}
         self._records: dict[str, dict[str, _Record]] = {kind: {} for kind in OBJECT_TYPE_IDS}
         self._order: dict[str, list[int]] = {kind: [] for kind in OBJECT_TYPE_IDS}
@@ -473,7 +481,7 @@ class HubSpotEmulator:
         return _public(self._get("deals", deal_id), None)
 
     def company(self, company_id: str) -> dict[str, Any]:
-        """The stored company, as :meth:`deal` shows a deal."""
+        """The stored company: ``id``, ``properties``, ``createdAt``, ``updatedAt``, ``archived``."""
         return _public(self._get("companies", company_id), None)
 
     def add_owner(self, email: str) -> str:
@@ -496,9 +504,20 @@ class HubSpotEmulator:
             found.append(body)
         return found
 
-    def subscribe(self, url: str, client: httpx.AsyncClient) -> None:
-        """Deliver webhooks to ``url`` (the full public URL, which is what gets signed)."""
+    def subscribe(self, url: str, client: httpx.AsyncClient, *, properties: Iterable[str] | None = None) -> None:
+        """Deliver webhooks to ``url`` (the full public URL, which is what gets signed).
+
+        Args:
+            url: the app's target URL.
+            client: the client deliveries are posted with.
+            properties: the deal properties with a ``deal.propertyChange`` subscription
+                (HubSpot subscribes per property). A change through the API, and one made
+                with :meth:`set_deal_properties`, is delivered for these properties only.
+                ``None`` (tests that drive deliveries by hand): :meth:`set_deal_properties`
+                delivers every property it changes, and the API delivers none.
+        """
         self.webhooks.subscribe(url, client)
+        self._watched = None if properties is None else frozenset(properties)
 
     def expire_access_tokens(self) -> None:
         """Make every issued OAuth access token expired (the private-app token stays valid)."""
@@ -517,9 +536,9 @@ class HubSpotEmulator:
         record = self._get("deals", deal_id)
         values = self._seed_values("deals", properties)
         changed = self._apply("deals", record, values)
-        events = [self._change_event(record, name) for name in changed if name in values]
-        if events:
-            await self._deliver(events)
+        watched = self._watched
+        names = [name for name in changed if name in values and (watched is None or name in watched)]
+        await self._deliver_changes(record, names, source="CRM_UI")
 
     async def redeliver_last(self) -> int | None:
         """Send the last delivery again, as HubSpot retries: same events (``attemptNumber`` + 1), fresh signature."""
@@ -670,9 +689,15 @@ class HubSpotEmulator:
 
     # ------------------------------------------------------------------ webhooks
 
-    def _change_event(self, record: _Record, name: str) -> dict[str, Any]:
+    async def _deliver_changes(self, record: _Record, names: Sequence[str], *, source: str) -> None:
+        """One signed delivery with a ``deal.propertyChange`` event per name (none when empty)."""
+        events = [self._change_event(record, name, source=source) for name in names]
+        if events:
+            await self._deliver(events)
+
+    def _change_event(self, record: _Record, name: str, *, source: str = "CRM_UI") -> dict[str, Any]:
         subscription = self._subscriptions.setdefault(name, 1000 + len(self._subscriptions))
-        return {
+        event: dict[str, Any] = {
             "eventId": next(self._event_ids),
             "subscriptionId": subscription,
             "portalId": PORTAL_ID,
@@ -683,9 +708,11 @@ class HubSpotEmulator:
             "objectId": int(record.id),
             "propertyName": name,
             "propertyValue": record.properties.get(name) or "",
-            "changeSource": "CRM_UI",
-            "sourceId": "userId:1",
+            "changeSource": source,
         }
+        if source == "CRM_UI":
+            event["sourceId"] = "userId:1"
+        return event
 
     async def _deliver(self, events: list[dict[str, Any]]) -> Any:
         if self.webhooks.url is None:
@@ -910,7 +937,11 @@ class HubSpotEmulator:
             raise HubSpotError(404, "Object not found.  objectId are usually numeric.", "OBJECT_NOT_FOUND")
         payload = await _json(request)
         values = self._writable(kind, payload.get("properties"))
-        self._apply(kind, record, values)
+        changed = self._apply(kind, record, values)
+        if kind == "deals" and self._watched:
+            await self._deliver_changes(
+                record, [name for name in changed if name in values and name in self._watched], source="API"
+            )
         return JSONResponse(_public(record, self._visible(kind, record, list(values))))
 
     async def _create_object(self, request: Request) -> Response:

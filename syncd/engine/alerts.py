@@ -9,10 +9,15 @@
                    the workers and the polls); once per connection and day
 ``vendor_errors``  a connection whose calls kept failing for ``vendor_errors_after_s``
                    with none succeeding (:class:`VendorHealth`); once per such streak
-``client_conflict`` a conflicting edit of a client's billing record (:func:`client_conflict`:
-                   a hook for the code that keeps the record)
-``audit_trend``    a trend the monthly audit flags (:func:`audit_trend`: a hook for it)
+``client_conflict`` a conflicting edit of a client's billing record, recorded by
+                   :mod:`syncd.engine.clients` through the alert hook
+                   (:meth:`syncd.store.db.Store.add_alert`, source ``client``)
+``audit_trend``    a rising share the monthly audit flags (:mod:`syncd.engine.audit`,
+                   through the same hook, source ``audit``)
 ================== ===================================================================
+
+The hook's rows (``pending_alerts``) are taken into the queue by the sender as it runs,
+each keeping its time.
 
 **Where alerts wait.** In the ``alerts`` table (:class:`~syncd.store.db.AlertRow`), written
 in the same transaction as their cause where there is one: a crash between the cause
@@ -53,7 +58,7 @@ import structlog
 
 from syncd.plumbing.http import retry_after_s
 from syncd.plumbing.settings import AlertSettings, Config
-from syncd.store.db import AlertRow, Store, table_of
+from syncd.store.db import AlertRow, PendingAlertRow, Store, table_of
 
 log = structlog.get_logger("syncd.engine.alerts")
 
@@ -64,9 +69,12 @@ KINDS: dict[str, str] = {
     "vendor_errors": "Sustained vendor errors",
     "client_conflict": "Client record conflicts",
     "audit_trend": "Audit trends",
+    "other": "Other alerts",
 }
 """Each kind of alert and its heading, in the order a message shows them."""
 
+HOOK_KINDS = {"client": "client_conflict", "audit": "audit_trend"}
+"""The kind of an alert recorded through the hook (``pending_alerts.source``); others are ``other``."""
 MAX_BATCH = 500  # alerts in one message at most; the rest go in the next one
 LINES_PER_KIND = 5  # alerts listed by name per kind; the others are counted
 SECTION_MAX = 3000  # characters in a section's text (Block Kit)
@@ -98,7 +106,7 @@ async def record(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown alert kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return await store.add_alert(
+    return await store.queue_alert(
         None, key=key, kind=kind, title=title, detail=detail, now=now, place=place, connection=connection
     )
 
@@ -114,37 +122,6 @@ async def auth_lost(store: Store, connection: str, error: str, now: datetime) ->
         now=now,
         place=f"[connections.{connection}]",
         connection=connection,
-    )
-
-
-async def client_conflict(store: Store, *, client_key: str, field: str, detail: str, now: datetime) -> bool:
-    """A client's billing record was edited in two places and the edits disagree (one alert per client and field).
-
-    The hook for the code that keeps the client record: call it when it records a
-    conflict; ``detail`` says what each side holds (no secrets).
-    """
-    return await record(
-        store,
-        kind="client_conflict",
-        key=f"client_conflict:{client_key}:{field}:{now.date().isoformat()}",
-        title=f"{client_key} {field}",
-        detail=detail,
-        now=now,
-    )
-
-
-async def audit_trend(store: Store, *, month: str, metric: str, detail: str, now: datetime) -> bool:
-    """The monthly audit flags ``metric`` as rising for ``month`` (one alert per month and metric).
-
-    The hook for the audit: call it for each flag of a run.
-    """
-    return await record(
-        store,
-        kind="audit_trend",
-        key=f"audit_trend:{month}:{metric}",
-        title=f"{metric} ({month})",
-        detail=detail,
-        now=now,
     )
 
 
@@ -278,7 +255,10 @@ class AlertSender:
         """Send one grouped message if one is due (see the module docstring); how many alerts it carried."""
         url = self.settings.webhook_url
         now = self.rt.clock()
-        if url is None or not await self._due(now):
+        if url is None:
+            return 0
+        await self._take_hooked(now)
+        if not await self._due(now):
             return 0
         rows = await self.store.claim(AlertRow, owner=self.rt.owner, limit=MAX_BATCH, lease_s=LEASE_S, now=now)
         if not rows:
@@ -296,6 +276,32 @@ class AlertSender:
         await self._settle(ids, {"next_at": now + timedelta(seconds=wait), "last_error": failure})
         log.warning("alerts_delivery_failed", alerts=len(rows), attempt=attempt, wait_s=wait, error=failure)
         return 0
+
+    async def _take_hooked(self, now: datetime) -> int:
+        """Move what other code recorded through the alert hook (``pending_alerts``) into the queue.
+
+        One transaction: each row becomes an alert of its kind (:data:`HOOK_KINDS`) at its
+        own time and is marked taken, so none is queued twice or lost.
+        """
+        rows = await self.store.pending_alerts(limit=MAX_BATCH)
+        if not rows:
+            return 0
+        table = table_of(PendingAlertRow)
+        async with self.store.begin() as conn:
+            for row in rows:
+                await self.store.queue_alert(
+                    conn,
+                    key=f"hook:{row.key}",
+                    kind=HOOK_KINDS.get(row.source, "other"),
+                    title=row.title,
+                    detail=row.text,
+                    now=row.created_at,
+                )
+            ids = [row.id for row in rows if row.id is not None]
+            await conn.execute(
+                sa.update(table).where(table.c.id.in_(ids), table.c.sent_at.is_(None)).values(sent_at=now)
+            )
+        return len(rows)
 
     async def _due(self, now: datetime) -> bool:
         table = table_of(AlertRow)

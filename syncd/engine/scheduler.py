@@ -15,8 +15,9 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.core.errors import AuthError, RetriableError, SyncdError
-from syncd.engine import alerts, drift
+from syncd.engine import alerts, audit, drift
 from syncd.engine.runtime import Runtime
+from syncd.store import retention
 from syncd.store.db import CursorRow
 
 log = structlog.get_logger("syncd.engine.scheduler")
@@ -24,6 +25,7 @@ log = structlog.get_logger("syncd.engine.scheduler")
 CHANGES = "changes"
 RECURRING_INTERVAL_S = 3600  # the recurring-billing tick runs once an hour across replicas
 COLLECTIONS_INTERVAL_S = 3600  # the collections tick too
+AUDIT_INTERVAL_S = 3600  # the monthly audit is looked at hourly; it runs once per closed month
 
 
 def polled_connections(runtime: Runtime) -> list[str]:
@@ -107,6 +109,18 @@ async def tick_aging(runtime: Runtime, refresh: Callable[[], Awaitable[int]]) ->
         await refresh()
 
 
+async def tick_retention(runtime: Runtime) -> dict[str, int] | None:
+    """Once a day across replicas: delete what ``[retention]`` lets go (:func:`syncd.store.retention.prune`).
+
+    Returns:
+        rows deleted per rule, or ``None`` when another run (or replica) had the day.
+    """
+    now = runtime.clock()
+    if not await runtime.store.claim_tick("retention", now.date().isoformat(), owner=runtime.owner, now=now):
+        return None
+    return await retention.prune(runtime.store, runtime.config.settings.retention, now=now)
+
+
 async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) -> bool:
     """Once per hour across replicas: read new hours and queue every billing event due.
 
@@ -143,6 +157,18 @@ async def tick_collections(runtime: Runtime, run: Callable[[], Awaitable[int]]) 
     return True
 
 
+async def tick_audit(runtime: Runtime) -> bool:
+    """The monthly audit (:func:`syncd.audit.run_monthly`), once per closed month across replicas.
+
+    Looked at every hour: the first look after a month closes (in the company's zone)
+    claims the month's window, logs its audit and records an alert for each rising share.
+
+    Returns:
+        whether this replica ran it.
+    """
+    return await audit.run_monthly(runtime) is not None
+
+
 async def tick_drift(runtime: Runtime) -> int:
     """The drift guard (:func:`syncd.engine.drift.run_drift_check`), on every replica.
 
@@ -161,11 +187,12 @@ def build_scheduler(
     recurring: Callable[[], Awaitable[int]] | None = None,
     collections: Callable[[], Awaitable[int]] | None = None,
 ) -> AsyncIOScheduler:
-    """An AsyncIOScheduler with a poll job per polled connection, the daily aging job, the
-    hourly recurring-billing job and the hourly collections job (not yet started).
+    """An AsyncIOScheduler with a poll job per polled connection, the daily aging and
+    retention jobs, the hourly recurring-billing and collections jobs and the monthly audit
+    (not yet started).
 
-    Recurring billing, aging, collections and the drift guard run once as soon as the scheduler
-    starts, then on their interval, so a daemon restarted more often than an interval
+    Recurring billing, aging, retention, collections, the audit and the drift guard run once as
+    soon as the scheduler starts, then on their interval, so a daemon restarted more often than an interval
     still bills and ages (the per-window tick rows keep a window from running twice
     across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
     connection's first poll reads from ``billing_start``.
@@ -198,6 +225,19 @@ def build_scheduler(
             coalesce=True,
             **first,
         )
+    scheduler.add_job(
+        tick_retention, "interval", hours=1, args=[runtime], id="retention", max_instances=1, coalesce=True, **first
+    )
+    scheduler.add_job(
+        tick_audit,
+        "interval",
+        seconds=AUDIT_INTERVAL_S,
+        args=[runtime],
+        id="audit",
+        max_instances=1,
+        coalesce=True,
+        **first,
+    )
     if runtime.config.daemon.drift_check_interval_s:
         scheduler.add_job(
             tick_drift,
