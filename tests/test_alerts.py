@@ -33,6 +33,7 @@ from tests.harness import Stack, seed_company, seed_deal, stack
 from tests.servers import serve_in_thread
 
 START = 'billing_start = "2026-01-01T00:00:00+00:00"'
+GIVE_UP = "give_up_after_s = 1"  # a failing record is dead-lettered at its first retry
 HOOK_PATH = "/services/T000/B000/XXXXsecretXXXX"
 
 
@@ -101,14 +102,15 @@ async def test_an_outage_sends_one_grouped_summary_then_waits_its_interval(tmp_p
     receiver = Receiver()
     with receiving(receiver) as url:
         extra = alerting(url)
-        async with stack(tmp_path, db_url, clock=clock, daemon_extra=f"{START}\nmax_attempts = 1", extra=extra) as s:
+        async with stack(tmp_path, db_url, clock=clock, daemon_extra=f"{START}\n{GIVE_UP}", extra=extra) as s:
             s.xero.faults.add(Fault(kind="status", status=503, times=None))
             company = seed_company(s.hub)
-            for _ in range(3):
+            for _ in range(3):  # each invoice fails, then fails again a minute later and is given up
                 deal = seed_deal(s.hub, company=company)
                 await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
                 await s.drain()
                 clock.now += timedelta(minutes=1)
+            await s.drain()
             assert await s.daemon.runtime.store.count(DeadLetterRow) == 3
             assert await sender(s).deliver_due() == 4  # the first dead letter has waited its 60 s
             (body,) = receiver.bodies
@@ -117,12 +119,14 @@ async def test_an_outage_sends_one_grouped_summary_then_waits_its_interval(tmp_p
             dead, vendor = sections(body)
             assert dead.startswith("*Dead letters (3)*\n• *effect ")
             assert "xero: " in dead
-            assert vendor.startswith("*Sustained vendor errors (1)*\n• *xero*: 3 failures in 2 min")
+            assert vendor.startswith("*Sustained vendor errors (1)*\n• *xero*: 4 failures in 2 min, none succeeding")
 
             deal = seed_deal(s.hub, company=company)
             await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
             await s.drain()
-            clock.now += timedelta(minutes=2)
+            clock.now += timedelta(minutes=1)
+            await s.drain()
+            clock.now += timedelta(minutes=1)
             assert await sender(s).deliver_due() == 0  # 2 min since the last message: within min_interval_s
             clock.now += timedelta(minutes=3)
             assert await sender(s).deliver_due() == 1
@@ -230,10 +234,13 @@ async def test_an_outcome_that_needs_attention_is_an_alert_and_a_skip_is_not(tmp
 
 async def test_without_a_webhook_url_nothing_is_recorded(tmp_path: Path, db_url: str) -> None:
     """No [alerts] webhook_url: dead letters are kept as ever, but no alert piles up unsent."""
-    async with stack(tmp_path, db_url, daemon_extra=f"{START}\nmax_attempts = 1") as s:
+    clock = Clock(datetime(2026, 12, 2, 15, 0, tzinfo=UTC))
+    async with stack(tmp_path, db_url, clock=clock, daemon_extra=f"{START}\n{GIVE_UP}") as s:
         s.xero.faults.add(Fault(kind="status", status=503, times=None))
         deal = seed_deal(s.hub)
         await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.drain()
+        clock.now += timedelta(minutes=1)
         await s.drain()
         assert await s.daemon.runtime.store.count(DeadLetterRow) == 1
         assert await s.daemon.runtime.store.count(AlertRow) == 0

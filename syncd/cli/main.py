@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import httpx
 import typer
-import uvicorn
 from cryptography.fernet import Fernet
 from rich.console import Console
 from rich.table import Table
@@ -176,14 +175,14 @@ def run(
     ),
 ) -> None:
     """Run the daemon: webhooks, health, metrics, poll ticks and workers (migrates first)."""
-    from syncd.daemon import Daemon
+    from syncd.daemon import Daemon, Server
 
     cfg = _load(config)
     # Migrate and read the mappings before uvicorn: a database or mapping problem is then
     # one line and exit code here, not a failed lifespan with a traceback in the log.
     asyncio.run(_prepare(cfg))
     daemon = Daemon(cfg)
-    server = uvicorn.Server(daemon.server_config(log_format=log_format))
+    server = Server(daemon.server_config(log_format=log_format), daemon)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal with the handler that was
     # installed before it: make that one a no-op so a drained shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
