@@ -641,6 +641,7 @@ class Store:
         self._transactions = 0
         self._count_lock = threading.Lock()
         self._commits = 0  # SQLite: write commits since the last WAL checkpoint
+        self.alerting = False  # record alerts beside their causes ([alerts] webhook_url is set)
         event.listen(engine, "begin", self._count_transaction)
 
     @property
@@ -666,7 +667,6 @@ class Store:
             yield
         finally:
             _UNCOUNTED.reset(token)
-        self.alerting = False  # record alerts beside their causes ([alerts] webhook_url is set)
 
     @classmethod
     def open(cls, database_url: str) -> Store:
