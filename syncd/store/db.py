@@ -718,7 +718,7 @@ class Store:
     @contextlib.asynccontextmanager
     async def _connection(self, *, write: bool) -> AsyncIterator[Connection]:
         if self.is_postgres:
-            sync = await asyncio.to_thread(self._checkout, write)
+            sync = await self._checkout_in_thread(write)
             try:
                 yield Connection(sync, inline=False)
             except BaseException:
@@ -744,7 +744,7 @@ class Store:
     async def _sqlite_connection(self, *, write: bool) -> AsyncIterator[Connection]:
         # A deferred BEGIN (a read) never waits under WAL; BEGIN IMMEDIATE may, for
         # another process (a CLI command) holding the write lock: on a worker thread.
-        sync = await asyncio.to_thread(self._checkout, True) if write else self._checkout(False)
+        sync = await self._checkout_in_thread(True) if write else self._checkout(False)
         try:
             yield Connection(sync, inline=True)
         except BaseException:
@@ -752,6 +752,15 @@ class Store:
             raise
         _release(sync, commit=write)
         self._commits += write
+
+    async def _checkout_in_thread(self, write: bool) -> sa.Connection:
+        """:meth:`_checkout` on a worker thread; a caller cancelled meanwhile leaks no connection."""
+        checkout = asyncio.ensure_future(asyncio.to_thread(self._checkout, write))
+        try:
+            return await asyncio.shield(checkout)
+        except asyncio.CancelledError:
+            checkout.add_done_callback(_release_unused)
+            raise
 
     def _checkout(self, write: bool) -> sa.Connection:
         conn = self.engine.connect()
@@ -1550,6 +1559,13 @@ def _sqlite_pragmas(engine: sa.Engine) -> None:
     def _begin(conn: sa.Connection) -> None:
         write = conn.get_execution_options().get("syncd_write", True)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _release_unused(checkout: asyncio.Future[sa.Connection]) -> None:
+    """A connection checked out for a caller that was cancelled meanwhile goes back (rolled back, on a thread)."""
+    if checkout.cancelled() or checkout.exception() is not None:
+        return
+    threading.Thread(target=_release, args=(checkout.result(),), kwargs={"commit": False}, daemon=True).start()
 
 
 def _release(conn: sa.Connection, *, commit: bool) -> None:
