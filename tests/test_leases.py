@@ -64,11 +64,13 @@ async def test_a_vendor_answer_slower_than_the_lease_is_not_taken_over(two: tupl
     """A worker waiting on a slow create keeps its lease: a second worker claims nothing and Xero gets one create."""
     a, b = two
     await _queued_invoices(a)
-    a.xero.faults.add(Fault(kind="latency", latency_s=SLOW_S, method="PUT", path_contains="/Invoices"))
+    slow = a.xero.faults.add(Fault(kind="latency", latency_s=SLOW_S, method="PUT", path_contains="/Invoices"))
     stop_b = asyncio.Event()
     with structlog.testing.capture_logs() as logs:
+        worker_a = asyncio.create_task(a.daemon.engine.execute_effects(10))
+        await _fault_taken(slow)  # A holds the claim and its create is in flight; B starts looking now
         worker_b = asyncio.create_task(b.daemon.engine.run_worker(stop_b, idle_s=0.2))
-        assert await a.daemon.engine.execute_effects(10) == 1
+        assert await worker_a == 1
         stop_b.set()
         await worker_b
 
