@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 from typer._click.core import Context as ClickContext  # the type TyperGroup.invoke takes (typer vendors click)
 from typer.core import TyperGroup
 
+from syncd import failpoints
 from syncd import logging as syncd_logging
 from syncd.errors import AuthError, ConfigError, MappingError, RetriableError, SyncdError
 from syncd.settings import Config, Connection, Inspection, inspect_config, load_config, redact_url
@@ -170,6 +171,7 @@ def run(
     from syncd.daemon import Daemon
 
     cfg = _load(config)
+    failpoints.arm_from_env()  # the fault suite's crash points (docs/reliability.md); none unless set
     # Migrate and read the mappings before uvicorn: a database or mapping problem is then
     # one line and exit code here, not a failed lifespan with a traceback in the log.
     asyncio.run(_prepare(cfg))

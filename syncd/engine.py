@@ -35,7 +35,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col
 
-from syncd import billing, hours, receivables, recurring, selectors
+from syncd import billing, failpoints, hours, receivables, recurring, selectors
 from syncd.errors import (
     AuthError,
     FatalError,
@@ -789,6 +789,7 @@ class Engine:
         raise FatalError(f"unknown effect kind {row.kind!r}", place=f"effects.id={row.id}")
 
     async def _create_invoice(self, row: EffectRow) -> None:
+        failpoints.hit("after_claim")
         draft = InvoiceDraft.model_validate(row.payload["draft"])
         invoicing = self.rt.connectors[row.connection]
         # Only a retry can follow a create whose answer was lost (or a crash after it):
@@ -801,7 +802,9 @@ class Engine:
         created = status is None
         if status is None:
             draft = await self._after_lock_date(row.connection, invoicing, draft)
+            failpoints.hit("before_vendor_call")
             status = await invoicing.create_invoice(draft, customer_id)
+            failpoints.hit("after_vendor_2xx")
         elif draft.send and status.state is InvoiceState.AUTHORISED and isinstance(invoicing, SendsInvoices):
             # created by an earlier attempt that stopped before emailing it
             await invoicing.send_invoice(status.invoice_id, draft.key)
@@ -849,6 +852,7 @@ class Engine:
                     now=now,
                     client_key=draft.client.key,
                 )
+        failpoints.hit("after_local_commit")
         if mismatch:
             log.warning("invoice_totals_mismatch", key=draft.key, invoice=status.number, detail=mismatch)
         log.info(

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
+from syncd import failpoints
 from syncd.errors import AuthError
 from syncd.interfaces import TokenStore
 
@@ -145,6 +146,7 @@ class RotatingTokens:
                 self._cached = current
                 return str(current["access_token"])
             fresh = await self._refresh(current)
+            failpoints.hit("after_token_refresh")
             await self.store.save(fresh)
             self._cached = fresh
             if importing:
