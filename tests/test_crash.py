@@ -14,8 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +24,9 @@ from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
 from syncd.demo import free_port, serve
 from tests.harness import seed_deal, write_config
+from tests.servers import healthy, start_daemon, until
 
 pytestmark = pytest.mark.slow
-
-
-async def _until(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "syncd", "run", "--config", str(config)], stdout=out, stderr=out, env=env
-        )
-
-
-async def _healthy(client: httpx.AsyncClient, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if (await client.get(f"{url}/readyz")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("daemon did not become ready")
 
 
 async def test_sigkill_after_the_vendor_committed_leaves_exactly_one_invoice(tmp_path: Path, db_url: str) -> None:
@@ -79,9 +48,9 @@ async def test_sigkill_after_the_vendor_committed_leaves_exactly_one_invoice(tmp
         done = await asyncio.to_thread(subprocess.run, setup, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
         assert "syncd_invoice_number" in hub._properties["deals"]
-        first = _start(config, log)
+        first = start_daemon(config, log)
         try:
-            await _healthy(client, url, first, log)
+            await healthy(client, url, first, log)
             hub.subscribe(f"{url}/webhooks/hubspot", client)
             xero.subscribe(f"{url}/webhooks/xero", client)
 
@@ -92,7 +61,7 @@ async def test_sigkill_after_the_vendor_committed_leaves_exactly_one_invoice(tmp
             xero.on_commit = kill
             deal = seed_deal(hub)
             await hub.set_deal_properties(deal, {"dealstage": "closedwon"})
-            await _until("the daemon to be killed", lambda: first.poll() is not None)
+            await until("the daemon to be killed", lambda: first.poll() is not None)
         finally:
             if first.poll() is None:
                 first.kill()
@@ -102,10 +71,10 @@ async def test_sigkill_after_the_vendor_committed_leaves_exactly_one_invoice(tmp
         assert len(xero.invoices()) == 1
         assert not hub.deal(deal)["properties"].get("syncd_invoice_number")
 
-        second = _start(config, log)
+        second = start_daemon(config, log)
         try:
-            await _healthy(client, url, second, log)
-            await _until(
+            await healthy(client, url, second, log)
+            await until(
                 "the deal to be updated", lambda: bool(hub.deal(deal)["properties"].get("syncd_invoice_number"))
             )
             assert len(xero.invoices()) == 1

@@ -1,0 +1,70 @@
+"""The fault suite's seeds: a few in ``make test``, as many as asked under ``make soak``.
+
+A test that takes a ``seed`` argument runs once per seed: ``CI_SEEDS`` of them by
+default (bounded so the suite adds about two minutes to ``make test``), or
+``SYNCD_SOAK_SEEDS`` of them (``make soak SYNCD_SOAK_SEEDS=200``). Seeds are 1, 2, 3 ...
+so a failure names the seed that reproduces it: ``pytest tests/faults -k "seed3"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import structlog
+
+from syncd import logging as syncd_logging
+from syncd.settings import Config
+
+CI_SEEDS = 2
+SOAK_ENV = "SYNCD_SOAK_SEEDS"
+LIBRARY_LOGGERS = ("httpx", "httpcore", "apscheduler", "alembic", "sqlalchemy.engine", "uvicorn.error")
+
+
+def seed_count() -> int:
+    """How many seeds each seeded scenario runs."""
+    value = os.environ.get(SOAK_ENV, "")
+    if not value:
+        return CI_SEEDS
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"{SOAK_ENV} must be a whole number of seeds, 1 or more, not {value!r}")
+    return int(value)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "seed" in metafunc.fixturenames:
+        seeds = range(1, seed_count() + 1)
+        metafunc.parametrize("seed", seeds, ids=[f"seed{seed}" for seed in seeds])
+
+
+@pytest.fixture
+def run_logging() -> Iterator[Callable[[Config], None]]:
+    """Log as ``syncd run`` would, at DEBUG in JSON (to the captured stderr); restored afterwards.
+
+    Call it with the scenario's config once the stack is up: the config's secrets are
+    registered for redaction as ``syncd run`` registers them (``syncd/cli.py``).
+    """
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    secrets = (set(syncd_logging._configured), dict(syncd_logging._fetched))
+
+    def start(config: Config) -> None:
+        syncd_logging.register_secrets(config.secrets())
+        syncd_logging.configure("debug", json=True)
+
+    try:
+        yield start
+    finally:
+        syncd_logging._configured.clear()
+        syncd_logging._configured.update(secrets[0])
+        syncd_logging._fetched.clear()
+        syncd_logging._fetched.update(secrets[1])
+        syncd_logging._compile()
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, value in levels.items():
+            logging.getLogger(name).setLevel(value)

@@ -1,0 +1,100 @@
+"""In-process pieces the fault scenarios share: a clock they move, deals, settling, checking.
+
+The in-process stack is ``tests/harness.py``'s (emulators over ``httpx.ASGITransport``,
+the daemon with no worker tasks); these helpers only add what a fault scenario needs:
+a clock that jumps past every back-off (:class:`Clock`), a loop that drains until
+nothing is left to do (:func:`settle`), and the end-of-scenario check with the
+emulators' secrets (:func:`verify`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+from syncd.store import EffectRow, EventRow
+from tests.faults.checker import Report, check, emulator_secrets, record
+from tests.harness import Stack, seed_company, seed_deal
+
+STEP_S = 3601  # past the longest back-off (an hour), so every retry is due at the next round
+
+
+class Clock:
+    """A clock that moves only when told (daemon and emulators share it).
+
+    It starts a minute after the real now: a new database's ``billing_start`` is the real
+    moment it was created, and a deal won before that would be a recorded skip.
+    """
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC) + timedelta(minutes=1)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward."""
+        self.now += timedelta(seconds=seconds)
+
+
+async def pending(stack: Stack) -> int:
+    """Events and effects still to do."""
+    store = stack.daemon.runtime.store
+    return await store.count(EventRow, EventRow.status == "pending") + await store.count(
+        EffectRow, EffectRow.status == "pending"
+    )
+
+
+async def settle(stack: Stack, clock: Clock, *, rounds: int = 40) -> int:
+    """Drain, move the clock past every back-off, and again, until nothing is pending.
+
+    Returns:
+        the rounds it took.
+
+    Raises:
+        AssertionError: work was still pending after ``rounds`` (a retry loop).
+    """
+    for round_ in itertools.count(1):
+        await stack.xero.webhooks.flush()
+        await stack.hub.webhooks.flush()
+        await stack.drain()
+        if await pending(stack) == 0:
+            return round_
+        if round_ >= rounds:
+            raise AssertionError(f"work still pending after {rounds} rounds")
+        clock.advance(STEP_S)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def deals(stack: Stack, count: int) -> list[str]:
+    """``count`` open deals, each of its own company (its own client)."""
+    return [seed_deal(stack.hub, company=seed_company(stack.hub, po=f"PO-{n}")) for n in range(count)]
+
+
+async def win(stack: Stack, deal: str) -> None:
+    """Move a deal to closed-won at the CRM (a signed webhook is delivered)."""
+    await stack.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+
+
+async def verify(
+    stack: Stack,
+    scenario: str,
+    seed: int | None = None,
+    *,
+    expect_won: list[str] | tuple[str, ...] = (),
+    logs: str = "",
+    reversals: bool = False,
+) -> Report:
+    """The checker over this stack, recorded for the soak table; fails listing every problem."""
+    report = await check(
+        stack.config.daemon.database_url,
+        stack.hub,
+        stack.xero,
+        expect_won=expect_won,
+        secrets=emulator_secrets(stack.hub, stack.xero),
+        texts=[("captured log", logs)] if logs else [],
+        reversals=reversals,
+    )
+    record(report, scenario, seed)
+    report.assert_ok()
+    return report
