@@ -333,6 +333,9 @@ class WebhookSender:
         faults: duplicate and reordered deliveries (:class:`WebhookFaults`); ``None``
             (the default) sends each delivery once, in order.
         deliveries: every delivery sent, oldest first (the last 1000).
+        failed: deliveries the subscriber did not accept (no answer, 429 or 5xx), not yet
+            retried; :meth:`retry_failed` sends them again, as vendors retry (HubSpot
+            "retries any status but 400/401/403/404/405", ``syncd/webhooks.py``).
     """
 
     def __init__(self, client: httpx.AsyncClient | None = None, url: str | None = None) -> None:
@@ -340,6 +343,7 @@ class WebhookSender:
         self.url = url
         self.faults: WebhookFaults | None = None
         self.deliveries: deque[Delivery] = deque(maxlen=1000)
+        self.failed: list[Delivery] = []
         self._held: list[tuple[bytes, Mapping[str, str], int]] = []
         self._sequence = 0
 
@@ -392,7 +396,18 @@ class WebhookSender:
             status = None
         delivery = Delivery(url=self.url, headers=dict(headers), body=body, status=status)
         self.deliveries.append(delivery)
+        if status is None or status == 429 or status >= 500:
+            self.failed.append(delivery)
         return delivery
+
+    async def retry_failed(self) -> int:
+        """Send every failed delivery again, byte for byte; how many were accepted this time."""
+        failed, self.failed = self.failed, []
+        accepted = 0
+        for delivery in failed:
+            again = await self._post_once(delivery.body, delivery.headers)
+            accepted += again is not None and again.status is not None and again.status < 300
+        return accepted
 
     async def redeliver(self, delivery: Delivery) -> int | None:
         """Send an earlier delivery again, byte for byte, as vendors retry."""

@@ -1,8 +1,9 @@
 """The fault suite's seeds: a few in ``make test``, as many as asked under ``make soak``.
 
 A test that takes a ``seed`` argument runs once per seed: ``CI_SEEDS`` of them by
-default (bounded so the suite adds about two minutes to ``make test``), or
-``SYNCD_SOAK_SEEDS`` of them (``make soak SYNCD_SOAK_SEEDS=200``). Seeds are 1, 2, 3 ...
+default (bounded so the suite adds about two minutes to ``make test``; a slow scenario
+asks for fewer with ``@pytest.mark.ci_seeds(1)``), or ``SYNCD_SOAK_SEEDS`` of them for
+every seeded scenario (``make soak SYNCD_SOAK_SEEDS=200``). Seeds are 1, 2, 3 ...
 so a failure names the seed that reproduces it: ``pytest tests/faults -k "seed3"``.
 """
 
@@ -35,7 +36,11 @@ def seed_count() -> int:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "seed" in metafunc.fixturenames:
-        seeds = range(1, seed_count() + 1)
+        count = seed_count()
+        marker = metafunc.definition.get_closest_marker("ci_seeds")
+        if marker is not None and not os.environ.get(SOAK_ENV):
+            count = min(count, int(marker.args[0]))
+        seeds = range(1, count + 1)
         metafunc.parametrize("seed", seeds, ids=[f"seed{seed}" for seed in seeds])
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime, timedelta
 
+from connectors.hubspot.emulator import HubSpotEmulator
 from syncd.store import EffectRow, EventRow
 from tests.faults.checker import Report, check, emulator_secrets, record
-from tests.harness import Stack, seed_company, seed_deal
+from tests.harness import Stack, seed_deal
 
 STEP_S = 3601  # past the longest back-off (an hour), so every retry is due at the next round
 
@@ -66,9 +67,27 @@ async def settle(stack: Stack, clock: Clock, *, rounds: int = 40) -> int:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def deals(stack: Stack, count: int) -> list[str]:
-    """``count`` open deals, each of its own company (its own client)."""
-    return [seed_deal(stack.hub, company=seed_company(stack.hub, po=f"PO-{n}")) for n in range(count)]
+_clients = itertools.count(1)
+
+
+def deals(hub: HubSpotEmulator | Stack, count: int) -> list[str]:
+    """``count`` open deals, each of its own company: a client with a name of its own.
+
+    Xero contact names are unique, so two clients with one legal name would be a
+    (correct) dead letter, not what a fault scenario is about.
+    """
+    crm = hub.hub if isinstance(hub, Stack) else hub
+    made = []
+    for _ in range(count):
+        n = next(_clients)
+        company = crm.add_company(
+            {"name": f"Client {n}", "legal_name": f"Client {n} Pty Ltd", "default_po_number": f"PO-{n}"}
+        )
+        contact = crm.add_contact(
+            {"firstname": "Dana", "lastname": f"Reyes {n}", "email": f"ap{n}@client{n}.example"}, company_id=company
+        )
+        made.append(seed_deal(crm, company=(company, contact)))
+    return made
 
 
 async def win(stack: Stack, deal: str) -> None:
