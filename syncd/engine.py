@@ -1110,7 +1110,11 @@ class Engine:
         except _Fenced:
             log.warning("lease_lost", **log_ctx)
             return
-        except (RetriableError, AuthError) as exc:
+        except AuthError as exc:
+            await self._needs_reauthorisation(row, exc)
+            await self._retry_or_bury(model, row, source, exc)
+            return
+        except RetriableError as exc:
             await self._retry_or_bury(model, row, source, exc)
             return
         except (MappingError, RecordError, FatalError) as exc:
@@ -1125,6 +1129,25 @@ class Engine:
             return
         if not settled:
             await self.store.finish(model, row, status="done", now=self.rt.clock())
+
+    async def _needs_reauthorisation(self, row: Any, exc: AuthError) -> None:
+        """Credentials refused (a spent refresh token, a revoked app): an outcome a person must act on.
+
+        The work itself is retried as before (a person may reconnect meanwhile); the
+        outcome is recorded once a day per connection, so ``syncd outcomes list`` and
+        ``syncd status`` show it without a line per record. The message says what to do
+        (``run `syncd auth xero` to reconnect``) and never holds a secret.
+        """
+        day = self.rt.clock().date().isoformat()
+        if await self.record_outcome(
+            key=f"attention:auth_refused:{row.connection}:{day}",
+            kind="attention",
+            reason="auth_refused",
+            detail=exc.message,
+            place=exc.place,
+            connection=row.connection,
+        ):
+            log.error("reauthorisation_needed", connection=row.connection, error=exc.message)
 
     async def _retry_or_bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
         if row.attempts >= self.rt.config.daemon.max_attempts:
