@@ -63,6 +63,7 @@ def write_config(
     name: str = "config.toml",
     shared_rate_budget: bool | None = False,
     rate_limits: bool = False,
+    encryption_key: str | None = None,
 ) -> Path:
     """A config pointing every connection at an emulator host.
 
@@ -79,6 +80,9 @@ def write_config(
     loop's real clock, not on a test's, and the limits have their own tests
     (``tests/test_http.py``, ``tests/connectors/``). For Xero 0 leaves only the
     concurrency limit and the app-wide 10,000 a minute (``connectors/xero/connector.py``).
+
+    ``encryption_key`` is a new Fernet key by default; replicas sharing one database
+    share one key, as they must to read each other's stored tokens.
     """
     path = folder / name
     hub_limits = xero_limits = ""
@@ -104,7 +108,7 @@ listen = "127.0.0.1:8080"
 public_url = "{SYNCD_URL}"
 timezone = "America/New_York"
 lease_s = 5
-encryption_key = "{Fernet.generate_key().decode()}"
+encryption_key = "{encryption_key or Fernet.generate_key().decode()}"
 {daemon_extra}
 
 [connections.hubspot]
@@ -148,6 +152,7 @@ async def stack(
     extra: str = "",
     shared_rate_budget: bool | None = False,
     rate_limits: bool = False,
+    encryption_key: str | None = None,
 ) -> AsyncIterator[Stack]:
     """Start emulators and a daemon (no worker tasks, no poll ticks) for one test.
 
@@ -158,6 +163,7 @@ async def stack(
         harvest: a Harvest emulator, mounted at ``http://harvest.test`` as the pipeline's time tracker.
         extra: TOML appended to the config (``[pilot]`` ...).
         shared_rate_budget / rate_limits: as for :func:`write_config` (off unless a test is about them).
+        encryption_key: as for :func:`write_config` (replicas on one database share one).
     """
     hub = hub or HubSpotEmulator(rate_limits=False, clock=clock)
     xero = xero or XeroEmulator(rate_limits=False, clock=clock)
@@ -172,6 +178,7 @@ async def stack(
         extra=extra,
         shared_rate_budget=shared_rate_budget,
         rate_limits=rate_limits,
+        encryption_key=encryption_key,
     )
     config = load_config(path)
     mounts = {

@@ -36,7 +36,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,7 @@ async def check(
     texts: Iterable[tuple[str, str]] = (),
     reversals: bool = False,
     settled: bool = True,
+    today: date | None = None,
 ) -> Report:
     """Check a settled scenario (module docstring); the report lists every problem.
 
@@ -137,6 +138,7 @@ async def check(
         secrets: values that must appear nowhere.
         texts: (where, text) pairs to search for them (log files, captured output).
         reversals: the scenario reversed a payment, so an amount due may rise again.
+        today: the day the vendor's state is judged on (overdue or not); the real today by default.
         settled: every event and effect must be settled (nothing pending); ``False`` for
             a scenario that ends with work waiting on a person (a billing event whose
             effect is still pending is then in progress, not lost).
@@ -153,7 +155,7 @@ async def check(
     _one_contact_per_client(xero, report)
     _every_event_ends(state, expect_won, settled, report)
     _one_to_one(state, documents, report)
-    _crm_matches(state, documents, hub, reversals, report)
+    _crm_matches(state, documents, hub, reversals, today or datetime.now(UTC).date(), report)
     _no_secrets(state, [s for s in secrets if s], list(texts), report)
     return report
 
@@ -259,7 +261,12 @@ def _one_to_one(state: _State, documents: dict[str, list[dict[str, Any]]], repor
 
 
 def _crm_matches(
-    state: _State, documents: dict[str, list[dict[str, Any]]], hub: HubSpotEmulator, reversals: bool, report: Report
+    state: _State,
+    documents: dict[str, list[dict[str, Any]]],
+    hub: HubSpotEmulator,
+    reversals: bool,
+    today: date,
+    report: Report,
 ) -> None:
     by_deal: dict[str, list[InvoiceRow]] = defaultdict(list)
     for row in state.invoices:
@@ -280,7 +287,7 @@ def _crm_matches(
             )
             if match is not None:
                 vendor.append(_document(row.kind, match))
-        expected = receivables.deal_status(vendor, datetime.now(UTC).date())
+        expected = receivables.deal_status(vendor, today)
         if expected is None:
             continue
         shown = hub.deal(deal_id)["properties"]

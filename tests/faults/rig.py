@@ -9,10 +9,12 @@ emulators' secrets (:func:`verify`).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import UTC, datetime, timedelta
 
 from connectors.hubspot.emulator import HubSpotEmulator
+from syncd import receivables
 from syncd.store import EffectRow, EventRow
 from tests.faults.checker import Report, check, emulator_secrets, record
 from tests.harness import Stack, seed_deal
@@ -70,6 +72,28 @@ async def settle(stack: Stack, clock: Clock, *, rounds: int = 40) -> int:
 _clients = itertools.count(1)
 
 
+async def together(stacks: list[Stack], *, batch: int = 1) -> int:
+    """Let replicas claim and work at once, ``batch`` rows per claim, until none finds work.
+
+    ``Stack.drain`` claims up to 100 rows at a time, so the first replica would take
+    everything; small claims share the work as busy replicas do.
+
+    Returns:
+        the rows claimed in all.
+    """
+    total = 0
+    while True:
+
+        async def one(stack: Stack) -> int:
+            engine = stack.daemon.engine
+            return await engine.process_events(batch) + await engine.execute_effects(batch)
+
+        claimed = sum(await asyncio.gather(*(one(s) for s in stacks)))
+        if claimed == 0:
+            return total
+        total += claimed
+
+
 def deals(hub: HubSpotEmulator | Stack, count: int) -> list[str]:
     """``count`` open deals, each of its own company: a client with a name of its own.
 
@@ -113,6 +137,7 @@ async def verify(
         secrets=emulator_secrets(stack.hub, stack.xero),
         texts=[("captured log", logs)] if logs else [],
         reversals=reversals,
+        today=receivables.today_in(stack.daemon.runtime.clock(), stack.config.daemon.timezone),
     )
     record(report, scenario, seed)
     report.assert_ok()

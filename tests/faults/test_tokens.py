@@ -69,12 +69,14 @@ async def test_three_replicas_spend_one_refresh_per_expiry(
     hub, xero = HubSpotEmulator(rate_limits=False, clock=clock), XeroEmulator(rate_limits=False, clock=clock)
     for name, value in code_flow(await consented_refresh_token(xero)).items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("SYNCD_DAEMON__ENCRYPTION_KEY", Fernet.generate_key().decode())  # replicas share one key
+    key = Fernet.generate_key().decode()  # replicas share one key
     async with contextlib.AsyncExitStack() as replicas:
         stacks = []
         for name in ("a", "b", "c"):
             (tmp_path / name).mkdir()
-            replica = stack(tmp_path / name, postgres_url, clock=clock, hub=hub, xero=xero, daemon_extra=DEBUG)
+            replica = stack(
+                tmp_path / name, postgres_url, clock=clock, hub=hub, xero=xero, daemon_extra=DEBUG, encryption_key=key
+            )
             stacks.append(await replicas.enter_async_context(replica))
         run_logging(stacks[0].config)
         won = []
