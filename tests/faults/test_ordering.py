@@ -12,16 +12,19 @@ the invoice is recorded as a divergence; and the checker's rules hold across all
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from connectors.emulation import WebhookFaults
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
 from syncd.outcomes import list_outcomes
+from syncd.settings import Config
 from syncd.store import InvoiceRow
 from tests.faults.conftest import seed_count
 from tests.faults.rig import Clock, settle, verify
@@ -78,7 +81,7 @@ async def one_order(s: Stack, clock: Clock, n: int, order: list[int], work_after
 
 
 def test_any_order_of_won_amount_lost_won_again_each_duplicated_bills_at_most_once(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, sqlite_url: str, run_logging: Callable[[Config], None], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Every drawn order of the four changes, each delivered twice or more, some reordered: the rules above hold."""
     clock = Clock()
@@ -86,10 +89,11 @@ def test_any_order_of_won_amount_lost_won_again_each_duplicated_bills_at_most_on
     with asyncio.Runner() as runner:
         running = stack(tmp_path, sqlite_url, clock=clock, hub=hub, xero=xero)
         s = runner.run(running.__aenter__())
+        run_logging(s.config)
         examples = iter(range(1, 10**6))
         try:
 
-            @settings(max_examples=10 * seed_count(), suppress_health_check=[HealthCheck.too_slow], deadline=None)
+            @settings(max_examples=8 * seed_count(), suppress_health_check=[HealthCheck.too_slow], deadline=None)
             @given(
                 order=st.permutations(range(len(CHANGES))),
                 work_after=st.lists(st.booleans(), min_size=len(CHANGES), max_size=len(CHANGES)),
@@ -99,7 +103,7 @@ def test_any_order_of_won_amount_lost_won_again_each_duplicated_bills_at_most_on
                 runner.run(one_order(s, clock, next(examples), order, work_after, seed))
 
             example()
-            report = runner.run(verify(s, "out-of-order events (Hypothesis)"))
+            report = runner.run(verify(s, "out-of-order events (Hypothesis)", logs=capsys.readouterr().err))
         finally:
             runner.run(running.__aexit__(None, None, None))
     assert report.invoices >= 1

@@ -77,7 +77,7 @@ async def test_the_same_webhook_fifty_times_across_three_replicas_makes_one_invo
         served = [r.log.read_text().count('"event": "webhook_received"') for r in s.replicas]
         assert sum(served) == 50, served
         assert all(served), served  # every replica took its share
-        assert [await r.stop() for r in s.replicas] == [0, 0, 0]
+        assert await asyncio.gather(*(r.stop() for r in s.replicas)) == [0, 0, 0]
         report = await s.verify("same webhook 50 times across 3 replicas", expect_won=[deal])
     assert report.invoices == 1
     assert len([w for w in s.hub.writes if w.object_id == deal]) == 1

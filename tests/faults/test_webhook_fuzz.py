@@ -125,7 +125,7 @@ def test_no_webhook_body_or_header_is_answered_500(tmp_path: Path, sqlite_url: s
             async def dead_letters() -> int:
                 return await s.daemon.runtime.store.count(DeadLetterRow)
 
-            @settings(max_examples=75 * seed_count(), suppress_health_check=[HealthCheck.too_slow], deadline=None)
+            @settings(max_examples=60 * seed_count(), suppress_health_check=[HealthCheck.too_slow], deadline=None)
             @given(body=BODIES, headers=HEADERS, target=st.sampled_from(sorted(seen)), name=st.text(max_size=20))
             def example(body: bytes, headers: dict[str, str], target: str, name: str) -> None:
                 before = runner.run(dead_letters())
