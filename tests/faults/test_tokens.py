@@ -25,7 +25,7 @@ from syncd import failpoints
 from syncd.outcomes import list_outcomes
 from syncd.settings import Config
 from syncd.store import Store
-from tests.faults.checker import check, emulator_secrets, log_texts
+from tests.faults.checker import check, emulator_secrets, log_texts, record
 from tests.faults.live import live
 from tests.faults.rig import Clock, deals, settle, verify, win
 from tests.harness import stack
@@ -143,5 +143,6 @@ async def test_a_crash_between_the_refresh_and_its_save_asks_a_person_to_reconne
             texts=log_texts(replica.log),
             settled=False,  # the invoice waits for a person to reconnect
         )
+        record(report, "crash between refresh and save")
         report.assert_ok()
         assert '"event": "reauthorisation_needed"' in replica.log.read_text()
