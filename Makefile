@@ -24,6 +24,7 @@ lint: install-dev
 	$(BIN)/ruff check syncd connectors tests $(wildcard bench)
 	$(BIN)/ruff format --check syncd connectors tests $(wildcard bench)
 	$(BIN)/mypy syncd connectors
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest

@@ -1,4 +1,4 @@
-"""syncd's benchmark suite: numbers, not tests (issue 5).
+"""syncd's benchmark suite: numbers, not tests (targets in BENCHMARKS.md).
 
 ``python -m bench`` runs the quick profile of every measurement and prints one table;
 ``--full`` runs the long one. Each measurement also runs alone:

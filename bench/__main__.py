@@ -43,7 +43,7 @@ async def run_all(profile: Profile, names: list[str]) -> list[Row]:
 
 def main() -> None:
     """The command line."""
-    parser = argparse.ArgumentParser(prog="python -m bench", description="syncd's benchmarks (issue 5)")
+    parser = argparse.ArgumentParser(prog="python -m bench", description="syncd's benchmarks (BENCHMARKS.md)")
     parser.add_argument("--full", action="store_true", help="the long profile (full sizes and durations)")
     parser.add_argument(
         "--only", nargs="+", choices=sorted(MEASUREMENTS), default=list(MEASUREMENTS), help="measurements to run"

@@ -1,6 +1,6 @@
 """Backfill: a first full read of every deal through the HubSpot list endpoint.
 
-Measurement 4 of issue 5. The HubSpot emulator (limits off) holds N deals; a separate
+Backfill (BENCHMARKS.md). The HubSpot emulator (limits off) holds N deals; a separate
 process builds syncd's runtime from a config (as ``syncd run`` does: store, HTTP
 client, connectors) and iterates ``HubSpotConnector.iter_deals()`` (``GET
 /crm/v3/objects/deals``, 100 per page; the search endpoint stops at 10,000 results).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench import report, stack
 from bench.report import Profile, Row, Target
-from syncd.demo import free_port
+from syncd.plumbing.serving import free_port
 
 MARK = "BACKFILL "
 LIST_CALL = "GET /crm/v3/objects/deals"
@@ -122,8 +122,8 @@ async def measure(size: int) -> dict[str, float]:
 
 async def child(config_path: Path) -> dict[str, float]:
     """In the child: build syncd's runtime and read every deal; seconds, deals and memory."""
-    from syncd.runtime import Runtime
-    from syncd.settings import load_config
+    from syncd.engine.runtime import Runtime
+    from syncd.plumbing.settings import load_config
 
     runtime = await Runtime.start(load_config(config_path))
     try:

@@ -1,6 +1,6 @@
 """Rate-budget use: how much of Xero's per-minute limit syncd spends, and how many 429s it draws.
 
-Measurement 3 of issue 5. The Xero emulator enforces its limits (5 concurrent calls,
+Xero quota use (BENCHMARKS.md). The Xero emulator enforces its limits (5 concurrent calls,
 5,000 a day, and a per-minute limit scaled from Xero's 60 to **600 per minute** so a
 run takes minutes, not hours); syncd is configured with the same 600 per minute and 5
 concurrent. Won deals (ten per client, so most deals reuse a known Xero contact) are
@@ -18,7 +18,7 @@ Target: ≥ 95 % of the limit with zero 429s in steady state.
 With PostgreSQL (profiles that run it, when a server answers) the same deals go through
 **two syncd replicas** on one database, the webhooks alternating between them. Each is
 configured with the full 600 per minute (its own limiter smooths its bursts) and the
-shared rate budget on (``syncd.http.SharedBudget``: evenly spaced call slots reserved
+shared rate budget on (``syncd.plumbing.http.SharedBudget``: evenly spaced call slots reserved
 in one PostgreSQL row), so the two together must stay under the one Xero limit; Xero's
 5 concurrent calls are split by configuration (2 each), as the budget shares only the
 per-minute count.

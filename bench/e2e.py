@@ -1,6 +1,6 @@
 """End to end: deal-won webhook → invoice at the Xero emulator, syncd beside a minimal baseline.
 
-Measurement 2 of issue 5 (and 6, CPU per synced deal). For each vendor latency (none,
+End-to-end throughput and CPU per synced deal (BENCHMARKS.md). For each vendor latency (none,
 and 100 ms added to every emulator answer) and each concurrency, a fresh pair of
 emulators is seeded with won deals (each with its own company, billing contact and
 two lines), and syncd (``python -m syncd run``, SQLite, in its own process) is

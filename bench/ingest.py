@@ -1,4 +1,4 @@
-"""Webhook ingest: acknowledgements per second and their latency (issue 5, measurement 1).
+"""Webhook ingest: acknowledgements per second and their latency (BENCHMARKS.md).
 
 Signed HubSpot deal-won webhooks, each a new event, are posted to syncd's
 ``/webhooks/hubspot`` by closed-loop clients (1, 16 and 64 of them), on SQLite and on

@@ -1,6 +1,6 @@
 """Incremental poll: a few changed deals among many, found through the change feed.
 
-Measurement 5 of issue 5. The HubSpot emulator holds N deals last modified two hours
+Polling (BENCHMARKS.md). The HubSpot emulator holds N deals last modified two hours
 ago; the poll cursor is taken one hour ago (``poll_changes(None)``); then a few deals
 are edited, and, five minutes later (past the connector's ``poll_lag_s``), the feed is
 read from the cursor until it says there is no more. Reported: the API calls that
@@ -27,9 +27,9 @@ from bench import report, stack
 from bench.report import Profile, Row, Target
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.interfaces import Crm
-from syncd.runtime import Runtime
-from syncd.settings import load_config
+from syncd.core.interfaces import Crm
+from syncd.engine.runtime import Runtime
+from syncd.plumbing.settings import load_config
 
 TARGET_CALLS = Target(op="<=", limit=5.0)
 MAX_PAGES = 100

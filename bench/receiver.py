@@ -3,7 +3,7 @@
 The ingest benchmark measures the acknowledgement path (verify, dedupe, store, answer
 200) without the workers competing for the CPU; ``[daemon].workers`` cannot be 0 in
 a config, so this builds the same :class:`~syncd.daemon.Daemon` and uvicorn server as
-``syncd run`` (``syncd/cli.py::run``) with ``workers=0, poll=False``.
+``syncd run`` (``syncd/cli/main.py::run``) with ``workers=0, poll=False``.
 
 Usage: ``python -m bench.receiver --config CONFIG``
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import uvicorn
 
-from syncd import logging as syncd_logging
 from syncd.daemon import Daemon
-from syncd.settings import load_config
+from syncd.plumbing import logging as syncd_logging
+from syncd.plumbing.settings import load_config
 
 
 def main() -> None:

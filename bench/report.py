@@ -27,7 +27,7 @@ from rich.table import Table
 
 @dataclass(frozen=True, kw_only=True)
 class Target:
-    """A goal from issue 5: ``value <op> limit``.
+    """A goal from BENCHMARKS.md: ``value <op> limit``.
 
     Attributes:
         op: ``<=`` (at most) or ``>=`` (at least).
@@ -281,7 +281,7 @@ def show(
 
 def quiet_logs() -> None:
     """Keep the in-process parts (connectors, runtime) to warnings: the table is the output."""
-    from syncd import logging as syncd_logging
+    from syncd.plumbing import logging as syncd_logging
 
     syncd_logging.configure("warning")
 

@@ -29,7 +29,7 @@ from cryptography.fernet import Fernet
 from connectors.emulation import Fault
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.demo import free_port, serve
+from syncd.plumbing.serving import free_port, serve
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "mappings" / "hubspot-xero.toml"

@@ -299,7 +299,7 @@ class WebhookFaults:
 
     HubSpot and Xero both say a subscriber must expect duplicates and must not rely on
     the order of deliveries (HubSpot retries a delivery up to 10 times over 24 hours;
-    Xero "with decreasing frequency for up to 24 hours", ``syncd/webhooks.py``).
+    Xero "with decreasing frequency for up to 24 hours", ``syncd/web/webhooks.py``).
 
     Attributes:
         seed: the seed; each delivery's fate is drawn from the seed and its sequence number.
@@ -335,7 +335,7 @@ class WebhookSender:
         deliveries: every delivery sent, oldest first (the last 1000).
         failed: deliveries the subscriber did not accept (no answer, 429 or 5xx), not yet
             retried; :meth:`retry_failed` sends them again, as vendors retry (HubSpot
-            "retries any status but 400/401/403/404/405", ``syncd/webhooks.py``).
+            "retries any status but 400/401/403/404/405", ``syncd/web/webhooks.py``).
     """
 
     def __init__(self, client: httpx.AsyncClient | None = None, url: str | None = None) -> None:

@@ -12,10 +12,10 @@ not, the daemon refuses to start with one line naming the scope and the command.
 Mapping files are reloaded while it runs: on SIGHUP, and when a file's modification
 time, size or inode changes (looked at every ``[daemon].mapping_watch_interval_s``).
 A valid file is swapped in for the next event; a bad one leaves the running mapping in
-place and each problem is logged (:meth:`~syncd.runtime.Runtime.reload_mappings`).
+place and each problem is logged (:meth:`~syncd.engine.runtime.Runtime.reload_mappings`).
 
 uvicorn is configured here (:meth:`Daemon.server_config`): it installs no logging of its
-own (its loggers go through the root handler :func:`syncd.logging.configure` sets up, in
+own (its loggers go through the root handler :func:`syncd.plumbing.logging.configure` sets up, in
 the same format as every other line), it answers 503 beyond ``[daemon].max_connections``,
 closes keep-alive connections idle for ``[daemon].keep_alive_timeout_s`` and connections
 whose request line and headers take longer than ``[daemon].request_head_timeout_s``; the
@@ -39,15 +39,15 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 
-from syncd import logging as syncd_logging
-from syncd import recurring
-from syncd.engine import Engine
-from syncd.errors import AuthError, ConfigError
-from syncd.http import Sleep
-from syncd.runtime import Runtime, utcnow
-from syncd.scheduler import build_scheduler
-from syncd.settings import Config
-from syncd.webhooks import create_app
+from syncd.core.errors import AuthError, ConfigError
+from syncd.engine import recurring
+from syncd.engine.loop import Engine
+from syncd.engine.runtime import Runtime, utcnow
+from syncd.engine.scheduler import build_scheduler
+from syncd.plumbing import logging as syncd_logging
+from syncd.plumbing.http import Sleep
+from syncd.plumbing.settings import Config
+from syncd.web.webhooks import create_app
 
 log = structlog.get_logger("syncd.daemon")
 
@@ -199,7 +199,7 @@ class Daemon:
         """Validate every mapping file again and swap in the valid ones (SIGHUP does this).
 
         Returns:
-            every problem found (see :meth:`~syncd.runtime.Runtime.reload_mappings`).
+            every problem found (see :meth:`~syncd.engine.runtime.Runtime.reload_mappings`).
         """
         self._stamps = _mapping_stamps(self.runtime)  # before reading: a later edit is seen next time
         return self.runtime.reload_mappings()

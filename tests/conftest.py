@@ -16,7 +16,7 @@ PG_ADMIN = os.environ.get("SYNCD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # readline, loaded in the pytest process, exports COLUMNS=80 and LINES=24 to its
     # children, so an xdist worker starts with them set. rich reads them once, when
-    # syncd.cli creates its consoles at import, and a CLI test's own COLUMNS would be ignored.
+    # syncd.cli.main creates its consoles at import, and a CLI test's own COLUMNS would be ignored.
     os.environ.pop("COLUMNS", None)
     os.environ.pop("LINES", None)
 

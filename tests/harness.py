@@ -23,8 +23,8 @@ from connectors.harvest.emulator import HarvestEmulator
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
 from syncd.daemon import Daemon
-from syncd.runtime import utcnow
-from syncd.settings import Config, load_config
+from syncd.engine.runtime import utcnow
+from syncd.plumbing.settings import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MAPPING = REPO / "mappings" / "hubspot-xero.toml"
@@ -71,7 +71,7 @@ def write_config(
     time tracker; ``extra`` is TOML appended at the end (``[pilot]`` ...).
 
     ``shared_rate_budget`` is off by default: on PostgreSQL the shared budget paces
-    every vendor call on real time (a slot a second for Xero, ``syncd/http.py``), which
+    every vendor call on real time (a slot a second for Xero, ``syncd/plumbing/http.py``), which
     only its own tests need (``tests/test_budget.py``); ``None`` leaves syncd's default.
     A ``daemon_extra`` that sets the key itself wins.
 

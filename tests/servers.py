@@ -29,7 +29,7 @@ from click.testing import Result
 from starlette.types import ASGIApp
 from typer.testing import CliRunner
 
-from syncd.cli import app
+from syncd.cli.main import app
 
 
 class _Server(uvicorn.Server):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.billing import (
+from syncd.core.billing import (
     CodeRule,
     DraftOptions,
     LedgerRules,
@@ -30,8 +30,8 @@ from syncd.billing import (
     rate_for,
     with_ledger_codes,
 )
-from syncd.errors import MappingError, ValidationFailed
-from syncd.interfaces import (
+from syncd.core.errors import MappingError, ValidationFailed
+from syncd.core.interfaces import (
     LINE_KINDS,
     OVER_CAP_SUFFIX,
     AmountChange,
@@ -47,7 +47,7 @@ from syncd.interfaces import (
     TimeEntry,
     TrackingOption,
 )
-from syncd.money import round_money
+from syncd.core.money import round_money
 
 BILLING_START = datetime(2024, 1, 1, tzinfo=UTC)
 

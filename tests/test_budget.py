@@ -12,8 +12,8 @@ import pytest
 
 from bench import budget
 from bench.report import TINY
-from syncd.http import RateLimit, SharedBudget, VendorHttp, within
-from syncd.store import RateBudgetRow, Store
+from syncd.plumbing.http import RateLimit, SharedBudget, VendorHttp, within
+from syncd.store.db import RateBudgetRow, Store
 from tests import harness
 
 T0 = datetime(2026, 11, 27, 9, 0, 0, 500_000, tzinfo=UTC)  # half a second into a 60 s window

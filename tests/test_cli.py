@@ -24,13 +24,13 @@ from typer.testing import CliRunner
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.cli import app
-from syncd.demo import free_port, serve
-from syncd.errors import ConfigError
-from syncd.mapping import load_mapping
-from syncd.oauth import authorize
-from syncd.settings import load_config
-from syncd.store import DbTokenStore, Store
+from syncd.cli.main import app
+from syncd.cli.oauth import authorize
+from syncd.core.errors import ConfigError
+from syncd.core.mapping import load_mapping
+from syncd.plumbing.serving import free_port, serve
+from syncd.plumbing.settings import load_config
+from syncd.store.db import DbTokenStore, Store
 from tests.harness import MAPPING, write_config
 from tests.servers import invoke, serve_in_thread
 
@@ -199,7 +199,7 @@ def test_the_example_config_as_is_checks_and_runs_from_another_folder(
             proc.kill()
     assert proc.returncode == 0, rest
     # Only the start: a drift or poll tick still in flight at SIGTERM is cancelled, and
-    # APScheduler logs that with a traceback (syncd/scheduler.py), whatever the config.
+    # APScheduler logs that with a traceback (syncd/engine/scheduler.py), whatever the config.
     assert "Traceback" not in "".join(lines)
     assert (folder / "syncd.db").exists()
     assert not (elsewhere / "syncd.db").exists()

@@ -22,7 +22,7 @@ import pytest
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.demo import free_port, serve
+from syncd.plumbing.serving import free_port, serve
 from tests.harness import seed_deal, write_config
 from tests.servers import healthy, start_daemon, until
 

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.cli import app
-from syncd.dbcopy import copy_database, head_revision, redacted, revision
-from syncd.errors import ConfigError
-from syncd.interfaces import ChangeHint
-from syncd.store import (
+from syncd.cli.main import app
+from syncd.core.errors import ConfigError
+from syncd.core.interfaces import ChangeHint
+from syncd.store.copy import copy_database, head_revision, redacted, revision
+from syncd.store.db import (
     BillingEventRow,
     ClientRow,
     CursorRow,

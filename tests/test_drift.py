@@ -1,4 +1,4 @@
-"""The drift guard: mappings against the vendors' live schemas (syncd/drift.py, `syncd check`).
+"""The drift guard: mappings against the vendors' live schemas (syncd/engine/drift.py, `syncd check`).
 
 The runtime-level tests run the emulators over ASGI transports on SQLite and PostgreSQL;
 the CLI test serves them with uvicorn on loopback ports in threads, because `syncd check`
@@ -16,10 +16,10 @@ import structlog
 from connectors.emulation import Fault
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd import drift
-from syncd.mapping import load_mapping
-from syncd.scheduler import build_scheduler, tick_drift
-from syncd.store import DeadLetterRow
+from syncd.core.mapping import load_mapping
+from syncd.engine import drift
+from syncd.engine.scheduler import build_scheduler, tick_drift
+from syncd.store.db import DeadLetterRow
 from tests.harness import MAPPING, stack, write_config
 from tests.servers import invoke, serve_in_thread
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from syncd.store import BillingEventRow, EffectRow, EventRow, InvoiceRow, table_of
+from syncd.store.db import BillingEventRow, EffectRow, EventRow, InvoiceRow, table_of
 from tests.harness import MAPPING, SYNCD_URL, seed_company, seed_deal, stack
 
 

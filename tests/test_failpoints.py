@@ -13,8 +13,8 @@ import pytest
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd import failpoints
-from syncd.errors import ConfigError
+from syncd.core.errors import ConfigError
+from syncd.plumbing import failpoints
 from tests.harness import write_config
 
 
@@ -55,7 +55,7 @@ def test_an_unknown_point_or_action_names_the_variable_and_what_exists(spec: str
 
 def test_kill_sigkills_the_process_itself() -> None:
     """``kill`` ends the process with SIGKILL at the point, after one warning line naming it."""
-    code = "from syncd import failpoints; failpoints.arm_from_env(); failpoints.hit('after_vendor_2xx'); print('alive')"
+    code = "from syncd.plumbing import failpoints; failpoints.arm_from_env(); failpoints.hit('after_vendor_2xx'); print('alive')"
     env = {**os.environ, failpoints.ENV: "after_vendor_2xx:kill"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == -signal.SIGKILL

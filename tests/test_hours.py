@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from connectors.harvest.emulator import HarvestEmulator
 from connectors.hubspot.emulator import HubSpotEmulator
-from syncd import hours, recurring
-from syncd.cli import app
-from syncd.demo import free_port, serve
-from syncd.outcomes import list_outcomes
-from syncd.scheduler import poll_connection, tick_recurring
-from syncd.store import BillingEventRow, EffectRow, EngagementRow, TimeEntryRow, table_of
+from syncd.cli.main import app
+from syncd.engine import hours, recurring
+from syncd.engine.scheduler import poll_connection, tick_recurring
+from syncd.plumbing.serving import free_port, serve
+from syncd.store.db import BillingEventRow, EffectRow, EngagementRow, TimeEntryRow, table_of
+from syncd.store.outcomes import list_outcomes
 from tests.harness import REPO, Stack, seed_company, stack, write_config
 
 HOURLY = REPO / "mappings" / "hubspot-harvest-xero.toml"

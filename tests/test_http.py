@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from syncd.errors import AuthError, FatalError, NotFound, RateLimited, RecordError, RetriableError
-from syncd.http import Action, RateLimit, Rejected, VendorHttp, action_for, retry_after_s, within
+from syncd.core.errors import AuthError, FatalError, NotFound, RateLimited, RecordError, RetriableError
+from syncd.plumbing.http import Action, RateLimit, Rejected, VendorHttp, action_for, retry_after_s, within
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,10 @@ import structlog
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd import logging as syncd_logging
 from syncd.daemon import Daemon
-from syncd.demo import free_port, serve
-from syncd.settings import load_config
+from syncd.plumbing import logging as syncd_logging
+from syncd.plumbing.serving import free_port, serve
+from syncd.plumbing.settings import load_config
 from tests.harness import SYNCD_URL, seed_deal, write_config
 from tests.servers import invoke
 
@@ -104,7 +104,7 @@ async def test_every_token_through_the_token_store_is_redacted(
     """Tokens saved to or loaded from the encrypted store are scrubbed from logs from then on (both connectors use it)."""
     from cryptography.fernet import Fernet
 
-    from syncd.store import DbTokenStore, Store
+    from syncd.store.db import DbTokenStore, Store
 
     store = Store.open(f"sqlite:///{tmp_path / 'syncd.db'}")
     key = Fernet.generate_key().decode()
@@ -241,7 +241,7 @@ async def test_no_secret_or_fetched_token_in_any_debug_line(
     assert len(secrets) >= 5
     lines = json_lines(capsys.readouterr().err)
     loggers = {line["logger"] for line in lines}
-    assert {"tests.wire", "httpx", "aiosqlite", "sqlalchemy.engine.Engine", "syncd.webhooks"} <= loggers
+    assert {"tests.wire", "httpx", "aiosqlite", "sqlalchemy.engine.Engine", "syncd.web.webhooks"} <= loggers
     assert any("Bearer ***" in line["event"] for line in lines if line["logger"] == "tests.wire")
     for line in lines:
         text = json.dumps(line)

@@ -1,4 +1,4 @@
-"""Loading, validating and applying pipeline mapping files (syncd/mapping.py)."""
+"""Loading, validating and applying pipeline mapping files (syncd/core/mapping.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from syncd.errors import MappingError
-from syncd.interfaces import (
+from syncd.core.errors import MappingError
+from syncd.core.interfaces import (
     Address,
     Client,
     Contact,
@@ -22,7 +22,7 @@ from syncd.interfaces import (
     SourceRecord,
     TrackingOption,
 )
-from syncd.mapping import InvoiceOptions, MappingDefaults, PipelineMapping, load_mapping
+from syncd.core.mapping import InvoiceOptions, MappingDefaults, PipelineMapping, load_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "mappings" / "hubspot-xero.toml"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from connectors.harvest.emulator import HarvestEmulator
 from connectors.hubspot.emulator import HubSpotEmulator
-from syncd.store import BillingEventRow
+from syncd.store.db import BillingEventRow
 from tests.harness import REPO, Stack, seed_company, stack
 from tests.test_hours import BILLING_START, Clock, at, subtotals, tick, win
 

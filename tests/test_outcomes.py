@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 
 from connectors.hubspot.emulator import HubSpotEmulator
-from syncd import scheduler
-from syncd.outcomes import list_outcomes
-from syncd.preview import preview_deal
-from syncd.store import DeadLetterRow, InvoiceRow
+from syncd.cli.preview import preview_deal
+from syncd.engine import scheduler
+from syncd.store.db import DeadLetterRow, InvoiceRow
+from syncd.store.outcomes import list_outcomes
 from tests.harness import MAPPING, seed_company, seed_deal, stack
 from tests.servers import invoke
 

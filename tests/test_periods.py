@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.errors import ValidationFailed
-from syncd.interfaces import Engagement, EngagementType
-from syncd.periods import Period, due_day, issued_at, period_at, periods_between
+from syncd.core.errors import ValidationFailed
+from syncd.core.interfaces import Engagement, EngagementType
+from syncd.core.periods import Period, due_day, issued_at, period_at, periods_between
 
 
 def retainer(**changes: object) -> Engagement:

@@ -1,4 +1,4 @@
-"""Preview (syncd/preview.py, `syncd preview`): what a mapping produces, with no effect.
+"""Preview (syncd/cli/preview.py, `syncd preview`): what a mapping produces, with no effect.
 
 Store-backed tests run on SQLite and PostgreSQL with the emulators over ASGI transports;
 `syncd preview deal` builds its own HTTP client, so its CLI test serves the HubSpot
@@ -19,8 +19,8 @@ from rich.console import Console
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.preview import preview_deal, preview_mapping, render_deal, render_diff
-from syncd.store import BillingEventRow, ClientRow, EffectRow, EngagementRow, InvoiceRow, SourceRecordRow
+from syncd.cli.preview import preview_deal, preview_mapping, render_deal, render_diff
+from syncd.store.db import BillingEventRow, ClientRow, EffectRow, EngagementRow, InvoiceRow, SourceRecordRow
 from tests.harness import MAPPING, seed_company, seed_deal, stack, write_config
 from tests.servers import invoke, serve_in_thread
 

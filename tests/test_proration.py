@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.billing import draft_for_event, due_events, issue_date_for, manual_credits
-from syncd.interfaces import AmountChange, Client, DraftKind, Engagement, EngagementType, Pause
-from syncd.periods import issued_at, periods_between
-from syncd.proration import prorate, with_history
+from syncd.core.billing import draft_for_event, due_events, issue_date_for, manual_credits
+from syncd.core.interfaces import AmountChange, Client, DraftKind, Engagement, EngagementType, Pause
+from syncd.core.periods import issued_at, periods_between
+from syncd.core.proration import prorate, with_history
 
 ZONE = "America/New_York"
 EARLY = datetime(2000, 1, 1, tzinfo=UTC)

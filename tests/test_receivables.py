@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
-from syncd.receivables import Document, days_overdue, deal_status, today_in
+from syncd.core.receivables import Document, days_overdue, deal_status, today_in
 
 
 def doc(kind: str = "invoice", state: str = "authorised", due: str = "0", total: str = "100", **kw: object) -> Document:

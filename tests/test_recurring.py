@@ -1,7 +1,7 @@
 """Recurring billing end to end: a retainer's year against the HubSpot and Xero emulators.
 
 The daemon, the emulators and the webhooks share one injected clock; a test moves it and
-runs the hourly recurring tick (:func:`syncd.scheduler.tick_recurring`), then drains the
+runs the hourly recurring tick (:func:`syncd.engine.scheduler.tick_recurring`), then drains the
 engine. Each test runs on SQLite and on PostgreSQL.
 """
 
@@ -21,12 +21,12 @@ import structlog
 from typer.testing import CliRunner
 
 from connectors.hubspot.emulator import HubSpotEmulator
-from syncd.cli import app
-from syncd.interfaces import Capability
-from syncd.outcomes import list_outcomes
-from syncd.recurring import run_due
-from syncd.scheduler import tick_recurring
-from syncd.store import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, table_of
+from syncd.cli.main import app
+from syncd.core.interfaces import Capability
+from syncd.engine.recurring import run_due
+from syncd.engine.scheduler import tick_recurring
+from syncd.store.db import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, table_of
+from syncd.store.outcomes import list_outcomes
 from tests.harness import MAPPING, REPO, Stack, seed_company, seed_deal, stack
 
 RETAINER = REPO / "mappings" / "hubspot-xero-retainer.toml"

@@ -1,4 +1,4 @@
-"""Dead letters and replay (syncd/replay.py, `syncd replay`): fixed records are invoiced exactly once.
+"""Dead letters and replay (syncd/engine/replay.py, `syncd replay`): fixed records are invoiced exactly once.
 
 Each test runs on SQLite and on PostgreSQL with the emulators over ASGI transports. The
 CLI runs in a worker thread (it starts its own event loop) against the same database.
@@ -14,8 +14,8 @@ import pytest
 import structlog
 
 from connectors.hubspot.emulator import HubSpotEmulator
-from syncd.replay import list_dead_letters, replay_dead_letters
-from syncd.store import BillingEventRow, DeadLetterRow
+from syncd.engine.replay import list_dead_letters, replay_dead_letters
+from syncd.store.db import BillingEventRow, DeadLetterRow
 from tests.harness import MAPPING, Stack, seed_deal, stack
 from tests.servers import invoke
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from syncd import recurring
-from syncd.outcomes import list_outcomes
-from syncd.scheduler import tick_recurring
-from syncd.store import BillingEventRow, DeadLetterRow, InvoiceRow, OutcomeRow
+from syncd.engine import recurring
+from syncd.engine.scheduler import tick_recurring
+from syncd.store.db import BillingEventRow, DeadLetterRow, InvoiceRow, OutcomeRow
+from syncd.store.outcomes import list_outcomes
 from tests.harness import Stack
 from tests.test_shipped_mappings import Clock, all_three, at
 

@@ -13,11 +13,11 @@ import pytest
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.engine import Engine
-from syncd.runtime import Runtime
-from syncd.scheduler import poll_connection, tick_poll
-from syncd.settings import load_config
-from syncd.store import CursorRow, EventRow
+from syncd.engine.loop import Engine
+from syncd.engine.runtime import Runtime
+from syncd.engine.scheduler import poll_connection, tick_poll
+from syncd.plumbing.settings import load_config
+from syncd.store.db import CursorRow, EventRow
 from tests.harness import seed_deal, write_config
 
 

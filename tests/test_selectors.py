@@ -1,4 +1,4 @@
-"""Which pipeline takes a deal: static disjointness and run-time choice (syncd/selectors.py)."""
+"""Which pipeline takes a deal: static disjointness and run-time choice (syncd/engine/selectors.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from syncd.errors import MappingError
-from syncd.interfaces import SourceRecord
-from syncd.mapping import PipelineMapping, load_mapping
-from syncd.selectors import choose, disjoint, possible_overlaps, stored_overlaps, taking
+from syncd.core.errors import MappingError
+from syncd.core.interfaces import SourceRecord
+from syncd.core.mapping import PipelineMapping, load_mapping
+from syncd.engine.selectors import choose, disjoint, possible_overlaps, stored_overlaps, taking
 from tests.harness import stack
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ from cryptography.fernet import Fernet
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from syncd import registry
-from syncd.cli import app
-from syncd.errors import ConfigError
-from syncd.settings import DaemonSettings, PilotSettings, PipelineSettings, inspect_config, load_config
+from syncd.cli.main import app
+from syncd.core.errors import ConfigError
+from syncd.plumbing import registry
+from syncd.plumbing.settings import DaemonSettings, PilotSettings, PipelineSettings, inspect_config, load_config
 
 BAD = """
 [daemon]

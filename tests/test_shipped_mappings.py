@@ -18,14 +18,14 @@ import httpx
 from connectors.harvest.emulator import HarvestEmulator
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd import recurring
-from syncd.billing import with_ledger_codes
+from syncd.core.billing import with_ledger_codes
+from syncd.core.interfaces import DraftKind, EngagementType, InvoiceLine, InvoiceState
+from syncd.core.mapping import load_mapping
 from syncd.daemon import Daemon
-from syncd.interfaces import DraftKind, EngagementType, InvoiceLine, InvoiceState
-from syncd.mapping import load_mapping
-from syncd.scheduler import poll_connection, tick_recurring
-from syncd.settings import load_config
-from syncd.store import DeadLetterRow
+from syncd.engine import recurring
+from syncd.engine.scheduler import poll_connection, tick_recurring
+from syncd.plumbing.settings import load_config
+from syncd.store.db import DeadLetterRow
 from tests.connectors.test_xero import client_record, draft, rig
 from tests.harness import HARVEST_URL, REPO, SYNCD_URL, Stack, seed_company, write_config
 

@@ -14,10 +14,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from syncd import recurring
-from syncd.interfaces import InvoiceDraft
-from syncd.scheduler import poll_connection, tick_recurring
-from syncd.store import DeadLetterRow, EffectRow, table_of
+from syncd.core.interfaces import InvoiceDraft
+from syncd.engine import recurring
+from syncd.engine.scheduler import poll_connection, tick_recurring
+from syncd.store.db import DeadLetterRow, EffectRow, table_of
 from tests.harness import seed_company
 from tests.test_shipped_mappings import Clock, all_three, at
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from syncd.errors import ConfigError
-from syncd.interfaces import ChangeHint
-from syncd.store import DbTokenStore, EventRow, Store, TokenRow
+from syncd.core.errors import ConfigError
+from syncd.core.interfaces import ChangeHint
+from syncd.store.db import DbTokenStore, EventRow, Store, TokenRow
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 

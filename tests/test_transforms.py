@@ -1,4 +1,4 @@
-"""The mapping vocabulary: each transform and condition (syncd/transforms.py)."""
+"""The mapping vocabulary: each transform and condition (syncd/core/transforms.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from syncd.errors import MappingError
-from syncd.money import minor_units, round_money
-from syncd.transforms import (
+from syncd.core.errors import MappingError
+from syncd.core.money import minor_units, round_money
+from syncd.core.transforms import (
     Cond,
     Condition,
     Const,

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from connectors.hubspot.webhooks import sign_v3
 from connectors.xero.webhooks import sign as xero_sign
-from syncd.store import DeadLetterRow, EventRow
+from syncd.store.db import DeadLetterRow, EventRow
 from tests.conftest import PG_ADMIN
 from tests.harness import SYNCD_URL, Stack, stack
 

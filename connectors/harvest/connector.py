@@ -1,6 +1,6 @@
 """The Harvest time-tracking connector (API v2): time entries, projects, rates.
 
-Harvest plays the :class:`~syncd.interfaces.TimeTracker` role. It reads time entries
+Harvest plays the :class:`~syncd.core.interfaces.TimeTracker` role. It reads time entries
 (incrementally, with ``updated_since``), and the project set-up the billing engine needs
 to price hours: projects with their budgets and billing method, task and user
 assignments with their rates, clients, users and tasks.
@@ -27,7 +27,7 @@ entry" accepts ``project_id``, ``task_id``, ``spent_date``, ``started_time``,
 (https://help.getharvest.com/api-v2/timesheets-api/timesheets/time-entries/#update-a-time-entry);
 marking hours invoiced is a web-app action on the detailed time report
 (https://support.getharvest.com/hc/en-us/articles/360053881392-Can-I-write-off-time-or-manually-mark-it-as-invoiced).
-So this connector declares no :attr:`~syncd.interfaces.Capability.MARK_INVOICED`.
+So this connector declares no :attr:`~syncd.core.interfaces.Capability.MARK_INVOICED`.
 
 Harvest has no webhooks; changes are found by polling (:meth:`HarvestConnector.poll_changes`).
 """
@@ -54,18 +54,10 @@ from connectors.harvest.models import (
     Page,
     Payload,
 )
-from syncd.errors import AuthError, FatalError, NotFound, RecordError, SyncdError
-from syncd.http import VendorHttp, within
-from syncd.interfaces import (
-    Capability,
-    ChangeHint,
-    ChangePage,
-    ConnectionSettings,
-    ConnectorContext,
-    ConnectorSpec,
-    TimeEntry,
-    TimeTracker,
-)
+from syncd.core.errors import AuthError, FatalError, NotFound, RecordError, SyncdError
+from syncd.core.interfaces import Capability, ChangeHint, ChangePage, TimeEntry, TimeTracker
+from syncd.plumbing.http import VendorHttp, within
+from syncd.plumbing.registry import ConnectionSettings, ConnectorContext, ConnectorSpec
 
 P = TypeVar("P", bound=Payload)
 
@@ -179,10 +171,10 @@ def version_key(entry: TimeEntry) -> str:
 
 
 class HarvestConnector:
-    """One Harvest account, as a :class:`~syncd.interfaces.TimeTracker`.
+    """One Harvest account, as a :class:`~syncd.core.interfaces.TimeTracker`.
 
     Args:
-        http: the connection's :class:`~syncd.http.VendorHttp` (base URL, headers,
+        http: the connection's :class:`~syncd.plumbing.http.VendorHttp` (base URL, headers,
             auth and rate limit already bound).
         connection: the configured connection name.
         clock: current aware UTC time.
@@ -190,8 +182,8 @@ class HarvestConnector:
         per_page: records per list page.
         poll_overlap_s: how far before its cursor a poll re-reads.
 
-    Errors: as for :class:`~syncd.interfaces.TimeTracker`; a record Harvest sends that
-    does not parse raises :class:`~syncd.errors.RecordError` naming the record and field.
+    Errors: as for :class:`~syncd.core.interfaces.TimeTracker`; a record Harvest sends that
+    does not parse raises :class:`~syncd.core.errors.RecordError` naming the record and field.
     """
 
     capabilities: frozenset[Capability] = frozenset()

@@ -25,7 +25,7 @@ from decimal import Decimal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
-from syncd.interfaces import TimeEntry
+from syncd.core.interfaces import TimeEntry
 
 
 class Payload(BaseModel):
@@ -108,7 +108,7 @@ class HarvestTimeEntry(Payload):
     updated_at: AwareDatetime
 
     def to_time_entry(self) -> TimeEntry:
-        """The canonical :class:`~syncd.interfaces.TimeEntry` for this entry."""
+        """The canonical :class:`~syncd.core.interfaces.TimeEntry` for this entry."""
         return TimeEntry(
             id=str(self.id),
             project_id=str(self.project.id),

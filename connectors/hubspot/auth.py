@@ -12,7 +12,7 @@ HubSpot's refresh tokens are reused, not rotated: "store the refresh token you g
 initiating your OAuth integration and use it to generate a new access token once the
 initial one expires" (https://developers.hubspot.com/docs/methods/OAuth2/refresh-access-token).
 A refresh therefore never invalidates what another replica holds; still, it goes through
-the same lock-reload-refresh-save piece as Xero's (:mod:`syncd.tokens`), which also
+the same lock-reload-refresh-save piece as Xero's (:mod:`syncd.plumbing.tokens`), which also
 imports the configured ``refresh_token`` once and keeps any newer one HubSpot answers.
 """
 
@@ -26,9 +26,9 @@ import httpx
 from pydantic import ValidationError
 
 from connectors.hubspot.models import ErrorBody, TokenResponse
-from syncd.errors import AuthError, RetriableError
-from syncd.interfaces import TokenStore
-from syncd.tokens import RotatingTokens
+from syncd.core.errors import AuthError, RetriableError
+from syncd.plumbing.registry import TokenStore
+from syncd.plumbing.tokens import RotatingTokens
 
 
 class BearerToken(httpx.Auth):
@@ -137,7 +137,7 @@ async def _post_token(client: httpx.AsyncClient, token_url: str, form: Mapping[s
 
 
 class HubSpotErrors:
-    """How HubSpot's error answers read (:class:`~syncd.http.VendorErrors`).
+    """How HubSpot's error answers read (:class:`~syncd.plumbing.http.VendorErrors`).
 
     Args:
         connection: the connection name, for the advice.

@@ -57,24 +57,21 @@ from connectors.hubspot.models import (
     parse_hubspot_time,
 )
 from connectors.hubspot.webhooks import HubSpotWebhookVerifier
-from syncd.errors import ConfigError, NotFound, RecordError, RetriableError, SyncdError
-from syncd.http import RateLimit, VendorHttp, within
-from syncd.interfaces import (
+from syncd.core.errors import ConfigError, NotFound, RecordError, RetriableError, SyncdError
+from syncd.core.interfaces import (
     Capability,
     ChangeHint,
     ChangePage,
-    ConnectionSettings,
-    ConnectorContext,
-    ConnectorSpec,
     Crm,
     CrmSchema,
     DealBillingStatus,
     InvoiceState,
     SourceRecord,
     WebhookVerifier,
-    secret_value,
 )
-from syncd.tokens import TokenAuth
+from syncd.plumbing.http import RateLimit, VendorHttp, within
+from syncd.plumbing.registry import ConnectionSettings, ConnectorContext, ConnectorSpec, secret_value
+from syncd.plumbing.tokens import TokenAuth
 
 log = structlog.get_logger("connectors.hubspot")
 
@@ -226,7 +223,7 @@ class PropertySetup:
 
 
 class HubSpotConnector:
-    """HubSpot as syncd's :class:`~syncd.interfaces.Crm`.
+    """HubSpot as syncd's :class:`~syncd.core.interfaces.Crm`.
 
     Args:
         settings: the connection's settings.
@@ -645,7 +642,7 @@ def _auth(settings: HubSpotSettings, ctx: ConnectorContext) -> httpx.Auth:
 
 
 def rate_limits(settings: HubSpotSettings) -> list[RateLimit]:
-    """The connection's buckets, sized to stay under HubSpot's windows (:func:`syncd.http.within`).
+    """The connection's buckets, sized to stay under HubSpot's windows (:func:`syncd.plumbing.http.within`).
 
     ``None`` or 0 switches a limit off (TOML has no null).
     """

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from syncd.errors import FatalError
+from syncd.core.errors import FatalError
 
 
 class Wire(BaseModel):

@@ -18,7 +18,7 @@ Everything a delivery carries is bounded before it is used: the timestamp is 1-1
 digits (compared as integers, never converted to a date first), the body is parsed with
 nesting errors caught, and each event is validated by :class:`SignedEvent` (64-bit ids,
 occurrence times a datetime can hold, a documented subscription type). An out-of-bounds
-field is a :class:`~syncd.errors.RecordError` naming it, never a crash.
+field is a :class:`~syncd.core.errors.RecordError` naming it, never a crash.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from datetime import UTC, datetime, timedelta
 from pydantic import Field, ValidationError, field_validator
 
 from connectors.hubspot.models import WebhookEvent
-from syncd.errors import AuthError, RecordError
-from syncd.interfaces import ChangeHint, WebhookRequest
+from syncd.core.errors import AuthError, RecordError
+from syncd.core.interfaces import ChangeHint, WebhookRequest
 
 SIGNATURE_HEADER = "x-hubspot-signature-v3"
 TIMESTAMP_HEADER = "x-hubspot-request-timestamp"

@@ -7,9 +7,9 @@ request; its tokens come from one of two sources:
   ``POST token_url`` with HTTP basic auth and ``grant_type=client_credentials``; there is
   no refresh token ("Do I need to manage refresh tokens? No" and "the xero-tenant-id
   header is not required": https://developer.xero.com/faq/custom-integration). Tokens
-  live 30 minutes and are cached in memory and in the :class:`~syncd.interfaces.TokenStore`.
+  live 30 minutes and are cached in memory and in the :class:`~syncd.plumbing.registry.TokenStore`.
 * :func:`refreshing_tokens` for the authorization-code flow: the shared
-  lock-reload-refresh-save piece (:class:`syncd.tokens.RotatingTokens`), because Xero
+  lock-reload-refresh-save piece (:class:`syncd.plumbing.tokens.RotatingTokens`), because Xero
   refresh tokens are single-use and rotate ("When you perform a token refresh, you
   should replace your existing refresh token with the new one returned in the
   response", https://developer.xero.com/faq/oauth2). An existing connection is brought
@@ -17,7 +17,7 @@ request; its tokens come from one of two sources:
   configured ``tenant_id`` the tenant is discovered (:class:`TenantDiscovery`).
 
 The flow resends a request once after a 401 with a renewed token. It never reads
-bodies: :class:`XeroErrors` tells the shared :class:`~syncd.http.VendorHttp` how Xero's
+bodies: :class:`XeroErrors` tells the shared :class:`~syncd.plumbing.http.VendorHttp` how Xero's
 error answers read (every ``ValidationException`` message; what to do about a 401/403).
 
 The code flow's first step is the lead's ``syncd auth xero`` CLI: :func:`consent_url`
@@ -37,16 +37,16 @@ import httpx
 import structlog
 
 from connectors.xero.models import XeroError, load_json
-from syncd.errors import AuthError, ConfigError, RateLimited, RetriableError
-from syncd.http import retry_after_s
-from syncd.interfaces import secret_value
-from syncd.tokens import EXPIRY_MARGIN_S as EXPIRY_MARGIN_S
-from syncd.tokens import RotatingTokens, TokenAuth, TokenSource
-from syncd.tokens import token_valid as token_valid
+from syncd.core.errors import AuthError, ConfigError, RateLimited, RetriableError
+from syncd.plumbing.http import retry_after_s
+from syncd.plumbing.registry import secret_value
+from syncd.plumbing.tokens import EXPIRY_MARGIN_S as EXPIRY_MARGIN_S
+from syncd.plumbing.tokens import RotatingTokens, TokenAuth, TokenSource
+from syncd.plumbing.tokens import token_valid as token_valid
 
 if TYPE_CHECKING:
-    from connectors.xero.connector import XeroSettings
-    from syncd.interfaces import TokenStore
+    from connectors.xero.settings import XeroSettings
+    from syncd.plumbing.registry import TokenStore
 
 log = structlog.get_logger("connectors.xero.auth")
 
@@ -119,7 +119,7 @@ def _advice(grant: str) -> str:
 
 
 class XeroErrors:
-    """How Xero's error answers read (:class:`~syncd.http.VendorErrors`).
+    """How Xero's error answers read (:class:`~syncd.plumbing.http.VendorErrors`).
 
     Args:
         connection: the connection name, for the advice.
@@ -190,7 +190,7 @@ class TenantDiscovery:
     """The one organisation a code-flow token reaches, from ``GET connections_url``.
 
     Used when ``tenant_id`` is not configured: exactly one connected tenant is taken;
-    none or several is a :class:`~syncd.errors.ConfigError` listing them
+    none or several is a :class:`~syncd.core.errors.ConfigError` listing them
     (https://developer.xero.com/documentation/guides/oauth2/tenants; spec
     ``xero-identity.yaml`` ``GET /connections``).
 
@@ -236,7 +236,7 @@ class TenantDiscovery:
 def refresher(
     settings: XeroSettings, client: httpx.AsyncClient, clock: Callable[[], datetime]
 ) -> Callable[[str], Awaitable[dict[str, Any]]]:
-    """The code flow's refresh call for :class:`~syncd.tokens.RotatingTokens`.
+    """The code flow's refresh call for :class:`~syncd.plumbing.tokens.RotatingTokens`.
 
     ``POST token_url`` with ``grant_type=refresh_token`` and basic client auth
     (https://developer.xero.com/documentation/oauth2/auth-flow, "Refreshing access tokens").
@@ -395,7 +395,7 @@ async def list_connections(
 
 
 class XeroCodeFlow:
-    """``syncd auth xero``: Xero's authorization-code flow (:class:`~syncd.interfaces.CodeFlow`).
+    """``syncd auth xero``: Xero's authorization-code flow (:class:`~syncd.plumbing.registry.CodeFlow`).
 
     syncd runs the localhost listener on ``redirect_uri``; this object knows Xero's URLs.
     """

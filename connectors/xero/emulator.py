@@ -121,7 +121,7 @@ from connectors.xero.models import (
     parse_xero_date,
     parse_xero_datetime,
 )
-from syncd.money import round_money
+from syncd.core.money import round_money
 
 DEFAULT_TENANT_ID = "3f7c2a6e-9b1d-4e58-a2c4-6d0e8f1b7a39"
 API = "/api.xro/2.0"

@@ -28,9 +28,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from syncd.errors import FatalError
-from syncd.http import Rejected
-from syncd.interfaces import (
+from syncd.core.errors import FatalError
+from syncd.core.interfaces import (
     Client,
     CreditNoteStatus,
     DraftKind,
@@ -39,6 +38,7 @@ from syncd.interfaces import (
     InvoiceState,
     InvoiceStatus,
 )
+from syncd.plumbing.http import Rejected
 
 # Xero's documented length limits.
 # ContactNumber: "max length = 50" (spec schema Contact.ContactNumber, maxLength: 50).
@@ -270,7 +270,7 @@ class XeroError(Payload):
 
 
 # Xero's refusal of a record (a 400 ``ValidationException``) is the shared record error,
-# raised by :class:`~syncd.http.VendorHttp` with every message (``connectors.xero.auth.XeroErrors``).
+# raised by :class:`~syncd.plumbing.http.VendorHttp` with every message (``connectors.xero.auth.XeroErrors``).
 XeroRejected = Rejected
 
 
@@ -356,7 +356,7 @@ def _drop_empty(mapping: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def contact_details(contact: Mapping[str, Any]) -> dict[str, str | None]:
-    """A Xero contact's details in :meth:`~syncd.interfaces.Client.ledger_details` form.
+    """A Xero contact's details in :meth:`~syncd.core.interfaces.Client.ledger_details` form.
 
     The address is the ``POBOX`` one, where :func:`contact_payload` writes it.
     """

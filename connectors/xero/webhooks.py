@@ -28,8 +28,8 @@ from datetime import datetime
 from pydantic import Field, ValidationError
 
 from connectors.xero.models import XeroWebhookEvent, XeroWebhookPayload
-from syncd.errors import AuthError, RecordError
-from syncd.interfaces import ChangeHint, WebhookRequest
+from syncd.core.errors import AuthError, RecordError
+from syncd.core.interfaces import ChangeHint, WebhookRequest
 
 SIGNATURE_HEADER = "x-xero-signature"
 

@@ -25,9 +25,10 @@ from pydantic import ValidationError
 from connectors.emulation import Fault
 from connectors.harvest.connector import SPEC, HarvestConnector, HarvestSettings, PollCursor
 from connectors.harvest.emulator import HarvestEmulator
-from syncd.errors import AuthError, FatalError, NotFound, RecordError
-from syncd.http import VendorHttp
-from syncd.interfaces import ConnectorContext, TimeTracker
+from syncd.core.errors import AuthError, FatalError, NotFound, RecordError
+from syncd.core.interfaces import TimeTracker
+from syncd.plumbing.http import VendorHttp
+from syncd.plumbing.registry import ConnectorContext
 
 BASE_URL = "https://api.harvestapp.com/v2"
 START = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)

@@ -34,9 +34,9 @@ from werkzeug.datastructures import Headers, ImmutableMultiDict
 from connectors.emulation import Fault
 from connectors.harvest.connector import SPEC, HarvestConnector, HarvestSettings
 from connectors.harvest.emulator import HarvestEmulator
-from syncd.errors import AuthError
-from syncd.http import VendorHttp
-from syncd.interfaces import ConnectorContext
+from syncd.core.errors import AuthError
+from syncd.plumbing.http import VendorHttp
+from syncd.plumbing.registry import ConnectorContext
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_FILE = REPO / "specs" / "harvest" / "harvest-openapi.yaml"

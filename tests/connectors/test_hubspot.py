@@ -31,13 +31,13 @@ from connectors.hubspot.connector import (
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.hubspot.webhooks import sign_v3
 from connectors.xero.emulator import XeroEmulator
+from syncd.core.errors import AuthError, FatalError, NotFound, RecordError, RetriableError
+from syncd.core.interfaces import Crm, CrmSchema, DealBillingStatus, WebhookRequest
 from syncd.daemon import Daemon
-from syncd.errors import AuthError, FatalError, NotFound, RecordError, RetriableError
-from syncd.http import Rejected, VendorHttp
-from syncd.interfaces import ConnectorContext, Crm, CrmSchema, DealBillingStatus, WebhookRequest
-from syncd.registry import load
-from syncd.settings import load_config
-from syncd.store import DbTokenStore, Store
+from syncd.plumbing.http import Rejected, VendorHttp
+from syncd.plumbing.registry import ConnectorContext, load
+from syncd.plumbing.settings import load_config
+from syncd.store.db import DbTokenStore, Store
 from tests.harness import write_config
 from tests.servers import invoke, serve_in_thread
 

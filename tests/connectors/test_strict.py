@@ -38,17 +38,9 @@ from connectors.hubspot.emulator import HubSpotEmulator, SdkContract
 from connectors.xero.connector import XeroConnector, XeroSettings
 from connectors.xero.emulator import API, XeroEmulator
 from connectors.xero.models import dump_json, load_json
-from syncd.http import VendorHttp
-from syncd.interfaces import (
-    Address,
-    Client,
-    ConnectorContext,
-    Contact,
-    DealBillingStatus,
-    DraftKind,
-    InvoiceDraft,
-    InvoiceLine,
-)
+from syncd.core.interfaces import Address, Client, Contact, DealBillingStatus, DraftKind, InvoiceDraft, InvoiceLine
+from syncd.plumbing.http import VendorHttp
+from syncd.plumbing.registry import ConnectorContext
 from tests.connectors.test_harvest_spec import patch_spec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -37,15 +37,13 @@ from connectors.xero.connector import SPEC, XeroConnector, XeroSettings
 from connectors.xero.emulator import XeroEmulator, compile_where
 from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json
 from connectors.xero.webhooks import XeroWebhookVerifier
-from syncd.demo import free_port, serve
-from syncd.errors import AuthError, ConfigError, FatalError, NotFound, RecordError, RetriableError
-from syncd.http import Rejected, VendorHttp
-from syncd.interfaces import (
+from syncd.cli.oauth import authorize
+from syncd.core.errors import AuthError, ConfigError, FatalError, NotFound, RecordError, RetriableError
+from syncd.core.interfaces import (
     Address,
     AllocatesCredit,
     ChangeHint,
     Client,
-    ConnectorContext,
     Contact,
     DraftKind,
     HasLockDates,
@@ -58,10 +56,11 @@ from syncd.interfaces import (
     TrackingOption,
     WebhookRequest,
 )
-from syncd.oauth import authorize
-from syncd.registry import load
-from syncd.settings import load_config
-from syncd.store import DbTokenStore, DeadLetterRow, EffectRow, Store
+from syncd.plumbing.http import Rejected, VendorHttp
+from syncd.plumbing.registry import ConnectorContext, load
+from syncd.plumbing.serving import free_port, serve
+from syncd.plumbing.settings import load_config
+from syncd.store.db import DbTokenStore, DeadLetterRow, EffectRow, Store
 from tests.harness import seed_deal, stack
 
 HOST = "http://xero.test"

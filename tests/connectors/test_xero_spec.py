@@ -25,16 +25,9 @@ from werkzeug.datastructures import Headers, ImmutableMultiDict
 from connectors.xero.connector import XeroConnector, XeroSettings
 from connectors.xero.emulator import API, XeroEmulator
 from connectors.xero.models import XeroRejected, dump_json
-from syncd.http import VendorHttp
-from syncd.interfaces import (
-    Address,
-    Client,
-    ConnectorContext,
-    Contact,
-    DraftKind,
-    InvoiceDraft,
-    InvoiceLine,
-)
+from syncd.core.interfaces import Address, Client, Contact, DraftKind, InvoiceDraft, InvoiceLine
+from syncd.plumbing.http import VendorHttp
+from syncd.plumbing.registry import ConnectorContext
 
 HOST = "http://xero.test"
 START = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)

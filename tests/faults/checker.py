@@ -14,7 +14,7 @@ scenario owns them) and syncd's store (a SQLite file or a PostgreSQL database):
    document id, number, currency and total.
 4. **The CRM shows the vendor's final state and never went backwards.** The deal's
    ``syncd_*`` properties equal the standing computed from the vendor's documents
-   (:func:`syncd.receivables.deal_status`); in the HubSpot emulator's write history
+   (:func:`syncd.core.receivables.deal_status`); in the HubSpot emulator's write history
    (``HubSpotEmulator.writes``) the invoice numbers only grow, the total invoiced never
    falls and, at the same total, the amount due never rises (unless the scenario
    reversed a payment: ``reversals``). A deal whose write-back was dead-lettered is
@@ -45,8 +45,8 @@ from connectors.hubspot.connector import BillingProperty
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
 from connectors.xero.models import XeroCreditNote, XeroInvoice, credit_note_status, dump_json, invoice_status
-from syncd import receivables
-from syncd.store import (
+from syncd.core import receivables
+from syncd.store.db import (
     BillingEventRow,
     DeadLetterRow,
     EffectRow,

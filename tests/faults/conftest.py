@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import structlog
 
-from syncd import logging as syncd_logging
-from syncd.settings import Config
+from syncd.plumbing import logging as syncd_logging
+from syncd.plumbing.settings import Config
 
 CI_SEEDS = 2
 SOAK_ENV = "SYNCD_SOAK_SEEDS"
@@ -49,7 +49,7 @@ def run_logging() -> Iterator[Callable[[Config], None]]:
     """Log as ``syncd run`` would, at DEBUG in JSON (to the captured stderr); restored afterwards.
 
     Call it with the scenario's config once the stack is up: the config's secrets are
-    registered for redaction as ``syncd run`` registers them (``syncd/cli.py``).
+    registered for redaction as ``syncd run`` registers them (``syncd/cli/main.py``).
     """
     saved, root = structlog.get_config(), logging.getLogger()
     handlers, level = root.handlers[:], root.level

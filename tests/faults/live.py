@@ -24,8 +24,8 @@ import httpx
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.demo import free_port, serve
-from syncd.store import EffectRow, EventRow, Store
+from syncd.plumbing.serving import free_port, serve
+from syncd.store.db import EffectRow, EventRow, Store
 from tests.faults.checker import Report, check, emulator_secrets, log_texts, record
 from tests.harness import write_config
 from tests.servers import healthy, start_daemon, until

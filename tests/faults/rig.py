@@ -14,8 +14,8 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 from connectors.hubspot.emulator import HubSpotEmulator
-from syncd import receivables
-from syncd.store import EffectRow, EventRow
+from syncd.core import receivables
+from syncd.store.db import EffectRow, EventRow
 from tests.faults.checker import Report, check, emulator_secrets, record
 from tests.harness import Stack, seed_deal
 

@@ -9,7 +9,7 @@ import httpx
 import sqlalchemy as sa
 
 from connectors.xero.models import dump_json
-from syncd.store import BillingEventRow, table_of
+from syncd.store.db import BillingEventRow, table_of
 from tests.faults.checker import check, emulator_secrets
 from tests.faults.rig import Clock, deals, settle, win
 from tests.harness import stack

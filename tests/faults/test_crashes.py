@@ -1,6 +1,6 @@
 """A real ``syncd run`` killed at every step boundary, or frozen past its lease, loses and duplicates nothing.
 
-The failpoints (``syncd/failpoints.py``) put the SIGKILL exactly at a boundary: after the
+The failpoints (``syncd/plumbing/failpoints.py``) put the SIGKILL exactly at a boundary: after the
 effect's claim, before the vendor call, after the vendor's 2xx and before syncd's
 commit, after the commit and before the CRM write-back. Each crash is followed by a
 restart; the order of the points is drawn from the seed.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from syncd import failpoints
+from syncd.plumbing import failpoints
 from tests.faults.live import live
 from tests.faults.rig import deals
 from tests.servers import until

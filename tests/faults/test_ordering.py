@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from connectors.emulation import WebhookFaults
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.outcomes import list_outcomes
-from syncd.settings import Config
-from syncd.store import InvoiceRow
+from syncd.plumbing.settings import Config
+from syncd.store.db import InvoiceRow
+from syncd.store.outcomes import list_outcomes
 from tests.faults.conftest import seed_count
 from tests.faults.rig import Clock, settle, verify
 from tests.harness import Stack, stack

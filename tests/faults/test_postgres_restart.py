@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from syncd.demo import free_port
+from syncd.plumbing.serving import free_port
 from tests.faults.live import live
 from tests.faults.rig import deals
 

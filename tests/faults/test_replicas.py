@@ -21,9 +21,9 @@ from cryptography.fernet import Fernet
 from connectors.emulation import Fault
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.recurring import run_due
-from syncd.scheduler import tick_recurring
-from syncd.settings import Config
+from syncd.engine.recurring import run_due
+from syncd.engine.scheduler import tick_recurring
+from syncd.plumbing.settings import Config
 from tests.faults.live import live
 from tests.faults.rig import Clock, deals, settle, together, verify, win
 from tests.harness import MAPPING, Stack, stack

@@ -1,4 +1,4 @@
-"""Single-use refresh tokens under concurrency and crashes (Xero's code flow, ``syncd/tokens.py``).
+"""Single-use refresh tokens under concurrency and crashes (Xero's code flow, ``syncd/plumbing/tokens.py``).
 
 Xero refresh tokens rotate: each is spent by its refresh (the emulator refuses a spent one
 with ``invalid_grant``). Three replicas needing a token at once must spend one refresh per
@@ -21,10 +21,10 @@ from cryptography.fernet import Fernet
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import ACCESS_TOKEN_TTL_S, XeroEmulator
-from syncd import failpoints
-from syncd.outcomes import list_outcomes
-from syncd.settings import Config
-from syncd.store import Store
+from syncd.plumbing import failpoints
+from syncd.plumbing.settings import Config
+from syncd.store.db import Store
+from syncd.store.outcomes import list_outcomes
 from tests.faults.checker import check, emulator_secrets, log_texts, record
 from tests.faults.live import live
 from tests.faults.rig import Clock, deals, settle, verify, win

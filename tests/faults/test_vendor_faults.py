@@ -17,7 +17,7 @@ import pytest
 from connectors.emulation import Fault, FaultPlan, FaultRates, WebhookFaults
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
-from syncd.settings import Config
+from syncd.plumbing.settings import Config
 from tests.faults.rig import Clock, deals, settle, verify, win
 from tests.harness import stack
 

@@ -5,7 +5,7 @@ any bytes) and headers, and posts them to syncd's app three ways: signed correct
 HubSpot signs (v3, fresh timestamp), signed as Xero signs, and not signed or signed
 wrongly. Validly signed deliveries are answered 200 (stored) or 400 (kept as a dead
 letter, one per 400); unsigned ones 401; unknown connections 404. Nothing else, and
-never 500 (``syncd/webhooks.py``).
+never 500 (``syncd/web/webhooks.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
 from connectors.hubspot.webhooks import sign_v3
-from syncd.store import DeadLetterRow
+from syncd.store.db import DeadLetterRow
 from tests.faults.conftest import seed_count
 from tests.harness import SYNCD_URL, Stack, stack
 

@@ -1,0 +1,1 @@
+"""Pure billing rules, records and the mapping language: no I/O, no clock."""

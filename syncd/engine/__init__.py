@@ -1,0 +1,1 @@
+"""The inbox -> process -> outbox loop and the workflows that drive it."""

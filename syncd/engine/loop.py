@@ -1,0 +1,1242 @@
+"""Inbox → process → outbox, the executor, and dead letters.
+
+The flow (docs/architecture.md), each arrow a committed row before the next step starts:
+
+1. **Process an event** (claimed from the inbox with a lease): re-read the record from
+   the source API (the hint is not the truth), map it, and in *one transaction*
+   upsert the client and engagement, record the billing event (unique key) and queue
+   the effect that creates its invoice (unique key). A duplicate or late event finds
+   the billing event already there and queues nothing.
+2. **Execute an effect** (claimed from the outbox with a lease and an attempt
+   counter): find-or-create the customer, *look the invoice up by its key first*,
+   create it only if absent (sending the key as the vendor's idempotency key), then
+   record it and queue the CRM write-back, fenced on the attempt it claimed.
+3. **Invoice changes** (payment webhooks, polls) re-read the invoice and queue a
+   write-back of the current status onto the deal.
+
+Failures are handled per record: retriable ones go back to the queue with back-off
+(or the vendor's ``Retry-After``); mapping, validation and fatal ones go to the
+dead-letter table with the reason and the place, and the rest keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlmodel import col
+
+from syncd.core import billing, receivables
+from syncd.core.errors import (
+    AuthError,
+    FatalError,
+    MappingError,
+    NotFound,
+    RecordError,
+    RetriableError,
+    SyncdError,
+)
+from syncd.core.interfaces import (
+    AllocatesCredit,
+    BillingEvent,
+    BillingEventKind,
+    Client,
+    DealBillingStatus,
+    DraftKind,
+    Engagement,
+    EngagementType,
+    HasLockDates,
+    InvoiceDraft,
+    InvoiceState,
+    InvoiceStatus,
+    SendsInvoices,
+    SourceRecord,
+    UpdatesCustomers,
+    VoidsInvoices,
+)
+from syncd.engine import hours, recurring, selectors
+from syncd.engine.runtime import Pipeline, Runtime
+from syncd.plumbing import failpoints
+from syncd.store.db import (
+    BillingEventRow,
+    ClientRow,
+    DeadLetterRow,
+    EffectRow,
+    EngagementRow,
+    EventRow,
+    InvoiceRow,
+    OutcomeRow,
+    SourceRecordRow,
+    decimal_text,
+    table_of,
+)
+
+log = structlog.get_logger("syncd.engine.loop")
+
+CREATE_INVOICE = "create_invoice"
+WRITE_CRM_STATUS = "write_crm_status"
+VOID_INVOICE = "void_invoice"
+ALLOCATE_CREDIT = "allocate_credit"
+LOCK_DATES_TTL_S = 600  # lock dates are read at most every 10 minutes per connection (vendor quota)
+DELAYED_KINDS = frozenset({BillingEventKind.DEAL_WON, BillingEventKind.DELIVERABLE_ACCEPTED})
+BACKOFF_CAP_S = 3600
+
+
+def backoff_s(attempts: int, retry_after_s: float | None = None) -> float:
+    """Seconds before the next attempt: the vendor's Retry-After, else 5·2ⁿ capped at an hour."""
+    if retry_after_s is not None:
+        return min(float(BACKOFF_CAP_S), retry_after_s)
+    return float(min(BACKOFF_CAP_S, 5 * 2 ** max(0, attempts - 1)))
+
+
+class Engine:
+    """Claims and processes inbox events and outbox effects for one :class:`Runtime`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.store = runtime.store
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._pending = False
+        self._lock_dates: dict[str, tuple[datetime, date | None]] = {}
+
+    def notify(self) -> None:
+        """Wake one idle worker (new events or effects were stored).
+
+        Waking every idle worker for each row cost an empty claim per worker (BENCHMARKS.md);
+        a woken worker keeps claiming while there is work, and each further notify wakes
+        one more. With no worker idle, the next one to go idle finds ``_pending`` and
+        claims again at once.
+        """
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._pending = True
+
+    # -- workers --------------------------------------------------------------------------
+
+    async def run_worker(self, stop: asyncio.Event, *, batch: int = 10, idle_s: float = 1.0) -> None:
+        """Process events and effects until ``stop`` is set, then finish the claimed batch."""
+        while not stop.is_set():
+            try:
+                done = await self.process_events(batch) + await self.execute_effects(batch)
+            except Exception:  # the database is away, or a bug: keep the worker alive
+                log.exception("worker_error")
+                done = 0
+            if done == 0:
+                await self._idle_until_notified(stop, idle_s)
+
+    async def _idle_until_notified(self, stop: asyncio.Event, idle_s: float) -> None:
+        """Sleep until :meth:`notify`, ``stop``, or ``idle_s`` (due retries need a look)."""
+        if self._pending:
+            self._pending = False
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        watched: list[asyncio.Future[Any]] = [waiter, stopping]
+        await asyncio.wait(watched, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        waiter.cancel()
+
+    async def drain(self, *, rounds: int = 50) -> None:
+        """Process until nothing is due (tests and the demo use this instead of sleeping)."""
+        for _ in range(rounds):
+            if await self.process_events(100) + await self.execute_effects(100) == 0:
+                return
+
+    # -- inbox ----------------------------------------------------------------------------
+
+    async def process_events(self, limit: int) -> int:
+        """Claim and process up to ``limit`` due events; how many were claimed."""
+        now = self.rt.clock()
+        rows = await self.store.claim(
+            EventRow, owner=self.rt.owner, limit=limit, lease_s=self.rt.config.daemon.lease_s, now=now
+        )
+        for row in rows:
+            await self._settle(EventRow, row, "event", self._route_event)
+        return len(rows)
+
+    async def _route_event(self, row: EventRow) -> bool:
+        handled = False
+        if row.object_type == "deal":
+            handled = await self._route_deal(row)
+        for pipeline in self.rt.pipelines:
+            if row.object_type in ("invoice", "credit_note") and pipeline.invoicing_name == row.connection:
+                await self.refresh_invoice(pipeline, row.object_id)
+                handled = True
+            elif row.object_type == "time_entry" and pipeline.time_tracking_name == row.connection:
+                await self.process_time_entry(pipeline, row)
+                handled = True
+        if not handled:
+            log.debug("event_ignored", connection=row.connection, object_type=row.object_type, object_id=row.object_id)
+        return False
+
+    async def _route_deal(self, row: EventRow) -> bool:
+        """Read a deal once and hand it to the one pipeline that takes it.
+
+        A won deal that no pipeline takes is a recorded skip (``no_pipeline``); a deal
+        that two pipelines take is refused (dead-lettered) naming both filters, since
+        invoicing it twice or picking one silently would both be wrong.
+        """
+        candidates = [p for p in self.rt.pipelines if p.crm_name == row.connection]
+        if not candidates:
+            return False
+        if row.version is not None:
+            seen = await self.store.get(SourceRecordRow, row.connection, "deal", row.object_id)
+            if seen is not None and seen.version == row.version:
+                log.debug("deal_version_already_read", connection=row.connection, deal_id=row.object_id)
+                return True
+        wanted: dict[str, set[str]] = {}
+        for pipeline in candidates:
+            for object_type, names in pipeline.mapping.source_properties.items():
+                wanted.setdefault(object_type, set()).update(names)
+        try:
+            record = await candidates[0].crm.fetch_deal(row.object_id, {k: sorted(v) for k, v in wanted.items()})
+        except NotFound:
+            log.info("deal_gone", connection=row.connection, deal_id=row.object_id)
+            return True
+        await self._remember(record, self.rt.clock())
+        chosen = selectors.choose([p.mapping for p in candidates], record)
+        if chosen is not None:
+            pipeline = next(p for p in candidates if p.mapping is chosen)
+            await self.process_deal(pipeline, row.object_id, record=record)
+        elif any(self._won_in(p, record) for p in candidates):
+            await self.record_outcome(
+                key=f"skip:no_pipeline:{record.connection}:{record.object_id}:{record.version}",
+                kind="skip",
+                reason="no_pipeline",
+                detail=f"won deal {record.object_id} is outside every pipeline's `when` filter",
+                place=", ".join(p.mapping.rules.when_place for p in candidates),
+                connection=record.connection,
+                object_type="deal",
+                object_id=record.object_id,
+                trigger_at=record.stage_changed_at or record.modified_at,
+            )
+        return True
+
+    def _won_in(self, pipeline: Pipeline, record: SourceRecord) -> bool:
+        try:
+            return pipeline.mapping.won_at(record, defaults=self.rt.defaults) is not None
+        except MappingError:
+            return False
+
+    async def process_deal(self, pipeline: Pipeline, deal_id: str, *, record: SourceRecord | None = None) -> str | None:
+        """Re-read a deal, map it, and queue its invoice if a billing event is due.
+
+        The engagement is stored with the history the source does not keep (amount
+        changes, when a cancellation was first seen: :func:`syncd.engine.recurring.keep_history`),
+        then every billing event due for it is queued (:func:`syncd.engine.recurring.bill_engagement`):
+        ``deal_won`` as before, and the periods, changes, milestones and hours of the
+        other engagement types. A won one-time deal whose move into the won stage was
+        recorded before ``billing_start`` is a recorded skip.
+
+        Args:
+            pipeline: the pipeline that takes the deal.
+            deal_id: the CRM deal id.
+            record: the deal as just read (read here when ``None``).
+
+        Returns:
+            the billing event key queued (``deal_won`` first), or ``None``.
+
+        Raises:
+            MappingError: the deal does not fit the mapping (dead-lettered by the caller).
+        """
+        now = self.rt.clock()
+        if record is None:
+            try:
+                record = await pipeline.crm.fetch_deal(deal_id, pipeline.mapping.source_properties)
+            except NotFound:
+                log.info("deal_gone", connection=pipeline.crm_name, deal_id=deal_id)
+                return None
+            await self._remember(record, now)
+            if not pipeline.mapping.selects(record):
+                return None
+        mapped = pipeline.mapping.map_deal(record, defaults=self.rt.defaults)
+        current = mapped.engagement
+        if current.won_at is not None:
+            current = current.model_copy(update={"won_recorded_at": record.stage_changed_at})
+        async with self.store.begin() as conn:
+            await self._save_client(conn, mapped.client, now)
+            previous = await self.store.get(EngagementRow, current.key, conn=conn)
+            engagement = recurring.keep_history(
+                Engagement.model_validate(previous.data) if previous is not None else None,
+                current,
+                recorded_at=record.modified_at,
+                timezone=mapped.client.timezone,
+            )
+            await self.store.upsert(EngagementRow, _engagement_values(engagement, pipeline, deal_id, now), conn)
+        await self._check_divergence(pipeline, current, record)
+        event = billing.deal_won_event(current, billing_start=self.rt.billing_start, timezone=mapped.client.timezone)
+        won = None
+        if event is not None:
+            won = await self.queue_invoice(pipeline, event, current, mapped.client, deal_id)
+        elif current.won_at is not None and current.type is EngagementType.ONE_TIME and current.bill_on == "won":
+            await self._skip_before_start(current, record)
+        keys = await recurring.bill_engagement(self, pipeline, engagement, mapped.client, deal_id)
+        return won or (keys[0] if keys else None)
+
+    async def _skip_before_start(self, engagement: Engagement, record: SourceRecord) -> None:
+        won = engagement.won_recorded_at or engagement.won_at
+        await self.record_outcome(
+            key=f"skip:before_billing_start:{engagement.key}",
+            kind="skip",
+            reason="before_billing_start",
+            detail=f"won at {won.isoformat() if won else '?'}, before billing_start "
+            f"{self.rt.billing_start.isoformat()}: billed by other means",
+            connection=record.connection,
+            object_type="deal",
+            object_id=record.object_id,
+            engagement_key=engagement.key,
+            client_key=engagement.client_key,
+            trigger_at=won,
+        )
+
+    async def record_outcome(
+        self, *, key: str, kind: str, reason: str, detail: str, conn: Any = None, **ctx: Any
+    ) -> bool:
+        """Record a skip, a simulated event or an outcome that needs attention, once per ``key``.
+
+        Every trigger that ends without an invoice ends here or as a dead letter, so
+        an admin can list it (``syncd outcomes``), with its reason.
+
+        Returns:
+            whether it was new.
+        """
+        new = await self.store.add_outcome(
+            conn, key=key, kind=kind, reason=reason, detail=detail, created_at=self.rt.clock(), **ctx
+        )
+        if new:
+            emit = log.warning if kind == "attention" else log.info
+            emit("outcome_recorded", kind=kind, reason=reason, detail=detail, **{k: v for k, v in ctx.items() if v})
+        return new
+
+    async def process_time_entry(self, pipeline: Pipeline, row: EventRow) -> None:
+        """Read a time tracker's new hours on a hint, and queue what they make due.
+
+        The first hint of a batch reads every entry changed since the last read
+        (:func:`syncd.engine.hours.sync_entries`); a hint whose entry version is already stored
+        reads nothing more. The pipeline's hourly engagements billing the projects
+        concerned are then billed (cap steps, periods: :func:`syncd.engine.recurring.bill_projects`;
+        only what is due and not yet recorded).
+        """
+        tracker, connection = pipeline.time_tracker, pipeline.time_tracking_name
+        if tracker is None or connection is None:
+            return
+        known = await hours.stored_project(self.store, connection, row.object_id, row.occurred_at)
+        projects = {known} if known is not None else await hours.sync_entries(self.rt, connection, tracker)
+        if await recurring.bill_projects(self, pipeline, projects):
+            return
+        project = known or await hours.stored_project(self.store, connection, row.object_id, row.occurred_at)
+        engagement = (await hours.linked_engagements(self.store, pipeline)).get(project or "")
+        if engagement is None or engagement.cap_hours is None or engagement.won_at is None or project is None:
+            return
+        tracked = await hours.project_hours(self.store, connection, project)
+        logged = sum((e.hours for e in tracked.entries if e.billable), Decimal(0))
+        if logged > engagement.cap_hours and engagement.over_cap == "hold":
+            await self.record_outcome(
+                key=f"attention:over_cap:{connection}:{row.event_id}",
+                kind="attention",
+                reason="hours_over_cap",
+                detail=f"time entry {row.object_id} of {engagement.name}: {logged} billable hours logged, over the "
+                f"cap of {engagement.cap_hours} h; held: raise the cap, or `syncd hours release ENTRY_ID`",
+                connection=connection,
+                object_type="time_entry",
+                object_id=row.object_id,
+                engagement_key=engagement.key,
+                client_key=engagement.client_key,
+                trigger_at=row.occurred_at,
+            )
+        else:
+            await self.record_outcome(
+                key=f"skip:under_cap:{connection}:{row.event_id}",
+                kind="skip",
+                reason="under_cap",
+                detail=f"time entry {row.object_id} of {engagement.name}: {logged} of {engagement.cap_hours} h, "
+                "no cap step reached yet; billed at the next cap step or at the period's end",
+                connection=connection,
+                object_type="time_entry",
+                object_id=row.object_id,
+                engagement_key=engagement.key,
+                client_key=engagement.client_key,
+                trigger_at=row.occurred_at,
+            )
+
+    async def record_event(self, event: BillingEvent, client_key: str) -> str | None:
+        """Record a billing event that has nothing to invoice (an hourly period without hours).
+
+        Recording it keeps it from being computed again; hours logged late for that
+        period are billed by the next period or cap step.
+
+        Returns:
+            the event key if it was new, else ``None``.
+        """
+        row = self._event_row(event, live=self.rt.pilot_allows(client_key))
+        async with self.store.begin() as conn:
+            if not await self.store.add_billing_event(conn, row):
+                return None
+            await self.record_outcome(
+                conn=conn,
+                key=f"skip:nothing_to_bill:{event.key}",
+                kind="skip",
+                reason="nothing_to_bill",
+                detail=f"{event.kind} {event.occurrence}: no billable hours to invoice",
+                engagement_key=event.engagement_key,
+                client_key=client_key,
+                billing_event_key=event.key,
+                trigger_at=event.occurred_at,
+            )
+        log.info("billing_event_settled", key=event.key, kind=str(event.kind), engagement=event.engagement_key)
+        return str(event.key)
+
+    async def surface_credit(self, pipeline: Pipeline, credit: billing.ManualCredit) -> str | None:
+        """Record a credit the invoicing tool cannot issue, as a dead letter a person acts on.
+
+        The billing event and the dead letter (source ``manual_credit``, its reason the
+        credit to issue by hand) are written in one transaction; for a client outside the
+        pilot the dead letter has status ``simulated`` (``syncd backfill`` opens it).
+
+        Returns:
+            the event key if it was new, else ``None``.
+        """
+        live = self.rt.pilot_allows(credit.client_key)
+        now = self.rt.clock()
+        event = credit.event
+        letter = {
+            "source": "manual_credit",
+            "ref": event.key,
+            "connection": pipeline.invoicing_name,
+            "reason": credit.message(),
+            "place": f"engagement {event.engagement_key}: {event.kind}:{event.occurrence}",
+            "payload": {
+                "key": event.key,
+                "client": credit.client_key,
+                "currency": credit.currency,
+                "total": decimal_text(credit.total()),
+                "lines": [line.model_dump(mode="json") for line in credit.lines],
+            },
+            "status": "open" if live else "simulated",
+            "created_at": now,
+        }
+        async with self.store.begin() as conn:
+            if not await self.store.add_billing_event(conn, self._event_row(event, live=live)):
+                return None
+            await conn.execute(sa.insert(table_of(DeadLetterRow)).values(**letter))
+            if not live:
+                await self._record_simulated(conn, event, credit.client_key)
+        log.warning("manual_credit_owed", key=event.key, live=live, detail=credit.message())
+        return str(event.key)
+
+    async def _record_simulated(self, conn: AsyncConnection, event: BillingEvent, client_key: str) -> None:
+        await self.record_outcome(
+            conn=conn,
+            key=f"simulated:{event.key}",
+            kind="simulated",
+            reason="not_in_pilot",
+            detail=f"{event.kind} {event.occurrence}: client {client_key} is not in [pilot] clients; "
+            "recorded, nothing sent (syncd backfill makes it real)",
+            engagement_key=event.engagement_key,
+            client_key=client_key,
+            billing_event_key=event.key,
+            trigger_at=event.occurred_at,
+        )
+
+    def _event_row(self, event: BillingEvent, *, live: bool) -> BillingEventRow:
+        return BillingEventRow(
+            key=event.key,
+            kind=str(event.kind),
+            engagement_key=event.engagement_key,
+            occurrence=event.occurrence,
+            occurred_at=event.occurred_at,
+            created_at=self.rt.clock(),
+            simulated=not live,
+        )
+
+    async def queue_invoice(
+        self, pipeline: Pipeline, event: BillingEvent, engagement: Engagement, client: Client, crm_object_id: str
+    ) -> str | None:
+        """Draft the invoice for ``event`` (:func:`syncd.core.billing.draft_for_event`) and queue it.
+
+        Returns:
+            the event key if it was new, else ``None`` (already recorded: nothing queued).
+
+        Raises:
+            ValidationFailed: the draft cannot be valid (pre-flight: nothing was queued).
+        """
+        options = pipeline.mapping.invoice
+        draft = billing.draft_for_event(
+            event,
+            engagement,
+            client,
+            issue_date=billing.issue_date_for(self.rt.clock(), client.timezone),
+            status=options.status,
+            send=options.send,
+            line_amount_types=options.line_amount_types,
+        )
+        return await self.queue_draft(pipeline, event, draft, crm_object_id)
+
+    async def queue_draft(
+        self,
+        pipeline: Pipeline,
+        event: BillingEvent,
+        draft: InvoiceDraft,
+        crm_object_id: str,
+        *,
+        on_recorded: Callable[[AsyncConnection], Awaitable[None]] | None = None,
+    ) -> str | None:
+        """Record a billing event and, in the same transaction, queue the effect creating ``draft``.
+
+        For drafts built elsewhere (hours, credit notes). In pilot mode a client outside
+        the pilot gets its event recorded as simulated and its effect parked, so the
+        period is never invoiced after the fact unless an admin backfills it.
+
+        Args:
+            pipeline: the pipeline the event belongs to.
+            event: the billing event; its key is the draft's key.
+            draft: the invoice or credit note to create.
+            crm_object_id: the CRM record (deal) the status is written back to.
+            on_recorded: runs in the same transaction once the event is new (e.g. to
+                mark time entries as invoiced by this key).
+
+        Returns:
+            the event key if it was new, else ``None`` (already recorded: nothing queued).
+        """
+        draft = recurring.ledger_ready(self.rt, pipeline, draft)
+        if pipeline.mapping.invoice.require_po and not draft.reference and draft.kind is DraftKind.INVOICE:
+            await self._hold_for_po(pipeline, event, draft, crm_object_id)
+            return None
+        now = self.rt.clock()
+        live = self.rt.pilot_allows(draft.client.key)
+        row = BillingEventRow(
+            key=event.key,
+            kind=str(event.kind),
+            engagement_key=event.engagement_key,
+            occurrence=event.occurrence,
+            occurred_at=event.occurred_at,
+            created_at=now,
+            simulated=not live,
+        )
+        payload: dict[str, Any] = {
+            "draft": draft.model_dump(mode="json"),
+            "crm": pipeline.crm_name,
+            "crm_object_id": crm_object_id,
+            "triggered_at": event.occurred_at.isoformat(),
+        }
+        delay = pipeline.settings.invoice_delay_s if event.kind in DELAYED_KINDS else 0
+        if delay:
+            payload["recheck_won"] = True
+        async with self.store.begin() as conn:
+            if not await self.store.add_billing_event(conn, row):
+                return None
+            await self.store.add_effect(
+                conn,
+                key=event.key,
+                kind=CREATE_INVOICE,
+                connection=pipeline.invoicing_name,
+                payload=payload,
+                now=now,
+                client_key=draft.client.key,
+                status="pending" if live else "simulated",
+                next_at=now + timedelta(seconds=delay),
+            )
+            if on_recorded is not None:
+                await on_recorded(conn)
+            if not live:
+                await self._record_simulated(conn, event, draft.client.key)
+            await self._resolve(conn, f"attention:missing_po:{event.key}", "the PO number arrived", now)
+        log.info(
+            "billing_event_recorded", key=event.key, kind=str(event.kind), engagement=event.engagement_key, live=live
+        )
+        self.notify()
+        return str(event.key)
+
+    async def _hold_for_po(self, pipeline: Pipeline, event: BillingEvent, draft: InvoiceDraft, deal_id: str) -> None:
+        """No invoice without the PO number the mapping requires: held, needing attention.
+
+        Nothing is recorded for the event, so it is invoiced as soon as the deal (or the
+        client) has a PO number and the deal is processed again or the hourly tick runs.
+        """
+        await self.record_outcome(
+            key=f"attention:missing_po:{event.key}",
+            kind="attention",
+            reason="missing_po",
+            detail=f"{event.kind} {event.occurrence} of {draft.client.legal_name}: the mapping requires a PO "
+            "number ([invoice].require_po) and the deal and client have none; the invoice is held until one is set",
+            place=f"{pipeline.mapping.path} [invoice].require_po",
+            connection=pipeline.crm_name,
+            object_type="deal",
+            object_id=deal_id,
+            engagement_key=event.engagement_key,
+            client_key=draft.client.key,
+            billing_event_key=event.key,
+            trigger_at=event.occurred_at,
+        )
+
+    async def _resolve(self, conn: AsyncConnection, key: str, why: str, now: datetime) -> None:
+        """Close an open outcome that the engine itself settled (e.g. a held invoice that went out)."""
+        table = table_of(OutcomeRow)
+        await conn.execute(
+            sa.update(table)
+            .where(table.c.key == key, table.c.status == "open")
+            .values(status="resolved", resolved_at=now, detail=table.c.detail + f" — resolved: {why}")
+        )
+
+    async def _remember(self, record: SourceRecord, now: datetime) -> None:
+        await self.store.upsert(
+            SourceRecordRow,
+            {
+                "connection": record.connection,
+                "object_type": record.object_type,
+                "object_id": record.object_id,
+                "version": record.version,
+                "data": dict(record.data),
+                "fetched_at": now,
+            },
+        )
+
+    async def _save_client(self, conn: Any, client: Client, now: datetime) -> None:
+        existing = await self.store.get(ClientRow, client.key, conn=conn)
+        ids = dict(existing.external_ids) if existing is not None else {}
+        ids.update(client.external_ids)
+        await self.store.upsert(
+            ClientRow,
+            {
+                "key": client.key,
+                "legal_name": client.legal_name,
+                "data": client.model_dump(mode="json", exclude={"external_ids"}),
+                "external_ids": ids,
+                "updated_at": now,
+            },
+            conn,
+        )
+
+    async def _check_divergence(self, pipeline: Pipeline, engagement: Engagement, record: SourceRecord) -> None:
+        """A deal edited, reopened or lost after it was invoiced: record it, never re-invoice or void.
+
+        Only invoices of the deal's own lines (won or accepted deliverables) are compared;
+        period, milestone and hours invoices bill other amounts by design.
+        """
+        line_kinds = [str(BillingEventKind.DEAL_WON), str(BillingEventKind.DELIVERABLE_ACCEPTED)]
+        billed_lines = sa.select(col(BillingEventRow.key)).where(col(BillingEventRow.kind).in_(line_kinds))
+        invoices = await self.store.select(
+            InvoiceRow,
+            col(InvoiceRow.engagement_key) == engagement.key,
+            col(InvoiceRow.kind) == "invoice",
+            col(InvoiceRow.key).in_(billed_lines),
+        )
+        for invoice in invoices:
+            notes = []
+            if engagement.won_at is None:
+                notes.append("deal is no longer won")
+            subtotal = sum((line.amount(engagement.currency) for line in engagement.lines), Decimal(0))
+            if invoice.subtotal is not None and engagement.lines and subtotal != Decimal(invoice.subtotal):
+                notes.append(f"deal lines now total {subtotal} {engagement.currency}, invoiced {invoice.subtotal}")
+            divergence = "; ".join(notes) or None
+            if engagement.won_at is None:
+                await self._on_unwon(pipeline, invoice)
+            if divergence != invoice.divergence:
+                await self.store.update(InvoiceRow, [col(InvoiceRow.key) == invoice.key], {"divergence": divergence})
+                if divergence:
+                    log.warning(
+                        "invoice_divergence",
+                        invoice=invoice.number,
+                        engagement=engagement.key,
+                        version=record.version,
+                        divergence=divergence,
+                    )
+
+    async def _on_unwon(self, pipeline: Pipeline, invoice: InvoiceRow) -> None:
+        """An invoiced deal left the won stage: needs attention, or a void (``on_unwon``)."""
+        if invoice.state == str(InvoiceState.VOIDED):
+            return
+        if pipeline.settings.on_unwon != "void":
+            await self._unwon_attention(invoice)
+            return
+        async with self.store.begin() as conn:
+            await self.store.add_effect(
+                conn,
+                key=f"void:{invoice.key}",
+                kind=VOID_INVOICE,
+                connection=invoice.invoicing_connection,
+                payload={"invoice_key": invoice.key},
+                now=self.rt.clock(),
+                client_key=invoice.client_key,
+            )
+        self.notify()
+
+    async def refresh_invoice(self, pipeline: Pipeline, invoice_id: str) -> None:
+        """Re-read an invoice syncd created and queue a write-back if its status changed."""
+        rows = await self.store.select(
+            InvoiceRow,
+            InvoiceRow.invoice_id == invoice_id,
+            InvoiceRow.invoicing_connection == pipeline.invoicing_name,
+        )
+        if not rows:
+            return
+        status = await pipeline.invoicing.get_invoice(invoice_id)
+        await self._record_status(rows[0], status)
+
+    async def _record_status(self, row: InvoiceRow, status: InvoiceStatus) -> None:
+        """Store the ledger's newer state of a document and queue the deal's write-back.
+
+        A state older than the one stored (by the ledger's own update time) is ignored,
+        so a late or reordered read never moves the deal backwards; a newer one is
+        written even when it reverses an earlier state (a payment deleted).
+        """
+        now = self.rt.clock()
+        values = _status_values(status)
+        if (
+            status.updated_at is not None
+            and row.source_updated_at is not None
+            and status.updated_at < row.source_updated_at
+        ):
+            log.info("invoice_status_stale", invoice=row.number, seen=str(status.updated_at))
+            return
+        changed = any(str(getattr(row, k)) != str(v) for k, v in values.items())
+        if not changed:
+            return
+        async with self.store.begin() as conn:
+            await conn.execute(
+                sa.update(table_of(InvoiceRow))
+                .where(table_of(InvoiceRow).c.key == row.key)
+                .values(**values, source_updated_at=status.updated_at, updated_at=now)
+            )
+            version = f"{row.key}:{(status.updated_at or now).isoformat()}:{values['state']}:{values['amount_due']}"
+            await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, version, now)
+        log.info(
+            "invoice_status_changed",
+            invoice=row.number,
+            state=values["state"],
+            amount_due=values["amount_due"],
+            previous=row.state,
+        )
+
+    async def _queue_crm_status(self, conn: Any, crm: str, deal_id: str, version: str, now: datetime) -> bool:
+        """Queue a write-back of the deal's standing, once per ``version`` of what changed.
+
+        The effect computes the standing from every document of the deal when it runs
+        (:meth:`_write_crm_status`), so an older queued write-back still writes the
+        newest state.
+        """
+        key = "crm:" + hashlib.sha256(f"{crm}:{deal_id}:{version}".encode()).hexdigest()[:32]
+        queued = await self.store.add_effect(
+            conn,
+            key=key,
+            kind=WRITE_CRM_STATUS,
+            connection=crm,
+            payload={"crm_object_id": deal_id},
+            now=now,
+        )
+        self.notify()
+        return queued
+
+    async def refresh_aging(self) -> int:
+        """Queue a write-back for every deal with an unpaid invoice past due (daily: overdue days grow).
+
+        Returns:
+            how many write-backs were queued (one per deal per day at most).
+        """
+        now = self.rt.clock()
+        open_states = [str(state) for state in receivables.OPEN_STATES]
+        rows = await self.store.select(
+            InvoiceRow,
+            col(InvoiceRow.state).in_(open_states),
+            col(InvoiceRow.due_date) < now.date(),
+        )
+        deals = {(row.crm_connection, row.crm_object_id) for row in rows}
+        queued = 0
+        for crm, deal_id in sorted(deals):
+            async with self.store.begin() as conn:
+                queued += await self._queue_crm_status(conn, crm, deal_id, f"aging:{now.date().isoformat()}", now)
+        return queued
+
+    # -- outbox ---------------------------------------------------------------------------
+
+    async def execute_effects(self, limit: int) -> int:
+        """Claim and execute up to ``limit`` due effects; how many were claimed."""
+        now = self.rt.clock()
+        rows = await self.store.claim(
+            EffectRow, owner=self.rt.owner, limit=limit, lease_s=self.rt.config.daemon.lease_s, now=now
+        )
+        for row in rows:
+            await self._settle(EffectRow, row, "effect", self._execute)
+        return len(rows)
+
+    async def _execute(self, row: EffectRow) -> bool:
+        """Run one effect; ``True`` when it settled its own row (in its own transaction)."""
+        if row.kind == CREATE_INVOICE:
+            await self._create_invoice(row)
+            return True
+        if row.kind == WRITE_CRM_STATUS:
+            await self._write_crm_status(row)
+            return False
+        if row.kind == VOID_INVOICE:
+            await self._void_unwon(row)
+            return False
+        if row.kind == ALLOCATE_CREDIT:
+            await self._allocate_credit(row)
+            return False
+        raise FatalError(f"unknown effect kind {row.kind!r}", place=f"effects.id={row.id}")
+
+    async def _create_invoice(self, row: EffectRow) -> None:
+        failpoints.hit("after_claim")
+        draft = InvoiceDraft.model_validate(row.payload["draft"])
+        invoicing = self.rt.connectors[row.connection]
+        # Only a retry can follow a create whose answer was lost (or a crash after it):
+        # the first attempt skips the lookup, every later one looks up before creating.
+        status = await invoicing.find_invoice(draft.key, kind=draft.kind) if row.attempts > 1 else None
+        if status is None and row.payload.get("recheck_won") and not await self._still_won(row):
+            await self._skip_unwon(row, draft)
+            return
+        customer_id = await self._customer_id(row.connection, invoicing, draft.client)
+        created = status is None
+        if status is None:
+            draft = await self._after_lock_date(row.connection, invoicing, draft)
+            failpoints.hit("before_vendor_call")
+            status = await invoicing.create_invoice(draft, customer_id)
+            failpoints.hit("after_vendor_2xx")
+        elif draft.send and status.state is InvoiceState.AUTHORISED and isinstance(invoicing, SendsInvoices):
+            # created by an earlier attempt that stopped before emailing it
+            await invoicing.send_invoice(status.invoice_id, draft.key)
+            status = status.model_copy(update={"state": InvoiceState.SENT})
+        now = self.rt.clock()
+        mismatch = _totals_mismatch(draft, status)
+        triggered_at = datetime.fromisoformat(row.payload["triggered_at"])
+        values = {
+            "key": draft.key,
+            "kind": str(draft.kind),
+            "engagement_key": draft.engagement_key,
+            "client_key": draft.client.key,
+            "crm_connection": row.payload["crm"],
+            "crm_object_id": row.payload["crm_object_id"],
+            "invoicing_connection": row.connection,
+            "invoice_id": status.invoice_id,
+            **_status_values(status),
+            "source_updated_at": status.updated_at,
+            "triggered_at": triggered_at,
+            "created_at": now,
+            "updated_at": now,
+            "totals_mismatch": mismatch,
+        }
+        async with self.store.begin() as conn:
+            await self.store.upsert(InvoiceRow, values, conn)
+            if not await self.store.finish(
+                EffectRow, row, status="done", now=now, result={"invoice_id": status.invoice_id}, conn=conn
+            ):
+                raise _Fenced()
+            await conn.execute(
+                sa.update(table_of(BillingEventRow))
+                .where(table_of(BillingEventRow).c.key == draft.key)
+                .values(invoice_key=draft.key)
+            )
+            await self._queue_crm_status(
+                conn, row.payload["crm"], row.payload["crm_object_id"], f"{draft.key}:created", now
+            )
+            if draft.kind is DraftKind.CREDIT_NOTE and isinstance(invoicing, AllocatesCredit):
+                await self.store.add_effect(
+                    conn,
+                    key=f"allocate:{draft.key}",
+                    kind=ALLOCATE_CREDIT,
+                    connection=row.connection,
+                    payload={"credit_key": draft.key},
+                    now=now,
+                    client_key=draft.client.key,
+                )
+        failpoints.hit("after_local_commit")
+        if mismatch:
+            log.warning("invoice_totals_mismatch", key=draft.key, invoice=status.number, detail=mismatch)
+        log.info(
+            "invoice_created" if created else "invoice_found",
+            key=draft.key,
+            invoice=status.number,
+            client=draft.client.key,
+            total=decimal_text(status.total),
+            currency=status.currency,
+            seconds_since_trigger=round((now - triggered_at).total_seconds(), 3),
+        )
+
+    async def _after_lock_date(self, connection: str, invoicing: Any, draft: InvoiceDraft) -> InvoiceDraft:
+        """A draft dated inside a period the ledger has locked, dated on the first open day instead.
+
+        The due date keeps its distance from the issue date, and each line says which
+        day the trigger fell on; the record keeps the trigger time. The ledger never
+        gets a document it would refuse for its date.
+        """
+        if not isinstance(invoicing, HasLockDates):
+            return draft
+        now = self.rt.clock()
+        cached = self._lock_dates.get(connection)
+        if cached is None or (now - cached[0]).total_seconds() > LOCK_DATES_TTL_S:
+            cached = (now, (await invoicing.lock_dates()).closed_until())
+            self._lock_dates[connection] = cached
+        closed = cached[1]
+        if closed is None or draft.issue_date > closed:
+            return draft
+        issue = closed + timedelta(days=1)
+        lines = tuple(
+            line.model_copy(update={"description": f"{line.description} (for {draft.issue_date.isoformat()})"})
+            for line in draft.lines
+        )
+        log.info("invoice_dated_after_lock", key=draft.key, trigger_day=str(draft.issue_date), issue_day=str(issue))
+        return draft.model_copy(
+            update={"issue_date": issue, "due_date": issue + (draft.due_date - draft.issue_date), "lines": lines}
+        )
+
+    async def _allocate_credit(self, row: EffectRow) -> None:
+        """Apply a new credit note to the invoice it credits: min(credit left, the invoice's amount due).
+
+        The invoice is the engagement's latest approved invoice with something still due.
+        Credit left over stays on the contact and is an outcome that needs attention.
+        """
+        credit = await self.store.get(InvoiceRow, row.payload["credit_key"])
+        if credit is None:
+            raise RecordError(f"credit note {row.payload['credit_key']} is not recorded", place=f"effects.id={row.id}")
+        invoicing = self.rt.connectors[row.connection]
+        invoices = await self.store.select(
+            InvoiceRow,
+            col(InvoiceRow.engagement_key) == credit.engagement_key,
+            col(InvoiceRow.kind) == "invoice",
+            col(InvoiceRow.state).in_([str(state) for state in receivables.OPEN_STATES]),
+            col(InvoiceRow.currency) == credit.currency,
+            order_by=col(InvoiceRow.created_at).desc(),
+        )
+        left = Decimal(credit.amount_due)
+        target = next((invoice for invoice in invoices if Decimal(invoice.amount_due) > 0), None)
+        if target is not None and left > 0:
+            amount = min(left, Decimal(target.amount_due))
+            done = await invoicing.allocate_credit_note(
+                credit.invoice_id, target.invoice_id, amount, f"allocate:{credit.key}:{target.invoice_id}"
+            )
+            left = done.remaining_credit
+            log.info("credit_allocated", credit_note=credit.number, invoice=target.number, amount=str(amount))
+            for document in (target, credit):
+                await self._record_status(document, await invoicing.get_invoice(document.invoice_id))
+        if left > 0:
+            await self.record_outcome(
+                key=f"attention:credit_remainder:{credit.key}",
+                kind="attention",
+                reason="credit_remainder",
+                detail=f"credit note {credit.number}: {left} {credit.currency} is not allocated to an invoice and "
+                "stays as credit on the contact; refund it or allocate it at the ledger",
+                connection=row.connection,
+                object_type="deal",
+                object_id=credit.crm_object_id,
+                engagement_key=credit.engagement_key,
+                client_key=credit.client_key,
+                billing_event_key=credit.key,
+            )
+
+    def _pipeline_for(self, crm: str, invoicing: str) -> Pipeline:
+        for pipeline in self.rt.pipelines:
+            if pipeline.crm_name == crm and pipeline.invoicing_name == invoicing:
+                return pipeline
+        raise FatalError(f"no pipeline from {crm} to {invoicing} in the config", place="[[pipelines]]")
+
+    async def _still_won(self, row: EffectRow) -> bool:
+        """Whether the deal of a delayed invoice is still won (re-read at the CRM)."""
+        pipeline = self._pipeline_for(row.payload["crm"], row.connection)
+        try:
+            record = await pipeline.crm.fetch_deal(row.payload["crm_object_id"], pipeline.mapping.source_properties)
+        except NotFound:
+            return False
+        return pipeline.mapping.selects(record) and self._won_in(pipeline, record)
+
+    async def _skip_unwon(self, row: EffectRow, draft: InvoiceDraft) -> None:
+        """A deal that left the won stage within ``invoice_delay_s``: no invoice, a recorded skip.
+
+        The billing event and its effect are removed, so winning the deal again invoices it.
+        """
+        now = self.rt.clock()
+        async with self.store.begin() as conn:
+            if not await self.store.finish(EffectRow, row, status="skipped", now=now, conn=conn):
+                raise _Fenced()
+            await conn.execute(sa.delete(table_of(EffectRow)).where(table_of(EffectRow).c.id == row.id))
+            await conn.execute(sa.delete(table_of(BillingEventRow)).where(table_of(BillingEventRow).c.key == draft.key))
+            await self.record_outcome(
+                conn=conn,
+                key=f"skip:not_won:{draft.key}:{row.id}",
+                kind="skip",
+                reason="not_won",
+                detail=f"deal {row.payload['crm_object_id']} left the won stage within invoice_delay_s; not invoiced",
+                connection=row.payload["crm"],
+                object_type="deal",
+                object_id=row.payload["crm_object_id"],
+                engagement_key=draft.engagement_key,
+                client_key=draft.client.key,
+                trigger_at=datetime.fromisoformat(row.payload["triggered_at"]),
+            )
+
+    async def _void_unwon(self, row: EffectRow) -> None:
+        """Void the invoice of a deal that left the won stage (``on_unwon = "void"``)."""
+        invoice = await self.store.get(InvoiceRow, row.payload["invoice_key"])
+        invoicing = self.rt.connectors[row.connection]
+        if invoice is None:
+            raise RecordError(f"invoice {row.payload['invoice_key']} is not recorded", place=f"effects.id={row.id}")
+        if not isinstance(invoicing, VoidsInvoices) or Decimal(invoice.amount_paid) > 0:
+            await self._unwon_attention(invoice, "it cannot be voided (payments applied, or the tool cannot void)")
+            return
+        status = await invoicing.void_invoice(invoice.invoice_id, invoice.key)
+        await self._record_status(invoice, status)
+        log.warning("invoice_voided_deal_unwon", invoice=invoice.number, deal=invoice.crm_object_id)
+
+    async def _unwon_attention(self, invoice: InvoiceRow, why: str = "") -> None:
+        await self.record_outcome(
+            key=f"attention:unwon:{invoice.key}",
+            kind="attention",
+            reason="unwon_after_invoice",
+            detail=f"deal {invoice.crm_object_id} left the won stage after invoice {invoice.number} was created"
+            + (f"; {why}" if why else "; void or credit it at the ledger if the deal is lost"),
+            connection=invoice.crm_connection,
+            object_type="deal",
+            object_id=invoice.crm_object_id,
+            engagement_key=invoice.engagement_key,
+            client_key=invoice.client_key,
+            billing_event_key=invoice.key,
+        )
+
+    async def _customer_id(self, connection: str, invoicing: Any, client: Client) -> str:
+        """The client's customer id at the invoicing tool, created at most once.
+
+        Two effects of the same client may run at once (on two replicas): the lock makes
+        the second wait and then read the id the first stored.
+        """
+        async with self.store.named_lock(f"customer:{connection}:{client.key}"):
+            row = await self.store.get(ClientRow, client.key)
+            known = row.external_ids.get(connection) if row is not None else None
+            if known:
+                await self._sync_customer(connection, invoicing, row, client, str(known))
+                return str(known)
+            customer_id = str(await invoicing.upsert_customer(client))
+            if row is not None:
+                ids = {**row.external_ids, connection: customer_id}
+                pushed = {**(row.pushed or {}), connection: client.ledger_details()}
+                await self.store.update(
+                    ClientRow, [col(ClientRow.key) == client.key], {"external_ids": ids, "pushed": pushed}
+                )
+            return customer_id
+
+    async def _sync_customer(
+        self, connection: str, invoicing: Any, row: ClientRow, client: Client, customer_id: str
+    ) -> None:
+        """Bring the ledger's customer record in step with the CRM before the next invoice.
+
+        The CRM owns legal name, billing contact, email, address and tax id: a change
+        there updates the ledger once (keyed by the new details). A ledger-side edit
+        made since syncd's last push is not overwritten: it is an outcome that needs
+        attention, and the invoice still goes out.
+        """
+        wanted = client.ledger_details()
+        last = (row.pushed or {}).get(connection)
+        if wanted == last or not isinstance(invoicing, UpdatesCustomers):
+            return
+        current = await invoicing.customer_details(customer_id)
+        if current == wanted:
+            await self._save_pushed(row, connection, wanted)
+            return
+        if last is not None and current != last:
+            changed = sorted(name for name in wanted if current.get(name) != last.get(name))
+            await self.record_outcome(
+                key=f"attention:customer_edited:{connection}:{client.key}:{_digest(current)}",
+                kind="attention",
+                reason="ledger_customer_edited",
+                detail=f"{connection} customer {customer_id} of client {client.key} was edited at the ledger "
+                f"({', '.join(changed)}) since syncd's last update; the CRM's change was not written over it",
+                connection=connection,
+                client_key=client.key,
+            )
+            return
+        await invoicing.update_customer(customer_id, client, _digest(wanted))
+        await self._save_pushed(row, connection, wanted)
+        log.info(
+            "customer_updated",
+            connection=connection,
+            client=client.key,
+            fields=sorted(name for name in wanted if (last or current).get(name) != wanted[name]),
+        )
+
+    async def _save_pushed(self, row: ClientRow, connection: str, details: dict[str, str | None]) -> None:
+        pushed = {**(row.pushed or {}), connection: details}
+        await self.store.update(ClientRow, [col(ClientRow.key) == row.key], {"pushed": pushed})
+
+    async def _write_crm_status(self, row: EffectRow) -> None:
+        """Write the deal's standing across all its documents (:func:`syncd.core.receivables.deal_status`)."""
+        deal_id = row.payload.get("crm_object_id")
+        if deal_id is None:  # queued before write-backs were per deal
+            invoice = await self.store.get(InvoiceRow, row.payload["invoice_key"])
+            if invoice is None:
+                raise RecordError(f"invoice {row.payload['invoice_key']} is not recorded", place=f"effects.id={row.id}")
+            deal_id = invoice.crm_object_id
+        status = await self.deal_standing(row.connection, str(deal_id))
+        if status is None:
+            return
+        await self.rt.connectors[row.connection].write_billing_status(str(deal_id), status)
+        log.info("crm_status_written", deal=deal_id, invoice=status.invoice_number, state=status.state)
+
+    async def deal_standing(self, crm: str, deal_id: str) -> DealBillingStatus | None:
+        """The standing of a deal across every document syncd created for it, as of now."""
+        rows = await self.store.select(
+            InvoiceRow,
+            InvoiceRow.crm_connection == crm,
+            InvoiceRow.crm_object_id == deal_id,
+            order_by=InvoiceRow.created_at,
+        )
+        if not rows:
+            return None
+        client = await self.store.get(ClientRow, rows[0].client_key)
+        zone = client.data.get("timezone", "UTC") if client else "UTC"
+        today = receivables.today_in(self.rt.clock(), zone)
+        return receivables.deal_status((_document(r) for r in rows), today)
+
+    # -- settling -------------------------------------------------------------------------
+
+    async def _settle(self, model: Any, row: Any, source: str, work: Callable[[Any], Awaitable[bool]]) -> None:
+        """Run ``work`` for a claimed row and settle it: done, retry later, or dead-letter.
+
+        ``work`` returns ``True`` when it already settled the row in its own transaction.
+        """
+        log_ctx = {"source": source, "id": row.id, "attempt": row.attempts}
+        try:
+            settled = await work(row)
+        except _Fenced:
+            log.warning("lease_lost", **log_ctx)
+            return
+        except AuthError as exc:
+            await self._needs_reauthorisation(row, exc)
+            await self._retry_or_bury(model, row, source, exc)
+            return
+        except RetriableError as exc:
+            await self._retry_or_bury(model, row, source, exc)
+            return
+        except (MappingError, RecordError, FatalError) as exc:
+            await self._bury(model, row, source, exc)
+            return
+        except SyncdError as exc:
+            await self._bury(model, row, source, exc)
+            return
+        except Exception as exc:  # a bug or an untranslated library error: retry, then bury
+            log.exception("work_crashed", **log_ctx)
+            await self._retry_or_bury(model, row, source, RetriableError(f"unexpected {type(exc).__name__}: {exc}"))
+            return
+        if not settled:
+            await self.store.finish(model, row, status="done", now=self.rt.clock())
+
+    async def _needs_reauthorisation(self, row: Any, exc: AuthError) -> None:
+        """Credentials refused (a spent refresh token, a revoked app): an outcome a person must act on.
+
+        The work itself is retried as before (a person may reconnect meanwhile); the
+        outcome is recorded once a day per connection, so ``syncd outcomes list`` and
+        ``syncd status`` show it without a line per record. The message says what to do
+        (``run `syncd auth xero` to reconnect``) and never holds a secret.
+        """
+        day = self.rt.clock().date().isoformat()
+        if await self.record_outcome(
+            key=f"attention:auth_refused:{row.connection}:{day}",
+            kind="attention",
+            reason="auth_refused",
+            detail=exc.message,
+            place=exc.place,
+            connection=row.connection,
+        ):
+            log.error("reauthorisation_needed", connection=row.connection, error=exc.message)
+
+    async def _retry_or_bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
+        if row.attempts >= self.rt.config.daemon.max_attempts:
+            await self._bury(model, row, source, exc)
+            return
+        wait = backoff_s(row.attempts, getattr(exc, "retry_after_s", None))
+        if isinstance(exc, AuthError):
+            wait = max(wait, 300.0)
+        now = self.rt.clock()
+        await self.store.finish(
+            model, row, status="pending", now=now, error=str(exc), next_at=now + timedelta(seconds=wait)
+        )
+        log.warning("work_retry", source=source, id=row.id, attempt=row.attempts, wait_s=wait, error=str(exc))
+
+    async def _bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
+        now = self.rt.clock()
+        payload = {
+            k: getattr(row, k)
+            for k in ("connection", "object_type", "object_id", "event_id", "kind", "key")
+            if hasattr(row, k)
+        }
+        async with self.store.begin() as conn:
+            if not await self.store.finish(model, row, status="dead", now=now, error=str(exc), conn=conn):
+                return
+            await self.store.dead_letter(
+                source=source,
+                ref=str(row.id),
+                connection=row.connection,
+                reason=exc.message,
+                place=exc.place,
+                payload=payload,
+                now=now,
+                conn=conn,
+            )
+        log.error("dead_lettered", source=source, id=row.id, reason=exc.message, place=exc.place)
+
+
+class _Fenced(Exception):
+    """This worker's lease was taken over; its result is discarded."""
+
+
+def _engagement_values(engagement: Engagement, pipeline: Pipeline, deal_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "key": engagement.key,
+        "client_key": engagement.client_key,
+        "type": str(engagement.type),
+        "crm_connection": pipeline.crm_name,
+        "crm_object_id": deal_id,
+        "data": engagement.model_dump(mode="json"),
+        "won_at": engagement.won_at,
+        "source_version": engagement.source_version,
+        "updated_at": now,
+    }
+
+
+def _digest(details: dict[str, str | None]) -> str:
+    return hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _document(row: InvoiceRow) -> receivables.Document:
+    return receivables.Document(
+        kind=row.kind,
+        number=row.number,
+        state=row.state,
+        currency=row.currency,
+        total=Decimal(row.total),
+        amount_due=Decimal(row.amount_due),
+        due_date=row.due_date,
+    )
+
+
+def _status_values(status: InvoiceStatus) -> dict[str, Any]:
+    return {
+        "number": status.number,
+        "state": str(status.state),
+        "currency": status.currency,
+        "total": decimal_text(status.total),
+        "subtotal": decimal_text(status.subtotal) if status.subtotal is not None else None,
+        "amount_due": decimal_text(status.amount_due),
+        "amount_paid": decimal_text(status.amount_paid),
+        "due_date": status.due_date,
+    }
+
+
+def _totals_mismatch(draft: InvoiceDraft, status: InvoiceStatus) -> str | None:
+    """Compare the tool's subtotal with the draft's; a difference is flagged, not fixed."""
+    if status.subtotal is None:
+        return None
+    expected = draft.subtotal()
+    if status.subtotal == expected:
+        return None
+    return f"draft subtotal {expected} {draft.currency}, {status.currency} tool subtotal {status.subtotal}"

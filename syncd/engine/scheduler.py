@@ -1,0 +1,180 @@
+"""APScheduler ticks that enqueue work; the database makes each window run once.
+
+Ticks only *enqueue*: a poll reads a connection's change feed from its stored cursor
+and puts the hints in the inbox. Before running, a tick inserts a row per
+(job, window) under a unique constraint (:meth:`~syncd.store.db.Store.claim_tick`), so
+with several replicas each window runs on exactly one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from syncd.core.errors import SyncdError
+from syncd.engine import drift
+from syncd.engine.runtime import Runtime
+from syncd.store.db import CursorRow
+
+log = structlog.get_logger("syncd.engine.scheduler")
+
+CHANGES = "changes"
+RECURRING_INTERVAL_S = 3600  # the recurring-billing tick runs once an hour across replicas
+
+
+def polled_connections(runtime: Runtime) -> list[str]:
+    """Connections whose change feeds the pipelines read (CRM, invoicing, time tracking)."""
+    names: list[str] = []
+    for pipeline in runtime.pipelines:
+        for name in (pipeline.crm_name, pipeline.invoicing_name, pipeline.time_tracking_name):
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+async def poll_connection(runtime: Runtime, name: str, *, max_pages: int = 100) -> int:
+    """Read one connection's change feed into the inbox; how many new events.
+
+    The cursor is saved after every page, so a crash resumes where it stopped. An error
+    is recorded on the cursor row (``syncd status`` shows it) and logged.
+    """
+    connector = runtime.connectors[name]
+    row = await runtime.store.get(CursorRow, name, CHANGES)
+    cursor = row.cursor if row is not None else None
+    new = 0
+    try:
+        for _ in range(max_pages):
+            page = await connector.poll_changes(cursor, since=runtime.billing_start)
+            now = runtime.clock()
+            new += await runtime.store.add_events(page.hints, now=now)
+            cursor = page.cursor
+            await _save_cursor(runtime, name, cursor, now, None)
+            if not page.more:
+                break
+    except SyncdError as exc:
+        await _save_cursor(runtime, name, cursor, None, str(exc))
+        log.warning("poll_failed", connection=name, error=str(exc))
+        return new
+    if new:
+        log.info("poll_done", connection=name, new=new)
+    return new
+
+
+async def _save_cursor(
+    runtime: Runtime, name: str, cursor: str | None, ok_at: datetime | None, error: str | None
+) -> None:
+    values: dict[str, object] = {"connection": name, "stream": CHANGES, "cursor": cursor, "last_error": error}
+    if ok_at is not None:
+        values["last_success_at"] = ok_at
+    await runtime.store.upsert(CursorRow, values)
+
+
+def window_of(now: datetime, interval_s: int) -> str:
+    """The tick window ``now`` falls in (its index since the epoch)."""
+    return str(int(now.timestamp()) // interval_s)
+
+
+async def tick_poll(runtime: Runtime, name: str, notify: object = None) -> None:
+    """One poll tick for ``name``, run only by the replica that claims the window."""
+    interval = runtime.config.daemon.poll_interval_s
+    now = runtime.clock()
+    if not await runtime.store.claim_tick(f"poll:{name}", window_of(now, interval), owner=runtime.owner, now=now):
+        return
+    if await poll_connection(runtime, name) and callable(notify):
+        notify()
+
+
+async def tick_aging(runtime: Runtime, refresh: Callable[[], Awaitable[int]]) -> None:
+    """Once a day across replicas: write overdue days back for unpaid invoices past due."""
+    now = runtime.clock()
+    if await runtime.store.claim_tick("aging", now.date().isoformat(), owner=runtime.owner, now=now):
+        await refresh()
+
+
+async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) -> bool:
+    """Once per hour across replicas: read new hours and queue every billing event due.
+
+    ``run`` is :func:`syncd.engine.recurring.run_due` bound to the engine. Retainers and
+    subscriptions are invoiced on their calendar date this way, with no CRM change.
+
+    Returns:
+        whether this replica ran the window.
+    """
+    now = runtime.clock()
+    if not await runtime.store.claim_tick(
+        "recurring", window_of(now, RECURRING_INTERVAL_S), owner=runtime.owner, now=now
+    ):
+        return False
+    await run()
+    return True
+
+
+async def tick_drift(runtime: Runtime) -> int:
+    """The drift guard (:func:`syncd.engine.drift.run_drift_check`), on every replica.
+
+    Not claimed per window like the other ticks: it only reads, and its result is this
+    process's ``/metrics`` gauge, which each replica should report. Its cost is one
+    properties read per CRM object type and three code lists per invoicing connection.
+    It runs once at start, then every ``drift_check_interval_s``.
+    """
+    return await drift.run_drift_check(runtime)
+
+
+def build_scheduler(
+    runtime: Runtime,
+    notify: object = None,
+    aging: Callable[[], Awaitable[int]] | None = None,
+    recurring: Callable[[], Awaitable[int]] | None = None,
+) -> AsyncIOScheduler:
+    """An AsyncIOScheduler with a poll job per polled connection, the daily aging job and
+    the hourly recurring-billing job (not yet started).
+
+    Recurring billing, aging and the drift guard run once as soon as the scheduler
+    starts, then on their interval, so a daemon restarted more often than an interval
+    still bills and ages (the per-window tick rows keep a window from running twice
+    across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
+    connection's first poll reads from ``billing_start``.
+    """
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    first = {"next_run_time": datetime.now(UTC)}
+    if aging is not None:
+        scheduler.add_job(
+            tick_aging, "interval", hours=1, args=[runtime, aging], id="aging", max_instances=1, coalesce=True, **first
+        )
+    if recurring is not None:
+        scheduler.add_job(
+            tick_recurring,
+            "interval",
+            seconds=RECURRING_INTERVAL_S,
+            args=[runtime, recurring],
+            id="recurring",
+            max_instances=1,
+            coalesce=True,
+            **first,
+        )
+    if runtime.config.daemon.drift_check_interval_s:
+        scheduler.add_job(
+            tick_drift,
+            "interval",
+            seconds=runtime.config.daemon.drift_check_interval_s,
+            args=[runtime],
+            id="drift",
+            max_instances=1,
+            coalesce=True,
+            **first,
+        )
+    for name in polled_connections(runtime):
+        scheduler.add_job(
+            tick_poll,
+            "interval",
+            seconds=runtime.config.daemon.poll_interval_s,
+            args=[runtime, name, notify],
+            id=f"poll:{name}",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=runtime.config.daemon.poll_interval_s,
+        )
+    return scheduler

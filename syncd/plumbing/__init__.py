@@ -1,0 +1,1 @@
+"""Settings, HTTP, logging, errors registry, tokens, metrics: what every layer uses."""

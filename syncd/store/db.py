@@ -1,0 +1,840 @@
+"""Every piece of syncd's state: SQLModel tables and the queries on them.
+
+SQLite (WAL) is the embedded default; PostgreSQL lets several replicas share the work.
+Work rows (events in the inbox, effects in the outbox) are *claimed* with a lease:
+
+* a claim sets ``lease_owner``/``lease_until`` and increments ``attempts`` in one
+  ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``
+  (SQLite has no row locks; its single writer serialises claims instead);
+* a worker that dies leaves its lease to expire, and the row is claimed again;
+* a late writer whose lease expired is *fenced*: it finishes a row only
+  ``WHERE attempts = <the attempt it claimed>``, so a newer claim wins.
+
+The schema evolves with Alembic (``syncd/store/migrations``); :meth:`Store.migrate` runs the
+migrations under a database lock (a PostgreSQL advisory lock; SQLite's write lock).
+Timestamps are stored in UTC and come back aware; money is stored as decimal text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlmodel import JSON, Column, Field, SQLModel
+
+from syncd.core.errors import ConfigError
+from syncd.core.interfaces import ChangeHint, SourceRecord
+from syncd.plumbing.logging import redact_value
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+ADVISORY_LOCK_ID = 7_254_001  # any constant shared by every replica
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """A datetime stored as UTC and always returned timezone-aware."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; syncd stores aware datetimes only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(nullable: bool = False, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+def _json(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(JSON, nullable=nullable))
+
+
+class MetaRow(SQLModel, table=True):
+    """Key/value facts about the database itself (``created_at``, ``billing_start``)."""
+
+    __tablename__ = "meta"
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class EventRow(SQLModel, table=True):
+    """The inbox: one change hint per (connection, vendor event id)."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        sa.UniqueConstraint("connection", "event_id", name="uq_events_connection_event_id"),
+        sa.Index("ix_events_claim", "status", "next_at"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    connection: str
+    object_type: str
+    object_id: str
+    event_id: str
+    kind: str = ""
+    version: str | None = None  # the record version the hint reports, if it says
+    occurred_at: datetime = _ts()
+    received_at: datetime = _ts()
+    status: str = "pending"  # pending | done | dead
+    attempts: int = 0
+    next_at: datetime = _ts()
+    lease_owner: str | None = None
+    lease_until: datetime | None = _ts(nullable=True)
+    last_error: str | None = None
+
+
+class EffectRow(SQLModel, table=True):
+    """The outbox: one outbound call (or idempotent sequence of calls) per key."""
+
+    __tablename__ = "effects"
+    __table_args__ = (sa.Index("ix_effects_claim", "status", "next_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    kind: str  # create_invoice | write_crm_status
+    connection: str
+    client_key: str | None = Field(default=None, index=True)
+    payload: dict[str, Any] = _json(nullable=False)
+    status: str = "pending"  # pending | done | dead | simulated
+    attempts: int = 0
+    next_at: datetime = _ts()
+    lease_owner: str | None = None
+    lease_until: datetime | None = _ts(nullable=True)
+    last_error: str | None = None
+    result: dict[str, Any] | None = _json()
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class ClientRow(SQLModel, table=True):
+    """The one billing record of a customer, with each system's id for it."""
+
+    __tablename__ = "clients"
+    key: str = Field(primary_key=True)
+    legal_name: str
+    data: dict[str, Any] = _json(nullable=False)
+    external_ids: dict[str, str] = _json(nullable=False)
+    updated_at: datetime = _ts()
+    pushed: dict[str, Any] | None = _json()  # per connection: the details last written to its customer record
+
+
+class EngagementRow(SQLModel, table=True):
+    """How one deal bills, as last mapped."""
+
+    __tablename__ = "engagements"
+    key: str = Field(primary_key=True)
+    client_key: str = Field(index=True)
+    type: str
+    crm_connection: str
+    crm_object_id: str
+    data: dict[str, Any] = _json(nullable=False)
+    won_at: datetime | None = _ts(nullable=True)
+    source_version: str = ""
+    updated_at: datetime = _ts()
+
+
+class BillingEventRow(SQLModel, table=True):
+    """A reason to invoice; the key makes it happen once."""
+
+    __tablename__ = "billing_events"
+    key: str = Field(primary_key=True)
+    kind: str
+    engagement_key: str = Field(index=True)
+    occurrence: str
+    occurred_at: datetime = _ts()
+    created_at: datetime = _ts()
+    simulated: bool = False
+    invoice_key: str | None = None  # the invoice that carries it (today: the event's own key)
+
+
+class InvoiceRow(SQLModel, table=True):
+    """An invoice (or credit note) syncd created, and its status at the tool."""
+
+    __tablename__ = "invoices"
+    key: str = Field(primary_key=True)  # the billing event key
+    kind: str = "invoice"
+    engagement_key: str = Field(index=True)
+    client_key: str = Field(index=True)
+    crm_connection: str
+    crm_object_id: str = Field(index=True)
+    invoicing_connection: str
+    invoice_id: str = Field(index=True)
+    number: str | None = None
+    state: str
+    currency: str
+    total: str
+    subtotal: str | None = None
+    amount_due: str
+    amount_paid: str = "0"
+    due_date: date | None = None
+    triggered_at: datetime = _ts()
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    totals_mismatch: str | None = None
+    divergence: str | None = None
+    source_updated_at: datetime | None = _ts(nullable=True)  # the ledger's last change, when it says
+
+
+class CursorRow(SQLModel, table=True):
+    """Where each connection's change feed was last read up to."""
+
+    __tablename__ = "cursors"
+    connection: str = Field(primary_key=True)
+    stream: str = Field(primary_key=True)
+    cursor: str | None = None
+    last_success_at: datetime | None = _ts(nullable=True)
+    last_error: str | None = None
+
+
+class DeadLetterRow(SQLModel, table=True):
+    """A record that cannot be processed: why, where, and how to replay it."""
+
+    __tablename__ = "dead_letters"
+    id: int | None = Field(default=None, primary_key=True)
+    source: str  # event | effect | webhook
+    ref: str  # the event/effect id, or the webhook connection
+    connection: str
+    reason: str
+    place: str | None = None
+    payload: dict[str, Any] | None = _json()
+    status: str = Field(default="open", index=True)  # open | replayed
+    created_at: datetime = _ts()
+    replayed_at: datetime | None = _ts(nullable=True)
+
+
+class TokenRow(SQLModel, table=True):
+    """A connection's OAuth tokens, encrypted at rest (Fernet)."""
+
+    __tablename__ = "oauth_tokens"
+    connection: str = Field(primary_key=True)
+    ciphertext: str
+    version: int = 0
+    updated_at: datetime = _ts()
+
+
+class SourceRecordRow(SQLModel, table=True):
+    """The last-seen copy of each source record (for preview and simulate; not the truth)."""
+
+    __tablename__ = "source_records"
+    connection: str = Field(primary_key=True)
+    object_type: str = Field(primary_key=True)
+    object_id: str = Field(primary_key=True)
+    version: str
+    data: dict[str, Any] = _json(nullable=False)
+    fetched_at: datetime = _ts()
+
+    def as_record(self) -> SourceRecord:
+        """The stored copy as a record (its fetch time stands in for the source's modification time)."""
+        return SourceRecord(
+            connection=self.connection,
+            object_type=self.object_type,
+            object_id=self.object_id,
+            version=self.version,
+            modified_at=self.fetched_at,
+            data=self.data if isinstance(self.data, Mapping) else {},
+        )
+
+
+class TickRow(SQLModel, table=True):
+    """One row per (job, window): a scheduler tick runs once across replicas."""
+
+    __tablename__ = "ticks"
+    job: str = Field(primary_key=True)
+    window: str = Field(primary_key=True)
+    owner: str
+    started_at: datetime = _ts()
+
+
+class TimeEntryRow(SQLModel, table=True):
+    """A time entry read from a time tracker, and the billing event that invoiced it.
+
+    ``data`` is the canonical :class:`~syncd.core.interfaces.TimeEntry`, refreshed on every
+    read; ``invoice_key`` is set once, in the transaction that records the billing
+    event, and never cleared or overwritten, so an entry is invoiced at most once.
+    """
+
+    __tablename__ = "time_entries"
+    connection: str = Field(primary_key=True)
+    entry_id: str = Field(primary_key=True)
+    project_id: str = Field(index=True)
+    data: dict[str, Any] = _json(nullable=False)
+    updated_at: datetime = _ts()  # the tracker's last change
+    fetched_at: datetime = _ts()
+    invoice_key: str | None = Field(default=None, index=True)
+    invoiced_at: datetime | None = _ts(nullable=True)
+    billed_hours: str | None = None  # set when only the part under a cap was invoiced by invoice_key
+    remainder_key: str | None = None  # the billing event that invoiced the rest, once released
+    released_at: datetime | None = _ts(nullable=True)  # an admin released the rest past the cap
+
+
+class OutcomeRow(SQLModel, table=True):
+    """A trigger that ended without an invoice, or an invoice that needs a person.
+
+    ``kind`` is ``skip`` (a recorded reason not to invoice: before ``billing_start``,
+    outside every pipeline, not won any more, nothing to bill ...), ``simulated`` (a
+    client outside the pilot: the event is recorded, nothing is sent) or ``attention``
+    (an outcome a person must act on: an invoiced deal that left the won stage, a
+    missing required PO number, a credit left unallocated ...). ``key`` makes
+    recording idempotent: the same trigger records one outcome however often it is seen.
+    ``trigger_at`` is when the reason arose at the source, ``billing_event_key`` the
+    billing event it belongs to, where there is one.
+    """
+
+    __tablename__ = "outcomes"
+    __table_args__ = (sa.Index("ix_outcomes_kind_status", "kind", "status"),)
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    kind: str  # skip | simulated | attention
+    reason: str  # a stable snake_case code, e.g. before_billing_start
+    detail: str
+    place: str | None = None
+    connection: str | None = None
+    object_type: str | None = None
+    object_id: str | None = None
+    engagement_key: str | None = Field(default=None, index=True)
+    client_key: str | None = None
+    billing_event_key: str | None = None
+    trigger_at: datetime | None = _ts(nullable=True)
+    status: str = "open"  # open | resolved (attention); skips stay open: they are a record
+    created_at: datetime = _ts()
+    resolved_at: datetime | None = _ts(nullable=True)
+
+
+class RateBudgetRow(SQLModel, table=True):
+    """A vendor rate budget shared by replicas: when its next request may go out.
+
+    ``key`` names the budget (connection and bucket, ``xero:default``); ``next_at_s``
+    is the start of the first free slot, in seconds since the epoch.
+    """
+
+    __tablename__ = "rate_budgets"
+    key: str = Field(primary_key=True)
+    next_at_s: float = Field(sa_column=Column(sa.Double(), nullable=False))
+
+
+Row = TypeVar("Row", EventRow, EffectRow)
+
+
+def table_of(model: type[SQLModel]) -> sa.Table:
+    """The SQLAlchemy table behind a SQLModel table class."""
+    table = getattr(model, "__table__", None)
+    if not isinstance(table, sa.Table):
+        raise TypeError(f"{model.__name__} is not a table model")
+    return table
+
+
+def async_url(url: str) -> str:
+    """The async driver URL for a configured ``database_url``."""
+    if url.startswith("sqlite:"):
+        return url.replace("sqlite:", "sqlite+aiosqlite:", 1)
+    if url.startswith(("postgresql:", "postgres:")):
+        return "postgresql+psycopg:" + url.split(":", 1)[1]
+    return url
+
+
+def decimal_text(value: Decimal) -> str:
+    """Money as stored: plain decimal text, never float."""
+    return format(value, "f")
+
+
+class Store:
+    """Async access to the database.
+
+    Args:
+        engine: an ``AsyncEngine`` built by :meth:`open`.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    def open(cls, database_url: str) -> Store:
+        """Create the engine (no connection is made yet)."""
+        url = async_url(database_url)
+        if url.startswith("sqlite"):
+            # SQLite has one writer: one connection per process queues transactions in
+            # order instead of parking them in SQLite's busy handler (p99 ingest 253 → 46 ms,
+            # BENCHMARKS.md). Nothing may ask for a second connection while holding one.
+            engine = create_async_engine(
+                url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60
+            )
+            _sqlite_pragmas(engine)
+        else:
+            engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        return cls(engine)
+
+    async def close(self) -> None:
+        """Dispose of the connection pool."""
+        await self.engine.dispose()
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to the newest revision, under a database-wide lock."""
+        async with self.engine.begin() as conn:
+            if self.is_postgres:
+                await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_ID})")
+            await conn.run_sync(_alembic_upgrade)
+            await self._ensure_meta(conn)
+
+    async def _ensure_meta(self, conn: AsyncConnection) -> None:
+        now = datetime.now(UTC).isoformat()
+        table = table_of(MetaRow)
+        exists = await conn.scalar(sa.select(table.c.value).where(table.c.key == "created_at"))
+        if exists is None:
+            await conn.execute(sa.insert(table).values(key="created_at", value=now))
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A connection inside one transaction (committed on success)."""
+        async with self.engine.begin() as conn:
+            yield conn
+
+    async def ping(self) -> bool:
+        """Whether the database answers and is migrated."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.scalar(sa.select(sa.func.count()).select_from(table_of(MetaRow)))
+        except sa.exc.SQLAlchemyError:
+            return False
+        return True
+
+    # -- meta ---------------------------------------------------------------------------
+
+    async def meta(self, key: str) -> str | None:
+        """A value from the ``meta`` table."""
+        async with self.engine.connect() as conn:
+            table = table_of(MetaRow)
+            value = await conn.scalar(sa.select(table.c.value).where(table.c.key == key))
+        return None if value is None else str(value)
+
+    async def created_at(self) -> datetime | None:
+        """When this database was created (the default ``billing_start``); ``None`` before migrating."""
+        try:
+            value = await self.meta("created_at")
+        except sa.exc.SQLAlchemyError:  # no tables yet
+            return None
+        return None if value is None else datetime.fromisoformat(value)
+
+    # -- inbox --------------------------------------------------------------------------
+
+    async def add_events(self, hints: Sequence[ChangeHint], *, now: datetime) -> int:
+        """Store change hints; duplicates (same connection and event id) are ignored.
+
+        Returns:
+            how many were new.
+        """
+        if not hints:
+            return 0
+        rows = [
+            {
+                "connection": h.connection,
+                "object_type": h.object_type,
+                "object_id": h.object_id,
+                "event_id": h.event_id,
+                "kind": h.kind,
+                "version": h.version,
+                "occurred_at": h.occurred_at,
+                "received_at": now,
+                "status": "pending",
+                "attempts": 0,
+                "next_at": now,
+            }
+            for h in hints
+        ]
+        table = table_of(EventRow)
+        stmt = self._insert_ignore(table, ("connection", "event_id")).returning(table.c.id)
+        async with self.engine.begin() as conn:
+            inserted = (await conn.execute(stmt, rows)).all()
+        return len(inserted)
+
+    def _insert_ignore(self, table: sa.Table, conflict: Sequence[str]) -> Any:
+        if self.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table).on_conflict_do_nothing(index_elements=list(conflict))
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing(index_elements=list(conflict))
+
+    async def claim(self, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime) -> list[Row]:
+        """Claim up to ``limit`` due rows of ``model`` (events or effects) with a lease."""
+        table = table_of(model)
+        lease_free = sa.or_(table.c.lease_until.is_(None), table.c.lease_until < now)
+        due = (
+            sa.select(table.c.id)
+            .where(table.c.status == "pending", table.c.next_at <= now, lease_free)
+            .order_by(table.c.next_at, table.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            sa.update(table)
+            .where(table.c.id.in_(due.scalar_subquery()))
+            .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s), attempts=table.c.attempts + 1)
+            .returning(*table.c)
+        )
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+        return sorted((model.model_validate(dict(r)) for r in rows), key=lambda r: r.id or 0)
+
+    async def finish(
+        self,
+        model: type[Row],
+        row: Row,
+        *,
+        status: str,
+        now: datetime,
+        error: str | None = None,
+        next_at: datetime | None = None,
+        result: Mapping[str, Any] | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> bool:
+        """Settle a claimed row, fenced on the attempt it was claimed with.
+
+        Args:
+            status: ``done``, ``dead``, ``simulated``, or ``pending`` (retry at ``next_at``).
+
+        Returns:
+            ``False`` when the row was claimed again since (this writer is fenced off).
+        """
+        table = table_of(model)
+        values: dict[str, Any] = {"status": status, "lease_owner": None, "lease_until": None, "last_error": error}
+        if next_at is not None:
+            values["next_at"] = next_at
+        if model is EffectRow:
+            values["updated_at"] = now
+            if result is not None:
+                values["result"] = dict(result)
+        stmt = sa.update(table).where(table.c.id == row.id, table.c.attempts == row.attempts).values(**values)
+        if conn is not None:
+            return bool((await conn.execute(stmt)).rowcount)
+        async with self.engine.begin() as own:
+            return bool((await own.execute(stmt)).rowcount)
+
+    # -- outbox -------------------------------------------------------------------------
+
+    async def add_effect(
+        self,
+        conn: AsyncConnection,
+        *,
+        key: str,
+        kind: str,
+        connection: str,
+        payload: Mapping[str, Any],
+        now: datetime,
+        client_key: str | None = None,
+        status: str = "pending",
+        next_at: datetime | None = None,
+    ) -> bool:
+        """Queue an effect in the caller's transaction (due at ``next_at``, else now); ``False`` if the key exists."""
+        table = table_of(EffectRow)
+        stmt = self._insert_ignore(table, ("key",)).values(
+            key=key,
+            kind=kind,
+            connection=connection,
+            client_key=client_key,
+            payload=json.loads(json.dumps(payload, default=str)),
+            status=status,
+            attempts=0,
+            next_at=next_at or now,
+            created_at=now,
+            updated_at=now,
+        )
+        return (await conn.execute(stmt.returning(table.c.key))).first() is not None
+
+    async def add_billing_event(self, conn: AsyncConnection, row: BillingEventRow) -> bool:
+        """Record a billing event in the caller's transaction; ``False`` if its key exists."""
+        table = table_of(BillingEventRow)
+        stmt = self._insert_ignore(table, ("key",)).values(**row.model_dump()).returning(table.c.key)
+        return (await conn.execute(stmt)).first() is not None
+
+    # -- rows by key ----------------------------------------------------------------------
+
+    async def get(self, model: type[SQLModel], *pk: Any, conn: AsyncConnection | None = None) -> Any:
+        """One row by primary key, or ``None`` (inside the caller's transaction if ``conn``)."""
+        table = table_of(model)
+        cols = list(table.primary_key.columns)
+        stmt = sa.select(table).where(*(c == v for c, v in zip(cols, pk, strict=True)))
+        if conn is not None:
+            row = (await conn.execute(stmt)).mappings().first()
+        else:
+            async with self.engine.connect() as own:
+                row = (await own.execute(stmt)).mappings().first()
+        return None if row is None else model.model_validate(dict(row))
+
+    async def upsert(
+        self, model: type[SQLModel], values: Mapping[str, Any], conn: AsyncConnection | None = None
+    ) -> None:
+        """Insert or update a row by primary key."""
+        table = table_of(model)
+        keys = [c.name for c in table.primary_key.columns]
+        if self.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            ins: Any = pg_insert(table).values(**values)
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            ins = sqlite_insert(table).values(**values)
+        update = {k: ins.excluded[k] for k in values if k not in keys}
+        stmt = ins.on_conflict_do_update(index_elements=keys, set_=update) if update else ins.on_conflict_do_nothing()
+        if conn is not None:
+            await conn.execute(stmt)
+            return
+        async with self.engine.begin() as own:
+            await own.execute(stmt)
+
+    async def select(
+        self, model: type[SQLModel], *where: Any, order_by: Any = None, limit: int | None = None
+    ) -> list[Any]:
+        """Rows of ``model`` matching ``where`` (SQLAlchemy column expressions)."""
+        table = table_of(model)
+        stmt = sa.select(table).where(*where)
+        if order_by is not None:
+            stmt = stmt.order_by(order_by)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+        return [model.model_validate(dict(r)) for r in rows]
+
+    async def count(self, model: type[SQLModel], *where: Any) -> int:
+        """How many rows of ``model`` match ``where``."""
+        table = table_of(model)
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(sa.select(sa.func.count()).select_from(table).where(*where))
+        return int(value or 0)
+
+    async def update(self, model: type[SQLModel], where: Iterable[Any], values: Mapping[str, Any]) -> int:
+        """Update rows of ``model`` matching ``where``; how many changed."""
+        table = table_of(model)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(sa.update(table).where(*where).values(**values))
+        return int(result.rowcount or 0)
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    async def dead_letter(
+        self,
+        *,
+        source: str,
+        ref: str,
+        connection: str,
+        reason: str,
+        place: str | None,
+        payload: Mapping[str, Any] | None,
+        now: datetime,
+        conn: AsyncConnection | None = None,
+    ) -> None:
+        """Record a record that cannot be processed (no secrets: callers pass hints, not bodies)."""
+        values = {
+            "source": source,
+            "ref": ref,
+            "connection": connection,
+            "reason": reason,
+            "place": place,
+            "payload": dict(payload) if payload is not None else None,
+            "status": "open",
+            "created_at": now,
+        }
+        table = table_of(DeadLetterRow)
+        if conn is not None:
+            await conn.execute(sa.insert(table).values(**values))
+            return
+        async with self.engine.begin() as own:
+            await own.execute(sa.insert(table).values(**values))
+
+    async def add_outcome(self, conn: AsyncConnection | None = None, **values: Any) -> bool:
+        """Record an outcome (:class:`OutcomeRow`) once per ``key``; ``False`` if it exists."""
+        table = table_of(OutcomeRow)
+        values.setdefault("status", "open")
+        stmt = self._insert_ignore(table, ("key",)).values(**values).returning(table.c.key)
+        if conn is not None:
+            return (await conn.execute(stmt)).first() is not None
+        async with self.engine.begin() as own:
+            return (await own.execute(stmt)).first() is not None
+
+    async def outcome_counts(self) -> dict[tuple[str, str], int]:
+        """Open outcomes counted by (kind, reason)."""
+        table = table_of(OutcomeRow)
+        stmt = (
+            sa.select(table.c.kind, table.c.reason, sa.func.count())
+            .where(table.c.status == "open")
+            .group_by(table.c.kind, table.c.reason)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return {(str(kind), str(reason)): int(n) for kind, reason, n in rows}
+
+    @contextlib.asynccontextmanager
+    async def named_lock(self, name: str) -> AsyncIterator[None]:
+        """Hold a lock named ``name`` across tasks, and across replicas on PostgreSQL.
+
+        Used where a vendor call must not run twice at once for the same thing (creating
+        one client's customer record). SQLite serves one process, so an asyncio lock is enough.
+        """
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            if not self.is_postgres:
+                yield
+                return
+            async with self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:k))"), {"k": name})
+                try:
+                    yield
+                finally:
+                    await conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
+                    await conn.commit()
+
+    # -- ticks ----------------------------------------------------------------------------
+
+    async def claim_tick(self, job: str, window: str, *, owner: str, now: datetime) -> bool:
+        """Whether this replica runs ``job`` for ``window`` (the first to insert wins)."""
+        table = table_of(TickRow)
+        stmt = self._insert_ignore(table, ("job", "window")).values(job=job, window=window, owner=owner, started_at=now)
+        async with self.engine.begin() as conn:
+            return (await conn.execute(stmt.returning(table.c.job))).first() is not None
+
+    # -- rate budgets ---------------------------------------------------------------------
+
+    async def take_budget(self, key: str, window_s: float, limit: int, now: datetime) -> float | None:
+        """Reserve the next slot of budget ``key`` ("``limit`` per ``window_s``"), atomically.
+
+        Slots are ``window_s / limit`` apart, so any ``window_s`` holds at most ``limit``
+        of them, however the vendor aligns its windows (at a fixed time, at the first
+        call after the last window expired, or rolling). One statement,
+        ``INSERT ... ON CONFLICT (key) DO UPDATE SET next_at_s = GREATEST(next_at_s, now)
+        + interval RETURNING next_at_s``: concurrent callers (other replicas) queue on
+        the row lock and each gets its own slot. The caller must wait for its slot and
+        must not take another for the same request.
+
+        Args:
+            key: the budget (connection and bucket).
+            window_s: the vendor's window in seconds.
+            limit: requests allowed per window (at least 1).
+            now: the current time (aware).
+
+        Returns:
+            ``None`` when the slot is now, else the seconds until it starts.
+        """
+        if limit < 1 or window_s <= 0:
+            raise ValueError(f"rate budget {key!r}: limit {limit} per {window_s} s grants nothing")
+        at, interval = now.timestamp(), window_s / limit
+        table = table_of(RateBudgetRow)
+        latest = sa.func.greatest if self.is_postgres else sa.func.max  # SQLite's two-argument max()
+        stmt = self._insert_dialect(table).values(key=key, next_at_s=at + interval)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["key"], set_={"next_at_s": latest(table.c.next_at_s, at) + interval}
+        ).returning(table.c.next_at_s)
+        async with self.engine.begin() as conn:
+            next_at_s = float((await conn.execute(stmt)).scalar_one())
+        wait_s = next_at_s - interval - at
+        return wait_s if wait_s > 0 else None
+
+    def _insert_dialect(self, table: sa.Table) -> Any:
+        if self.is_postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table)
+
+
+class DbTokenStore:
+    """OAuth tokens for one connection, Fernet-encrypted in ``oauth_tokens``.
+
+    ``locked()`` holds an advisory lock on PostgreSQL so one replica refreshes at a
+    time; within one process an asyncio lock serialises too.
+    """
+
+    def __init__(self, store: Store, connection: str, key: str | None) -> None:
+        self.store = store
+        self.connection = connection
+        self.fernet = Fernet(key.encode()) if key else None
+
+    def _cipher(self) -> Fernet:
+        if self.fernet is None:
+            raise ConfigError(
+                "OAuth tokens must be stored but [daemon].encryption_key is not set; "
+                "generate one with `syncd keygen` and set SYNCD_DAEMON__ENCRYPTION_KEY"
+            )
+        return self.fernet
+
+    async def load(self) -> Mapping[str, Any] | None:
+        """The stored tokens, decrypted, or ``None``."""
+        row = await self.store.get(TokenRow, self.connection)
+        if row is None:
+            return None
+        try:
+            data: dict[str, Any] = json.loads(self._cipher().decrypt(row.ciphertext.encode()))
+        except InvalidToken as exc:
+            raise ConfigError(
+                f"stored tokens of {self.connection!r} cannot be decrypted: wrong [daemon].encryption_key"
+            ) from exc
+        _never_log(data)
+        return data
+
+    async def save(self, tokens: Mapping[str, Any]) -> None:
+        """Encrypt and persist ``tokens`` (before the caller uses them)."""
+        _never_log(tokens)
+        blob = self._cipher().encrypt(json.dumps(dict(tokens)).encode()).decode()
+        row = await self.store.get(TokenRow, self.connection)
+        version = (row.version + 1) if row is not None else 1
+        await self.store.upsert(
+            TokenRow,
+            {"connection": self.connection, "ciphertext": blob, "version": version, "updated_at": datetime.now(UTC)},
+        )
+
+    def locked(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold the refresh lock for this connection, across replicas on PostgreSQL."""
+        return self.store.named_lock(f"syncd-token:{self.connection}")
+
+
+def _never_log(tokens: Mapping[str, Any]) -> None:
+    """Every token read from or written to the store is scrubbed from logs from then on."""
+    redact_value(*(str(tokens.get(name) or "") for name in ("access_token", "refresh_token")))
+
+
+def _sqlite_pragmas(engine: AsyncEngine) -> None:
+    """WAL, a busy timeout, and ``BEGIN IMMEDIATE`` so writers queue instead of failing."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _alembic_upgrade(sync_conn: sa.Connection) -> None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = sync_conn
+    command.upgrade(cfg, "head")
