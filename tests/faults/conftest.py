@@ -59,6 +59,9 @@ def run_logging() -> Iterator[Callable[[Config], None]]:
     def start(config: Config) -> None:
         syncd_logging.register_secrets(config.secrets())
         syncd_logging.configure("debug", json=True)
+        # Only syncd's handler: pytest's own capture would format every DEBUG record again
+        # (twice the time for nothing; the scenario reads syncd's output through capsys).
+        root.handlers[:] = [h for h in root.handlers if h.get_name() == syncd_logging.HANDLER_NAME]
 
     try:
         yield start
