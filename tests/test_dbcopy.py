@@ -20,6 +20,8 @@ from syncd.core.interfaces import ChangeHint
 from syncd.store.copy import copy_database, head_revision, redacted, revision
 from syncd.store.db import (
     BillingEventRow,
+    ClientChangeRow,
+    ClientConflictRow,
     ClientRow,
     CursorRow,
     DbTokenStore,
@@ -27,10 +29,12 @@ from syncd.store.db import (
     EngagementRow,
     EventRow,
     InvoiceRow,
+    InvoiceTrailRow,
     MetaRow,
     SourceRecordRow,
     Store,
     TimeEntryRow,
+    table_of,
 )
 from tests.harness import write_config
 
@@ -168,6 +172,37 @@ async def fill(url: str) -> None:
                 place="lines[0]",
                 payload=None,
                 now=NOW,
+            )
+        await store.add_alert(key="audit:2026-11:late", source="audit", title="t", text="x", fields={"n": 1}, now=NOW)
+        await store.upsert(
+            InvoiceTrailRow,
+            {
+                "key": "eng:1:won:sent",
+                "invoice_key": "eng:1:won",
+                "kind": "sent",
+                "actor": "syncd",
+                "summary": "sent",
+                "detail": {"total": "1100.00"},
+                "at": NOW,
+            },
+        )
+        async with store.begin() as conn:
+            await conn.execute(
+                sa.insert(table_of(ClientChangeRow)).values(
+                    client_key="acme", system="xero", field="payment_terms_days", old=14, new=30, by="seen", at=NOW
+                )
+            )
+            await conn.execute(
+                sa.insert(table_of(ClientConflictRow)).values(
+                    client_key="acme",
+                    field="legal_name",
+                    owner="hubspot",
+                    other="xero",
+                    owner_value="Acme Pty",
+                    other_value="Acme",
+                    status="open",
+                    opened_at=NOW,
+                )
             )
         await DbTokenStore(store, "xero", "4t4Cs0Qg3xA6nGu8Yc2a3rRvy7Dl5MFhb3S2HJZc4Rk=").save({"access_token": "a"})
         await store.claim_tick("poll:hubspot", "2026-11-27T12:00", owner="a", now=NOW)

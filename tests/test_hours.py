@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -298,13 +299,23 @@ async def test_unbilled_lists_hours_on_no_invoice_with_their_worth(tmp_path: Pat
             name="cli.toml",
         )
         async with serve(harvest.app, port):
-            result = await asyncio.to_thread(cli, "unbilled", "-c", str(config), env={"COLUMNS": "200"})
-        assert result.exit_code == 0, result.output
-        (row,) = [line for line in result.output.splitlines() if f"harvest:{project} " in line]
-        assert client_key in row
-        assert "3.75" in row
-        assert "612.50 USD" in row
-        assert any(f"harvest:{loose} " in line and "no engagement" in line for line in result.output.splitlines())
+            result = await asyncio.to_thread(cli, "unbilled", "-c", str(config), env={"COLUMNS": "80"})
+            listed = await asyncio.to_thread(cli, "unbilled", "-c", str(config), "--json")
+        assert (result.exit_code, listed.exit_code) == (0, 0), result.output + listed.output
+        rows = json.loads(listed.output)
+        assert [(r["project_id"], r["client"], r["hours"], r["amount"], r["currency"]) for r in rows] == [
+            (str(project), client_key, "3.75", "612.50", "USD"),
+            (str(loose), None, "2.0", None, None),
+        ]
+        assert (rows[0]["client_name"], rows[0]["deal_name"]) == ("Northwind Traders LLC", f"Build {project}")
+        assert rows[1]["note"] == "no engagement bills this project"
+        text = result.output.splitlines()
+        assert max(len(line) for line in text) <= 80
+        assert f"Northwind Traders LLC ({client_key})" in text
+        assert f"  project: harvest:{project}" in text
+        assert f"  deal:    Build {project} (hubspot:deal:{deal})" in text
+        assert "  hours:   3.75 h · 612.50 USD" in text
+        assert "  note:    no engagement bills this project" in text
 
         await tick(s, clock, at(date(2027, 2, 1)))
         assert subtotals(s) == [Decimal("612.50")]
@@ -353,3 +364,30 @@ async def test_hours_under_the_cap_are_a_recorded_skip(tmp_path: Path, db_url: s
         (skip,) = await list_outcomes(s.daemon.runtime.store, kind="skip")
         assert skip.reason == "under_cap"
         assert "3.0 of 10 h" in skip.detail
+
+
+async def test_unbilled_reads_projects_page_by_page_and_lists_each_once(tmp_path: Path, db_url: str) -> None:
+    """Seven projects read two at a time: each with open hours listed once, the invoiced one not at all."""
+    clock = Clock(at(date(2027, 1, 4)))
+    harvest = HarvestEmulator(rate_limits=False, clock=clock)
+    async with stack(tmp_path, db_url, clock=clock, mapping=HOURLY, harvest=harvest, daemon_extra=BILLING_START) as s:
+        account = seed_harvest(harvest)
+        company = seed_company(s.hub)
+        projects = [tasks_project(harvest, account, f"Project {n}") for n in range(7)]
+        invoiced, linked, *loose = projects
+        await win(s, clock, hourly_deal(s.hub, company, invoiced), at(date(2027, 1, 4)))
+        await win(s, clock, hourly_deal(s.hub, company, linked), at(date(2027, 1, 4)))
+        clock.now = at(date(2027, 1, 10))
+        log(harvest, invoiced, account.development, account.ada, date(2027, 1, 7), "3")
+        await tick(s, clock, at(date(2027, 2, 1)))  # January's hours of the first project are invoiced
+        assert subtotals(s) == [Decimal("450.00")]
+        clock.now = at(date(2027, 2, 3))
+        for n, project in enumerate(projects[1:], start=1):
+            log(harvest, project, account.development, account.ada, date(2027, 2, 2), str(n))
+        await tick(s, clock, at(date(2027, 2, 3)))  # reads the new entries
+        found = await hours.unbilled(s.daemon.runtime, page_size=2)
+        assert [(item.project_id, item.client_key, item.hours) for item in found] == [
+            (str(linked), f"hubspot:company:{company[0]}", Decimal(1)),
+            *sorted((str(project), None, Decimal(n)) for n, project in enumerate(loose, start=2)),
+        ]
+        assert found == await hours.unbilled(s.daemon.runtime)  # the same with the default page

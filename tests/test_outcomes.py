@@ -179,7 +179,7 @@ async def test_the_deal_shows_the_standing_across_all_its_invoices(tmp_path: Pat
 
 
 async def test_every_scheduled_job_runs_at_start(tmp_path: Path, db_url: str) -> None:
-    """Recurring billing, aging and drift run when the daemon starts, not one interval later."""
+    """Recurring billing, aging, retention, the audit and drift run when the daemon starts, not one interval later."""
     async with stack(tmp_path, db_url) as s:
 
         async def nothing() -> int:
@@ -187,7 +187,7 @@ async def test_every_scheduled_job_runs_at_start(tmp_path: Path, db_url: str) ->
 
         jobs = scheduler.build_scheduler(s.daemon.runtime, aging=nothing, recurring=nothing).get_jobs()
         at_start = [job for job in jobs if not job.id.startswith("poll:")]
-        assert {job.id for job in at_start} == {"aging", "recurring", "drift"}
+        assert {job.id for job in at_start} == {"aging", "recurring", "retention", "drift", "audit"}
         now = datetime.now(UTC)
         assert all(job.next_run_time <= now for job in at_start)
 
@@ -257,7 +257,11 @@ async def _edit_company(hub: HubSpotEmulator, company_id: str, properties: dict[
 
 
 async def test_a_renamed_client_is_updated_at_the_ledger_before_its_next_invoice(tmp_path: Path, db_url: str) -> None:
-    """A legal name changed in the CRM reaches the Xero contact once, before the next invoice; a ledger edit is kept."""
+    """A legal name changed in the CRM reaches the Xero contact once, before the next invoice; a ledger edit is kept.
+
+    The edit at the ledger (the billing contact's email, which the CRM owns) is a conflict
+    on that field only: the CRM's next rename still reaches the contact, the email stays.
+    """
     async with stack(tmp_path, db_url) as s:
         company = seed_company(s.hub)
         first = seed_deal(s.hub, company=company)
@@ -282,11 +286,11 @@ async def test_a_renamed_client_is_updated_at_the_ledger_before_its_next_invoice
         await s.hub.set_deal_properties(third, {"dealstage": "closedwon"})
         await s.drain()
         (contact,) = s.xero.contacts()
-        assert (contact["Name"], contact["EmailAddress"]) == ("Northwind Holdings Inc", "billing@northwind.example")
+        assert (contact["Name"], contact["EmailAddress"]) == ("Northwind Group", "billing@northwind.example")
         assert len(s.xero.invoices()) == 3
         (attention,) = await list_outcomes(s.daemon.runtime.store, kind="attention")
-        assert attention.reason == "ledger_customer_edited"
-        assert "email" in attention.detail
+        assert attention.reason == "client_conflict"
+        assert "billing_contact was changed at xero" in attention.detail
 
 
 async def test_the_pilot_list_reloads_without_a_restart(tmp_path: Path, db_url: str) -> None:

@@ -25,7 +25,7 @@ from syncd.cli.main import app
 from syncd.core.interfaces import Capability
 from syncd.engine.recurring import run_due
 from syncd.engine.scheduler import tick_recurring
-from syncd.store.db import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, table_of
+from syncd.store.db import BillingEventRow, DeadLetterRow, EffectRow, EngagementRow, InvoiceTrailRow, table_of
 from syncd.store.outcomes import list_outcomes
 from tests.harness import MAPPING, REPO, Stack, seed_company, seed_deal, stack
 
@@ -357,6 +357,9 @@ async def test_a_cancellation_credit_is_allocated_to_the_invoice_it_credits(tmp_
         props = s.hub.deal(deal)["properties"]
         assert Decimal(props["syncd_amount_due"]) == Decimal(str(november["AmountDue"]))
         assert await list_outcomes(s.daemon.runtime.store, kind="attention") == []
+        # syncd's own credit note applied to the invoice is no hand correction (syncd/store/trail.py)
+        store = s.daemon.runtime.store
+        assert await store.count(InvoiceTrailRow, table_of(InvoiceTrailRow).c.kind == "correction") == 0
 
 
 async def test_a_trigger_in_a_locked_period_is_invoiced_on_the_first_open_day(tmp_path: Path, db_url: str) -> None:
@@ -376,3 +379,24 @@ async def test_a_trigger_in_a_locked_period_is_invoiced_on_the_first_open_day(tm
         assert invoice["DueDateString"][:10] == "2027-12-15"  # 14 days, the client's terms
         assert all("(for 2027-11-01)" in line["Description"] for line in invoice["LineItems"])
         assert not await s.daemon.runtime.store.select(DeadLetterRow)
+
+
+async def test_the_hourly_run_reads_engagements_page_by_page_and_handles_each_once(tmp_path: Path, db_url: str) -> None:
+    """Seven won retainers read three at a time: each handled once, each first period invoiced once."""
+    clock = Clock(at(date(2026, 12, 20)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
+        company = seed_company(s.hub)
+        deals = [retainer_deal(s.hub, company, start="2027-01-01", amount=str(1000 + n)) for n in range(7)]
+        for deal in deals:
+            await edit(s, clock, at(date(2026, 12, 20)), deal, {"dealstage": "closedwon"})
+        assert s.xero.invoices() == []  # billed in advance on January 1st
+        clock.now = at(date(2027, 1, 1))
+        with structlog.testing.capture_logs() as logs:
+            recorded = await run_due(s.daemon.engine, page_size=3)
+        await s.drain()
+        (done,) = [entry for entry in logs if entry["event"] == "recurring_run_done"]
+        assert (done["engagements"], done["recorded"], recorded) == (7, 7, 7)
+        assert sorted(Decimal(str(i["SubTotal"])) for i in s.xero.invoices()) == [Decimal(1000 + n) for n in range(7)]
+        rows = await s.daemon.runtime.store.select(BillingEventRow)
+        assert sorted(row.engagement_key for row in rows) == sorted(f"hubspot:deal:{deal}" for deal in deals)
+        assert await run_due(s.daemon.engine, page_size=3) == 0

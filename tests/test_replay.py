@@ -64,14 +64,15 @@ async def test_a_fixed_record_is_invoiced_once_after_replay(tmp_path: Path, db_u
         company, letter = await nameless_deal_dead_lettered(s)
         await name_company(s.hub, company, "Nameless Co")
 
-        assert await replay_dead_letters(s.config, [letter.id]) == 1
-        assert await replay_dead_letters(s.config, [letter.id]) == 0
+        assert (await replay_dead_letters(s.config, [letter.id])).requeued == (letter.id,)
+        again = await replay_dead_letters(s.config, [letter.id])
+        assert (again.count, again.left) == (0, ((letter.id, "it is replayed, not open"),))
         await s.drain()
         (invoice,) = s.xero.invoices()
         assert invoice["Contact"]["Name"] == "Nameless Co"
         assert invoice["Reference"].startswith("PO-9 · syncd:")
 
-        assert await replay_dead_letters(s.config, [], all_=True) == 0
+        assert (await replay_dead_letters(s.config, [], all_=True)).count == 0
         assert await s.hub.redeliver_last() == 200
         await s.drain()
         assert len(s.xero.invoices()) == 1

@@ -13,7 +13,14 @@ from typer.testing import CliRunner
 from syncd.cli.main import app
 from syncd.core.errors import ConfigError
 from syncd.plumbing import registry
-from syncd.plumbing.settings import DaemonSettings, PilotSettings, PipelineSettings, inspect_config, load_config
+from syncd.plumbing.settings import (
+    DaemonSettings,
+    PilotSettings,
+    PipelineSettings,
+    RetentionSettings,
+    inspect_config,
+    load_config,
+)
 
 BAD = """
 [daemon]
@@ -112,6 +119,7 @@ def _models() -> list[tuple[str, type[BaseModel]]]:
         ("[daemon]", DaemonSettings),
         ("[[pipelines]]", PipelineSettings),
         ("[pilot]", PilotSettings),
+        ("[retention]", RetentionSettings),
     ]
     for name in registry.available():
         tables.append((f"[connections.{name}]", registry.load(name).settings_model))
@@ -120,7 +128,7 @@ def _models() -> list[tuple[str, type[BaseModel]]]:
 
 @pytest.mark.parametrize(("header", "model"), _models(), ids=lambda item: item if isinstance(item, str) else "")
 def test_every_settings_key_is_in_the_example(header: str, model: type[BaseModel]) -> None:
-    """Each key of each settings model (daemon, pipelines, pilot, every connector) is in config.example.toml."""
+    """Each key of each settings model (daemon, pipelines, pilot, retention, every connector) is in config.example.toml."""
     section = _section(EXAMPLE.read_text(encoding="utf-8"), header)
     missing = [key for key in model.model_fields if not re.search(rf"^#? ?{key} *=", section, re.M)]
     assert not missing, f"config.example.toml {header} lacks {', '.join(missing)}"

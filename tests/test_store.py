@@ -6,13 +6,20 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
+from alembic.migration import MigrationContext
 from cryptography.fernet import Fernet
+from sqlmodel import SQLModel
 
 from syncd.core.errors import ConfigError
 from syncd.core.interfaces import ChangeHint
-from syncd.store.db import DbTokenStore, EventRow, Store, TokenRow
+from syncd.store.db import MIGRATIONS, DbTokenStore, EventRow, Store, TokenRow, table_of
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -35,6 +42,37 @@ async def test_migrate_twice_is_harmless(store: Store) -> None:
     assert first is not None
     await store.migrate()
     assert await store.created_at() == first
+
+
+async def test_the_migrated_schema_is_the_one_the_tables_declare(store: Store) -> None:
+    """Alembic's comparison of the migrated database with the SQLModel tables finds no difference."""
+    async with store.engine.connect() as conn:
+        diff = await conn.run_sync(lambda sync: compare_metadata(MigrationContext.configure(sync), SQLModel.metadata))
+    assert diff == []
+
+
+async def test_the_dismissal_migration_goes_down_and_up_again(store: Store) -> None:
+    """0005 adds who, when and why a dead letter was dismissed; its downgrade removes them again."""
+
+    def columns(sync: sa.Connection) -> set[str]:
+        return {column["name"] for column in sa.inspect(sync).get_columns("dead_letters")}
+
+    def to(revision: str) -> Any:
+        def move(sync: sa.Connection) -> None:
+            cfg = AlembicConfig()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["connection"] = sync
+            (command.upgrade if revision == "head" else command.downgrade)(cfg, revision)
+
+        return move
+
+    added = {"dismissed_at", "dismissed_by", "dismissed_why"}
+    async with store.engine.begin() as conn:
+        assert added <= await conn.run_sync(columns)
+        await conn.run_sync(to("0004"))
+        assert not added & await conn.run_sync(columns)
+        await conn.run_sync(to("head"))
+        assert added <= await conn.run_sync(columns)
 
 
 async def test_a_new_database_has_no_creation_time_until_migrated(tmp_path: Path) -> None:
@@ -106,3 +144,32 @@ async def test_tokens_with_the_wrong_key_are_a_config_error(store: Store) -> Non
     await DbTokenStore(store, "xero", Fernet.generate_key().decode()).save({"refresh_token": "x"})
     with pytest.raises(ConfigError, match="encryption_key"):
         await DbTokenStore(store, "xero", Fernet.generate_key().decode()).load()
+
+
+async def test_pages_yield_every_row_once_in_key_order_while_rows_change(store: Store) -> None:
+    """25 events read 4 at a time: each once, in id order, though rows are updated and added meanwhile."""
+    await store.add_events([hint(f"e{n:02d}") for n in range(25)], now=NOW)
+    table = table_of(EventRow)
+    seen: list[int] = []
+    sizes: list[int] = []
+    async for page in store.pages(EventRow, table.c.connection == "hubspot", key="id", size=4):
+        sizes.append(len(page))
+        seen += [row.id for row in page]
+        # The work done between pages touches the rows just read and adds a new one behind the cursor.
+        await store.update(EventRow, [table.c.id.in_([row.id for row in page])], {"status": "done"})
+        if len(seen) == 8:
+            await store.add_events([hint("late")], now=NOW)
+    ids = [row.id for row in await store.select(EventRow, table.c.event_id != "late", order_by=table.c.id)]
+    assert seen[:25] == ids
+    assert len(seen) == len(set(seen)) == 26  # the one added later has a higher id: read once, at the end
+    assert sizes == [4] * 6 + [2]
+    assert [page async for page in store.pages(EventRow, table.c.connection == "xero", key="id")] == []
+
+
+async def test_value_pages_yield_each_distinct_value_once(store: Store) -> None:
+    """Distinct object ids of 30 events (10 ids, 3 events each) read 3 at a time: each id once, in order."""
+    await store.add_events([hint(f"e{n}", object_id=f"deal-{n % 10:02d}") for n in range(30)], now=NOW)
+    column = table_of(EventRow).c.object_id
+    pages = [values async for values in store.values_pages(column, size=3)]
+    assert [len(values) for values in pages] == [3, 3, 3, 1]
+    assert [value for values in pages for value in values] == [f"deal-{n:02d}" for n in range(10)]

@@ -53,6 +53,7 @@ def oauth_tokens(
     tokens: TokenStore,
     clock: Callable[[], datetime],
     connection: str,
+    on_failure: Callable[[], None] | None = None,
 ) -> RotatingTokens:
     """OAuth access tokens for a HubSpot app: the shared lock-reload-refresh-save piece.
 
@@ -68,6 +69,7 @@ def oauth_tokens(
         tokens: the connection's durable token store.
         clock: current aware UTC time.
         connection: the connection name, for messages and logs.
+        on_failure: called when a refresh fails (``/metrics`` counts it).
     """
 
     async def refresh(refresh_token: str) -> dict[str, Any]:
@@ -92,6 +94,7 @@ def oauth_tokens(
         connection=connection,
         reconnect="re-authorise the app and set the connection's refresh_token",
         configured_refresh_token=configured_refresh_token,
+        on_failure=on_failure,
     )
 
 

@@ -17,6 +17,8 @@ Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
   string values), one sort, ``limit`` ≤ 200, ``after`` offsets, 10,000 results per query
   at most (400 beyond), 5 requests per second
   (https://developers.hubspot.com/docs/api-reference/legacy/crm/search-the-crm).
+* ``PATCH /crm/v3/objects/companies/{id}`` — a client detail owned by another system
+  (the client record, :mod:`syncd.engine.clients`) written onto the company.
 * ``PATCH /crm/v3/objects/deals/{id}`` and the properties API
   (``/crm/v3/properties/deals``, ``/crm/v3/properties/deals/groups``) —
   https://developers.hubspot.com/docs/api-reference/legacy/crm/properties/guide.
@@ -67,6 +69,7 @@ from syncd.core.interfaces import (
     DealBillingStatus,
     InvoiceState,
     SourceRecord,
+    UpdatesCompanies,
     WebhookVerifier,
 )
 from syncd.plumbing.http import RateLimit, VendorHttp, within
@@ -381,6 +384,21 @@ class HubSpotConnector:
         response = await self.http.request("PATCH", f"/crm/v3/objects/deals/{deal_id}", json={"properties": values})
         self._remember_write(CrmObject.model_validate_json(response.content))
 
+    async def update_company(self, company_id: str, properties: Mapping[str, str | None]) -> None:
+        """Set client details on a company: ``PATCH /crm/v3/objects/companies/{id}`` with ``{"properties": …}``.
+
+        "Update a company by ID (companyId) … Provided property values will be overwritten
+        … Properties values can be cleared by passing an empty string"
+        (https://developers.hubspot.com/docs/api-reference/latest/crm/objects/companies/update-company);
+        properties not sent are left as they are. A ``None`` is sent as an empty string.
+
+        Raises:
+            NotFound: no company with that id.
+        """
+        values = {name: "" if value is None else value for name, value in properties.items()}
+        await self.http.request("PATCH", f"/crm/v3/objects/companies/{company_id}", json={"properties": values})
+        log.info("hubspot_company_updated", company_id=company_id, properties=sorted(values))
+
     def _remember_write(self, deal: CrmObject) -> None:
         """Note the stamp our write gave the deal, so the next poll does not hint it back.
 
@@ -637,6 +655,7 @@ def _auth(settings: HubSpotSettings, ctx: ConnectorContext) -> httpx.Auth:
         tokens=ctx.tokens,
         clock=ctx.clock,
         connection=ctx.connection,
+        on_failure=ctx.token_refresh_failed,
     )
     return TokenAuth(tokens)
 
@@ -681,7 +700,7 @@ def create_verifier(settings: HubSpotSettings, clock: Callable[[], datetime]) ->
 
 SPEC = ConnectorSpec(
     name="hubspot",
-    roles=frozenset({Crm, CrmSchema}),
+    roles=frozenset({Crm, CrmSchema, UpdatesCompanies}),
     settings_model=HubSpotSettings,
     factory=create,
     verifier=create_verifier,

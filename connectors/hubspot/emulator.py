@@ -35,7 +35,12 @@ SDK and syncd's connector work against it. Sources (all on developers.hubspot.co
   403 with ``category: MISSING_SCOPES`` and the scopes in
   ``errors[].context.requiredGranularScopes``, the message linking ``/scopes`` (the
   body HubSpot sends, as quoted in HubSpot Community threads on MISSING_SCOPES);
-* webhook bodies and v3 signatures: see ``connectors/hubspot/webhooks.py``.
+* webhook bodies and v3 signatures: see ``connectors/hubspot/webhooks.py``;
+* webhook subscriptions: "For property change subscriptions, you will need to specify
+  which property you want to be notified of" (``/docs/methods/webhooks/webhooks-overview``),
+  so a change made through the API (``PATCH /crm/v3/objects/deals/{id}``) is delivered
+  as a ``deal.propertyChange`` event for each changed property with a subscription
+  (``HubSpotEmulator.subscribe(..., properties=...)``), and for no other.
 
 Request bodies, given a ``contract`` (:class:`SdkContract`, as
 ``tests/connectors/test_strict.py`` builds it): each write and search body must fit the
@@ -50,7 +55,8 @@ which the search guide shows, where the SDK's ``PublicObjectSearchRequest.sorts`
 an undefined one is ``PROPERTY_DOESNT_EXIST`` (``strict_properties``) and a read-only one
 ``READ_ONLY_VALUE``.
 
-Emulator-only choices (not confirmed against HubSpot): the v3 ``associations[].type``
+Emulator-only choices (not confirmed against HubSpot): ``changeSource`` is ``API`` on
+events of changes made through the API (``CRM_UI`` on the seeding API's edits); the v3 ``associations[].type``
 names other than ``deal_to_company``/``deal_to_company_unlabeled``/``deal_to_contact``/
 ``deal_to_line_item`` follow the same pattern; list ``after`` cursors are record ids;
 the exact wording of error messages.
@@ -363,6 +369,7 @@ class HubSpotEmulator:
         self._ids = itertools.count(1001)
         self._event_ids = itertools.count(100)
         self._subscriptions: dict[str, int] = {}
+        self._watched: frozenset[str] | None = None
         self._access_tokens: dict[str, float] = {}
         self._records: dict[str, dict[str, _Record]] = {kind: {} for kind in OBJECT_TYPE_IDS}
         self._order: dict[str, list[int]] = {kind: [] for kind in OBJECT_TYPE_IDS}
@@ -439,9 +446,24 @@ class HubSpotEmulator:
         """The stored deal: ``id``, ``properties``, ``createdAt``, ``updatedAt``, ``archived``."""
         return _public(self._get("deals", deal_id), None)
 
-    def subscribe(self, url: str, client: httpx.AsyncClient) -> None:
-        """Deliver webhooks to ``url`` (the full public URL, which is what gets signed)."""
+    def company(self, company_id: str) -> dict[str, Any]:
+        """The stored company: ``id``, ``properties``, ``createdAt``, ``updatedAt``, ``archived``."""
+        return _public(self._get("companies", company_id), None)
+
+    def subscribe(self, url: str, client: httpx.AsyncClient, *, properties: Iterable[str] | None = None) -> None:
+        """Deliver webhooks to ``url`` (the full public URL, which is what gets signed).
+
+        Args:
+            url: the app's target URL.
+            client: the client deliveries are posted with.
+            properties: the deal properties with a ``deal.propertyChange`` subscription
+                (HubSpot subscribes per property). A change through the API, and one made
+                with :meth:`set_deal_properties`, is delivered for these properties only.
+                ``None`` (tests that drive deliveries by hand): :meth:`set_deal_properties`
+                delivers every property it changes, and the API delivers none.
+        """
         self.webhooks.subscribe(url, client)
+        self._watched = None if properties is None else frozenset(properties)
 
     def expire_access_tokens(self) -> None:
         """Make every issued OAuth access token expired (the private-app token stays valid)."""
@@ -460,9 +482,9 @@ class HubSpotEmulator:
         record = self._get("deals", deal_id)
         values = self._seed_values("deals", properties)
         changed = self._apply("deals", record, values)
-        events = [self._change_event(record, name) for name in changed if name in values]
-        if events:
-            await self._deliver(events)
+        watched = self._watched
+        names = [name for name in changed if name in values and (watched is None or name in watched)]
+        await self._deliver_changes(record, names, source="CRM_UI")
 
     async def redeliver_last(self) -> int | None:
         """Send the last delivery again, as HubSpot retries: same events (``attemptNumber`` + 1), fresh signature."""
@@ -605,9 +627,15 @@ class HubSpotEmulator:
 
     # ------------------------------------------------------------------ webhooks
 
-    def _change_event(self, record: _Record, name: str) -> dict[str, Any]:
+    async def _deliver_changes(self, record: _Record, names: Sequence[str], *, source: str) -> None:
+        """One signed delivery with a ``deal.propertyChange`` event per name (none when empty)."""
+        events = [self._change_event(record, name, source=source) for name in names]
+        if events:
+            await self._deliver(events)
+
+    def _change_event(self, record: _Record, name: str, *, source: str = "CRM_UI") -> dict[str, Any]:
         subscription = self._subscriptions.setdefault(name, 1000 + len(self._subscriptions))
-        return {
+        event: dict[str, Any] = {
             "eventId": next(self._event_ids),
             "subscriptionId": subscription,
             "portalId": PORTAL_ID,
@@ -618,9 +646,11 @@ class HubSpotEmulator:
             "objectId": int(record.id),
             "propertyName": name,
             "propertyValue": record.properties.get(name) or "",
-            "changeSource": "CRM_UI",
-            "sourceId": "userId:1",
+            "changeSource": source,
         }
+        if source == "CRM_UI":
+            event["sourceId"] = "userId:1"
+        return event
 
     async def _deliver(self, events: list[dict[str, Any]]) -> Any:
         if self.webhooks.url is None:
@@ -845,8 +875,12 @@ class HubSpotEmulator:
             raise HubSpotError(404, "Object not found.  objectId are usually numeric.", "OBJECT_NOT_FOUND")
         payload = await _json(request)
         values = self._writable(kind, payload.get("properties"))
-        self._apply(kind, record, values)
+        changed = self._apply(kind, record, values)
         self.writes.append(ApiWrite(object_type=kind, object_id=record.id, properties=dict(values), at=self._clock()))
+        if kind == "deals" and self._watched:
+            await self._deliver_changes(
+                record, [name for name in changed if name in values and name in self._watched], source="API"
+            )
         return JSONResponse(_public(record, self._visible(kind, record, list(values))))
 
     async def _create_object(self, request: Request) -> Response:

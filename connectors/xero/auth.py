@@ -256,10 +256,12 @@ def refreshing_tokens(
     tokens: TokenStore,
     clock: Callable[[], datetime],
     connection: str,
+    on_failure: Callable[[], None] | None = None,
 ) -> RotatingTokens:
     """Access tokens of the code flow: the shared lock-reload-refresh-save piece.
 
-    A configured ``refresh_token`` (an existing connection brought in) is imported once.
+    A configured ``refresh_token`` (an existing connection brought in) is imported once;
+    ``on_failure`` is called when a refresh fails (``/metrics`` counts it).
     """
     return RotatingTokens(
         store=tokens,
@@ -268,6 +270,7 @@ def refreshing_tokens(
         connection=connection,
         reconnect=f"run `syncd auth xero --connection {connection}` to connect",
         configured_refresh_token=secret_value(settings.refresh_token) or None,
+        on_failure=on_failure,
     )
 
 
@@ -291,12 +294,19 @@ class ClientCredentials:
 
     Custom connections doc: https://developer.xero.com/documentation/guides/oauth2/custom-connections/
     (token request: ``POST https://identity.xero.com/connect/token``, basic auth,
-    ``grant_type=client_credentials``; no refresh token).
+    ``grant_type=client_credentials``; no refresh token). A fetch that fails is reported
+    to ``on_failure`` (``/metrics`` counts it as a token refresh failure).
     """
 
     def __init__(
-        self, settings: XeroSettings, client: httpx.AsyncClient, tokens: TokenStore, clock: Callable[[], datetime]
+        self,
+        settings: XeroSettings,
+        client: httpx.AsyncClient,
+        tokens: TokenStore,
+        clock: Callable[[], datetime],
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
+        self.on_failure = on_failure
         self.settings = settings
         self.client = client
         self.tokens = tokens
@@ -329,7 +339,12 @@ class ClientCredentials:
             return str(self._cached["access_token"])
 
     async def _fetch(self) -> dict[str, Any]:
-        payload = await request_token(self.settings, self.client, {"grant_type": "client_credentials"})
+        try:
+            payload = await request_token(self.settings, self.client, {"grant_type": "client_credentials"})
+        except (AuthError, RetriableError):
+            if self.on_failure is not None:
+                self.on_failure()
+            raise
         tokens = {**token_set(payload, self._now()), "grant": "client_credentials"}
         await self.tokens.save(tokens)
         log.info("xero_token_fetched", grant="client_credentials")

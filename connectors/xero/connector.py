@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -51,6 +51,7 @@ from connectors.xero.auth import (
     token_valid,
 )
 from connectors.xero.models import (
+    CONTACT_FIELDS,
     XeroContact,
     XeroContacts,
     XeroCreditNotes,
@@ -161,10 +162,12 @@ class XeroConnector:
         tenants: TenantDiscovery | None = None
         if settings.grant == "client_credentials":
             self.tokens: ClientCredentials | RotatingTokens = ClientCredentials(
-                settings, ctx.client, ctx.tokens, ctx.clock
+                settings, ctx.client, ctx.tokens, ctx.clock, on_failure=ctx.token_refresh_failed
             )
         else:
-            self.tokens = refreshing_tokens(settings, ctx.client, ctx.tokens, ctx.clock, ctx.connection)
+            self.tokens = refreshing_tokens(
+                settings, ctx.client, ctx.tokens, ctx.clock, ctx.connection, on_failure=ctx.token_refresh_failed
+            )
             tenants = None if settings.tenant_id else TenantDiscovery(settings, ctx.client, ctx.connection)
         self.api_url = settings.base_url.rstrip("/") + API_PATH
         self.page_size = PAGE_SIZE
@@ -251,11 +254,22 @@ class XeroConnector:
             raise NotFound(f"xero: no contact {customer_id}")
         return contact_details(contacts[0])
 
-    async def update_customer(self, customer_id: str, client: Client, key: str) -> None:
-        """``POST /Contacts/{ContactID}`` (spec ``updateContact``) with the client's current details."""
-        contact = {**contact_payload(client, contact_number(client.key)), "ContactID": customer_id}
+    async def update_customer(
+        self, customer_id: str, client: Client, key: str, *, fields: Collection[str] | None = None
+    ) -> None:
+        """``POST /Contacts/{ContactID}`` (spec ``updateContact``) with the client's current details.
+
+        With ``fields``, only the Contact keys holding those details are sent
+        (:data:`~connectors.xero.models.CONTACT_FIELDS`), so the contact's other details
+        are not written. A detail with no value is not sent (it is not cleared).
+        """
+        payload = contact_payload(client, contact_number(client.key))
+        if fields is not None:
+            keep = {name for field in fields for name in CONTACT_FIELDS.get(field, ())}
+            payload = {name: value for name, value in payload.items() if name in keep or name == "ContactNumber"}
+        contact = {**payload, "ContactID": customer_id}
         await self._write("POST", f"/Contacts/{customer_id}", {"Contacts": [contact]}, key=f"contact-{key}")
-        log.info("xero_contact_updated", contact_id=customer_id, client_key=client.key)
+        log.info("xero_contact_updated", contact_id=customer_id, client_key=client.key, fields=sorted(fields or []))
 
     # -- invoices -------------------------------------------------------------
 
@@ -331,8 +345,9 @@ class XeroConnector:
         return (live or matches)[0] if matches else None
 
     async def _look_up(self, path: str, where: str) -> Any:
+        # unitdp as on every other read of a document, so its content compares equal (syncd.store.trail).
         try:
-            return await self._get(path, {"where": where})
+            return await self._get(path, {"where": where, **self._unitdp()})
         except NotFound:
             return {}
 

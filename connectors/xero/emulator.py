@@ -699,6 +699,37 @@ class XeroEmulator:
         self._contacts[contact_id] = contact
         return contact
 
+    async def edit_invoice(self, invoice_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Change an invoice as a user in Xero's web app would, and deliver the INVOICE UPDATE webhook.
+
+        ``fields`` are the ``Invoice`` keys a user edits (``LineItems``, ``DueDate``,
+        ``Reference``, ``Contact``, ``LineAmountTypes``, ``Status`` ...), checked as
+        ``POST /Invoices/{InvoiceID}`` checks them (an invoice with payments cannot be edited).
+
+        Raises:
+            ValueError: Xero would refuse the edit.
+        """
+        existing = self._find_document(INVOICE, invoice_id)
+        if existing is None:
+            raise ValueError(f"no invoice {invoice_id}")
+        errors: list[str] = []
+        raw = dict(fields)
+        document = self._revise(INVOICE, existing, raw, 4, errors)
+        if "Contact" in raw:
+            contact = self._resolve_contact(raw["Contact"], errors)
+            document["Contact"] = _contact_summary(contact) if contact else document["Contact"]
+        if errors:
+            raise ValueError("; ".join(errors))
+        self._keep(INVOICE, document)
+        await self.send_event("INVOICE", "UPDATE", invoice_id)
+        return document
+
+    async def edit_contact_at_xero(self, contact_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`edit_contact`, then the signed CONTACT UPDATE webhook (``xero-webhooks.yaml`` eventCategory)."""
+        contact = self.edit_contact(contact_id, fields)
+        await self.send_event("CONTACT", "UPDATE", contact_id)
+        return contact
+
     def archive_account(self, code: str) -> None:
         """Archive an account as an admin would: ``GET /Accounts`` lists it with Status ARCHIVED.
 

@@ -37,6 +37,8 @@ from syncd.core.interfaces import (
     InvoiceLine,
     InvoiceState,
     InvoiceStatus,
+    LedgerDocument,
+    LedgerLine,
 )
 from syncd.plumbing.http import Rejected
 
@@ -161,6 +163,31 @@ class XeroContact(Payload):
     contact_status: str | None = Field(None, alias="ContactStatus")
 
 
+class XeroLineItem(Payload):
+    """A line as Xero returns it (schema ``LineItem``)."""
+
+    description: str | None = Field(None, alias="Description")
+    quantity: Decimal | None = Field(None, alias="Quantity")
+    unit_amount: Decimal | None = Field(None, alias="UnitAmount")
+    account_code: str | None = Field(None, alias="AccountCode")
+    tax_type: str | None = Field(None, alias="TaxType")
+    item_code: str | None = Field(None, alias="ItemCode")
+    line_amount: Decimal | None = Field(None, alias="LineAmount")
+    tax_amount: Decimal | None = Field(None, alias="TaxAmount")
+
+
+class XeroContactRef(Payload):
+    """The ``Contact`` of a document: its ``ContactID`` is what syncd compares."""
+
+    contact_id: str | None = Field(None, alias="ContactID")
+
+
+class XeroCreditNoteRef(Payload):
+    """An entry of an invoice's ``CreditNotes`` (schema ``CreditNote``: "credit notes that have been applied")."""
+
+    credit_note_id: str | None = Field(None, alias="CreditNoteID")
+
+
 class XeroInvoice(Payload):
     """An invoice as Xero returns it (schema ``Invoice``)."""
 
@@ -177,6 +204,13 @@ class XeroInvoice(Payload):
     sent_to_contact: bool = Field(False, alias="SentToContact")
     due_date: XeroDate = Field(None, alias="DueDate")
     updated: XeroDateTime = Field(None, alias="UpdatedDateUTC")
+    contact: XeroContactRef | None = Field(None, alias="Contact")
+    date: XeroDate = Field(None, alias="Date")
+    line_amount_types: str | None = Field(None, alias="LineAmountTypes")
+    line_items: tuple[XeroLineItem, ...] = Field((), alias="LineItems")
+    total_tax: Decimal | None = Field(None, alias="TotalTax")
+    credit_notes: tuple[XeroCreditNoteRef, ...] = Field((), alias="CreditNotes")
+    fully_paid_on: XeroDate = Field(None, alias="FullyPaidOnDate")
 
 
 class XeroCreditNote(Payload):
@@ -192,6 +226,11 @@ class XeroCreditNote(Payload):
     remaining_credit: Decimal | None = Field(None, alias="RemainingCredit")
     due_date: XeroDate = Field(None, alias="DueDate")
     updated: XeroDateTime = Field(None, alias="UpdatedDateUTC")
+    contact: XeroContactRef | None = Field(None, alias="Contact")
+    date: XeroDate = Field(None, alias="Date")
+    line_amount_types: str | None = Field(None, alias="LineAmountTypes")
+    line_items: tuple[XeroLineItem, ...] = Field((), alias="LineItems")
+    total_tax: Decimal | None = Field(None, alias="TotalTax")
 
 
 class XeroPagination(Payload):
@@ -369,7 +408,36 @@ def contact_details(contact: Mapping[str, Any]) -> dict[str, str | None]:
         "email": contact.get("EmailAddress") or None,
         "tax_id": contact.get("TaxNumber") or None,
         "address": ", ".join(str(part) for part in parts if part) or None,
+        "payment_terms_days": _sales_terms_days(contact),
     }
+
+
+def _sales_terms_days(contact: Mapping[str, Any]) -> str | None:
+    """The contact's sales payment terms in days after the invoice date, or ``None``.
+
+    Spec schemas ``PaymentTerm`` (``Sales``) and ``Bill`` (``Day``, ``Type``): only
+    ``DAYSAFTERBILLDATE`` is a number of days after the invoice date; the other types
+    (days after the end of the invoice month, a day of the current or following month)
+    cannot be read as days, and neither can a contact with no terms of its own (the
+    organisation's default applies, which the contact does not carry).
+    """
+    terms = contact.get("PaymentTerms")
+    sales = terms.get("Sales") if isinstance(terms, Mapping) else None
+    if not isinstance(sales, Mapping) or sales.get("Type") != "DAYSAFTERBILLDATE" or sales.get("Day") is None:
+        return None
+    return str(int(sales["Day"]))
+
+
+# Which Contact keys hold each detail of :meth:`~syncd.core.interfaces.Client.ledger_details`.
+CONTACT_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "legal_name": ("Name",),
+    "first_name": ("FirstName",),
+    "last_name": ("LastName",),
+    "email": ("EmailAddress",),
+    "tax_id": ("TaxNumber",),
+    "address": ("Addresses",),
+    "payment_terms_days": ("PaymentTerms",),
+}
 
 
 def contact_payload(client: Client, number: str) -> dict[str, Any]:
@@ -487,6 +555,57 @@ def _state(status: str, amount_paid: Decimal, sent: bool) -> InvoiceState:
     return state
 
 
+def _lines(items: tuple[XeroLineItem, ...]) -> tuple[LedgerLine, ...]:
+    return tuple(
+        LedgerLine(
+            description=item.description,
+            quantity=item.quantity,
+            unit_price=item.unit_amount,
+            account_code=item.account_code,
+            tax_type=item.tax_type,
+            item_code=item.item_code,
+            line_amount=item.line_amount,
+            tax_amount=item.tax_amount,
+        )
+        for item in items
+    )
+
+
+def invoice_document(invoice: XeroInvoice) -> LedgerDocument:
+    """The editable content of a Xero invoice (schema ``Invoice``: Contact, Date, DueDate,
+    LineAmountTypes, Reference, LineItems, SubTotal, TotalTax, Total, CreditNotes, FullyPaidOnDate)."""
+    return LedgerDocument(
+        customer_id=invoice.contact.contact_id if invoice.contact else None,
+        issue_date=invoice.date,
+        due_date=invoice.due_date,
+        currency=invoice.currency_code,
+        line_amount_types=invoice.line_amount_types,
+        reference=invoice.reference,
+        lines=_lines(invoice.line_items),
+        subtotal=invoice.sub_total,
+        total_tax=invoice.total_tax,
+        total=invoice.total,
+        credit_note_ids=tuple(note.credit_note_id for note in invoice.credit_notes if note.credit_note_id),
+        fully_paid_on=invoice.fully_paid_on,
+    )
+
+
+def credit_note_document(note: XeroCreditNote) -> LedgerDocument:
+    """The editable content of a Xero credit note (schema ``CreditNote``)."""
+    return LedgerDocument(
+        customer_id=note.contact.contact_id if note.contact else None,
+        issue_date=note.date,
+        due_date=note.due_date,
+        currency=note.currency_code,
+        line_amount_types=note.line_amount_types,
+        reference=note.reference,
+        lines=_lines(note.line_items),
+        subtotal=note.sub_total,
+        total_tax=note.total_tax,
+        total=note.total,
+    )
+
+
 def invoice_status(invoice: XeroInvoice) -> InvoiceStatus:
     """The canonical status of a Xero invoice."""
     return InvoiceStatus(
@@ -501,6 +620,7 @@ def invoice_status(invoice: XeroInvoice) -> InvoiceStatus:
         due_date=invoice.due_date,
         reference=invoice.reference,
         updated_at=invoice.updated,
+        document=invoice_document(invoice),
     )
 
 
@@ -520,6 +640,7 @@ def credit_note_status(note: XeroCreditNote) -> InvoiceStatus:
         due_date=note.due_date,
         reference=note.reference,
         updated_at=note.updated,
+        document=credit_note_document(note),
     )
 
 

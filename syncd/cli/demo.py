@@ -139,9 +139,13 @@ async def run_demo(*, keep: bool = False) -> dict[str, Any]:
         hub.subscribe(f"{urls['syncd']}/webhooks/hubspot", client)
         xero.subscribe(f"{urls['syncd']}/webhooks/xero", client)
         summary = await _story(hub, xero)
-    if not keep:
+    if keep:
+        summary["kept"] = str(folder)
+    else:
         await asyncio.to_thread(shutil.rmtree, folder, True)
     _print(summary)
+    if keep:
+        _print_kept(folder)
     return summary
 
 
@@ -180,6 +184,16 @@ async def _story(hub: HubSpotEmulator, xero: XeroEmulator) -> dict[str, Any]:
         "deal_status": props.get("syncd_invoice_status"),
         "amount_due_on_deal": props.get("syncd_amount_due"),
     }
+
+
+def _print_kept(folder: Path) -> None:
+    """Where ``--keep`` left the demo's files, and a command to look at them."""
+    config = folder / "config.toml"
+    console.print(f"kept in {folder}:", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  config:   {config}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  database: {folder / 'syncd.db'}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  look:     syncd status --config {config}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  remove:   rm -r {folder}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print(summary: dict[str, Any]) -> None:

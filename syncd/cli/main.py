@@ -1,5 +1,5 @@
 """The ``syncd`` command line: run, check, status, db, setup, auth, dead letters, demo,
-simulate, unbilled, backfill, preview.
+simulate, unbilled, backfill, preview, audit, invoice show, client.
 
 A problem of the user's (a bad config or mapping, an unreachable database or vendor,
 rejected credentials, an unknown id, a missing file) never shows a Python traceback: the
@@ -11,14 +11,18 @@ line per problem on stderr and an exit code (:data:`EXIT_CODES`, listed in
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
+import enum
+import io
 import json
 import logging
 import signal
 import tempfile
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import httpx
 import typer
@@ -35,6 +39,9 @@ from syncd.core.errors import AuthError, ConfigError, MappingError, RetriableErr
 from syncd.plumbing import failpoints
 from syncd.plumbing import logging as syncd_logging
 from syncd.plumbing.settings import Config, Connection, Inspection, inspect_config, load_config, redact_url
+
+if TYPE_CHECKING:
+    from syncd.store.db import Store
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -138,6 +145,8 @@ app.add_typer(outcomes_app, name="outcomes")
 console = Console()
 err = Console(stderr=True)
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The TOML config file.", envvar="SYNCD_CONFIG")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON list of objects instead of text.")]
+_T = TypeVar("_T")
 
 
 @app.callback()
@@ -364,55 +373,34 @@ async def _database_ready(url: str, place: str, checked: _Checked) -> bool:
 
 
 @app.command()
-def status(config: ConfigOption = Path("config.toml")) -> None:
-    """Per connection: last successful sync, backlog of events and effects, dead letters."""
+def status(config: ConfigOption = Path("config.toml"), as_json: JsonOption = False) -> None:
+    """Per connection: last sync, backlog, dead letters (open and dismissed); the newest invoices; open outcomes."""
+    from syncd.cli.listings import status as read_status
+    from syncd.cli.listings import status_json, status_lines, terminal_width
+
     cfg = _load(config)
-    table = Table("connection", "last sync", "last error", "events pending", "effects pending", "dead letters")
-    for row in asyncio.run(_status(cfg)):
-        table.add_row(*row)
-    console.print(table)
-    console.print(asyncio.run(_outcome_summary(cfg)), markup=False, highlight=False)
+    found = asyncio.run(_with_store(cfg, lambda store: read_status(store, list(cfg.connections))))
+    if as_json:
+        print(json.dumps(status_json(found), indent=2))
+        return
+    _lines(status_lines(found, terminal_width()))
 
 
-async def _outcome_summary(config: Config) -> str:
-    """One line: open outcomes by kind, with the reasons (``syncd outcomes list`` has each)."""
+async def _with_store(config: Config, read: Callable[[Store], Awaitable[_T]]) -> _T:
+    """``read`` on the configured database, closed afterwards."""
     from syncd.store.db import Store
 
     store = Store.open(config.daemon.database_url)
     try:
-        counts = await store.outcome_counts()
+        return await read(store)
     finally:
         await store.close()
-    parts = []
-    for kind in ("skip", "simulated", "attention"):
-        reasons = {reason: n for (k, reason), n in counts.items() if k == kind}
-        detail = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
-        parts.append(f"{kind}: {sum(reasons.values())}" + (f" ({detail})" if detail else ""))
-    return "outcomes without an invoice: " + "; ".join(parts)
 
 
-async def _status(config: Config) -> list[list[str]]:
-    from syncd.store.db import CursorRow, DeadLetterRow, EffectRow, EventRow, Store, table_of
-
-    store = Store.open(config.daemon.database_url)
-    rows: list[list[str]] = []
-    try:
-        for name in config.connections:
-            cursor = await store.get(CursorRow, name, "changes")
-            events = await store.count(
-                EventRow, table_of(EventRow).c.connection == name, table_of(EventRow).c.status == "pending"
-            )
-            effects = await store.count(
-                EffectRow, table_of(EffectRow).c.connection == name, table_of(EffectRow).c.status == "pending"
-            )
-            dead = await store.count(
-                DeadLetterRow, table_of(DeadLetterRow).c.connection == name, table_of(DeadLetterRow).c.status == "open"
-            )
-            last = cursor.last_success_at.isoformat() if cursor and cursor.last_success_at else "never"
-            rows.append([name, last, (cursor.last_error or "") if cursor else "", str(events), str(effects), str(dead)])
-    finally:
-        await store.close()
-    return rows
+def _lines(lines: list[str]) -> None:
+    """Print lines already laid out to the terminal's width (no markup, no re-wrapping)."""
+    for line in lines:
+        print(line)
 
 
 @db_app.command("upgrade")
@@ -532,17 +520,56 @@ def auth_xero(
 
 
 @dead_app.command("list")
-def dead_list(config: ConfigOption = Path("config.toml"), all_: Annotated[bool, typer.Option("--all")] = False) -> None:
-    """List dead letters (open ones unless --all), with reason and place."""
-    from syncd.engine.replay import list_dead_letters
+def dead_list(
+    config: ConfigOption = Path("config.toml"),
+    all_: Annotated[bool, typer.Option("--all", help="Replayed and dismissed ones too.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """List dead letters (open ones unless --all): reason, place, and the deal and client they are about."""
+    from syncd.cli.listings import dead_letter_json, dead_letter_lines, dead_letters, terminal_width
 
     cfg = _load(config)
-    table = Table("id", "source", "connection", "reason", "place", "created", "status")
-    for row in asyncio.run(list_dead_letters(cfg, include_replayed=all_)):
-        table.add_row(
-            str(row.id), row.source, row.connection, row.reason, row.place or "", row.created_at.isoformat(), row.status
-        )
-    console.print(table)
+
+    async def read(store: Store) -> tuple[list[Any], dict[str, int]]:
+        counts: dict[str, int] = {}
+        for (_, state), n in (await store.dead_letter_counts()).items():
+            counts[state] = counts.get(state, 0) + n
+        return await dead_letters(store, every=all_), counts
+
+    items, counts = asyncio.run(_with_store(cfg, read))
+    if as_json:
+        print(json.dumps([dead_letter_json(item) for item in items], indent=2))
+        return
+    _lines(dead_letter_lines(items, counts, every=all_, width=terminal_width()))
+
+
+@dead_app.command("dismiss")
+def dead_dismiss(
+    letter_id: Annotated[int, typer.Argument(help="The dead letter id (as `dead-letters list` shows it).")],
+    why: Annotated[str, typer.Option("--why", help="Why it needs no replay: what was done instead.")],
+    config: ConfigOption = Path("config.toml"),
+    by: Annotated[str | None, typer.Option("--by", help="Who dismisses it (default: the login name).")] = None,
+) -> None:
+    """Close a dead letter that needs no replay, keeping who, when and why; `list` then hides it."""
+    from syncd.engine.replay import dismiss_dead_letter
+
+    if not why.strip():
+        raise typer.BadParameter("say why the dead letter needs no replay", param_hint="--why")
+    who = by or _login_name()
+    cfg = _load(config)
+    now = datetime.now(UTC)
+    asyncio.run(_with_store(cfg, lambda store: dismiss_dead_letter(store, letter_id, why=why.strip(), by=who, now=now)))
+    print(f"dead letter {letter_id} dismissed by {who}")
+
+
+def _login_name() -> str:
+    """The login name of whoever runs the command (``unknown`` where the system cannot say)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no LOGNAME/USER and no passwd entry (a bare container)
+        return "unknown"
 
 
 @app.command()
@@ -551,19 +578,70 @@ def replay(
     config: ConfigOption = Path("config.toml"),
     all_: Annotated[bool, typer.Option("--all", help="Replay every open dead letter.")] = False,
 ) -> None:
-    """Re-run dead letters after the mapping or the data is fixed (no duplicate effects)."""
+    """Re-run dead letters after the mapping or the data is fixed (no duplicate effects).
+
+    An id that names no dead letter is an error (exit 1) and nothing is requeued.
+    """
     from syncd.engine.replay import replay_dead_letters
 
     if not ids and not all_:
         err.print("name dead letter ids, or --all")
         raise typer.Exit(2)
     cfg = _load(config)
-    count = asyncio.run(replay_dead_letters(cfg, ids or [], all_=all_))
-    console.print(f"requeued {count} record(s); the daemon processes them next")
+    done = asyncio.run(replay_dead_letters(cfg, ids or [], all_=all_))
+    for letter_id, why_not in done.left:
+        err.print(
+            "!", f"dead letter {letter_id} left as it is: {why_not}", style="yellow", markup=False, highlight=False
+        )
+    console.print(f"requeued {done.count} record(s); the daemon processes them next")
+
+
+def _port_option(name: str, what: str) -> Any:
+    """A port option of `syncd emulate`, also read from ``SYNCD_EMULATE_<NAME>_PORT``."""
+    return typer.Option(
+        f"--{name}-port",
+        envvar=f"SYNCD_EMULATE_{name.upper()}_PORT",
+        min=0,
+        max=65535,
+        help=f"Port on 127.0.0.1 for {what} (0: a free one, printed).",
+    )
 
 
 @app.command()
-def demo(keep: Annotated[bool, typer.Option(help="Keep the temporary database.")] = False) -> None:
+def emulate(
+    write_config: Annotated[
+        Path | None, typer.Option("--write-config", help="Also write the config to this file (its database beside it).")
+    ] = None,
+    hubspot_port: Annotated[int, _port_option("hubspot", "the HubSpot emulator")] = 8101,
+    xero_port: Annotated[int, _port_option("xero", "the Xero emulator")] = 8102,
+    harvest_port: Annotated[int, _port_option("harvest", "the Harvest emulator")] = 8103,
+    syncd_port: Annotated[int, _port_option("syncd", "syncd's webhooks ([daemon].listen)")] = 8080,
+) -> None:
+    """Serve seeded HubSpot, Xero and Harvest emulators on 127.0.0.1 and print a config for them; Ctrl-C stops.
+
+    Deals changed over the HubSpot emulator's API reach syncd as signed webhooks.
+    """
+    from syncd.cli.emulate import Options, Ports
+    from syncd.cli.emulate import emulate as serve_emulators
+
+    syncd_logging.configure("warning")
+    ports = Ports(hubspot=hubspot_port, xero=xero_port, harvest=harvest_port, syncd=syncd_port)
+    options = Options(ports=ports, write_config=write_config)
+
+    async def until_stopped() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_emulators(options, lambda line: print(line, flush=True), stop)
+
+    asyncio.run(until_stopped())
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Keep the temporary folder (config, database) and print where.")] = False,
+) -> None:
     """Run the end-to-end demo against the HubSpot and Xero emulators, and exit."""
     from syncd.cli.demo import run_demo
 
@@ -653,40 +731,30 @@ def _simulated_row(item: Any) -> list[str]:
 
 
 @app.command()
-def unbilled(config: ConfigOption = Path("config.toml")) -> None:
+def unbilled(config: ConfigOption = Path("config.toml"), as_json: JsonOption = False) -> None:
     """Billable hours logged at the time tracker but on no invoice, per client and project, with their worth."""
+    from syncd.cli.listings import terminal_width, unbilled_json, unbilled_lines
+
     cfg = _load(config)
     try:
         found = asyncio.run(_unbilled(cfg))
     except SyncdError as exc:
         _problem(str(exc))
         raise typer.Exit(1) from None
-    table = Table("client", "project", "engagement", "hours", "amount", "note")
-    for item in found:
-        amount = f"{item.amount} {item.currency}" if item.amount is not None else "-"
-        note = "no engagement bills this project" if item.engagement_key is None else ""
-        if item.simulated_hours:
-            note = f"{item.simulated_hours} h only on simulated (pilot) invoices"
-        if item.over_cap_hours:
-            note = f"over_cap: {item.over_cap_hours} h held (syncd hours release {' '.join(item.over_cap_entries)})"
-        table.add_row(
-            item.client_key or "-",
-            f"{item.connection}:{item.project_id}",
-            item.engagement_key or "-",
-            str(item.hours),
-            amount,
-            note,
-        )
-    console.print(table)
+    if as_json:
+        print(json.dumps([unbilled_json(item) for item in found], indent=2))
+        return
+    _lines(unbilled_lines(found, terminal_width()))
 
 
 async def _unbilled(config: Config) -> list[Any]:
+    from syncd.cli.listings import unbilled_names
     from syncd.engine.hours import unbilled as unbilled_hours
     from syncd.engine.runtime import Runtime
 
     runtime = await Runtime.start(config, migrate=False)
     try:
-        return await unbilled_hours(runtime)
+        return await unbilled_names(runtime.store, await unbilled_hours(runtime))
     finally:
         await runtime.aclose()
 
@@ -717,9 +785,6 @@ async def _backfill(config: Config, client: str, since: date | None) -> list[str
         return await backfill_client(store, client, since=since, now=datetime.now(UTC))
     finally:
         await store.close()
-
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
 @preview_app.callback()
@@ -899,6 +964,240 @@ def _print_outcomes(config: Path, *, kind: str | None, deal: str | None, all_: b
             str(row.id), row.kind, row.reason, row.object_id or row.engagement_key or "", row.detail, when, row.status
         )
     console.print(table)
+
+
+class Format(enum.StrEnum):
+    """How a report is printed."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+FormatOption = Annotated[Format, typer.Option("--format", help="table, json or csv.")]
+invoice_app = typer.Typer(help="One invoice's trail.", no_args_is_help=True)
+app.add_typer(invoice_app, name="invoice")
+client_app = typer.Typer(help="The client billing record: fields, owners, change log, conflicts.", no_args_is_help=True)
+app.add_typer(client_app, name="client")
+
+
+@app.command("audit")
+def audit_command(
+    month: Annotated[
+        str | None,
+        typer.Option("--month", help="YYYY-MM, in the company's time zone; default: the last complete month."),
+    ] = None,
+    format_: FormatOption = Format.table,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """The monthly audit: late invoices, hand corrections, the overdue share, trigger → issued latency, trends."""
+    from syncd.engine import audit
+
+    try:
+        chosen = audit.Month.parse(month) if month is not None else None
+    except ValueError as exc:
+        _problem(f"--month: {exc}")
+        raise typer.Exit(2) from None
+    cfg = _load(config)
+    target = chosen or audit.Month.last_complete(datetime.now(UTC), cfg.daemon.timezone)
+    report = asyncio.run(_with_store(cfg, lambda store: audit.build_report(store, cfg, target)))
+    if format_ is Format.json:
+        print(json.dumps(report.as_json(), indent=2))
+        return
+    if format_ is Format.csv:
+        print(audit.as_csv(report), end="")
+        return
+    console.print(
+        f"audit of {report.month} ({report.zone}); invoice_delay_s: "
+        + (", ".join(f"{name} {delay} s" for name, delay in report.delays.items()) or "-")
+    )
+    table = Table("", *(str(m.month) for m in report.history), "trend", width=max(console.width, 100))
+    for row in audit.summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    worst = audit.worst_rows(report)
+    if worst:
+        late = Table("late invoice", "deal", "client", "triggered", "delay", "invoice_delay_s", title="latest invoices")
+        for row in worst:
+            late.add_row(*row)
+        console.print(late)
+
+
+@invoice_app.command("show")
+def invoice_show(
+    number: Annotated[str, typer.Argument(help="The ledger's invoice number (or syncd's key, or the ledger's id).")],
+    format_: FormatOption = Format.table,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """One invoice's trail: trigger, billing event, draft, what was sent, the ledger's answers, status changes, corrections."""
+    from syncd.store.trail import invoice_trail
+
+    cfg = _load(config)
+    found = asyncio.run(_with_store(cfg, lambda store: invoice_trail(store, number)))
+    if format_ is Format.json:
+        print(json.dumps(found.as_json(), indent=2, default=str))
+        return
+    if format_ is Format.csv:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["at", "what", "actor", "summary"])
+        for step in found.steps:
+            writer.writerow([step.at.isoformat(), step.what, step.actor, step.summary])
+        print(out.getvalue(), end="")
+        return
+    invoice = found.invoice
+    console.print(
+        f"{invoice.kind} {invoice.number or invoice.invoice_id} ({invoice.key}): {invoice.state}, "
+        f"{invoice.total} {invoice.currency}, due {invoice.due_date or '-'}, deal {invoice.crm_object_id}",
+        markup=False,
+    )
+    table = Table("at", "what", "by", "summary", width=max(console.width, 100))
+    for step in found.steps:
+        table.add_row(step.at.isoformat(timespec="seconds"), step.what, step.actor, step.summary)
+    console.print(table)
+
+
+@client_app.command("list")
+def client_list(format_: FormatOption = Format.table, config: ConfigOption = Path("config.toml")) -> None:
+    """Every client with its legal name, currency, payment terms, each system's id and open conflicts."""
+    from syncd.engine.clients import list_clients
+    from syncd.store.db import ClientConflictRow
+
+    cfg = _load(config)
+
+    async def go(store: Any) -> tuple[list[Any], dict[str, int]]:
+        rows = await list_clients(store)
+        conflicts = await store.select(ClientConflictRow, ClientConflictRow.status == "open")
+        counts: dict[str, int] = {}
+        for conflict in conflicts:
+            counts[conflict.client_key] = counts.get(conflict.client_key, 0) + 1
+        return rows, counts
+
+    rows, counts = asyncio.run(_with_store(cfg, go))
+    items = [
+        {
+            "key": row.key,
+            "legal_name": row.legal_name,
+            "currency": (row.record or {}).get("currency", row.data.get("currency")),
+            "payment_terms_days": (row.record or {}).get("payment_terms_days", row.data.get("payment_terms_days")),
+            "ids": {row.key.split(":", 1)[0]: row.key.rsplit(":", 1)[-1], **row.external_ids},
+            "open_conflicts": counts.get(row.key, 0),
+        }
+        for row in rows
+    ]
+    if format_ is not Format.table:
+        _print_items(items, format_)
+        return
+    table = Table("client", "legal name", "currency", "terms (days)", "ids", "open conflicts")
+    for item in items:
+        ids = ", ".join(f"{name} {ident}" for name, ident in item["ids"].items())
+        table.add_row(
+            item["key"],
+            item["legal_name"],
+            str(item["currency"]),
+            str(item["payment_terms_days"]),
+            ids,
+            str(item["open_conflicts"]),
+        )
+    console.print(table)
+
+
+@client_app.command("show")
+def client_show(
+    key: Annotated[str, typer.Argument(help="The client's key, e.g. hubspot:company:501 (`syncd client list`).")],
+    format_: FormatOption = Format.table,
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """One client's record: each field's value, owner and value at each system; conflicts; the change log."""
+    from syncd.engine.clients import client_record, show_value
+
+    cfg = _load(config)
+    record = asyncio.run(_with_store(cfg, lambda store: client_record(store, key, cfg)))
+    if format_ is Format.json:
+        print(json.dumps(record.as_json(), indent=2, default=str))
+        return
+    if format_ is Format.csv:
+        _print_items(
+            [
+                {
+                    "at": c.at.isoformat(),
+                    "system": c.system,
+                    "field": c.field,
+                    "old": show_value(c.old),
+                    "new": show_value(c.new),
+                    "by": c.by,
+                }
+                for c in record.changes
+            ],
+            format_,
+        )
+        return
+    console.print(
+        f"{record.key}: {record.legal_name}; ids: " + ", ".join(f"{n} {i}" for n, i in record.ids.items()), markup=False
+    )
+    systems = sorted({system for item in record.fields for system in item.seen})
+    fields = Table("field", "value in force", "owner", *(f"at {system}" for system in systems), "conflict")
+    for item in record.fields:
+        conflict = item.conflict
+        fields.add_row(
+            item.field,
+            show_value(item.value),
+            item.owner,
+            *(show_value(item.seen[system]) if system in item.seen else "" for system in systems),
+            f"open: {conflict.other} has {show_value(conflict.other_value)}" if conflict else "",
+        )
+    console.print(fields)
+    log = Table("when", "system", "field", "old", "new", "by", title="change log")
+    for change in record.changes:
+        log.add_row(
+            change.at.isoformat(timespec="seconds"),
+            change.system,
+            change.field,
+            show_value(change.old),
+            show_value(change.new),
+            change.by,
+        )
+    console.print(log)
+
+
+@client_app.command("resolve")
+def client_resolve(
+    key: Annotated[str, typer.Argument(help="The client's key.")],
+    field: Annotated[str, typer.Argument(help="The field in conflict (`syncd client show KEY`).")],
+    take: Annotated[str, typer.Option("--take", help="owner: keep the owner's value; other: take the other system's.")],
+    config: ConfigOption = Path("config.toml"),
+) -> None:
+    """Settle a conflict: keep the owner's value (written over the other edit) or take the other system's (written to the owner)."""
+    from syncd.engine.clients import resolve
+    from syncd.engine.runtime import Runtime
+
+    if take not in ("owner", "other"):
+        _problem(f"--take: expected owner or other, got {take!r}")
+        raise typer.Exit(2)
+    cfg = _load(config)
+
+    async def go() -> Any:
+        runtime = await Runtime.start(cfg, migrate=False)
+        try:
+            return await resolve(runtime, key, field, take)
+        finally:
+            await runtime.aclose()
+
+    conflict = asyncio.run(go())
+    console.print(f"{key} {field}: took the {take}'s value; conflict {conflict.id} resolved", markup=False)
+
+
+def _print_items(items: list[dict[str, Any]], format_: Format) -> None:
+    if format_ is Format.json:
+        print(json.dumps(items, indent=2, default=str))
+        return
+    out = io.StringIO()
+    names = list(items[0]) if items else []
+    writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for item in items:
+        writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in item.items()})
+    print(out.getvalue(), end="")
 
 
 def main() -> None:

@@ -62,6 +62,7 @@ Status = Literal["same", "changed", "newly_failing", "newly_passing"]
 STATUSES: tuple[Status, ...] = ("same", "changed", "newly_failing", "newly_passing")
 _ONCE = (BillingEventKind.DEAL_WON, BillingEventKind.DELIVERABLE_ACCEPTED)
 _SINCE_EVER = datetime(1970, 1, 1, tzinfo=UTC)
+PAGE_SIZE = 200  # stored deals mapped per page by preview_mapping
 
 # ---------------------------------------------------------------------------
 # One deal
@@ -342,19 +343,16 @@ async def preview_mapping(runtime: Runtime, proposed_path: Path, *, pipeline: in
     proposed = load_mapping(proposed_path)
     current = chosen.mapping
     table = table_of(SourceRecordRow)
-    rows = await runtime.store.select(
-        SourceRecordRow,
-        table.c.connection == chosen.crm_name,
-        table.c.object_type == current.rules.source,
-        order_by=table.c.object_id,
-    )
+    stored = (table.c.connection == chosen.crm_name, table.c.object_type == current.rules.source)
     now = runtime.clock()
     records = []
-    for row in rows:
-        record = row.as_record()
-        before = _outcome(current, record, runtime.defaults, now)
-        after = _outcome(proposed, record, runtime.defaults, now)
-        records.append(_compare(record.object_id, before, after))
+    # A page of snapshots at a time (their JSON is the bulk), in object id order as before.
+    async for page in runtime.store.pages(SourceRecordRow, *stored, key="object_id", size=PAGE_SIZE):
+        for row in page:
+            record = row.as_record()
+            before = _outcome(current, record, runtime.defaults, now)
+            after = _outcome(proposed, record, runtime.defaults, now)
+            records.append(_compare(record.object_id, before, after))
     return MappingDiff(
         current=current.path, proposed=proposed.path, records=tuple(records), unread=_unread(current, proposed)
     )

@@ -843,7 +843,7 @@ def rate_for(entry: TimeEntry, engagement: Engagement, rates: RateCard) -> Decim
         ValidationFailed: no source has a rate for the entry.
     """
     lookups: dict[RateSource, Callable[[], Decimal | None]] = {
-        "engagement": lambda: engagement.rate,
+        "engagement": lambda: engagement.rate_on(entry.spent_date),
         "project": lambda: rates.projects.get(entry.project_id),
         "task": lambda: rates.tasks.get(entry.task) if entry.task is not None else None,
         "person": lambda: rates.people.get(entry.person) if entry.person is not None else None,

@@ -13,7 +13,7 @@ with an ISO 4217 currency; datetimes carry a time zone.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -160,20 +160,25 @@ class Client(Model):
     def ledger_details(self) -> dict[str, str | None]:
         """The details the CRM owns on the ledger's customer record, in a comparable form.
 
-        Legal name, billing contact (first and last name, email), tax id and the postal
-        address as one line; a connector's :meth:`UpdatesCustomers.customer_details`
-        reports the ledger's copy in the same form.
+        Legal name, billing contact (first and last name, email), tax id, the postal
+        address as one line and the payment terms in days; a connector's
+        :meth:`UpdatesCustomers.customer_details` reports the ledger's copy in the same form.
         """
         person = self.billing_contact or Contact()
-        parts = (self.address or Address()).model_dump().values()
         return {
             "legal_name": self.legal_name,
             "first_name": person.first_name,
             "last_name": person.last_name,
             "email": person.email,
             "tax_id": self.tax_id,
-            "address": ", ".join(str(part) for part in parts if part) or None,
+            "address": self.address_line(),
+            "payment_terms_days": str(self.payment_terms_days),
         }
+
+    def address_line(self) -> str | None:
+        """The postal address as one line (its parts joined by ``", "``), or ``None``."""
+        parts = (self.address or Address()).model_dump().values()
+        return ", ".join(str(part) for part in parts if part) or None
 
     @field_validator("currency")
     @classmethod
@@ -268,6 +273,21 @@ class AmountChange(Model):
     recorded_at: AwareDatetime | None = None
 
 
+class RateChange(Model):
+    """A change of an hourly engagement's rate, made at the source.
+
+    Attributes:
+        effective: first day (in the client's zone) the new rate applies to time entries
+            (by their ``spent_date``); entries dated before it keep the rate in force then.
+        rate: the hourly rate from ``effective`` on.
+        recorded_at: when the source recorded the change.
+    """
+
+    effective: date
+    rate: Decimal
+    recorded_at: AwareDatetime | None = None
+
+
 class Pause(Model):
     """Days a recurring engagement is paused and not billed.
 
@@ -330,7 +350,7 @@ class Engagement(Model):
         start: first day of service; end: last day (inclusive), both in the client's zone.
         lines: the deal's line items, for ``one_time`` invoices.
         amount: recurring amount per cycle (retainer/subscription).
-        rate: hourly rate (hourly).
+        rate: hourly rate (hourly); with ``rate_changes``, the rate before the first of them.
         cycle: billing cycle of recurring engagements.
         anchor_day: day of month periods start on (1-31; 31 means month end).
         cap_hours: hours cap for hourly engagements.
@@ -367,6 +387,9 @@ class Engagement(Model):
             first period when the deal is won, even if service starts later.
         tracking: tracking category options of every line of its invoices that has none
             of its own (mapped in a mapping's ``[tracking]`` table).
+        rate_changes: rate changes made at the source since the deal was won, oldest
+            first (kept by the engine: :func:`syncd.engine.recurring.keep_history`); a time entry
+            is billed at the rate in force on its day (:meth:`rate_on`).
     """
 
     key: str
@@ -403,11 +426,21 @@ class Engagement(Model):
     deposit_percent: Decimal | None = None
     first_period_on_won: bool = False
     tracking: tuple[TrackingOption, ...] = ()
+    rate_changes: tuple[RateChange, ...] = ()
 
     @field_validator("currency")
     @classmethod
     def _currency(cls, value: str) -> str:
         return check_currency(value)
+
+    def rate_on(self, day: date) -> Decimal | None:
+        """The hourly rate in force on ``day``: the latest change effective by then, else ``rate``."""
+        found = [change for change in self.rate_changes if change.effective <= day]
+        return found[-1].rate if found else self.rate
+
+    def current_rate(self) -> Decimal | None:
+        """The hourly rate in force now (the latest change, else ``rate``)."""
+        return self.rate_changes[-1].rate if self.rate_changes else self.rate
 
 
 class TimeEntry(Model):
@@ -533,6 +566,59 @@ class InvoiceState(enum.StrEnum):
     VOIDED = "voided"
 
 
+class LedgerLine(Model):
+    """One line of a document as the ledger holds it (every part optional: the ledger may omit any).
+
+    Attributes:
+        description / quantity / unit_price / account_code / tax_type / item_code: as on
+            :class:`InvoiceLine`, in the ledger's precision.
+        line_amount: the line's amount as the ledger computed it.
+        tax_amount: the line's tax as the ledger computed it.
+    """
+
+    description: str | None = None
+    quantity: Decimal | None = None
+    unit_price: Decimal | None = None
+    account_code: str | None = None
+    tax_type: str | None = None
+    item_code: str | None = None
+    line_amount: Decimal | None = None
+    tax_amount: Decimal | None = None
+
+
+class LedgerDocument(Model):
+    """What a ledger holds on an invoice or credit note, beyond its status: the part a person may edit.
+
+    The engine keeps the copy the ledger answered when syncd created the document and
+    compares each later read with the one before (:mod:`syncd.store.trail`): a change syncd did
+    not make is a hand correction.
+
+    Attributes:
+        customer_id: the ledger's id of the customer billed.
+        issue_date / due_date: the document's dates.
+        currency: ISO 4217 code.
+        line_amount_types: whether amounts include tax (``Exclusive``, ``Inclusive``, ``NoTax``).
+        reference: the reference (PO number and syncd's stamp).
+        lines: the lines, in the ledger's order.
+        subtotal / total_tax / total: the ledger's totals.
+        credit_note_ids: the credit notes applied to it (an invoice).
+        fully_paid_on: the day it was fully paid, when it is.
+    """
+
+    customer_id: str | None = None
+    issue_date: date | None = None
+    due_date: date | None = None
+    currency: str | None = None
+    line_amount_types: str | None = None
+    reference: str | None = None
+    lines: tuple[LedgerLine, ...] = ()
+    subtotal: Decimal | None = None
+    total_tax: Decimal | None = None
+    total: Decimal | None = None
+    credit_note_ids: tuple[str, ...] = ()
+    fully_paid_on: date | None = None
+
+
 class InvoiceStatus(Model):
     """An invoice as the invoicing tool reports it.
 
@@ -546,6 +632,8 @@ class InvoiceStatus(Model):
         due_date: due date.
         reference: the reference as stored at the tool (holds our stamp).
         updated_at: last change at the tool.
+        document: the document's editable content, where the tool reports it (the
+            trail compares it to find hand corrections); ``None`` when it does not.
     """
 
     invoice_id: str
@@ -559,6 +647,7 @@ class InvoiceStatus(Model):
     due_date: date | None = None
     reference: str | None = None
     updated_at: AwareDatetime | None = None
+    document: LedgerDocument | None = None
 
 
 class DealBillingStatus(Model):
@@ -874,11 +963,34 @@ class UpdatesCustomers(Protocol):
     """
 
     async def customer_details(self, customer_id: str) -> dict[str, str | None]:
-        """The customer's details as the tool holds them, in :meth:`Client.ledger_details` form."""
+        """The customer's details as the tool holds them, in :meth:`Client.ledger_details` form.
+
+        A detail the tool holds in a form syncd cannot read (payment terms that are not
+        a number of days after the invoice date) is ``None``.
+        """
         ...
 
-    async def update_customer(self, customer_id: str, client: Client, key: str) -> None:
-        """Write ``client``'s details onto customer ``customer_id``; ``key`` makes it idempotent."""
+    async def update_customer(
+        self, customer_id: str, client: Client, key: str, *, fields: Collection[str] | None = None
+    ) -> None:
+        """Write ``client``'s details onto customer ``customer_id``; ``key`` makes it idempotent.
+
+        Args:
+            fields: only these :meth:`Client.ledger_details` keys are written (``None``:
+                all); the tool's other details are left as they are.
+        """
+        ...
+
+
+@runtime_checkable
+class UpdatesCompanies(Protocol):
+    """A CRM whose company records syncd writes client details onto (the client record's flows).
+
+    Errors: as for :class:`Crm` (:class:`~syncd.core.errors.NotFound` for an unknown company).
+    """
+
+    async def update_company(self, company_id: str, properties: Mapping[str, str | None]) -> None:
+        """Set ``properties`` (internal names) on company ``company_id``; others are left as they are."""
         ...
 
 

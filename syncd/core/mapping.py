@@ -68,6 +68,7 @@ from syncd.core.transforms import (
     Lookup,
     LookupTable,
     Money,
+    Node,
     Transform,
     Value,
     absent,
@@ -562,6 +563,21 @@ class PipelineMapping:
     target_codes: tuple[TargetCode, ...] = ()
     ledger: LedgerRules = field(default_factory=LedgerRules)
 
+    def client_property(self, name: str) -> str | None:
+        """The company property ``[client].name`` is read from first, for writing it back.
+
+        The first ``company.properties.X`` path the field's transform reads (a ``coalesce``
+        is read left to right), or ``None`` when it reads no company property.
+        """
+        rule = self.rules.client.rule(name)
+        if rule is None:
+            return None
+        prefix = "company.properties."
+        for path in _paths_of(rule.transform):
+            if path.startswith(prefix) and "." not in path[len(prefix) :]:
+                return path[len(prefix) :]
+        return None
+
     def generated_line_kinds(self) -> list[tuple[str, str]]:
         """``(engagement type, line kind)`` of every line this mapping can make without a code of its own.
 
@@ -663,6 +679,13 @@ class PipelineMapping:
             currency=defaults.currency,
             tables=self.rules.tables,
         )
+
+
+def _paths_of(node: Node) -> Iterator[str]:
+    """Every path ``node`` and the transforms nested in it read, depth first, in order."""
+    yield from node.paths()
+    for child in node.children():
+        yield from _paths_of(child)
 
 
 def _object_id(value: Any) -> str | None:

@@ -56,6 +56,9 @@ log = structlog.get_logger("syncd.engine.hours")
 TIME_ENTRIES = "time_entries"
 """The cursor stream of a tracker's time entries (beside its change feed, ``changes``)."""
 
+PAGE_SIZE = 200
+"""Tracker projects read per page by :func:`unbilled` (keyset pagination: ``Store.values_pages``)."""
+
 OVERLAP = timedelta(minutes=5)
 """Each read starts this long before the newest ``updated_at`` seen, so an entry the
 tracker saved while the previous read was paging is still read."""
@@ -384,8 +387,12 @@ class Unbilled:
     over_cap_entries: tuple[str, ...] = ()
 
 
-async def unbilled(runtime: Runtime) -> list[Unbilled]:
+async def unbilled(runtime: Runtime, *, page_size: int = PAGE_SIZE) -> list[Unbilled]:
     """Every tracker project with billable hours on no (real) invoice, per client and project.
+
+    Only projects with an entry that may be open are read (:func:`maybe_open`, in SQL), a
+    page of ``page_size`` projects at a time; a project whose hours are all invoiced is
+    never loaded.
 
     Raises:
         ValidationFailed: an entry of a linked project has no rate.
@@ -394,30 +401,57 @@ async def unbilled(runtime: Runtime) -> list[Unbilled]:
     for pipeline in runtime.pipelines:
         if pipeline.time_tracker is None or pipeline.time_tracking_name is None:
             continue
-        found += await _pipeline_unbilled(runtime, pipeline, pipeline.time_tracker, pipeline.time_tracking_name)
+        found += await _pipeline_unbilled(
+            runtime, pipeline, pipeline.time_tracker, pipeline.time_tracking_name, page_size
+        )
     return sorted(found, key=lambda item: (item.client_key or "~", item.project_id))
 
 
+def maybe_open(connection: str) -> Any:
+    """The entries of ``connection`` that may hold hours on no real invoice (a SQL condition).
+
+    Not stamped, stamped by a simulated (pilot) billing event, or billed only up to a cap
+    with the rest not (really) invoiced. Whether an entry is billable, and its hours, are
+    read from its data afterwards; this only keeps fully invoiced projects unread.
+    """
+    table, events = table_of(TimeEntryRow), table_of(BillingEventRow)
+    simulated = sa.select(events.c.key).where(events.c.simulated.is_(True))
+    rest_open = sa.and_(
+        table.c.billed_hours.is_not(None),
+        sa.or_(table.c.remainder_key.is_(None), table.c.remainder_key.in_(simulated)),
+    )
+    return sa.and_(
+        table.c.connection == connection,
+        sa.or_(table.c.invoice_key.is_(None), table.c.invoice_key.in_(simulated), rest_open),
+    )
+
+
 async def _pipeline_unbilled(
-    runtime: Runtime, pipeline: Pipeline, tracker: TimeTracker, connection: str
+    runtime: Runtime, pipeline: Pipeline, tracker: TimeTracker, connection: str, page_size: int
 ) -> list[Unbilled]:
     store = runtime.store
-    simulated = {row.key for row in await store.select(BillingEventRow, table_of(BillingEventRow).c.simulated)}
-    linked = await linked_engagements(store, pipeline)
-    rows = await store.select(TimeEntryRow, table_of(TimeEntryRow).c.connection == connection)
-    projects = sorted({row.project_id for row in rows})
     found = []
-    for project_id in projects:
-        hours = await project_hours(store, connection, project_id)
-        open_entries = [
-            entry
-            for entry in _billable(hours.entries)
-            if entry.id not in hours.invoiced or hours.keys[entry.id] in simulated
-        ]
-        if open_entries:
-            engagement = linked.get(project_id)
-            found.append(await _unbilled_line(tracker, connection, project_id, engagement, open_entries, hours))
+    column = table_of(TimeEntryRow).c.project_id
+    async for projects in store.values_pages(column, maybe_open(connection), size=page_size):
+        linked = await linked_engagements(store, pipeline, projects)
+        for project_id in projects:
+            hours = await project_hours(store, connection, project_id)
+            simulated = await _simulated(store, hours.keys.values())
+            open_entries = [
+                entry
+                for entry in _billable(hours.entries)
+                if entry.id not in hours.invoiced or hours.keys[entry.id] in simulated
+            ]
+            if open_entries:
+                engagement = linked.get(project_id)
+                found.append(await _unbilled_line(tracker, connection, project_id, engagement, open_entries, hours))
     return found
+
+
+async def _simulated(store: Store, keys: Iterable[str]) -> set[str]:
+    """Which of ``keys`` are simulated (pilot) billing events."""
+    rows = await store.select_in(BillingEventRow, "key", keys, table_of(BillingEventRow).c.simulated.is_(True))
+    return {row.key for row in rows}
 
 
 async def _unbilled_line(
@@ -471,15 +505,29 @@ async def release_over_cap(store: Store, connection: str, entry_id: str, now: da
     return bool(result.rowcount)
 
 
-async def linked_engagements(store: Store, pipeline: Pipeline) -> dict[str, Engagement]:
-    """The pipeline's hourly engagements by the tracker project they bill."""
+async def hourly_engagements(store: Store, crm: str, project_ids: Collection[str]) -> list[EngagementRow]:
+    """The stored hourly engagements of ``crm`` that bill one of ``project_ids``, by key.
+
+    The project is read from the engagement's JSON in SQL (``data.time_project_id``:
+    ``json_extract`` on SQLite, ``->>`` on PostgreSQL), so only those rows are loaded.
+    """
     table = table_of(EngagementRow)
-    rows = await store.select(
-        EngagementRow,
-        table.c.type == str(EngagementType.HOURLY),
-        table.c.crm_connection == pipeline.crm_name,
-        order_by=table.c.key,
-    )
+    project = table.c.data["time_project_id"].as_string()
+    wanted = sorted(set(project_ids))
+    found: list[EngagementRow] = []
+    for start in range(0, len(wanted), 500):  # under every driver's limit on bound parameters
+        found += await store.select(
+            EngagementRow,
+            table.c.type == str(EngagementType.HOURLY),
+            table.c.crm_connection == crm,
+            project.in_(wanted[start : start + 500]),
+        )
+    return sorted(found, key=lambda row: row.key)
+
+
+async def linked_engagements(store: Store, pipeline: Pipeline, project_ids: Collection[str]) -> dict[str, Engagement]:
+    """The pipeline's hourly engagements billing ``project_ids``, by the tracker project they bill."""
+    rows = await hourly_engagements(store, pipeline.crm_name, project_ids)
     linked: dict[str, Engagement] = {}
     for row in rows:
         engagement = Engagement.model_validate(row.data)

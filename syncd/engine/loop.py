@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta
@@ -58,14 +57,15 @@ from syncd.core.interfaces import (
     InvoiceDraft,
     InvoiceState,
     InvoiceStatus,
+    LedgerDocument,
     SendsInvoices,
     SourceRecord,
-    UpdatesCustomers,
     VoidsInvoices,
 )
-from syncd.engine import hours, recurring, selectors
+from syncd.engine import clients, hours, recurring, selectors
 from syncd.engine.runtime import Pipeline, Runtime
 from syncd.plumbing import failpoints
+from syncd.store import trail
 from syncd.store.db import (
     BillingEventRow,
     ClientRow,
@@ -74,6 +74,7 @@ from syncd.store.db import (
     EngagementRow,
     EventRow,
     InvoiceRow,
+    InvoiceTrailRow,
     OutcomeRow,
     SourceRecordRow,
     decimal_text,
@@ -175,6 +176,9 @@ class Engine:
             if row.object_type in ("invoice", "credit_note") and pipeline.invoicing_name == row.connection:
                 await self.refresh_invoice(pipeline, row.object_id)
                 handled = True
+            elif row.object_type == "contact" and pipeline.invoicing_name == row.connection and not handled:
+                await self.refresh_customer(pipeline, row.object_id)
+                handled = True
             elif row.object_type == "time_entry" and pipeline.time_tracking_name == row.connection:
                 await self.process_time_entry(pipeline, row)
                 handled = True
@@ -267,7 +271,7 @@ class Engine:
         if current.won_at is not None:
             current = current.model_copy(update={"won_recorded_at": record.stage_changed_at})
         async with self.store.begin() as conn:
-            await self._save_client(conn, mapped.client, now)
+            await self._save_client(conn, mapped.client, now, pipeline=pipeline, engagement=current)
             previous = await self.store.get(EngagementRow, current.key, conn=conn)
             engagement = recurring.keep_history(
                 Engagement.model_validate(previous.data) if previous is not None else None,
@@ -338,7 +342,8 @@ class Engine:
         if await recurring.bill_projects(self, pipeline, projects):
             return
         project = known or await hours.stored_project(self.store, connection, row.object_id, row.occurred_at)
-        engagement = (await hours.linked_engagements(self.store, pipeline)).get(project or "")
+        linked = await hours.linked_engagements(self.store, pipeline, [project] if project else [])
+        engagement = linked.get(project or "")
         if engagement is None or engagement.cap_hours is None or engagement.won_at is None or project is None:
             return
         tracked = await hours.project_hours(self.store, connection, project)
@@ -531,6 +536,7 @@ class Engine:
             "crm": pipeline.crm_name,
             "crm_object_id": crm_object_id,
             "triggered_at": event.occurred_at.isoformat(),
+            "pipeline": pipeline.name,
         }
         delay = pipeline.settings.invoice_delay_s if event.kind in DELAYED_KINDS else 0
         if delay:
@@ -604,7 +610,21 @@ class Engine:
             },
         )
 
-    async def _save_client(self, conn: Any, client: Client, now: datetime) -> None:
+    async def _save_client(
+        self,
+        conn: Any,
+        client: Client,
+        now: datetime,
+        *,
+        pipeline: Pipeline | None = None,
+        engagement: Engagement | None = None,
+    ) -> None:
+        """Store the client as the CRM maps it, and settle what the CRM holds against the client record.
+
+        The CRM's values (and the deal's hourly rate) are observed (:mod:`syncd.engine.clients`):
+        a change at the CRM of a field it owns is in force at once (and reaches the ledger
+        before the next invoice); a change of a field it does not own is a conflict.
+        """
         existing = await self.store.get(ClientRow, client.key, conn=conn)
         ids = dict(existing.external_ids) if existing is not None else {}
         ids.update(client.external_ids)
@@ -619,6 +639,27 @@ class Engine:
             },
             conn,
         )
+        if pipeline is None:
+            return
+        row = await clients.locked_row(self.store, conn, client.key)
+        if row is None:
+            return
+        settled = await clients.record_observation(
+            self.store,
+            conn,
+            row,
+            system=pipeline.crm_name,
+            role="crm",
+            observed=clients.crm_view(client, engagement),
+            owners=self.rt.config.settings.clients,
+            owner_systems={"crm": pipeline.crm_name, "ledger": pipeline.invoicing_name},
+            now=now,
+        )
+        name = settled.record.get("legal_name")
+        if isinstance(name, str) and name != client.legal_name:
+            await conn.execute(
+                sa.update(table_of(ClientRow)).where(table_of(ClientRow).c.key == client.key).values(legal_name=name)
+            )
 
     async def _check_divergence(self, pipeline: Pipeline, engagement: Engagement, record: SourceRecord) -> None:
         """A deal edited, reopened or lost after it was invoiced: record it, never re-invoice or void.
@@ -682,16 +723,64 @@ class Engine:
             InvoiceRow.invoicing_connection == pipeline.invoicing_name,
         )
         if not rows:
+            await self._link_reissue(pipeline, invoice_id)
             return
         status = await pipeline.invoicing.get_invoice(invoice_id)
         await self._record_status(rows[0], status)
 
+    async def _link_reissue(self, pipeline: Pipeline, invoice_id: str) -> None:
+        """A document syncd did not create, read while one of syncd's invoices stands voided by hand.
+
+        If it bills the voided invoice's customer it is that invoice's reissue, and the
+        trail says so. It is read only while such a void waits for its reissue, so the
+        documents a person makes at the ledger for other reasons cost no call.
+        """
+        trails = table_of(InvoiceTrailRow)
+        voids = await self.store.select(
+            InvoiceTrailRow, trails.c.kind == "correction", trails.c.classes == "void", order_by=trails.c.id
+        )
+        linked = {row.invoice_key for row in await self.store.select(InvoiceTrailRow, trails.c.kind == "reissue")}
+        waiting = [
+            row for row in voids if row.invoice_key not in linked and (row.detail or {}).get("customer_id") is not None
+        ]
+        if not waiting:
+            return
+        try:
+            status = await pipeline.invoicing.get_invoice(invoice_id)
+        except NotFound:
+            return
+        customer = status.document.customer_id if status.document is not None else None
+        for void in waiting:
+            original = await self.store.get(InvoiceRow, void.invoice_key)
+            if original is None or original.invoicing_connection != pipeline.invoicing_name:
+                continue
+            if (void.detail or {}).get("customer_id") != customer or status.state is InvoiceState.VOIDED:
+                continue
+            async with self.store.begin() as conn:
+                await trail.add_step(
+                    conn,
+                    key=f"{original.key}:reissue:{invoice_id}",
+                    invoice_key=original.key,
+                    kind="reissue",
+                    actor="person",
+                    summary=f"reissued by hand as {status.number or invoice_id} "
+                    f"({decimal_text(status.total)} {status.currency}) after the hand void",
+                    detail={"invoice_id": invoice_id, "number": status.number},
+                    at=self.rt.clock(),
+                    is_postgres=self.store.is_postgres,
+                )
+            log.warning("invoice_reissued_by_hand", invoice=original.number, reissue=status.number)
+            return
+
     async def _record_status(self, row: InvoiceRow, status: InvoiceStatus) -> None:
-        """Store the ledger's newer state of a document and queue the deal's write-back.
+        """Store the ledger's newer state of a document, its trail, and queue the deal's write-back.
 
         A state older than the one stored (by the ledger's own update time) is ignored,
         so a late or reordered read never moves the deal backwards; a newer one is
-        written even when it reverses an earlier state (a payment deleted).
+        written even when it reverses an earlier state (a payment deleted). The content
+        read is compared with the copy before it: a change syncd did not make is a hand
+        correction (:func:`syncd.store.trail.compare`). The first read in an approved state
+        dates the invoice's issue; a paid one its paid day.
         """
         now = self.rt.clock()
         values = _status_values(status)
@@ -702,24 +791,112 @@ class Engine:
         ):
             log.info("invoice_status_stale", invoice=row.number, seen=str(status.updated_at))
             return
+        document = status.document.model_dump(mode="json") if status.document is not None else None
         changed = any(str(getattr(row, k)) != str(v) for k, v in values.items())
-        if not changed:
+        if not changed and (document is None or document == row.document):
             return
+        extra = await self._status_extras(row, status, now)
+        version = f"{row.key}:{(status.updated_at or now).isoformat()}:{values['state']}:{values['amount_due']}"
         async with self.store.begin() as conn:
             await conn.execute(
                 sa.update(table_of(InvoiceRow))
                 .where(table_of(InvoiceRow).c.key == row.key)
-                .values(**values, source_updated_at=status.updated_at, updated_at=now)
+                .values(
+                    **values,
+                    **extra,
+                    document=document or row.document,
+                    source_updated_at=status.updated_at,
+                    updated_at=now,
+                )
             )
-            version = f"{row.key}:{(status.updated_at or now).isoformat()}:{values['state']}:{values['amount_due']}"
-            await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, version, now)
-        log.info(
-            "invoice_status_changed",
-            invoice=row.number,
-            state=values["state"],
-            amount_due=values["amount_due"],
-            previous=row.state,
+            await self._trail_status(conn, row, status, version, now)
+            if changed:
+                await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, version, now)
+        if changed:
+            log.info(
+                "invoice_status_changed",
+                invoice=row.number,
+                state=values["state"],
+                amount_due=values["amount_due"],
+                previous=row.state,
+            )
+
+    async def _status_extras(self, row: InvoiceRow, status: InvoiceStatus, now: datetime) -> dict[str, Any]:
+        """The issue time and the paid day a new state gives the invoice."""
+        extra: dict[str, Any] = {}
+        if row.issued_at is None and status.state not in _UNISSUED:
+            extra["issued_at"] = now  # a draft approved at the ledger: issued when syncd first sees it so
+        if status.state is InvoiceState.PAID:
+            client = await self.store.get(ClientRow, row.client_key)
+            zone = client.data.get("timezone", "UTC") if client else "UTC"
+            extra["paid_on"] = row.paid_on or self._paid_on(status, zone)
+        elif row.paid_on is not None:
+            extra["paid_on"] = None  # a payment deleted: not paid any more
+        return extra
+
+    def _paid_on(self, status: InvoiceStatus, zone: str) -> date:
+        """The ledger's fully-paid day, else the day (in the client's zone) syncd saw it paid."""
+        if status.document is not None and status.document.fully_paid_on is not None:
+            return status.document.fully_paid_on
+        return receivables.today_in(self.rt.clock(), zone)
+
+    async def _trail_status(
+        self, conn: AsyncConnection, row: InvoiceRow, status: InvoiceStatus, version: str, now: datetime
+    ) -> None:
+        """The trail steps of a new read: a state change, a hand correction, a hand void."""
+        state = str(status.state)
+        postgres = self.store.is_postgres
+        if state != row.state:
+            by_syncd = state == str(InvoiceState.VOIDED) and await self._voided_by_syncd(conn, row.key)
+            await trail.add_step(
+                conn,
+                key=f"{version}:status",
+                invoice_key=row.key,
+                kind="status",
+                actor="syncd" if by_syncd else "ledger",
+                summary=f"{row.state} → {state}; amount due {decimal_text(status.amount_due)} {status.currency}",
+                at=now,
+                is_postgres=postgres,
+            )
+            if state == str(InvoiceState.VOIDED) and not by_syncd and row.state != str(InvoiceState.VOIDED):
+                await trail.add_step(
+                    conn,
+                    key=f"{version}:void",
+                    invoice_key=row.key,
+                    kind="correction",
+                    actor="person",
+                    summary="voided at the ledger by hand",
+                    classes=("void",),
+                    detail={"changes": ["voided at the ledger, not by syncd"], "customer_id": _customer_of(row)},
+                    at=now,
+                    is_postgres=postgres,
+                )
+                log.warning("invoice_corrected", invoice=row.number, classes=["void"])
+        if status.document is None or row.document is None:
+            return
+        before = LedgerDocument.model_validate(row.document)
+        own = await trail.own_credit_notes(conn, row.invoicing_connection)
+        correction = trail.compare(before, status.document, own)
+        if correction is None:
+            return
+        await trail.add_step(
+            conn,
+            key=f"{version}:correction:{hashlib.sha256(repr(correction).encode()).hexdigest()[:12]}",
+            invoice_key=row.key,
+            kind="correction",
+            actor="person",
+            summary=f"corrected at the ledger ({', '.join(correction.classes)}): " + "; ".join(correction.changes),
+            classes=correction.classes,
+            detail={"changes": list(correction.changes)},
+            at=now,
+            is_postgres=postgres,
         )
+        log.warning("invoice_corrected", invoice=row.number, classes=list(correction.classes))
+
+    async def _voided_by_syncd(self, conn: AsyncConnection, key: str) -> bool:
+        table = table_of(EffectRow)
+        found = await conn.scalar(sa.select(sa.func.count()).select_from(table).where(table.c.key == f"void:{key}"))
+        return bool(found)
 
     async def _queue_crm_status(self, conn: Any, crm: str, deal_id: str, version: str, now: datetime) -> bool:
         """Queue a write-back of the deal's standing, once per ``version`` of what changed.
@@ -798,10 +975,10 @@ class Engine:
         if status is None and row.payload.get("recheck_won") and not await self._still_won(row):
             await self._skip_unwon(row, draft)
             return
-        customer_id = await self._customer_id(row.connection, invoicing, draft.client)
+        customer_id, billed = await self._customer_id(row.connection, invoicing, draft.client)
         created = status is None
         if status is None:
-            draft = await self._after_lock_date(row.connection, invoicing, draft)
+            draft = await self._after_lock_date(row.connection, invoicing, _billed_as(draft, billed))
             failpoints.hit("before_vendor_call")
             status = await invoicing.create_invoice(draft, customer_id)
             failpoints.hit("after_vendor_2xx")
@@ -827,9 +1004,29 @@ class Engine:
             "created_at": now,
             "updated_at": now,
             "totals_mismatch": mismatch,
+            "issued_at": now if status.state not in _UNISSUED else None,
+            "paid_on": self._paid_on(status, draft.client.timezone) if status.state is InvoiceState.PAID else None,
+            "sent": trail.sent_payload(draft, customer_id),
+            "document": status.document.model_dump(mode="json") if status.document is not None else None,
         }
         async with self.store.begin() as conn:
             await self.store.upsert(InvoiceRow, values, conn)
+            await trail.add_step(
+                conn,
+                key=f"{draft.key}:sent",
+                invoice_key=draft.key,
+                kind="sent",
+                actor="syncd",
+                summary=f"{'sent' if created else 'found after a lost answer'}: {status.number or status.invoice_id}, "
+                f"{status.state}, {decimal_text(status.total)} {status.currency}, due {status.due_date or '-'}",
+                detail={
+                    "sent": trail.sent_payload(draft, customer_id),
+                    "answer": status.model_dump(mode="json", exclude={"document"}),
+                    "document": values["document"],
+                },
+                at=now,
+                is_postgres=self.store.is_postgres,
+            )
             if not await self.store.finish(
                 EffectRow, row, status="done", now=now, result={"invoice_id": status.invoice_id}, conn=conn
             ):
@@ -853,6 +1050,7 @@ class Engine:
                     client_key=draft.client.key,
                 )
         failpoints.hit("after_local_commit")
+        self.rt.metrics.invoice_created(self._pipeline_name(row), (now - triggered_at).total_seconds())
         if mismatch:
             log.warning("invoice_totals_mismatch", key=draft.key, invoice=status.number, detail=mismatch)
         log.info(
@@ -936,6 +1134,15 @@ class Engine:
                 billing_event_key=credit.key,
             )
 
+    def _pipeline_name(self, row: EffectRow) -> str:
+        """The ``pipeline`` label of an invoice effect (queued before effects named it: the first on its route)."""
+        named = row.payload.get("pipeline")
+        if isinstance(named, str) and named:
+            return named
+        crm = row.payload.get("crm")
+        route = (p.name for p in self.rt.pipelines if p.crm_name == crm and p.invoicing_name == row.connection)
+        return next(route, "")
+
     def _pipeline_for(self, crm: str, invoicing: str) -> Pipeline:
         for pipeline in self.rt.pipelines:
             if pipeline.crm_name == crm and pipeline.invoicing_name == invoicing:
@@ -1004,69 +1211,54 @@ class Engine:
             billing_event_key=invoice.key,
         )
 
-    async def _customer_id(self, connection: str, invoicing: Any, client: Client) -> str:
-        """The client's customer id at the invoicing tool, created at most once.
+    async def _customer_id(self, connection: str, invoicing: Any, client: Client) -> tuple[str, Client]:
+        """The client's customer id at the invoicing tool (created at most once), and the client to bill.
 
         Two effects of the same client may run at once (on two replicas): the lock makes
-        the second wait and then read the id the first stored.
+        the second wait and then read the id the first stored. The customer record is
+        then settled against the client record (:func:`syncd.engine.clients.settle_ledger`):
+        changes at their owner flow to the other system, a change at a non-owner is a
+        conflict, and the client comes back with the values in force (the ledger's
+        payment terms, by default).
         """
         async with self.store.named_lock(f"customer:{connection}:{client.key}"):
             row = await self.store.get(ClientRow, client.key)
             known = row.external_ids.get(connection) if row is not None else None
+            created: Client | None = None
             if known:
-                await self._sync_customer(connection, invoicing, row, client, str(known))
-                return str(known)
-            customer_id = str(await invoicing.upsert_customer(client))
-            if row is not None:
-                ids = {**row.external_ids, connection: customer_id}
-                pushed = {**(row.pushed or {}), connection: client.ledger_details()}
-                await self.store.update(
-                    ClientRow, [col(ClientRow.key) == client.key], {"external_ids": ids, "pushed": pushed}
-                )
-            return customer_id
-
-    async def _sync_customer(
-        self, connection: str, invoicing: Any, row: ClientRow, client: Client, customer_id: str
-    ) -> None:
-        """Bring the ledger's customer record in step with the CRM before the next invoice.
-
-        The CRM owns legal name, billing contact, email, address and tax id: a change
-        there updates the ledger once (keyed by the new details). A ledger-side edit
-        made since syncd's last push is not overwritten: it is an outcome that needs
-        attention, and the invoice still goes out.
-        """
-        wanted = client.ledger_details()
-        last = (row.pushed or {}).get(connection)
-        if wanted == last or not isinstance(invoicing, UpdatesCustomers):
-            return
-        current = await invoicing.customer_details(customer_id)
-        if current == wanted:
-            await self._save_pushed(row, connection, wanted)
-            return
-        if last is not None and current != last:
-            changed = sorted(name for name in wanted if current.get(name) != last.get(name))
-            await self.record_outcome(
-                key=f"attention:customer_edited:{connection}:{client.key}:{_digest(current)}",
-                kind="attention",
-                reason="ledger_customer_edited",
-                detail=f"{connection} customer {customer_id} of client {client.key} was edited at the ledger "
-                f"({', '.join(changed)}) since syncd's last update; the CRM's change was not written over it",
+                customer_id = str(known)
+            else:
+                created = clients.applied(client, row.record if row is not None else None)
+                customer_id = str(await invoicing.upsert_customer(created))
+                if row is not None:
+                    ids = {**row.external_ids, connection: customer_id}
+                    await self.store.update(ClientRow, [col(ClientRow.key) == client.key], {"external_ids": ids})
+            settled = await clients.settle_ledger(
+                self.rt,
                 connection=connection,
+                invoicing=invoicing,
                 client_key=client.key,
+                customer_id=customer_id,
+                created=created,
             )
-            return
-        await invoicing.update_customer(customer_id, client, _digest(wanted))
-        await self._save_pushed(row, connection, wanted)
-        log.info(
-            "customer_updated",
-            connection=connection,
-            client=client.key,
-            fields=sorted(name for name in wanted if (last or current).get(name) != wanted[name]),
-        )
+            return customer_id, settled or client
 
-    async def _save_pushed(self, row: ClientRow, connection: str, details: dict[str, str | None]) -> None:
-        pushed = {**(row.pushed or {}), connection: details}
-        await self.store.update(ClientRow, [col(ClientRow.key) == row.key], {"pushed": pushed})
+    async def refresh_customer(self, pipeline: Pipeline, customer_id: str) -> None:
+        """A customer record changed at the ledger (a contact webhook): settle it against its client's record."""
+        rows = [
+            row
+            for row in await self.store.select(ClientRow)
+            if str(row.external_ids.get(pipeline.invoicing_name, "")) == customer_id
+        ]
+        for row in rows:
+            async with self.store.named_lock(f"customer:{pipeline.invoicing_name}:{row.key}"):
+                await clients.settle_ledger(
+                    self.rt,
+                    connection=pipeline.invoicing_name,
+                    invoicing=pipeline.invoicing,
+                    client_key=row.key,
+                    customer_id=customer_id,
+                )
 
     async def _write_crm_status(self, row: EffectRow) -> None:
         """Write the deal's standing across all its documents (:func:`syncd.core.receivables.deal_status`)."""
@@ -1182,6 +1374,8 @@ class Engine:
                 now=now,
                 conn=conn,
             )
+        if model is EffectRow and row.kind == CREATE_INVOICE:
+            self.rt.metrics.invoice_failed(self._pipeline_name(row))
         log.error("dead_lettered", source=source, id=row.id, reason=exc.message, place=exc.place)
 
 
@@ -1203,8 +1397,33 @@ def _engagement_values(engagement: Engagement, pipeline: Pipeline, deal_id: str,
     }
 
 
-def _digest(details: dict[str, str | None]) -> str:
-    return hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest()[:24]
+_UNISSUED = frozenset({InvoiceState.DRAFT, InvoiceState.VOIDED})  # states in which a document was never payable
+
+
+def _customer_of(row: InvoiceRow) -> str | None:
+    """The ledger customer an invoice was sent for (from what syncd sent)."""
+    sent = row.sent or {}
+    found = sent.get("customer_id") if isinstance(sent, dict) else None
+    return str(found) if found else None
+
+
+def _billed_as(draft: InvoiceDraft, billed: Client) -> InvoiceDraft:
+    """``draft`` with the client record's values in force (``billed``): the legal name, tax id and
+    payment terms another system may own; a due date set by the terms follows the terms in
+    force (changed at their owner since the draft was queued)."""
+    client = draft.client.model_copy(
+        update={
+            "legal_name": billed.legal_name,
+            "tax_id": billed.tax_id,
+            "payment_terms_days": billed.payment_terms_days,
+        }
+    )
+    update: dict[str, Any] = {"client": client}
+    by_terms = draft.due_date - draft.issue_date == timedelta(days=draft.client.payment_terms_days)
+    if by_terms and client.payment_terms_days != draft.client.payment_terms_days:
+        update["due_date"] = draft.issue_date + timedelta(days=client.payment_terms_days)
+        log.info("due_date_from_terms", key=draft.key, terms_days=client.payment_terms_days)
+    return draft.model_copy(update=update)
 
 
 def _document(row: InvoiceRow) -> receivables.Document:

@@ -60,6 +60,7 @@ from syncd.core.interfaces import (
     Engagement,
     EngagementType,
     InvoiceDraft,
+    RateChange,
     SourceRecord,
     TimeEntry,
 )
@@ -85,6 +86,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("syncd.engine.recurring")
 
 HOURS_KINDS = frozenset({BillingEventKind.PERIOD_DUE, BillingEventKind.HOURS_CAP_REACHED})
+PAGE_SIZE = 200
+"""Engagements read per page by :func:`run_due` (keyset pagination: ``syncd/store/db.py``, ``Store.pages``)."""
 
 
 # ---------------------------------------------------------------------------
@@ -101,6 +104,9 @@ def keep_history(
       :class:`~syncd.core.interfaces.AmountChange` (:func:`syncd.core.proration.with_history`)
       effective on ``current.amount_effective``, else on the day of ``recorded_at`` in
       ``timezone``; its version (the change sequence in its billing key) is the source's.
+    * An hourly rate that differs from the one in force becomes a
+      :class:`~syncd.core.interfaces.RateChange` effective on the day of ``recorded_at`` in
+      ``timezone`` (:func:`with_rate_history`): hours dated from then on are billed at it.
     * A cancellation date seen for the first time is taken as recorded at
       ``recorded_at``; the moment is kept while the date stays the same.
 
@@ -116,10 +122,35 @@ def keep_history(
         return current
     effective = current.amount_effective or billing.issue_date_for(recorded_at, timezone)
     kept = with_history(previous, current, recorded_at=recorded_at, effective=effective)
+    kept = with_rate_history(
+        previous, kept, recorded_at=recorded_at, effective=billing.issue_date_for(recorded_at, timezone)
+    )
     if kept.cancel_date is None or kept.cancelled_at is not None:
         return kept
     seen = previous.cancelled_at if previous.cancel_date == kept.cancel_date else None
     return kept.model_copy(update={"cancelled_at": seen or recorded_at})
+
+
+def with_rate_history(
+    previous: Engagement, current: Engagement, *, recorded_at: datetime, effective: date
+) -> Engagement:
+    """``current`` carrying the rate history of ``previous``, plus the change it makes.
+
+    The mapping yields the rate the source holds now; hours logged before a change keep
+    the rate of their day, so the history is kept here from one mapping to the next:
+    ``rate`` stays the rate before the first change, and a new rate is appended as a
+    :class:`~syncd.core.interfaces.RateChange` effective on ``effective``. Hours already
+    invoiced are never billed again whatever the rate (``time_entries.invoice_key``).
+    """
+    if current.rate is None or current.rate_changes:
+        return current
+    in_force = previous.current_rate()
+    if in_force is None:
+        return current
+    history = previous.rate_changes
+    if in_force != current.rate:
+        history = (*history, RateChange(effective=effective, rate=current.rate, recorded_at=recorded_at))
+    return current.model_copy(update={"rate": previous.rate, "rate_changes": history})
 
 
 # ---------------------------------------------------------------------------
@@ -417,27 +448,41 @@ async def bill_row(engine: BillingQueue, pipeline: Pipeline, row: EngagementRow)
     return await bill_engagement(engine, pipeline, engagement, client, row.crm_object_id)
 
 
-async def run_due(engine: BillingQueue) -> int:
+async def run_due(engine: BillingQueue, *, page_size: int = PAGE_SIZE) -> int:
     """Read every time tracker's new hours, then queue what is due for every stored engagement.
 
-    A failure is logged per engagement (the deal's own processing dead-letters it) and
-    the others go on. Returns how many billing events were recorded.
+    Only won engagements on a CRM some pipeline reads are read (nothing is ever due for
+    one that is not won: every rule of :mod:`syncd.billing` starts from ``won_at``), in
+    pages of ``page_size`` by key, so the hourly run holds one page in memory, not the
+    table; each is handled once per run. A failure is logged per engagement (the deal's
+    own processing dead-letters it) and the others go on. Returns how many billing
+    events were recorded.
     """
     runtime = engine.rt
     for each in runtime.pipelines:
         await _read_hours(runtime, each)
-    rows = await runtime.store.select(EngagementRow, order_by=table_of(EngagementRow).c.key)
-    recorded = 0
-    for row in rows:
-        pipeline = await pipeline_for(runtime, row)
-        if pipeline is None:
-            continue
-        try:
-            recorded += len(await bill_row(engine, pipeline, row))
-        except SyncdError as exc:
-            log.warning("recurring_billing_failed", engagement=row.key, error=str(exc))
-    log.info("recurring_run_done", engagements=len(rows), recorded=recorded)
+    table = table_of(EngagementRow)
+    crms = sorted({pipeline.crm_name for pipeline in runtime.pipelines})
+    won = (table.c.won_at.is_not(None), table.c.crm_connection.in_(crms))
+    seen = recorded = 0
+    async for page in runtime.store.pages(EngagementRow, *won, key="key", size=page_size):
+        for row in page:
+            seen += 1
+            recorded += await _bill_stored(engine, row)
+    log.info("recurring_run_done", engagements=seen, recorded=recorded)
     return recorded
+
+
+async def _bill_stored(engine: BillingQueue, row: EngagementRow) -> int:
+    """:func:`bill_row` for the pipeline that takes ``row``; a failure is logged, not raised."""
+    pipeline = await pipeline_for(engine.rt, row)
+    if pipeline is None:
+        return 0
+    try:
+        return len(await bill_row(engine, pipeline, row))
+    except SyncdError as exc:
+        log.warning("recurring_billing_failed", engagement=row.key, error=str(exc))
+        return 0
 
 
 async def _read_hours(runtime: Runtime, pipeline: Pipeline) -> set[str]:
@@ -453,10 +498,7 @@ async def _read_hours(runtime: Runtime, pipeline: Pipeline) -> set[str]:
 async def bill_projects(engine: BillingQueue, pipeline: Pipeline, project_ids: Iterable[str]) -> list[str]:
     """Queue what is due for the pipeline's hourly engagements that bill ``project_ids``."""
     wanted = set(project_ids)
-    table = table_of(EngagementRow)
-    rows = await engine.rt.store.select(
-        EngagementRow, table.c.type == str(EngagementType.HOURLY), table.c.crm_connection == pipeline.crm_name
-    )
+    rows = await hours.hourly_engagements(engine.rt.store, pipeline.crm_name, wanted)
     keys: list[str] = []
     for row in rows:
         if Engagement.model_validate(row.data).time_project_id not in wanted:
@@ -507,7 +549,6 @@ async def simulate(runtime: Runtime, client_key: str, start: date, end: date) ->
         ValidationFailed: an engagement's draft cannot be valid.
     """
     client = await stored_client(runtime.store, client_key)
-    recorded = {row.key: row for row in await runtime.store.select(BillingEventRow)}
     table = table_of(EngagementRow)
     rows = await runtime.store.select(EngagementRow, table.c.client_key == client_key, order_by=table.c.key)
     found: list[Simulated] = []
@@ -515,7 +556,7 @@ async def simulate(runtime: Runtime, client_key: str, start: date, end: date) ->
         pipeline = await pipeline_for(runtime, row)
         if pipeline is not None:
             engagement = Engagement.model_validate(row.data)
-            found += await _simulate_one(runtime, pipeline, engagement, client, (start, end), recorded)
+            found += await _simulate_one(runtime, pipeline, engagement, client, (start, end))
     return sorted(found, key=lambda item: (item.event.occurred_at, item.event.engagement_key, item.event.kind))
 
 
@@ -525,16 +566,30 @@ async def _simulate_one(
     engagement: Engagement,
     client: Client,
     span: tuple[date, date],
-    recorded: dict[str, BillingEventRow],
 ) -> list[Simulated]:
     begin = start_of_day(span[0], client.timezone)
     tracked = await tracked_hours(runtime, pipeline, engagement)
+    recorded = await _recorded(runtime.store, engagement.key, tracked)
     engagement = await with_tracker_state(pipeline, engagement, tracked, runtime.clock())
     run = _Simulation(runtime, pipeline, engagement, client, begin, recorded, tracked)
     entry_times = [entry.updated_at for entry in tracked.entries] if tracked is not None else None
     for as_of in _steps(span, client.timezone, entry_times):
         await run.step(as_of)
     return run.found
+
+
+async def _recorded(
+    store: Store, engagement_key: str, tracked: hours.ProjectHours | None
+) -> dict[str, BillingEventRow]:
+    """The billing events a simulation of one engagement looks up: its own, and those that invoiced its hours.
+
+    Read by engagement and by key in SQL, never the whole table.
+    """
+    table = table_of(BillingEventRow)
+    rows = await store.select(BillingEventRow, table.c.engagement_key == engagement_key)
+    if tracked is not None:
+        rows += await store.select_in(BillingEventRow, "key", tracked.keys.values())
+    return {row.key: row for row in rows}
 
 
 def _steps(span: tuple[date, date], timezone: str, entry_times: Sequence[datetime] | None) -> list[datetime]:

@@ -13,7 +13,7 @@ import functools
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +25,7 @@ from syncd.core.errors import ConfigError, MappingError
 from syncd.core.interfaces import Crm, Invoicing, TimeTracker, WebhookVerifier
 from syncd.core.mapping import MappingDefaults, PipelineMapping, load_mapping
 from syncd.plumbing.http import SharedBudget, Sleep, VendorHttp, make_client
+from syncd.plumbing.metrics import Metrics
 from syncd.plumbing.registry import ConnectorContext, secret_value
 from syncd.plumbing.settings import Config, PipelineSettings, load_config
 from syncd.store.db import DbTokenStore, Store
@@ -39,7 +40,10 @@ def utcnow() -> datetime:
 
 @dataclass(frozen=True, kw_only=True)
 class Pipeline:
-    """One deal-to-cash pipeline, wired: its connectors and its mapping."""
+    """One deal-to-cash pipeline, wired: its connectors and its mapping.
+
+    ``name`` labels it in ``/metrics`` and logs (:func:`pipeline_names`).
+    """
 
     settings: PipelineSettings
     crm_name: str
@@ -49,6 +53,7 @@ class Pipeline:
     mapping: PipelineMapping
     time_tracking_name: str | None = None
     time_tracker: TimeTracker | None = None
+    name: str = ""
 
 
 @dataclass(kw_only=True)
@@ -66,6 +71,7 @@ class Runtime:
         owner: this process's id in leases (host:pid:random).
         billing_start: never invoice a deal won before this.
         defaults: mapping defaults from ``[daemon]``.
+        metrics: this runtime's Prometheus instruments (``/metrics``; :mod:`syncd.plumbing.metrics`).
     """
 
     config: Config
@@ -78,6 +84,7 @@ class Runtime:
     owner: str
     billing_start: datetime
     defaults: MappingDefaults
+    metrics: Metrics = field(default_factory=Metrics)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -122,6 +129,7 @@ class Runtime:
         connectors: dict[str, Any] = {}
         verifiers: dict[str, WebhookVerifier] = {}
         shared = store.is_postgres and config.daemon.shared_rate_budget
+        metrics = Metrics()
         for name, conn in config.connections.items():
             # Vendor windows run on real time, not on the injected business clock.
             budget = SharedBudget(store, connection=name, clock=utcnow) if shared else None
@@ -130,12 +138,16 @@ class Runtime:
                 client=client,
                 tokens=DbTokenStore(store, name, key),
                 clock=clock,
-                make_http=functools.partial(VendorHttp, client, connection=name, budget=budget, sleep=sleep),
+                make_http=functools.partial(
+                    VendorHttp, client, connection=name, budget=budget, sleep=sleep, metrics=metrics
+                ),
+                token_refresh_failed=functools.partial(metrics.token_refresh_failed, name),
             )
             connectors[name] = conn.spec.factory(conn.settings, ctx)
             if conn.spec.verifier is not None:
                 verifiers[name] = conn.spec.verifier(conn.settings, clock)
-        pipelines = [_pipeline(config, p, connectors) for p in config.settings.pipelines]
+        names = pipeline_names(config.settings.pipelines)
+        pipelines = [_pipeline(config, p, connectors, n) for p, n in zip(config.settings.pipelines, names, strict=True)]
         # Before the first migration (``syncd check`` on a new machine) nothing is billed,
         # so "now" is as good a start as any; `syncd run` migrates first and reads the real one.
         billing_start = config.daemon.billing_start or await store.created_at() or clock()
@@ -155,6 +167,7 @@ class Runtime:
             owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             billing_start=billing_start,
             defaults=defaults,
+            metrics=metrics,
         )
 
     async def aclose(self) -> None:
@@ -183,6 +196,7 @@ class Runtime:
             except MappingError as exc:
                 for problem in exc.problems:
                     log.error("mapping_reload_failed", mapping=str(path), problem=problem)
+                self.metrics.mapping_reload_failed()
                 problems += exc.problems
                 fresh.append(pipeline)
                 continue
@@ -202,6 +216,7 @@ class Runtime:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("pilot_reload_failed", config=str(self.config.path), problem=problem)
+            self.metrics.mapping_reload_failed()
             return list(exc.problems)
         pilot = fresh.settings.pilot
         if pilot != self.config.settings.pilot:
@@ -216,7 +231,23 @@ class Runtime:
         return not pilot or client_key in pilot
 
 
-def _pipeline(config: Config, settings: PipelineSettings, connectors: Mapping[str, Any]) -> Pipeline:
+def pipeline_names(pipelines: Sequence[PipelineSettings]) -> list[str]:
+    """Each pipeline's name: its mapping file's stem (``hubspot-xero``), ``-2``, ``-3`` … on a repeat.
+
+    Fixed by the config, so the ``pipeline`` label of ``/metrics`` stays a small set.
+    """
+    names: list[str] = []
+    for settings in pipelines:
+        stem, n = settings.mapping.stem, 1
+        name = stem
+        while name in names:
+            n += 1
+            name = f"{stem}-{n}"
+        names.append(name)
+    return names
+
+
+def _pipeline(config: Config, settings: PipelineSettings, connectors: Mapping[str, Any], name: str) -> Pipeline:
     crm = connectors[settings.crm]
     invoicing = connectors[settings.invoicing]
     if not isinstance(crm, Crm):
@@ -233,4 +264,5 @@ def _pipeline(config: Config, settings: PipelineSettings, connectors: Mapping[st
         mapping=load_mapping(config.mapping_path(settings)),
         time_tracking_name=settings.time_tracking,
         time_tracker=tracker if isinstance(tracker, TimeTracker) else None,
+        name=name,
     )

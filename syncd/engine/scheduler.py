@@ -15,14 +15,16 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.core.errors import SyncdError
-from syncd.engine import drift
+from syncd.engine import audit, drift
 from syncd.engine.runtime import Runtime
+from syncd.store import retention
 from syncd.store.db import CursorRow
 
 log = structlog.get_logger("syncd.engine.scheduler")
 
 CHANGES = "changes"
 RECURRING_INTERVAL_S = 3600  # the recurring-billing tick runs once an hour across replicas
+AUDIT_INTERVAL_S = 3600  # the monthly audit is looked at hourly; it runs once per closed month
 
 
 def polled_connections(runtime: Runtime) -> list[str]:
@@ -94,6 +96,18 @@ async def tick_aging(runtime: Runtime, refresh: Callable[[], Awaitable[int]]) ->
         await refresh()
 
 
+async def tick_retention(runtime: Runtime) -> dict[str, int] | None:
+    """Once a day across replicas: delete what ``[retention]`` lets go (:func:`syncd.store.retention.prune`).
+
+    Returns:
+        rows deleted per rule, or ``None`` when another run (or replica) had the day.
+    """
+    now = runtime.clock()
+    if not await runtime.store.claim_tick("retention", now.date().isoformat(), owner=runtime.owner, now=now):
+        return None
+    return await retention.prune(runtime.store, runtime.config.settings.retention, now=now)
+
+
 async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) -> bool:
     """Once per hour across replicas: read new hours and queue every billing event due.
 
@@ -110,6 +124,18 @@ async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) ->
         return False
     await run()
     return True
+
+
+async def tick_audit(runtime: Runtime) -> bool:
+    """The monthly audit (:func:`syncd.audit.run_monthly`), once per closed month across replicas.
+
+    Looked at every hour: the first look after a month closes (in the company's zone)
+    claims the month's window, logs its audit and records an alert for each rising share.
+
+    Returns:
+        whether this replica ran it.
+    """
+    return await audit.run_monthly(runtime) is not None
 
 
 async def tick_drift(runtime: Runtime) -> int:
@@ -129,11 +155,11 @@ def build_scheduler(
     aging: Callable[[], Awaitable[int]] | None = None,
     recurring: Callable[[], Awaitable[int]] | None = None,
 ) -> AsyncIOScheduler:
-    """An AsyncIOScheduler with a poll job per polled connection, the daily aging job and
-    the hourly recurring-billing job (not yet started).
+    """An AsyncIOScheduler with a poll job per polled connection, the daily aging and
+    retention jobs, the hourly recurring-billing job and the monthly audit (not yet started).
 
-    Recurring billing, aging and the drift guard run once as soon as the scheduler
-    starts, then on their interval, so a daemon restarted more often than an interval
+    Recurring billing, aging, retention, the audit and the drift guard run once as soon as the
+    scheduler starts, then on their interval, so a daemon restarted more often than an interval
     still bills and ages (the per-window tick rows keep a window from running twice
     across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
     connection's first poll reads from ``billing_start``.
@@ -155,6 +181,19 @@ def build_scheduler(
             coalesce=True,
             **first,
         )
+    scheduler.add_job(
+        tick_retention, "interval", hours=1, args=[runtime], id="retention", max_instances=1, coalesce=True, **first
+    )
+    scheduler.add_job(
+        tick_audit,
+        "interval",
+        seconds=AUDIT_INTERVAL_S,
+        args=[runtime],
+        id="audit",
+        max_instances=1,
+        coalesce=True,
+        **first,
+    )
     if runtime.config.daemon.drift_check_interval_s:
         scheduler.add_job(
             tick_drift,

@@ -15,6 +15,8 @@ own client or retry loop. The rules:
   object up, never by creating it again (docs/architecture.md).
 * Each connection has its own limiters, set to the vendor's published limits
   (:class:`RateLimit`); they can be raised or switched off in the connection settings.
+* Every answer is counted by connection and status, 429 included, and every call that
+  got none (``syncd_vendor_calls_total``; :class:`CallMetrics`), here and nowhere else.
 * Replicas sharing a PostgreSQL database also share each vendor budget
   (:class:`SharedBudget`): every request reserves a slot of the vendor's "``L`` per
   ``W``" in one row, so together they stay under the limit.
@@ -229,6 +231,18 @@ def raise_for_action(response: httpx.Response, *, connection: str, errors: Vendo
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class CallMetrics(Protocol):
+    """Where :class:`VendorHttp` counts its calls (:class:`syncd.plumbing.metrics.Metrics`)."""
+
+    def vendor_answered(self, connection: str, response: httpx.Response) -> None:
+        """An answer (and those an auth flow consumed before it, in ``response.history``)."""
+        ...
+
+    def vendor_unanswered(self, connection: str, why: str) -> None:
+        """A call that got no answer: ``timeout`` or ``transport_error``."""
+        ...
+
+
 class BudgetStore(Protocol):
     """Where a shared budget is counted (:meth:`syncd.store.db.Store.take_budget`)."""
 
@@ -313,6 +327,8 @@ class VendorHttp:
         budget: a budget shared with other replicas, spent by every bucket that
             knows its vendor window (:func:`within`); ``None``: this process only.
         errors: how the vendor's error bodies read (messages, auth advice).
+        metrics: counts every answer by status (and every call that got none) in
+            ``syncd_vendor_calls_total``; ``None`` counts nothing.
     """
 
     def __init__(
@@ -330,8 +346,10 @@ class VendorHttp:
         sleep: Sleep = asyncio.sleep,
         budget: SharedBudget | None = None,
         errors: VendorErrors | None = None,
+        metrics: CallMetrics | None = None,
     ) -> None:
         self.client = client
+        self.metrics = metrics
         self.errors = errors
         self.connection = connection
         self.base_url = base_url.rstrip("/")
@@ -401,12 +419,20 @@ class VendorHttp:
                     method, url, params=params, json=json, content=content, headers=merged, auth=self._auth()
                 )
             except httpx.TimeoutException as exc:
+                self._unanswered("timeout")
                 raise RetriableError(f"{self.connection}: {method} {path} timed out") from exc
             except httpx.TransportError as exc:
+                self._unanswered("transport_error")
                 raise RetriableError(f"{self.connection}: {method} {path} failed: {type(exc).__name__}") from exc
+        if self.metrics is not None:
+            self.metrics.vendor_answered(self.connection, response)
         log.debug("http_request", connection=self.connection, method=method, path=path, status=response.status_code)
         raise_for_action(response, connection=self.connection, errors=self.errors)
         return response
+
+    def _unanswered(self, why: str) -> None:
+        if self.metrics is not None:
+            self.metrics.vendor_unanswered(self.connection, why)
 
     def _auth(self) -> httpx.Auth | httpx._client.UseClientDefault:
         return self.auth if self.auth is not None else httpx.USE_CLIENT_DEFAULT

@@ -62,6 +62,8 @@ class ConnectorContext:
         client: the shared ``httpx.AsyncClient`` (for token endpoints on other hosts).
         tokens: durable token storage for OAuth connectors.
         clock: returns the current aware UTC time (injected for tests).
+        token_refresh_failed: call it when an access token cannot be refreshed or
+            fetched (counted in ``/metrics``; :class:`syncd.plumbing.tokens.RotatingTokens` takes it).
     """
 
     connection: str
@@ -69,6 +71,7 @@ class ConnectorContext:
     tokens: TokenStore
     clock: Callable[[], datetime]
     make_http: Callable[..., VendorHttp]
+    token_refresh_failed: Callable[[], None] = field(default=lambda: None)  # a bare context counts nothing
 
 
 class ConnectionSettings(BaseModel):

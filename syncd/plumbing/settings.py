@@ -197,6 +197,125 @@ class PilotSettings(BaseModel):
     clients: tuple[str, ...] = ()
 
 
+MIN_RECORD_MONTHS = 13
+"""Billing records (outcomes, the payloads syncd sent) are kept at least this long: a year
+of audits and the same month a year before (docs/operations.md, "Retention")."""
+
+
+class RetentionSettings(BaseModel):
+    """``[retention]``: what the daily retention job deletes, and after how long (:mod:`syncd.store.retention`).
+
+    Ages count back from the job's run; ``0`` keeps the rows forever. Billing events,
+    invoices, time entries, clients, engagements, open dead letters, outcomes that still
+    need attention and each record's newest source snapshot are never deleted.
+
+    Attributes:
+        events_days: processed inbox events (status ``done``), by when they arrived.
+        effects_days: finished outbox effects (status ``done``) other than invoice
+            creations: CRM write-backs, credit allocations, voids; by their last change.
+        ticks_days: the scheduler's tick rows (one per job and window), by their start.
+        outcomes_months: skips, simulated events and resolved outcomes, by when they were
+            recorded; 0 or at least 13.
+        sent_payloads_months: finished invoice creations, which hold the payload syncd
+            sent; 0 or at least 13.
+        batch_size: rows deleted per transaction (no giant transaction holds the database).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    events_days: int = Field(default=30, ge=0)
+    effects_days: int = Field(default=30, ge=0)
+    ticks_days: int = Field(default=7, ge=0)
+    outcomes_months: int = Field(default=24, ge=0)
+    sent_payloads_months: int = Field(default=24, ge=0)
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+
+    @field_validator("outcomes_months", "sent_payloads_months")
+    @classmethod
+    def _billing_records(cls, value: int) -> int:
+        if 0 < value < MIN_RECORD_MONTHS:
+            raise ValueError(
+                f"{value} months is too short: billing records are kept at least {MIN_RECORD_MONTHS} months "
+                "(0 keeps them forever)"
+            )
+        return value
+
+
+class AuditSettings(BaseModel):
+    """``[audit]``: the monthly audit (``syncd audit``, ``/metrics``, the monthly tick).
+
+    Attributes:
+        late_after_h: hours from an invoice's trigger to its issue beyond which it is
+            late (a pipeline's ``invoice_delay_s`` counts toward them).
+        worst: how many of the latest invoices the report lists.
+        months: months shown, the month asked and those before it (at least 3: the
+            trend compares three months).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    late_after_h: float = Field(default=48, gt=0)
+    worst: int = Field(default=5, ge=0, le=100)
+    months: int = Field(default=3, ge=3, le=24)
+
+
+Owner = Literal["crm", "ledger"]
+
+# The client record's fields (docs/operations.md, "The client record"), and the systems
+# that can own each: a field only the CRM holds (currency, PO number, rates) is owned by it.
+CLIENT_FIELDS: Mapping[str, tuple[Owner, ...]] = {
+    "legal_name": ("crm", "ledger"),
+    "billing_contact": ("crm",),
+    "address": ("crm",),
+    "tax_id": ("crm", "ledger"),
+    "currency": ("crm",),
+    "payment_terms_days": ("crm", "ledger"),
+    "po_number": ("crm",),
+    "rates": ("crm",),
+}
+DEFAULT_OWNERS: Mapping[str, Owner] = {
+    "legal_name": "crm",
+    "billing_contact": "crm",
+    "address": "crm",
+    "tax_id": "crm",
+    "currency": "crm",
+    "payment_terms_days": "ledger",
+    "po_number": "crm",
+    "rates": "crm",
+}
+
+
+class ClientsSettings(BaseModel):
+    """``[clients]``: the one client billing record.
+
+    Attributes:
+        owners: per field of the client record, the system that owns it (``crm`` or
+            ``ledger``): its changes flow to the other system, a change anywhere else is
+            a conflict. Unnamed fields keep their default (:data:`DEFAULT_OWNERS`: the
+            CRM owns all but the payment terms, which the ledger owns). The billing
+            contact, the address, the currency, the PO number and the rates can only be
+            owned by the CRM (syncd writes them to no CRM).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    owners: dict[str, Owner] = Field(default_factory=dict)
+
+    @field_validator("owners")
+    @classmethod
+    def _owners(cls, value: dict[str, Owner]) -> dict[str, Owner]:
+        for name, owner in value.items():
+            if name not in CLIENT_FIELDS:
+                raise ValueError(f"unknown field {name!r}; the client record has {', '.join(CLIENT_FIELDS)}")
+            if owner not in CLIENT_FIELDS[name]:
+                raise ValueError(f"{name} can only be owned by {' or '.join(CLIENT_FIELDS[name])}, not {owner!r}")
+        return value
+
+    def owner(self, field: str) -> Owner:
+        """The system owning ``field`` (a field of :data:`CLIENT_FIELDS`)."""
+        return self.owners.get(field, DEFAULT_OWNERS[field])
+
+
 class Settings(BaseSettings):
     """The whole configuration tree (step 1: before connectors validate their tables).
 
@@ -216,6 +335,9 @@ class Settings(BaseSettings):
     connections: dict[str, dict[str, Any]] = {}
     pipelines: tuple[PipelineSettings, ...] = ()
     pilot: PilotSettings = PilotSettings()
+    retention: RetentionSettings = RetentionSettings()
+    audit: AuditSettings = AuditSettings()
+    clients: ClientsSettings = ClientsSettings()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -462,6 +584,9 @@ _TABLE_MODELS: Mapping[str, type[BaseModel]] = {
     "daemon": DaemonSettings,
     "pilot": PilotSettings,
     "pipelines": PipelineSettings,
+    "retention": RetentionSettings,
+    "audit": AuditSettings,
+    "clients": ClientsSettings,
 }
 
 

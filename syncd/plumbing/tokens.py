@@ -14,6 +14,10 @@ just refused with a 401,
 4. save the new set *before* the new access token is used, so a crash between the
    refresh and the save cannot lose the only valid refresh token.
 
+A refresh that fails (refused, unreachable, no refresh token stored) is reported to
+``on_failure`` before the error goes up: the runtime counts it per connection in
+``syncd_token_refresh_failures_total`` (:class:`~syncd.interfaces.ConnectorContext`).
+
 Bringing in an existing connection: a connector may hand over a refresh token from its
 settings (``refresh_token = "env:…"``). It is consumed once into the store and rotates
 there. The stored set keeps the SHA-256 digest of the configured value it was imported
@@ -36,7 +40,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
-from syncd.core.errors import AuthError
+from syncd.core.errors import AuthError, SyncdError
 from syncd.plumbing import failpoints
 from syncd.plumbing.registry import TokenStore
 
@@ -53,6 +57,7 @@ IMPORTED_DIGEST = "imported_sha256"
 
 Tokens = Mapping[str, Any]
 Refresh = Callable[[str], Awaitable[Mapping[str, Any]]]
+OnFailure = Callable[[], None]
 
 
 def token_valid(tokens: Tokens | None, now_s: float) -> bool:
@@ -97,6 +102,7 @@ class RotatingTokens:
         reconnect: what an admin does when no refresh token works
             (``"run `syncd auth xero` to reconnect"``).
         configured_refresh_token: a refresh token from the settings, imported once.
+        on_failure: called when a refresh fails, before the error is raised.
     """
 
     def __init__(
@@ -108,8 +114,10 @@ class RotatingTokens:
         connection: str,
         reconnect: str,
         configured_refresh_token: str | None = None,
+        on_failure: OnFailure | None = None,
     ) -> None:
         self.store = store
+        self.on_failure = on_failure
         self.refresh = refresh
         self.clock = clock
         self.connection = connection
@@ -145,7 +153,13 @@ class RotatingTokens:
             if token_valid(current, self._now()) and current.get("access_token") != rejected:
                 self._cached = current
                 return str(current["access_token"])
-            fresh = await self._refresh(current)
+            try:
+                fresh = await self._refresh(current)
+            except SyncdError:
+                log.warning("token_refresh_failed", connection=self.connection)
+                if self.on_failure is not None:
+                    self.on_failure()
+                raise
             failpoints.hit("after_token_refresh")
             await self.store.save(fresh)
             self._cached = fresh

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -134,6 +135,8 @@ class ClientRow(SQLModel, table=True):
     external_ids: dict[str, str] = _json(nullable=False)
     updated_at: datetime = _ts()
     pushed: dict[str, Any] | None = _json()  # per connection: the details last written to its customer record
+    record: dict[str, Any] | None = _json()  # the client record: field -> the value in force (syncd.engine.clients)
+    seen: dict[str, Any] | None = _json()  # per connection: field -> the value last seen (or written) there
 
 
 class EngagementRow(SQLModel, table=True):
@@ -191,6 +194,10 @@ class InvoiceRow(SQLModel, table=True):
     totals_mismatch: str | None = None
     divergence: str | None = None
     source_updated_at: datetime | None = _ts(nullable=True)  # the ledger's last change, when it says
+    issued_at: datetime | None = _ts(nullable=True)  # when the ledger first held it approved (payable)
+    paid_on: date | None = None  # the day it was fully paid (the ledger's date, else the day syncd saw it)
+    sent: dict[str, Any] | None = _json()  # what syncd sent: the draft as sent and the customer id
+    document: dict[str, Any] | None = _json()  # the ledger's content as last read (LedgerDocument)
 
 
 class CursorRow(SQLModel, table=True):
@@ -215,9 +222,12 @@ class DeadLetterRow(SQLModel, table=True):
     reason: str
     place: str | None = None
     payload: dict[str, Any] | None = _json()
-    status: str = Field(default="open", index=True)  # open | replayed
+    status: str = Field(default="open", index=True)  # open | replayed | dismissed | simulated (a pilot's credit)
     created_at: datetime = _ts()
     replayed_at: datetime | None = _ts(nullable=True)
+    dismissed_at: datetime | None = _ts(nullable=True)  # a person closed it without a replay
+    dismissed_by: str | None = None
+    dismissed_why: str | None = None
 
 
 class TokenRow(SQLModel, table=True):
@@ -318,6 +328,80 @@ class OutcomeRow(SQLModel, table=True):
     resolved_at: datetime | None = _ts(nullable=True)
 
 
+class InvoiceTrailRow(SQLModel, table=True):
+    """One step in an invoice's life after syncd sent it: the ledger's answers, status changes, corrections.
+
+    ``kind`` is ``sent`` (what syncd sent, and the ledger's first answer), ``status``
+    (a state change read at the ledger), ``correction`` (a change made at the ledger
+    by hand: ``classes`` says what changed, ``detail`` how), ``void`` (voided by syncd),
+    ``reissue`` (a document issued by hand after a hand void). ``key`` makes recording
+    idempotent. Rows are never deleted, so the trail outlives the 13 months the audit
+    compares (docs/operations.md, "Audit").
+    """
+
+    __tablename__ = "invoice_trail"
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    invoice_key: str = Field(index=True)
+    kind: str
+    actor: str  # syncd | ledger | person
+    summary: str
+    classes: str | None = None  # a correction's classes, comma-separated (lines, amounts, terms, contact, tax ...)
+    detail: dict[str, Any] | None = _json()
+    at: datetime = _ts()
+
+
+class PendingAlertRow(SQLModel, table=True):
+    """An alert-worthy event waiting for a sender: the hook an alert channel reads.
+
+    syncd records these (an audit trend flag, a client record conflict) and does not
+    send them itself; a sender lists the rows with ``sent_at`` unset
+    (:meth:`Store.pending_alerts`), delivers them and marks them (:meth:`Store.mark_alerts_sent`).
+    ``key`` makes recording idempotent.
+    """
+
+    __tablename__ = "pending_alerts"
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    source: str  # audit | client
+    title: str
+    text: str
+    fields: dict[str, Any] | None = _json()
+    created_at: datetime = _ts()
+    sent_at: datetime | None = _ts(nullable=True)
+
+
+class ClientChangeRow(SQLModel, table=True):
+    """The client record's change log: a field changed at a system, or written there by syncd."""
+
+    __tablename__ = "client_changes"
+    id: int | None = Field(default=None, primary_key=True)
+    client_key: str = Field(index=True)
+    system: str  # the connection (hubspot, xero)
+    field: str
+    old: Any = _json()
+    new: Any = _json()
+    by: str  # seen (changed at the system) | syncd (written by syncd) | resolve (a conflict resolved)
+    at: datetime = _ts()
+
+
+class ClientConflictRow(SQLModel, table=True):
+    """A client detail changed at a system that does not own it, to a value the owner does not hold."""
+
+    __tablename__ = "client_conflicts"
+    id: int | None = Field(default=None, primary_key=True)
+    client_key: str = Field(index=True)
+    field: str
+    owner: str  # the owning connection
+    other: str  # the connection where it was changed
+    owner_value: Any = _json()
+    other_value: Any = _json()
+    status: str = "open"  # open | resolved
+    opened_at: datetime = _ts()
+    resolved_at: datetime | None = _ts(nullable=True)
+    resolution: str | None = None
+
+
 class RateBudgetRow(SQLModel, table=True):
     """A vendor rate budget shared by replicas: when its next request may go out.
 
@@ -331,6 +415,23 @@ class RateBudgetRow(SQLModel, table=True):
 
 
 Row = TypeVar("Row", EventRow, EffectRow)
+
+
+@dataclass(kw_only=True)
+class MetricCounts:
+    """The counts ``/metrics`` shows from the database (:meth:`Store.metric_counts`).
+
+    Attributes:
+        backlog: (queue, status) → rows: events and effects pending or dead, open dead letters.
+        outcomes: (kind, reason) → open outcomes.
+        dead_letters: source → open dead letters.
+        skips: reason → recorded skips, open or not.
+    """
+
+    backlog: dict[tuple[str, str], int] = field(default_factory=dict)
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    skips: dict[str, int] = field(default_factory=dict)
 
 
 def table_of(model: type[SQLModel]) -> sa.Table:
@@ -684,6 +785,177 @@ class Store:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(stmt)).all()
         return {(str(kind), str(reason)): int(n) for kind, reason, n in rows}
+
+    async def metric_counts(self) -> MetricCounts:
+        """What the ``/metrics`` gauges show, read in one transaction (:mod:`syncd.plumbing.metrics`)."""
+        events, effects = table_of(EventRow), table_of(EffectRow)
+        dead, outcomes = table_of(DeadLetterRow), table_of(OutcomeRow)
+        found = MetricCounts()
+        async with self.engine.connect() as conn:
+            for queue, table in (("events", events), ("effects", effects)):
+                for status in ("pending", "dead"):
+                    value = await conn.scalar(sa.select(sa.func.count()).where(table.c.status == status))
+                    found.backlog[(queue, status)] = int(value or 0)
+            by_source = sa.select(dead.c.source, sa.func.count()).where(dead.c.status == "open").group_by(dead.c.source)
+            found.dead_letters.update({str(s): int(n) for s, n in (await conn.execute(by_source)).all()})
+            found.backlog[("dead_letters", "open")] = sum(found.dead_letters.values())
+            by_kind = (
+                sa.select(outcomes.c.kind, outcomes.c.reason, sa.func.count())
+                .where(outcomes.c.status == "open")
+                .group_by(outcomes.c.kind, outcomes.c.reason)
+            )
+            found.outcomes.update({(str(k), str(r)): int(n) for k, r, n in (await conn.execute(by_kind)).all()})
+            skips = (
+                sa.select(outcomes.c.reason, sa.func.count())
+                .where(outcomes.c.kind == "skip")
+                .group_by(outcomes.c.reason)
+            )
+            found.skips.update({str(r): int(n) for r, n in (await conn.execute(skips)).all()})
+        return found
+
+    async def pages(self, model: type[SQLModel], *where: Any, key: str, size: int = 500) -> AsyncIterator[list[Any]]:
+        """Rows of ``model`` matching ``where``, ``size`` at a time, in the order of column ``key``.
+
+        Keyset pagination: each page is ``WHERE key > <the last key of the previous page>
+        ORDER BY key LIMIT size``, one short read each, so no transaction or connection
+        is held while the caller works through a page (SQLite has one connection). A row
+        is yielded at most once even if rows are inserted or updated meanwhile; a row
+        inserted behind the cursor is left to the next run. ``key`` must be unique.
+        """
+        if size < 1:
+            raise ValueError(f"page size must be at least 1, got {size}")
+        table = table_of(model)
+        column = table.c[key]
+        last: Any = None
+        while True:
+            stmt = sa.select(table).where(*where).order_by(column).limit(size)
+            if last is not None:
+                stmt = stmt.where(column > last)
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(stmt)).mappings().all()
+            if not rows:
+                return
+            yield [model.model_validate(dict(r)) for r in rows]
+            if len(rows) < size:
+                return
+            last = rows[-1][key]
+
+    async def values_pages(self, column: sa.Column[Any], *where: Any, size: int = 500) -> AsyncIterator[list[Any]]:
+        """The distinct values of ``column`` among the rows matching ``where``, ``size`` at a time, in order.
+
+        Keyset pagination as in :meth:`pages` (``SELECT DISTINCT column ... WHERE column >
+        <last> ORDER BY column LIMIT size``).
+        """
+        if size < 1:
+            raise ValueError(f"page size must be at least 1, got {size}")
+        last: Any = None
+        while True:
+            stmt = sa.select(column).distinct().where(*where).order_by(column).limit(size)
+            if last is not None:
+                stmt = stmt.where(column > last)
+            async with self.engine.connect() as conn:
+                values = list((await conn.execute(stmt)).scalars().all())
+            if not values:
+                return
+            yield values
+            if len(values) < size:
+                return
+            last = values[-1]
+
+    async def select_in(
+        self, model: type[SQLModel], column: str, values: Iterable[Any], *where: Any, chunk: int = 500
+    ) -> list[Any]:
+        """Rows of ``model`` whose ``column`` is one of ``values`` (and match ``where``).
+
+        The values are sent ``chunk`` at a time, under every driver's limit on bound
+        parameters however many there are.
+        """
+        table = table_of(model)
+        wanted = sorted(set(values))
+        found: list[Any] = []
+        for start in range(0, len(wanted), chunk):
+            found += await self.select(model, table.c[column].in_(wanted[start : start + chunk]), *where)
+        return found
+
+    async def delete_in_batches(self, model: type[SQLModel], *where: Any, batch: int) -> int:
+        """Delete the rows of ``model`` matching ``where``, ``batch`` per transaction; how many.
+
+        Each batch is one ``DELETE ... WHERE <primary key> IN (SELECT <primary key> ...
+        ORDER BY <primary key> LIMIT batch)`` in its own transaction (a row value ``IN`` for
+        a composite key), so the database is never held by one long delete; the loop
+        ends on the first short batch.
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        table = table_of(model)
+        keys = list(table.primary_key.columns)
+        chosen = sa.select(*keys).where(*where).order_by(*keys).limit(batch)
+        target = keys[0].in_(chosen.scalar_subquery()) if len(keys) == 1 else sa.tuple_(*keys).in_(chosen)
+        total = 0
+        while True:
+            async with self.engine.begin() as conn:
+                deleted = int((await conn.execute(sa.delete(table).where(target))).rowcount or 0)
+            total += deleted
+            if deleted < batch:
+                return total
+            await asyncio.sleep(0)  # let the workers in between batches
+
+    async def dead_letter_counts(self) -> dict[tuple[str, str], int]:
+        """Dead letters counted by (connection, status)."""
+        table = table_of(DeadLetterRow)
+        stmt = sa.select(table.c.connection, table.c.status, sa.func.count()).group_by(
+            table.c.connection, table.c.status
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return {(str(connection), str(status)): int(n) for connection, status, n in rows}
+
+    # -- the alert hook -------------------------------------------------------------------
+
+    async def add_alert(
+        self,
+        *,
+        key: str,
+        source: str,
+        title: str,
+        text: str,
+        fields: Mapping[str, Any] | None,
+        now: datetime,
+        conn: AsyncConnection | None = None,
+    ) -> bool:
+        """Record an alert for a sender to deliver, once per ``key``; ``False`` if it exists."""
+        table = table_of(PendingAlertRow)
+        values = {
+            "key": key,
+            "source": source,
+            "title": title,
+            "text": text,
+            "fields": json.loads(json.dumps(dict(fields or {}), default=str)),
+            "created_at": now,
+        }
+        stmt = self._insert_ignore(table, ("key",)).values(**values).returning(table.c.id)
+        if conn is not None:
+            return (await conn.execute(stmt)).first() is not None
+        async with self.engine.begin() as own:
+            return (await own.execute(stmt)).first() is not None
+
+    async def pending_alerts(self, limit: int = 100) -> list[PendingAlertRow]:
+        """Alerts not yet sent, oldest first."""
+        return list(
+            await self.select(
+                PendingAlertRow,
+                table_of(PendingAlertRow).c.sent_at.is_(None),
+                order_by=table_of(PendingAlertRow).c.id,
+                limit=limit,
+            )
+        )
+
+    async def mark_alerts_sent(self, ids: Iterable[int], now: datetime) -> int:
+        """Mark alerts delivered; how many were still pending."""
+        table = table_of(PendingAlertRow)
+        return await self.update(
+            PendingAlertRow, [table.c.id.in_(list(ids)), table.c.sent_at.is_(None)], {"sent_at": now}
+        )
 
     @contextlib.asynccontextmanager
     async def named_lock(self, name: str) -> AsyncIterator[None]:

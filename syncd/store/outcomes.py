@@ -42,6 +42,12 @@ async def resolve_outcome(store: Store, outcome_id: int, why: str, *, now: datet
     rows = await store.select(OutcomeRow, col(OutcomeRow.id) == outcome_id, col(OutcomeRow.status) == "open")
     if not rows:
         raise RecordError(f"no open outcome with id {outcome_id}", place="syncd outcomes list")
+    if rows[0].reason == "client_conflict":
+        raise RecordError(
+            f"outcome {outcome_id} is a client record conflict: settle it with "
+            "`syncd client resolve KEY FIELD --take owner|other` (`syncd client show KEY` shows it)",
+            place="syncd client resolve",
+        )
     detail = f"{rows[0].detail} — resolved: {why}"
     await store.update(
         OutcomeRow,

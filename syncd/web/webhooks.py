@@ -20,8 +20,9 @@ is answered 500. Answers:
 ``syncd_webhooks_total`` counts every answer by connection, status and a reason from
 :data:`REASONS`; a path naming no configured connection is counted with an empty
 connection label, so the label set stays bounded whatever clients send. ``/readyz`` is
-503 while the database does not answer; ``/metrics`` answers 200 regardless, with
-``syncd_database_up`` 0 and the backlog gauges left as they were.
+503 while the database does not answer; ``/metrics`` renders the runtime's
+:class:`~syncd.plumbing.metrics.Metrics` and answers 200 regardless, with ``syncd_database_up`` 0
+and the gauges read from the database left as they were.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, NamedTuple, Protocol
 
 import sqlalchemy as sa
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -39,8 +40,8 @@ from starlette.routing import Route
 
 from syncd.core.errors import AuthError, RecordError
 from syncd.core.interfaces import WebhookRequest
+from syncd.engine import audit
 from syncd.engine.drift import DRIFT_PROBLEMS
-from syncd.store.db import DeadLetterRow, EffectRow, EventRow, table_of
 
 log = structlog.get_logger("syncd.web.webhooks")
 
@@ -69,39 +70,6 @@ class _TooLarge(Exception):
     """The body grew past :data:`MAX_BODY_BYTES` while it was read."""
 
 
-class Metrics:
-    """The process's Prometheus metrics, in a registry of their own."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.webhooks = Counter(
-            "syncd_webhooks_total",
-            "Webhook deliveries by connection, outcome (HTTP status) and reason",
-            ["connection", "outcome", "reason"],
-            registry=self.registry,
-        )
-        self.database_up = Gauge(
-            "syncd_database_up", "1 when the last /metrics scrape could read the database", registry=self.registry
-        )
-        self.webhook_seconds = Histogram(
-            "syncd_webhook_ack_seconds", "Time to acknowledge a webhook", ["connection"], registry=self.registry
-        )
-        self.backlog = Gauge(
-            "syncd_backlog", "Rows waiting, by queue and status", ["queue", "status"], registry=self.registry
-        )
-        self.outcomes = Gauge(
-            "syncd_outcomes",
-            "Open outcomes without an invoice, by kind (skip, simulated, attention) and reason",
-            ["kind", "reason"],
-            registry=self.registry,
-        )
-        self.mapping_drift = Gauge(
-            "syncd_mapping_drift_problems",
-            "Problems the last drift check found between the mappings and the vendors' live schemas",
-            registry=self.registry,
-        )
-
-
 class Host(Protocol):
     """What the app needs from the process that serves it (see :class:`syncd.daemon.Daemon`)."""
 
@@ -127,10 +95,10 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
         host: the process serving it; its runtime and engine are read per request.
         lifespan: the lifespan context that owns the runtime (``syncd run``).
     """
-    metrics = Metrics()
 
     async def webhook(request: Request) -> Response:
         name = request.path_params["connection"]
+        metrics = host.runtime.metrics
         verifier = host.runtime.verifiers.get(name)
         if verifier is None:
             metrics.webhooks.labels("", "404", "unknown_connection").inc()
@@ -209,25 +177,17 @@ def create_app(host: Host, *, lifespan: Any = None) -> Starlette:
 
     async def metrics_endpoint(_request: Request) -> Response:
         runtime = host.runtime
+        metrics = runtime.metrics
         try:
-            await _backlog(runtime.store)
+            await metrics.read_store(runtime.store)
+            metrics.set_audit(audit.gauges(await audit.latest(runtime)))
         except STORE_DOWN as exc:
             metrics.database_up.set(0)
             log.warning("metrics_store_unavailable", error=type(exc).__name__)
         else:
             metrics.database_up.set(1)
         metrics.mapping_drift.set(runtime.extra.get(DRIFT_PROBLEMS, 0))
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def _backlog(store: Any) -> None:
-        for model, queue in ((EventRow, "events"), (EffectRow, "effects")):
-            for status in ("pending", "dead"):
-                count = await store.count(model, table_of(model).c.status == status)
-                metrics.backlog.labels(queue, status).set(count)
-        dead = await store.count(DeadLetterRow, table_of(DeadLetterRow).c.status == "open")
-        metrics.backlog.labels("dead_letters", "open").set(dead)
-        for (kind, reason), count in (await store.outcome_counts()).items():
-            metrics.outcomes.labels(kind, reason).set(count)
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
         Route("/webhooks/{connection}", webhook, methods=["POST"]),

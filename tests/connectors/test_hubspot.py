@@ -672,6 +672,51 @@ async def test_closed_won_webhook_arrives_signed_and_verifies(emulator: HubSpotE
     assert bodies[1][0]["attemptNumber"] == 1
 
 
+async def test_a_deal_patched_over_the_api_delivers_its_subscribed_properties_only(
+    emulator: HubSpotEmulator, client: httpx.AsyncClient, clock: Clock
+) -> None:
+    """PATCH /crm/v3/objects/deals/{id} delivers a signed deal.propertyChange per subscribed property changed."""
+    verifier = create_verifier(settings(), clock)
+    bodies: list[list[dict[str, Any]]] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        delivery = WebhookRequest(
+            method=request.method,
+            url=str(request.url),
+            headers={key.lower(): value for key, value in request.headers.items()},
+            body=request.content,
+            received_at=clock.now,
+        )
+        assert [hint.object_id for hint in verifier.verify(delivery)]
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200)
+
+    deal = emulator.add_deal({"dealname": "Won over the API", "dealstage": "contractsent"})
+    auth = {"Authorization": "Bearer pat-emulator"}
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receive)) as hooks:
+        emulator.subscribe(HOOK_URL, hooks)  # no subscription list: the API delivers nothing
+        quiet = await client.patch(
+            f"{BASE}/crm/v3/objects/deals/{deal}", json={"properties": {"dealname": "Renamed"}}, headers=auth
+        )
+        emulator.subscribe(HOOK_URL, hooks, properties=["dealstage", "amount"])
+        won = await client.patch(
+            f"{BASE}/crm/v3/objects/deals/{deal}",
+            json={"properties": {"dealstage": "closedwon", "dealname": "Renamed again"}},
+            headers=auth,
+        )
+        same = await client.patch(
+            f"{BASE}/crm/v3/objects/deals/{deal}", json={"properties": {"dealstage": "closedwon"}}, headers=auth
+        )
+    assert (quiet.status_code, won.status_code, same.status_code) == (200, 200, 200)
+    (events,) = bodies  # the unchanged stage sends nothing
+    assert [(e["subscriptionType"], e["propertyName"], e["propertyValue"]) for e in events] == [
+        ("deal.propertyChange", "dealstage", "closedwon")
+    ]
+    assert events[0]["objectId"] == int(deal)
+    assert events[0]["changeSource"] == "API"
+    assert emulator.deal(deal)["properties"]["hs_is_closed_won"] == "true"
+
+
 # ---------------------------------------------------------------------------- schema (drift guard)
 
 
