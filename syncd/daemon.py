@@ -1,9 +1,15 @@
 """One syncd process: uvicorn, the APScheduler ticks and the workers, one lifespan.
 
-The lifespan owns the store, the HTTP client and the scheduler. On shutdown (SIGTERM,
-handled by uvicorn) it stops taking new work, lets every worker finish the batch it
-has claimed, stops the scheduler and closes the store: in-flight work is drained, and
-anything not yet claimed stays in the database for the next start.
+The lifespan owns the store, the HTTP client and the scheduler. Shutdown is bounded by
+``[daemon].shutdown_grace_s`` from the signal (SIGTERM or SIGINT, seen by
+:class:`Server`): the workers claim nothing more at once and ``/readyz`` answers 503;
+each worker finishes the vendor call in flight (no retry and no further call of that
+row; the row goes back to the queue with its attempt counted) and hands the
+rest of its claimed batch back to the queue uncounted (:meth:`syncd.engine.loop.Engine._work`).
+uvicorn closes the connections (at most a fifth of the grace), the scheduler stops,
+and a worker still busy when the grace is nearly spent is cancelled: its row goes back
+to the queue with its attempt counted, so the next attempt looks up what it may have
+created. Nothing claimed stays leased to a process that is gone.
 
 Before the workers start, every CRM connection that writes billing properties creates
 the ones it lacks (what ``syncd setup hubspot`` does, idempotently); when the token may
@@ -96,6 +102,8 @@ class Daemon:
         self._engine: Engine | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_by: float | None = None  # loop time by which the workers must be done
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
         self.refusal: str | None = None
 
@@ -148,13 +156,16 @@ class Daemon:
             # running requests reach limit_concurrency: +1 lets max_connections be served.
             limit_concurrency=daemon.max_connections + 1,
             timeout_keep_alive=daemon.keep_alive_timeout_s,
+            timeout_graceful_shutdown=graceful_shutdown_s(daemon.shutdown_grace_s),
             http=head_deadline_protocol(daemon.request_head_timeout_s),
         )
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
-        """Start the runtime, workers and scheduler; drain and close them on exit."""
+        """Start the runtime, workers and scheduler; stop them within the grace and close on exit."""
         self._stop = asyncio.Event()
+        self._stop_by = None
+        self._loop = asyncio.get_running_loop()
         self._runtime = await Runtime.start(self.config, clock=self.clock, mounts=self.mounts, sleep=self.sleep)
         try:
             await _create_crm_properties(self._runtime)
@@ -162,7 +173,7 @@ class Daemon:
             self.refusal = str(exc) if isinstance(exc, ConfigError) else None
             await self._runtime.aclose()
             raise
-        self._engine = Engine(self._runtime)
+        self._engine = Engine(self._runtime, stop=self._stop)
         scheduler = (
             build_scheduler(
                 self._runtime,
@@ -183,15 +194,45 @@ class Daemon:
         try:
             yield
         finally:
-            self._stop.set()
+            self._begin_stop()
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
-            await asyncio.gather(*self._workers, *watch, return_exceptions=True)
-            self._workers = []
+            await self._stop_workers()
+            await asyncio.gather(*watch, return_exceptions=True)
             await self._runtime.aclose()
             log.info("syncd_stopped")
+
+    def stop_soon(self) -> None:
+        """Begin stopping now (safe from a signal handler): workers claim nothing more.
+
+        The grace (``[daemon].shutdown_grace_s``) runs from here, not from when uvicorn
+        has closed its connections.
+        """
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._begin_stop)
+
+    def _begin_stop(self) -> None:
+        if self._stop.is_set():
+            return
+        grace_s = self.config.daemon.shutdown_grace_s
+        self._stop_by = asyncio.get_running_loop().time() + grace_s - CLOSE_MARGIN_S
+        self._stop.set()
+        log.info("syncd_stopping", grace_s=grace_s)
+
+    async def _stop_workers(self) -> None:
+        """Wait for the workers until the grace is nearly spent; cancel the ones still busy."""
+        workers, self._workers = self._workers, []
+        if not workers:
+            return
+        left_s = max(0.0, (self._stop_by or 0.0) - asyncio.get_running_loop().time())
+        _done, busy = await asyncio.wait(workers, timeout=left_s)
+        for task in busy:
+            task.cancel()
+        if busy:
+            log.warning("workers_cancelled", workers=len(busy), grace_s=self.config.daemon.shutdown_grace_s)
+            await asyncio.wait(busy, timeout=CLOSE_MARGIN_S / 2)  # their rows are handed back meanwhile
 
     # -- mapping reloads ------------------------------------------------------------------
 
@@ -240,6 +281,31 @@ class Daemon:
     def _on_sighup(self) -> None:
         log.info("mapping_reload_requested", signal="SIGHUP")
         self.reload_mappings()
+
+
+CLOSE_MARGIN_S = 3.0  # of the shutdown grace, kept for handing rows back and closing the store and client
+
+
+def graceful_shutdown_s(grace_s: int) -> int:
+    """How long uvicorn waits for open requests on shutdown: a fifth of the grace, 1 to 5 s."""
+    return max(1, min(5, grace_s // 5))
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server for ``syncd run``: a stop signal also tells the daemon at once.
+
+    uvicorn sees SIGTERM first, but runs the lifespan's shutdown only after closing its
+    connections; the workers should stop claiming from the signal on, and the grace is
+    counted from it.
+    """
+
+    def __init__(self, config: uvicorn.Config, daemon: Daemon) -> None:
+        super().__init__(config)
+        self.daemon = daemon
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.daemon.stop_soon()
+        super().handle_exit(sig, frame)
 
 
 async def _create_crm_properties(runtime: Runtime) -> None:

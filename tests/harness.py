@@ -81,8 +81,7 @@ def write_config(
     (``tests/test_http.py``, ``tests/connectors/``). For Xero 0 leaves only the
     concurrency limit and the app-wide 10,000 a minute (``connectors/xero/connector.py``).
 
-    ``encryption_key`` is a new Fernet key by default; replicas sharing one database
-    share one key, as they must to read each other's stored tokens.
+    ``encryption_key`` is a new one unless given (two daemons on one database share one).
     """
     path = folder / name
     hub_limits = xero_limits = ""
@@ -163,7 +162,7 @@ async def stack(
         harvest: a Harvest emulator, mounted at ``http://harvest.test`` as the pipeline's time tracker.
         extra: TOML appended to the config (``[pilot]`` ...).
         shared_rate_budget / rate_limits: as for :func:`write_config` (off unless a test is about them).
-        encryption_key: as for :func:`write_config` (replicas on one database share one).
+        encryption_key: as for :func:`write_config` (a second daemon on the same database passes the first's).
     """
     hub = hub or HubSpotEmulator(rate_limits=False, clock=clock)
     xero = xero or XeroEmulator(rate_limits=False, clock=clock)

@@ -295,3 +295,118 @@ async def test_an_invoice_whose_email_failed_is_emailed_on_the_retry_once(tmp_pa
         assert effect.attempts == 2
         assert effect.status == "done"
         assert s.hub.deal(deal)["properties"]["syncd_invoice_status"] == "sent"
+
+
+async def test_a_failing_invoice_is_retried_until_give_up_after_s_then_dead_lettered(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Back-off doubles up to retry_max_delay_s; the record is dead-lettered only once give_up_after_s has passed."""
+    from connectors.emulation import Fault
+    from syncd.store.db import DeadLetterRow
+
+    now = [datetime.now(UTC)]
+    start = (now[0] - timedelta(days=1)).isoformat()
+    settings = f'give_up_after_s = 7200\nretry_max_delay_s = 600\nbilling_start = "{start}"'
+    async with stack(tmp_path, db_url, clock=lambda: now[0], daemon_extra=settings) as s:
+        deal = seed_deal(s.hub)
+        await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+        await s.daemon.engine.process_events(10)
+        s.xero.faults.add(Fault(kind="status", status=503, method="PUT", path_contains="/Invoices", times=None))
+        first = now[0]
+        waits: list[float] = []
+        effect = None
+        for _ in range(40):
+            assert await s.daemon.engine.execute_effects(10) == 1
+            (effect,) = await s.daemon.runtime.store.select(EffectRow, EffectRow.kind == "create_invoice")
+            if effect.status == "dead":
+                break
+            assert effect.first_attempt_at == first
+            waits.append((effect.next_at - now[0]).total_seconds())
+            now[0] = effect.next_at
+        (letter,) = await s.daemon.runtime.store.select(DeadLetterRow)
+
+    assert effect is not None
+    assert effect.status == "dead"
+    assert waits[:9] == [5, 10, 20, 40, 80, 160, 320, 600, 600]  # doubling, capped at retry_max_delay_s
+    assert max(waits) == 600
+    assert now[0] - first == timedelta(seconds=7200)  # the last attempt was made at the give-up moment
+    assert effect.attempts > 8  # more than the max_attempts of old
+    assert "503" in letter.reason
+    assert "give_up_after_s = 7200" in letter.reason
+    assert s.xero.invoices() == []
+
+
+@pytest.mark.postgres
+async def test_two_events_of_one_deal_lose_no_engagement_update(tmp_path: Path, postgres_url: str) -> None:
+    """Two workers processing one deal at once on PostgreSQL: the second waits for the first and keeps its amount change.
+
+    The deal's first version has only a contact; a company is linked with the second
+    change, so the two runs bill different client records and nothing but the
+    engagement lock orders them. The test holds an EXCLUSIVE lock on ``engagements``
+    (reads go on, writes wait) until both runs have reached the database.
+    """
+    import psycopg
+
+    from syncd.store.db import EngagementRow
+    from tests.test_recurring import RETAINER, Clock, at
+
+    clock = Clock(at(datetime(2027, 1, 10).date()))
+    daemon_extra = 'billing_start = "2026-12-01T00:00:00+00:00"'
+    async with stack(tmp_path, postgres_url, clock=clock, mapping=RETAINER, daemon_extra=daemon_extra) as s:
+        contact = s.hub.add_contact({"firstname": "Dana", "lastname": "Reyes", "email": "ap@northwind.example"})
+        deal = s.hub.add_deal(
+            {
+                "dealname": "Managed services",
+                "dealstage": "closedwon",
+                "pipeline": "default",
+                "deal_currency_code": "USD",
+                "billing_type": "retainer",
+                "amount": "1000",
+                "billing_cycle": "monthly",
+                "billing_anchor_day": "1",
+                "billing_timing": "advance",
+                "service_start_date": "2027-03-01",
+            },
+            contact_ids=[contact],
+        )
+        pipeline = s.daemon.runtime.pipelines[0]
+        engine = s.daemon.engine
+        await engine.process_deal(pipeline, deal)
+        url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+        name = url.rsplit("/", 1)[1]
+        async with (
+            await psycopg.AsyncConnection.connect(url) as lock,
+            await psycopg.AsyncConnection.connect(url) as watch,
+        ):
+            await watch.set_autocommit(True)
+
+            async def waiting(count: int) -> None:
+                query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+                for _ in range(600):
+                    row = await (await watch.execute(query, (name,))).fetchone()
+                    if row is not None and row[0] >= count:
+                        return
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"{count} waiting transaction(s) expected")
+
+            await lock.execute("LOCK TABLE engagements IN EXCLUSIVE MODE")
+            clock.now = at(datetime(2027, 1, 11).date())
+            await s.hub.set_deal_properties(deal, {"amount": "1500", "amount_effective_date": "2027-03-10"})
+            first = asyncio.create_task(engine.process_deal(pipeline, deal))
+            await waiting(1)
+            clock.now = at(datetime(2027, 1, 12).date())
+            company = s.hub.add_company({"name": "Northwind", "legal_name": "Northwind Traders LLC"})
+            s.hub.associate("deals", deal, "companies", company, primary=True)
+            await s.hub.set_deal_properties(deal, {"amount": "1200", "amount_effective_date": "2027-03-20"})
+            second = asyncio.create_task(engine.process_deal(pipeline, deal))
+            await waiting(2)
+            await lock.commit()
+            await asyncio.gather(first, second)
+        (engagement,) = await s.daemon.runtime.store.select(EngagementRow)
+
+    assert engagement.client_key == f"hubspot:company:{company}"
+    assert engagement.data["amount"] == "1000"
+    assert [(c["amount"], c["effective"]) for c in engagement.data["amount_changes"]] == [
+        ("1500", "2027-03-10"),
+        ("1200", "2027-03-20"),
+    ]

@@ -7,15 +7,17 @@ CLI runs in a worker thread (it starts its own event loop) against the same data
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 import structlog
 
 from connectors.hubspot.emulator import HubSpotEmulator
 from syncd.engine.replay import list_dead_letters, replay_dead_letters
-from syncd.store.db import BillingEventRow, DeadLetterRow
+from syncd.store.db import BillingEventRow, DeadLetterRow, EffectRow
 from tests.harness import MAPPING, Stack, seed_deal, stack
 from tests.servers import invoke
 
@@ -100,3 +102,108 @@ async def test_syncd_replay_requeues_a_dead_letter_once(tmp_path: Path, db_url: 
         await s.drain()
         (invoice,) = s.xero.invoices()
         assert invoice["Contact"]["Name"] == "Nameless Co"
+
+
+async def _dead_invoice(s: Stack) -> DeadLetterRow:
+    """A won deal whose invoice Xero refuses (the mapping's account code 999 does not exist): its dead letter."""
+    deal = seed_deal(s.hub)
+    await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+    await s.drain()
+    (letter,) = await list_dead_letters(s.config)
+    assert letter.source == "effect"
+    assert "Account code '999' is not a valid code" in letter.reason
+    return letter
+
+
+def _mapping_with_account(folder: Path, code: str) -> Path:
+    """The worked example with ``code`` as the default account code of a deal's line items."""
+    path = folder / "mapping.toml"
+    text = MAPPING.read_text(encoding="utf-8")
+    line = 'account_code = { lookup = "item.properties.hs_sku", table = "account_code_by_sku", default = "200" }'
+    assert line in text
+    path.write_text(text.replace(line, line.replace('"200"', f'"{code}"')), encoding="utf-8")
+    return path
+
+
+async def test_a_replayed_invoice_is_drafted_from_the_fixed_mapping(tmp_path: Path, db_url: str) -> None:
+    """A refused invoice, replayed once the mapping is fixed, is created with the fixed account code under the same key."""
+    now = [datetime.now(UTC)]
+    mapping = _mapping_with_account(tmp_path, "999")
+    start = f'billing_start = "{(now[0] - timedelta(days=1)).isoformat()}"'
+    async with stack(tmp_path, db_url, mapping=mapping, clock=lambda: now[0], daemon_extra=start) as s:
+        letter = await _dead_invoice(s)
+        (effect,) = await s.daemon.runtime.store.select(EffectRow, EffectRow.kind == "create_invoice")
+        key = effect.payload["draft"]["key"]
+
+        _mapping_with_account(tmp_path, "200")
+        assert s.daemon.reload_mappings() == []
+        now[0] += timedelta(minutes=7)  # past Xero's 6-minute idempotency window of the refused request
+        assert (await replay_dead_letters(s.config, [letter.id])).requeued == (letter.id,)
+        await s.drain()
+
+        (invoice,) = s.xero.invoices()
+        assert [line["AccountCode"] for line in invoice["LineItems"]] == ["200", "200"]
+        assert invoice["Reference"].endswith(f"syncd:{key}")
+        (effect,) = await s.daemon.runtime.store.select(EffectRow, EffectRow.kind == "create_invoice")
+        assert effect.status == "done"
+        assert effect.payload["draft"]["key"] == key
+        assert [line["account_code"] for line in effect.payload["draft"]["lines"]] == ["200", "200"]
+        assert "redraft" not in effect.payload
+
+
+async def test_replay_resets_the_record_and_marks_the_letter_in_one_transaction(tmp_path: Path, db_url: str) -> None:
+    """Attempts, first attempt and last error are reset with the letter marked replayed, or nothing is."""
+    mapping = _mapping_with_account(tmp_path, "999")
+    async with stack(tmp_path, db_url, mapping=mapping) as s:
+        letter = await _dead_invoice(s)
+        store = s.daemon.runtime.store
+        (dead,) = await store.select(EffectRow, EffectRow.kind == "create_invoice")
+        assert (dead.status, dead.attempts) == ("dead", 1)
+        assert dead.first_attempt_at is not None
+        assert dead.last_error is not None
+
+        refuse = (
+            [
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql",
+                "CREATE TRIGGER refuse BEFORE UPDATE ON dead_letters FOR EACH ROW EXECUTE FUNCTION refuse()",
+            ]
+            if store.is_postgres
+            else ["CREATE TRIGGER refuse BEFORE UPDATE ON dead_letters BEGIN SELECT RAISE(ABORT, 'refused'); END"]
+        )
+        async with store.begin() as conn:
+            for statement in refuse:
+                await conn.exec_driver_sql(statement)
+        with pytest.raises(sa.exc.DBAPIError, match="refused"):
+            await replay_dead_letters(s.config, [letter.id])
+        (unchanged,) = await store.select(EffectRow, EffectRow.kind == "create_invoice")
+        assert unchanged == dead
+        async with store.begin() as conn:
+            await conn.exec_driver_sql(
+                "DROP TRIGGER refuse ON dead_letters" if store.is_postgres else "DROP TRIGGER refuse"
+            )
+
+        assert (await replay_dead_letters(s.config, [letter.id])).requeued == (letter.id,)
+        (requeued,) = await store.select(EffectRow, EffectRow.kind == "create_invoice")
+        assert (requeued.status, requeued.attempts, requeued.first_attempt_at, requeued.last_error) == (
+            "pending",
+            0,
+            None,
+            None,
+        )
+        (replayed,) = await list_dead_letters(s.config, include_replayed=True)
+        assert replayed.status == "replayed"
+
+
+async def test_a_letter_whose_record_is_not_dead_any_more_stays_open(tmp_path: Path, db_url: str) -> None:
+    """A dead letter whose record was requeued or settled meanwhile requeues nothing and is not marked replayed."""
+    mapping = _mapping_with_account(tmp_path, "999")
+    async with stack(tmp_path, db_url, mapping=mapping) as s:
+        letter = await _dead_invoice(s)
+        store = s.daemon.runtime.store
+        await store.update(EffectRow, [EffectRow.kind == "create_invoice"], {"status": "done"})  # settled meanwhile
+
+        done = await replay_dead_letters(s.config, [letter.id])
+        assert done.count == 0
+        assert done.left == ((letter.id, f"its effect {letter.ref} is not dead any more (requeued or settled since)"),)
+        (still,) = await list_dead_letters(s.config)
+        assert (still.id, still.status) == (letter.id, "open")

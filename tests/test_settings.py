@@ -235,3 +235,15 @@ def test_relative_paths_are_relative_to_the_config_folder(tmp_path: Path, monkey
     assert found.config.daemon.database_url == f"sqlite:///{folder / 'data.db'}"
     assert found.config.mapping_path(found.config.settings.pipelines[0]).resolve() == folder / "m.toml"
     assert found.problems == []
+
+
+def test_max_attempts_is_refused_naming_give_up_after_s(tmp_path: Path) -> None:
+    """A config that still sets max_attempts fails at its line, naming give_up_after_s that replaced it."""
+    path = tmp_path / "config.toml"
+    path.write_text('[daemon]\nlisten = "127.0.0.1:8080"\nmax_attempts = 8\nlease_s = 30\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{path}:3 [daemon].max_attempts: no longer a setting")
+    assert "give_up_after_s" in problem
+    assert "did you mean" not in problem

@@ -532,7 +532,9 @@ class HubSpotConnector:
                 "properties": list(properties),
                 "propertiesWithHistory": [],
             }
-            response = await self.http.request("POST", f"/crm/v3/objects/{object_type}/batch/read", json=body)
+            response = await self.http.request(
+                "POST", f"/crm/v3/objects/{object_type}/batch/read", json=body, write=False
+            )
             by_id = {item.id: item for item in BatchRead.model_validate_json(response.content).results}
             found.extend(by_id[object_id] for object_id in chunk if object_id in by_id)
         return found
@@ -548,7 +550,9 @@ class HubSpotConnector:
         }
         if window.after is not None:
             body["after"] = window.after
-        response = await self.http.request("POST", "/crm/v3/objects/deals/search", json=body, bucket="search")
+        response = await self.http.request(
+            "POST", "/crm/v3/objects/deals/search", json=body, bucket="search", write=False
+        )
         return SearchPage.model_validate_json(response.content)
 
     def _next_cursor(self, window: PollCursor, page: SearchPage, now_ms: int) -> tuple[PollCursor, bool]:

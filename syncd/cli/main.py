@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import httpx
 import typer
-import uvicorn
 from cryptography.fernet import Fernet
 from rich.console import Console
 from rich.table import Table
@@ -177,7 +176,7 @@ def run(
     ),
 ) -> None:
     """Run the daemon: webhooks, health, metrics, poll ticks and workers (migrates first)."""
-    from syncd.daemon import Daemon
+    from syncd.daemon import Daemon, Server
 
     cfg = _load(config)
     failpoints.arm_from_env()  # the fault suite's crash points (docs/reliability.md); none unless set
@@ -185,7 +184,7 @@ def run(
     # one line and exit code here, not a failed lifespan with a traceback in the log.
     asyncio.run(_prepare(cfg))
     daemon = Daemon(cfg)
-    server = uvicorn.Server(daemon.server_config(log_format=log_format))
+    server = Server(daemon.server_config(log_format=log_format), daemon)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal with the handler that was
     # installed before it: make that one a no-op so a drained shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,7 +11,9 @@
     ├── RetriableError              try the same call again later (429, 5xx, network)
     │   └── RateLimited             the vendor said 429; ``retry_after_s`` says when
     ├── NotFound                    the vendor has no such object (404)
-    └── FatalError                  stop this connection; a person must look (bad request, 4xx)
+    ├── FatalError                  stop this connection; a person must look (bad request, 4xx)
+    ├── LeaseLost                   another worker took this record over; drop it, send nothing more
+    └── Stopping                    the process is stopping: hand the record back, make no further call
 
 Messages say what happened, where (file and key, record id, field) and what to do.
 They never contain a secret: credentials are held as ``SecretStr`` and never formatted.
@@ -95,3 +97,19 @@ class NotFound(SyncdError):
 
 class FatalError(SyncdError):
     """A request the vendor will never accept as sent (400, 405, 422 ...); a person must look."""
+
+
+class LeaseLost(SyncdError):
+    """This worker's claim on a record was taken over by another worker (syncd/plumbing/leases.py).
+
+    The worker stops at once: it sends no further vendor call for the record, does not
+    retry it and does not settle it; the worker that holds the claim now does.
+    """
+
+
+class Stopping(SyncdError):
+    """The process is stopping: no vendor call is started after the one in flight (syncd/plumbing/leases.py).
+
+    The worker hands the record back to the queue with its attempt counted (calls of it
+    may have reached the vendor: the next attempt looks up before creating).
+    """

@@ -14,15 +14,25 @@ The flow (docs/architecture.md), each arrow a committed row before the next step
 3. **Invoice changes** (payment webhooks, polls) re-read the invoice and queue a
    write-back of the current status onto the deal.
 
-Failures are handled per record: retriable ones go back to the queue with back-off
-(or the vendor's ``Retry-After``); mapping, validation and fatal ones go to the
-dead-letter table with the reason and the place, and the rest keep flowing.
+Failures are handled per record: retriable ones go back to the queue with capped
+exponential back-off (``[daemon].retry_max_delay_s``, or the vendor's ``Retry-After``)
+until ``[daemon].give_up_after_s`` has passed since the record's first attempt; mapping,
+validation and fatal ones go to the dead-letter table with the reason and the place,
+and the rest keep flowing.
+
+Claims (docs/architecture.md, Leases and fencing): a worker claims only as many rows as
+it can finish within the lease at the vendors' rate limits and at the pace it measured;
+each row is worked under a :class:`~syncd.plumbing.leases.Lease`, renewed while its calls run and
+checked before every vendor write. On shutdown a worker claims nothing more, finishes
+the vendor call in flight (no further call of that row is started: it goes back to the
+queue with its attempt counted) and hands the rest of its batch back uncounted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta
@@ -38,10 +48,12 @@ from syncd.core import billing, receivables
 from syncd.core.errors import (
     AuthError,
     FatalError,
+    LeaseLost,
     MappingError,
     NotFound,
     RecordError,
     RetriableError,
+    Stopping,
     SyncdError,
 )
 from syncd.core.interfaces import (
@@ -65,6 +77,7 @@ from syncd.core.interfaces import (
 from syncd.engine import clients, hours, recurring, selectors
 from syncd.engine.runtime import Pipeline, Runtime
 from syncd.plumbing import failpoints
+from syncd.plumbing.leases import Lease
 from syncd.store import trail
 from syncd.store.db import (
     BillingEventRow,
@@ -89,25 +102,35 @@ VOID_INVOICE = "void_invoice"
 ALLOCATE_CREDIT = "allocate_credit"
 LOCK_DATES_TTL_S = 600  # lock dates are read at most every 10 minutes per connection (vendor quota)
 DELAYED_KINDS = frozenset({BillingEventKind.DEAL_WON, BillingEventKind.DELIVERABLE_ACCEPTED})
-BACKOFF_CAP_S = 3600
+AUTH_RETRY_MIN_S = 300.0  # rejected credentials are not fixed in seconds: look again in 5 minutes
+CALLS_PER_ROW = 4  # vendor calls a row takes, until measured (a deal: its reads; an invoice: look-ups, create)
+LEASE_SHARE = 0.5  # a claimed batch must fit in half the lease, at the pace expected
+PACE_WEIGHT = 0.3  # weight of the latest row in the measured seconds per row (a moving average)
 
 
-def backoff_s(attempts: int, retry_after_s: float | None = None) -> float:
-    """Seconds before the next attempt: the vendor's Retry-After, else 5·2ⁿ capped at an hour."""
+def backoff_s(attempts: int, retry_after_s: float | None = None, *, cap_s: float = 900.0) -> float:
+    """Seconds before the next attempt: the vendor's ``Retry-After`` as given, else 5·2ⁿ⁻¹ capped at ``cap_s``."""
     if retry_after_s is not None:
-        return min(float(BACKOFF_CAP_S), retry_after_s)
-    return float(min(BACKOFF_CAP_S, 5 * 2 ** max(0, attempts - 1)))
+        return retry_after_s
+    return float(min(cap_s, 5 * 2 ** min(max(0, attempts - 1), 32)))
 
 
 class Engine:
-    """Claims and processes inbox events and outbox effects for one :class:`Runtime`."""
+    """Claims and processes inbox events and outbox effects for one :class:`Runtime`.
 
-    def __init__(self, runtime: Runtime) -> None:
+    Args:
+        runtime: the process's runtime.
+        stop: set when the process stops: workers claim nothing more (the daemon's).
+    """
+
+    def __init__(self, runtime: Runtime, *, stop: asyncio.Event | None = None) -> None:
         self.rt = runtime
         self.store = runtime.store
+        self.stop = stop or asyncio.Event()
         self._idle: deque[asyncio.Future[None]] = deque()
         self._pending = False
         self._lock_dates: dict[str, tuple[datetime, date | None]] = {}
+        self._row_s: dict[str, float] = {}  # measured seconds per row, by source (event, effect)
 
     def notify(self) -> None:
         """Wake one idle worker (new events or effects were stored).
@@ -126,16 +149,43 @@ class Engine:
 
     # -- workers --------------------------------------------------------------------------
 
-    async def run_worker(self, stop: asyncio.Event, *, batch: int = 10, idle_s: float = 1.0) -> None:
-        """Process events and effects until ``stop`` is set, then finish the claimed batch."""
+    async def run_worker(self, stop: asyncio.Event | None = None, *, batch: int = 10, idle_s: float = 1.0) -> None:
+        """Process events and effects until the engine's ``stop`` is set.
+
+        Once it is set the worker claims nothing more, finishes the vendor call in flight and
+        hands the rest of its claimed batch back (:meth:`_work`). ``batch`` is the most
+        rows one claim takes; fewer when they would not fit in the lease
+        (:meth:`claim_size`).
+        """
+        stop = stop or self.stop
         while not stop.is_set():
             try:
-                done = await self.process_events(batch) + await self.execute_effects(batch)
+                done = await self.process_events(batch)
+                if not stop.is_set():
+                    done += await self.execute_effects(batch)
             except Exception:  # the database is away, or a bug: keep the worker alive
                 log.exception("worker_error")
                 done = 0
             if done == 0:
                 await self._idle_until_notified(stop, idle_s)
+
+    def claim_size(self, source: str, limit: int) -> int:
+        """How many rows one claim takes: at most ``limit``, and only what fits in the lease.
+
+        A batch must be finishable within the lease (half of it, :data:`LEASE_SHARE`),
+        at the slower of the pace measured for this kind of row and the pace the
+        vendors' rate limits allow (:data:`CALLS_PER_ROW` calls at the slowest
+        connection's sustained rate). At least one row: a row longer than the lease
+        is kept by renewing its lease while it runs.
+        """
+        per_row_s = max(self._row_s.get(source, 0.0), CALLS_PER_ROW * self.rt.call_interval_s())
+        if per_row_s <= 0:
+            return limit
+        return max(1, min(limit, int(self.rt.config.daemon.lease_s * LEASE_SHARE / per_row_s)))
+
+    def _measured(self, source: str, seconds: float) -> None:
+        known = self._row_s.get(source)
+        self._row_s[source] = seconds if known is None else (1 - PACE_WEIGHT) * known + PACE_WEIGHT * seconds
 
     async def _idle_until_notified(self, stop: asyncio.Event, idle_s: float) -> None:
         """Sleep until :meth:`notify`, ``stop``, or ``idle_s`` (due retries need a look)."""
@@ -160,13 +210,50 @@ class Engine:
 
     async def process_events(self, limit: int) -> int:
         """Claim and process up to ``limit`` due events; how many were claimed."""
-        now = self.rt.clock()
+        return await self._work(EventRow, "event", self._route_event, limit)
+
+    async def _work(self, model: Any, source: str, work: Callable[[Any], Awaitable[bool]], limit: int) -> int:
+        """Claim a batch (:meth:`claim_size`) and settle each row; how many were claimed.
+
+        Once the engine stops, the rows not yet started are handed back uncounted
+        (:meth:`~syncd.store.db.Store.release`). If the worker is cancelled (the shutdown
+        grace ran out), the row in flight is handed back with its attempt counted (it
+        may have reached the vendor: the next attempt looks up before creating) and
+        the rest uncounted.
+        """
+        if self.stop.is_set():
+            return 0
+        daemon = self.rt.config.daemon
         rows = await self.store.claim(
-            EventRow, owner=self.rt.owner, limit=limit, lease_s=self.rt.config.daemon.lease_s, now=now
+            model,
+            owner=self.rt.owner,
+            limit=self.claim_size(source, limit),
+            lease_s=daemon.lease_s,
+            now=self.rt.clock(),
         )
-        for row in rows:
-            await self._settle(EventRow, row, "event", self._route_event)
+        for index, row in enumerate(rows):
+            if self.stop.is_set():
+                await self._release(model, source, rows[index:], uncount=True)
+                break
+            try:
+                await self._settle(model, row, source, work)
+            except asyncio.CancelledError:
+                await self._release(model, source, [row], uncount=False)
+                await self._release(model, source, rows[index + 1 :], uncount=True)
+                raise
         return len(rows)
+
+    async def _release(self, model: Any, source: str, rows: list[Any], *, uncount: bool) -> None:
+        if not rows:
+            return
+        error = None if uncount else "interrupted at shutdown"
+        released = await self.store.release(model, rows, uncount=uncount, error=error)
+        log.info(
+            "claims_released" if uncount else "work_interrupted",
+            source=source,
+            ids=[row.id for row in rows],
+            released=released,
+        )
 
     async def _route_event(self, row: EventRow) -> bool:
         handled = False
@@ -271,6 +358,10 @@ class Engine:
         if current.won_at is not None:
             current = current.model_copy(update={"won_recorded_at": record.stage_changed_at})
         async with self.store.begin() as conn:
+            # Two events of one deal on two workers would each read the engagement and
+            # write back their own history, the second losing the first's amount change:
+            # the second waits here until the first commits, then reads what it wrote.
+            await self.store.lock_for_transaction(conn, f"deal:{pipeline.crm_name}:{deal_id}")
             await self._save_client(conn, mapped.client, now, pipeline=pipeline, engagement=current)
             previous = await self.store.get(EngagementRow, current.key, conn=conn)
             engagement = recurring.keep_history(
@@ -941,13 +1032,7 @@ class Engine:
 
     async def execute_effects(self, limit: int) -> int:
         """Claim and execute up to ``limit`` due effects; how many were claimed."""
-        now = self.rt.clock()
-        rows = await self.store.claim(
-            EffectRow, owner=self.rt.owner, limit=limit, lease_s=self.rt.config.daemon.lease_s, now=now
-        )
-        for row in rows:
-            await self._settle(EffectRow, row, "effect", self._execute)
-        return len(rows)
+        return await self._work(EffectRow, "effect", self._execute, limit)
 
     async def _execute(self, row: EffectRow) -> bool:
         """Run one effect; ``True`` when it settled its own row (in its own transaction)."""
@@ -968,10 +1053,15 @@ class Engine:
     async def _create_invoice(self, row: EffectRow) -> None:
         failpoints.hit("after_claim")
         draft = InvoiceDraft.model_validate(row.payload["draft"])
+        replayed = bool(row.payload.get("redraft"))
         invoicing = self.rt.connectors[row.connection]
         # Only a retry can follow a create whose answer was lost (or a crash after it):
-        # the first attempt skips the lookup, every later one looks up before creating.
-        status = await invoicing.find_invoice(draft.key, kind=draft.kind) if row.attempts > 1 else None
+        # the first attempt skips the lookup, every later one looks up before creating,
+        # and so does a replay (`syncd replay` counts attempts from 0 again).
+        looked_up = row.attempts > 1 or replayed
+        status = await invoicing.find_invoice(draft.key, kind=draft.kind) if looked_up else None
+        if status is None and replayed:
+            draft = await self._redraft(row, draft)
         if status is None and row.payload.get("recheck_won") and not await self._still_won(row):
             await self._skip_unwon(row, draft)
             return
@@ -1030,7 +1120,9 @@ class Engine:
             if not await self.store.finish(
                 EffectRow, row, status="done", now=now, result={"invoice_id": status.invoice_id}, conn=conn
             ):
-                raise _Fenced()
+                raise LeaseLost(
+                    f"effects.id={row.id}: claimed again meanwhile; invoice {status.number} is recorded by that claim"
+                )
             await conn.execute(
                 sa.update(table_of(BillingEventRow))
                 .where(table_of(BillingEventRow).c.key == draft.key)
@@ -1062,6 +1154,87 @@ class Engine:
             currency=status.currency,
             seconds_since_trigger=round((now - triggered_at).total_seconds(), 3),
         )
+
+    async def _redraft(self, row: EffectRow, draft: InvoiceDraft) -> InvoiceDraft:
+        """A replayed invoice drafted again from the current mapping, under the same key.
+
+        ``syncd replay`` marks a dead ``create_invoice`` effect for this
+        (:mod:`syncd.engine.replay`): the deal is read again and mapped with the pipeline's
+        mapping as it is now, so a fixed mapping is what the ledger gets; the billing
+        event, and with it the key (the vendor's idempotency key and the stamp a retry
+        looks up), stays the same, as do the issue date and the lines of an hours event
+        (time entries and rate cards, not the mapping, make those; their account codes
+        are resolved again). The new draft replaces the stored one before anything is
+        sent, so every later attempt sends the same request.
+
+        Raises:
+            MappingError: the deal still does not fit the mapping.
+            RecordError: the billing event is not recorded, the deal is gone, or the
+                mapping now gives the deal another engagement.
+            LeaseLost: the effect was claimed again meanwhile.
+        """
+        place = f"effects.id={row.id}"
+        pipeline = self._pipeline_for(row.payload["crm"], row.connection)
+        deal_id = str(row.payload["crm_object_id"])
+        recorded = await self.store.get(BillingEventRow, draft.key)
+        if recorded is None:
+            raise RecordError(f"billing event {draft.key} is not recorded: nothing to draft again", place=place)
+        try:
+            record = await pipeline.crm.fetch_deal(deal_id, pipeline.mapping.source_properties)
+        except NotFound as exc:
+            raise RecordError(
+                f"deal {deal_id} is gone at {pipeline.crm_name}: its invoice cannot be drafted again", place=place
+            ) from exc
+        mapped = pipeline.mapping.map_deal(record, defaults=self.rt.defaults)
+        if mapped.engagement.key != draft.engagement_key:
+            raise RecordError(
+                f"the mapping now makes deal {deal_id} engagement {mapped.engagement.key}, not "
+                f"{draft.engagement_key} that billing event {draft.key} belongs to; not drafted again",
+                place=place,
+            )
+        stored = await self.store.get(EngagementRow, draft.engagement_key)
+        engagement = recurring.keep_history(
+            Engagement.model_validate(stored.data) if stored is not None else None,
+            mapped.engagement,
+            recorded_at=record.modified_at,
+            timezone=mapped.client.timezone,
+        )
+        event = BillingEvent(
+            key=recorded.key,
+            kind=BillingEventKind(recorded.kind),
+            engagement_key=recorded.engagement_key,
+            occurrence=recorded.occurrence,
+            occurred_at=recorded.occurred_at,
+        )
+        options = pipeline.mapping.invoice
+        if recurring.is_hours_event(engagement, event):
+            fresh = draft.model_copy(
+                update={
+                    "client": mapped.client,
+                    "reference": engagement.po_number or mapped.client.po_number,
+                    "lines": tuple(
+                        line.model_copy(update={"account_code": None, "tax_type": None}) for line in draft.lines
+                    ),
+                }
+            )
+        else:
+            fresh = billing.draft_for_event(
+                event,
+                engagement,
+                mapped.client,
+                issue_date=draft.issue_date,
+                status=options.status,
+                send=options.send,
+                line_amount_types=options.line_amount_types,
+            )
+        fresh = recurring.ledger_ready(self.rt, pipeline, fresh)
+        payload = {k: v for k, v in row.payload.items() if k != "redraft"} | {"draft": fresh.model_dump(mode="json")}
+        if not await self.store.update(
+            EffectRow, [col(EffectRow.id) == row.id, col(EffectRow.attempts) == row.attempts], {"payload": payload}
+        ):
+            raise LeaseLost("claimed again meanwhile; not drafted again", place=place)
+        log.info("invoice_redrafted", key=fresh.key, effect=row.id, mapping=str(pipeline.mapping.path))
+        return fresh
 
     async def _after_lock_date(self, connection: str, invoicing: Any, draft: InvoiceDraft) -> InvoiceDraft:
         """A draft dated inside a period the ledger has locked, dated on the first open day instead.
@@ -1166,7 +1339,7 @@ class Engine:
         now = self.rt.clock()
         async with self.store.begin() as conn:
             if not await self.store.finish(EffectRow, row, status="skipped", now=now, conn=conn):
-                raise _Fenced()
+                raise LeaseLost(f"effects.id={row.id}: claimed again meanwhile; the skip is not recorded")
             await conn.execute(sa.delete(table_of(EffectRow)).where(table_of(EffectRow).c.id == row.id))
             await conn.execute(sa.delete(table_of(BillingEventRow)).where(table_of(BillingEventRow).c.key == draft.key))
             await self.record_outcome(
@@ -1292,35 +1465,55 @@ class Engine:
     # -- settling -------------------------------------------------------------------------
 
     async def _settle(self, model: Any, row: Any, source: str, work: Callable[[Any], Awaitable[bool]]) -> None:
-        """Run ``work`` for a claimed row and settle it: done, retry later, or dead-letter.
+        """Run ``work`` for a claimed row under its lease and settle it: done, retry later, or dead-letter.
 
         ``work`` returns ``True`` when it already settled the row in its own transaction.
+        A worker whose lease was taken over settles nothing and retries nothing: it
+        logs ``lease_lost`` and leaves the row to the claim that holds it.
         """
-        log_ctx = {"source": source, "id": row.id, "attempt": row.attempts}
-        try:
-            settled = await work(row)
-        except _Fenced:
-            log.warning("lease_lost", **log_ctx)
+        lease_s = self.rt.config.daemon.lease_s
+        lease = Lease(
+            where=f"{table_of(model).name}.id={row.id} attempt {row.attempts}",
+            until=row.lease_until,
+            lease_s=lease_s,
+            renew=lambda: self.store.renew(model, row, lease_s=lease_s, now=self.rt.clock()),
+            clock=self.rt.clock,
+            stopping=self.stop.is_set,
+        )
+        if lease.remaining_s() < self.rt.config.daemon.lease_s * LEASE_SHARE and not await lease.renew():
+            # its turn in the batch came after its lease ran out, and another worker took it
+            self._log_lost(source, row, "claimed again before its turn in this worker's batch")
             return
-        except AuthError as exc:
+        started = time.monotonic()
+        try:
+            async with lease.held():
+                settled = await work(row)
+        except Exception as exc:
+            await self._failed(model, row, source, exc, lost=lease.lost)
+            return
+        finally:
+            self._measured(source, time.monotonic() - started)
+        if not settled and not await self.store.finish(model, row, status="done", now=self.rt.clock()):
+            self._log_lost(source, row, "claimed again meanwhile; its result is discarded")
+
+    async def _failed(self, model: Any, row: Any, source: str, exc: Exception, *, lost: bool) -> None:
+        if isinstance(exc, LeaseLost) or lost:
+            self._log_lost(source, row, str(exc))
+        elif isinstance(exc, Stopping):  # the call in flight finished; the row goes back as it is
+            await self._release(model, source, [row], uncount=False)
+        elif isinstance(exc, AuthError):
             await self._needs_reauthorisation(row, exc)
             await self._retry_or_bury(model, row, source, exc)
-            return
-        except RetriableError as exc:
+        elif isinstance(exc, RetriableError):
             await self._retry_or_bury(model, row, source, exc)
-            return
-        except (MappingError, RecordError, FatalError) as exc:
+        elif isinstance(exc, SyncdError):  # mapping, record, fatal, not found: retrying would not help
             await self._bury(model, row, source, exc)
-            return
-        except SyncdError as exc:
-            await self._bury(model, row, source, exc)
-            return
-        except Exception as exc:  # a bug or an untranslated library error: retry, then bury
-            log.exception("work_crashed", **log_ctx)
+        else:  # a bug or an untranslated library error: retry, then bury
+            log.error("work_crashed", source=source, id=row.id, attempt=row.attempts, exc_info=exc)
             await self._retry_or_bury(model, row, source, RetriableError(f"unexpected {type(exc).__name__}: {exc}"))
-            return
-        if not settled:
-            await self.store.finish(model, row, status="done", now=self.rt.clock())
+
+    def _log_lost(self, source: str, row: Any, why: str) -> None:
+        log.warning("lease_lost", source=source, id=row.id, attempt=row.attempts, detail=why)
 
     async def _needs_reauthorisation(self, row: Any, exc: AuthError) -> None:
         """Credentials refused (a spent refresh token, a revoked app): an outcome a person must act on.
@@ -1342,20 +1535,36 @@ class Engine:
             log.error("reauthorisation_needed", connection=row.connection, error=exc.message)
 
     async def _retry_or_bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
-        if row.attempts >= self.rt.config.daemon.max_attempts:
-            await self._bury(model, row, source, exc)
-            return
-        wait = backoff_s(row.attempts, getattr(exc, "retry_after_s", None))
-        if isinstance(exc, AuthError):
-            wait = max(wait, 300.0)
-        now = self.rt.clock()
-        await self.store.finish(
-            model, row, status="pending", now=now, error=str(exc), next_at=now + timedelta(seconds=wait)
-        )
-        log.warning("work_retry", source=source, id=row.id, attempt=row.attempts, wait_s=wait, error=str(exc))
+        """Retry later with back-off, or dead-letter once ``give_up_after_s`` has passed since the first attempt.
 
-    async def _bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
+        The wait is the vendor's ``Retry-After`` as given, else 5·2ⁿ⁻¹ seconds capped at
+        ``retry_max_delay_s``; a retry never waits past the give-up moment, so the last
+        attempt is made then.
+        """
+        daemon = self.rt.config.daemon
         now = self.rt.clock()
+        first = row.first_attempt_at or now
+        elapsed_s = (now - first).total_seconds()
+        if elapsed_s >= daemon.give_up_after_s:
+            note = (
+                f"given up: still failing {_span(elapsed_s)} after the first attempt at {first.isoformat()} "
+                f"({row.attempts} attempts; [daemon].give_up_after_s = {daemon.give_up_after_s})"
+            )
+            await self._bury(model, row, source, exc, note=note)
+            return
+        wait = backoff_s(row.attempts, getattr(exc, "retry_after_s", None), cap_s=daemon.retry_max_delay_s)
+        if isinstance(exc, AuthError):
+            wait = max(wait, AUTH_RETRY_MIN_S)
+        next_at = min(now + timedelta(seconds=wait), first + timedelta(seconds=daemon.give_up_after_s))
+        if not await self.store.finish(model, row, status="pending", now=now, error=str(exc), next_at=next_at):
+            self._log_lost(source, row, f"claimed again meanwhile; not retried: {exc}")
+            return
+        wait_s = round((next_at - now).total_seconds(), 3)
+        log.warning("work_retry", source=source, id=row.id, attempt=row.attempts, wait_s=wait_s, error=str(exc))
+
+    async def _bury(self, model: Any, row: Any, source: str, exc: SyncdError, *, note: str | None = None) -> None:
+        now = self.rt.clock()
+        reason = f"{exc.message}; {note}" if note else exc.message
         payload = {
             k: getattr(row, k)
             for k in ("connection", "object_type", "object_id", "event_id", "kind", "key")
@@ -1363,12 +1572,13 @@ class Engine:
         }
         async with self.store.begin() as conn:
             if not await self.store.finish(model, row, status="dead", now=now, error=str(exc), conn=conn):
+                self._log_lost(source, row, f"claimed again meanwhile; not dead-lettered: {exc}")
                 return
             await self.store.dead_letter(
                 source=source,
                 ref=str(row.id),
                 connection=row.connection,
-                reason=exc.message,
+                reason=reason,
                 place=exc.place,
                 payload=payload,
                 now=now,
@@ -1376,11 +1586,12 @@ class Engine:
             )
         if model is EffectRow and row.kind == CREATE_INVOICE:
             self.rt.metrics.invoice_failed(self._pipeline_name(row))
-        log.error("dead_lettered", source=source, id=row.id, reason=exc.message, place=exc.place)
+        log.error("dead_lettered", source=source, id=row.id, reason=reason, place=exc.place)
 
 
-class _Fenced(Exception):
-    """This worker's lease was taken over; its result is discarded."""
+def _span(seconds: float) -> str:
+    """``49.5 h`` or ``12 min``: a give-up span for a dead letter's reason."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def _engagement_values(engagement: Engagement, pipeline: Pipeline, deal_id: str, now: datetime) -> dict[str, Any]:

@@ -1,9 +1,17 @@
 """Dead letters: list them, requeue them once the mapping or the data is fixed, or dismiss them.
 
-Replaying puts the original inbox event or outbox effect back in its queue. Because
-processing re-reads the source and every effect is keyed, a replay never creates a
-second invoice: a billing event already recorded queues nothing, and an invoice
-already created is found by its key before anything is created.
+Replaying puts the original inbox event or outbox effect back in its queue as if new:
+in one transaction the row is pending again with no attempts, no first attempt time
+(so ``[daemon].give_up_after_s`` counts afresh) and no last error, and the dead letter
+is marked replayed; a letter whose record is not dead any more (requeued or settled
+since) is left open, with that reason. A dead ``create_invoice`` effect is marked to be
+drafted again from the current mapping when it runs
+(:meth:`syncd.engine.loop.Engine._redraft`), under the same key, so a fixed mapping is
+what the ledger gets.
+
+Because processing re-reads the source and every effect is keyed, a replay never
+creates a second invoice: a billing event already recorded queues nothing, and a
+replayed invoice is looked up by its key before anything is created.
 
 Dismissing closes a dead letter a person has dealt with another way (the credit was
 issued by hand, the deal was cancelled): who, when and why are kept on the row, and
@@ -15,8 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
 
 from syncd.core.errors import RecordError
+from syncd.engine.loop import CREATE_INVOICE
 from syncd.plumbing.settings import Config
 from syncd.store.db import DeadLetterRow, EffectRow, EventRow, Store, table_of
 
@@ -62,7 +74,8 @@ async def replay_dead_letters(config: Config, ids: Sequence[int], *, all_: bool 
 
     A dead letter from a malformed webhook has nothing to requeue (its body was never
     a valid event): it is left open and the vendor must send it again. A named dead
-    letter that is not open (replayed or dismissed already) is left as it is.
+    letter that is not open (replayed or dismissed already) is left as it is, and so is
+    one whose record is not dead any more (requeued or settled since): it stays open.
 
     Raises:
         RecordError: an id names no dead letter; nothing is requeued then.
@@ -89,7 +102,12 @@ async def replay_dead_letters(config: Config, ids: Sequence[int], *, all_: bool 
 
 
 async def _requeue(store: Store, letter: DeadLetterRow) -> str | None:
-    """Put the letter's event or effect back in its queue; else why not."""
+    """Put the letter's event or effect back in its queue as new; else why not.
+
+    One transaction: the record is reset (pending, due now, no lease, no attempts, no
+    first attempt time, no last error; a ``create_invoice`` effect marked to be drafted
+    again) only while it is dead, and the letter is marked replayed only then.
+    """
     if letter.status != OPEN:
         return f"it is {letter.status}, not open"
     model: type[EventRow] | type[EffectRow]
@@ -103,14 +121,27 @@ async def _requeue(store: Store, letter: DeadLetterRow) -> str | None:
         return f"a {letter.source} dead letter is for a person to act on; dismiss it once done"
     now = _now()
     table = table_of(model)
-    await store.update(
-        model,
-        [table.c.id == int(letter.ref), table.c.status == "dead"],
-        {"status": "pending", "next_at": now, "lease_owner": None, "lease_until": None},
-    )
-    await store.update(
-        DeadLetterRow, [table_of(DeadLetterRow).c.id == letter.id], {"status": "replayed", "replayed_at": now}
-    )
+    values: dict[str, Any] = {
+        "status": "pending",
+        "next_at": now,
+        "lease_owner": None,
+        "lease_until": None,
+        "attempts": 0,
+        "first_attempt_at": None,
+        "last_error": None,
+    }
+    dead = sa.and_(table.c.id == int(letter.ref), table.c.status == "dead")
+    letters = table_of(DeadLetterRow)
+    async with store.begin() as conn:
+        if model is EffectRow:
+            found = (await conn.execute(sa.select(table.c.kind, table.c.payload).where(dead))).first()
+            if found is not None and found.kind == CREATE_INVOICE:
+                values["payload"] = {**found.payload, "redraft": True}
+        if not (await conn.execute(sa.update(table).where(dead).values(**values))).rowcount:
+            return f"its {letter.source} {letter.ref} is not dead any more (requeued or settled since)"
+        await conn.execute(
+            sa.update(letters).where(letters.c.id == letter.id).values(status="replayed", replayed_at=now)
+        )
     return None
 
 

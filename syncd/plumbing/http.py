@@ -20,6 +20,12 @@ own client or retry loop. The rules:
 * Replicas sharing a PostgreSQL database also share each vendor budget
   (:class:`SharedBudget`): every request reserves a slot of the vendor's "``L`` per
   ``W``" in one row, so together they stay under the limit.
+* Inside a worker's claimed row (:func:`syncd.plumbing.leases.current`), every vendor write is
+  preceded by the lease's write guard (a fenced renewal: a worker whose claim was taken
+  over sends nothing), and the retries of one request stop before they would spend the
+  lease's retry budget (four fifths of the lease left; nothing once the claim is lost or the
+  process is stopping): the row then goes back to the queue with its back-off. Once the
+  process is stopping, no request is started (the one in flight finishes).
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ from typing import Any, Protocol
 import httpx
 import structlog
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.stop import stop_base
 
-from syncd.core.errors import AuthError, FatalError, NotFound, RateLimited, RecordError, RetriableError
+from syncd.core.errors import AuthError, FatalError, LeaseLost, NotFound, RateLimited, RecordError, RetriableError
+from syncd.plumbing import leases
 
 log = structlog.get_logger("syncd.plumbing.http")
 
@@ -311,6 +319,27 @@ class _WaitPolicy:
         return float(min(self.cap_s, backoff) * (0.5 + random.random() / 2))
 
 
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class _WithinLease(stop_base):
+    """Stop retrying once the next wait would end past the lease's retry budget, or the lease is lost.
+
+    Time spent is the larger of the wall time since the first attempt and the waits
+    taken (an injected sleep takes no wall time, as in tests).
+    """
+
+    def __init__(self, lease: leases.Lease) -> None:
+        self.lease = lease
+        self.budget_s = lease.retry_budget_s()
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if self.lease.retry_budget_s() <= 0:  # lost, or the process is stopping
+            return True
+        spent = max(retry_state.seconds_since_start or 0.0, retry_state.idle_for)
+        return spent + (retry_state.upcoming_sleep or 0.0) > self.budget_s
+
+
 class VendorHttp:
     """HTTP for one connection: base URL, auth, limits, retries and the status table.
 
@@ -373,6 +402,7 @@ class VendorHttp:
         headers: Mapping[str, str] | None = None,
         bucket: str = "default",
         retry: bool = True,
+        write: bool | None = None,
     ) -> httpx.Response:
         """Send a request and return the 2xx response, or raise per the status table.
 
@@ -381,23 +411,60 @@ class VendorHttp:
             params / json / content / headers: as for httpx.
             bucket: which rate-limit bucket the call spends.
             retry: ``False`` for a call that is unsafe to repeat.
+            write: whether the call changes something at the vendor (then the lease's
+                write guard runs before it); default: any method but GET, HEAD and
+                OPTIONS. A read sent as POST (a search) passes ``False``.
 
         Raises:
-            RetriableError: still failing after ``max_attempts`` (or ``retry=False``).
+            RetriableError: still failing after ``max_attempts`` (or ``retry=False``),
+                or the next retry would not fit in the lease's retry budget.
+            LeaseLost: the worker's claim was taken over; nothing more was sent.
+            Stopping: the process is stopping (in a worker's row); nothing was sent.
             AuthError, NotFound, Rejected: per :data:`STATUS_ACTIONS`.
         """
         attempts = self.max_attempts if retry else 1
+        lease = leases.current()
+        if lease is not None:
+            lease.before_call(f"{self.connection}: {method} {path}")
+        stop: stop_base = stop_after_attempt(attempts)
+        if lease is not None:
+            stop = stop | _WithinLease(lease)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(attempts),
+            stop=stop,
             wait=self.wait,
             retry=retry_if_exception_type(RetriableError),
             sleep=self.sleep,
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._send(method, path, params, json, content, headers, bucket)
+        writes = method.upper() not in READ_METHODS if write is None else write
+        guard = lease if writes else None
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._send(method, path, params, json, content, headers, bucket, guard)
+        except RetriableError as exc:
+            if lease is not None and lease.lost:
+                raise LeaseLost(
+                    f"{self.connection}: {method} {path} failed and the lease was taken over meanwhile: not retried",
+                    place=lease.where,
+                ) from exc
+            raise
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    def call_interval_s(self) -> float:
+        """Seconds between calls at the default bucket's sustained rate (0 without a limit).
+
+        The engine sizes a claim by it: a batch of rows must be finishable within the
+        lease at this pace (docs/architecture.md, Leases and fencing).
+        """
+        bucket = self.buckets.get("default")
+        if bucket is None:
+            return 0.0
+        limit = bucket.limit
+        interval = limit.period_s / limit.max_requests if limit.max_requests < 10**9 else 0.0
+        if self.budget is not None and limit.window_limit and limit.window_s:
+            interval = max(interval, limit.window_s * (1 + self.budget.slack) / limit.window_limit)
+        return interval
 
     async def _send(
         self,
@@ -408,11 +475,14 @@ class VendorHttp:
         content: bytes | None,
         headers: Mapping[str, str] | None,
         bucket: str,
+        guard: leases.Lease | None,
     ) -> httpx.Response:
         url = path if path.startswith("http") else f"{self.base_url}{path}"
         merged = {**self.headers, **(headers or {})}
         limiter = self.buckets.get(bucket) or self.buckets.get("default")
         async with limiter.hold(self.budget) if limiter else contextlib.nullcontext():
+            if guard is not None:  # last, after any wait for a rate-limit slot
+                await guard.guard(f"{self.connection}: {method} {path}")
             self.calls += 1
             try:
                 response = await self.client.request(

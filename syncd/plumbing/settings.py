@@ -60,8 +60,16 @@ class DaemonSettings(BaseModel):
             the database was created.
         poll_interval_s: seconds between change-feed polls of each connection.
         workers: concurrent event/effect workers in this process.
-        lease_s: seconds a claimed row stays claimed before another worker may take it.
-        max_attempts: attempts for an effect before it is dead-lettered.
+        lease_s: seconds a claimed row stays claimed before another worker may take it;
+            renewed while its work runs, and a claim takes only as many rows as fit in
+            it (docs/architecture.md, Leases and fencing).
+        give_up_after_s: seconds after a record's first attempt at which a retriable
+            failure dead-letters it instead of retrying (default 48 h).
+        retry_max_delay_s: the cap of the exponential back-off between attempts (a
+            vendor's ``Retry-After`` is honoured as given).
+        shutdown_grace_s: seconds from SIGTERM until the process has exited: workers
+            stop claiming, finish the vendor call in flight and hand back the rest of
+            their claimed rows.
         encryption_key: Fernet key that encrypts OAuth tokens at rest (``syncd keygen``);
             checked at load.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
@@ -93,7 +101,9 @@ class DaemonSettings(BaseModel):
     poll_interval_s: int = Field(default=60, ge=1)
     workers: int = Field(default=4, ge=1, le=64)
     lease_s: int = Field(default=60, ge=5)
-    max_attempts: int = Field(default=8, ge=1)
+    give_up_after_s: int = Field(default=172_800, ge=1)
+    retry_max_delay_s: int = Field(default=900, ge=1)
+    shutdown_grace_s: int = Field(default=25, ge=5, le=3600)
     encryption_key: SecretStr | None = None
     log_level: str = "info"
     default_currency: str = "USD"
@@ -522,6 +532,12 @@ def inspect_config(path: Path, environ: Mapping[str, str] | None = None) -> Insp
     return Inspection(config=config, problems=reader.finish(), where=where, lines=reader.lines)
 
 
+RETIRED_KEYS: Mapping[tuple[str, str], str] = {
+    ("daemon", "max_attempts"): "no longer a setting: a failing record is retried until give_up_after_s seconds "
+    "(default 172800 = 48 h) have passed since its first attempt; replace max_attempts with give_up_after_s",
+}
+"""Keys an older syncd read: a config that still has one fails, naming what replaced it."""
+
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _HEADER = re.compile(r"\s*(\[\[?)\s*([^\]#]+?)\s*\]\]?\s*(?:#.*)?$")
 _KEY = re.compile(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*=")
@@ -688,6 +704,7 @@ class _Reader:
         raw_pipelines = data.pop("pipelines", [])
         if isinstance(data.get("daemon"), dict):
             data["daemon"], _ = self.resolve(data["daemon"], ("daemon",), DaemonSettings.model_fields.keys())
+        data = self._without_retired(data)
         settings: Settings | None = None
         for attempt in range(3):
             try:
@@ -699,6 +716,15 @@ class _Reader:
                 data = _without(data, [err["loc"] for err in exc.errors()])
         settings = settings or Settings.model_validate({})
         return settings.model_copy(update={"pipelines": self._pipeline_tables(raw_pipelines)})
+
+    def _without_retired(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` without the keys syncd no longer reads, each reported with the key that replaced it."""
+        for (table, key), message in RETIRED_KEYS.items():
+            values = data.get(table)
+            if isinstance(values, dict) and key in values:
+                self.add((table, key), message)
+                data = {**data, table: {k: v for k, v in values.items() if k != key}}
+        return data
 
     def _pipeline_tables(self, raw: Any) -> tuple[PipelineSettings, ...]:
         if not isinstance(raw, list):

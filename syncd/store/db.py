@@ -97,6 +97,7 @@ class EventRow(SQLModel, table=True):
     received_at: datetime = _ts()
     status: str = "pending"  # pending | done | dead
     attempts: int = 0
+    first_attempt_at: datetime | None = _ts(nullable=True)  # give_up_after_s counts from here
     next_at: datetime = _ts()
     lease_owner: str | None = None
     lease_until: datetime | None = _ts(nullable=True)
@@ -116,6 +117,7 @@ class EffectRow(SQLModel, table=True):
     payload: dict[str, Any] = _json(nullable=False)
     status: str = "pending"  # pending | done | dead | simulated
     attempts: int = 0
+    first_attempt_at: datetime | None = _ts(nullable=True)  # give_up_after_s counts from here
     next_at: datetime = _ts()
     lease_owner: str | None = None
     lease_until: datetime | None = _ts(nullable=True)
@@ -590,12 +592,73 @@ class Store:
         stmt = (
             sa.update(table)
             .where(table.c.id.in_(due.scalar_subquery()))
-            .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_s), attempts=table.c.attempts + 1)
+            .values(
+                lease_owner=owner,
+                lease_until=now + timedelta(seconds=lease_s),
+                attempts=table.c.attempts + 1,
+                first_attempt_at=sa.func.coalesce(table.c.first_attempt_at, now),
+            )
             .returning(*table.c)
         )
         async with self.engine.begin() as conn:
             rows = (await conn.execute(stmt)).mappings().all()
         return sorted((model.model_validate(dict(r)) for r in rows), key=lambda r: r.id or 0)
+
+    async def renew(self, model: type[Row], row: Row, *, lease_s: int, now: datetime) -> datetime | None:
+        """Extend a claim's lease to ``now + lease_s`` if it is still this claim's.
+
+        Fenced like :meth:`finish`, and on the owner too: the row must still be pending,
+        claimed by ``row.lease_owner`` with ``row.attempts``. A lease that ran out but
+        was not claimed again is still ours (a claim and a renewal are serialised by
+        the row lock on PostgreSQL, by the write lock on SQLite).
+
+        Returns:
+            the new end of the lease, or ``None`` when the claim is lost.
+        """
+        table = table_of(model)
+        until = now + timedelta(seconds=lease_s)
+        stmt = (
+            sa.update(table)
+            .where(
+                table.c.id == row.id,
+                table.c.attempts == row.attempts,
+                table.c.lease_owner == row.lease_owner,
+                table.c.status == "pending",
+            )
+            .values(lease_until=until)
+        )
+        async with self.engine.begin() as conn:
+            renewed = bool((await conn.execute(stmt)).rowcount)
+        return until if renewed else None
+
+    async def release(self, model: type[Row], rows: Sequence[Row], *, uncount: bool, error: str | None = None) -> int:
+        """Hand claimed rows back to the queue at once: no lease, due as they were.
+
+        Args:
+            rows: rows this worker claimed (fenced on owner and attempt, like :meth:`renew`).
+            uncount: the rows were not worked on: their claim does not count as an
+                attempt (``attempts`` goes back, and a first attempt time set by that
+                claim is cleared). ``False`` for a row whose work was interrupted: its
+                attempt did happen, so the next one looks up what it may have created.
+            error: recorded as the row's last error.
+
+        Returns:
+            how many rows were released.
+        """
+        if not rows:
+            return 0
+        table = table_of(model)
+        values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+        if uncount:
+            values["attempts"] = table.c.attempts - 1
+            values["first_attempt_at"] = sa.case((table.c.attempts == 1, None), else_=table.c.first_attempt_at)
+        if error is not None:
+            values["last_error"] = error
+        claims = sa.or_(*(sa.and_(table.c.id == row.id, table.c.attempts == row.attempts) for row in rows))
+        owners = {row.lease_owner for row in rows}
+        stmt = sa.update(table).where(claims, table.c.lease_owner.in_(owners), table.c.status == "pending")
+        async with self.engine.begin() as conn:
+            return int((await conn.execute(stmt.values(**values))).rowcount or 0)
 
     async def finish(
         self,
@@ -609,7 +672,11 @@ class Store:
         result: Mapping[str, Any] | None = None,
         conn: AsyncConnection | None = None,
     ) -> bool:
-        """Settle a claimed row, fenced on the attempt it was claimed with.
+        """Settle a claimed row, fenced on the attempt it was claimed with and its owner.
+
+        The owner matters once a row was handed back uncounted (:meth:`release` takes
+        ``attempts`` back by one): a worker that lost the row before that must not
+        settle it with the attempt number it had.
 
         Args:
             status: ``done``, ``dead``, ``simulated``, or ``pending`` (retry at ``next_at``).
@@ -625,7 +692,11 @@ class Store:
             values["updated_at"] = now
             if result is not None:
                 values["result"] = dict(result)
-        stmt = sa.update(table).where(table.c.id == row.id, table.c.attempts == row.attempts).values(**values)
+        stmt = (
+            sa.update(table)
+            .where(table.c.id == row.id, table.c.attempts == row.attempts, table.c.lease_owner == row.lease_owner)
+            .values(**values)
+        )
         if conn is not None:
             return bool((await conn.execute(stmt)).rowcount)
         async with self.engine.begin() as own:
@@ -785,6 +856,18 @@ class Store:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(stmt)).all()
         return {(str(kind), str(reason)): int(n) for kind, reason, n in rows}
+
+    async def lock_for_transaction(self, conn: AsyncConnection, name: str) -> None:
+        """Hold a lock named ``name`` until ``conn``'s transaction ends, across replicas.
+
+        On PostgreSQL a transaction-level advisory lock (``pg_advisory_xact_lock``, keyed
+        by a 64-bit hash of the name): a second transaction asking for the same name
+        waits until the first commits, and then reads what it wrote. SQLite needs
+        nothing: ``BEGIN IMMEDIATE`` already makes each write transaction wait for the
+        one before it.
+        """
+        if self.is_postgres:
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": name})
 
     async def metric_counts(self) -> MetricCounts:
         """What the ``/metrics`` gauges show, read in one transaction (:mod:`syncd.plumbing.metrics`)."""
