@@ -12,8 +12,9 @@ to the queue with its attempt counted, so the next attempt looks up what it may 
 created. Nothing claimed stays leased to a process that is gone.
 
 Before the workers start, every CRM connection that writes billing properties creates
-the ones it lacks (what ``syncd setup hubspot`` does, idempotently); when the token may
-not, the daemon refuses to start with one line naming the scope and the command.
+the ones it lacks (what ``syncd setup hubspot`` does, idempotently): the deal's, and the
+company's with ``[collections] company_status``; when the token may not, the daemon
+refuses to start with one line naming the scope and the command.
 
 Mapping files are reloaded while it runs: on SIGHUP, and when a file's modification
 time, size or inode changes (looked at every ``[daemon].mapping_watch_interval_s``).
@@ -46,7 +47,9 @@ import uvicorn
 from starlette.applications import Starlette
 
 from syncd.core.errors import AuthError, ConfigError
+from syncd.core.interfaces import WritesCompanyStatus
 from syncd.engine import recurring
+from syncd.engine.alerts import AlertSender
 from syncd.engine.loop import Engine
 from syncd.engine.runtime import Runtime, utcnow
 from syncd.engine.scheduler import build_scheduler
@@ -80,6 +83,8 @@ class Daemon:
 
     Attributes:
         refusal: why the last start was refused (one line for ``syncd run``), if it was.
+        alert_sender: posts alerts (``[alerts] webhook_url`` set); a task of its own
+            beside the workers (none when ``workers`` is 0: tests call it by hand).
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Daemon:
         self._stop_by: float | None = None  # loop time by which the workers must be done
         self._stamps: dict[Path, tuple[int, int, int] | None] = {}
         self.refusal: str | None = None
+        self.alert_sender: AlertSender | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -180,11 +186,15 @@ class Daemon:
                 self._engine.notify,
                 self._engine.refresh_aging,
                 functools.partial(recurring.run_due, self._engine),
+                self._engine.collections.run,
             )
             if self.poll
             else None
         )
         self._workers = [asyncio.create_task(self._engine.run_worker(self._stop)) for _ in range(self.workers)]
+        self.alert_sender = AlertSender(self._runtime) if self.config.settings.alerts.webhook_url else None
+        if self.alert_sender is not None and self.workers:
+            self._workers.append(asyncio.create_task(self.alert_sender.run(self._stop)))
         self._stamps = _mapping_stamps(self._runtime)
         watch = self._watch_mappings()
         sighup = self._listen_for_sighup()
@@ -314,15 +324,18 @@ async def _create_crm_properties(runtime: Runtime) -> None:
     Raises:
         ConfigError: a token lacks the scope to create them (one line: scope and command).
     """
+    company_status = runtime.config.settings.collections.company_status
     for name, connector in runtime.connectors.items():
         if not isinstance(connector, WritesCrmProperties):
             continue
         try:
             await connector.ensure_properties()
+            if company_status and isinstance(connector, WritesCompanyStatus):
+                await connector.ensure_company_properties()
         except AuthError as exc:
             raise ConfigError(
-                f"syncd cannot create the deal properties it writes: {exc}; "
-                f"then run `syncd setup hubspot --connection {name}`",
+                f"syncd cannot create the deal{' and company' if company_status else ''} properties it writes: "
+                f"{exc}; then run `syncd setup hubspot --connection {name}`",
                 place=f"[connections.{name}]",
             ) from exc
 

@@ -23,13 +23,16 @@ from syncd.store.db import (
     ClientChangeRow,
     ClientConflictRow,
     ClientRow,
+    CompanyStandingRow,
     CursorRow,
     DbTokenStore,
     DeadLetterRow,
     EngagementRow,
     EventRow,
+    FollowUpTaskRow,
     InvoiceRow,
     InvoiceTrailRow,
+    LedgerDocumentRow,
     MetaRow,
     SourceRecordRow,
     Store,
@@ -173,6 +176,48 @@ async def fill(url: str) -> None:
                 payload=None,
                 now=NOW,
             )
+        await store.upsert(
+            LedgerDocumentRow,
+            {
+                "key": "ledger:xero:7d3b",
+                "connection": "xero",
+                "document_id": "7d3b",
+                "client_key": "hubspot:company:1",
+                "state": "authorised",
+                "currency": "USD",
+                "total": "50.00",
+                "amount_due": "50.00",
+                "due_date": date(2026, 12, 1),
+                "updated_at": NOW,
+            },
+        )
+        await store.upsert(
+            CompanyStandingRow,
+            {
+                "crm_connection": "hubspot",
+                "company_id": "1",
+                "client_key": "hubspot:company:1",
+                "figures": {"syncd_outstanding_balance": "50.00"},
+                "cause": "INV-1 created",
+                "written_at": NOW,
+            },
+        )
+        await store.upsert(
+            FollowUpTaskRow,
+            {
+                "key": "task:eng:1:won:1",
+                "document_key": "eng:1:won",
+                "step": 1,
+                "crm_connection": "hubspot",
+                "task_id": "9001",
+                "subject": "Collect INV-1",
+                "body": "overdue",
+                "created_at": NOW,
+            },
+        )
+        store.alerting = True
+        for n in range(2):
+            await store.queue_alert(None, key=f"alert-{n}", kind="auth_lost", title="xero", detail="401", now=NOW)
         await store.add_alert(key="audit:2026-11:late", source="audit", title="t", text="x", fields={"n": 1}, now=NOW)
         await store.upsert(
             InvoiceTrailRow,

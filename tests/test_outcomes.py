@@ -179,15 +179,17 @@ async def test_the_deal_shows_the_standing_across_all_its_invoices(tmp_path: Pat
 
 
 async def test_every_scheduled_job_runs_at_start(tmp_path: Path, db_url: str) -> None:
-    """Recurring billing, aging, retention, the audit and drift run when the daemon starts, not one interval later."""
+    """Recurring billing, aging, retention, collections, the audit and drift run when the daemon starts, not one interval later."""
     async with stack(tmp_path, db_url) as s:
 
         async def nothing() -> int:
             return 0
 
-        jobs = scheduler.build_scheduler(s.daemon.runtime, aging=nothing, recurring=nothing).get_jobs()
+        jobs = scheduler.build_scheduler(
+            s.daemon.runtime, aging=nothing, recurring=nothing, collections=nothing
+        ).get_jobs()
         at_start = [job for job in jobs if not job.id.startswith("poll:")]
-        assert {job.id for job in at_start} == {"aging", "recurring", "retention", "drift", "audit"}
+        assert {job.id for job in at_start} == {"aging", "recurring", "retention", "collections", "drift", "audit"}
         now = datetime.now(UTC)
         assert all(job.next_run_time <= now for job in at_start)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from syncd.cli.main import app
 from syncd.core.errors import ConfigError
 from syncd.plumbing import registry
 from syncd.plumbing.settings import (
+    AlertSettings,
+    CollectionsSettings,
     DaemonSettings,
     PilotSettings,
     PipelineSettings,
@@ -120,6 +123,8 @@ def _models() -> list[tuple[str, type[BaseModel]]]:
         ("[[pipelines]]", PipelineSettings),
         ("[pilot]", PilotSettings),
         ("[retention]", RetentionSettings),
+        ("[collections]", CollectionsSettings),
+        ("[alerts]", AlertSettings),
     ]
     for name in registry.available():
         tables.append((f"[connections.{name}]", registry.load(name).settings_model))
@@ -152,6 +157,48 @@ def test_daemon_secrets_come_from_env_and_files(tmp_path: Path) -> None:
     assert config.daemon.encryption_key.get_secret_value() == key
     assert config.daemon.database_url == "postgresql+psycopg://syncd:pw-in-env@db.test/syncd"
     assert "pw-in-env" in config.secrets()  # redacted from logs
+
+
+def test_the_alert_webhook_url_is_a_secret_from_env_or_a_file(tmp_path: Path) -> None:
+    """[alerts].webhook_url takes `env:` and `webhook_url_file`, and is redacted from logs."""
+    url = "https://hooks.slack.com/services/T000/B000/XXXXsecret"
+    path = tmp_path / "config.toml"
+    path.write_text('[alerts]\nwebhook_url = "env:SYNCD_TEST_ALERTS"\ngroup_window_s = 30\n')
+    config = load_config(path, environ={"SYNCD_TEST_ALERTS": url})
+    assert config.settings.alerts.webhook_url is not None
+    assert config.settings.alerts.webhook_url.get_secret_value() == url
+    assert url in config.secrets()
+    (tmp_path / "hook.txt").write_text(url + "\n")
+    path.write_text('[alerts]\nwebhook_url_file = "hook.txt"\n')
+    assert load_config(path).settings.alerts.webhook_url == config.settings.alerts.webhook_url
+
+
+def test_a_bad_alert_webhook_url_is_reported_without_showing_it(tmp_path: Path) -> None:
+    """The URL is the secret (Slack's token is in its path): the problem names the key, not the value."""
+    path = tmp_path / "config.toml"
+    path.write_text('[alerts]\nwebhook_url = "hooks.slack.com/services/T000/B000/XXXXsecret"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:2 [alerts].webhook_url: not an http(s) URL (not shown: the URL is the secret)"
+    ]
+
+
+def test_collections_amounts_are_decimal_text_per_currency_and_steps_are_days(tmp_path: Path) -> None:
+    """at_risk_overdue_above takes decimal text per ISO currency (a float is refused); steps are 1 or more."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[collections]\nat_risk_overdue_above = { USD = "5000.50", EUR = 4000 }\nfollow_up_days = [30, 7]\n'
+    )
+    collections = load_config(path).settings.collections
+    assert collections.at_risk_overdue_above == {"USD": Decimal("5000.50"), "EUR": Decimal(4000)}
+    assert collections.task_steps() == (1, 7, 30)
+    path.write_text('[collections]\nat_risk_overdue_above = { USD = 5000.5, usd = "1" }\nfollow_up_days = [0]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = "\n".join(info.value.problems)
+    assert "[collections].at_risk_overdue_above: write amounts as decimal text" in text
+    assert "[collections].follow_up_days: days overdue are 1 or more" in text
 
 
 def test_a_bad_encryption_key_says_run_keygen(tmp_path: Path) -> None:

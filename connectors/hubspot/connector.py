@@ -25,6 +25,22 @@ Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
 * ``GET /crm/v3/properties/{objectType}`` ("Read all existing properties for the
   specified object type", ``results[].name``) for the drift guard —
   https://developers.hubspot.com/docs/api-reference/legacy/crm/properties/get-properties.
+* ``PATCH /crm/v3/objects/companies/{id}`` and ``/crm/v3/properties/companies`` (and its
+  ``/groups``) for a company's receivables (:meth:`HubSpotConnector.write_company_status`);
+  the same properties guide. Needs ``crm.objects.companies.write`` and
+  ``crm.schemas.companies.write`` (docs/credentials.md).
+* Tasks: ``POST /crm/v3/objects/tasks`` (``hs_timestamp`` required, the task's due
+  time; ``hs_task_subject``, ``hs_task_body``, ``hs_task_status`` ``NOT_STARTED`` or
+  ``COMPLETED``, ``hs_task_priority``, ``hs_task_type``, ``hubspot_owner_id``; an
+  ``associations`` list of ``{"to": {"id"}, "types": [{"associationCategory",
+  "associationTypeId"}]}``), ``PATCH /crm/v3/objects/tasks/{id}`` and
+  ``POST /crm/v3/objects/tasks/search`` —
+  https://developers.hubspot.com/docs/api-reference/legacy/crm/activities/tasks/guide,
+  whose scope requirements are ``crm.objects.contacts.read``/``.write``. Association
+  types 216 (task to deal) and 192 (task to company) are HubSpot-defined
+  (https://developers.hubspot.com/docs/api-reference/legacy/crm/associations/associate-records/guide,
+  the default association type IDs). The owner of a deal or company is its
+  ``hubspot_owner_id`` property.
 * Rate limits: 100 requests per 10 s for Free/Starter accounts (the lowest published
   burst limit; https://developers.hubspot.com/docs/developer-tooling/platform/usage-guidelines),
   search excluded and limited separately.
@@ -64,9 +80,11 @@ from syncd.core.interfaces import (
     Capability,
     ChangeHint,
     ChangePage,
+    CompanyBillingStatus,
     Crm,
     CrmSchema,
     DealBillingStatus,
+    FollowUpTask,
     InvoiceState,
     SourceRecord,
     UpdatesCompanies,
@@ -148,6 +166,107 @@ def _property_definition(name: BillingProperty) -> dict[str, Any]:
             for order, value in enumerate(STATUS_OPTIONS)
         ]
     return body
+
+
+class CompanyProperty(enum.StrEnum):
+    """The company properties syncd writes (created by :meth:`HubSpotConnector.ensure_company_properties`)."""
+
+    CURRENCY = "syncd_currency"
+    OUTSTANDING = "syncd_outstanding_balance"
+    OVERDUE = "syncd_overdue_balance"
+    OLDEST_OVERDUE_DAYS = "syncd_oldest_overdue_days"
+    AGING_CURRENT = "syncd_aging_current"
+    AGING_1_30 = "syncd_aging_1_30"
+    AGING_31_60 = "syncd_aging_31_60"
+    AGING_61_90 = "syncd_aging_61_90"
+    AGING_90_PLUS = "syncd_aging_90_plus"
+    UNALLOCATED_CREDIT = "syncd_unallocated_credit"
+    LAST_PAYMENT_DATE = "syncd_last_payment_date"
+    AT_RISK = "syncd_at_risk"
+    AT_RISK_REASON = "syncd_at_risk_reason"
+    OTHER_CURRENCIES = "syncd_other_currencies"
+
+
+_COMPANY_LABELS: dict[CompanyProperty, tuple[str, str, str]] = {
+    CompanyProperty.CURRENCY: ("Receivables currency", "string", "text"),
+    CompanyProperty.OUTSTANDING: ("Outstanding balance", "number", "number"),
+    CompanyProperty.OVERDUE: ("Overdue balance", "number", "number"),
+    CompanyProperty.OLDEST_OVERDUE_DAYS: ("Oldest overdue (days)", "number", "number"),
+    CompanyProperty.AGING_CURRENT: ("Aging: current", "number", "number"),
+    CompanyProperty.AGING_1_30: ("Aging: 1-30 days", "number", "number"),
+    CompanyProperty.AGING_31_60: ("Aging: 31-60 days", "number", "number"),
+    CompanyProperty.AGING_61_90: ("Aging: 61-90 days", "number", "number"),
+    CompanyProperty.AGING_90_PLUS: ("Aging: 90+ days", "number", "number"),
+    CompanyProperty.UNALLOCATED_CREDIT: ("Unallocated credit", "number", "number"),
+    CompanyProperty.LAST_PAYMENT_DATE: ("Last payment date", "date", "date"),
+    CompanyProperty.AT_RISK: ("Payment at risk", "bool", "booleancheckbox"),
+    CompanyProperty.AT_RISK_REASON: ("Payment risk reason", "string", "text"),
+    CompanyProperty.OTHER_CURRENCIES: ("Receivables in other currencies", "string", "textarea"),
+}
+
+
+def _company_property_definition(name: CompanyProperty) -> dict[str, Any]:
+    """A company property body.
+
+    A ``bool`` property is a ``booleancheckbox`` (the ``type``/``fieldType`` pair of
+    https://developers.hubspot.com/docs/api-reference/latest/crm/properties/create-property);
+    its two options are the values ``true`` and ``false`` written by :func:`company_values`.
+    """
+    label, kind, field_type = _COMPANY_LABELS[name]
+    body: dict[str, Any] = {
+        "name": name.value,
+        "label": label,
+        "type": kind,
+        "fieldType": field_type,
+        "groupName": BILLING_GROUP,
+        "description": f"{label}, written by syncd from the invoicing tool (its client's invoices and credit notes).",
+    }
+    if kind == "bool":
+        body["options"] = [
+            {"label": "Yes", "value": "true", "displayOrder": 0, "hidden": False},
+            {"label": "No", "value": "false", "displayOrder": 1, "hidden": False},
+        ]
+    return body
+
+
+def company_values(status: CompanyBillingStatus) -> dict[str, str]:
+    """The company property values for ``status``: decimal text, ISO dates, ``""`` to clear."""
+    money = {
+        CompanyProperty.OUTSTANDING: status.outstanding_balance,
+        CompanyProperty.OVERDUE: status.overdue_balance,
+        CompanyProperty.AGING_CURRENT: status.aging_current,
+        CompanyProperty.AGING_1_30: status.aging_1_30,
+        CompanyProperty.AGING_31_60: status.aging_31_60,
+        CompanyProperty.AGING_61_90: status.aging_61_90,
+        CompanyProperty.AGING_90_PLUS: status.aging_90_plus,
+        CompanyProperty.UNALLOCATED_CREDIT: status.unallocated_credit,
+    }
+    values = {name.value: format(amount, "f") for name, amount in money.items()}
+    values.update(
+        {
+            CompanyProperty.CURRENCY.value: status.currency,
+            CompanyProperty.OLDEST_OVERDUE_DAYS.value: str(status.oldest_overdue_days),
+            CompanyProperty.LAST_PAYMENT_DATE.value: status.last_payment_date.isoformat()
+            if status.last_payment_date
+            else "",
+            CompanyProperty.AT_RISK.value: "true" if status.at_risk else "false",
+            CompanyProperty.AT_RISK_REASON.value: status.at_risk_reason or "",
+            CompanyProperty.OTHER_CURRENCIES.value: status.other_currencies or "",
+        }
+    )
+    return values
+
+
+TASK_TO_DEAL_TYPE_ID = 216  # "Task to deal" (HubSpot-defined association types)
+TASK_TO_COMPANY_TYPE_ID = 192  # "Task to company"
+OWNER_PROPERTY = "hubspot_owner_id"
+TASK_OPEN = "NOT_STARTED"
+TASK_DONE = "COMPLETED"
+
+
+def task_stamp(key: str) -> str:
+    """The line a follow-up task's body ends with, so a retry can recognise the task."""
+    return f"(syncd {key})"
 
 
 class HubSpotSettings(ConnectionSettings):
@@ -384,6 +503,89 @@ class HubSpotConnector:
         response = await self.http.request("PATCH", f"/crm/v3/objects/deals/{deal_id}", json={"properties": values})
         self._remember_write(CrmObject.model_validate_json(response.content))
 
+    async def write_company_status(self, company_id: str, status: CompanyBillingStatus) -> None:
+        """Write a company's receivables onto it (:data:`CompanyProperty`; see :func:`company_values`).
+
+        Raises:
+            NotFound: no company with that id.
+        """
+        path = f"/crm/v3/objects/companies/{company_id}"
+        await self.http.request("PATCH", path, json={"properties": company_values(status)})
+
+    async def record_owner(self, object_type: str, object_id: str) -> str | None:
+        """The ``hubspot_owner_id`` of a deal or company (``None``: none set).
+
+        Raises:
+            ValueError: ``object_type`` is not ``deal`` or ``company``.
+            NotFound: no such record.
+        """
+        if object_type not in ("deal", "company"):
+            raise ValueError(f"records with owners are deals and companies, not {object_type!r}")
+        path = f"/crm/v3/objects/{OBJECT_TYPES[object_type]}/{object_id}"
+        response = await self.http.request("GET", path, params={"properties": OWNER_PROPERTY})
+        return CrmObject.model_validate_json(response.content).properties.get(OWNER_PROPERTY) or None
+
+    async def create_task(self, task: FollowUpTask) -> str:
+        """Create the task, associated with its deal and company; its id.
+
+        Sent once (``retry=False``): HubSpot takes no idempotency key for it, so a lost
+        answer is resolved by :meth:`find_task`, never by creating it again.
+        """
+        associations = [
+            {"to": {"id": object_id}, "types": [{"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": kind}]}
+            for object_id, kind in ((task.deal_id, TASK_TO_DEAL_TYPE_ID), (task.company_id, TASK_TO_COMPANY_TYPE_ID))
+            if object_id
+        ]
+        properties = {
+            "hs_timestamp": iso_ms(task.due_at),
+            "hs_task_subject": task.subject,
+            "hs_task_body": f"{task.body}\n{task_stamp(task.key)}",
+            "hs_task_status": TASK_OPEN,
+            "hs_task_priority": "HIGH",
+            "hs_task_type": "TODO",
+        }
+        if task.owner_id:
+            properties[OWNER_PROPERTY] = task.owner_id
+        body = {"properties": properties, "associations": associations}
+        response = await self.http.request("POST", "/crm/v3/objects/tasks", json=body, retry=False)
+        created = CrmObject.model_validate_json(response.content)
+        log.info("hubspot_task_created", connection=self.connection, task_id=created.id, key=task.key)
+        return created.id
+
+    async def find_task(self, task: FollowUpTask) -> str | None:
+        """The task created for ``task.key`` (same subject, body ending with its stamp), if any.
+
+        Searches on ``hs_task_subject``; search results may lag a write by a few seconds
+        (search guide), so a retry soon after a lost answer may not find it yet.
+        """
+        body = {
+            "filterGroups": [
+                {"filters": [{"propertyName": "hs_task_subject", "operator": "EQ", "value": task.subject}]}
+            ],
+            "properties": ["hs_task_subject", "hs_task_body"],
+            "limit": 100,
+        }
+        response = await self.http.request("POST", "/crm/v3/objects/tasks/search", json=body, bucket="search")
+        found = SearchPage.model_validate_json(response.content).results
+        stamp = task_stamp(task.key)
+        return next((item.id for item in found if (item.properties.get("hs_task_body") or "").endswith(stamp)), None)
+
+    async def close_task(self, task_id: str, body: str, *, complete: bool) -> None:
+        """Replace a task's body (a note why it is settled) and, if ``complete``, mark it ``COMPLETED``."""
+        properties = {"hs_task_body": body}
+        if complete:
+            properties["hs_task_status"] = TASK_DONE
+        await self.http.request("PATCH", f"/crm/v3/objects/tasks/{task_id}", json={"properties": properties})
+
+    async def ensure_company_properties(self) -> PropertySetup:
+        """Create the ``syncd`` group and the company properties (:class:`CompanyProperty`) if missing.
+
+        Idempotent, like :meth:`ensure_properties`.
+        """
+        return await self._ensure(
+            "companies", {name.value: _company_property_definition(name) for name in CompanyProperty}
+        )
+
     async def update_company(self, company_id: str, properties: Mapping[str, str | None]) -> None:
         """Set client details on a company: ``PATCH /crm/v3/objects/companies/{id}`` with ``{"properties": …}``.
 
@@ -422,27 +624,37 @@ class HubSpotConnector:
         refused (HubSpot answers 409 ``CONFLICT``, "already exists") reads it back and
         counts it as present instead of failing its start.
         """
+        return await self._ensure("deals", {name.value: _property_definition(name) for name in BillingProperty})
+
+    async def _ensure(self, plural: str, definitions: Mapping[str, dict[str, Any]]) -> PropertySetup:
         group_created = False
         try:
-            await self.http.request("GET", f"/crm/v3/properties/deals/groups/{BILLING_GROUP}")
+            await self.http.request("GET", f"/crm/v3/properties/{plural}/groups/{BILLING_GROUP}")
         except NotFound:
             group = {"name": BILLING_GROUP, "label": BILLING_GROUP_LABEL, "displayOrder": -1}
             group_created = await self._create_unless_raced(
-                "/crm/v3/properties/deals/groups", group, f"/crm/v3/properties/deals/groups/{BILLING_GROUP}"
+                f"/crm/v3/properties/{plural}/groups", group, f"/crm/v3/properties/{plural}/groups/{BILLING_GROUP}"
             )
-        response = await self.http.request("GET", "/crm/v3/properties/deals")
+        response = await self.http.request("GET", f"/crm/v3/properties/{plural}")
         existing = {prop.name for prop in PropertyList.model_validate_json(response.content).results}
         created: list[str] = []
-        for name in BillingProperty:
-            if name.value in existing:
+        for name, body in definitions.items():
+            if name in existing:
                 continue
-            path = f"/crm/v3/properties/deals/{name.value}"
-            if await self._create_unless_raced("/crm/v3/properties/deals", _property_definition(name), path):
-                created.append(name.value)
+            if await self._create_unless_raced(
+                f"/crm/v3/properties/{plural}", body, f"/crm/v3/properties/{plural}/{name}"
+            ):
+                created.append(name)
             else:
-                existing.add(name.value)
-        present = tuple(name.value for name in BillingProperty if name.value in existing)
-        log.info("hubspot_properties_ensured", connection=self.connection, created=created, present=list(present))
+                existing.add(name)
+        present = tuple(name for name in definitions if name in existing)
+        log.info(
+            "hubspot_properties_ensured",
+            connection=self.connection,
+            object_type=plural,
+            created=created,
+            present=list(present),
+        )
         return PropertySetup(group_created=group_created, created=tuple(created), present=present)
 
     # -- helpers -----------------------------------------------------------------
@@ -714,6 +926,7 @@ SPEC = ConnectorSpec(
 __all__ = [
     "SPEC",
     "BillingProperty",
+    "CompanyProperty",
     "HubSpotConnector",
     "HubSpotSettings",
     "PropertySetup",

@@ -41,6 +41,12 @@ SDK and syncd's connector work against it. Sources (all on developers.hubspot.co
   so a change made through the API (``PATCH /crm/v3/objects/deals/{id}``) is delivered
   as a ``deal.propertyChange`` event for each changed property with a subscription
   (``HubSpotEmulator.subscribe(..., properties=...)``), and for no other.
+* tasks (``/crm/v3/objects/tasks``, object type ``0-27``): ``hs_timestamp`` required on
+  create, ``hs_task_status`` ``NOT_STARTED``/``COMPLETED``, ``hs_task_priority``
+  ``LOW``/``MEDIUM``/``HIGH``, ``hs_task_type`` ``EMAIL``/``CALL``/``TODO``, the contacts
+  scopes, associations 216 (task→deal) and 192 (task→company):
+  ``/docs/api-reference/legacy/crm/activities/tasks/guide``; ``hubspot_owner_id`` on
+  deals, companies and tasks takes the ids of the owners added with ``add_owner``.
 
 Request bodies, given a ``contract`` (:class:`SdkContract`, as
 ``tests/connectors/test_strict.py`` builds it): each write and search body must fit the
@@ -56,7 +62,10 @@ an undefined one is ``PROPERTY_DOESNT_EXIST`` (``strict_properties``) and a read
 ``READ_ONLY_VALUE``.
 
 Emulator-only choices (not confirmed against HubSpot): ``changeSource`` is ``API`` on
-events of changes made through the API (``CRM_UI`` on the seeding API's edits); the v3 ``associations[].type``
+events of changes made through the API (``CRM_UI`` on the seeding API's edits); the task
+property group name (``taskinformation``), ``hs_task_body`` as an ``html`` property, the
+reverse task association ids 215 and 191 (seen in public client code, not in HubSpot's
+pages); the v3 ``associations[].type``
 names other than ``deal_to_company``/``deal_to_company_unlabeled``/``deal_to_contact``/
 ``deal_to_line_item`` follow the same pattern; list ``after`` cursors are record ids;
 the exact wording of error messages.
@@ -105,28 +114,51 @@ TYPE_ALIASES = {
     "line_items": "line_items",
     "line_item": "line_items",
     "0-8": "line_items",
+    "tasks": "tasks",
+    "task": "tasks",
+    "0-27": "tasks",
 }
-OBJECT_TYPE_IDS = {"deals": "0-3", "companies": "0-2", "contacts": "0-1", "line_items": "0-8"}
+OBJECT_TYPE_IDS = {"deals": "0-3", "companies": "0-2", "contacts": "0-1", "line_items": "0-8", "tasks": "0-27"}
 # Keys of the ``associations`` block in v3 reads: ``line_items`` comes back as "line items".
-ASSOCIATION_KEYS = {"deals": "deals", "companies": "companies", "contacts": "contacts", "line_items": "line items"}
+ASSOCIATION_KEYS = {
+    "deals": "deals",
+    "companies": "companies",
+    "contacts": "contacts",
+    "line_items": "line items",
+    "tasks": "tasks",
+}
 MODIFIED_PROPERTY = {
     "deals": "hs_lastmodifieddate",
     "companies": "hs_lastmodifieddate",
     "contacts": "lastmodifieddate",
     "line_items": "hs_lastmodifieddate",
+    "tasks": "hs_lastmodifieddate",
 }
-# Returned when no ``properties`` are asked for (search guide, "Default returned properties").
+# Returned when no ``properties`` are asked for (search guide, "Default returned properties";
+# the tasks' list is the emulator's choice: the properties of the tasks guide's example).
 DEFAULT_PROPERTIES = {
     "deals": ("dealname", "amount", "closedate", "pipeline", "dealstage", "createdate", "hs_lastmodifieddate"),
     "companies": ("name", "domain", "createdate", "hs_lastmodifieddate"),
     "contacts": ("firstname", "lastname", "email", "lastmodifieddate", "createdate"),
     "line_items": ("quantity", "amount", "price", "createdate", "hs_lastmodifieddate"),
+    "tasks": ("hs_timestamp", "hs_task_subject", "hs_task_status", "hs_task_priority", "hs_lastmodifieddate"),
 }
 DEFAULT_GROUPS = {
     "deals": "dealinformation",
     "companies": "companyinformation",
     "contacts": "contactinformation",
     "line_items": "lineiteminformation",
+    "tasks": "taskinformation",
+}
+# Properties required to create a record of a type (tasks guide: "hs_timestamp: Required").
+REQUIRED_ON_CREATE = {"deals": ("dealname", "dealstage"), "tasks": ("hs_timestamp",)}
+# The values of the tasks' enumeration properties: hs_task_status "either COMPLETED or
+# NOT_STARTED", hs_task_priority "LOW, MEDIUM, or HIGH", hs_task_type "EMAIL, CALL, or
+# TODO" (https://developers.hubspot.com/docs/api-reference/legacy/crm/activities/tasks/guide).
+TASK_OPTIONS = {
+    "hs_task_status": ("NOT_STARTED", "COMPLETED"),
+    "hs_task_priority": ("LOW", "MEDIUM", "HIGH"),
+    "hs_task_type": ("EMAIL", "CALL", "TODO"),
 }
 
 # (name, type, fieldType, read-only) of the default properties the emulator knows.
@@ -179,7 +211,20 @@ _STANDARD: dict[str, tuple[tuple[str, str, str, bool], ...]] = {
         ("hs_product_id", "string", "text", False),
         ("hs_lastmodifieddate", "datetime", "date", True),
     ),
+    "tasks": (
+        ("hs_timestamp", "datetime", "date", False),
+        ("hs_task_subject", "string", "text", False),
+        ("hs_task_body", "string", "html", False),
+        ("hs_task_status", "enumeration", "select", False),
+        ("hs_task_priority", "enumeration", "select", False),
+        ("hs_task_type", "enumeration", "select", False),
+        ("hubspot_owner_id", "enumeration", "select", False),
+        ("hs_lastmodifieddate", "datetime", "date", True),
+    ),
 }
+# Every deal and company has an owner (HubSpot's default ``hubspot_owner_id``); its
+# options are the portal's owners (add_owner).
+_OWNED = ("deals", "companies", "tasks")
 # ``type`` → allowed ``fieldType`` values (properties guide table).
 FIELD_TYPES = {
     "bool": {"booleancheckbox", "calculation_equation"},
@@ -200,6 +245,11 @@ _ASSOCIATION_TYPES: dict[tuple[str, str], tuple[tuple[int, str] | None, tuple[in
     ("line_items", "deals"): (None, (20, "line_item_to_deal")),
     ("contacts", "companies"): ((1, "contact_to_company"), (279, "contact_to_company_unlabeled")),
     ("companies", "contacts"): ((2, "company_to_contact"), (280, "company_to_contact_unlabeled")),
+    # HubSpot-defined task associations: task→deal 216, task→company 192, and back 215, 191
+    ("tasks", "deals"): (None, (216, "task_to_deal")),
+    ("deals", "tasks"): (None, (215, "deal_to_task")),
+    ("tasks", "companies"): (None, (192, "task_to_company")),
+    ("companies", "tasks"): (None, (191, "company_to_task")),
 }
 
 _STAGES = (
@@ -239,13 +289,19 @@ _READING_POSTS = ("/search", "/batch/read")
 
 
 def _required_scope(method: str, path: str) -> str | None:
-    """The granular scope an endpoint needs (``None``: not checked by the emulator)."""
+    """The granular scope an endpoint needs (``None``: not checked by the emulator).
+
+    Tasks records need the contacts scopes (the tasks guide's "Scope requirements":
+    ``crm.objects.contacts.read``, ``crm.objects.contacts.write``).
+    """
     found = _SCOPED_PATH.match(path)
     if found is None:
         return None
     family, object_type, rest = found.group(1), found.group(2), found.group(3) or ""
     reads = method == "GET" or (method == "POST" and rest.endswith(_READING_POSTS))
     kind = "objects" if family == "objects" else "schemas"
+    if kind == "objects" and object_type == "tasks":
+        object_type = "contacts"
     return f"crm.{kind}.{object_type}.{'read' if reads else 'write'}"
 
 
@@ -450,6 +506,26 @@ class HubSpotEmulator:
         """The stored company: ``id``, ``properties``, ``createdAt``, ``updatedAt``, ``archived``."""
         return _public(self._get("companies", company_id), None)
 
+    def add_owner(self, email: str) -> str:
+        """A user who can own records (an option of every ``hubspot_owner_id``); their owner id."""
+        owner_id = str(next(self._ids))
+        for kind in _OWNED:
+            options = self._properties[kind]["hubspot_owner_id"]["options"]
+            options.append({"label": email, "value": owner_id, "displayOrder": len(options), "hidden": False})
+        return owner_id
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """Every task, oldest first, with ``associations``: ``{"deals": [ids], "companies": [ids]}``."""
+        found = []
+        for record in self._records["tasks"].values():
+            body = _public(record, None)
+            body["associations"] = {
+                to_kind: sorted(self._links.get(("tasks", record.id, to_kind), {}))
+                for to_kind in ("deals", "companies")
+            }
+            found.append(body)
+        return found
+
     def subscribe(self, url: str, client: httpx.AsyncClient, *, properties: Iterable[str] | None = None) -> None:
         """Deliver webhooks to ``url`` (the full public URL, which is what gets signed).
 
@@ -510,6 +586,14 @@ class HubSpotEmulator:
         self._properties["deals"]["dealstage"]["options"] = stages
         pipeline_option = {"label": "Sales Pipeline", "value": DEFAULT_PIPELINE, "displayOrder": 0, "hidden": False}
         self._properties["deals"]["pipeline"]["options"] = [pipeline_option]
+        for kind in ("deals", "companies"):
+            group = DEFAULT_GROUPS[kind]
+            self._define(kind, "hubspot_owner_id", "enumeration", "select", group=group, hubspot=True, read_only=False)
+        for name, values in TASK_OPTIONS.items():
+            self._properties["tasks"][name]["options"] = [
+                {"label": value.replace("_", " ").capitalize(), "value": value, "displayOrder": i, "hidden": False}
+                for i, value in enumerate(values)
+            ]
 
     def _define(
         self, kind: str, name: str, prop_type: str, field_type: str, *, group: str, hubspot: bool, read_only: bool
@@ -889,9 +973,9 @@ class HubSpotEmulator:
         values = self._writable(kind, payload.get("properties"))
         if kind == "deals":
             values = {"pipeline": DEFAULT_PIPELINE, **values}
-            missing = [name for name in ("dealname", "dealstage") if not values.get(name)]
-            if missing:
-                raise HubSpotError(400, f"Missing required properties: {', '.join(missing)}", "VALIDATION_ERROR")
+        missing = [name for name in REQUIRED_ON_CREATE.get(kind, ()) if not values.get(name)]
+        if missing:
+            raise HubSpotError(400, f"Missing required properties: {', '.join(missing)}", "VALIDATION_ERROR")
         associations = self._requested_links(kind, payload.get("associations") or [])
         record = self._create(kind, values)
         for to_kind, to_id, primary in associations:
@@ -1225,8 +1309,13 @@ class HubSpotEmulator:
 # (method, path, SDK models module, model) for each body the emulator takes: the
 # operations' request bodies in hubspot-api-client (crm/objects/api/basic_api.py ``create``
 # and ``update``, batch_api.py ``read``, search_api.py ``do_search``;
-# crm/properties/api/core_api.py ``create``, groups_api.py ``create``).
+# crm/properties/api/core_api.py ``create``, groups_api.py ``create``). Tasks are checked
+# against the tasks client's own models first (crm/objects/tasks/api/basic_api.py and
+# search_api.py), the first match winning.
 _BODY_MODELS: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
+    ("POST", re.compile(r"/crm/v3/objects/tasks/search"), "hubspot.crm.objects.tasks", "PublicObjectSearchRequest"),
+    ("POST", re.compile(r"/crm/v3/objects/tasks"), "hubspot.crm.objects.tasks", "SimplePublicObjectInputForCreate"),
+    ("PATCH", re.compile(r"/crm/v3/objects/tasks/[^/]+"), "hubspot.crm.objects.tasks", "SimplePublicObjectInput"),
     ("POST", re.compile(r"/crm/v3/objects/[^/]+/search"), "hubspot.crm.objects", "PublicObjectSearchRequest"),
     (
         "POST",

@@ -171,6 +171,7 @@ class XeroConnector:
             tenants = None if settings.tenant_id else TenantDiscovery(settings, ctx.client, ctx.connection)
         self.api_url = settings.base_url.rstrip("/") + API_PATH
         self.page_size = PAGE_SIZE
+        self._short_code: str | None = None
         self.http: VendorHttp = ctx.make_http(
             base_url=self.api_url,
             auth=XeroAuth(self.tokens, tenants),
@@ -460,6 +461,21 @@ class XeroConnector:
             remaining_credit=note.remaining_credit,
             invoice_amount_due=invoice.amount_due,
         )
+
+    async def invoice_url(self, invoice_id: str) -> str:
+        """A link that opens the invoice in Xero's web app, in this organisation.
+
+        Xero's deep links: the organisation's ``ShortCode`` (from ``GET /Organisation``,
+        read once) and ``redirecturl=/AccountsReceivable/View.aspx?InvoiceID={id}``
+        ("View an invoice", https://developer.xero.com/documentation/api-guides/deep-link-xero).
+        """
+        if self._short_code is None:
+            organisations = XeroOrganisations.model_validate(await self._get("/Organisation")).organisations
+            self._short_code = organisations[0].short_code if organisations else None
+        login = self.settings.deep_link_url
+        if not self._short_code:
+            return f"{login}?redirecturl=/AccountsReceivable/View.aspx?InvoiceID={invoice_id}"
+        return f"{login}?shortcode={self._short_code}&redirecturl=/AccountsReceivable/View.aspx?InvoiceID={invoice_id}"
 
     async def lock_dates(self) -> LockDates:
         """``PeriodLockDate`` and ``EndOfYearLockDate`` from ``GET /Organisation`` (spec schema ``Organisation``)."""

@@ -182,6 +182,13 @@ class XeroContactRef(Payload):
     contact_id: str | None = Field(None, alias="ContactID")
 
 
+class XeroPaymentRef(Payload):
+    """A payment as listed on an invoice's ``Payments`` (schema ``Payment``: ``Date``, ``Amount``)."""
+
+    date: XeroDate = Field(None, alias="Date")
+    amount: Decimal | None = Field(None, alias="Amount")
+
+
 class XeroCreditNoteRef(Payload):
     """An entry of an invoice's ``CreditNotes`` (schema ``CreditNote``: "credit notes that have been applied")."""
 
@@ -205,6 +212,7 @@ class XeroInvoice(Payload):
     due_date: XeroDate = Field(None, alias="DueDate")
     updated: XeroDateTime = Field(None, alias="UpdatedDateUTC")
     contact: XeroContactRef | None = Field(None, alias="Contact")
+    payments: tuple[XeroPaymentRef, ...] = Field((), alias="Payments")
     date: XeroDate = Field(None, alias="Date")
     line_amount_types: str | None = Field(None, alias="LineAmountTypes")
     line_items: tuple[XeroLineItem, ...] = Field((), alias="LineItems")
@@ -272,6 +280,7 @@ class XeroOrganisation(Payload):
     organisation_id: str | None = Field(None, alias="OrganisationID")
     name: str | None = Field(None, alias="Name")
     organisation_status: str | None = Field(None, alias="OrganisationStatus")
+    short_code: str | None = Field(None, alias="ShortCode")
     period_lock_date: XeroDate = Field(None, alias="PeriodLockDate")
     end_of_year_lock_date: XeroDate = Field(None, alias="EndOfYearLockDate")
 
@@ -388,6 +397,15 @@ def carries_stamp(reference_text: str | None, key: str) -> bool:
     if not reference_text:
         return False
     return re.search(rf"(?:^|\s){re.escape(stamp(key))}(?:\s|$)", reference_text) is not None
+
+
+_STAMPED = re.compile(rf"(?:^|\s){re.escape(STAMP_PREFIX)}(\S+)(?:\s|$)")
+
+
+def stamped_key(reference_text: str | None) -> str | None:
+    """The billing-event key stamped in a ``Reference`` (:func:`stamp`), or ``None``."""
+    found = _STAMPED.search(reference_text or "")
+    return found.group(1) if found else None
 
 
 def _drop_empty(mapping: Mapping[str, Any]) -> dict[str, Any]:
@@ -620,8 +638,18 @@ def invoice_status(invoice: XeroInvoice) -> InvoiceStatus:
         due_date=invoice.due_date,
         reference=invoice.reference,
         updated_at=invoice.updated,
+        kind="invoice",
+        customer_id=invoice.contact.contact_id if invoice.contact else None,
+        stamped_key=stamped_key(invoice.reference),
+        last_payment_date=_last_payment(invoice),
         document=invoice_document(invoice),
     )
+
+
+def _last_payment(invoice: XeroInvoice) -> date | None:
+    """The latest ``Payments[].Date`` (a deleted payment leaves the list), else ``FullyPaidOnDate``."""
+    dates = [payment.date for payment in invoice.payments if payment.date is not None]
+    return max(dates) if dates else invoice.fully_paid_on
 
 
 def credit_note_status(note: XeroCreditNote) -> InvoiceStatus:
@@ -640,6 +668,9 @@ def credit_note_status(note: XeroCreditNote) -> InvoiceStatus:
         due_date=note.due_date,
         reference=note.reference,
         updated_at=note.updated,
+        kind="credit_note",
+        customer_id=note.contact.contact_id if note.contact else None,
+        stamped_key=stamped_key(note.reference),
         document=credit_note_document(note),
     )
 

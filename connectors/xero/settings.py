@@ -46,6 +46,8 @@ class XeroSettings(ConnectionSettings):
         max_concurrent: calls in flight (Xero: 5 per organisation); ``None`` = off.
         unitdp: ``4`` asks Xero to keep four decimals on unit amounts (``unitdp=4``);
             ``None`` leaves Xero's default of two.
+        deep_link_url: Xero's organisation login page, the base of the links to an
+            invoice in Xero's web app (``XeroConnector.invoice_url``).
     """
 
     base_url: str = "https://api.xero.com"
@@ -63,6 +65,7 @@ class XeroSettings(ConnectionSettings):
     rate_limit_per_min: int | None = 60
     max_concurrent: int | None = 5
     unitdp: int | None = 4
+    deep_link_url: str = "https://go.xero.com/organisationlogin/default.aspx"
 
     @field_validator("base_url")
     @classmethod

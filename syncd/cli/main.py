@@ -472,24 +472,32 @@ def setup_hubspot(
     config: ConfigOption = Path("config.toml"),
     connection: Annotated[str, typer.Option(help="The HubSpot connection name.")] = "hubspot",
 ) -> None:
-    """Create, idempotently, the deal properties syncd writes (group ``syncd``), and list each one."""
+    """Create, idempotently, the deal properties syncd writes (group ``syncd``), and list each one.
+
+    With ``[collections] company_status``, the company properties too.
+    """
     cfg = _load(config)
+    methods = ["ensure_properties"]
+    if cfg.settings.collections.company_status:
+        methods.append("ensure_company_properties")
     try:
-        result = asyncio.run(_with_connector(cfg, connection, "ensure_properties"))
+        results = asyncio.run(_with_connector(cfg, connection, *methods))
     except (AuthError, ConfigError) as exc:
         _problem(str(exc))
         raise typer.Exit(1) from None
-    group = "created" if result.group_created else "already present"
-    console.print(f"{connection}: property group 'syncd' {group}", markup=False, highlight=False)
-    for name in (*result.created, *result.present):
-        state = "created" if name in result.created else "already present"
-        console.print(f"  {name:<28} {state}", markup=False, highlight=False)
-    console.print(
-        f"{len(result.created)} created, {len(result.present)} already present", markup=False, highlight=False
-    )
+    for object_type, result in zip(("deal", "company"), results, strict=False):
+        group = "created" if result.group_created else "already present"
+        line = f"{connection}: {object_type} property group 'syncd' {group}"
+        console.print(line, markup=False, highlight=False)
+        for name in (*result.created, *result.present):
+            state = "created" if name in result.created else "already present"
+            console.print(f"  {name:<28} {state}", markup=False, highlight=False)
+        console.print(
+            f"{len(result.created)} created, {len(result.present)} already present", markup=False, highlight=False
+        )
 
 
-async def _with_connector(config: Config, connection: str, method: str) -> Any:
+async def _with_connector(config: Config, connection: str, *methods: str) -> list[Any]:
     from syncd.engine.runtime import Runtime
 
     if connection not in config.connections:
@@ -497,7 +505,7 @@ async def _with_connector(config: Config, connection: str, method: str) -> Any:
         raise typer.Exit(2)
     runtime = await Runtime.start(config)
     try:
-        return await getattr(runtime.connectors[connection], method)()
+        return [await getattr(runtime.connectors[connection], method)() for method in methods]
     finally:
         await runtime.aclose()
 

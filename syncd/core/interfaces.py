@@ -632,6 +632,11 @@ class InvoiceStatus(Model):
         due_date: due date.
         reference: the reference as stored at the tool (holds our stamp).
         updated_at: last change at the tool.
+        kind: ``invoice`` or ``credit_note``.
+        customer_id: the tool's id of the customer it is addressed to, when it says.
+        stamped_key: the billing-event key syncd stamped on it (``None``: not one of
+            syncd's, e.g. made by hand at the tool).
+        last_payment_date: the date of its latest payment, when it has any.
         document: the document's editable content, where the tool reports it (the
             trail compares it to find hand corrections); ``None`` when it does not.
     """
@@ -647,6 +652,10 @@ class InvoiceStatus(Model):
     due_date: date | None = None
     reference: str | None = None
     updated_at: AwareDatetime | None = None
+    kind: str = "invoice"
+    customer_id: str | None = None
+    stamped_key: str | None = None
+    last_payment_date: date | None = None
     document: LedgerDocument | None = None
 
 
@@ -675,6 +684,67 @@ class DealBillingStatus(Model):
     due_date: date | None = None
     days_overdue: int = 0
     total_invoiced: Decimal | None = None
+
+
+class CompanyBillingStatus(Model):
+    """What syncd writes onto a CRM company: its client's receivables, per currency.
+
+    Built by :func:`syncd.core.receivables.company_status` from every invoice and credit note
+    of the client (voided ones ignored). Amounts are in ``currency``, the company's main
+    currency; other currencies are never converted into it but summed on their own in
+    ``other_currencies``.
+
+    Attributes:
+        currency: ISO 4217 code of the figures.
+        outstanding_balance: what the approved invoices owe, less unallocated credit.
+        overdue_balance: what the invoices past due owe.
+        oldest_overdue_days: the largest days overdue (0: nothing overdue).
+        aging_current / aging_1_30 / aging_31_60 / aging_61_90 / aging_90_plus: what the
+            invoices owe, by days overdue (current: not yet due).
+        unallocated_credit: credit of approved credit notes not yet applied.
+        last_payment_date: the latest payment on any invoice of the client.
+        at_risk: whether the configured at-risk rule holds.
+        at_risk_reason: why, when it does.
+        other_currencies: the same figures in each other currency, one line
+            (``EUR outstanding 1200.00, overdue 300.00 (oldest 12 days)``).
+    """
+
+    currency: str
+    outstanding_balance: Decimal
+    overdue_balance: Decimal
+    oldest_overdue_days: int = 0
+    aging_current: Decimal = Decimal(0)
+    aging_1_30: Decimal = Decimal(0)
+    aging_31_60: Decimal = Decimal(0)
+    aging_61_90: Decimal = Decimal(0)
+    aging_90_plus: Decimal = Decimal(0)
+    unallocated_credit: Decimal = Decimal(0)
+    last_payment_date: date | None = None
+    at_risk: bool = False
+    at_risk_reason: str | None = None
+    other_currencies: str | None = None
+
+
+class FollowUpTask(Model):
+    """A CRM task asking a person to collect an overdue invoice (:mod:`syncd.engine.collection`).
+
+    Attributes:
+        key: syncd's key for it (one per invoice and step); stamped in the body so a
+            retry can find a task whose creation answer was lost.
+        subject: the task's title.
+        body: the notes: invoice number, amount due, days overdue, a link to the invoice.
+        due_at: when the task is due.
+        owner_id: the CRM user it is assigned to (``None``: unassigned).
+        deal_id / company_id: the CRM records it is associated with.
+    """
+
+    key: str
+    subject: str
+    body: str
+    due_at: AwareDatetime
+    owner_id: str | None = None
+    deal_id: str | None = None
+    company_id: str | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -1004,6 +1074,61 @@ class VoidsInvoices(Protocol):
 
     async def void_invoice(self, invoice_id: str, key: str) -> InvoiceStatus:
         """Void invoice ``invoice_id``; ``key`` makes the call idempotent. Returns its new status."""
+        ...
+
+
+@runtime_checkable
+class LinksInvoices(Protocol):
+    """An invoicing tool whose invoices can be opened by a link in its web app.
+
+    Errors: as for :class:`Invoicing`.
+    """
+
+    async def invoice_url(self, invoice_id: str) -> str:
+        """A link to invoice ``invoice_id`` in the tool's web app."""
+        ...
+
+
+@runtime_checkable
+class WritesCompanyStatus(Protocol):
+    """A CRM that shows a client's receivables on the company record (:class:`CompanyBillingStatus`).
+
+    Errors: as for :class:`Crm`.
+    """
+
+    async def ensure_company_properties(self) -> Any:
+        """Create the company properties it writes, if missing (idempotent)."""
+        ...
+
+    async def write_company_status(self, company_id: str, status: CompanyBillingStatus) -> None:
+        """Write ``status`` onto company ``company_id``."""
+        ...
+
+
+@runtime_checkable
+class ManagesTasks(Protocol):
+    """A CRM that holds tasks for its users (:class:`FollowUpTask`).
+
+    Errors: as for :class:`Crm`.
+    """
+
+    async def record_owner(self, object_type: str, object_id: str) -> str | None:
+        """The user who owns a ``deal`` or ``company`` (``None``: nobody)."""
+        ...
+
+    async def create_task(self, task: FollowUpTask) -> str:
+        """Create ``task``, associated with its deal and company; the task's id.
+
+        Not idempotent: after a lost answer, call :meth:`find_task` before creating again.
+        """
+        ...
+
+    async def find_task(self, task: FollowUpTask) -> str | None:
+        """The id of the task created earlier for ``task.key``, if the CRM shows it."""
+        ...
+
+    async def close_task(self, task_id: str, body: str, *, complete: bool) -> None:
+        """Replace the task's notes with ``body`` and, if ``complete``, mark it completed."""
         ...
 
 

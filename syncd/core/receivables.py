@@ -1,23 +1,43 @@
-"""What a client owes: days overdue and the standing of a deal across all its documents.
+"""What a client owes: days overdue, the standing of a deal, and the receivables of a company.
 
 Pure functions, no I/O and no clock (``today`` is a parameter). The engine writes
-:func:`deal_status` onto the CRM deal; company-level figures build on the same
-:class:`Document` and :func:`days_overdue`.
+:func:`deal_status` onto the CRM deal and :func:`company_status` onto the CRM company
+(:mod:`syncd.engine.collection`), both from the same :class:`Document` and :func:`days_overdue`.
 
 **Days overdue** are whole days in the client's time zone from the due date: an
 invoice due on the 3rd is 1 day overdue from 00:00 on the 4th in that zone
 (:func:`today_in` gives that day), and 0 while nothing is due.
+
+**A company's figures** are per currency and never converted. The company's main
+currency (the client's) gets the full set; every other currency it has documents in is
+summed the same way and listed in one line (:attr:`CompanyBillingStatus.other_currencies`).
+In each currency:
+
+* each approved invoice still owed (authorised, sent or partially paid, amount due > 0)
+  falls into one aging bucket by its days overdue: ``current`` (not yet due), 1-30,
+  31-60, 61-90, 90+; the buckets hold invoices' amounts due, so they add up to what
+  the invoices owe;
+* the overdue balance is the sum of the buckets past due, the oldest overdue days the
+  largest days overdue;
+* the unallocated credit is the credit of approved credit notes not yet applied to an
+  invoice; the outstanding balance is what the invoices owe less that credit (never
+  below 0), as on the deal.
+
+The last payment date is the latest payment on any of the client's invoices, in any
+currency. The company is *at risk* (:class:`AtRiskRule`) when an invoice is at least
+``days_overdue`` days overdue, or when the overdue balance in a currency is above that
+currency's threshold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from syncd.core.interfaces import DealBillingStatus, InvoiceState
+from syncd.core.interfaces import CompanyBillingStatus, DealBillingStatus, InvoiceState
 
 OPEN_STATES = frozenset({InvoiceState.AUTHORISED, InvoiceState.SENT, InvoiceState.PARTIALLY_PAID})
 """Approved documents that may still be owed."""
@@ -40,6 +60,7 @@ class Document:
             already reflects payments and allocated credits); for a credit note, the
             credit not yet allocated to an invoice.
         due_date: when an invoice is due.
+        last_payment_date: the latest payment the ledger reports on it, if any.
     """
 
     kind: str
@@ -49,6 +70,7 @@ class Document:
     total: Decimal
     amount_due: Decimal
     due_date: date | None
+    last_payment_date: date | None = None
 
 
 def today_in(now: datetime, timezone: str) -> date:
@@ -108,4 +130,151 @@ def deal_status(documents: Iterable[Document], today: date) -> DealBillingStatus
         due_date=min(due_dates) if due_dates else None,
         days_overdue=max((days_overdue(doc.due_date, doc.amount_due, today) for doc in open_invoices), default=0),
         total_invoiced=sum((doc.total for doc in approved), Decimal(0)),
+    )
+
+
+AGING_BUCKETS = ("current", "1_30", "31_60", "61_90", "90_plus")
+"""The aging buckets, by days overdue: not yet due, 1-30, 31-60, 61-90, more than 90."""
+
+
+def aging_bucket(days: int) -> str:
+    """The bucket of an invoice ``days`` overdue (0: ``current``)."""
+    if days <= 0:
+        return "current"
+    if days <= 30:
+        return "1_30"
+    if days <= 60:
+        return "31_60"
+    if days <= 90:
+        return "61_90"
+    return "90_plus"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AtRiskRule:
+    """When a company is flagged at risk (``[collections]`` settings).
+
+    Attributes:
+        days_overdue: an invoice at least this many days overdue (``None``: not a reason).
+        overdue_above: per ISO currency, an overdue balance above this amount.
+    """
+
+    days_overdue: int | None = 30
+    overdue_above: Mapping[str, Decimal] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurrencyFigures:
+    """A company's receivables in one currency (see the module docstring).
+
+    Attributes:
+        currency: ISO 4217 code.
+        outstanding: what the invoices owe less the unallocated credit (never below 0).
+        overdue: what the invoices past due owe.
+        unallocated_credit: approved credit notes' credit not yet applied.
+        oldest_overdue_days: the largest days overdue; 0 when nothing is overdue.
+        aging: amount owed per bucket of :data:`AGING_BUCKETS`.
+    """
+
+    currency: str
+    outstanding: Decimal
+    overdue: Decimal
+    unallocated_credit: Decimal
+    oldest_overdue_days: int
+    aging: Mapping[str, Decimal]
+
+    def summary(self) -> str:
+        """One line, e.g. ``EUR outstanding 1200.00, overdue 300.00 (oldest 12 days)``."""
+        text = f"{self.currency} outstanding {self.outstanding}"
+        if self.overdue > 0:
+            days = self.oldest_overdue_days
+            text += f", overdue {self.overdue} (oldest {days} day{'' if days == 1 else 's'})"
+        if self.unallocated_credit > 0:
+            text += f", unallocated credit {self.unallocated_credit}"
+        return text
+
+
+def owed(document: Document) -> bool:
+    """Whether ``document`` is an approved invoice with something still owed."""
+    return document.kind == "invoice" and document.state in OPEN_STATES and document.amount_due > 0
+
+
+def credit_left(document: Document) -> bool:
+    """Whether ``document`` is an approved credit note with credit not yet applied."""
+    approved = document.state not in (InvoiceState.DRAFT, InvoiceState.VOIDED)
+    return document.kind != "invoice" and approved and document.amount_due > 0
+
+
+def currency_figures(documents: Iterable[Document], currency: str, today: date) -> CurrencyFigures:
+    """The receivables of ``documents`` in ``currency`` on ``today`` (the client's local day)."""
+    aging = dict.fromkeys(AGING_BUCKETS, Decimal(0))
+    oldest = 0
+    credit = Decimal(0)
+    for document in documents:
+        if document.currency != currency:
+            continue
+        if credit_left(document):
+            credit += document.amount_due
+        if not owed(document):
+            continue
+        days = days_overdue(document.due_date, document.amount_due, today)
+        aging[aging_bucket(days)] += document.amount_due
+        oldest = max(oldest, days)
+    owing = sum(aging.values(), Decimal(0))
+    return CurrencyFigures(
+        currency=currency,
+        outstanding=max(Decimal(0), owing - credit),
+        overdue=owing - aging["current"],
+        unallocated_credit=credit,
+        oldest_overdue_days=oldest,
+        aging=aging,
+    )
+
+
+def at_risk_reasons(figures: Iterable[CurrencyFigures], rule: AtRiskRule) -> list[str]:
+    """Why the company is at risk under ``rule`` (empty: it is not)."""
+    reasons: list[str] = []
+    for found in figures:
+        if rule.days_overdue is not None and found.oldest_overdue_days >= rule.days_overdue > 0:
+            days = found.oldest_overdue_days
+            reasons.append(f"{found.currency}: an invoice {days} day{'' if days == 1 else 's'} overdue")
+        limit = rule.overdue_above.get(found.currency)
+        if limit is not None and found.overdue > limit:
+            reasons.append(f"{found.currency}: overdue {found.overdue}, above {limit}")
+    return reasons
+
+
+def company_status(
+    documents: Iterable[Document], *, today: date, currency: str, rule: AtRiskRule
+) -> CompanyBillingStatus:
+    """A company's receivables across the documents of its client (see the module docstring).
+
+    Args:
+        documents: every invoice and credit note of the client (syncd's and, when
+            tracked, those made by hand at the ledger).
+        today: the client's local day.
+        currency: the company's main currency (the client's).
+        rule: when the company is at risk.
+    """
+    documents = [doc for doc in documents if doc.state != InvoiceState.VOIDED]
+    main = currency_figures(documents, currency, today)
+    used = sorted({doc.currency for doc in documents if owed(doc) or credit_left(doc)} - {currency})
+    others = [currency_figures(documents, code, today) for code in used]
+    reasons = at_risk_reasons([main, *others], rule)
+    payments = [doc.last_payment_date for doc in documents if doc.last_payment_date is not None]
+    return CompanyBillingStatus(
+        currency=currency,
+        outstanding_balance=main.outstanding,
+        overdue_balance=main.overdue,
+        oldest_overdue_days=main.oldest_overdue_days,
+        aging_current=main.aging["current"],
+        aging_1_30=main.aging["1_30"],
+        aging_31_60=main.aging["31_60"],
+        aging_61_90=main.aging["61_90"],
+        aging_90_plus=main.aging["90_plus"],
+        unallocated_credit=main.unallocated_credit,
+        last_payment_date=max(payments) if payments else None,
+        at_risk=bool(reasons),
+        at_risk_reason="; ".join(reasons) or None,
+        other_currencies="; ".join(found.summary() for found in others) or None,
     )

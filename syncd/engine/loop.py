@@ -74,7 +74,7 @@ from syncd.core.interfaces import (
     SourceRecord,
     VoidsInvoices,
 )
-from syncd.engine import clients, hours, recurring, selectors
+from syncd.engine import alerts, clients, collection, hours, recurring, selectors
 from syncd.engine.runtime import Pipeline, Runtime
 from syncd.plumbing import failpoints
 from syncd.plumbing.leases import Lease
@@ -82,7 +82,6 @@ from syncd.store import trail
 from syncd.store.db import (
     BillingEventRow,
     ClientRow,
-    DeadLetterRow,
     EffectRow,
     EngagementRow,
     EventRow,
@@ -130,6 +129,7 @@ class Engine:
         self._idle: deque[asyncio.Future[None]] = deque()
         self._pending = False
         self._lock_dates: dict[str, tuple[datetime, date | None]] = {}
+        self.collections = collection.Collections(runtime, self.notify)
         self._row_s: dict[str, float] = {}  # measured seconds per row, by source (event, effect)
 
     def notify(self) -> None:
@@ -527,7 +527,7 @@ class Engine:
         async with self.store.begin() as conn:
             if not await self.store.add_billing_event(conn, self._event_row(event, live=live)):
                 return None
-            await conn.execute(sa.insert(table_of(DeadLetterRow)).values(**letter))
+            await self.store.add_dead_letter(conn, letter)
             if not live:
                 await self._record_simulated(conn, event, credit.client_key)
         log.warning("manual_credit_owed", key=event.key, live=live, detail=credit.message())
@@ -807,7 +807,11 @@ class Engine:
         self.notify()
 
     async def refresh_invoice(self, pipeline: Pipeline, invoice_id: str) -> None:
-        """Re-read an invoice syncd created and queue a write-back if its status changed."""
+        """Re-read an invoice syncd created and queue a write-back if its status changed.
+
+        One syncd did not create is read only with ``[collections] track_ledger_documents``
+        (:meth:`syncd.engine.collection.Collections.track_ledger_document`).
+        """
         rows = await self.store.select(
             InvoiceRow,
             InvoiceRow.invoice_id == invoice_id,
@@ -815,6 +819,8 @@ class Engine:
         )
         if not rows:
             await self._link_reissue(pipeline, invoice_id)
+            if self.rt.config.settings.collections.track_ledger_documents:
+                await self.collections.track_ledger_document(pipeline, invoice_id)
             return
         status = await pipeline.invoicing.get_invoice(invoice_id)
         await self._record_status(rows[0], status)
@@ -903,6 +909,15 @@ class Engine:
             await self._trail_status(conn, row, status, version, now)
             if changed:
                 await self._queue_crm_status(conn, row.crm_connection, row.crm_object_id, version, now)
+                await self.collections.on_document(
+                    conn,
+                    row,
+                    before=(row.state, row.amount_due),
+                    after=(values["state"], values["amount_due"]),
+                    version=version.removeprefix(f"{row.key}:"),
+                    last_payment=status.last_payment_date,
+                    now=now,
+                )
         if changed:
             log.info(
                 "invoice_status_changed",
@@ -1048,6 +1063,9 @@ class Engine:
         if row.kind == ALLOCATE_CREDIT:
             await self._allocate_credit(row)
             return False
+        if row.kind in collection.EFFECT_KINDS:
+            await self.collections.execute(row)
+            return False
         raise FatalError(f"unknown effect kind {row.kind!r}", place=f"effects.id={row.id}")
 
     async def _create_invoice(self, row: EffectRow) -> None:
@@ -1130,6 +1148,15 @@ class Engine:
             )
             await self._queue_crm_status(
                 conn, row.payload["crm"], row.payload["crm_object_id"], f"{draft.key}:created", now
+            )
+            await self.collections.on_document(
+                conn,
+                InvoiceRow.model_validate(values),
+                before=None,
+                after=(str(status.state), decimal_text(status.amount_due)),
+                version="created",
+                last_payment=status.last_payment_date,
+                now=now,
             )
             if draft.kind is DraftKind.CREDIT_NOTE and isinstance(invoicing, AllocatesCredit):
                 await self.store.add_effect(
@@ -1493,6 +1520,7 @@ class Engine:
             return
         finally:
             self._measured(source, time.monotonic() - started)
+        self.rt.health.succeeded(row.connection)
         if not settled and not await self.store.finish(model, row, status="done", now=self.rt.clock()):
             self._log_lost(source, row, "claimed again meanwhile; its result is discarded")
 
@@ -1501,12 +1529,14 @@ class Engine:
             self._log_lost(source, row, str(exc))
         elif isinstance(exc, Stopping):  # the call in flight finished; the row goes back as it is
             await self._release(model, source, [row], uncount=False)
-        elif isinstance(exc, AuthError):
-            await self._needs_reauthorisation(row, exc)
-            await self._retry_or_bury(model, row, source, exc)
-        elif isinstance(exc, RetriableError):
+        elif isinstance(exc, RetriableError | AuthError):
+            if isinstance(exc, AuthError):
+                await self._needs_reauthorisation(row, exc)
+            await self._note_failure(row.connection, exc)
             await self._retry_or_bury(model, row, source, exc)
         elif isinstance(exc, SyncdError):  # mapping, record, fatal, not found: retrying would not help
+            if isinstance(exc, RecordError | FatalError):
+                self.rt.health.succeeded(row.connection)  # the vendor answered; the record is at fault
             await self._bury(model, row, source, exc)
         else:  # a bug or an untranslated library error: retry, then bury
             log.error("work_crashed", source=source, id=row.id, attempt=row.attempts, exc_info=exc)
@@ -1533,6 +1563,15 @@ class Engine:
             connection=row.connection,
         ):
             log.error("reauthorisation_needed", connection=row.connection, error=exc.message)
+
+    async def _note_failure(self, connection: str, exc: SyncdError) -> None:
+        """Lost authorisation, or one more failure of a streak (:mod:`syncd.engine.alerts`)."""
+        now = self.rt.clock()
+        if isinstance(exc, AuthError):
+            await alerts.auth_lost(self.store, connection, exc.message, now)
+            return
+        after_s = self.rt.config.settings.alerts.vendor_errors_after_s
+        await self.rt.health.failed(self.store, connection, exc.message, now, after_s=after_s)
 
     async def _retry_or_bury(self, model: Any, row: Any, source: str, exc: SyncdError) -> None:
         """Retry later with back-off, or dead-letter once ``give_up_after_s`` has passed since the first attempt.
@@ -1646,6 +1685,7 @@ def _document(row: InvoiceRow) -> receivables.Document:
         total=Decimal(row.total),
         amount_due=Decimal(row.amount_due),
         due_date=row.due_date,
+        last_payment_date=row.last_payment_date,
     )
 
 
@@ -1659,6 +1699,7 @@ def _status_values(status: InvoiceStatus) -> dict[str, Any]:
         "amount_due": decimal_text(status.amount_due),
         "amount_paid": decimal_text(status.amount_paid),
         "due_date": status.due_date,
+        "last_payment_date": status.last_payment_date,
     }
 
 

@@ -24,6 +24,7 @@ import structlog
 from syncd.core.errors import ConfigError, MappingError
 from syncd.core.interfaces import Crm, Invoicing, TimeTracker, WebhookVerifier
 from syncd.core.mapping import MappingDefaults, PipelineMapping, load_mapping
+from syncd.engine.alerts import VendorHealth
 from syncd.plumbing.http import SharedBudget, Sleep, VendorHttp, make_client
 from syncd.plumbing.metrics import Metrics
 from syncd.plumbing.registry import ConnectorContext, secret_value
@@ -73,6 +74,7 @@ class Runtime:
         defaults: mapping defaults from ``[daemon]``.
         metrics: this runtime's Prometheus instruments (``/metrics``; :mod:`syncd.plumbing.metrics`).
         http: each connection's HTTP plumbing (its rate limits size the engine's claims).
+        health: each connection's failing streak, for ``vendor_errors`` alerts (:mod:`syncd.engine.alerts`).
     """
 
     config: Config
@@ -88,6 +90,7 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     extra: dict[str, Any] = field(default_factory=dict)
     http: dict[str, VendorHttp] = field(default_factory=dict)
+    health: VendorHealth = field(default_factory=VendorHealth)
 
     @classmethod
     async def start(
@@ -113,6 +116,7 @@ class Runtime:
             ConfigError: a mapping file is invalid, or a connection cannot be built.
         """
         store = Store.open(config.daemon.database_url)
+        store.alerting = config.settings.alerts.webhook_url is not None
         if migrate:
             await store.migrate()
         client = make_client(mounts=mounts)

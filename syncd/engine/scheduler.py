@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from syncd.core.errors import SyncdError
-from syncd.engine import audit, drift
+from syncd.core.errors import AuthError, RetriableError, SyncdError
+from syncd.engine import alerts, audit, drift
 from syncd.engine.runtime import Runtime
 from syncd.store import retention
 from syncd.store.db import CursorRow
@@ -24,6 +24,7 @@ log = structlog.get_logger("syncd.engine.scheduler")
 
 CHANGES = "changes"
 RECURRING_INTERVAL_S = 3600  # the recurring-billing tick runs once an hour across replicas
+COLLECTIONS_INTERVAL_S = 3600  # the collections tick too
 AUDIT_INTERVAL_S = 3600  # the monthly audit is looked at hourly; it runs once per closed month
 
 
@@ -59,10 +60,22 @@ async def poll_connection(runtime: Runtime, name: str, *, max_pages: int = 100) 
     except SyncdError as exc:
         await _save_cursor(runtime, name, cursor, None, str(exc))
         log.warning("poll_failed", connection=name, error=str(exc))
+        await _note_failure(runtime, name, exc)
         return new
+    runtime.health.succeeded(name)
     if new:
         log.info("poll_done", connection=name, new=new)
     return new
+
+
+async def _note_failure(runtime: Runtime, name: str, exc: SyncdError) -> None:
+    """A poll that failed for want of authorisation, or again at a vendor (:mod:`syncd.engine.alerts`)."""
+    now = runtime.clock()
+    if isinstance(exc, AuthError):
+        await alerts.auth_lost(runtime.store, name, exc.message, now)
+    elif isinstance(exc, RetriableError):
+        after_s = runtime.config.settings.alerts.vendor_errors_after_s
+        await runtime.health.failed(runtime.store, name, exc.message, now, after_s=after_s)
 
 
 async def _save_cursor(
@@ -126,6 +139,24 @@ async def tick_recurring(runtime: Runtime, run: Callable[[], Awaitable[int]]) ->
     return True
 
 
+async def tick_collections(runtime: Runtime, run: Callable[[], Awaitable[int]]) -> bool:
+    """Once per hour across replicas: company receivables for each client's new local day,
+    and the follow-up tasks due (:meth:`syncd.engine.collection.Collections.run`).
+
+    Hourly, not daily: a client's day starts at its own midnight, and aging moves then.
+
+    Returns:
+        whether this replica ran the window.
+    """
+    now = runtime.clock()
+    if not await runtime.store.claim_tick(
+        "collections", window_of(now, COLLECTIONS_INTERVAL_S), owner=runtime.owner, now=now
+    ):
+        return False
+    await run()
+    return True
+
+
 async def tick_audit(runtime: Runtime) -> bool:
     """The monthly audit (:func:`syncd.audit.run_monthly`), once per closed month across replicas.
 
@@ -154,12 +185,14 @@ def build_scheduler(
     notify: object = None,
     aging: Callable[[], Awaitable[int]] | None = None,
     recurring: Callable[[], Awaitable[int]] | None = None,
+    collections: Callable[[], Awaitable[int]] | None = None,
 ) -> AsyncIOScheduler:
     """An AsyncIOScheduler with a poll job per polled connection, the daily aging and
-    retention jobs, the hourly recurring-billing job and the monthly audit (not yet started).
+    retention jobs, the hourly recurring-billing and collections jobs and the monthly audit
+    (not yet started).
 
-    Recurring billing, aging, retention, the audit and the drift guard run once as soon as the
-    scheduler starts, then on their interval, so a daemon restarted more often than an interval
+    Recurring billing, aging, retention, collections, the audit and the drift guard run once as
+    soon as the scheduler starts, then on their interval, so a daemon restarted more often than an interval
     still bills and ages (the per-window tick rows keep a window from running twice
     across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
     connection's first poll reads from ``billing_start``.
@@ -177,6 +210,17 @@ def build_scheduler(
             seconds=RECURRING_INTERVAL_S,
             args=[runtime, recurring],
             id="recurring",
+            max_instances=1,
+            coalesce=True,
+            **first,
+        )
+    if collections is not None:
+        scheduler.add_job(
+            tick_collections,
+            "interval",
+            seconds=COLLECTIONS_INTERVAL_S,
+            args=[runtime, collections],
+            id="collections",
             max_instances=1,
             coalesce=True,
             **first,

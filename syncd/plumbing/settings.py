@@ -8,7 +8,7 @@
 2. Each ``[connections.NAME]`` table is validated by its connector's own settings
    model.
 
-Before either, secrets are resolved in ``[daemon]`` and in every ``[connections.NAME]``:
+Before either, secrets are resolved in ``[daemon]``, ``[alerts]`` and every ``[connections.NAME]``:
 a value ``"env:NAME"`` is read from the environment variable ``NAME``, and a key
 ``X_file = "/path"`` is read from that file into ``X`` (a relative path is relative to
 the config file's folder, as are mapping files and a SQLite ``database_url``).
@@ -27,6 +27,7 @@ import re
 import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
@@ -326,6 +327,106 @@ class ClientsSettings(BaseModel):
         return self.owners.get(field, DEFAULT_OWNERS[field])
 
 
+class CollectionsSettings(BaseModel):
+    """``[collections]``: receivables on the CRM company and follow-up tasks for overdue invoices.
+
+    Both are off by default: they need more CRM scopes than invoicing does
+    (docs/credentials.md). Figures and steps count days in the client's time zone.
+
+    Attributes:
+        company_status: write each client's receivables onto its CRM company
+            (outstanding and overdue balance, aging buckets, oldest overdue days,
+            last payment date, at-risk flag; :mod:`syncd.core.receivables`).
+        track_ledger_documents: count invoices and credit notes made by hand at the
+            ledger for a known client (found by their contact) in its company figures
+            and follow-up tasks; each unknown document seen costs one read.
+        at_risk_days_overdue: a company with an invoice this many days overdue is at
+            risk (0: days overdue alone never are).
+        at_risk_overdue_above: per ISO currency, an overdue balance above this amount
+            puts the company at risk (``{ USD = "5000" }``; decimal text or an integer).
+        follow_up_tasks: create a CRM task for each overdue invoice: when it passes its
+            due date, and again at each of ``follow_up_days``; completed when it is paid
+            or voided.
+        follow_up_days: the days overdue of the later tasks (the first is at 1 day).
+        task_owner_id: the CRM user (HubSpot owner id) a task goes to when neither the
+            deal nor the company has an owner; unset: the task is unassigned.
+        task_due_days: days after its creation a task is due (0: at once).
+        settled_tasks: what happens to a task once its invoice is paid or voided:
+            ``complete`` (marked completed, with a note) or ``note`` (a note only).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    company_status: bool = False
+    track_ledger_documents: bool = False
+    at_risk_days_overdue: int = Field(default=30, ge=0)
+    at_risk_overdue_above: dict[str, Decimal] = {}
+    follow_up_tasks: bool = False
+    follow_up_days: tuple[int, ...] = (7, 30)
+    task_owner_id: str | None = None
+    task_due_days: int = Field(default=0, ge=0)
+    settled_tasks: Literal["complete", "note"] = "complete"
+
+    @field_validator("at_risk_overdue_above", mode="before")
+    @classmethod
+    def _amounts(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            floats = [key for key, amount in value.items() if isinstance(amount, float)]
+            if floats:
+                raise ValueError(f'write amounts as decimal text ("5000.00"), not as floats: {", ".join(floats)}')
+            for key in value:
+                check_currency(str(key))
+        return value
+
+    @field_validator("follow_up_days")
+    @classmethod
+    def _steps(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(day < 1 for day in value):
+            raise ValueError("days overdue are 1 or more")
+        return tuple(sorted(set(value)))
+
+    def task_steps(self) -> tuple[int, ...]:
+        """Days overdue at which a task is created: 1 (the due date has passed), then ``follow_up_days``."""
+        return tuple(sorted({1, *self.follow_up_days}))
+
+
+class AlertSettings(BaseModel):
+    """``[alerts]``: posts to a Slack incoming webhook (:mod:`syncd.engine.alerts`).
+
+    Attributes:
+        webhook_url: the incoming-webhook URL (a secret: ``env:NAME`` or ``webhook_url_file``);
+            unset: no alerts are recorded or sent.
+        group_window_s: seconds an alert waits for others to join it; everything pending
+            then goes out as one message, grouped by kind.
+        min_interval_s: seconds at least between two messages; alerts meanwhile wait and
+            go out together (an outage sends a summary, not a flood).
+        retry_max_s: the longest wait between two attempts of a failed delivery (the
+            wait doubles from 5 s up to it).
+        vendor_errors_after_s: seconds a connection's calls must keep failing (no call
+            succeeding in between) before it is reported as a sustained vendor error.
+        timeout_s: seconds a delivery may take before it counts as failed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    webhook_url: SecretStr | None = None
+    group_window_s: int = Field(default=60, ge=0)
+    min_interval_s: int = Field(default=300, ge=0)
+    retry_max_s: int = Field(default=900, ge=5)
+    vendor_errors_after_s: int = Field(default=300, ge=1)
+    timeout_s: float = Field(default=10, gt=0, le=60)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                check_url(value.get_secret_value())
+            except ValueError:
+                raise ValueError("not an http(s) URL (not shown: the URL is the secret)") from None
+        return value
+
+
 class Settings(BaseSettings):
     """The whole configuration tree (step 1: before connectors validate their tables).
 
@@ -348,6 +449,8 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     audit: AuditSettings = AuditSettings()
     clients: ClientsSettings = ClientsSettings()
+    collections: CollectionsSettings = CollectionsSettings()
+    alerts: AlertSettings = AlertSettings()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -388,6 +491,8 @@ class Config:
         found = [v.get_secret_value() for s in values for v in s.__dict__.values() if isinstance(v, SecretStr)]
         if self.daemon.encryption_key is not None:
             found.append(self.daemon.encryption_key.get_secret_value())
+        if self.settings.alerts.webhook_url is not None:
+            found.append(self.settings.alerts.webhook_url.get_secret_value())
         found.append(make_url(self.daemon.database_url).password or "")
         return [value for value in found if value]
 
@@ -603,7 +708,10 @@ _TABLE_MODELS: Mapping[str, type[BaseModel]] = {
     "retention": RetentionSettings,
     "audit": AuditSettings,
     "clients": ClientsSettings,
+    "collections": CollectionsSettings,
+    "alerts": AlertSettings,
 }
+_SECRET_TABLES: Mapping[str, type[BaseModel]] = {"daemon": DaemonSettings, "alerts": AlertSettings}
 
 
 def _fields_at(loc: KeyPath) -> Collection[str]:
@@ -702,8 +810,9 @@ class _Reader:
         """The step-1 tree; a key with a problem is recorded and left at its default."""
         data = dict(data)
         raw_pipelines = data.pop("pipelines", [])
-        if isinstance(data.get("daemon"), dict):
-            data["daemon"], _ = self.resolve(data["daemon"], ("daemon",), DaemonSettings.model_fields.keys())
+        for table, model in _SECRET_TABLES.items():
+            if isinstance(data.get(table), dict):
+                data[table], _ = self.resolve(data[table], (table,), model.model_fields.keys())
         data = self._without_retired(data)
         settings: Settings | None = None
         for attempt in range(3):

@@ -38,6 +38,7 @@ from sqlmodel import JSON, Column, Field, SQLModel
 from syncd.core.errors import ConfigError
 from syncd.core.interfaces import ChangeHint, SourceRecord
 from syncd.plumbing.logging import redact_value
+from syncd.plumbing.logging import scrub as redact_text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 ADVISORY_LOCK_ID = 7_254_001  # any constant shared by every replica
@@ -200,6 +201,88 @@ class InvoiceRow(SQLModel, table=True):
     paid_on: date | None = None  # the day it was fully paid (the ledger's date, else the day syncd saw it)
     sent: dict[str, Any] | None = _json()  # what syncd sent: the draft as sent and the customer id
     document: dict[str, Any] | None = _json()  # the ledger's content as last read (LedgerDocument)
+    last_payment_date: date | None = None  # the latest payment the ledger reports on it
+
+
+class LedgerDocumentRow(SQLModel, table=True):
+    """An invoice or credit note made by hand at the ledger for a client syncd knows.
+
+    Kept only with ``[collections] track_ledger_documents``: the client is found by the
+    document's contact (``clients.external_ids``). Its figures count in the client's
+    company standing (:mod:`syncd.engine.collection`); syncd never changes the document.
+    """
+
+    __tablename__ = "ledger_documents"
+    key: str = Field(primary_key=True)  # ledger:<connection>:<document id>
+    connection: str
+    document_id: str = Field(index=True)
+    kind: str = "invoice"
+    client_key: str = Field(index=True)
+    number: str | None = None
+    state: str
+    currency: str
+    total: str
+    amount_due: str
+    amount_paid: str = "0"
+    due_date: date | None = None
+    last_payment_date: date | None = None
+    source_updated_at: datetime | None = _ts(nullable=True)
+    updated_at: datetime = _ts()
+
+
+class CompanyStandingRow(SQLModel, table=True):
+    """What syncd last wrote onto a CRM company: its receivables, and why (the change's cause)."""
+
+    __tablename__ = "company_standings"
+    crm_connection: str = Field(primary_key=True)
+    company_id: str = Field(primary_key=True)
+    client_key: str = Field(index=True)
+    figures: dict[str, Any] = _json(nullable=False)  # the property values written
+    cause: str
+    written_at: datetime = _ts()
+
+
+class FollowUpTaskRow(SQLModel, table=True):
+    """A CRM task syncd created to collect an overdue invoice: one per (document, step)."""
+
+    __tablename__ = "follow_up_tasks"
+    key: str = Field(primary_key=True)  # the effect key: task:<document key>:<step>
+    document_key: str = Field(index=True)  # invoices.key or ledger_documents.key
+    step: int
+    crm_connection: str
+    task_id: str
+    subject: str
+    body: str
+    status: str = "open"  # open | completed | noted
+    created_at: datetime = _ts()
+    closed_at: datetime | None = _ts(nullable=True)
+
+
+class AlertRow(SQLModel, table=True):
+    """An alert waiting to be posted to ``[alerts].webhook_url`` (:mod:`syncd.engine.alerts`).
+
+    Written in the transaction that records its cause where there is one (a dead letter,
+    an outcome that needs attention), so no alert is lost to a crash; ``key`` makes
+    recording idempotent. The sender claims due rows with a lease like the outbox.
+    """
+
+    __tablename__ = "alerts"
+    __table_args__ = (sa.Index("ix_alerts_claim", "status", "next_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True)
+    kind: str  # dead_letter | attention | auth_lost | vendor_errors | client_conflict | audit_trend
+    title: str
+    detail: str
+    place: str | None = None
+    connection: str | None = None
+    status: str = "pending"  # pending | sent
+    attempts: int = 0
+    next_at: datetime = _ts()
+    lease_owner: str | None = None
+    lease_until: datetime | None = _ts(nullable=True)
+    last_error: str | None = None
+    created_at: datetime = _ts()
+    sent_at: datetime | None = _ts(nullable=True)
 
 
 class CursorRow(SQLModel, table=True):
@@ -416,7 +499,7 @@ class RateBudgetRow(SQLModel, table=True):
     next_at_s: float = Field(sa_column=Column(sa.Double(), nullable=False))
 
 
-Row = TypeVar("Row", EventRow, EffectRow)
+Row = TypeVar("Row", EventRow, EffectRow, AlertRow)
 
 
 @dataclass(kw_only=True)
@@ -469,6 +552,7 @@ class Store:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self._locks: dict[str, asyncio.Lock] = {}
+        self.alerting = False  # record alerts beside their causes ([alerts] webhook_url is set)
 
     @classmethod
     def open(cls, database_url: str) -> Store:
@@ -579,8 +663,15 @@ class Store:
         return sqlite_insert(table).on_conflict_do_nothing(index_elements=list(conflict))
 
     async def claim(self, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime) -> list[Row]:
-        """Claim up to ``limit`` due rows of ``model`` (events or effects) with a lease."""
+        """Claim up to ``limit`` due rows of ``model`` (events, effects or alerts) with a lease."""
         table = table_of(model)
+        values: dict[str, Any] = {
+            "lease_owner": owner,
+            "lease_until": now + timedelta(seconds=lease_s),
+            "attempts": table.c.attempts + 1,
+        }
+        if "first_attempt_at" in table.c:  # events and effects give up by time since their first attempt
+            values["first_attempt_at"] = sa.func.coalesce(table.c.first_attempt_at, now)
         lease_free = sa.or_(table.c.lease_until.is_(None), table.c.lease_until < now)
         due = (
             sa.select(table.c.id)
@@ -589,17 +680,7 @@ class Store:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        stmt = (
-            sa.update(table)
-            .where(table.c.id.in_(due.scalar_subquery()))
-            .values(
-                lease_owner=owner,
-                lease_until=now + timedelta(seconds=lease_s),
-                attempts=table.c.attempts + 1,
-                first_attempt_at=sa.func.coalesce(table.c.first_attempt_at, now),
-            )
-            .returning(*table.c)
-        )
+        stmt = sa.update(table).where(table.c.id.in_(due.scalar_subquery())).values(**values).returning(*table.c)
         async with self.engine.begin() as conn:
             rows = (await conn.execute(stmt)).mappings().all()
         return sorted((model.model_validate(dict(r)) for r in rows), key=lambda r: r.id or 0)
@@ -828,18 +909,96 @@ class Store:
             "status": "open",
             "created_at": now,
         }
-        table = table_of(DeadLetterRow)
         if conn is not None:
-            await conn.execute(sa.insert(table).values(**values))
+            await self.add_dead_letter(conn, values)
             return
         async with self.engine.begin() as own:
-            await own.execute(sa.insert(table).values(**values))
+            await self.add_dead_letter(own, values)
+
+    async def add_dead_letter(self, conn: AsyncConnection, values: Mapping[str, Any]) -> None:
+        """Insert a :class:`DeadLetterRow` in the caller's transaction; an open one is also an alert."""
+        table = table_of(DeadLetterRow)
+        letter_id = (await conn.execute(sa.insert(table).values(**values).returning(table.c.id))).scalar_one()
+        if values.get("status", "open") == "open":
+            await self.queue_alert(
+                conn,
+                key=f"dead_letter:{letter_id}",
+                kind="dead_letter",
+                title=f"{values['source']} {values['ref']} of {values['connection']}",
+                detail=str(values["reason"]),
+                place=values.get("place"),
+                connection=str(values["connection"]),
+                now=values["created_at"],
+            )
 
     async def add_outcome(self, conn: AsyncConnection | None = None, **values: Any) -> bool:
-        """Record an outcome (:class:`OutcomeRow`) once per ``key``; ``False`` if it exists."""
+        """Record an outcome (:class:`OutcomeRow`) once per ``key``; ``False`` if it exists.
+
+        A new outcome that needs attention is also an alert (:meth:`queue_alert`), in the
+        same transaction; a client-record conflict is not, as its own alert comes through
+        :meth:`add_alert`.
+        """
+        if conn is not None:
+            return await self._insert_outcome(conn, values)
+        async with self.engine.begin() as own:
+            return await self._insert_outcome(own, values)
+
+    async def _insert_outcome(self, conn: AsyncConnection, values: dict[str, Any]) -> bool:
         table = table_of(OutcomeRow)
         values.setdefault("status", "open")
         stmt = self._insert_ignore(table, ("key",)).values(**values).returning(table.c.key)
+        new = (await conn.execute(stmt)).first() is not None
+        if new and values.get("kind") == "attention" and values.get("reason") != "client_conflict":
+            subject = " ".join(str(values[k]) for k in ("object_type", "object_id") if values.get(k))
+            await self.queue_alert(
+                conn,
+                key=f"attention:{values['key']}",
+                kind="attention",
+                title=f"{values['reason']}" + (f" ({subject})" if subject else ""),
+                detail=str(values["detail"]),
+                place=values.get("place"),
+                connection=values.get("connection"),
+                now=values["created_at"],
+            )
+        return new
+
+    async def queue_alert(
+        self,
+        conn: AsyncConnection | None,
+        *,
+        key: str,
+        kind: str,
+        title: str,
+        detail: str,
+        now: datetime,
+        place: str | None = None,
+        connection: str | None = None,
+    ) -> bool:
+        """Queue an alert for delivery (:class:`AlertRow`) once per ``key``, in the caller's transaction if ``conn``.
+
+        Nothing is recorded while :attr:`alerting` is off (no ``[alerts] webhook_url``).
+        (:meth:`add_alert` is the hook other code records alert-worthy events through;
+        the sender moves those here.)
+
+        Returns:
+            whether it was new (and recorded).
+        """
+        if not self.alerting:
+            return False
+        table = table_of(AlertRow)
+        values = {
+            "key": key,
+            "kind": kind,
+            "title": redact_text(title)[:300],
+            "detail": redact_text(detail)[:1000],
+            "place": place,
+            "connection": connection,
+            "status": "pending",
+            "attempts": 0,
+            "next_at": now,
+            "created_at": now,
+        }
+        stmt = self._insert_ignore(table, ("key",)).values(**values).returning(table.c.id)
         if conn is not None:
             return (await conn.execute(stmt)).first() is not None
         async with self.engine.begin() as own:

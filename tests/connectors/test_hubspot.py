@@ -23,6 +23,7 @@ from connectors.emulation import Fault
 from connectors.hubspot.connector import (
     SPEC,
     BillingProperty,
+    CompanyProperty,
     HubSpotConnector,
     HubSpotSettings,
     create,
@@ -879,6 +880,34 @@ def test_setup_hubspot_prints_each_property_created_then_present(tmp_path: Path)
         assert re.search(rf"{name.value}\s+already present", second.output)
     assert "7 created, 0 already present" in first.output
     assert "0 created, 7 already present" in second.output
+
+
+def test_with_company_status_setup_and_start_create_the_company_properties_too(tmp_path: Path) -> None:
+    """[collections] company_status: `syncd setup hubspot` creates the company properties once; without
+    crm.schemas.companies.write, `syncd run` refuses to start naming it."""
+    hub = HubSpotEmulator(rate_limits=False)
+    with serve_in_thread(hub.app) as url:
+        config = _config_at(tmp_path, url, hub)
+        config.write_text(config.read_text(encoding="utf-8") + "\n[collections]\ncompany_status = true\n")
+        first = invoke("setup", "hubspot", "--config", str(config))
+        second = invoke("setup", "hubspot", "--config", str(config))
+    assert first.exit_code == 0, first.output
+    assert "hubspot: company property group 'syncd' created" in first.output
+    for name in CompanyProperty:
+        assert re.search(rf"{name.value}\s+created", first.output)
+        assert re.search(rf"{name.value}\s+already present", second.output)
+    assert f"0 created, {len(CompanyProperty)} already present" in second.output
+
+    granted = (*ALL_BUT_SCHEMA_WRITE, "crm.schemas.deals.write", "crm.schemas.companies.read")
+    scoped = HubSpotEmulator(rate_limits=False, scopes=granted)
+    (tmp_path / "b").mkdir()
+    with serve_in_thread(scoped.app) as url:
+        config = _config_at(tmp_path / "b", url, scoped)
+        config.write_text(config.read_text(encoding="utf-8") + "\n[collections]\ncompany_status = true\n")
+        result = invoke("run", "--config", str(config))
+    assert result.exit_code == 1
+    (line,) = [text for text in result.output.splitlines() if "crm.schemas.companies.write" in text]
+    assert "deal and company properties" in line
 
 
 def test_setup_hubspot_without_the_scope_names_it(tmp_path: Path) -> None:

@@ -38,7 +38,17 @@ from connectors.hubspot.emulator import HubSpotEmulator, SdkContract
 from connectors.xero.connector import XeroConnector, XeroSettings
 from connectors.xero.emulator import API, XeroEmulator
 from connectors.xero.models import dump_json, load_json
-from syncd.core.interfaces import Address, Client, Contact, DealBillingStatus, DraftKind, InvoiceDraft, InvoiceLine
+from syncd.core.interfaces import (
+    Address,
+    Client,
+    CompanyBillingStatus,
+    Contact,
+    DealBillingStatus,
+    DraftKind,
+    FollowUpTask,
+    InvoiceDraft,
+    InvoiceLine,
+)
 from syncd.plumbing.http import VendorHttp
 from syncd.plumbing.registry import ConnectorContext
 from tests.connectors.test_harvest_spec import patch_spec
@@ -109,10 +119,12 @@ def context(client: httpx.AsyncClient, clock: list[datetime], connection: str) -
 
 
 async def hubspot_calls() -> Run:
-    """fetch_deal, iter_deals, poll_changes, write_billing_status, ensure_properties, properties, check."""
+    """fetch_deal, iter_deals, poll_changes, write_billing_status, ensure_properties, properties, check,
+    ensure_company_properties, write_company_status, record_owner, create_task, find_task, close_task."""
     clock = [START]
     emulator = HubSpotEmulator(rate_limits=False, clock=lambda: clock[0], contract=SdkContract())
-    acme = emulator.add_company({"name": "Acme Ltd", "city": "Leeds"})
+    owner = emulator.add_owner("ann@seller.test")
+    acme = emulator.add_company({"name": "Acme Ltd", "city": "Leeds", "hubspot_owner_id": owner})
     ann = emulator.add_contact({"firstname": "Ann", "email": "ann@acme.test"}, company_id=acme)
     deal = emulator.add_deal(
         {"dealname": "Website", "amount": "1500", "deal_currency_code": "GBP", "po_number": "PO-7"},
@@ -155,6 +167,34 @@ async def hubspot_calls() -> Run:
         await connector.poll_changes(first.cursor)
         assert "syncd_invoice_status" in await connector.properties("deal")
         assert await connector.check() == []
+        await connector.ensure_company_properties()
+        await connector.ensure_company_properties()
+        receivables = CompanyBillingStatus(
+            currency="GBP",
+            outstanding_balance=Decimal("1650.00"),
+            overdue_balance=Decimal("1650.00"),
+            oldest_overdue_days=3,
+            aging_1_30=Decimal("1650.00"),
+            last_payment_date=date(2025, 2, 28),
+            at_risk=True,
+            at_risk_reason="GBP: overdue 1650.00, above 1000",
+            other_currencies="EUR outstanding 10.00",
+        )
+        await connector.write_company_status(acme, receivables)
+        assert await connector.record_owner("company", acme) == owner
+        assert await connector.record_owner("deal", deal) is None
+        task = FollowUpTask(
+            key="task:k:1",
+            subject="Collect INV-0001 (Acme Ltd): 3 days overdue",
+            body="INV-0001: 1650.00 GBP due",
+            due_at=START,
+            owner_id=owner,
+            deal_id=deal,
+            company_id=acme,
+        )
+        task_id = await connector.create_task(task)
+        assert await connector.find_task(task) == task_id
+        await connector.close_task(task_id, "paid", complete=True)
     return Run(emulator=emulator, exchanges=recording.exchanges)
 
 
@@ -308,10 +348,13 @@ def runs(xero_spec: OpenAPI, harvest_spec: OpenAPI) -> dict[str, Run]:
     }
 
 
-# The refusals a call set gets by design: ensure_properties reads the syncd group before
+# The refusals a call set gets by design: ensure_(company_)properties reads the syncd group before
 # creating it, and get_invoice tries a credit note's id at /Invoices first.
 EXPECTED_REFUSALS: dict[str, list[tuple[str, str, int]]] = {
-    "hubspot": [("GET", "/crm/v3/properties/deals/groups/syncd", 404)],
+    "hubspot": [
+        ("GET", "/crm/v3/properties/deals/groups/syncd", 404),
+        ("GET", "/crm/v3/properties/companies/groups/syncd", 404),
+    ],
     "xero": [("GET", f"{API}/Invoices/{{id}}", 404)],
     "harvest": [],
 }
@@ -331,6 +374,14 @@ OPERATIONS: dict[str, set[tuple[str, str]]] = {
         ("POST", "/crm/v3/properties/deals/groups"),
         ("GET", "/crm/v3/properties/deals"),
         ("POST", "/crm/v3/properties/deals"),
+        ("GET", "/crm/v3/properties/companies/groups/syncd"),
+        ("POST", "/crm/v3/properties/companies/groups"),
+        ("GET", "/crm/v3/properties/companies"),
+        ("POST", "/crm/v3/properties/companies"),
+        ("PATCH", "/crm/v3/objects/companies/{id}"),
+        ("POST", "/crm/v3/objects/tasks"),
+        ("POST", "/crm/v3/objects/tasks/search"),
+        ("PATCH", "/crm/v3/objects/tasks/{id}"),
     },
     "xero": {
         ("GET", f"{API}/Contacts"),
@@ -495,6 +546,27 @@ BREAKAGES = (
         names="syncd_days_overdue",
     ),
     Breakage(
+        vendor="hubspot",
+        what="a company's receivables with a number where HubSpot takes strings",
+        picks=_is("PATCH", "/companies/{id}"),
+        breaks=lambda r: _with_body(r, _set(["properties", "syncd_overdue_balance"], 1650)),
+        names="syncd_overdue_balance",
+    ),
+    Breakage(
+        vendor="hubspot",
+        what="a task whose association type id is text",
+        picks=_is("POST", "/crm/v3/objects/tasks"),
+        breaks=lambda r: _with_body(r, _set(["associations", 0, "types", 0, "associationTypeId"], "216")),
+        names="associationTypeId",
+    ),
+    Breakage(
+        vendor="hubspot",
+        what="a task association without its required target",
+        picks=_is("POST", "/crm/v3/objects/tasks"),
+        breaks=lambda r: _with_body(r, _drop(["associations", 0, "to"])),
+        names="to",
+    ),
+    Breakage(
         vendor="xero",
         what="an allocation without its required Amount",
         picks=_is("PUT", "/Allocations"),
@@ -597,6 +669,41 @@ def test_a_real_write_naming_an_unknown_or_read_only_property_is_refused(
     message = assert_vendor_error_body("hubspot", answer)
     assert f'"error": "{error}"' in message
     assert f'"name": "{name}"' in message
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (_set(["properties", "hs_task_status"], "DONE"), "INVALID_OPTION"),
+        (_set(["properties", "hubspot_owner_id"], "424242"), "INVALID_OPTION"),
+        (_drop(["properties", "hs_timestamp"]), "Missing required properties: hs_timestamp"),
+    ],
+    ids=["unknown status", "unknown owner", "no hs_timestamp"],
+)
+def test_a_real_task_with_a_value_hubspot_refuses_is_refused(
+    change: Callable[[Any], None], error: str, runs: dict[str, Run]
+) -> None:
+    """The connector's task create with a bogus status or owner, or without its due time, is refused 400."""
+    run = runs["hubspot"]
+    original = next(req for req, _ in run.exchanges if _is("POST", "/crm/v3/objects/tasks")(req))
+    tasks_before = len(run.emulator.tasks())
+
+    answer = asyncio.run(replay(run.emulator, _with_body(original, change)))
+
+    assert error in assert_vendor_error_body("hubspot", answer)
+    assert len(run.emulator.tasks()) == tasks_before
+
+
+def test_a_task_is_stored_with_its_owner_associations_and_completed_status(runs: dict[str, Run]) -> None:
+    """The emulator keeps what the connector sent: associated with the deal and company, then completed."""
+    run = runs["hubspot"]
+    assert isinstance(run.emulator, HubSpotEmulator)
+    (task,) = run.emulator.tasks()
+    assert task["properties"]["hs_task_status"] == "COMPLETED"
+    assert task["properties"]["hs_task_body"] == "paid"
+    assert task["properties"]["hubspot_owner_id"]
+    assert len(task["associations"]["deals"]) == 1
+    assert len(task["associations"]["companies"]) == 1
 
 
 # ---------------------------------------------------------------------------- Xero batches

@@ -35,7 +35,7 @@ from connectors.emulation import Fault
 from connectors.xero.auth import consent_url, exchange_code, list_connections, request_token
 from connectors.xero.connector import SPEC, XeroConnector, XeroSettings
 from connectors.xero.emulator import XeroEmulator, compile_where
-from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json
+from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json, stamped_key
 from connectors.xero.webhooks import XeroWebhookVerifier
 from syncd.cli.oauth import authorize
 from syncd.core.errors import AuthError, ConfigError, FatalError, NotFound, RecordError, RetriableError
@@ -1054,6 +1054,25 @@ async def test_pay_invoice_delivers_a_signed_invoice_update_and_itr_passes() -> 
         delivery_sent = r.emulator.webhooks.deliveries[-1]
         assert delivery_sent.status == 200
         assert load_json(delivery_sent.body)["lastEventSequence"] == 1
+
+
+async def test_an_invoice_read_says_its_contact_its_stamp_and_its_latest_payment() -> None:
+    """get_invoice reports the ContactID, the syncd key in Reference and the newest payment's date; a
+    hand-made invoice carries no key; a deleted payment no longer counts."""
+    async with rig() as r:
+        contact_id = await r.connector.upsert_customer(client_record())
+        status = await r.connector.create_invoice(draft(), contact_id)
+        assert (status.customer_id, status.stamped_key, status.last_payment_date) == (contact_id, KEY, None)
+        await r.emulator.pay_invoice(status.invoice_id, Decimal("100.00"), on=date(2025, 3, 10))
+        second = await r.emulator.pay_invoice(status.invoice_id, Decimal("200.00"), on=date(2025, 3, 12))
+        assert (await r.connector.get_invoice(status.invoice_id)).last_payment_date == date(2025, 3, 12)
+        await r.emulator.delete_payment(second["PaymentID"])
+        read = await r.connector.get_invoice(status.invoice_id)
+        assert (read.last_payment_date, read.kind) == (date(2025, 3, 10), "invoice")
+        note = await r.connector.create_invoice(draft("n" * 32, kind=DraftKind.CREDIT_NOTE), contact_id)
+        assert (note.kind, note.stamped_key, note.customer_id) == ("credit_note", "n" * 32, contact_id)
+    assert stamped_key("PO-4411 · syncd:abc123") == "abc123"
+    assert stamped_key("PO-4411") is None
 
 
 # ---------------------------------------------------------------------------
