@@ -52,7 +52,7 @@ from syncd.engine import recurring
 from syncd.engine.alerts import AlertSender
 from syncd.engine.loop import Engine
 from syncd.engine.runtime import Runtime, utcnow
-from syncd.engine.scheduler import build_scheduler
+from syncd.engine.scheduler import build_scheduler, scheduler_jobs_settled
 from syncd.plumbing import logging as syncd_logging
 from syncd.plumbing.http import Sleep
 from syncd.plumbing.settings import Config
@@ -210,6 +210,8 @@ class Daemon:
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             await self._stop_workers()
+            if scheduler is not None:
+                await scheduler_jobs_settled(scheduler, CLOSE_MARGIN_S / 2)
             await asyncio.gather(*watch, return_exceptions=True)
             await self._runtime.aclose()
             log.info("syncd_stopped")

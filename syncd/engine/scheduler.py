@@ -8,10 +8,13 @@ with several replicas each window runs on exactly one of them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
+from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.core.errors import AuthError, RetriableError, SyncdError
@@ -180,6 +183,30 @@ async def tick_drift(runtime: Runtime) -> int:
     return await drift.run_drift_check(runtime)
 
 
+class SettlingExecutor(AsyncIOExecutor):  # type: ignore[misc]  # apscheduler ships no types
+    """APScheduler's asyncio executor, whose cancelled jobs can be waited for.
+
+    ``AsyncIOExecutor.shutdown`` only cancels the jobs in flight (an at-start drift or
+    poll tick, say). A job cancelled while it holds a database connection returns it only
+    when it runs again; closing the store before that leaves the connection open, and
+    aiosqlite's worker thread (not a daemon thread) then keeps the process from exiting.
+    The daemon awaits :meth:`settled` before it closes the store.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cancelled: list[asyncio.Future[Any]] = []
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._cancelled = [f for f in self._pending_futures if not f.done()]
+        super().shutdown(wait)
+
+    async def settled(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for the jobs cancelled by :meth:`shutdown` to end."""
+        if self._cancelled:
+            await asyncio.wait(self._cancelled, timeout=timeout_s)
+
+
 def build_scheduler(
     runtime: Runtime,
     notify: object = None,
@@ -197,7 +224,7 @@ def build_scheduler(
     across restarts and replicas). Polls run every ``poll_interval_s``; a fresh
     connection's first poll reads from ``billing_start``.
     """
-    scheduler = AsyncIOScheduler(timezone="UTC")
+    scheduler = AsyncIOScheduler(timezone="UTC", executors={"default": SettlingExecutor()})
     first = {"next_run_time": datetime.now(UTC)}
     if aging is not None:
         scheduler.add_job(
@@ -261,3 +288,10 @@ def build_scheduler(
             misfire_grace_time=runtime.config.daemon.poll_interval_s,
         )
     return scheduler
+
+
+async def scheduler_jobs_settled(scheduler: AsyncIOScheduler, timeout_s: float) -> None:
+    """After ``scheduler.shutdown``: wait (at most ``timeout_s``) for the jobs it cancelled."""
+    executor = scheduler._lookup_executor("default")
+    if isinstance(executor, SettlingExecutor):
+        await executor.settled(timeout_s)
