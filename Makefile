@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-.PHONY: install install-dev demo test lint bench constraints clean
+.PHONY: install install-dev demo test lint bench soak constraints clean
 install: $(BIN)/python
 	$(PIP_INSTALL) -e .
 
@@ -31,6 +31,11 @@ test: lint
 
 bench: install-dev
 	$(BIN)/python -m bench
+
+# The fault suite over many seeds (docs/reliability.md); writes RELIABILITY.md.
+SYNCD_SOAK_SEEDS ?= 20
+soak: install-dev
+	SYNCD_SOAK_SEEDS=$(SYNCD_SOAK_SEEDS) $(BIN)/python -m tests.faults.soak
 
 # Resolve the newest versions pyproject.toml allows, runtime and dev, in a throw-away
 # venv, and pin them all; commit the result with the change that needed it.

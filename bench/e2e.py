@@ -172,7 +172,7 @@ class Run:
 
 def _calls(bench: stack.Vendors) -> tuple[int, int]:
     """API calls so far at each emulator (Xero's token requests left out)."""
-    return sum(bench.hub.calls.values()), sum(n for op, n in bench.xero.calls.items() if op != "token")
+    return sum(bench.hub.calls.values()), sum(n for op, n in bench.xero.calls.items() if not op.startswith("token"))
 
 
 async def _load(

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,38 +32,9 @@ from connectors.xero.emulator import XeroEmulator
 from syncd.plumbing.serving import free_port, serve
 from syncd.store.db import EffectRow, Store
 from tests.harness import seed_company, seed_deal, stack, write_config
+from tests.servers import healthy, start_daemon, until
 
 pytestmark = pytest.mark.slow
-
-
-async def _until(what: str, check: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "syncd", "run", "--config", str(config)], stdout=out, stderr=out, env=env
-        )
-
-
-async def _healthy(client: httpx.AsyncClient, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if (await client.get(f"{url}/readyz")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("daemon did not become ready")
 
 
 def _served_config(
@@ -100,9 +70,9 @@ async def test_sigkill_after_the_vendor_committed_leaves_exactly_one_invoice(tmp
         done = await asyncio.to_thread(subprocess.run, setup, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
         assert "syncd_invoice_number" in hub._properties["deals"]
-        first = _start(config, log)
+        first = start_daemon(config, log)
         try:
-            await _healthy(client, url, first, log)
+            await healthy(client, url, first, log)
             hub.subscribe(f"{url}/webhooks/hubspot", client)
             xero.subscribe(f"{url}/webhooks/xero", client)
 
@@ -113,7 +83,7 @@ async def test_sigkill_after_the_vendor_committed_leaves_exactly_one_invoice(tmp
             xero.on_commit = kill
             deal = seed_deal(hub)
             await hub.set_deal_properties(deal, {"dealstage": "closedwon"})
-            await _until("the daemon to be killed", lambda: first.poll() is not None)
+            await until("the daemon to be killed", lambda: first.poll() is not None)
         finally:
             if first.poll() is None:
                 first.kill()
@@ -123,10 +93,10 @@ async def test_sigkill_after_the_vendor_committed_leaves_exactly_one_invoice(tmp
         assert len(xero.invoices()) == 1
         assert not hub.deal(deal)["properties"].get("syncd_invoice_number")
 
-        second = _start(config, log)
+        second = start_daemon(config, log)
         try:
-            await _healthy(client, url, second, log)
-            await _until(
+            await healthy(client, url, second, log)
+            await until(
                 "the deal to be updated", lambda: bool(hub.deal(deal)["properties"].get("syncd_invoice_number"))
             )
             assert len(xero.invoices()) == 1
@@ -172,9 +142,9 @@ async def test_sigterm_with_a_backlog_exits_within_the_grace_and_hands_the_rest_
 
     xero.faults.add(Fault(kind="latency", latency_s=SLOW_S, method="PUT", path_contains="/Invoices", times=None))
     async with serve(hub.app, ports["hub"]), serve(watched, ports["xero"]), httpx.AsyncClient(timeout=10) as client:
-        daemon = _start(config, log)
+        daemon = start_daemon(config, log)
         try:
-            await _healthy(client, url, daemon, log)
+            await healthy(client, url, daemon, log)
             hub.subscribe(f"{url}/webhooks/hubspot", client)
             await asyncio.wait_for(creating.wait(), timeout=60)
             daemon.send_signal(signal.SIGTERM)
@@ -200,10 +170,10 @@ async def test_sigterm_with_a_backlog_exits_within_the_grace_and_hands_the_rest_
         assert '"claims_released"' in log.read_text()
 
         xero.faults.clear()
-        again = _start(config, log)
+        again = start_daemon(config, log)
         try:
-            await _healthy(client, url, again, log)
-            await _until("every invoice", lambda: len(xero.invoices()) == BACKLOG)
+            await healthy(client, url, again, log)
+            await until("every invoice", lambda: len(xero.invoices()) == BACKLOG)
             again.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(again.wait, 3 * GRACE_S) == 0
         finally:
@@ -233,11 +203,11 @@ async def test_sigterm_during_a_call_longer_than_the_grace_exits_in_time_and_cou
     log = tmp_path / "daemon.log"
     slow = xero.faults.add(Fault(kind="latency", latency_s=15.0, method="PUT", path_contains="/Invoices"))
     async with serve(hub.app, ports["hub"]), serve(xero.app, ports["xero"]), httpx.AsyncClient(timeout=10) as client:
-        daemon = _start(config, log)
+        daemon = start_daemon(config, log)
         try:
-            await _healthy(client, url, daemon, log)
+            await healthy(client, url, daemon, log)
             hub.subscribe(f"{url}/webhooks/hubspot", client)
-            await _until("the create to be in flight", lambda: not slow.times)
+            await until("the create to be in flight", lambda: not slow.times)
             daemon.send_signal(signal.SIGTERM)
             sent = time.monotonic()
             code = await asyncio.to_thread(daemon.wait, 60)

@@ -244,6 +244,7 @@ class HarvestEmulator:
             window (defaults to the wall clock).
         contract: Harvest's published contract to check each request against
             (``None``: no check; see the module docstring).
+        faults: the fault plan (``None``: a plan with nothing queued and no seed, i.e. off).
 
     Attributes:
         app: the ASGI app (mounted at ``/v2``), wrapped in :class:`FaultMiddleware`.
@@ -262,13 +263,14 @@ class HarvestEmulator:
         rate_limit_per_15s: int = 100,
         clock: Callable[[], datetime] | None = None,
         contract: Contract | None = None,
+        faults: FaultPlan | None = None,
     ) -> None:
         self.token = token
         self.contract = ContractGate(contract)
         self.account_id = account_id
         self.clock = clock or (lambda: datetime.now(UTC))
         self.limiter = WindowLimiter(rate_limit_per_15s if rate_limits else None, RATE_WINDOW_S, self._seconds)
-        self.faults = FaultPlan()
+        self.faults = faults or FaultPlan()
         self.calls: Counter[str] = Counter()
         self._next_id = 1000
         self.clients: dict[int, _Client] = {}

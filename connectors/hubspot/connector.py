@@ -75,7 +75,7 @@ from connectors.hubspot.models import (
     parse_hubspot_time,
 )
 from connectors.hubspot.webhooks import HubSpotWebhookVerifier
-from syncd.core.errors import ConfigError, NotFound, RecordError, SyncdError
+from syncd.core.errors import ConfigError, NotFound, RecordError, RetriableError, SyncdError
 from syncd.core.interfaces import (
     Capability,
     ChangeHint,
@@ -619,7 +619,10 @@ class HubSpotConnector:
     async def ensure_properties(self) -> PropertySetup:
         """Create the ``syncd`` property group and the billing deal properties if missing.
 
-        Idempotent: it reads what exists first, so a second run creates nothing.
+        Idempotent: it reads what exists first, so a second run creates nothing. Replicas
+        starting together may both find a property missing; the one whose create is
+        refused (HubSpot answers 409 ``CONFLICT``, "already exists") reads it back and
+        counts it as present instead of failing its start.
         """
         return await self._ensure("deals", {name.value: _property_definition(name) for name in BillingProperty})
 
@@ -629,15 +632,21 @@ class HubSpotConnector:
             await self.http.request("GET", f"/crm/v3/properties/{plural}/groups/{BILLING_GROUP}")
         except NotFound:
             group = {"name": BILLING_GROUP, "label": BILLING_GROUP_LABEL, "displayOrder": -1}
-            await self.http.request("POST", f"/crm/v3/properties/{plural}/groups", json=group, retry=False)
-            group_created = True
+            group_created = await self._create_unless_raced(
+                f"/crm/v3/properties/{plural}/groups", group, f"/crm/v3/properties/{plural}/groups/{BILLING_GROUP}"
+            )
         response = await self.http.request("GET", f"/crm/v3/properties/{plural}")
         existing = {prop.name for prop in PropertyList.model_validate_json(response.content).results}
         created: list[str] = []
         for name, body in definitions.items():
-            if name not in existing:
-                await self.http.request("POST", f"/crm/v3/properties/{plural}", json=body, retry=False)
+            if name in existing:
+                continue
+            if await self._create_unless_raced(
+                f"/crm/v3/properties/{plural}", body, f"/crm/v3/properties/{plural}/{name}"
+            ):
                 created.append(name)
+            else:
+                existing.add(name)
         present = tuple(name for name in definitions if name in existing)
         log.info(
             "hubspot_properties_ensured",
@@ -649,6 +658,23 @@ class HubSpotConnector:
         return PropertySetup(group_created=group_created, created=tuple(created), present=present)
 
     # -- helpers -----------------------------------------------------------------
+
+    async def _create_unless_raced(self, path: str, body: Mapping[str, Any], read_path: str) -> bool:
+        """POST ``body`` once; ``False`` when it failed because someone else created it meanwhile.
+
+        A refused or failed create is followed by a read of ``read_path``: if the thing
+        exists now (another replica's create won), that is not a failure. Otherwise the
+        create's own error is raised.
+        """
+        try:
+            await self.http.request("POST", path, json=body, retry=False)
+        except RetriableError as exc:
+            try:
+                await self.http.request("GET", read_path)
+            except NotFound:
+                raise exc from None
+            return False
+        return True
 
     async def _read_deal(self, deal_id: str, properties: Sequence[str]) -> CrmObject:
         # The history of dealstage says when HubSpot recorded the move into the current

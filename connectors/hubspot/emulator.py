@@ -323,6 +323,23 @@ class _Link:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ApiWrite:
+    """One property write made through the API (``PATCH /crm/v3/objects/{type}/{id}``).
+
+    Attributes:
+        object_type: ``deals``, ``companies`` ...
+        object_id: the record's id.
+        properties: the values written, as sent (normalised as stored).
+        at: when it was applied (the emulator's clock).
+    """
+
+    object_type: str
+    object_id: str
+    properties: Mapping[str, str | None]
+    at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
 class _Settings:
     token: str
     client_id: str
@@ -352,6 +369,7 @@ class HubSpotEmulator:
             hubspot``) before writing billing status to a strict portal.
         contract: HubSpot's published request models to check each body against
             (:class:`SdkContract`; ``None``: no check).
+        faults: the fault plan (``None``: a plan with nothing queued and no seed, i.e. off).
 
     Attributes:
         token / client_secret / client_id / refresh_token: the credentials it accepts.
@@ -359,6 +377,8 @@ class HubSpotEmulator:
         faults: the fault plan applied to requests.
         webhooks: the webhook sender (deliveries kept for re-delivery).
         calls: requests received, keyed ``"GET /crm/v3/objects/deals/{id}"``.
+        writes: every API write of properties, oldest first (:class:`ApiWrite`): the
+            write-back history a test reads to see a deal never went backwards.
         contract: the :class:`~connectors.emulation.ContractGate` (``breaches`` lists refused requests).
     """
 
@@ -378,6 +398,7 @@ class HubSpotEmulator:
         strict_properties: bool = True,
         scopes: Iterable[str] | None = None,
         contract: Contract | None = None,
+        faults: FaultPlan | None = None,
     ) -> None:
         self.token = token
         self.contract = ContractGate(contract)
@@ -397,9 +418,10 @@ class HubSpotEmulator:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._limiter = WindowLimiter(rate_limit_per_10s if rate_limits else None, 10.0)
         self._search_limiter = WindowLimiter(search_rate_per_s if rate_limits else None, 1.0)
-        self.faults = FaultPlan()
+        self.faults = faults or FaultPlan()
         self.webhooks = WebhookSender()
         self.calls: Counter[str] = Counter()
+        self.writes: list[ApiWrite] = []
         self._ids = itertools.count(1001)
         self._event_ids = itertools.count(100)
         self._subscriptions: dict[str, int] = {}
@@ -938,6 +960,7 @@ class HubSpotEmulator:
         payload = await _json(request)
         values = self._writable(kind, payload.get("properties"))
         changed = self._apply(kind, record, values)
+        self.writes.append(ApiWrite(object_type=kind, object_id=record.id, properties=dict(values), at=self._clock()))
         if kind == "deals" and self._watched:
             await self._deliver_changes(
                 record, [name for name in changed if name in values and name in self._watched], source="API"

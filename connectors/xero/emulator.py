@@ -593,12 +593,15 @@ class XeroEmulator:
             first call (Xero: 360); ``0`` remembers no key.
         contract: Xero's published contract to check each Accounting API request
             against (``None``: no check; see the module docstring).
+        faults: the fault plan (``None``: a plan with nothing queued and no seed, i.e. off).
 
     Attributes:
         app: the ASGI app, wrapped in :class:`~connectors.emulation.FaultMiddleware`.
         faults: the fault plan (429, 5xx, latency, dropped responses).
         webhooks: the webhook sender (deliveries kept for re-delivery).
-        calls: calls per operation (the spec's ``operationId``; ``token`` …).
+        calls: calls per operation (the spec's ``operationId``; ``token`` …); the token
+            endpoint's calls are also counted per grant (``token:refresh_token``) and per
+            refusal (``token:refresh_token:invalid_grant``).
         emails: ids of invoices emailed through ``POST /Invoices/{id}/Email``.
         contract: the :class:`~connectors.emulation.ContractGate` (``breaches`` lists refused requests).
         on_commit: called with ``("invoice" | "credit_note", object)`` right after an
@@ -620,6 +623,7 @@ class XeroEmulator:
         clock: Callable[[], datetime] | None = None,
         idempotency_ttl_s: float = IDEMPOTENCY_TTL_S,
         contract: Contract | None = None,
+        faults: FaultPlan | None = None,
     ) -> None:
         if idempotency_ttl_s < 0:
             raise ValueError(f"idempotency_ttl_s must be 0 or more seconds, not {idempotency_ttl_s}")
@@ -640,7 +644,7 @@ class XeroEmulator:
         self.calls: Counter[str] = Counter()
         self.emails: list[str] = []
         self.on_commit: Callable[[str, dict[str, Any]], None] | None = None
-        self.faults = FaultPlan()
+        self.faults = faults or FaultPlan()
         self.webhooks = WebhookSender()
         self._contacts: dict[str, Json] = {}
         self._documents: dict[str, dict[str, Json]] = {INVOICE.name: {}, CREDIT_NOTE.name: {}}
@@ -1064,6 +1068,7 @@ class XeroEmulator:
         if client_id != self.client_id or client_secret != self.client_secret:
             return _JsonResponse({"error": "invalid_client"}, status_code=400)
         grant_type = form.get("grant_type", "")
+        self.calls[f"token:{grant_type}"] += 1
         if grant_type == "client_credentials":
             scope = "accounting.invoices accounting.contacts accounting.settings accounting.payments"
             return _JsonResponse(self._issue("client_credentials", scope, refresh=False))
@@ -1075,6 +1080,7 @@ class XeroEmulator:
         if grant_type == "refresh_token":
             grant = self._spend(form.get("refresh_token", ""), "refresh")
             if grant is None:
+                self.calls["token:refresh_token:invalid_grant"] += 1
                 return _JsonResponse({"error": "invalid_grant"}, status_code=400)
             return _JsonResponse(self._issue("authorization_code", grant.scope, refresh=True))
         return _JsonResponse({"error": "unsupported_grant_type"}, status_code=400)

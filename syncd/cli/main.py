@@ -35,6 +35,7 @@ from typer._click.core import Context as ClickContext  # the type TyperGroup.inv
 from typer.core import TyperGroup
 
 from syncd.core.errors import AuthError, ConfigError, MappingError, RetriableError, SyncdError
+from syncd.plumbing import failpoints
 from syncd.plumbing import logging as syncd_logging
 from syncd.plumbing.settings import Config, Connection, Inspection, inspect_config, load_config, redact_url
 
@@ -178,6 +179,7 @@ def run(
     from syncd.daemon import Daemon, Server
 
     cfg = _load(config)
+    failpoints.arm_from_env()  # the fault suite's crash points (docs/reliability.md); none unless set
     # Migrate and read the mappings before uvicorn: a database or mapping problem is then
     # one line and exit code here, not a failed lifespan with a traceback in the log.
     asyncio.run(_prepare(cfg))

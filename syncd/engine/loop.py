@@ -79,6 +79,7 @@ from syncd.core.interfaces import (
 )
 from syncd.engine import alerts, clients, collection, hours, recurring, selectors
 from syncd.engine.runtime import Pipeline, Runtime
+from syncd.plumbing import failpoints
 from syncd.plumbing.leases import Lease
 from syncd.store import trail
 from syncd.store.db import (
@@ -1305,6 +1306,7 @@ class Engine:
         raise FatalError(f"unknown effect kind {row.kind!r}", place=f"effects.id={row.id}")
 
     async def _create_invoice(self, row: EffectRow) -> None:
+        failpoints.hit("after_claim")
         draft = InvoiceDraft.model_validate(row.payload["draft"])
         replayed = bool(row.payload.get("redraft"))
         invoicing = self.rt.connectors[row.connection]
@@ -1322,7 +1324,9 @@ class Engine:
         created = status is None
         if status is None:
             draft = await self._after_lock_date(row.connection, invoicing, _billed_as(draft, billed))
+            failpoints.hit("before_vendor_call")
             status = await invoicing.create_invoice(draft, customer_id)
+            failpoints.hit("after_vendor_2xx")
         elif draft.send and status.state is InvoiceState.AUTHORISED and isinstance(invoicing, SendsInvoices):
             # created by an earlier attempt that stopped before emailing it
             await invoicing.send_invoice(status.invoice_id, draft.key)
@@ -1396,6 +1400,7 @@ class Engine:
                     now=now,
                     client_key=draft.client.key,
                 )
+        failpoints.hit("after_local_commit")
         self._notify_unless_claimed()
         self.rt.metrics.invoice_created(self._pipeline_name(row), (now - triggered_at).total_seconds())
         if mismatch:
@@ -1871,6 +1876,8 @@ class Engine:
         elif isinstance(exc, Stopping):  # the call in flight finished; the row goes back as it is
             await self._release(model, source, [row], uncount=False)
         elif isinstance(exc, RetriableError | AuthError):
+            if isinstance(exc, AuthError):
+                await self._needs_reauthorisation(row, exc)
             await self._note_failure(row.connection, exc)
             await self._retry_or_bury(model, row, source, exc)
         elif isinstance(exc, SyncdError):  # mapping, record, fatal, not found: retrying would not help
@@ -1883,6 +1890,25 @@ class Engine:
 
     def _log_lost(self, source: str, row: Any, why: str) -> None:
         log.warning("lease_lost", source=source, id=row.id, attempt=row.attempts, detail=why)
+
+    async def _needs_reauthorisation(self, row: Any, exc: AuthError) -> None:
+        """Credentials refused (a spent refresh token, a revoked app): an outcome a person must act on.
+
+        The work itself is retried as before (a person may reconnect meanwhile); the
+        outcome is recorded once a day per connection, so ``syncd outcomes list`` and
+        ``syncd status`` show it without a line per record. The message says what to do
+        (``run `syncd auth xero` to reconnect``) and never holds a secret.
+        """
+        day = self.rt.clock().date().isoformat()
+        if await self.record_outcome(
+            key=f"attention:auth_refused:{row.connection}:{day}",
+            kind="attention",
+            reason="auth_refused",
+            detail=exc.message,
+            place=exc.place,
+            connection=row.connection,
+        ):
+            log.error("reauthorisation_needed", connection=row.connection, error=exc.message)
 
     async def _note_failure(self, connection: str, exc: SyncdError) -> None:
         """Lost authorisation, or one more failure of a streak (:mod:`syncd.engine.alerts`)."""

@@ -41,6 +41,7 @@ import httpx
 import structlog
 
 from syncd.core.errors import AuthError, SyncdError
+from syncd.plumbing import failpoints
 from syncd.plumbing.registry import TokenStore
 
 log = structlog.get_logger("syncd.plumbing.tokens")
@@ -159,6 +160,7 @@ class RotatingTokens:
                 if self.on_failure is not None:
                     self.on_failure()
                 raise
+            failpoints.hit("after_token_refresh")
             await self.store.save(fresh)
             self._cached = fresh
             if importing:

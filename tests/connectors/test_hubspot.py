@@ -32,7 +32,7 @@ from connectors.hubspot.connector import (
 from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.hubspot.webhooks import sign_v3
 from connectors.xero.emulator import XeroEmulator
-from syncd.core.errors import AuthError, FatalError, NotFound, RecordError
+from syncd.core.errors import AuthError, FatalError, NotFound, RecordError, RetriableError
 from syncd.core.interfaces import Crm, CrmSchema, DealBillingStatus, WebhookRequest
 from syncd.daemon import Daemon
 from syncd.plumbing.http import Rejected, VendorHttp
@@ -319,6 +319,40 @@ async def test_ensure_properties_is_idempotent(connector: HubSpotConnector, emul
             f"{BASE}/crm/v3/properties/deals/syncd_invoice_due_date", headers={"Authorization": "Bearer pat-emulator"}
         )
     assert (answer.json()["type"], answer.json()["fieldType"], answer.json()["groupName"]) == ("date", "date", "syncd")
+
+
+class _AnotherReplicaFirst(httpx.AsyncBaseTransport):
+    """Each property (or group) create is first made by "another replica" (the same request, sent before)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.startswith("/crm/v3/properties/deals"):
+            other = httpx.Request(request.method, request.url, headers=request.headers, content=request.content)
+            await self.inner.handle_async_request(other)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_replicas_creating_the_properties_at_once_both_start(clock: Clock, emulator: HubSpotEmulator) -> None:
+    """Another replica creates each property between our read and our create: HubSpot's 409 counts it as present."""
+    transport = _AnotherReplicaFirst(httpx.ASGITransport(app=emulator.app))
+    async with httpx.AsyncClient(transport=transport) as raced:
+        setup = await build(raced, clock, MemoryTokens(emulator)).ensure_properties()
+
+    assert setup.group_created is False
+    assert setup.created == ()
+    assert sorted(setup.present) == sorted(name.value for name in BillingProperty)
+    assert emulator.calls["POST /crm/v3/properties/deals"] == 2 * len(BillingProperty)  # each create raced
+
+
+async def test_a_property_create_that_fails_for_another_reason_still_fails(
+    connector: HubSpotConnector, emulator: HubSpotEmulator
+) -> None:
+    """A 503 on a create whose property does not exist afterwards is raised, not taken for a race."""
+    emulator.faults.add(Fault(kind="status", status=503, method="POST", path_contains="/crm/v3/properties/deals"))
+    with pytest.raises(RetriableError, match="503"):
+        await connector.ensure_properties()
 
 
 async def test_write_billing_status_round_trips(connector: HubSpotConnector, emulator: HubSpotEmulator) -> None:
