@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, field_validator
 
+from syncd.core.errors import SyncdError
 from syncd.core.money import check_currency, round_money
 
 
@@ -808,6 +809,69 @@ class Crm(Protocol):
 
     async def check(self) -> list[str]:
         """Problems with the credentials or account, without rotating any token."""
+        ...
+
+
+@runtime_checkable
+class ReadsDealsInBatches(Protocol):
+    """A CRM that reads many deals, with their companies, contacts and line items, in a few calls.
+
+    The engine's batcher (:mod:`syncd.engine.batching`) sends the deals several workers
+    want at once through this instead of one :meth:`Crm.fetch_deal` each.
+    """
+
+    async def fetch_deals(
+        self, deal_ids: Sequence[str], properties: Mapping[str, Sequence[str]] | None = None
+    ) -> Mapping[str, SourceRecord | SyncdError]:
+        """Each deal as :meth:`Crm.fetch_deal` would return it, by deal id.
+
+        A deal the CRM does not have maps to :class:`~syncd.core.errors.NotFound`; a deal
+        that alone cannot be read maps to its own error. An error of the whole request
+        (auth, rate limit spent, CRM down) is raised: every deal of the batch fails alike.
+        """
+        ...
+
+
+@runtime_checkable
+class WritesStatusInBatches(Protocol):
+    """A CRM that writes the billing standing of many deals in one call."""
+
+    async def write_billing_statuses(
+        self, statuses: Mapping[str, DealBillingStatus]
+    ) -> Mapping[str, SyncdError | None]:
+        """Write each deal's standing (as :meth:`Crm.write_billing_status`); per deal id ``None`` or its error.
+
+        A vendor that refuses a whole batch for one bad element is split and retried by
+        the connector until the bad one is alone: only it maps to an error.
+        """
+        ...
+
+
+@runtime_checkable
+class CreatesInvoicesInBatches(Protocol):
+    """An invoicing tool that looks up customers and creates invoices many per request.
+
+    Same guarantees as :class:`Invoicing`, per element: each draft still carries its own
+    key (found again by :meth:`find_invoices`), and one rejected element fails alone.
+    """
+
+    async def upsert_customers(self, clients: Sequence[Client]) -> Mapping[str, str | SyncdError]:
+        """Per ``client.key``: its customer id (found, adopted or created, as :meth:`Invoicing.upsert_customer`), or its error."""
+        ...
+
+    async def find_invoices(self, keys: Sequence[str], *, kind: DraftKind) -> Mapping[str, InvoiceStatus]:
+        """The documents stamped with these keys that exist, by key (missing keys are absent)."""
+        ...
+
+    async def create_invoices(
+        self, items: Sequence[tuple[InvoiceDraft, str]]
+    ) -> Mapping[str, InvoiceStatus | SyncdError]:
+        """Create each ``(draft, customer_id)`` (invoices and credit notes may be mixed), by ``draft.key``.
+
+        Each element's result is what :meth:`Invoicing.create_invoice` would return or raise
+        for it alone. A request retried, or refused as a whole, is never simply sent again:
+        its members are looked up by their keys first and only the missing ones are sent.
+        """
         ...
 
 

@@ -80,6 +80,11 @@ class DaemonSettings(BaseModel):
         mapping_watch_interval_s: seconds between looks at the mapping files'
             modification times; a changed file is validated and swapped in (0 = off;
             SIGHUP reloads at once either way).
+        batch_max: the most records one vendor call carries when several are ready for
+            one connection at once (HubSpot batch reads and updates, Xero invoices many per
+            request); 1 switches batching off (one call per record, as a script would).
+        batch_wait_ms: how long a record ready for a batched call may wait for others
+            still being worked on (only while some are): a lone record is sent at once.
         shared_rate_budget: on PostgreSQL, replicas share each vendor's rate budget
             (one row per connection and bucket reserves evenly spaced request slots)
             so together they stay under the vendor's limit; ignored on SQLite.
@@ -112,6 +117,8 @@ class DaemonSettings(BaseModel):
     drift_check_interval_s: int = Field(default=3600, ge=0)
     mapping_watch_interval_s: int = Field(default=5, ge=0)
     shared_rate_budget: bool = True
+    batch_max: int = Field(default=50, ge=1, le=100)
+    batch_wait_ms: int = Field(default=25, ge=0, le=1000)
     webhook_body_timeout_s: float = Field(default=10, gt=0, le=300)
     max_connections: int = Field(default=100, ge=2)
     keep_alive_timeout_s: int = Field(default=5, ge=1)
