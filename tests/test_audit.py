@@ -497,6 +497,19 @@ async def test_the_audit_of_a_seeded_history_matches_the_plan(tmp_path: Path, db
         assert f'syncd_audit_share{{number="late"}} {float(Decimal(november["late"]) / 6)}' in metrics
         assert 'syncd_audit_trend_rising{number="late"} 1.0' in metrics
         assert f'syncd_audit_latency_seconds{{quantile="0.95"}} {november["p95"]}' in metrics
+        assert f'syncd_audit_latency_seconds{{quantile="0.5"}} {november["median"]}' in metrics
+        for what in ("issued", "late", "corrected", "due", "overdue"):
+            assert f'syncd_audit_invoices{{what="{what}"}} {float(november[what])}' in metrics
+        assert f'syncd_audit_share{{number="corrected"}} {float(Decimal(november["corrected"]) / 6)}' in metrics
+        overdue_share = float(Decimal(november["overdue"]) / november["due"])
+        assert f'syncd_audit_share{{number="overdue"}} {overdue_share}' in metrics
+        for code, amounts in november["currencies"].items():
+            amount_share = float(amounts["overdue_amount"] / amounts["due_amount"])
+            assert f'syncd_audit_overdue_amount_share{{currency="{code}"}} {amount_share}' in metrics
+        for number in ("corrected", "overdue"):
+            rising = 1.0 if report["trends"][number] == "rising" else 0.0
+            assert f'syncd_audit_trend_rising{{number="{number}"}} {rising}' in metrics
+            assert f'syncd_audit_history_complete{{number="{number}"}} 1.0' in metrics
 
         assert await scheduler.tick_audit(s.daemon.runtime) is True
         assert await scheduler.tick_audit(s.daemon.runtime) is False  # once per month

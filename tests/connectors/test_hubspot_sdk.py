@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 from hubspot import HubSpot
+from hubspot.crm import AssociationType
 from hubspot.crm.deals import Filter, FilterGroup, PublicObjectSearchRequest, SimplePublicObjectInput
 from hubspot.crm.properties import ApiException, PropertyCreate
 
-from connectors.hubspot.emulator import HubSpotEmulator
+from connectors.hubspot.connector import TASK_TO_COMPANY_TYPE_ID, TASK_TO_DEAL_TYPE_ID
+from connectors.hubspot.emulator import _ASSOCIATION_TYPES, HubSpotEmulator
 from tests.servers import serve_in_thread
 
 
@@ -117,3 +119,32 @@ def test_sdk_lists_and_creates_properties(served: tuple[HubSpotEmulator, str]) -
     assert created.name == "sdk_flag"
     assert {"dealname", "dealstage", "sdk_flag"} <= {item.name for item in listed.results}
     assert duplicate.value.status == 409
+
+
+def test_association_type_ids_are_the_sdks() -> None:
+    """Every association type id the emulator and the connector use is the SDK's HubSpot-defined one.
+
+    ``hubspot.crm.AssociationType`` lists them by name (``TASK_TO_DEAL = 216``); HubSpot's
+    associate-records guide, "Association type ID values", has the same table.
+    """
+    singular = {
+        "deals": "DEAL",
+        "companies": "COMPANY",
+        "contacts": "CONTACT",
+        "line_items": "LINE_ITEM",
+        "tasks": "TASK",
+    }
+    checked = 0
+    for (from_kind, to_kind), (primary, plain) in _ASSOCIATION_TYPES.items():
+        name = f"{singular[from_kind]}_TO_{singular[to_kind]}"
+        assert plain[0] == getattr(AssociationType, name), name
+        if primary is not None:
+            assert primary[0] == getattr(AssociationType, f"PRIMARY_{name}"), f"PRIMARY_{name}"
+        checked += 1
+    assert checked == len(_ASSOCIATION_TYPES) >= 12
+    assert (TASK_TO_DEAL_TYPE_ID, TASK_TO_COMPANY_TYPE_ID) == (
+        AssociationType.TASK_TO_DEAL,
+        AssociationType.TASK_TO_COMPANY,
+    )
+    assert _ASSOCIATION_TYPES[("deals", "tasks")][1][0] == AssociationType.DEAL_TO_TASK == 215
+    assert _ASSOCIATION_TYPES[("companies", "tasks")][1][0] == AssociationType.COMPANY_TO_TASK == 191
