@@ -406,6 +406,9 @@ async def test_status_shows_a_failing_alerts_webhook(tmp_path: Path, db_url: str
             assert "failed deliveries: 2, next try 2026-12-02 15:02 UTC" in text
             assert "last error:        HTTP 500: server_error" in text
             assert "last sent:         never" in text
+            metrics = (await s.web.get("/metrics")).text
+            assert 'syncd_backlog{queue="alerts",status="pending"} 2.0' in metrics
+            assert 'syncd_backlog{queue="alerts",status="failed"} 2.0' in metrics
 
 
 async def test_a_vendor_outage_seen_by_two_replicas_is_one_streak_and_one_alert(

@@ -549,7 +549,8 @@ class MetricCounts:
     """The counts ``/metrics`` shows from the database (:meth:`Store.metric_counts`).
 
     Attributes:
-        backlog: (queue, status) → rows: events and effects pending or dead, open dead letters.
+        backlog: (queue, status) → rows: events and effects pending or dead, open dead letters,
+            alerts waiting to be posted (``pending``) and those whose delivery failed (``failed``).
         outcomes: (kind, reason) → open outcomes.
         dead_letters: source → open dead letters.
         skips: reason → recorded skips, open or not.
@@ -1272,6 +1273,10 @@ class Store:
             by_source = sa.select(dead.c.source, sa.func.count()).where(dead.c.status == "open").group_by(dead.c.source)
             found.dead_letters.update({str(s): int(n) for s, n in (await conn.execute(by_source)).all()})
             found.backlog[("dead_letters", "open")] = sum(found.dead_letters.values())
+            alerts = table_of(AlertRow)
+            waiting = alerts.c.status == "pending"
+            for status, where in (("pending", waiting), ("failed", sa.and_(waiting, alerts.c.last_error.is_not(None)))):
+                found.backlog[("alerts", status)] = int(await conn.scalar(sa.select(sa.func.count()).where(where)) or 0)
             by_kind = (
                 sa.select(outcomes.c.kind, outcomes.c.reason, sa.func.count())
                 .where(outcomes.c.status == "open")
