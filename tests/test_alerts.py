@@ -482,3 +482,28 @@ async def test_a_vendor_outage_seen_by_two_replicas_is_one_streak_and_one_alert(
                     f"vendor_errors:xero:{start.isoformat()}",
                     f"vendor_errors:xero:{(start + timedelta(seconds=220)).isoformat()}",
                 ]
+
+
+async def test_a_success_this_process_has_not_written_yet_still_ends_its_streak(tmp_path: Path, db_url: str) -> None:
+    """Xero fails, then works here (noted, not yet flushed), then fails again 130 s after the first failure:
+    the streak starts over at the second failure, so no alert; the one after 120 more seconds makes it."""
+    clock = Clock(datetime(2026, 12, 2, 15, 0, tzinfo=UTC))
+    start = clock.now
+    receiver = Receiver()
+    with receiving(receiver) as url:
+        async with stack(tmp_path, db_url, clock=clock, daemon_extra=START, extra=alerting(url)) as s:
+            runtime, store = s.daemon.runtime, s.daemon.runtime.store
+            assert not await runtime.health.failed(store, "xero", "xero: 503", start, after_s=120)
+            clock.now = start + timedelta(seconds=100)
+            runtime.health.succeeded("xero")
+            second = start + timedelta(seconds=130)
+            assert not await runtime.health.failed(store, "xero", "xero: 503", second, after_s=120)
+            (row,) = await store.select(VendorHealthRow)
+            assert (row.failing_since, row.failures, row.last_error) == (second, 1, "xero: 503")
+            assert await runtime.health.flush(store) == 0  # the success was spent on the restart
+            assert await runtime.health.failed(store, "xero", "xero: 502", second + timedelta(seconds=120), after_s=120)
+            (alert,) = await store.select(AlertRow)
+            assert (alert.key, alert.detail) == (
+                f"vendor_errors:xero:{second.isoformat()}",
+                "2 failures in 2 min, none succeeding; last: xero: 502",
+            )
