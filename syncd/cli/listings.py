@@ -559,7 +559,7 @@ def invoice_json(item: InvoiceItem) -> dict[str, Any]:
 
 
 def status_lines(found: Status, width: int) -> list[str]:
-    """The status as text: connections, the newest invoices, dead letters and outcomes."""
+    """The status as text: connections, the alert queue, the newest invoices, dead letters and outcomes."""
     lines = ["connections:"]
     for item in found.connections:
         lines += entry(
@@ -576,13 +576,13 @@ def status_lines(found: Status, width: int) -> list[str]:
             width,
             indent=2,
         )
+    lines += alert_lines(found.alerts, width)
     shown = len(found.invoices)
     more = f" (the {shown} newest below)" if found.invoice_count > shown else ""
     lines.append(f"invoices: {found.invoice_count}{more}")
     for invoice in found.invoices:
         lines += _invoice_lines(invoice, width)
     lines += _wrap(outcome_summary(found.outcomes), width, "", "  ")
-    lines += alert_lines(found.alerts, width)
     return lines
 
 
