@@ -1070,16 +1070,7 @@ class HubSpotEmulator:
             if with_history:
                 found["propertiesWithHistory"] = _history(record, with_history)
             results.append(found)
-        body: dict[str, Any] = {
-            "status": "COMPLETE",
-            "results": results,
-            "startedAt": started,
-            "completedAt": iso_ms(self._clock()),
-        }
-        if not missing:
-            return JSONResponse(body)
-        body["numErrors"] = 1
-        body["errors"] = [
+        errors = [
             {
                 "status": "error",
                 "category": "OBJECT_NOT_FOUND",
@@ -1087,7 +1078,7 @@ class HubSpotEmulator:
                 "message": "Could not get some objects, they may be deleted or not exist.",
             }
         ]
-        return JSONResponse(body, status_code=207)
+        return self._batch_answer(started, results, errors if missing else [])
 
     async def _batch_update(self, request: Request) -> Response:
         """``POST /crm/v3/objects/{type}/batch/update``: all inputs are written, or none.
@@ -1127,9 +1118,7 @@ class HubSpotEmulator:
         ]
         started = iso_ms(self._clock())
         results = [await self._write(kind, record, values) for record, values in writes]
-        return JSONResponse(
-            {"status": "COMPLETE", "results": results, "startedAt": started, "completedAt": iso_ms(self._clock())}
-        )
+        return self._batch_answer(started, results, [])
 
     def _live(self, kind: str, object_id: str) -> bool:
         record = self._records[kind].get(object_id)
@@ -1245,19 +1234,7 @@ class HubSpotEmulator:
             self._links.get((kind, request.path_params["object_id"], to_kind), {}).items(),
             key=lambda item: int(item[0]),
         )
-        page = links[offset : offset + limit]
-        body: dict[str, Any] = {
-            "results": [
-                {
-                    "toObjectId": int(to_id),
-                    "associationTypes": [
-                        {"category": category, "typeId": type_id, "label": label}
-                        for category, type_id, label in link.kinds
-                    ],
-                }
-                for to_id, link in page
-            ]
-        }
+        body: dict[str, Any] = {"results": _associated(links[offset : offset + limit])}
         if offset + limit < len(links):
             body["paging"] = {"next": {"after": str(offset + limit)}}
         return JSONResponse(body)
@@ -1296,6 +1273,10 @@ class HubSpotEmulator:
                 errors.append(self._no_associations(kind, from_id, to_kind))
             else:
                 results.append(page)
+        return self._batch_answer(started, results, errors)
+
+    def _batch_answer(self, started: str, results: list[dict[str, Any]], errors: list[dict[str, Any]]) -> Response:
+        """A batch answer (the SDK's ``BatchResponse...``): 200, or 207 with ``numErrors`` and ``errors``."""
         body: dict[str, Any] = {
             "status": "COMPLETE",
             "results": results,
@@ -1314,19 +1295,7 @@ class HubSpotEmulator:
         page = links[offset : offset + size]
         if not page:
             return None
-        result: dict[str, Any] = {
-            "from": {"id": from_id},
-            "to": [
-                {
-                    "toObjectId": int(to_id),
-                    "associationTypes": [
-                        {"category": category, "typeId": type_id, "label": label}
-                        for category, type_id, label in link.kinds
-                    ],
-                }
-                for to_id, link in page
-            ],
-        }
+        result: dict[str, Any] = {"from": {"id": from_id}, "to": _associated(page)}
         if offset + size < len(links):
             result["paging"] = {"next": {"after": str(offset + size)}}
         return result
@@ -1659,6 +1628,19 @@ def _history(record: _Record, names: Sequence[str]) -> dict[str, list[dict[str, 
         for name in names
         if name in record.properties
     }
+
+
+def _associated(page: Sequence[tuple[str, _Link]]) -> list[dict[str, Any]]:
+    """v4 associated records (``MultiAssociatedObjectWithLabel``): ``toObjectId`` and every type/label linking it."""
+    return [
+        {
+            "toObjectId": int(to_id),
+            "associationTypes": [
+                {"category": category, "typeId": type_id, "label": label} for category, type_id, label in link.kinds
+            ],
+        }
+        for to_id, link in page
+    ]
 
 
 def _kind(name: str) -> str:

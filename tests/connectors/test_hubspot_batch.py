@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -11,11 +10,21 @@ from typing import Any
 import httpx
 import pytest
 
-from connectors.hubspot.connector import HubSpotConnector, create_verifier
+from connectors.emulation import Fault
+from connectors.hubspot.connector import HubSpotConnector
 from connectors.hubspot.emulator import HubSpotEmulator
-from syncd.core.errors import AuthError, NotFound, RecordError
-from syncd.core.interfaces import DealBillingStatus, ReadsDealsInBatches, WebhookRequest, WritesStatusInBatches
-from tests.connectors.test_hubspot import BASE, HOOK_URL, Clock, MemoryTokens, build, seed_deal, settings
+from syncd.core.errors import AuthError, NotFound, RecordError, RetriableError
+from syncd.core.interfaces import DealBillingStatus, ReadsDealsInBatches, WritesStatusInBatches
+from tests.connectors.test_hubspot import (
+    BASE,
+    HOOK_URL,
+    Clock,
+    MemoryTokens,
+    build,
+    seed_deal,
+    settings,
+    webhook_receiver,
+)
 
 AUTH = {"Authorization": "Bearer pat-emulator"}
 WANTED = {"deal": ["po_number"], "company": ["city"], "contact": ["jobtitle"], "line_item": ["hs_sku"]}
@@ -159,17 +168,6 @@ async def test_a_deal_hubspot_does_not_return_maps_to_not_found(
     assert found[deal] == await connector.fetch_deal(deal)
 
 
-async def test_a_request_level_failure_of_fetch_deals_is_raised(
-    client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator
-) -> None:
-    """A refused token fails the whole batch: the error is raised, not mapped per deal."""
-    deal = emulator.add_deal({"dealname": "Real"})
-    connector = build(client, clock, MemoryTokens(emulator), settings(token="wrong"))
-
-    with pytest.raises(AuthError):
-        await connector.fetch_deals([deal])
-
-
 # ---------------------------------------------------------------------------- write_billing_statuses
 
 
@@ -242,16 +240,25 @@ async def test_a_state_that_is_not_an_option_fails_that_deal_only(
     assert crm_calls(emulator)["POST /crm/v3/objects/deals/batch/update"] == 1
 
 
-async def test_a_request_level_failure_of_write_billing_statuses_is_raised(
+async def test_a_request_level_failure_is_raised_for_the_whole_batch(
     client: httpx.AsyncClient, clock: Clock, emulator: HubSpotEmulator
 ) -> None:
-    """A refused token is raised for the whole batch, not split."""
+    """A refused token, or a 503 that outlasts the retries, is raised by both batch calls: not mapped per deal, not split."""
     deal = emulator.add_deal({"dealname": "Real"})
-    connector = build(client, clock, MemoryTokens(emulator), settings(token="wrong"))
-
+    refused = build(client, clock, MemoryTokens(emulator), settings(token="wrong"))
     with pytest.raises(AuthError):
-        await connector.write_billing_statuses({deal: status()})
+        await refused.fetch_deals([deal])
+    with pytest.raises(AuthError):
+        await refused.write_billing_statuses({deal: status()})
     assert emulator.calls["POST /crm/v3/objects/deals/batch/update"] == 1
+
+    connector = build(client, clock, MemoryTokens(emulator))
+    await connector.ensure_properties()
+    emulator.faults.add(Fault(kind="status", status=503, path_contains="/batch/update", times=None))
+    sent = connector.http.calls
+    with pytest.raises(RetriableError):
+        await connector.write_billing_statuses({deal: status(), "999999": status()})
+    assert connector.http.calls - sent == 5  # one request and its retries, never split
 
 
 # ---------------------------------------------------------------------------- the emulator's batch routes
@@ -297,20 +304,8 @@ async def test_emulator_batch_update_delivers_webhooks_and_history_as_patch_does
     client: httpx.AsyncClient, emulator: HubSpotEmulator, clock: Clock
 ) -> None:
     """A batch update delivers each deal's subscribed property changes and records their history."""
-    verifier = create_verifier(settings(), clock)
     bodies: list[list[dict[str, Any]]] = []
-
-    def receive(request: httpx.Request) -> httpx.Response:
-        delivery = WebhookRequest(
-            method=request.method,
-            url=str(request.url),
-            headers={key.lower(): value for key, value in request.headers.items()},
-            body=request.content,
-            received_at=clock.now,
-        )
-        assert [hint.object_id for hint in verifier.verify(delivery)]
-        bodies.append(json.loads(request.content))
-        return httpx.Response(200)
+    receive = webhook_receiver(clock, bodies)
 
     first = emulator.add_deal({"dealname": "One", "dealstage": "contractsent"})
     second = emulator.add_deal({"dealname": "Two", "dealstage": "contractsent"})
