@@ -12,7 +12,13 @@ Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
 * ``GET /crm/v4/objects/deals/{id}/associations/{companies|contacts}`` — association types
   with labels; type ``5`` is "Deal to primary company"
   (https://developers.hubspot.com/docs/api-reference/legacy/crm/associations/associate-records/guide).
-* ``POST /crm/v3/objects/{type}/batch/read`` — up to 100 ids per call.
+* ``POST /crm/v3/objects/{type}/batch/read`` — up to 100 ids per call; 50 when
+  ``propertiesWithHistory`` is asked (:data:`HISTORY_BATCH_LIMIT`).
+* ``POST /crm/v4/associations/deals/{companies|contacts|line_items}/batch/read`` — each
+  deal's associations with types and labels, paged per deal with ``{id, after}`` inputs,
+  up to 1,000 inputs (:meth:`HubSpotConnector.fetch_deals`).
+* ``POST /crm/v3/objects/deals/batch/update`` — up to 100 ``{id, properties}`` inputs, all
+  or nothing (:meth:`HubSpotConnector.write_billing_statuses`).
 * ``POST /crm/v3/objects/deals/search`` — filters on ``hs_lastmodifieddate`` (epoch-ms
   string values), one sort, ``limit`` ≤ 200, ``after`` offsets, 10,000 results per query
   at most (400 beyond), 5 requests per second
@@ -409,35 +415,29 @@ class HubSpotConnector:
         wanted = _Wanted.of(properties)
         ids = list(dict.fromkeys(deal_ids))
         deals = {deal.id: deal for deal in await self._batch_read_deals(ids, wanted.deal)}
+        related = await self._related(list(deals), wanted)
+        return {deal_id: self._batch_record(deal_id, deals.get(deal_id), related) for deal_id in ids}
+
+    async def _related(self, deal_ids: Sequence[str], wanted: _Wanted) -> _Related:
+        """The deals' associations (v4 batch reads) and the associated records (batch reads)."""
         links = {
-            to_type: await self._v4_batch(list(deals), to_type) for to_type in ("companies", "contacts", "line_items")
+            to_type: await self._v4_batch(deal_ids, to_type) for to_type in ("companies", "contacts", "line_items")
         }
-        primaries = {
-            deal_id: primary
-            for deal_id, associated in links["companies"].items()
-            if (primary := _primary(associated)) is not None
-        }
-        companies = await self._read_by_id(
-            "companies", [str(item.to_object_id) for item in primaries.values()], wanted.company
+        primaries = [primary for associated in links["companies"].values() if (primary := _primary(associated))]
+        return _Related(
+            links=links,
+            companies=await self._read_by_id("companies", _to_ids([primaries]), wanted.company),
+            contacts=await self._read_by_id("contacts", _to_ids(links["contacts"].values()), wanted.contact),
+            line_items=await self._read_by_id("line_items", _to_ids(links["line_items"].values()), wanted.line_item),
         )
-        contacts = await self._read_by_id("contacts", _to_ids(links["contacts"]), wanted.contact)
-        items = await self._read_by_id("line_items", _to_ids(links["line_items"]), wanted.line_item)
-        found: dict[str, SourceRecord | SyncdError] = {}
-        for deal_id in ids:
-            deal = deals.get(deal_id)
-            primary = primaries.get(deal_id)
-            company = companies.get(str(primary.to_object_id)) if primary is not None else None
-            if deal is None or (primary is not None and company is None):
-                found[deal_id] = self._missing(deal_id, primary)
-                continue
-            pairs = [
-                (contacts[key], item)
-                for key, item in _by_to_id(links["contacts"].get(deal_id, [])).items()
-                if key in contacts
-            ]
-            lines = [items[key] for key in _by_to_id(links["line_items"].get(deal_id, [])) if key in items]
-            found[deal_id] = self._record(deal, _deal_data(deal, company, pairs, lines))
-        return found
+
+    def _batch_record(self, deal_id: str, deal: CrmObject | None, related: _Related) -> SourceRecord | NotFound:
+        """One deal's record from a batch, or :class:`NotFound` for it or for its primary company."""
+        primary = _primary(related.links["companies"].get(deal_id, ()))
+        company = related.companies.get(str(primary.to_object_id)) if primary is not None else None
+        if deal is None or (primary is not None and company is None):
+            return self._missing(deal_id, primary)
+        return self._record(deal, _deal_data(deal, company, related.contacts_of(deal_id), related.items_of(deal_id)))
 
     async def iter_deals(self) -> AsyncIterator[SourceRecord]:
         """Every deal from the list endpoint, page by page (no associations read)."""
@@ -1027,6 +1027,26 @@ def _deal_data(
     }
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Related:
+    """What a batch read found for its deals: associations by type and deal, and the associated records by id."""
+
+    links: Mapping[str, Mapping[str, Sequence[AssociatedObject]]]
+    companies: Mapping[str, CrmObject]
+    contacts: Mapping[str, CrmObject]
+    line_items: Mapping[str, CrmObject]
+
+    def contacts_of(self, deal_id: str) -> list[tuple[CrmObject, AssociatedObject]]:
+        """The deal's contacts that were read, each with its association (labels), in association order."""
+        associated = _by_to_id(self.links["contacts"].get(deal_id, ()))
+        return [(self.contacts[key], item) for key, item in associated.items() if key in self.contacts]
+
+    def items_of(self, deal_id: str) -> list[CrmObject]:
+        """The deal's line items that were read, in association order."""
+        associated = _by_to_id(self.links["line_items"].get(deal_id, ()))
+        return [self.line_items[key] for key in associated if key in self.line_items]
+
+
 def _by_to_id(associated: Iterable[AssociatedObject]) -> dict[str, AssociatedObject]:
     """Associations by the associated record's id (as a string), first one kept, order kept."""
     found: dict[str, AssociatedObject] = {}
@@ -1035,9 +1055,9 @@ def _by_to_id(associated: Iterable[AssociatedObject]) -> dict[str, AssociatedObj
     return found
 
 
-def _to_ids(links: Mapping[str, Sequence[AssociatedObject]]) -> list[str]:
-    """Every associated record id of every deal, without repeats."""
-    return list(dict.fromkeys(str(item.to_object_id) for associated in links.values() for item in associated))
+def _to_ids(lists: Iterable[Iterable[AssociatedObject]]) -> list[str]:
+    """Every associated record id of every list (one per deal), without repeats."""
+    return list(dict.fromkeys(str(item.to_object_id) for associated in lists for item in associated))
 
 
 def _contact(contact: CrmObject, association: AssociatedObject) -> dict[str, Any]:

@@ -8,6 +8,9 @@ SDK and syncd's connector work against it. Sources (all on developers.hubspot.co
   ``/docs/api-reference/legacy/crm/search-the-crm`` (``limit`` ≤ 200, default 10;
   10,000 results per query, 400 beyond; 5 searches per second; filter values for
   dates are epoch-ms strings; one sort);
+* batch calls: ``batch/update`` all or nothing (:meth:`HubSpotEmulator._batch_update`),
+  batch reads with ``propertiesWithHistory`` capped at 50 inputs, v4 association batch
+  reads (:meth:`HubSpotEmulator._associations_v4_batch`), each citing its source there;
 * association type ids and labels (``5`` deal→primary company, ``341`` deal→company,
   ``3`` deal→contact, ``19`` deal→line item, ``1``/``279`` contact→company):
   ``/docs/api-reference/legacy/crm/associations/associate-records/guide``;
