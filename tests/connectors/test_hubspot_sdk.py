@@ -13,10 +13,12 @@ from hubspot.crm.associations.v4 import (
 )
 from hubspot.crm.deals import (
     BatchInputSimplePublicObjectBatchInput,
+    BatchReadInputSimplePublicObjectId,
     Filter,
     FilterGroup,
     PublicObjectSearchRequest,
     SimplePublicObjectBatchInput,
+    SimplePublicObjectId,
     SimplePublicObjectInput,
 )
 from hubspot.crm.properties import ApiException, PropertyCreate
@@ -166,3 +168,23 @@ def test_sdk_reads_v4_associations_in_a_batch(served: tuple[HubSpotEmulator, str
     assert {(kind.type_id, kind.label) for kind in result.to[0].association_types} == {(5, "Primary"), (341, None)}
     assert answer.num_errors == 1
     assert answer.errors[0].message == f"No company is associated with deal {bare}."
+
+
+def test_sdk_reads_deals_in_a_batch_with_stage_history(
+    served: tuple[HubSpotEmulator, str], deal_ids: dict[str, str]
+) -> None:
+    """batch_api.read answers propertiesWithHistory per deal, and a missing id as a 207 error."""
+    _, url = served
+    batch = api(url, lambda crm: crm.deals.batch_api)
+    body = BatchReadInputSimplePublicObjectId(
+        inputs=[SimplePublicObjectId(id=deal_ids["deal"]), SimplePublicObjectId(id="999999")],
+        properties=["dealname"],
+        properties_with_history=["dealstage"],
+    )
+
+    answer = batch.read(body)
+
+    (deal,) = answer.results
+    assert deal.id == deal_ids["deal"]
+    assert deal.properties_with_history["dealstage"][-1].value == "appointmentscheduled"
+    assert answer.num_errors == 1
