@@ -23,8 +23,9 @@ Sources (Xero developer documentation):
 * ``Idempotency-Key``: "128 character max" (spec ``components.parameters.idempotencyKey``).
 * ``where``: ``||``/``OR`` and parentheses, the null check before a string method on an
   optional field (https://developer.xero.com/documentation/api/accounting/requests-and-responses).
-  Xero documents no limit on a URL's length; :data:`WHERE_MAX_CHARS` keeps each filter
-  well under the 2,000-odd characters every HTTP stack accepts.
+  Xero documents no limit on a URL's length; :data:`WHERE_MAX_CHARS` keeps each filter,
+  URL-encoded, under 2,048 characters, the smallest default among common servers (IIS
+  ``maxQueryString``), leaving room for the request's other parameters.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from pydantic import Field
 
@@ -39,7 +41,7 @@ from connectors.xero.models import IDEMPOTENCY_KEY_MAX, Payload, XeroValidationM
 
 REQUEST_MAX_BYTES = 3_500_000  # Xero's request size limit (module docstring)
 BATCH_MAX = 50  # Xero's recommended elements per request (module docstring)
-WHERE_MAX_CHARS = 1_500  # one ``where`` filter, before URL encoding (module docstring)
+WHERE_MAX_CHARS = 1_800  # one ``where`` filter, URL-encoded (module docstring)
 BATCH_KEY_PREFIX = "syncd-batch-"
 
 T = TypeVar("T")
@@ -80,7 +82,7 @@ def packed(
 
 
 def or_filters(clauses: Sequence[str], *, guard: str = "", max_chars: int = WHERE_MAX_CHARS) -> list[str]:
-    """``where`` filters that together match any of ``clauses``, each within ``max_chars``.
+    """``where`` filters that together match any of ``clauses``, each within ``max_chars`` once URL-encoded.
 
     ``guard`` (such as ``Reference!=null``) is ANDed in front of each filter. One clause
     gives ``guard&&clause``, exactly the filter of a single look-up; several give
@@ -89,7 +91,7 @@ def or_filters(clauses: Sequence[str], *, guard: str = "", max_chars: int = WHER
     filters: list[str] = []
     run: list[str] = []
     for clause in clauses:
-        if run and len(_joined(guard, [*run, clause])) > max_chars:
+        if run and len(quote(_joined(guard, [*run, clause]), safe="")) > max_chars:
             filters.append(_joined(guard, run))
             run = []
         run.append(clause)
