@@ -3,7 +3,10 @@
 Customers are Xero contacts stamped with syncd's client key in ``ContactNumber``;
 invoices are ``ACCREC`` invoices (credit notes ``ACCRECCREDIT``) created with the
 ``Idempotency-Key`` header and stamped ``syncd:<key>`` in ``Reference``, so a lost answer
-is resolved by :meth:`XeroConnector.find_invoice`, never by creating again.
+is resolved by :meth:`XeroConnector.find_invoice`, never by creating again. Many
+customers and documents go in few requests through the
+:class:`~syncd.core.interfaces.CreatesInvoicesInBatches` methods (caps, batch keys and
+per-element answers: :mod:`connectors.xero.batches`); the one-record methods share their code.
 
 Sources (Xero developer documentation):
 
