@@ -15,11 +15,18 @@ import pytest
 
 from connectors.emulation import Fault
 from connectors.xero.batches import REQUEST_MAX_BYTES, WHERE_MAX_CHARS, batch_key, or_filters
-from connectors.xero.connector import XeroConnector
+from connectors.xero.connector import IDS_PER_READ, XeroConnector
 from connectors.xero.emulator import UNSAVED_ID, compile_where
 from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json, stamp, where_literal
-from syncd.core.errors import FatalError, RetriableError, SyncdError
-from syncd.core.interfaces import CreatesInvoicesInBatches, DraftKind, InvoiceDraft, InvoiceLine, InvoiceState
+from syncd.core.errors import FatalError, NotFound, RetriableError, SyncdError
+from syncd.core.interfaces import (
+    CreatesInvoicesInBatches,
+    DraftKind,
+    InvoiceDraft,
+    InvoiceLine,
+    InvoiceState,
+    ReadsCustomersInBatches,
+)
 from tests.connectors.test_xero import API, Rig, client_record, draft, rig
 
 
@@ -43,9 +50,10 @@ def ok(results: Any) -> dict[str, Any]:
 
 
 async def test_the_connector_plays_the_batch_role() -> None:
-    """The Xero connector is a CreatesInvoicesInBatches."""
+    """The Xero connector is a CreatesInvoicesInBatches and a ReadsCustomersInBatches."""
     async with rig() as r:
         assert isinstance(r.connector, CreatesInvoicesInBatches)
+        assert isinstance(r.connector, ReadsCustomersInBatches)
 
 
 async def test_sixteen_invoices_are_created_in_one_request() -> None:
@@ -394,6 +402,35 @@ async def test_upsert_customer_still_raises_the_clash_for_one_client() -> None:
         with pytest.raises(FatalError) as caught:
             await r.connector.upsert_customer(client_record())
         assert caught.value.place == "client.legal_name"
+
+
+async def test_customers_details_reads_many_contacts_in_one_call() -> None:
+    """customers_details answers each id as customer_details does, archived ones too, in one GET; unknown is NotFound."""
+    async with rig() as r:
+        ids = await r.connector.upsert_customers(
+            [client_record(f"hubspot:company:{n}", f"Client {n}") for n in range(3)]
+        )
+        archived = r.emulator.seed_contact("Old Client", status="ARCHIVED")["ContactID"]
+        unknown = "6f1c2e0a-0000-4000-8000-000000000000"
+        wanted = [str(ids[f"hubspot:company:{n}"]) for n in range(3)] + [archived, unknown]
+        before = r.emulator.calls["getContacts"]
+        details = await r.connector.customers_details(wanted)
+        assert r.emulator.calls["getContacts"] - before == 1
+        for ident in wanted[:3]:
+            assert details[ident] == await r.connector.customer_details(ident)
+        assert details[archived] == await r.connector.customer_details(archived)
+        assert isinstance(details[unknown], NotFound)
+
+
+async def test_customers_details_reads_forty_ids_a_call() -> None:
+    """More ids than IDS_PER_READ are read in several calls of at most that many."""
+    async with rig() as r:
+        ids = [r.emulator.seed_contact(f"Seeded {n}")["ContactID"] for n in range(IDS_PER_READ + 5)]
+        details = await r.connector.customers_details(ids)
+        assert r.emulator.calls["getContacts"] == 2
+        assert {d["legal_name"] for d in details.values() if not isinstance(d, SyncdError)} == {
+            f"Seeded {n}" for n in range(IDS_PER_READ + 5)
+        }
 
 
 # ---------------------------------------------------------------------------

@@ -238,13 +238,15 @@ async def test_every_exchange_of_a_batch_scenario_matches_the_spec(xero_spec: Op
         assert isinstance(results["9" * 32], XeroRejected)
         found = await connector.find_invoices([draft.key for draft, _ in items], kind=DraftKind.INVOICE)
         assert len(found) == 5
+        details = await connector.customers_details([str(value) for value in ids.values()])
+        assert len(details) == 5
 
     found_problems, requests, responses = problems(xero_spec, recording.exchanges)
     assert found_problems == []
     assert {"createContacts", "updateContact", "createInvoices", "createCreditNotes", "getInvoices"} <= {
         op for op, count in emulator.calls.items() if count
     }
-    assert (requests, responses) == (8, 8)  # 2 GET /Contacts, adoption, PUT /Contacts, PUT x2, email, GET
+    assert (requests, responses) == (9, 9)  # 2 GET /Contacts, adoption, PUT /Contacts, PUT x2, email, 2 GET
 
 
 async def _headers(emulator: XeroEmulator, client: httpx.AsyncClient) -> dict[str, str]:
