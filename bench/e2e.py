@@ -133,8 +133,12 @@ async def run(profile: Profile) -> list[Row]:
     return rows
 
 
-async def measure(profile: Profile, *, system: str, clients: int, latency_s: float) -> Outcome:
+async def measure(
+    profile: Profile, *, system: str, clients: int, latency_s: float, batch_max: int | None = None
+) -> Outcome:
     """One run of ``system`` at ``clients`` concurrency and ``latency_s`` added vendor latency.
+
+    ``batch_max`` is syncd's ``[daemon].batch_max`` (1: batching off; ``None``: the default).
 
     The first deal goes through alone (it also pays one-time costs: the Xero token, any
     set-up reads); the load and every number measured start after it.
@@ -148,7 +152,7 @@ async def measure(profile: Profile, *, system: str, clients: int, latency_s: flo
         bench.xero.on_commit = watch.committed
         if latency_s:
             bench.add_latency(latency_s)
-        async with _system(system, bench, workers=max(SYNCD_WORKERS, clients)) as child:
+        async with _system(system, bench, workers=max(SYNCD_WORKERS, clients), batch_max=batch_max) as child:
             hooks = DealWonWebhooks(f"{child.url}/webhooks/hubspot", bench.hub.client_secret)
             async with contextlib.aclosing(hooks):
                 deals = iter(lines.values())
@@ -222,9 +226,11 @@ async def _load(
 
 
 @contextlib.asynccontextmanager
-async def _system(system: str, bench: stack.Vendors, *, workers: int) -> AsyncIterator[stack.Child]:
+async def _system(
+    system: str, bench: stack.Vendors, *, workers: int, batch_max: int | None = None
+) -> AsyncIterator[stack.Child]:
     if system == "syncd":
-        async with stack.syncd(bench, workers=workers) as child:
+        async with stack.syncd(bench, workers=workers, batch_max=batch_max) as child:
             yield child
     else:
         async with stack.baseline(bench) as child:

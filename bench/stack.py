@@ -282,8 +282,11 @@ def write_config(
     xero_limit_per_min: int = UNLIMITED,
     xero_concurrent: int = UNLIMITED,
     encryption_key: str | None = None,
+    batch_max: int | None = None,
 ) -> Path:
     """A syncd config pointing at the emulators, with client-side limits raised unless given.
+
+    ``batch_max`` sets ``[daemon].batch_max`` (1 switches batching off); ``None`` keeps the default.
 
     ``billing_start`` is in the past so deals seeded before the database existed are
     invoiced; poll ticks are hourly (the webhooks drive the work). Replicas of one
@@ -302,6 +305,7 @@ poll_interval_s = 3600
 workers = {workers}
 encryption_key = "{encryption_key or Fernet.generate_key().decode()}"
 log_level = "info"
+{"" if batch_max is None else f"batch_max = {batch_max}"}
 
 [connections.hubspot]
 connector = "hubspot"
@@ -341,6 +345,7 @@ async def syncd(
     receiver_only: bool = False,
     xero_limit_per_min: int = UNLIMITED,
     xero_concurrent: int = UNLIMITED,
+    batch_max: int | None = None,
 ) -> AsyncIterator[Child]:
     """Run syncd in a child process against ``bench`` on a fresh database.
 
@@ -351,6 +356,7 @@ async def syncd(
         receiver_only: serve the webhook endpoint with no workers and no poll ticks
             (``bench.receiver``) instead of ``syncd run``: the acknowledgement path alone.
         xero_limit_per_min / xero_concurrent: syncd's own Xero limits.
+        batch_max: ``[daemon].batch_max`` (1: batching off; ``None``: the default).
     """
     with tempfile.TemporaryDirectory(prefix="syncd-bench-") as tmp:
         folder = Path(tmp)
@@ -364,6 +370,7 @@ async def syncd(
                 workers=workers,
                 xero_limit_per_min=xero_limit_per_min,
                 xero_concurrent=xero_concurrent,
+                batch_max=batch_max,
             )
             module = ["-m", "bench.receiver"] if receiver_only else ["-m", "syncd", "run"]
             child = Child([*module, "--config", str(config)], url=f"http://127.0.0.1:{port}", log=folder / "syncd.log")

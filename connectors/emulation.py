@@ -8,6 +8,9 @@ again:
   5xx, added latency, hung requests, and *dropped responses* (the vendor commits, then
   the answer is lost: the client sees a transport error), queued one by one or drawn
   per request from a seed (:class:`FaultRates`; off unless a test arms it).
+* :class:`ElementFault`: one element of a batch write refused with the vendor's per-element
+  error while the others are stored (queued with :meth:`FaultPlan.refuse_element`; each
+  emulator says which text of an element it matches, e.g. Xero the ``Reference``).
 * :class:`WindowLimiter`: a fixed-window request counter an emulator uses to enforce
   its vendor's published limits (switched off or raised for benchmarks).
 * :class:`WebhookSender`: posts signed webhook bodies to a target URL and keeps each
@@ -77,6 +80,22 @@ class Fault:
         return self.path_contains is None or self.path_contains in path
 
 
+@dataclass(kw_only=True)
+class ElementFault:
+    """One element of a batch write refused with a validation message (the rest are stored).
+
+    Attributes:
+        match: a fragment of the element's identifying text (each emulator names the field
+            it matches, e.g. the Xero emulator an invoice's ``Reference``).
+        message: the validation message the element is refused with.
+        times: how many matching elements it refuses (``None`` = every one).
+    """
+
+    match: str
+    message: str
+    times: int | None = 1
+
+
 @dataclass(frozen=True, kw_only=True)
 class FaultRates:
     """How often a seeded :class:`FaultPlan` injects each fault, per request (0 to 1 each).
@@ -141,6 +160,7 @@ class FaultPlan:
         self.seed = seed
         self.rates = rates or FaultRates()
         self.faults: list[Fault] = []
+        self.element_faults: list[ElementFault] = []
         self.injected: Counter[str] = Counter()
         self._seen: Counter[tuple[str, str]] = Counter()
 
@@ -148,6 +168,24 @@ class FaultPlan:
         """Queue a fault; returns it so a test can inspect ``times`` afterwards."""
         self.faults.append(fault)
         return fault
+
+    def refuse_element(self, match: str, message: str, *, times: int | None = 1) -> ElementFault:
+        """Queue the refusal of a batch element whose identifying text contains ``match``."""
+        fault = ElementFault(match=match, message=message, times=times)
+        self.element_faults.append(fault)
+        return fault
+
+    def element_refusal(self, text: str) -> str | None:
+        """The message an element identified by ``text`` is refused with (spending one of its ``times``), or ``None``."""
+        for fault in self.element_faults:
+            if fault.match in text:
+                if fault.times is not None:
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self.element_faults.remove(fault)
+                self.injected["element_refused"] += 1
+                return fault.message
+        return None
 
     def take(self, method: str, path: str) -> Fault | None:
         """The fault for this request (a queued one first, spending one of its ``times``), or ``None``."""
@@ -187,8 +225,9 @@ class FaultPlan:
         return None
 
     def clear(self) -> None:
-        """Remove every queued fault and stop the seeded ones."""
+        """Remove every queued fault (element refusals too) and stop the seeded ones."""
         self.faults.clear()
+        self.element_faults.clear()
         self.rates = FaultRates()
 
 

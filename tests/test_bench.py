@@ -24,9 +24,9 @@ async def test_ingest_acknowledges_every_signed_webhook() -> None:
 
 
 async def test_end_to_end_invoices_deals_and_the_baseline_makes_the_same_calls() -> None:
-    """syncd and the baseline both invoice deals, with the same vendor calls per deal."""
+    """syncd with batching off (batch_max = 1) and the baseline both invoice deals, with the same vendor calls per deal."""
     profile = TINY
-    ours = await e2e.measure(profile, system="syncd", clients=2, latency_s=0.0)
+    ours = await e2e.measure(profile, system="syncd", clients=2, latency_s=0.0, batch_max=1)
     floor = await e2e.measure(profile, system="baseline", clients=2, latency_s=0.0)
     assert ours.deals > 0
     assert floor.deals > 0

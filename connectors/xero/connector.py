@@ -3,7 +3,10 @@
 Customers are Xero contacts stamped with syncd's client key in ``ContactNumber``;
 invoices are ``ACCREC`` invoices (credit notes ``ACCRECCREDIT``) created with the
 ``Idempotency-Key`` header and stamped ``syncd:<key>`` in ``Reference``, so a lost answer
-is resolved by :meth:`XeroConnector.find_invoice`, never by creating again.
+is resolved by :meth:`XeroConnector.find_invoice`, never by creating again. Many
+customers and documents go in few requests through the
+:class:`~syncd.core.interfaces.CreatesInvoicesInBatches` methods (caps, batch keys and
+per-element answers: :mod:`connectors.xero.batches`); the one-record methods share their code.
 
 Sources (Xero developer documentation):
 
@@ -29,9 +32,10 @@ Sources (Xero developer documentation):
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -50,17 +54,27 @@ from connectors.xero.auth import (
     request_token,
     token_valid,
 )
+from connectors.xero.batches import (
+    BATCH_MAX,
+    REQUEST_MAX_BYTES,
+    XeroElementResult,
+    batch_key,
+    elements,
+    or_filters,
+    packed,
+)
 from connectors.xero.models import (
     CONTACT_FIELDS,
     XeroContact,
     XeroContacts,
+    XeroCreditNote,
     XeroCreditNotes,
+    XeroInvoice,
     XeroInvoices,
     XeroOrganisations,
     XeroPagination,
     XeroRejected,
     allocation_payload,
-    carries_stamp,
     contact_details,
     contact_number,
     contact_payload,
@@ -72,11 +86,12 @@ from connectors.xero.models import (
     invoice_status,
     load_json,
     stamp,
+    stamped_key,
     where_literal,
 )
 from connectors.xero.settings import API_PATH, XeroSettings
 from connectors.xero.webhooks import XeroWebhookVerifier
-from syncd.core.errors import AuthError, FatalError, NotFound, SyncdError
+from syncd.core.errors import AuthError, FatalError, NotFound, RetriableError, SyncdError
 from syncd.core.interfaces import (
     AllocatesCredit,
     Allocation,
@@ -85,6 +100,7 @@ from syncd.core.interfaces import (
     ChangePage,
     Client,
     CodeKind,
+    CreatesInvoicesInBatches,
     CreditNoteStatus,
     DraftKind,
     HasLockDates,
@@ -95,8 +111,9 @@ from syncd.core.interfaces import (
     InvoicingCodes,
     LockDates,
     ReadsCreditNotes,
+    ReadsCustomersInBatches,
 )
-from syncd.plumbing.http import RateLimit, VendorHttp, within
+from syncd.plumbing.http import RateLimit, Rejected, VendorHttp, within
 from syncd.plumbing.registry import ConnectorContext, ConnectorSpec
 from syncd.plumbing.tokens import RotatingTokens
 
@@ -107,6 +124,9 @@ PAGE_SIZE = 100  # "Up to 100 invoices will be returned in a single API call" (s
 # App-wide limit, used only when the per-minute limit is switched off but concurrency is
 # not: "App Minute Limit: 10,000 calls per minute" (https://developer.xero.com/faq/limits).
 APP_MINUTE_LIMIT = 10_000
+# ContactIDs per ``GET /Contacts?IDs=...``: 40 GUIDs of 36 characters and their encoded
+# commas keep the query under connectors.xero.batches.WHERE_MAX_CHARS (1,800).
+IDS_PER_READ = 40
 
 # Statuses whose codes can no longer be used on a new invoice (spec Account.Status, TaxRate.Status).
 RETIRED_STATUSES = frozenset({"ARCHIVED", "DELETED"})
@@ -135,6 +155,73 @@ def _is_name_clash(messages: tuple[str, ...]) -> bool:
     # name … is already assigned to another contact. The contact name must be unique
     # across all active contacts."
     return any("already assigned to another contact" in message for message in messages)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DocumentKind:
+    """What differs between creating invoices and credit notes at Xero."""
+
+    name: str
+    draft_kind: DraftKind
+    path: str
+    collection: str
+    payload: Callable[[InvoiceDraft, str, int | None], dict[str, Any]]
+    read: Callable[[Mapping[str, Any]], InvoiceStatus]
+
+    def status(self, raw: Mapping[str, Any]) -> InvoiceStatus:
+        """The canonical status of one element of an answer."""
+        return self.read(raw)
+
+
+_KINDS: Mapping[DraftKind, _DocumentKind] = {
+    DraftKind.INVOICE: _DocumentKind(
+        name="invoice",
+        draft_kind=DraftKind.INVOICE,
+        path="/Invoices",
+        collection="Invoices",
+        payload=invoice_payload,
+        read=lambda raw: invoice_status(XeroInvoice.model_validate(raw)),
+    ),
+    DraftKind.CREDIT_NOTE: _DocumentKind(
+        name="credit_note",
+        draft_kind=DraftKind.CREDIT_NOTE,
+        path="/CreditNotes",
+        collection="CreditNotes",
+        payload=credit_note_payload,
+        read=lambda raw: credit_note_status(XeroCreditNote.model_validate(raw)),
+    ),
+}
+
+
+def _by_member(answers: list[Mapping[str, Any]], keys: list[str]) -> dict[str, Mapping[str, Any]]:
+    """Each member's element of a batch answer, by the stamp in its ``Reference``, else by position.
+
+    Xero answers the elements in the order sent; the stamp is checked so that an answer
+    in another order is still read right.
+    """
+    by_stamp = {stamped_key(str(raw.get("Reference") or "")): raw for raw in answers}
+    if all(key in by_stamp for key in keys):
+        return {key: by_stamp[key] for key in keys}
+    return dict(zip(keys, answers, strict=False))
+
+
+def _contact_refused(client: Client, same_name: list[XeroContact], messages: Sequence[str]) -> SyncdError:
+    """The error of a contact Xero refused: a name clash says what to do; anything else quotes Xero."""
+    if _is_name_clash(tuple(messages)):
+        taken = ", ".join(f"{c.contact_id} (ContactNumber {c.contact_number!r})" for c in same_name) or "?"
+        return FatalError(
+            f"xero: cannot create a contact for client {client.key}: the name {client.legal_name!r} "
+            f"belongs to contact {taken}, stamped for another client, and Xero contact names must be "
+            "unique among active contacts; rename one of them in Xero, or clear that contact's "
+            "ContactNumber so syncd adopts it",
+            place="client.legal_name",
+        )
+    return XeroRejected(
+        f"xero: PUT /Contacts refused the contact of client {client.key}: " + "; ".join(messages),
+        status=400,
+        messages=messages,
+        place="client",
+    )
 
 
 class XeroConnector:
@@ -171,6 +258,8 @@ class XeroConnector:
             tenants = None if settings.tenant_id else TenantDiscovery(settings, ctx.client, ctx.connection)
         self.api_url = settings.base_url.rstrip("/") + API_PATH
         self.page_size = PAGE_SIZE
+        self.batch_max = BATCH_MAX  # elements per batch write (Xero's recommendation, connectors.xero.batches)
+        self.request_max_bytes = REQUEST_MAX_BYTES  # body bytes per write (Xero's limit, connectors.xero.batches)
         self._short_code: str | None = None
         self.http: VendorHttp = ctx.make_http(
             base_url=self.api_url,
@@ -202,6 +291,14 @@ class XeroConnector:
     async def _contacts(self, where: str) -> tuple[XeroContact, ...]:
         return XeroContacts.model_validate(await self._get("/Contacts", {"where": where})).contacts
 
+    async def _contacts_matching(self, field: str, values: Collection[str]) -> list[XeroContact]:
+        """Contacts whose ``field`` equals one of ``values``: ``field=="a"||field=="b"``, chunked."""
+        clauses = [f"{field}=={where_literal(value)}" for value in sorted(set(values))]
+        found: list[XeroContact] = []
+        for where in or_filters(clauses):
+            found += await self._contacts(where)
+        return found
+
     async def upsert_customer(self, client: Client) -> str:
         """Find the contact stamped with the client's key, else adopt or create it; its ContactID.
 
@@ -209,18 +306,59 @@ class XeroConnector:
         when the key is longer than Xero's 50 characters (:func:`contact_number`).
         A contact found by exact ``Name`` is adopted only if it has no ContactNumber.
         An existing contact is returned as it is (its details are not overwritten).
+        The same steps as :meth:`upsert_customers`, for one client.
+
+        Raises:
+            FatalError: the name belongs to a contact stamped for another client, or
+                Xero refused the new contact (:class:`~connectors.xero.models.XeroRejected`).
         """
-        number = contact_number(client.key)
-        for contact in await self._contacts(f"ContactNumber=={where_literal(number)}"):
-            if contact.contact_number == number:
-                return contact.contact_id
-        same_name = [
-            c for c in await self._contacts(f"Name=={where_literal(client.legal_name)}") if c.name == client.legal_name
-        ]
-        for contact in same_name:
-            if not contact.contact_number:
-                return await self._adopt(contact, number, client)
-        return await self._create_contact(client, number, same_name)
+        result = (await self.upsert_customers([client]))[client.key]
+        if isinstance(result, SyncdError):
+            raise result
+        return result
+
+    async def upsert_customers(self, clients: Sequence[Client]) -> Mapping[str, str | SyncdError]:
+        """Per ``client.key``, its ContactID (found, adopted or created as :meth:`upsert_customer`), or its error.
+
+        A constant number of calls for any number of clients: one ``GET /Contacts`` whose
+        ``where`` ORs the ContactNumbers (chunked by length: the spec has no list parameter
+        for ContactNumber, only ``IDs`` for ContactIDs), one ``GET /Contacts`` ORing the
+        names of the clients not found, a ``POST /Contacts/{id}`` per adopted contact
+        (rare: a contact made by hand before syncd), and one
+        ``PUT /Contacts?summarizeErrors=false`` creating all the missing ones; a name
+        clash fails its client alone. An error of a whole request (auth, Xero down) is
+        raised: every client fails alike.
+        """
+        unique = list({client.key: client for client in clients}.values())
+        numbers = {client.key: contact_number(client.key) for client in unique}
+        stamped = {c.contact_number: c for c in await self._contacts_matching("ContactNumber", numbers.values())}
+        results: dict[str, str | SyncdError] = {}
+        pending = []
+        for client in unique:
+            found = stamped.get(numbers[client.key])
+            if found is not None:
+                results[client.key] = found.contact_id
+            else:
+                pending.append(client)
+        if not pending:
+            return results
+        named = await self._contacts_matching("Name", {client.legal_name for client in pending})
+        adopted: set[str] = set()
+        to_create: list[tuple[Client, list[XeroContact]]] = []
+        for client in pending:
+            same_name = [c for c in named if c.name == client.legal_name]
+            free = next((c for c in same_name if not c.contact_number and c.contact_id not in adopted), None)
+            if free is None:
+                to_create.append((client, same_name))
+                continue
+            adopted.add(free.contact_id)
+            try:
+                results[client.key] = await self._adopt(free, numbers[client.key], client)
+            except Rejected as exc:
+                results[client.key] = exc
+        if to_create:
+            results.update(await self._create_contacts(to_create, numbers))
+        return results
 
     async def _adopt(self, contact: XeroContact, number: str, client: Client) -> str:
         body = {"Contacts": [{"ContactID": contact.contact_id, "ContactNumber": number}]}
@@ -228,24 +366,54 @@ class XeroConnector:
         log.info("xero_contact_adopted", contact_id=contact.contact_id, client_key=client.key, contact_number=number)
         return contact.contact_id
 
-    async def _create_contact(self, client: Client, number: str, same_name: list[XeroContact]) -> str:
-        body = {"Contacts": [contact_payload(client, number)]}
+    async def _create_contacts(
+        self, wanted: list[tuple[Client, list[XeroContact]]], numbers: Mapping[str, str]
+    ) -> dict[str, str | SyncdError]:
+        """``PUT /Contacts?summarizeErrors=false`` with every missing contact; per client key, its id or error.
+
+        A refusal of the whole request (no per-element answer) is looked up by
+        ContactNumber and the rest sent again in halves, so that a contact that was
+        created is found, never refused as a clash with itself.
+        """
+        body = {"Contacts": [contact_payload(client, numbers[client.key]) for client, _ in wanted]}
+        params = {"summarizeErrors": "false"}
         try:
-            data = await self._write("PUT", "/Contacts", body, key=_content_key("contact", body))
-        except XeroRejected as exc:
-            if _is_name_clash(exc.messages):
-                taken = ", ".join(f"{c.contact_id} (ContactNumber {c.contact_number!r})" for c in same_name) or "?"
-                raise FatalError(
-                    f"xero: cannot create a contact for client {client.key}: the name {client.legal_name!r} "
-                    f"belongs to contact {taken}, stamped for another client, and Xero contact names must be "
-                    "unique among active contacts; rename one of them in Xero, or clear that contact's "
-                    "ContactNumber so syncd adopts it",
-                    place="client.legal_name",
-                ) from exc
-            raise
-        created = XeroContacts.model_validate(data).contacts[0]
-        log.info("xero_contact_created", contact_id=created.contact_id, client_key=client.key)
-        return created.contact_id
+            data = await self._write("PUT", "/Contacts", body, key=_content_key("contact", body), params=params)
+        except Rejected as exc:
+            if len(wanted) == 1:
+                return {wanted[0][0].key: exc}
+            return await self._contacts_again(wanted, numbers)
+        answers = elements(data, "Contacts")
+        results: dict[str, str | SyncdError] = {}
+        for (client, same_name), raw in zip(wanted, answers, strict=False):
+            outcome = XeroElementResult.model_validate(raw)
+            if outcome.failed:
+                results[client.key] = _contact_refused(client, same_name, outcome.messages)
+                continue
+            created = XeroContact.model_validate(raw)
+            log.info("xero_contact_created", contact_id=created.contact_id, client_key=client.key)
+            results[client.key] = created.contact_id
+        for client, _ in wanted[len(answers) :]:
+            results[client.key] = RetriableError(f"xero: PUT /Contacts gave no answer for client {client.key}")
+        return results
+
+    async def _contacts_again(
+        self, wanted: list[tuple[Client, list[XeroContact]]], numbers: Mapping[str, str]
+    ) -> dict[str, str | SyncdError]:
+        stamped = {c.contact_number: c for c in await self._contacts_matching("ContactNumber", numbers.values())}
+        results: dict[str, str | SyncdError] = {}
+        missing = []
+        for client, same_name in wanted:
+            found = stamped.get(numbers[client.key])
+            if found is not None:
+                results[client.key] = found.contact_id
+            else:
+                missing.append((client, same_name))
+        half = len(missing) // 2
+        for part in (missing[:half], missing[half:]):
+            if part:
+                results.update(await self._create_contacts(part, numbers))
+        return results
 
     async def customer_details(self, customer_id: str) -> dict[str, str | None]:
         """``GET /Contacts/{ContactID}`` (spec ``getContact``), in ``Client.ledger_details`` form."""
@@ -254,6 +422,25 @@ class XeroConnector:
         if not contacts:
             raise NotFound(f"xero: no contact {customer_id}")
         return contact_details(contacts[0])
+
+    async def customers_details(self, customer_ids: Sequence[str]) -> Mapping[str, dict[str, str | None] | SyncdError]:
+        """Many contacts' details in :meth:`customer_details` form, by ContactID; an unknown id maps to NotFound.
+
+        ``GET /Contacts?IDs=a,b,...&includeArchived=true``: the spec's ``IDs`` parameter ("Filter
+        by a comma separated list of ContactIDs. Allows you to retrieve a specific set of
+        contacts in a single call"), :data:`IDS_PER_READ` ids a call so the URL stays short;
+        archived contacts are included, as ``GET /Contacts/{ContactID}`` returns them too.
+        """
+        wanted = list(dict.fromkeys(customer_ids))
+        found: dict[str, dict[str, str | None] | SyncdError] = {}
+        for start in range(0, len(wanted), IDS_PER_READ):
+            chunk = wanted[start : start + IDS_PER_READ]
+            data = await self._get("/Contacts", {"IDs": ",".join(chunk), "includeArchived": "true"})
+            by_id = {str(raw.get("ContactID", "")).lower(): raw for raw in elements(data, "Contacts")}
+            for ident in chunk:
+                raw = by_id.get(ident.lower())
+                found[ident] = contact_details(raw) if raw is not None else NotFound(f"xero: no contact {ident}")
+        return found
 
     async def update_customer(
         self, customer_id: str, client: Client, key: str, *, fields: Collection[str] | None = None
@@ -283,27 +470,147 @@ class XeroConnector:
         Raises:
             XeroRejected: (a :class:`~syncd.core.errors.FatalError`) Xero's validation messages.
         """
+        kind = _KINDS[draft.kind]
+        body = kind.payload(draft, customer_id, self.settings.unitdp)
+        data = await self._write("PUT", kind.path, body, key=draft.key, params=self._unitdp())
+        return await self._created(draft, kind.status(elements(data, kind.collection)[0]))
+
+    async def _created(self, draft: InvoiceDraft, status: InvoiceStatus) -> InvoiceStatus:
+        """Log a created document and email it when the draft asks (invoices only), one call each."""
         if draft.kind is DraftKind.CREDIT_NOTE:
-            return await self._create_credit_note(draft, customer_id)
-        body = invoice_payload(draft, customer_id, self.settings.unitdp)
-        data = await self._write("PUT", "/Invoices", body, key=draft.key, params=self._unitdp())
-        status = invoice_status(XeroInvoices.model_validate(data).invoices[0])
+            log.info("xero_credit_note_created", credit_note_id=status.invoice_id, number=status.number, key=draft.key)
+            if draft.send:
+                # The Accounting API has an Email action for invoices only (spec: no
+                # /CreditNotes/{id}/Email path).
+                log.warning("xero_credit_note_not_emailed", credit_note_id=status.invoice_id, key=draft.key)
+            return status
         log.info("xero_invoice_created", invoice_id=status.invoice_id, number=status.number, key=draft.key)
         if draft.send and status.state is InvoiceState.AUTHORISED:
             await self.send_invoice(status.invoice_id, draft.key)
             status = status.model_copy(update={"state": InvoiceState.SENT})
         return status
 
-    async def _create_credit_note(self, draft: InvoiceDraft, customer_id: str) -> InvoiceStatus:
-        body = credit_note_payload(draft, customer_id, self.settings.unitdp)
-        data = await self._write("PUT", "/CreditNotes", body, key=draft.key, params=self._unitdp())
-        status = credit_note_status(XeroCreditNotes.model_validate(data).credit_notes[0])
-        log.info("xero_credit_note_created", credit_note_id=status.invoice_id, number=status.number, key=draft.key)
-        if draft.send:
-            # The Accounting API has an Email action for invoices only (spec: no
-            # /CreditNotes/{id}/Email path).
-            log.warning("xero_credit_note_not_emailed", credit_note_id=status.invoice_id, key=draft.key)
+    async def create_invoices(
+        self, items: Sequence[tuple[InvoiceDraft, str]]
+    ) -> Mapping[str, InvoiceStatus | SyncdError]:
+        """Create many invoices and credit notes in few requests; per ``draft.key``, its status or error.
+
+        Invoices go in ``PUT /Invoices?summarizeErrors=false``, credit notes in
+        ``PUT /CreditNotes?summarizeErrors=false``, each element stamped with its own key
+        in ``Reference`` (as :meth:`create_invoice`), each request holding at most
+        :attr:`batch_max` elements and :data:`~connectors.xero.batches.REQUEST_MAX_BYTES`
+        of body, with an ``Idempotency-Key`` derived from its members' keys
+        (:func:`~connectors.xero.batches.batch_key`; the HTTP layer's own retries resend it
+        unchanged, which Xero replays). Xero answers each element: a refused one maps to
+        :class:`~connectors.xero.models.XeroRejected` with Xero's messages, the others to
+        their status. A request of one element is exactly :meth:`create_invoice`.
+
+        Never resent blindly: when a request still fails after the HTTP layer's retries,
+        or is refused as a whole (a 4xx without per-element answers, such as 413), its
+        members are first looked up by their keys in one call (:meth:`find_invoices`);
+        those found are done. After a refusal the missing ones are sent again in halves,
+        down to a request of one, which isolates a bad element; after a failure they keep
+        the error (the engine retries them later, looking them up first). Emailing stays
+        one call per invoice, after creation.
+        """
+        unique = list({draft.key: (draft, customer_id) for draft, customer_id in items}.values())
+        results: dict[str, InvoiceStatus | SyncdError] = {}
+        for kind in _KINDS.values():
+            members = [(d, c) for d, c in unique if _KINDS[d.kind] is kind]
+            size = functools.partial(self._element_size, kind)
+            for run in packed(members, size=size, max_count=self.batch_max, max_bytes=self.request_max_bytes):
+                results.update(await self._create_run(kind, run))
+        return results
+
+    def _element_size(self, kind: _DocumentKind, item: tuple[InvoiceDraft, str]) -> int:
+        draft, customer_id = item
+        return len(dump_json(kind.payload(draft, customer_id, self.settings.unitdp)[kind.collection][0]))
+
+    async def _create_run(
+        self, kind: _DocumentKind, run: list[tuple[InvoiceDraft, str]]
+    ) -> dict[str, InvoiceStatus | SyncdError]:
+        """One request for ``run``; on a failure or a refusal of the whole request, look up, then split."""
+        if len(run) == 1:
+            draft, customer_id = run[0]
+            try:
+                return {draft.key: await self.create_invoice(draft, customer_id)}
+            except (Rejected, RetriableError) as exc:
+                return {draft.key: exc}
+        try:
+            return await self._put_run(kind, run)
+        except RetriableError as exc:
+            found = await self._find_members(kind, run)
+            log.warning("xero_batch_failed", kind=kind.name, size=len(run), found=len(found), error=str(exc))
+            return {draft.key: found.get(draft.key, exc) for draft, _ in run}
+        except Rejected as exc:
+            found = await self._find_members(kind, run)
+            log.warning("xero_batch_refused", kind=kind.name, size=len(run), found=len(found), error=str(exc))
+            results: dict[str, InvoiceStatus | SyncdError] = {}
+            for draft, _ in run:
+                if draft.key in found:
+                    results[draft.key] = await self._after_lookup(draft, found[draft.key])
+            missing = [(d, c) for d, c in run if d.key not in found]
+            half = len(missing) // 2
+            for part in (missing[:half], missing[half:]):
+                if part:
+                    results.update(await self._create_run(kind, part))
+            return results
+
+    async def _find_members(
+        self, kind: _DocumentKind, run: list[tuple[InvoiceDraft, str]]
+    ) -> Mapping[str, InvoiceStatus]:
+        return await self.find_invoices([draft.key for draft, _ in run], kind=kind.draft_kind)
+
+    async def _after_lookup(self, draft: InvoiceDraft, status: InvoiceStatus) -> InvoiceStatus | SyncdError:
+        """A document found after a lost or refused request: email it if that was still to do."""
+        if draft.send and draft.kind is DraftKind.INVOICE and status.state is InvoiceState.AUTHORISED:
+            try:
+                await self.send_invoice(status.invoice_id, draft.key)
+            except (Rejected, RetriableError) as exc:
+                return exc
+            return status.model_copy(update={"state": InvoiceState.SENT})
         return status
+
+    async def _put_run(
+        self, kind: _DocumentKind, run: list[tuple[InvoiceDraft, str]]
+    ) -> dict[str, InvoiceStatus | SyncdError]:
+        body = {
+            kind.collection: [
+                kind.payload(draft, customer_id, self.settings.unitdp)[kind.collection][0] for draft, customer_id in run
+            ]
+        }
+        params = {**self._unitdp(), "summarizeErrors": "false"}
+        key = batch_key(draft.key for draft, _ in run)
+        data = await self._write("PUT", kind.path, body, key=key, params=params)
+        answers = _by_member(elements(data, kind.collection), [draft.key for draft, _ in run])
+        results: dict[str, InvoiceStatus | SyncdError] = {}
+        unanswered = []
+        for draft, _ in run:
+            raw = answers.get(draft.key)
+            if raw is None:
+                unanswered.append(draft.key)
+                continue
+            outcome = XeroElementResult.model_validate(raw)
+            if outcome.failed:
+                results[draft.key] = XeroRejected(
+                    f"{self.ctx.connection}: PUT {kind.path} refused {kind.name} {draft.key}: "
+                    + "; ".join(outcome.messages),
+                    status=400,
+                    messages=outcome.messages,
+                    place=f"{kind.collection}[Reference=syncd:{draft.key}]",
+                )
+                continue
+            try:
+                results[draft.key] = await self._created(draft, kind.status(raw))
+            except (Rejected, RetriableError) as exc:  # the email, after the document was created
+                results[draft.key] = exc
+        if unanswered:
+            found = await self.find_invoices(unanswered, kind=kind.draft_kind)
+            for key in unanswered:
+                results[key] = found.get(key) or RetriableError(
+                    f"{self.ctx.connection}: PUT {kind.path} answered no element for {key}, and none is stamped with it"
+                )
+        return results
 
     async def send_invoice(self, invoice_id: str, key: str) -> None:
         """``POST /Invoices/{id}/Email`` with an empty object; Xero answers 204 (spec ``emailInvoice``)."""
@@ -333,17 +640,33 @@ class XeroConnector:
         the null check first on an optional string field (the ``where`` notes of
         https://developer.xero.com/documentation/api/accounting/requests-and-responses).
         A 404 on the look-up means nothing was found (``None``), never a failure. A
-        voided match is returned only when no live one exists.
+        voided match is returned only when no live one exists. :meth:`find_invoices` for one key.
         """
-        where = f"Reference!=null&&Reference.Contains({where_literal(stamp(key))})"
-        if kind is DraftKind.CREDIT_NOTE:
-            notes = XeroCreditNotes.model_validate(await self._look_up("/CreditNotes", where)).credit_notes
-            matches = [credit_note_status(n) for n in notes if carries_stamp(n.reference, key)]
-        else:
-            invoices = XeroInvoices.model_validate(await self._look_up("/Invoices", where)).invoices
-            matches = [invoice_status(i) for i in invoices if carries_stamp(i.reference, key)]
-        live = [m for m in matches if m.state is not InvoiceState.VOIDED]
-        return (live or matches)[0] if matches else None
+        return (await self.find_invoices([key], kind=kind)).get(key)
+
+    async def find_invoices(self, keys: Sequence[str], *, kind: DraftKind) -> Mapping[str, InvoiceStatus]:
+        """The documents of ``kind`` stamped with these keys, by key (keys not found are absent).
+
+        One ``GET`` per chunk of keys whose ``where`` ORs the stamps,
+        ``Reference!=null&&(Reference.Contains("syncd:a")||Reference.Contains("syncd:b"))``,
+        each filter within :data:`~connectors.xero.batches.WHERE_MAX_CHARS`. A document
+        counts for a key only when its ``Reference`` carries exactly that stamp; per key a
+        live document wins over a voided one, as in :meth:`find_invoice`.
+        """
+        document = _KINDS[kind]
+        wanted = set(keys)
+        clauses = [f"Reference.Contains({where_literal(stamp(key))})" for key in dict.fromkeys(keys)]
+        matches: dict[str, list[InvoiceStatus]] = {}
+        for where in or_filters(clauses, guard="Reference!=null"):
+            for raw in elements(await self._look_up(document.path, where), document.collection):
+                status = document.status(raw)
+                if status.stamped_key in wanted:
+                    matches.setdefault(str(status.stamped_key), []).append(status)
+        found: dict[str, InvoiceStatus] = {}
+        for key, statuses in matches.items():
+            live = [status for status in statuses if status.state is not InvoiceState.VOIDED]
+            found[key] = (live or statuses)[0]
+        return found
 
     async def _look_up(self, path: str, where: str) -> Any:
         # unitdp as on every other read of a document, so its content compares equal (syncd.store.trail).
@@ -715,7 +1038,17 @@ def verifier(settings: XeroSettings, clock: Callable[[], datetime]) -> XeroWebho
 
 SPEC = ConnectorSpec(
     name="xero",
-    roles=frozenset({Invoicing, InvoicingCodes, AllocatesCredit, ReadsCreditNotes, HasLockDates}),
+    roles=frozenset(
+        {
+            Invoicing,
+            CreatesInvoicesInBatches,
+            ReadsCustomersInBatches,
+            InvoicingCodes,
+            AllocatesCredit,
+            ReadsCreditNotes,
+            HasLockDates,
+        }
+    ),
     settings_model=XeroSettings,
     factory=factory,
     verifier=verifier,

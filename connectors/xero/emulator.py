@@ -49,6 +49,14 @@ with ``StatusAttributeString: OK`` and the failing ones with ``ERROR``,
 "If false return 200 OK and mix of successfully created objects and any with validation
 errors").
 
+A refused element is answered in Xero's shape, as the spec's ``StatusAttributeString:
+ERROR`` examples show it (dates, lines and totals as computed, the empty id
+``00000000-0000-0000-0000-000000000000``). ``faults.refuse_element(match, message)``
+(:class:`~connectors.emulation.ElementFault`) refuses the next new invoice or credit note
+whose ``Reference`` contains ``match``, as if Xero had found it invalid. A PUT or POST
+body over 3.5 MB is refused whole with 413 before anything is stored (see
+:data:`REQUEST_MAX_BYTES`).
+
 A request without ``Accept: application/json`` is refused with 406 before anything else:
 Xero would answer it in XML ("By default all successful responses on the accounting API
 are returned as XML", https://developer.xero.com/documentation/api/requests-and-responses),
@@ -153,6 +161,14 @@ IDEMPOTENCY_TTL_S = 360
 DAY_LIMIT = 5000
 APP_MINUTE_LIMIT = 10_000
 REFERENCE_MAX = 255
+# "A single POST to the Accounting or Payroll APIs has a size limit of 3.5MB"
+# (https://developer.xero.com/documentation/auth-and-limits/xero-api-limits, Request Size
+# Limit), read as 3,500,000 bytes (the stricter reading). The page names no status for a
+# larger body; the emulator answers HTTP's own, 413 Content Too Large (RFC 9110 section 15.5.14).
+REQUEST_MAX_BYTES = 3_500_000
+# The id Xero shows on an element it did not store (spec examples, e.g. ``AccountID`` and
+# ``InvoiceID`` ``00000000-0000-0000-0000-000000000000`` in the 400 examples).
+UNSAVED_ID = "00000000-0000-0000-0000-000000000000"
 DEFAULT_PAGE_SIZE = 100  # spec: "Up to 100 invoices will be returned in a single API call"
 MAX_PAGE_SIZE = 1000
 
@@ -284,8 +300,13 @@ def _summarized(request: Request) -> bool:
 
 
 def _itemised(answers: list[tuple[Json, bool]]) -> list[Json]:
-    """Every element of a batch answered with ``summarizeErrors=false``, in request order."""
-    return [{**answer, "StatusAttributeString": "OK" if ok else "ERROR"} for answer, ok in answers]
+    """Every element of a batch answered with ``summarizeErrors=false``, in request order.
+
+    A good element gets ``StatusAttributeString: OK`` and ``HasErrors: false`` as in the
+    spec's createInvoices 200 example; a refused one ``ERROR`` (its ``HasErrors`` and
+    ``ValidationErrors`` are already on it).
+    """
+    return [{**answer, "StatusAttributeString": "OK" if ok else "ERROR", "HasErrors": not ok} for answer, ok in answers]
 
 
 def _decimal(value: Any, name: str, errors: list[str]) -> Decimal:
@@ -918,6 +939,10 @@ class XeroEmulator:
         refused = self._rate_check(caller.tenant_id)
         if refused is not None:
             return refused
+        if request.method in ("PUT", "POST") and len(await request.body()) > REQUEST_MAX_BYTES:
+            return _error(
+                413, f"The request is larger than Xero's limit of {REQUEST_MAX_BYTES} bytes", "RequestTooLarge"
+            )
         # The spec marks xero-tenant-id required, but a custom connection may leave it out
         # ("the xero-tenant-id header is not required", https://developer.xero.com/faq/custom-integration):
         # the contract sees the tenant the token resolved to.
@@ -1267,11 +1292,11 @@ class XeroEmulator:
             staged[contact["ContactID"]] = contact
             answers.append((contact, True))
         self._contacts.update(staged)  # the good elements are kept even when others fail (module docstring)
+        if not _summarized(request):
+            return self._ok("Contacts", _itemised(answers))
         if all(ok for _, ok in answers):
             return self._ok("Contacts", [answer for answer, _ in answers])
-        if _summarized(request):
-            return _Outcome(_validation_error([answer for answer, ok in answers if not ok]))
-        return self._ok("Contacts", _itemised(answers))
+        return _Outcome(_validation_error([answer for answer, ok in answers if not ok]))
 
     def _match_contact(self, raw: Json) -> Json | None:
         if raw.get("ContactID"):
@@ -1428,21 +1453,25 @@ class XeroEmulator:
             if existing is None and not errors:
                 numbers = Counter(self._numbers)  # a failing element uses up no number
                 document = self._new_document(kind, raw, unitdp, numbers, errors)
+                refusal = self.faults.element_refusal(str(raw.get("Reference") or ""))
+                errors += [refusal] if refusal else []
                 if not errors:
                     self._numbers = numbers
             if errors or document is None:
-                answers.append((_element(raw, errors), False))
+                answers.append((_element(_unsaved(kind, raw, document) if existing is None else raw, errors), False))
             else:
                 self._keep(kind, document)  # kept even when another element fails (module docstring)
                 answers.append((document, True))
         staged = [answer for answer, ok in answers if ok]
-        if len(staged) == len(answers):
-            outcome = self._render_outcome(self._ok(kind.collection, staged), kind, request)
-        elif _summarized(request):
-            outcome = _Outcome(_validation_error([answer for answer, ok in answers if not ok]))
-        else:
+        if not _summarized(request):
+            # Every element with its StatusAttributeString, even when all are OK (the spec's
+            # createInvoices 200 example carries ``StatusAttributeString: OK``).
             rendered = [(self._rendered(kind, answer, request) if ok else answer, ok) for answer, ok in answers]
             outcome = self._ok(kind.collection, _itemised(rendered))
+        elif len(staged) == len(answers):
+            outcome = self._render_outcome(self._ok(kind.collection, staged), kind, request)
+        else:
+            outcome = _Outcome(_validation_error([answer for answer, ok in answers if not ok]))
         outcome.committed = [(kind.name, document) for document in staged]
         return outcome
 
@@ -1824,6 +1853,18 @@ def _length_errors(raw: Mapping[str, Any], limits: Mapping[str, int]) -> list[st
         for name, limit in limits.items()
         if isinstance(raw.get(name), str) and len(raw[name]) > limit
     ]
+
+
+def _unsaved(kind: _Kind, raw: Json, document: Json | None) -> Json:
+    """A refused new element as Xero answers it: the document as it would have been, unsaved.
+
+    The spec's ``StatusAttributeString: ERROR`` examples show the element in Xero's own
+    shape (``/Date(...)/`` dates, computed lines and totals) next to its ``ValidationErrors``;
+    it was not stored, so it has the empty id and no number of its own.
+    """
+    if document is None or document.get(kind.id_field) is None:
+        return raw
+    return {**document, kind.id_field: UNSAVED_ID, kind.number_field: raw.get(kind.number_field, "")}
 
 
 def _contact_summary(contact: Json) -> Json:

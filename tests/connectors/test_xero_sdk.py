@@ -140,3 +140,62 @@ def test_the_sdk_surfaces_a_validation_exception(served: tuple[XeroEmulator, str
     with pytest.raises(AccountingBadRequestException) as caught:
         accounting.create_invoices(emulator.tenant_id, Invoices(invoices=[bad]))
     assert caught.value.reason == "Account code '999' is not a valid code for this document."
+
+
+def _sdk_invoice(contact_id: str, reference: str, account_code: str) -> Invoice:
+    return Invoice(
+        type="ACCREC",
+        contact=Contact(contact_id=contact_id),
+        date=date(2025, 3, 3),
+        due_date=date(2025, 3, 17),
+        reference=reference,
+        status="AUTHORISED",
+        line_items=[LineItem(description="Widget", quantity=1.0, unit_amount=10.0, account_code=account_code)],
+    )
+
+
+def test_the_sdk_reads_per_element_results_with_summarize_errors_false(
+    served: tuple[XeroEmulator, str], accounting: AccountingApi
+) -> None:
+    """create_invoices(summarize_errors=False) answers 200 with each element's StatusAttributeString, HasErrors
+    and ValidationErrors as the SDK's Invoice models; the good elements are stored."""
+    emulator, _ = served
+    contact_id = emulator.seed_contact("Oscorp Industries")["ContactID"]
+    before = len(emulator.invoices())
+    batch = Invoices(
+        invoices=[
+            _sdk_invoice(contact_id, "sdk-batch-1", "200"),
+            _sdk_invoice(contact_id, "sdk-batch-2", "999"),
+            _sdk_invoice(contact_id, "sdk-batch-3", "200"),
+        ]
+    )
+    answer = accounting.create_invoices(emulator.tenant_id, batch, summarize_errors=False, idempotency_key="sdk-b1")
+    first, refused, third = answer.invoices
+    assert all(isinstance(invoice, Invoice) for invoice in answer.invoices)
+    assert (first.status_attribute_string, first.has_errors) == ("OK", False)
+    assert (third.status_attribute_string, third.has_errors) == ("OK", False)
+    assert (refused.status_attribute_string, refused.has_errors) == ("ERROR", True)
+    assert "Account code '999' is not a valid code for this document." in [
+        error.message for error in refused.validation_errors
+    ]
+    assert refused.date == date(2025, 3, 3)
+    assert {first.reference, third.reference} == {"sdk-batch-1", "sdk-batch-3"}
+    assert len(emulator.invoices()) == before + 2
+    again = accounting.create_invoices(emulator.tenant_id, batch, summarize_errors=False, idempotency_key="sdk-b1")
+    assert [i.invoice_id for i in again.invoices] == [i.invoice_id for i in answer.invoices]
+    assert len(emulator.invoices()) == before + 2
+
+
+def test_the_sdk_gets_a_400_for_a_summarized_batch_while_the_good_elements_are_stored(
+    served: tuple[XeroEmulator, str], accounting: AccountingApi
+) -> None:
+    """By default (summarized) one bad element raises the SDK's bad-request exception; the good one is still created."""
+    emulator, _ = served
+    contact_id = emulator.seed_contact("Umbrella Corporation")["ContactID"]
+    before = len(emulator.invoices())
+    batch = Invoices(
+        invoices=[_sdk_invoice(contact_id, "sdk-sum-1", "200"), _sdk_invoice(contact_id, "sdk-sum-2", "999")]
+    )
+    with pytest.raises(AccountingBadRequestException):
+        accounting.create_invoices(emulator.tenant_id, batch)
+    assert [i["Reference"] for i in emulator.invoices()[before:]] == ["sdk-sum-1"]

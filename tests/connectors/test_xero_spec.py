@@ -203,6 +203,52 @@ async def _scenario(
         assert answer.status_code == 200
 
 
+async def test_every_exchange_of_a_batch_scenario_matches_the_spec(xero_spec: OpenAPI) -> None:
+    """upsert_customers, create_invoices (a mix, one element refused) and find_invoices: every exchange validates."""
+    now = [START]
+    emulator = XeroEmulator(clock=lambda: now[0])
+    recording = Recording(httpx.ASGITransport(app=emulator.app))
+    async with httpx.AsyncClient(transport=recording) as client:
+        settings = XeroSettings(
+            connector="xero",
+            base_url=HOST,
+            token_url=f"{HOST}/connect/token",
+            client_id=emulator.client_id,
+            client_secret=emulator.client_secret,
+            tenant_id=emulator.tenant_id,
+            rate_limit_per_min=None,
+        )
+        ctx = ConnectorContext(
+            connection="xero",
+            client=client,
+            tokens=_Tokens(),
+            clock=lambda: now[0],
+            make_http=functools.partial(VendorHttp, client, connection="xero"),
+        )
+        connector = XeroConnector(settings, ctx)
+        emulator.seed_contact("Contoso Pty Ltd")
+        clients = [_client("hubspot:company:1", "Contoso Pty Ltd")]
+        clients += [_client(f"hubspot:company:{n}", f"Client {n}") for n in range(2, 6)]
+        ids = await connector.upsert_customers(clients)
+        contact_id = str(ids["hubspot:company:2"])
+        items = [(_draft(f"{n:032d}", DraftKind.INVOICE, send=n == 1), contact_id) for n in range(1, 6)]
+        items += [(_draft(f"{n:032d}", DraftKind.CREDIT_NOTE), contact_id) for n in range(6, 8)]
+        items.append((_draft("9" * 32, DraftKind.INVOICE, account="999"), contact_id))
+        results = await connector.create_invoices(items)
+        assert isinstance(results["9" * 32], XeroRejected)
+        found = await connector.find_invoices([draft.key for draft, _ in items], kind=DraftKind.INVOICE)
+        assert len(found) == 5
+        details = await connector.customers_details([str(value) for value in ids.values()])
+        assert len(details) == 5
+
+    found_problems, requests, responses = problems(xero_spec, recording.exchanges)
+    assert found_problems == []
+    assert {"createContacts", "updateContact", "createInvoices", "createCreditNotes", "getInvoices"} <= {
+        op for op, count in emulator.calls.items() if count
+    }
+    assert (requests, responses) == (9, 9)  # 2 GET /Contacts, adoption, PUT /Contacts, PUT x2, email, 2 GET
+
+
 async def _headers(emulator: XeroEmulator, client: httpx.AsyncClient) -> dict[str, str]:
     token = await client.post(
         f"{HOST}/connect/token",
