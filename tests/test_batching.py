@@ -182,4 +182,18 @@ async def test_a_record_cancelled_while_waiting_does_not_hold_the_batch() -> Non
         await waiting
     assert await other == "B"
     assert ("one", "b") in vendor.calls
-    await batcher.settle()
+    await batcher.settle(1.0)
+
+
+async def test_a_batched_call_nobody_waits_for_any_more_is_cancelled() -> None:
+    """Every record of a batch cancelled (the shutdown grace ran out): the call in flight is cancelled too."""
+    batcher, vendor = Batcher(max_size=50, wait_s=5.0), Vendor(delay_s=30.0)
+    records = [asyncio.create_task(_record(batcher, vendor, v)) for v in "ab"]
+    await asyncio.sleep(0.05)  # both wait in one call of 30 s
+    assert vendor.calls == [("many", ["a", "b"])]
+    for record in records:
+        record.cancel()
+    await asyncio.gather(*records, return_exceptions=True)
+    started = asyncio.get_running_loop().time()
+    await batcher.settle(60.0)
+    assert asyncio.get_running_loop().time() - started < 5.0

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -148,10 +149,20 @@ class Batcher:
         finally:
             self.running += 1
 
-    async def settle(self) -> None:
-        """Wait for the batched calls in flight (at shutdown, before the store closes)."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+    async def settle(self, timeout_s: float) -> None:
+        """At shutdown, before the store closes: wait up to ``timeout_s`` for the batched calls in flight, then cancel them.
+
+        A batched call whose every record stopped waiting (its worker was cancelled at
+        the end of the grace: the rows went back with their attempts counted) was
+        cancelled already, as a one-record call in flight would have been.
+        """
+        if not self._tasks:
+            return
+        _done, busy = await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        for task in busy:
+            task.cancel()
+        if busy:
+            await asyncio.wait(busy)
 
     def _flush_all(self) -> None:
         for queue in list(self._queues):
@@ -172,6 +183,8 @@ class Batcher:
                 task = asyncio.get_running_loop().create_task(self._send(waiting, taken), context=contextvars.Context())
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                for member in taken:
+                    member.future.add_done_callback(functools.partial(_abandoned, task, taken))
         del self._queues[queue]
 
     async def _send(self, queue: _Queue, taken: list[_Waiting]) -> None:
@@ -223,6 +236,12 @@ async def _answer(one: One, value: Any) -> Any:
         return await one(value)
     except Exception as exc:
         return exc
+
+
+def _abandoned(task: asyncio.Task[None], taken: list[_Waiting], _future: asyncio.Future[Any]) -> None:
+    """Cancel a batched call once every record it carries was cancelled (nobody waits for its answer)."""
+    if not task.done() and all(member.future.cancelled() for member in taken):
+        task.cancel()
 
 
 def _deliver(waiting: _Waiting, answer: Any) -> None:
