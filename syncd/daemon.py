@@ -210,6 +210,7 @@ class Daemon:
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             await self._stop_workers()
+            await self._engine.batcher.settle()  # a batched call in flight finishes before the store closes
             if scheduler is not None:
                 await scheduler_jobs_settled(scheduler, CLOSE_MARGIN_S / 2)
             await asyncio.gather(*watch, return_exceptions=True)

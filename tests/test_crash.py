@@ -130,7 +130,8 @@ async def test_sigterm_with_a_backlog_exits_within_the_grace_and_hands_the_rest_
         assert key is not None
     ports = {name: free_port() for name in ("hub", "xero", "syncd")}
     url = f"http://127.0.0.1:{ports['syncd']}"
-    extra = f"poll_interval_s = 3600\nworkers = 1\nshutdown_grace_s = {GRACE_S}"
+    # one row at a time (batch_max = 1): the batched variant is tests/test_batching.py
+    extra = f"poll_interval_s = 3600\nworkers = 1\nshutdown_grace_s = {GRACE_S}\nbatch_max = 1"
     config = _served_config(tmp_path, db_url, hub, xero, ports, extra, key.get_secret_value())
     log = tmp_path / "daemon.log"
     creating = asyncio.Event()

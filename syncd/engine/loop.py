@@ -64,6 +64,7 @@ from syncd.core.interfaces import (
     BillingEventKind,
     ChangeHint,
     Client,
+    CreatesInvoicesInBatches,
     DealBillingStatus,
     DraftKind,
     Engagement,
@@ -73,11 +74,14 @@ from syncd.core.interfaces import (
     InvoiceState,
     InvoiceStatus,
     LedgerDocument,
+    ReadsDealsInBatches,
     SendsInvoices,
     SourceRecord,
     VoidsInvoices,
+    WritesStatusInBatches,
 )
 from syncd.engine import alerts, clients, collection, hours, recurring, selectors
+from syncd.engine.batching import Batcher
 from syncd.engine.runtime import Pipeline, Runtime
 from syncd.plumbing import failpoints
 from syncd.plumbing.leases import Lease
@@ -111,6 +115,7 @@ AUTH_RETRY_MIN_S = 300.0  # rejected credentials are not fixed in seconds: look 
 CALLS_PER_ROW = 4  # vendor calls a row takes, until measured (a deal: its reads; an invoice: look-ups, create)
 LEASE_SHARE = 0.5  # a claimed batch must fit in half the lease, at the pace expected
 PACE_WEIGHT = 0.3  # weight of the latest row in the measured seconds per row (a moving average)
+PG_ROWS_IN_FLIGHT = 9  # rows a process works at once on PostgreSQL: (pool 10 + overflow 10) / 2, less one
 
 
 def backoff_s(attempts: int, retry_after_s: float | None = None, *, cap_s: float = 900.0) -> float:
@@ -188,6 +193,13 @@ class Engine:
         self._workers = 0
         self._poller: asyncio.Task[None] | None = None
         self._last_claim = 0.0
+        daemon = runtime.config.daemon
+        self.batcher = Batcher(
+            max_size=daemon.batch_max, wait_s=daemon.batch_wait_ms / 1000, renew_all=self._renew_leases
+        )
+        # rows of one claim worked at once (batching); on PostgreSQL a row may hold two pooled
+        # connections (a customer lock and a transaction), so fewer than half the pool's
+        self._in_flight = asyncio.Semaphore(PG_ROWS_IN_FLIGHT if self.store.is_postgres else daemon.batch_max)
 
     def notify(self) -> None:
         """Wake one idle worker (new events or effects were stored).
@@ -291,6 +303,8 @@ class Engine:
         if not events:
             if self.stop.is_set():
                 return 0
+            if self.batcher.enabled:
+                batch = max(batch, self.batcher.max_size)
             limits = self.claim_size("event", batch), self.claim_size("effect", batch)
             claimed = await self.store.claim_work(
                 owner=self.rt.owner,
@@ -306,12 +320,53 @@ class Engine:
             events, effects = claimed.events, claimed.effects
             if len(events) == limits[0] or len(effects) == limits[1]:
                 self.notify()  # there may be more: one more worker looks
-        await self._work_rows(EventRow, "event", self._route_event, events, later)
-        if self.stop.is_set():
-            await self._release(EffectRow, "effect", effects, uncount=True)
+        if self.batcher.enabled and len(events) + len(effects) > 1:
+            await self._work_together(events, effects, later)
         else:
-            await self._work_rows(EffectRow, "effect", self._execute, effects, later)
+            await self._work_rows(EventRow, "event", self._route_event, events, later)
+            if self.stop.is_set():
+                await self._release(EffectRow, "effect", effects, uncount=True)
+            else:
+                await self._work_rows(EffectRow, "effect", self._execute, effects, later)
         return len(events) + len(effects)
+
+    async def _work_together(self, events: list[EventRow], effects: list[EffectRow], later: list[Settle]) -> None:
+        """Work a claim's rows at once, each in a task of its own, so their vendor calls share requests.
+
+        Each row is settled as :meth:`_work_rows` would (fenced on its own claim); the
+        :class:`~syncd.engine.batching.Batcher` gathers their calls. A row not started when
+        the process stops is handed back uncounted; on cancellation (the grace ran out) a
+        started row goes back counted (it may have reached the vendor), as in
+        :meth:`_work_rows`.
+        """
+        jobs: list[tuple[Any, str, Callable[[Any], Awaitable[bool]], Any]] = [
+            (EventRow, "event", self._route_event, row) for row in events
+        ]
+        jobs += [(EffectRow, "effect", self._execute, row) for row in effects]
+        started = time.monotonic()
+
+        async def one(model: Any, source: str, work: Callable[[Any], Awaitable[bool]], row: Any) -> None:
+            async with self._in_flight:
+                if self.stop.is_set():
+                    await self._release(model, source, [row], uncount=True)
+                    return
+                try:
+                    await self._settle(model, row, source, work, later, measure=False)
+                except asyncio.CancelledError:
+                    await asyncio.shield(self._release(model, source, [row], uncount=False))
+                    raise
+
+        tasks = [asyncio.create_task(one(*job)) for job in jobs]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        per_row_s = (time.monotonic() - started) / len(jobs)
+        for source in {job[1] for job in jobs}:
+            self._measured(source, per_row_s)
 
     def claim_size(self, source: str, limit: int) -> int:
         """How many rows one claim takes: at most ``limit``, and only what fits in the lease.
@@ -459,7 +514,7 @@ class Engine:
             for object_type, names in pipeline.mapping.source_properties.items():
                 wanted.setdefault(object_type, set()).update(names)
         try:
-            record = await candidates[0].crm.fetch_deal(row.object_id, {k: sorted(v) for k, v in wanted.items()})
+            record = await self._fetch_deal(candidates[0], row.object_id, {k: sorted(v) for k, v in wanted.items()})
         except NotFound:
             log.info("deal_gone", connection=row.connection, deal_id=row.object_id)
             return True
@@ -526,7 +581,7 @@ class Engine:
         now = self.rt.clock()
         if record is None:
             try:
-                record = await pipeline.crm.fetch_deal(deal_id, pipeline.mapping.source_properties)
+                record = await self._fetch_deal(pipeline, deal_id, pipeline.mapping.source_properties)
             except NotFound:
                 log.info("deal_gone", connection=pipeline.crm_name, deal_id=deal_id)
                 return None
@@ -1314,7 +1369,7 @@ class Engine:
         # the first attempt skips the lookup, every later one looks up before creating,
         # and so does a replay (`syncd replay` counts attempts from 0 again).
         looked_up = row.attempts > 1 or replayed
-        status = await invoicing.find_invoice(draft.key, kind=draft.kind) if looked_up else None
+        status = await self._find_invoice(row.connection, invoicing, draft) if looked_up else None
         if status is None and replayed:
             draft = await self._redraft(row, draft)
         if status is None and row.payload.get("recheck_won") and not await self._still_won(row):
@@ -1325,7 +1380,7 @@ class Engine:
         if status is None:
             draft = await self._after_lock_date(row.connection, invoicing, _billed_as(draft, billed))
             failpoints.hit("before_vendor_call")
-            status = await invoicing.create_invoice(draft, customer_id)
+            status = await self._create(row.connection, invoicing, draft, customer_id)
             failpoints.hit("after_vendor_2xx")
         elif draft.send and status.state is InvoiceState.AUTHORISED and isinstance(invoicing, SendsInvoices):
             # created by an earlier attempt that stopped before emailing it
@@ -1664,7 +1719,7 @@ class Engine:
                 customer_id = str(known)
             else:
                 created = clients.applied(client, row.record if row is not None else None)
-                customer_id = str(await invoicing.upsert_customer(created))
+                customer_id = str(await self._upsert_customer(connection, invoicing, created))
                 if row is not None:
                     ids = {**row.external_ids, connection: customer_id}
             settled = await clients.settle_ledger(
@@ -1711,7 +1766,7 @@ class Engine:
             status = await self.deal_standing(row.connection, str(deal_id))
         if status is None:
             return
-        await self.rt.connectors[row.connection].write_billing_status(str(deal_id), status)
+        await self._write_status(row.connection, str(deal_id), status)
         log.info("crm_status_written", deal=deal_id, invoice=status.invoice_number, state=status.state)
 
     async def deal_standing(
@@ -1732,6 +1787,108 @@ class Engine:
         today = receivables.today_in(self.rt.clock(), zone)
         return receivables.deal_status((_document(r) for r in rows), today)
 
+    # -- vendor calls that share requests (syncd/engine/batching.py) ------------------------
+
+    async def _fetch_deal(
+        self, pipeline: Pipeline, deal_id: str, properties: Mapping[str, Sequence[str]]
+    ) -> SourceRecord:
+        crm = pipeline.crm
+        if not isinstance(crm, ReadsDealsInBatches):
+            return await crm.fetch_deal(deal_id, properties)
+        wanted = tuple(sorted((kind, tuple(sorted(names))) for kind, names in properties.items()))
+
+        async def many(deal_ids: list[str]) -> Mapping[str, Any]:
+            return await crm.fetch_deals(deal_ids, properties)
+
+        record: SourceRecord = await self.batcher.call(
+            ("fetch_deals", pipeline.crm_name, wanted),
+            deal_id,
+            deal_id,
+            one=lambda one_id: crm.fetch_deal(one_id, properties),
+            many=many,
+        )
+        return record
+
+    async def _write_status(self, connection: str, deal_id: str, status: DealBillingStatus) -> None:
+        crm = single = self.rt.connectors[connection]
+        if not isinstance(crm, WritesStatusInBatches):
+            await single.write_billing_status(deal_id, status)
+            return
+
+        async def one(item: tuple[str, DealBillingStatus]) -> None:
+            await single.write_billing_status(*item)
+
+        async def many(items: list[tuple[str, DealBillingStatus]]) -> Mapping[str, Any]:
+            return await crm.write_billing_statuses(dict(items))
+
+        await self.batcher.call(("write_billing_statuses", connection), deal_id, (deal_id, status), one=one, many=many)
+
+    async def _upsert_customer(self, connection: str, invoicing: Any, client: Client) -> str:
+        single = invoicing
+        if not isinstance(invoicing, CreatesInvoicesInBatches):
+            return str(await invoicing.upsert_customer(client))
+
+        async def many(clients: list[Client]) -> Mapping[str, Any]:
+            return await invoicing.upsert_customers(clients)
+
+        customer_id = await self.batcher.call(
+            ("upsert_customers", connection), client.key, client, one=single.upsert_customer, many=many
+        )
+        return str(customer_id)
+
+    async def _find_invoice(self, connection: str, invoicing: Any, draft: InvoiceDraft) -> InvoiceStatus | None:
+        single = invoicing
+        if not isinstance(invoicing, CreatesInvoicesInBatches):
+            found: InvoiceStatus | None = await invoicing.find_invoice(draft.key, kind=draft.kind)
+            return found
+
+        async def one(key: str) -> InvoiceStatus | None:
+            result: InvoiceStatus | None = await single.find_invoice(key, kind=draft.kind)
+            return result
+
+        async def many(keys: list[str]) -> Mapping[str, Any]:
+            found = await invoicing.find_invoices(keys, kind=draft.kind)
+            return {key: found.get(key) for key in keys}
+
+        status: InvoiceStatus | None = await self.batcher.call(
+            ("find_invoices", connection, str(draft.kind)), draft.key, draft.key, one=one, many=many
+        )
+        return status
+
+    async def _create(self, connection: str, invoicing: Any, draft: InvoiceDraft, customer_id: str) -> InvoiceStatus:
+        single = invoicing
+        if not isinstance(invoicing, CreatesInvoicesInBatches):
+            created: InvoiceStatus = await invoicing.create_invoice(draft, customer_id)
+            return created
+
+        async def one(item: tuple[InvoiceDraft, str]) -> InvoiceStatus:
+            result: InvoiceStatus = await single.create_invoice(*item)
+            return result
+
+        async def many(items: list[tuple[InvoiceDraft, str]]) -> Mapping[str, Any]:
+            return await invoicing.create_invoices(items)
+
+        status: InvoiceStatus = await self.batcher.call(
+            ("create_invoices", connection), draft.key, (draft, customer_id), one=one, many=many
+        )
+        return status
+
+    async def _renew_leases(self, held: list[Lease]) -> list[datetime | None]:
+        """Renew several rows' leases, one transaction per table (a batch's write guard)."""
+        lease_s = self.rt.config.daemon.lease_s
+        now = self.rt.clock()
+        by_model: dict[Any, list[tuple[int, Any]]] = {}
+        for index, lease in enumerate(held):
+            ref: tuple[Any, Any] = lease.ref  # type: ignore[assignment]
+            model, row = ref
+            by_model.setdefault(model, []).append((index, row))
+        ends: list[datetime | None] = [None] * len(held)
+        for model, rows in by_model.items():
+            renewed = await self.store.renew_many(model, [row for _, row in rows], lease_s=lease_s, now=now)
+            for (index, _), until in zip(rows, renewed, strict=True):
+                ends[index] = until
+        return ends
+
     # -- settling -------------------------------------------------------------------------
 
     async def _settle(
@@ -1742,6 +1899,8 @@ class Engine:
         work: Callable[[Any], Awaitable[bool]],
         later: list[Settle] | None = None,
         prefetched: dict[str, Any] | None = None,
+        *,
+        measure: bool = True,
     ) -> None:
         """Run ``work`` for a claimed row under its lease and settle it: done, retry later, or dead-letter.
 
@@ -1761,6 +1920,23 @@ class Engine:
             clock=self.rt.clock,
             stopping=self.stop.is_set,
         )
+        lease.ref = (model, row)
+        with self.batcher.working():
+            await self._settle_held(model, row, source, work, later, prefetched, lease, measure=measure)
+
+    async def _settle_held(
+        self,
+        model: Any,
+        row: Any,
+        source: str,
+        work: Callable[[Any], Awaitable[bool]],
+        later: list[Settle] | None,
+        prefetched: dict[str, Any] | None,
+        lease: Lease,
+        *,
+        measure: bool,
+    ) -> None:
+        lease_s = lease.lease_s
         if lease.remaining_s() < lease_s * LEASE_SHARE and not await lease.renew():
             # its turn in the batch came after its lease ran out, and another worker took it
             self._log_lost(source, row, "claimed again before its turn in this worker's batch")
@@ -1777,7 +1953,8 @@ class Engine:
             settled = failed = True
         finally:
             _working.reset(token)
-            self._measured(source, time.monotonic() - started)
+            if measure:
+                self._measured(source, time.monotonic() - started)
         if not failed:
             self.rt.health.succeeded(row.connection)
         if not (settled or current.settled):

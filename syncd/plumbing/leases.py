@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from datetime import datetime
 
@@ -42,6 +42,8 @@ RETRY_SHARE = 0.8  # in-request retries end before the lease left does; the last
 
 Renew = Callable[[], Awaitable[datetime | None]]
 """Extends the lease in the database if the claim is still this worker's: its new end, else ``None``."""
+RenewAll = Callable[[list["Lease"]], Awaitable[list[datetime | None]]]
+"""Renews several leases in one transaction: each one's new end, else ``None`` (by :attr:`Lease.ref`)."""
 
 _current: ContextVar[Lease | None] = ContextVar("syncd_lease", default=None)
 
@@ -80,6 +82,7 @@ class Lease:
         self.clock = clock
         self.stopping = stopping
         self.lost = False
+        self.ref: object = None  # the row, for a renewal of many at once (set by the engine)
 
     def remaining_s(self) -> float:
         """Seconds until the lease runs out, as last renewed (0 once lost)."""
@@ -151,3 +154,69 @@ class Lease:
             done.set()
             _current.reset(token)
             await asyncio.wait([keeper])  # not cancelled if this task is: it ends by itself
+
+
+class Batch(Lease):
+    """The leases of every record one batched vendor call carries, held as one.
+
+    A batched call (:mod:`syncd.engine.batching`) runs in a task of its own, with this as
+    its :func:`current` lease: the HTTP plumbing checks it as it would one row's.
+
+    * **stop boundary**: refused once any member's process is stopping;
+    * **retry budget**: the smallest of the members' (each must still hold its lease
+      when the retries end);
+    * **write guard**: every member is renewed right before the write; if any was taken
+      over the whole call is not sent (:class:`~syncd.core.errors.LeaseLost`) and the
+      batcher tells each member which it was: the lost one logs ``lease_lost``, the others
+      retry (their next attempt looks up before creating).
+    """
+
+    def __init__(self, members: list[Lease], *, renew_all: RenewAll | None = None) -> None:
+        self.members = members
+        self._renew_many = renew_all
+        first = members[0]
+        super().__init__(
+            where=f"batch of {len(members)}: "
+            + ", ".join(m.where for m in members[:3])
+            + (" …" if len(members) > 3 else ""),
+            until=min(m.until for m in members),
+            lease_s=min(m.lease_s for m in members),
+            renew=self._renew_all,
+            clock=first.clock,
+            stopping=lambda: any(m.stopping() for m in members),
+        )
+
+    def retry_budget_s(self) -> float:
+        return min(m.retry_budget_s() for m in self.members)
+
+    def before_call(self, what: str) -> None:
+        for member in self.members:
+            member.before_call(what)
+
+    async def _renew_all(self) -> datetime | None:
+        if self._renew_many is None:
+            for member in self.members:
+                await member.renew()
+        else:  # one transaction for them all
+            held = [m for m in self.members if not m.lost]
+            for member, until in zip(held, await self._renew_many(held), strict=True):
+                if until is None:
+                    member.lost = True
+                else:
+                    member.until = until
+        if any(m.lost for m in self.members):
+            return None
+        return min(m.until for m in self.members)
+
+
+@contextlib.contextmanager
+def using(lease: Lease | None) -> Iterator[None]:
+    """Make ``lease`` the one :func:`current` finds in the calling task (none: leave it as it is)."""
+    if lease is None:
+        yield
+        return
+    token = _current.set(lease)
+    try:
+        yield
+    finally:
+        _current.reset(token)

@@ -918,6 +918,31 @@ class Store:
         renewed = await self._unit(lambda c: bool(c.execute(stmt).rowcount), write=True)
         return until if renewed else None
 
+    async def renew_many(
+        self, model: type[Row], rows: Sequence[Row], *, lease_s: int, now: datetime
+    ) -> list[datetime | None]:
+        """:meth:`renew` for several claims in one transaction: each one's new end, or ``None`` when lost."""
+        if not rows:
+            return []
+        table = table_of(model)
+        until = now + timedelta(seconds=lease_s)
+        fences = [
+            sa.and_(
+                table.c.id == row.id,
+                table.c.attempts == row.attempts,
+                table.c.lease_owner == row.lease_owner,
+            )
+            for row in rows
+        ]
+        stmt = (
+            sa.update(table)
+            .where(sa.or_(*fences), table.c.status == "pending")
+            .values(lease_until=until)
+            .returning(table.c.id)
+        )
+        renewed = await self._unit(lambda c: {int(i) for i in c.execute(stmt).scalars()}, write=True)
+        return [until if row.id in renewed else None for row in rows]
+
     async def release(self, model: type[Row], rows: Sequence[Row], *, uncount: bool, error: str | None = None) -> int:
         """Hand claimed rows back to the queue at once: no lease, due as they were.
 

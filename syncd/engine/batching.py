@@ -1,0 +1,234 @@
+"""Vendor calls of many records in one request (docs/architecture.md, Batching).
+
+A sync daemon sees many records at once; a per-record script cannot. Each record is
+still worked on by its own task, in its own transactions, fenced on its own claim
+(:mod:`syncd.engine.loop`). Where that task would call a vendor for one record (read a
+deal, look up a customer, create an invoice, write a deal's standing back), it hands the
+call to the :class:`Batcher` and waits; the batcher sends the calls waiting for one
+connection together through the connector's batch method
+(:class:`~syncd.core.interfaces.ReadsDealsInBatches`,
+:class:`~syncd.core.interfaces.CreatesInvoicesInBatches`,
+:class:`~syncd.core.interfaces.WritesStatusInBatches`) and gives each task its own
+element's answer: an element the vendor refused fails alone.
+
+When a batch goes:
+
+* at once when no record is being worked on any more (every task of this process is
+  waiting for a batched call or done): nothing else can join, so nothing waits;
+* when it holds ``[daemon].batch_max`` calls;
+* else ``[daemon].batch_wait_ms`` after its first call arrived, while other records are
+  still being worked on (they may join).
+
+A batch of one is sent through the connector's one-record method, exactly as with
+batching off (``batch_max = 1``): a lone deal at low load makes the same calls as a
+script would, and is not slowed.
+
+Leases: the batched call runs in a task of its own under a
+:class:`~syncd.plumbing.leases.Batch` of its members' leases: refused once the process
+stops, retried only within the smallest member's budget, and every member is renewed
+(in one transaction) right before a write. If one was taken over meanwhile the call is
+not sent: that member logs ``lease_lost``, the others are retried (their next attempt
+looks up before creating).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from syncd.core.errors import LeaseLost, RetriableError
+from syncd.plumbing import leases
+from syncd.plumbing.leases import Batch, Lease, RenewAll
+
+log = structlog.get_logger("syncd.engine.batching")
+
+One = Callable[[Any], Awaitable[Any]]
+"""The connector's call for one record: its answer, or it raises."""
+Many = Callable[[list[Any]], Awaitable[Mapping[str, Any]]]
+"""The connector's batch call: each element's answer or error (an exception instance), by key."""
+
+_inside: contextvars.ContextVar[bool] = contextvars.ContextVar("syncd_batch_member", default=False)
+
+
+@dataclass
+class _Waiting:
+    key: str
+    value: Any
+    lease: Lease | None
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class _Queue:
+    name: str
+    one: One
+    many: Many
+    waiting: list[_Waiting] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+class Batcher:
+    """Gathers the vendor calls this process's records make at once, per connection and kind.
+
+    Args:
+        max_size: the most calls one batch carries (``[daemon].batch_max``; 1 = off).
+        wait_s: how long a call may wait for others while records are still being
+            worked on (``[daemon].batch_wait_ms``).
+        renew_all: renews several leases in one transaction (the write guard of a batch).
+    """
+
+    def __init__(self, *, max_size: int, wait_s: float, renew_all: RenewAll | None = None) -> None:
+        self.max_size = max_size
+        self.wait_s = wait_s
+        self.renew_all = renew_all
+        self.running = 0  # records being worked on, not waiting in a batch
+        self._queues: dict[Hashable, _Queue] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.sent: Counter[str] = Counter()  # batched calls sent, by kind
+        self.carried: Counter[str] = Counter()  # records those calls carried, by kind
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_size > 1
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """One record being worked on by the calling task: batches wait for it while it runs.
+
+        Nested (the effects a row queued, worked by the same task): counted once.
+        """
+        if _inside.get():
+            yield
+            return
+        self.running += 1
+        token = _inside.set(True)
+        try:
+            yield
+        finally:
+            _inside.reset(token)
+            self.running -= 1
+            if self.running == 0:
+                self._flush_all()
+
+    async def call(self, queue: Hashable, key: str, value: Any, *, one: One, many: Many) -> Any:
+        """``one(value)``, or ``value`` sent in a batch with others of the same ``queue``; its own answer.
+
+        ``queue`` names the connection and the kind of call (calls that can share a
+        request); ``key`` names the element in the batch's answer (two records asking for
+        the same element share it).
+
+        Raises:
+            whatever the vendor call raised for this element, or for the whole request.
+        """
+        if not self.enabled or not _inside.get():
+            return await one(value)
+        waiting = self._queues.get(queue)
+        if waiting is None:
+            waiting = self._queues[queue] = _Queue(
+                name=str(queue[0] if isinstance(queue, tuple) else queue), one=one, many=many
+            )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiting.waiting.append(_Waiting(key, value, leases.current(), future))
+        self.running -= 1
+        try:
+            if len(waiting.waiting) >= self.max_size or self.running == 0:
+                self._flush(queue)
+                if self.running == 0:
+                    self._flush_all()
+            elif waiting.timer is None:
+                waiting.timer = asyncio.get_running_loop().call_later(self.wait_s, self._flush, queue)
+            return await future
+        finally:
+            self.running += 1
+
+    async def settle(self) -> None:
+        """Wait for the batched calls in flight (at shutdown, before the store closes)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def _flush_all(self) -> None:
+        for queue in list(self._queues):
+            self._flush(queue)
+
+    def _flush(self, queue: Hashable) -> None:
+        waiting = self._queues.get(queue)
+        if waiting is None:
+            return
+        if waiting.timer is not None:
+            waiting.timer.cancel()
+            waiting.timer = None
+        while waiting.waiting:
+            taken = [w for w in waiting.waiting[: self.max_size] if not w.future.done()]
+            del waiting.waiting[: self.max_size]
+            if taken:
+                # a clean context: the batch is no record's own work (its lease is the Batch's)
+                task = asyncio.get_running_loop().create_task(self._send(waiting, taken), context=contextvars.Context())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        del self._queues[queue]
+
+    async def _send(self, queue: _Queue, taken: list[_Waiting]) -> None:
+        values: dict[str, Any] = {}
+        for waiting in taken:  # the same element twice: the later value (a write-back computed later)
+            values[waiting.key] = waiting.value
+        held = [w.lease for w in taken if w.lease is not None]
+        lease = Batch(held, renew_all=self.renew_all) if held else None
+        try:
+            with leases.using(lease):
+                if len(values) == 1:
+                    only = next(iter(values))
+                    answers: Mapping[str, Any] = {only: await _answer(queue.one, values[only])}
+                else:
+                    self.sent[queue.name] += 1
+                    self.carried[queue.name] += len(values)
+                    log.debug("batch_sent", kind=queue.name, size=len(values))
+                    answers = await queue.many(list(values.values()))
+        except LeaseLost as exc:
+            for waiting in taken:
+                lost = waiting.lease is not None and waiting.lease.lost
+                _deliver(
+                    waiting,
+                    exc
+                    if lost
+                    else RetriableError(
+                        f"not sent: another record of its batch was claimed again meanwhile ({exc})",
+                        place=waiting.lease.where if waiting.lease else None,
+                    ),
+                )
+            return
+        except Exception as exc:  # the whole request failed: every element alike
+            for waiting in taken:
+                _deliver(waiting, exc)
+            return
+        except BaseException as exc:
+            for waiting in taken:
+                _deliver(waiting, exc)
+            raise
+        for waiting in taken:
+            if waiting.key in answers:
+                _deliver(waiting, answers[waiting.key])
+            else:
+                _deliver(waiting, RetriableError(f"{queue.name}: the batch answered nothing for {waiting.key}"))
+
+
+async def _answer(one: One, value: Any) -> Any:
+    try:
+        return await one(value)
+    except Exception as exc:
+        return exc
+
+
+def _deliver(waiting: _Waiting, answer: Any) -> None:
+    if waiting.future.done():  # its record stopped waiting (cancelled at shutdown)
+        return
+    if isinstance(answer, BaseException):
+        waiting.future.set_exception(answer)
+    else:
+        waiting.future.set_result(answer)
