@@ -876,6 +876,16 @@ class CreatesInvoicesInBatches(Protocol):
 
 
 @runtime_checkable
+class ReadsCustomersInBatches(Protocol):
+    """An invoicing tool that reads many customer records in one call (the client record's ledger side)."""
+
+    async def customers_details(self, customer_ids: Sequence[str]) -> Mapping[str, dict[str, str | None] | SyncdError]:
+        """Per customer id: what :meth:`UpdatesCustomers.customer_details` returns for it, or its error
+        (:class:`~syncd.core.errors.NotFound` for an id the tool does not have)."""
+        ...
+
+
+@runtime_checkable
 class Invoicing(Protocol):
     """An accounting or billing tool that holds customers and invoices.
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -507,6 +507,7 @@ async def settle_ledger(
     customer_id: str,
     created: Client | None = None,
     external_ids: Mapping[str, str] | None = None,
+    read_details: Callable[[str], Awaitable[dict[str, str | None]]] | None = None,
 ) -> Client | None:
     """Read the client's customer record at a ledger, settle it, and write what flows.
 
@@ -524,6 +525,8 @@ async def settle_ledger(
             is taken to hold it, and is not read back (one call fewer per new client).
         external_ids: the client's ids with the new customer's, written first in the same
             transaction (the caller created the customer record).
+        read_details: reads the customer record (default: ``invoicing.customer_details``;
+            the engine's reads many at once, :mod:`syncd.engine.batching`).
 
     Returns:
         the client to bill with (the CRM's details with the values in force applied),
@@ -533,7 +536,7 @@ async def settle_ledger(
     owners = runtime.config.settings.clients
     details = None
     if created is None and isinstance(invoicing, UpdatesCustomers):
-        details = await invoicing.customer_details(customer_id)
+        details = await (read_details or invoicing.customer_details)(customer_id)
     table = table_of(ClientRow)
     async with store.begin() as conn:
         if external_ids is not None:

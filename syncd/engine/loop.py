@@ -74,6 +74,7 @@ from syncd.core.interfaces import (
     InvoiceState,
     InvoiceStatus,
     LedgerDocument,
+    ReadsCustomersInBatches,
     ReadsDealsInBatches,
     SendsInvoices,
     SourceRecord,
@@ -188,6 +189,7 @@ class Engine:
         self._pending = False
         self._handed: deque[EventRow] = deque()
         self._lock_dates: dict[str, tuple[datetime, date | None]] = {}
+        self._lock_dates_read: dict[str, asyncio.Lock] = {}
         self.collections = collection.Collections(runtime, self.notify)
         self._row_s: dict[str, float] = {}  # measured seconds per row, by source (event, effect)
         self._workers = 0
@@ -1563,8 +1565,12 @@ class Engine:
         now = self.rt.clock()
         cached = self._lock_dates.get(connection)
         if cached is None or (now - cached[0]).total_seconds() > LOCK_DATES_TTL_S:
-            cached = (now, (await invoicing.lock_dates()).closed_until())
-            self._lock_dates[connection] = cached
+            # one read for the rows of a batch that all find the cache empty or stale
+            async with self._lock_dates_read.setdefault(connection, asyncio.Lock()):
+                cached = self._lock_dates.get(connection)
+                if cached is None or (now - cached[0]).total_seconds() > LOCK_DATES_TTL_S:
+                    cached = (now, (await invoicing.lock_dates()).closed_until())
+                    self._lock_dates[connection] = cached
         closed = cached[1]
         if closed is None or draft.issue_date > closed:
             return draft
@@ -1730,6 +1736,7 @@ class Engine:
                 customer_id=customer_id,
                 created=created,
                 external_ids=ids,
+                read_details=lambda customer: self._customer_details(connection, invoicing, customer),
             )
             return customer_id, settled or client
 
@@ -1835,6 +1842,20 @@ class Engine:
             ("upsert_customers", connection), client.key, client, one=single.upsert_customer, many=many
         )
         return str(customer_id)
+
+    async def _customer_details(self, connection: str, invoicing: Any, customer_id: str) -> dict[str, str | None]:
+        single = invoicing
+        if not isinstance(invoicing, ReadsCustomersInBatches):
+            found: dict[str, str | None] = await single.customer_details(customer_id)
+            return found
+
+        async def many(ids: list[str]) -> Mapping[str, Any]:
+            return await invoicing.customers_details(ids)
+
+        details: dict[str, str | None] = await self.batcher.call(
+            ("customers_details", connection), customer_id, customer_id, one=single.customer_details, many=many
+        )
+        return details
 
     async def _find_invoice(self, connection: str, invoicing: Any, draft: InvoiceDraft) -> InvoiceStatus | None:
         single = invoicing

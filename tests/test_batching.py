@@ -1,0 +1,185 @@
+"""The batcher (syncd/engine/batching.py): when a batch goes, and each element's own answer.
+
+These drive the real Batcher with real asyncio tasks; ``one`` and ``many`` are the
+test's own coroutines standing in for a connector's calls (recording what was sent).
+The connectors' batch methods and the whole engine are tested over the emulators below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from syncd.core.errors import LeaseLost, NotFound, RetriableError
+from syncd.engine.batching import Batcher
+from syncd.plumbing import leases
+from syncd.plumbing.leases import Lease
+
+
+class Vendor:
+    """Records each call: ``("one", value)`` or ``("many", [values])``."""
+
+    def __init__(self, *, refuse: frozenset[str] = frozenset(), delay_s: float = 0.0) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.refuse = refuse
+        self.delay_s = delay_s
+        self.leases: list[Lease | None] = []
+
+    async def one(self, value: str) -> str:
+        self.calls.append(("one", value))
+        self.leases.append(leases.current())
+        await asyncio.sleep(self.delay_s)
+        if value in self.refuse:
+            raise NotFound(f"no {value}")
+        return value.upper()
+
+    async def many(self, values: list[str]) -> Mapping[str, Any]:
+        self.calls.append(("many", sorted(values)))
+        self.leases.append(leases.current())
+        await asyncio.sleep(self.delay_s)
+        return {v: NotFound(f"no {v}") if v in self.refuse else v.upper() for v in values}
+
+
+async def _record(batcher: Batcher, vendor: Vendor, value: str, *, work_s: float = 0.0) -> Any:
+    """One record's task: some work of its own, then one batched call."""
+    with batcher.working():
+        await asyncio.sleep(work_s)
+        try:
+            return await batcher.call(("read", "crm"), value, value, one=vendor.one, many=vendor.many)
+        except NotFound as exc:
+            return exc
+
+
+async def test_records_ready_together_share_one_call_and_each_gets_its_own_answer() -> None:
+    batcher, vendor = Batcher(max_size=50, wait_s=5.0), Vendor(refuse=frozenset({"c"}))
+    answers = await asyncio.gather(*(_record(batcher, vendor, v) for v in "abcd"))
+    assert vendor.calls == [("many", ["a", "b", "c", "d"])]
+    assert answers[:2] == ["A", "B"]
+    assert answers[3] == "D"
+    assert isinstance(answers[2], NotFound)  # the refused element fails alone
+    assert batcher.sent["read"] == 1
+    assert batcher.carried["read"] == 4
+
+
+async def test_a_lone_record_is_sent_at_once_through_the_one_record_call() -> None:
+    batcher, vendor = Batcher(max_size=50, wait_s=5.0), Vendor()
+    started = asyncio.get_running_loop().time()
+    assert await _record(batcher, vendor, "a") == "A"
+    assert vendor.calls == [("one", "a")]
+    assert asyncio.get_running_loop().time() - started < 1.0  # not held for wait_s (5 s)
+
+
+async def test_batching_off_sends_one_call_per_record() -> None:
+    batcher, vendor = Batcher(max_size=1, wait_s=5.0), Vendor()
+    await asyncio.gather(*(_record(batcher, vendor, v) for v in "abc"))
+    assert sorted(vendor.calls) == [("one", "a"), ("one", "b"), ("one", "c")]
+
+
+async def test_a_full_batch_goes_at_once_and_the_rest_form_the_next() -> None:
+    batcher, vendor = Batcher(max_size=3, wait_s=5.0), Vendor()
+    answers = await asyncio.gather(*(_record(batcher, vendor, v) for v in "abcde"))
+    assert answers == ["A", "B", "C", "D", "E"]
+    assert vendor.calls == [("many", ["a", "b", "c"]), ("many", ["d", "e"])]
+
+
+async def test_a_record_still_working_is_waited_for_only_up_to_wait_s() -> None:
+    """Two records ready, one still busy for 2 s: the two go after wait_s (0.1 s), not after 2 s."""
+    batcher, vendor = Batcher(max_size=50, wait_s=0.1), Vendor()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def timed(value: str, work_s: float) -> float:
+        await _record(batcher, vendor, value, work_s=work_s)
+        return loop.time() - started
+
+    fast_a, fast_b, slow = await asyncio.gather(timed("a", 0), timed("b", 0), timed("c", 2.0))
+    assert vendor.calls == [("many", ["a", "b"]), ("one", "c")]
+    assert fast_a < 1.0
+    assert fast_b < 1.0
+    assert slow >= 2.0
+
+
+async def test_a_whole_request_failing_fails_every_element_alike() -> None:
+    batcher = Batcher(max_size=50, wait_s=5.0)
+
+    async def down(values: list[str]) -> Mapping[str, Any]:
+        raise RetriableError("crm: 503")
+
+    async def record(value: str) -> BaseException | None:
+        with batcher.working():
+            await asyncio.sleep(0)  # both records are being worked on before either calls
+            try:
+                await batcher.call("q", value, value, one=Vendor().one, many=down)
+            except RetriableError as exc:
+                return exc
+        return None
+
+    errors = await asyncio.gather(*(record(v) for v in "ab"))
+    assert all(isinstance(e, RetriableError) and "503" in str(e) for e in errors)
+
+
+async def test_calls_outside_a_record_are_never_held() -> None:
+    """A scheduler job or the CLI (no record being worked on) calls the vendor itself."""
+    batcher, vendor = Batcher(max_size=50, wait_s=5.0), Vendor()
+    assert await batcher.call("q", "x", "x", one=vendor.one, many=vendor.many) == "X"
+    assert vendor.calls == [("one", "x")]
+
+
+def _lease(where: str, renewed: list[str], *, lost: bool = False) -> Lease:
+    now = datetime.now(UTC)
+
+    async def renew() -> datetime | None:
+        renewed.append(where)
+        return None if lost else now + timedelta(seconds=60)
+
+    return Lease(where=where, until=now + timedelta(seconds=60), lease_s=60, renew=renew, clock=lambda: now)
+
+
+async def test_the_batched_call_runs_under_every_member_lease_and_is_not_sent_if_one_was_lost() -> None:
+    renewed: list[str] = []
+    batcher = Batcher(max_size=50, wait_s=5.0)
+    members = {"a": _lease("a", renewed), "b": _lease("b", renewed, lost=True), "c": _lease("c", renewed)}
+    sent: list[list[str]] = []
+
+    async def write(values: list[str]) -> Mapping[str, Any]:
+        batch = leases.current()
+        assert isinstance(batch, leases.Batch)
+        assert {m.where for m in batch.members} == {"a", "b", "c"}
+        await batch.guard("PATCH batch")  # what VendorHttp does right before a write
+        sent.append(values)
+        return {v: None for v in values}
+
+    async def record(value: str) -> BaseException | None:
+        with leases.using(members[value]), batcher.working():
+            await asyncio.sleep(0)
+            try:
+                await batcher.call("w", value, value, one=Vendor().one, many=write)
+            except (LeaseLost, RetriableError) as exc:
+                return exc
+        return None
+
+    a, b, c = await asyncio.gather(*(record(v) for v in "abc"))
+    assert sent == []  # nothing written: b's claim was taken over
+    assert isinstance(b, LeaseLost)  # the lost one knows it
+    assert isinstance(a, RetriableError)
+    assert not isinstance(a, LeaseLost)
+    assert isinstance(c, RetriableError)
+    assert not isinstance(c, LeaseLost)
+    assert sorted(renewed) == ["a", "b", "c"]
+
+
+async def test_a_record_cancelled_while_waiting_does_not_hold_the_batch() -> None:
+    batcher, vendor = Batcher(max_size=50, wait_s=0.05), Vendor(delay_s=0.01)
+    waiting = asyncio.create_task(_record(batcher, vendor, "a"))
+    other = asyncio.create_task(_record(batcher, vendor, "b", work_s=0.5))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await other == "B"
+    assert ("one", "b") in vendor.calls
+    await batcher.settle()
