@@ -12,7 +12,13 @@ Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
 * ``GET /crm/v4/objects/deals/{id}/associations/{companies|contacts}`` — association types
   with labels; type ``5`` is "Deal to primary company"
   (https://developers.hubspot.com/docs/api-reference/legacy/crm/associations/associate-records/guide).
-* ``POST /crm/v3/objects/{type}/batch/read`` — up to 100 ids per call.
+* ``POST /crm/v3/objects/{type}/batch/read`` — up to 100 ids per call; 50 when
+  ``propertiesWithHistory`` is asked (:data:`HISTORY_BATCH_LIMIT`).
+* ``POST /crm/v4/associations/deals/{companies|contacts|line_items}/batch/read`` — each
+  deal's associations with types and labels, paged per deal with ``{id, after}`` inputs,
+  up to 1,000 inputs (:meth:`HubSpotConnector.fetch_deals`).
+* ``POST /crm/v3/objects/deals/batch/update`` — up to 100 ``{id, properties}`` inputs, all
+  or nothing (:meth:`HubSpotConnector.write_billing_statuses`).
 * ``POST /crm/v3/objects/deals/search`` — filters on ``hs_lastmodifieddate`` (epoch-ms
   string values), one sort, ``limit`` ≤ 200, ``after`` offsets, 10,000 results per query
   at most (400 beyond), 5 requests per second
@@ -62,6 +68,7 @@ from pydantic import SecretStr, field_validator, model_validator
 from connectors.hubspot.auth import BearerToken, HubSpotErrors, check_credentials, oauth_tokens
 from connectors.hubspot.models import (
     AssociatedObject,
+    AssociationBatch,
     AssociationCollection,
     AssociationPage,
     BatchRead,
@@ -86,11 +93,13 @@ from syncd.core.interfaces import (
     DealBillingStatus,
     FollowUpTask,
     InvoiceState,
+    ReadsDealsInBatches,
     SourceRecord,
     UpdatesCompanies,
     WebhookVerifier,
+    WritesStatusInBatches,
 )
-from syncd.plumbing.http import RateLimit, VendorHttp, within
+from syncd.plumbing.http import RateLimit, Rejected, VendorHttp, within
 from syncd.plumbing.registry import ConnectionSettings, ConnectorContext, ConnectorSpec, secret_value
 from syncd.plumbing.tokens import TokenAuth
 
@@ -122,6 +131,13 @@ PRIMARY_LABEL = "primary"
 PAGE_LIMIT = 100  # list endpoints return at most 100 per page; search allows 200
 BATCH_LIMIT = 100  # batch read: up to 100 ids per request
 V4_PAGE_LIMIT = 500
+# "The maximum number of inputs supported in a batch request for property histories is
+# 50": HubSpot's 400 answer to a batch read with propertiesWithHistory and more inputs,
+# quoted in PipedreamHQ/pipedream pull request #8462 (the usual batch cap is 100).
+HISTORY_BATCH_LIMIT = 50
+# v4 association batch reads take at most 1,000 inputs (effective 2025-02-10:
+# https://developers.hubspot.com/changelog/bug-fix-batch-read-limit-for-hubspot-associations-api).
+V4_BATCH_LIMIT = 1000
 
 BILLING_GROUP = "syncd"
 BILLING_GROUP_LABEL = "syncd billing"
@@ -374,22 +390,54 @@ class HubSpotConnector:
         Raises:
             NotFound: no deal with that id.
         """
-        wanted = properties or {}
-        deal = await self._read_deal(deal_id, _merge(DEAL_PROPERTIES, wanted.get("deal", ())))
+        wanted = _Wanted.of(properties)
+        deal = await self._read_deal(deal_id, wanted.deal)
         links = _associations(deal)
-        company = await self._primary_company(deal_id, links, _merge(COMPANY_PROPERTIES, wanted.get("company", ())))
-        contacts = await self._contacts(deal_id, links, _merge(CONTACT_PROPERTIES, wanted.get("contact", ())))
+        company = await self._primary_company(deal_id, links, wanted.company)
+        contacts = await self._contacts(deal_id, links, wanted.contact)
         line_ids = await self._line_item_ids(deal_id, links)
-        items = await self._batch_read(
-            "line_items", line_ids, _merge(LINE_ITEM_PROPERTIES, wanted.get("line_item", ()))
-        )
-        data = {
-            "deal": deal.as_data(),
-            "company": company,
-            "contacts": contacts,
-            "line_items": [{"id": item.id, "properties": dict(item.properties)} for item in items],
+        items = await self._batch_read("line_items", line_ids, wanted.line_item)
+        return self._record(deal, _deal_data(deal, company, contacts, items))
+
+    async def fetch_deals(
+        self, deal_ids: Sequence[str], properties: Mapping[str, Sequence[str]] | None = None
+    ) -> Mapping[str, SourceRecord | SyncdError]:
+        """Each deal as :meth:`fetch_deal` returns it, by deal id, in a constant number of calls.
+
+        One batch read of the deals (with ``dealstage`` history), one v4 batch association
+        read each for companies, contacts and line items, and one batch read each of those
+        (more only past a chunk size or an association page).
+
+        A deal HubSpot does not return maps to :class:`NotFound`, as does a deal whose
+        primary company is gone (:meth:`fetch_deal` raises then too). An error of a whole
+        request (auth, 429 or 5xx after retries) is raised.
+        """
+        wanted = _Wanted.of(properties)
+        ids = list(dict.fromkeys(deal_ids))
+        deals = {deal.id: deal for deal in await self._batch_read_deals(ids, wanted.deal)}
+        related = await self._related(list(deals), wanted)
+        return {deal_id: self._batch_record(deal_id, deals.get(deal_id), related) for deal_id in ids}
+
+    async def _related(self, deal_ids: Sequence[str], wanted: _Wanted) -> _Related:
+        """The deals' associations (v4 batch reads) and the associated records (batch reads)."""
+        links = {
+            to_type: await self._v4_batch(deal_ids, to_type) for to_type in ("companies", "contacts", "line_items")
         }
-        return self._record(deal, data)
+        primaries = [primary for associated in links["companies"].values() if (primary := _primary(associated))]
+        return _Related(
+            links=links,
+            companies=await self._read_by_id("companies", _to_ids([primaries]), wanted.company),
+            contacts=await self._read_by_id("contacts", _to_ids(links["contacts"].values()), wanted.contact),
+            line_items=await self._read_by_id("line_items", _to_ids(links["line_items"].values()), wanted.line_item),
+        )
+
+    def _batch_record(self, deal_id: str, deal: CrmObject | None, related: _Related) -> SourceRecord | NotFound:
+        """One deal's record from a batch, or :class:`NotFound` for it or for its primary company."""
+        primary = _primary(related.links["companies"].get(deal_id, ()))
+        company = related.companies.get(str(primary.to_object_id)) if primary is not None else None
+        if deal is None or (primary is not None and company is None):
+            return self._missing(deal_id, primary)
+        return self._record(deal, _deal_data(deal, company, related.contacts_of(deal_id), related.items_of(deal_id)))
 
     async def iter_deals(self) -> AsyncIterator[SourceRecord]:
         """Every deal from the list endpoint, page by page (no associations read)."""
@@ -483,13 +531,52 @@ class HubSpotConnector:
             RecordError: the state is not one of the status property's options.
             NotFound: no deal with that id.
         """
+        values = self._status_values(deal_id, status)
+        response = await self.http.request("PATCH", f"/crm/v3/objects/deals/{deal_id}", json={"properties": values})
+        self._remember_write(CrmObject.model_validate_json(response.content))
+
+    async def write_billing_statuses(
+        self, statuses: Mapping[str, DealBillingStatus]
+    ) -> Mapping[str, SyncdError | None]:
+        """Write each deal's standing (as :meth:`write_billing_status`) through ``batch/update``; per deal ``None`` or its error.
+
+        ``POST /crm/v3/objects/deals/batch/update`` takes up to 100 ``{id, properties}``
+        inputs. HubSpot documents no partial success for it ("If there are any errors in
+        the request, the entire request will fail and no updates will be applied",
+        https://developers.hubspot.com/docs/api-reference/legacy/crm/objects/deals/v1/put-deals-v1-batch-async-update.md,
+        the batch update of the v1 deals API): a batch refused with a 4xx (an unknown
+        deal, a refused value) is split in halves and each half sent again, until the bad
+        deal is alone and gets HubSpot's answer as its error. A state that is not an
+        option fails that deal before anything is sent.
+
+        Raises:
+            AuthError, RetriableError: the whole request failed (401/403, 429 or 5xx
+                after retries); every deal of the batch fails alike.
+        """
+        results: dict[str, SyncdError | None] = {}
+        inputs: list[tuple[str, dict[str, str]]] = []
+        for deal_id, status in statuses.items():
+            try:
+                inputs.append((deal_id, self._status_values(deal_id, status)))
+            except RecordError as exc:
+                results[deal_id] = exc
+        for start in range(0, len(inputs), BATCH_LIMIT):
+            results.update(await self._update_deals(inputs[start : start + BATCH_LIMIT]))
+        return {deal_id: results[deal_id] for deal_id in statuses}
+
+    def _status_values(self, deal_id: str, status: DealBillingStatus) -> dict[str, str]:
+        """The billing property values for ``status``.
+
+        Raises:
+            RecordError: the state is not one of the status property's options.
+        """
         if status.state not in STATUS_OPTIONS:
             raise RecordError(
                 f"{self.connection}: invoice state {status.state!r} is not an option of "
                 f"{BillingProperty.INVOICE_STATUS.value} ({', '.join(STATUS_OPTIONS)})",
                 place=f"deal {deal_id}",
             )
-        values = {
+        return {
             BillingProperty.INVOICE_NUMBER.value: status.invoice_number or "",
             BillingProperty.INVOICE_STATUS.value: status.state,
             BillingProperty.AMOUNT_DUE.value: format(status.amount_due, "f"),
@@ -500,8 +587,28 @@ class HubSpotConnector:
             if status.total_invoiced is not None
             else "",
         }
-        response = await self.http.request("PATCH", f"/crm/v3/objects/deals/{deal_id}", json={"properties": values})
-        self._remember_write(CrmObject.model_validate_json(response.content))
+
+    async def _update_deals(self, inputs: Sequence[tuple[str, dict[str, str]]]) -> dict[str, SyncdError | None]:
+        """One ``batch/update``; refused as a whole (404, 400 ...), split in halves until the bad deal is alone."""
+        body = {"inputs": [{"id": deal_id, "properties": values} for deal_id, values in inputs]}
+        try:
+            response = await self.http.request("POST", "/crm/v3/objects/deals/batch/update", json=body)
+        except (NotFound, Rejected) as exc:
+            if len(inputs) == 1:
+                return {inputs[0][0]: self._refused(inputs[0][0], exc)}
+            middle = len(inputs) // 2
+            log.info("hubspot_batch_update_split", connection=self.connection, size=len(inputs), reason=str(exc))
+            return {**await self._update_deals(inputs[:middle]), **await self._update_deals(inputs[middle:])}
+        for deal in BatchRead.model_validate_json(response.content).results:
+            self._remember_write(deal)
+        return {deal_id: None for deal_id, _ in inputs}
+
+    def _refused(self, deal_id: str, exc: NotFound | Rejected) -> SyncdError:
+        """The error of the one deal a ``batch/update`` was refused for, named by the deal."""
+        place = f"deal {deal_id}"
+        if isinstance(exc, Rejected):
+            return Rejected(exc.message, status=exc.status, messages=exc.messages, place=place)
+        return NotFound(f"{exc.message}: HubSpot has no deal {deal_id}", place=place)
 
     async def write_company_status(self, company_id: str, status: CompanyBillingStatus) -> None:
         """Write a company's receivables onto it (:data:`CompanyProperty`; see :func:`company_values`).
@@ -692,26 +799,25 @@ class HubSpotConnector:
 
     async def _primary_company(
         self, deal_id: str, links: Mapping[str, AssociationCollection], properties: Sequence[str]
-    ) -> dict[str, Any] | None:
+    ) -> CrmObject | None:
         if not links.get("companies", AssociationCollection()).results:
             return None
         associated = await self._v4_associations(deal_id, "companies")
-        primary = next((item for item in associated if _is_primary_company(item)), None)
+        primary = _primary(associated)
         if primary is None:
             return None
         params = {"properties": ",".join(properties)}
         response = await self.http.request("GET", f"/crm/v3/objects/companies/{primary.to_object_id}", params=params)
-        company = CrmObject.model_validate_json(response.content)
-        return {"id": company.id, "properties": dict(company.properties)}
+        return CrmObject.model_validate_json(response.content)
 
     async def _contacts(
         self, deal_id: str, links: Mapping[str, AssociationCollection], properties: Sequence[str]
-    ) -> list[dict[str, Any]]:
+    ) -> list[tuple[CrmObject, AssociatedObject]]:
         if not links.get("contacts", AssociationCollection()).results:
             return []
-        associated = {str(item.to_object_id): item for item in await self._v4_associations(deal_id, "contacts")}
+        associated = _by_to_id(await self._v4_associations(deal_id, "contacts"))
         found = await self._batch_read("contacts", list(associated), properties)
-        return [_contact(contact, associated[contact.id]) for contact in found]
+        return [(contact, associated[contact.id]) for contact in found]
 
     async def _line_item_ids(self, deal_id: str, links: Mapping[str, AssociationCollection]) -> list[str]:
         block = links.get("line_items", AssociationCollection())
@@ -750,6 +856,59 @@ class HubSpotConnector:
             by_id = {item.id: item for item in BatchRead.model_validate_json(response.content).results}
             found.extend(by_id[object_id] for object_id in chunk if object_id in by_id)
         return found
+
+    async def _batch_read_deals(self, ids: Sequence[str], properties: Sequence[str]) -> list[CrmObject]:
+        """Deals with ``dealstage`` history, :data:`HISTORY_BATCH_LIMIT` per request (see there)."""
+        found: list[CrmObject] = []
+        for start in range(0, len(ids), HISTORY_BATCH_LIMIT):
+            body = {
+                "inputs": [{"id": deal_id} for deal_id in ids[start : start + HISTORY_BATCH_LIMIT]],
+                "properties": list(properties),
+                "propertiesWithHistory": ["dealstage"],
+            }
+            response = await self.http.request("POST", "/crm/v3/objects/deals/batch/read", json=body, write=False)
+            found.extend(BatchRead.model_validate_json(response.content).results)
+        return found
+
+    async def _v4_batch(self, deal_ids: Sequence[str], to_type: str) -> dict[str, list[AssociatedObject]]:
+        """Each deal's associations of ``to_type`` through the v4 batch read, following each deal's pages.
+
+        ``POST /crm/v4/associations/deals/{to_type}/batch/read`` with ``inputs: [{id, after}]``
+        (hubspot-api-client, crm/associations/v4/api/batch_api.py ``get_page``: "The 'after'
+        field in a returned paging object can be added alongside the 'id' to retrieve the
+        next page of associations from that objectId"); at most
+        :data:`V4_BATCH_LIMIT` inputs per request. A deal without any is left out.
+        """
+        found: dict[str, list[AssociatedObject]] = {}
+        pending: list[dict[str, str]] = [{"id": deal_id} for deal_id in deal_ids]
+        while pending:
+            following: list[dict[str, str]] = []
+            for start in range(0, len(pending), V4_BATCH_LIMIT):
+                body = {"inputs": pending[start : start + V4_BATCH_LIMIT]}
+                path = f"/crm/v4/associations/deals/{to_type}/batch/read"
+                response = await self.http.request("POST", path, json=body, write=False)
+                for result in AssociationBatch.model_validate_json(response.content).results:
+                    found.setdefault(result.from_object.id, []).extend(result.to)
+                    if result.paging is not None and result.paging.next is not None:
+                        following.append({"id": result.from_object.id, "after": result.paging.next.after})
+            pending = following
+        return found
+
+    async def _read_by_id(
+        self, object_type: str, ids: Sequence[str], properties: Sequence[str]
+    ) -> dict[str, CrmObject]:
+        """:meth:`_batch_read` of the distinct ``ids``, by id (records HubSpot did not return are absent)."""
+        found = await self._batch_read(object_type, list(dict.fromkeys(ids)), properties)
+        return {item.id: item for item in found}
+
+    def _missing(self, deal_id: str, primary: AssociatedObject | None) -> NotFound:
+        """The error of a deal the batch did not find, or whose primary company it did not find."""
+        if primary is None:
+            return NotFound(f"{self.connection}: HubSpot has no deal {deal_id} (batch read)", place=f"deal {deal_id}")
+        return NotFound(
+            f"{self.connection}: the primary company {primary.to_object_id} of deal {deal_id} was not found (batch read)",
+            place=f"deal {deal_id}",
+        )
 
     async def _search_changed(self, window: PollCursor) -> SearchPage:
         body: dict[str, Any] = {
@@ -821,11 +980,84 @@ def _associations(deal: CrmObject) -> dict[str, AssociationCollection]:
     return {key.replace(" ", "_").lower(): block for key, block in deal.associations.items()}
 
 
+def _primary(associated: Iterable[AssociatedObject]) -> AssociatedObject | None:
+    """The deal's primary company among its associated companies, if one is marked so."""
+    return next((item for item in associated if _is_primary_company(item)), None)
+
+
 def _is_primary_company(item: AssociatedObject) -> bool:
     return any(
         kind.type_id == PRIMARY_COMPANY_TYPE_ID and kind.category == "HUBSPOT_DEFINED"
         for kind in item.association_types
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Wanted:
+    """The properties read of each object type: syncd's defaults, then what the mapping asks for."""
+
+    deal: list[str]
+    company: list[str]
+    contact: list[str]
+    line_item: list[str]
+
+    @classmethod
+    def of(cls, properties: Mapping[str, Sequence[str]] | None) -> _Wanted:
+        wanted = properties or {}
+        return cls(
+            deal=_merge(DEAL_PROPERTIES, wanted.get("deal", ())),
+            company=_merge(COMPANY_PROPERTIES, wanted.get("company", ())),
+            contact=_merge(CONTACT_PROPERTIES, wanted.get("contact", ())),
+            line_item=_merge(LINE_ITEM_PROPERTIES, wanted.get("line_item", ())),
+        )
+
+
+def _deal_data(
+    deal: CrmObject,
+    company: CrmObject | None,
+    contacts: Sequence[tuple[CrmObject, AssociatedObject]],
+    items: Sequence[CrmObject],
+) -> dict[str, Any]:
+    """A deal record's data: the deal, its primary company, contacts (with labels) and line items."""
+    return {
+        "deal": deal.as_data(),
+        "company": {"id": company.id, "properties": dict(company.properties)} if company is not None else None,
+        "contacts": [_contact(contact, association) for contact, association in contacts],
+        "line_items": [{"id": item.id, "properties": dict(item.properties)} for item in items],
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Related:
+    """What a batch read found for its deals: associations by type and deal, and the associated records by id."""
+
+    links: Mapping[str, Mapping[str, Sequence[AssociatedObject]]]
+    companies: Mapping[str, CrmObject]
+    contacts: Mapping[str, CrmObject]
+    line_items: Mapping[str, CrmObject]
+
+    def contacts_of(self, deal_id: str) -> list[tuple[CrmObject, AssociatedObject]]:
+        """The deal's contacts that were read, each with its association (labels), in association order."""
+        associated = _by_to_id(self.links["contacts"].get(deal_id, ()))
+        return [(self.contacts[key], item) for key, item in associated.items() if key in self.contacts]
+
+    def items_of(self, deal_id: str) -> list[CrmObject]:
+        """The deal's line items that were read, in association order."""
+        associated = _by_to_id(self.links["line_items"].get(deal_id, ()))
+        return [self.line_items[key] for key in associated if key in self.line_items]
+
+
+def _by_to_id(associated: Iterable[AssociatedObject]) -> dict[str, AssociatedObject]:
+    """Associations by the associated record's id (as a string), first one kept, order kept."""
+    found: dict[str, AssociatedObject] = {}
+    for item in associated:
+        found.setdefault(str(item.to_object_id), item)
+    return found
+
+
+def _to_ids(lists: Iterable[Iterable[AssociatedObject]]) -> list[str]:
+    """Every associated record id of every list (one per deal), without repeats."""
+    return list(dict.fromkeys(str(item.to_object_id) for associated in lists for item in associated))
 
 
 def _contact(contact: CrmObject, association: AssociatedObject) -> dict[str, Any]:
@@ -916,7 +1148,7 @@ def create_verifier(settings: HubSpotSettings, clock: Callable[[], datetime]) ->
 
 SPEC = ConnectorSpec(
     name="hubspot",
-    roles=frozenset({Crm, CrmSchema, UpdatesCompanies}),
+    roles=frozenset({Crm, CrmSchema, UpdatesCompanies, ReadsDealsInBatches, WritesStatusInBatches}),
     settings_model=HubSpotSettings,
     factory=create,
     verifier=create_verifier,

@@ -8,6 +8,9 @@ SDK and syncd's connector work against it. Sources (all on developers.hubspot.co
   ``/docs/api-reference/legacy/crm/search-the-crm`` (``limit`` ≤ 200, default 10;
   10,000 results per query, 400 beyond; 5 searches per second; filter values for
   dates are epoch-ms strings; one sort);
+* batch calls: ``batch/update`` all or nothing (:meth:`HubSpotEmulator._batch_update`),
+  batch reads with ``propertiesWithHistory`` capped at 50 inputs, v4 association batch
+  reads (:meth:`HubSpotEmulator._associations_v4_batch`), each citing its source there;
 * association type ids and labels (``5`` deal→primary company, ``341`` deal→company,
   ``3`` deal→contact, ``19`` deal→line item, ``1``/``279`` contact→company):
   ``/docs/api-reference/legacy/crm/associations/associate-records/guide``;
@@ -268,7 +271,16 @@ SEARCH_BODY_LIMIT = 3000  # characters (search guide, Limits)
 SEARCH_PAGE_MAX = 200
 LIST_PAGE_MAX = 100
 BATCH_MAX = 100
+# A batch read asking for propertiesWithHistory takes at most 50 inputs; HubSpot's 400 says
+# "The maximum number of inputs supported in a batch request for property histories is 50"
+# (quoted in PipedreamHQ/pipedream pull request #8462).
+HISTORY_BATCH_MAX = 50
 V4_PAGE_DEFAULT = 500
+# v4 association batch reads: "may not exceed 1000 IDs per request body" (effective
+# 2025-02-10, https://developers.hubspot.com/changelog/bug-fix-batch-read-limit-for-hubspot-associations-api).
+V4_BATCH_MAX = 1000
+# Singular object names in v4 association errors ("No company is associated with deal 5156…").
+SINGULAR = {"deals": "deal", "companies": "company", "contacts": "contact", "line_items": "line_item", "tasks": "task"}
 _NUMERIC_SEGMENT = re.compile(r"/\d+(?=/|$)")
 _ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 
@@ -361,6 +373,9 @@ class HubSpotEmulator:
         client_id / refresh_token: OAuth app id and the refresh token the token endpoint accepts.
         access_token_ttl_s: lifetime of issued OAuth access tokens (HubSpot: 1800).
         search_result_cap: results per search query (HubSpot: 10,000; lower it in tests).
+        association_page_size: associations per record on one page of a v4 batch
+            association read (500, the emulator's choice, as its single-record v4 page;
+            lower it in tests to page).
         scopes: the scopes granted to the private-app token and to OAuth access tokens;
             ``None`` grants every scope (no checks).
         strict_properties: API writes naming an undefined property are refused with
@@ -395,6 +410,7 @@ class HubSpotEmulator:
         refresh_token: str = "emulator-refresh",
         access_token_ttl_s: int = 1800,
         search_result_cap: int = 10_000,
+        association_page_size: int = V4_PAGE_DEFAULT,
         strict_properties: bool = True,
         scopes: Iterable[str] | None = None,
         contract: Contract | None = None,
@@ -407,6 +423,7 @@ class HubSpotEmulator:
         self.client_id = client_id
         self.refresh_token = refresh_token
         self._strict = strict_properties
+        self._association_page_size = association_page_size
         self._settings = _Settings(
             token=token,
             client_id=client_id,
@@ -762,6 +779,12 @@ class HubSpotEmulator:
             Route("/oauth/v1/token", self._token, methods=["POST"]),
             Route("/crm/v3/objects/{object_type}/search", guarded(self._search, search=True), methods=["POST"]),
             Route("/crm/v3/objects/{object_type}/batch/read", guarded(self._batch_read), methods=["POST"]),
+            Route("/crm/v3/objects/{object_type}/batch/update", guarded(self._batch_update), methods=["POST"]),
+            Route(
+                "/crm/v4/associations/{object_type}/{to_type}/batch/read",
+                guarded(self._associations_v4_batch),
+                methods=["POST"],
+            ),
             Route("/crm/v3/objects/{object_type}", guarded(self._list), methods=["GET"]),
             Route("/crm/v3/objects/{object_type}", guarded(self._create_object), methods=["POST"]),
             Route("/crm/v3/objects/{object_type}/{object_id}", guarded(self._read), methods=["GET"]),
@@ -959,13 +982,17 @@ class HubSpotEmulator:
             raise HubSpotError(404, "Object not found.  objectId are usually numeric.", "OBJECT_NOT_FOUND")
         payload = await _json(request)
         values = self._writable(kind, payload.get("properties"))
+        return JSONResponse(await self._write(kind, record, values))
+
+    async def _write(self, kind: str, record: _Record, values: Mapping[str, str | None]) -> dict[str, Any]:
+        """Apply an API write (history, ``writes``, subscribed webhooks); the record as answered."""
         changed = self._apply(kind, record, values)
         self.writes.append(ApiWrite(object_type=kind, object_id=record.id, properties=dict(values), at=self._clock()))
         if kind == "deals" and self._watched:
             await self._deliver_changes(
                 record, [name for name in changed if name in values and name in self._watched], source="API"
             )
-        return JSONResponse(_public(record, self._visible(kind, record, list(values))))
+        return _public(record, self._visible(kind, record, list(values)))
 
     async def _create_object(self, request: Request) -> Response:
         kind = _kind(request.path_params["object_type"])
@@ -1025,6 +1052,14 @@ class HubSpotEmulator:
         inputs = payload.get("inputs") or []
         if len(inputs) > BATCH_MAX:
             raise HubSpotError(400, f"Batch input size is limited to {BATCH_MAX}", "VALIDATION_ERROR")
+        with_history = [str(name) for name in payload.get("propertiesWithHistory") or []]
+        if with_history and len(inputs) > HISTORY_BATCH_MAX:
+            raise HubSpotError(
+                400,
+                f"The maximum number of inputs supported in a batch request for property histories is "
+                f"{HISTORY_BATCH_MAX}. Please reduce the number of items and try again",
+                "VALIDATION_ERROR",
+            )
         wanted = [str(name) for name in payload.get("properties") or []]
         started = iso_ms(self._clock())
         results: list[dict[str, Any]] = []
@@ -1033,18 +1068,12 @@ class HubSpotEmulator:
             record = self._records[kind].get(str(item.get("id")))
             if record is None or record.archived:
                 missing.append(str(item.get("id")))
-            else:
-                results.append(_public(record, self._visible(kind, record, wanted)))
-        body: dict[str, Any] = {
-            "status": "COMPLETE",
-            "results": results,
-            "startedAt": started,
-            "completedAt": iso_ms(self._clock()),
-        }
-        if not missing:
-            return JSONResponse(body)
-        body["numErrors"] = 1
-        body["errors"] = [
+                continue
+            found = _public(record, self._visible(kind, record, wanted))
+            if with_history:
+                found["propertiesWithHistory"] = _history(record, with_history)
+            results.append(found)
+        errors = [
             {
                 "status": "error",
                 "category": "OBJECT_NOT_FOUND",
@@ -1052,7 +1081,51 @@ class HubSpotEmulator:
                 "message": "Could not get some objects, they may be deleted or not exist.",
             }
         ]
-        return JSONResponse(body, status_code=207)
+        return self._batch_answer(started, results, errors if missing else [])
+
+    async def _batch_update(self, request: Request) -> Response:
+        """``POST /crm/v3/objects/{type}/batch/update``: all inputs are written, or none.
+
+        Each input is checked as the single ``PATCH`` checks it (the record exists and is
+        live, its properties are writable and valid) before anything is applied: HubSpot
+        documents no partial success for batch updates ("If there are any errors in the
+        request, the entire request will fail and no updates will be applied", the v1
+        deals batch update: https://developers.hubspot.com/docs/api-reference/legacy/crm/objects/deals/v1/put-deals-v1-batch-async-update.md).
+        At most 100 inputs (the same page). Emulator choices: an unknown id is answered
+        404 ``OBJECT_NOT_FOUND`` naming the ids in ``context.ids`` (as the single PATCH
+        and the batch read's error), a repeated id 400; the answer is the SDK's
+        ``BatchResponseSimplePublicObject`` (crm/objects/models).
+        """
+        kind = _kind(request.path_params["object_type"])
+        payload = await _json(request)
+        inputs = payload.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise HubSpotError(400, "Invalid input JSON: inputs must be a non-empty list", "VALIDATION_ERROR")
+        if len(inputs) > BATCH_MAX:
+            raise HubSpotError(400, f"Batch input size is limited to {BATCH_MAX}", "VALIDATION_ERROR")
+        ids = [str(item.get("id")) if isinstance(item, dict) else "" for item in inputs]
+        repeated = sorted({object_id for object_id in ids if ids.count(object_id) > 1})
+        if repeated:
+            raise HubSpotError(400, f"Duplicate IDs found in batch input: {repeated}", "VALIDATION_ERROR")
+        missing = [object_id for object_id in ids if not self._live(kind, object_id)]
+        if missing:
+            raise HubSpotError(
+                404,
+                "Could not update some objects, they may be deleted or not exist.",
+                "OBJECT_NOT_FOUND",
+                context={"ids": missing},
+            )
+        writes = [
+            (self._records[kind][object_id], self._writable(kind, item.get("properties")))
+            for object_id, item in zip(ids, inputs, strict=True)
+        ]
+        started = iso_ms(self._clock())
+        results = [await self._write(kind, record, values) for record, values in writes]
+        return self._batch_answer(started, results, [])
+
+    def _live(self, kind: str, object_id: str) -> bool:
+        record = self._records[kind].get(object_id)
+        return record is not None and not record.archived
 
     # ------------------------------------------------------------------ search
 
@@ -1164,22 +1237,87 @@ class HubSpotEmulator:
             self._links.get((kind, request.path_params["object_id"], to_kind), {}).items(),
             key=lambda item: int(item[0]),
         )
-        page = links[offset : offset + limit]
-        body: dict[str, Any] = {
-            "results": [
-                {
-                    "toObjectId": int(to_id),
-                    "associationTypes": [
-                        {"category": category, "typeId": type_id, "label": label}
-                        for category, type_id, label in link.kinds
-                    ],
-                }
-                for to_id, link in page
-            ]
-        }
+        body: dict[str, Any] = {"results": _associated(links[offset : offset + limit])}
         if offset + limit < len(links):
             body["paging"] = {"next": {"after": str(offset + limit)}}
         return JSONResponse(body)
+
+    async def _associations_v4_batch(self, request: Request) -> Response:
+        """``POST /crm/v4/associations/{from}/{to}/batch/read``: each input's associations, a page each.
+
+        Body: ``inputs: [{id, after?}]`` (the SDK's ``BatchInputPublicFetchAssociationsBatchRequest``),
+        at most :data:`V4_BATCH_MAX`. Answer: ``results[]`` of ``{from: {id}, to: [{toObjectId,
+        associationTypes}], paging?}`` (``PublicAssociationMultiWithLabel``; ``from.id`` a
+        string, ``toObjectId`` a number), 200, or 207 with ``errors``: an id without
+        associations of that type, existing or not, is left out of ``results`` and listed
+        as ``OBJECT_NOT_FOUND``/``crm.associations.NO_ASSOCIATIONS_FOUND`` with HubSpot's
+        message "No company is associated with deal 5156…" and ``context`` ``fromObjectId``,
+        ``fromObjectType``, ``toObjectType`` (real answers as quoted in public client code;
+        the SDK's ``BatchResponsePublicAssociationMultiWithLabelWithErrors`` and
+        ``StandardError``, whose ``links`` and ``errors`` are required). ``paging.next.after``
+        is an offset into that record's list (emulator choice, as on the single-record read).
+        """
+        kind = _kind(request.path_params["object_type"])
+        to_kind = _kind(request.path_params["to_type"])
+        payload = await _json(request)
+        inputs = payload.get("inputs")
+        if not isinstance(inputs, list):
+            raise HubSpotError(400, "Invalid input JSON: inputs must be a list", "VALIDATION_ERROR")
+        if len(inputs) > V4_BATCH_MAX:
+            raise HubSpotError(400, f"Batch input size is limited to {V4_BATCH_MAX}", "VALIDATION_ERROR")
+        started = iso_ms(self._clock())
+        results: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for item in inputs:
+            from_id = str(item.get("id"))
+            after = str(item.get("after") or "0")
+            page = self._association_page(kind, from_id, to_kind, int(after) if after.isdigit() else 0)
+            if page is None:
+                errors.append(self._no_associations(kind, from_id, to_kind))
+            else:
+                results.append(page)
+        return self._batch_answer(started, results, errors)
+
+    def _batch_answer(self, started: str, results: list[dict[str, Any]], errors: list[dict[str, Any]]) -> Response:
+        """A batch answer (the SDK's ``BatchResponse...``): 200, or 207 with ``numErrors`` and ``errors``."""
+        body: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": started,
+            "completedAt": iso_ms(self._clock()),
+        }
+        if not errors:
+            return JSONResponse(body)
+        body.update(numErrors=len(errors), errors=errors)
+        return JSONResponse(body, status_code=207)
+
+    def _association_page(self, kind: str, from_id: str, to_kind: str, offset: int) -> dict[str, Any] | None:
+        """One record's page of associations from ``offset`` (``None``: it has none there)."""
+        links = sorted(self._links.get((kind, from_id, to_kind), {}).items(), key=lambda item: int(item[0]))
+        size = self._association_page_size
+        page = links[offset : offset + size]
+        if not page:
+            return None
+        result: dict[str, Any] = {"from": {"id": from_id}, "to": _associated(page)}
+        if offset + size < len(links):
+            result["paging"] = {"next": {"after": str(offset + size)}}
+        return result
+
+    @staticmethod
+    def _no_associations(kind: str, from_id: str, to_kind: str) -> dict[str, Any]:
+        return {
+            "status": "error",
+            "category": "OBJECT_NOT_FOUND",
+            "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND",
+            "message": f"No {SINGULAR[to_kind]} is associated with {SINGULAR[kind]} {from_id}.",
+            "context": {
+                "fromObjectId": [from_id],
+                "fromObjectType": [SINGULAR[kind]],
+                "toObjectType": [SINGULAR[to_kind]],
+            },
+            "links": {},
+            "errors": [],
+        }
 
     # ------------------------------------------------------------------ properties
 
@@ -1308,7 +1446,8 @@ class HubSpotEmulator:
 
 # (method, path, SDK models module, model) for each body the emulator takes: the
 # operations' request bodies in hubspot-api-client (crm/objects/api/basic_api.py ``create``
-# and ``update``, batch_api.py ``read``, search_api.py ``do_search``;
+# and ``update``, batch_api.py ``read`` and ``update``, search_api.py ``do_search``;
+# crm/associations/v4/api/batch_api.py ``get_page``;
 # crm/properties/api/core_api.py ``create``, groups_api.py ``create``). Tasks are checked
 # against the tasks client's own models first (crm/objects/tasks/api/basic_api.py and
 # search_api.py), the first match winning.
@@ -1322,6 +1461,18 @@ _BODY_MODELS: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
         re.compile(r"/crm/v3/objects/[^/]+/batch/read"),
         "hubspot.crm.objects",
         "BatchReadInputSimplePublicObjectId",
+    ),
+    (
+        "POST",
+        re.compile(r"/crm/v3/objects/[^/]+/batch/update"),
+        "hubspot.crm.objects",
+        "BatchInputSimplePublicObjectBatchInput",
+    ),
+    (
+        "POST",
+        re.compile(r"/crm/v4/associations/[^/]+/[^/]+/batch/read"),
+        "hubspot.crm.associations.v4",
+        "BatchInputPublicFetchAssociationsBatchRequest",
     ),
     ("POST", re.compile(r"/crm/v3/objects/[^/]+"), "hubspot.crm.objects", "SimplePublicObjectInputForCreate"),
     ("PATCH", re.compile(r"/crm/v3/objects/[^/]+/[^/]+"), "hubspot.crm.objects", "SimplePublicObjectInput"),
@@ -1480,6 +1631,19 @@ def _history(record: _Record, names: Sequence[str]) -> dict[str, list[dict[str, 
         for name in names
         if name in record.properties
     }
+
+
+def _associated(page: Sequence[tuple[str, _Link]]) -> list[dict[str, Any]]:
+    """v4 associated records (``MultiAssociatedObjectWithLabel``): ``toObjectId`` and every type/label linking it."""
+    return [
+        {
+            "toObjectId": int(to_id),
+            "associationTypes": [
+                {"category": category, "typeId": type_id, "label": label} for category, type_id, label in link.kinds
+            ],
+        }
+        for to_id, link in page
+    ]
 
 
 def _kind(name: str) -> str:

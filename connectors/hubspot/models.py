@@ -137,6 +137,36 @@ class AssociationPage(Wire):
     paging: Paging | None = None
 
 
+class PublicObjectId(Wire):
+    """``{"id": ...}``: the record an association batch result is from (the SDK's ``PublicObjectId``)."""
+
+    id: str
+
+
+class AssociationBatchResult(Wire):
+    """One ``results[]`` entry of ``POST /crm/v4/associations/{from}/{to}/batch/read``.
+
+    The SDK's ``PublicAssociationMultiWithLabel`` (hubspot-api-client,
+    crm/associations/v4/models/public_association_multi_with_label.py): ``from``, ``to``
+    (``MultiAssociatedObjectWithLabel``) and ``paging`` when that record has more.
+    """
+
+    from_object: PublicObjectId = Field(alias="from")
+    to: tuple[AssociatedObject, ...] = ()
+    paging: Paging | None = None
+
+
+class AssociationBatch(Wire):
+    """``POST /crm/v4/associations/{from}/{to}/batch/read`` (200, or 207 with ``errors``).
+
+    A record without associations of that type is not in ``results`` but in ``errors``
+    (``NO_ASSOCIATIONS_FOUND``); the SDK's ``BatchResponsePublicAssociationMultiWithLabel``
+    and ``...WithErrors``.
+    """
+
+    results: tuple[AssociationBatchResult, ...] = ()
+
+
 class PropertyDefinition(Wire):
     """A property definition from ``GET /crm/v3/properties/{objectType}`` (name is enough here)."""
 

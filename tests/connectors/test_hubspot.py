@@ -7,7 +7,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -673,12 +673,9 @@ async def test_closed_won_webhook_arrives_signed_and_verifies(emulator: HubSpotE
     assert bodies[1][0]["attemptNumber"] == 1
 
 
-async def test_a_deal_patched_over_the_api_delivers_its_subscribed_properties_only(
-    emulator: HubSpotEmulator, client: httpx.AsyncClient, clock: Clock
-) -> None:
-    """PATCH /crm/v3/objects/deals/{id} delivers a signed deal.propertyChange per subscribed property changed."""
+def webhook_receiver(clock: Clock, bodies: list[list[dict[str, Any]]]) -> Callable[[httpx.Request], httpx.Response]:
+    """A MockTransport handler that verifies each delivery's v3 signature and keeps its events in ``bodies``."""
     verifier = create_verifier(settings(), clock)
-    bodies: list[list[dict[str, Any]]] = []
 
     def receive(request: httpx.Request) -> httpx.Response:
         delivery = WebhookRequest(
@@ -691,6 +688,16 @@ async def test_a_deal_patched_over_the_api_delivers_its_subscribed_properties_on
         assert [hint.object_id for hint in verifier.verify(delivery)]
         bodies.append(json.loads(request.content))
         return httpx.Response(200)
+
+    return receive
+
+
+async def test_a_deal_patched_over_the_api_delivers_its_subscribed_properties_only(
+    emulator: HubSpotEmulator, client: httpx.AsyncClient, clock: Clock
+) -> None:
+    """PATCH /crm/v3/objects/deals/{id} delivers a signed deal.propertyChange per subscribed property changed."""
+    bodies: list[list[dict[str, Any]]] = []
+    receive = webhook_receiver(clock, bodies)
 
     deal = emulator.add_deal({"dealname": "Won over the API", "dealstage": "contractsent"})
     auth = {"Authorization": "Bearer pat-emulator"}

@@ -7,7 +7,20 @@ from typing import Any
 
 import pytest
 from hubspot import HubSpot
-from hubspot.crm.deals import Filter, FilterGroup, PublicObjectSearchRequest, SimplePublicObjectInput
+from hubspot.crm.associations.v4 import (
+    BatchInputPublicFetchAssociationsBatchRequest,
+    PublicFetchAssociationsBatchRequest,
+)
+from hubspot.crm.deals import (
+    BatchInputSimplePublicObjectBatchInput,
+    BatchReadInputSimplePublicObjectId,
+    Filter,
+    FilterGroup,
+    PublicObjectSearchRequest,
+    SimplePublicObjectBatchInput,
+    SimplePublicObjectId,
+    SimplePublicObjectInput,
+)
 from hubspot.crm.properties import ApiException, PropertyCreate
 
 from connectors.hubspot.emulator import HubSpotEmulator
@@ -117,3 +130,61 @@ def test_sdk_lists_and_creates_properties(served: tuple[HubSpotEmulator, str]) -
     assert created.name == "sdk_flag"
     assert {"dealname", "dealstage", "sdk_flag"} <= {item.name for item in listed.results}
     assert duplicate.value.status == 409
+
+
+def test_sdk_updates_deals_in_a_batch(served: tuple[HubSpotEmulator, str]) -> None:
+    """batch_api.update writes every input and answers the SDK's BatchResponseSimplePublicObject."""
+    emulator, url = served
+    first, second = emulator.add_deal({"dealname": "First"}), emulator.add_deal({"dealname": "Second"})
+    batch = api(url, lambda crm: crm.deals.batch_api)
+    body = BatchInputSimplePublicObjectBatchInput(
+        inputs=[
+            SimplePublicObjectBatchInput(id=first, properties={"amount": "10"}),
+            SimplePublicObjectBatchInput(id=second, properties={"amount": "20"}),
+        ]
+    )
+
+    answer = batch.update(body)
+
+    assert answer.status == "COMPLETE"
+    assert {item.id: item.properties["amount"] for item in answer.results} == {first: "10", second: "20"}
+    assert emulator.deal(second)["properties"]["amount"] == "20"
+
+
+def test_sdk_reads_v4_associations_in_a_batch(served: tuple[HubSpotEmulator, str], deal_ids: dict[str, str]) -> None:
+    """batch_api.get_page answers per deal from/to with labels, and a deal without companies as a 207 error."""
+    emulator, url = served
+    bare = emulator.add_deal({"dealname": "Bare"})
+    batch = api(url, lambda crm: crm.associations.v4.batch_api)
+    body = BatchInputPublicFetchAssociationsBatchRequest(
+        inputs=[PublicFetchAssociationsBatchRequest(id=deal_ids["deal"]), PublicFetchAssociationsBatchRequest(id=bare)]
+    )
+
+    answer = batch.get_page("deals", "companies", body)
+
+    (result,) = answer.results
+    assert result._from.id == deal_ids["deal"]
+    assert [str(item.to_object_id) for item in result.to] == [deal_ids["acme"]]
+    assert {(kind.type_id, kind.label) for kind in result.to[0].association_types} == {(5, "Primary"), (341, None)}
+    assert answer.num_errors == 1
+    assert answer.errors[0].message == f"No company is associated with deal {bare}."
+
+
+def test_sdk_reads_deals_in_a_batch_with_stage_history(
+    served: tuple[HubSpotEmulator, str], deal_ids: dict[str, str]
+) -> None:
+    """batch_api.read answers propertiesWithHistory per deal, and a missing id as a 207 error."""
+    _, url = served
+    batch = api(url, lambda crm: crm.deals.batch_api)
+    body = BatchReadInputSimplePublicObjectId(
+        inputs=[SimplePublicObjectId(id=deal_ids["deal"]), SimplePublicObjectId(id="999999")],
+        properties=["dealname"],
+        properties_with_history=["dealstage"],
+    )
+
+    answer = batch.read(body)
+
+    (deal,) = answer.results
+    assert deal.id == deal_ids["deal"]
+    assert deal.properties_with_history["dealstage"][-1].value == "appointmentscheduled"
+    assert answer.num_errors == 1

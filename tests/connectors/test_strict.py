@@ -119,8 +119,9 @@ def context(client: httpx.AsyncClient, clock: list[datetime], connection: str) -
 
 
 async def hubspot_calls() -> Run:
-    """fetch_deal, iter_deals, poll_changes, write_billing_status, ensure_properties, properties, check,
-    ensure_company_properties, write_company_status, record_owner, create_task, find_task, close_task."""
+    """fetch_deal, fetch_deals, iter_deals, poll_changes, write_billing_status, write_billing_statuses,
+    ensure_properties, properties, check, ensure_company_properties, write_company_status, record_owner,
+    create_task, find_task, close_task."""
     clock = [START]
     emulator = HubSpotEmulator(rate_limits=False, clock=lambda: clock[0], contract=SdkContract())
     owner = emulator.add_owner("ann@seller.test")
@@ -154,6 +155,8 @@ async def hubspot_calls() -> Run:
         assert {hint.object_id for hint in first.hints} == {deal}
         record = await connector.fetch_deal(deal, {"deal": ["po_number"], "company": ["city"]})
         assert record.data["company"]["id"] == acme
+        batch = await connector.fetch_deals([deal], {"deal": ["po_number"], "company": ["city"]})
+        assert batch == {deal: record}
         assert [item.object_id async for item in connector.iter_deals()] == [deal]
         status = DealBillingStatus(
             invoice_number="INV-0001",
@@ -163,6 +166,7 @@ async def hubspot_calls() -> Run:
             due_date=date(2025, 3, 31),
         )
         await connector.write_billing_status(deal, status)
+        assert await connector.write_billing_statuses({deal: status}) == {deal: None}
         clock[0] += timedelta(minutes=1)
         await connector.poll_changes(first.cursor)
         assert "syncd_invoice_status" in await connector.properties("deal")
@@ -368,6 +372,12 @@ OPERATIONS: dict[str, set[tuple[str, str]]] = {
         ("GET", "/crm/v4/objects/deals/{id}/associations/contacts"),
         ("POST", "/crm/v3/objects/contacts/batch/read"),
         ("POST", "/crm/v3/objects/line_items/batch/read"),
+        ("POST", "/crm/v3/objects/deals/batch/read"),
+        ("POST", "/crm/v3/objects/companies/batch/read"),
+        ("POST", "/crm/v4/associations/deals/companies/batch/read"),
+        ("POST", "/crm/v4/associations/deals/contacts/batch/read"),
+        ("POST", "/crm/v4/associations/deals/line_items/batch/read"),
+        ("POST", "/crm/v3/objects/deals/batch/update"),
         ("POST", "/crm/v3/objects/deals/search"),
         ("PATCH", "/crm/v3/objects/deals/{id}"),
         ("GET", "/crm/v3/properties/deals/groups/syncd"),
