@@ -27,7 +27,7 @@ speed-up: the off run's time ÷ the on run's.
 Targets (issue 12): ≤ 0.1 Xero calls per invoice, no 429, ≥ 10× faster than batching off.
 
 Run alone: ``python -m bench.monthstart`` (``--full``: 1,000 clients; batching off then
-takes about as many minutes as it makes Xero calls per invoice × 1.7).
+takes about as many minutes as it makes Xero calls per invoice × 1.7: 514 s at 4.0).
 """
 
 from __future__ import annotations
