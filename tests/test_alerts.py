@@ -11,23 +11,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import structlog
+from click.testing import Result
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from typer.testing import CliRunner
 
 from connectors.emulation import Fault
-from syncd.engine import alerts
+from syncd.cli.main import app
+from syncd.engine import alerts, audit, scheduler
 from syncd.engine.alerts import AlertSender, message
-from syncd.store.db import AlertRow, DeadLetterRow
+from syncd.store.db import AlertRow, DeadLetterRow, VendorHealthRow
 from syncd.store.outcomes import list_outcomes
 from tests.harness import Stack, seed_company, seed_deal, stack
 from tests.servers import serve_in_thread
@@ -280,3 +286,224 @@ def test_a_message_lists_five_per_kind_counts_the_rest_and_stays_within_slacks_l
     assert body["text"] == "syncd: Dead letters: 12; Needs attention: 1"
     assert len(body["blocks"]) <= 50
     assert all(len(block["text"]["text"]) <= 3000 for block in body["blocks"] if "text" in block)
+
+
+def _invoke(*args: str) -> Result:
+    saved, handlers = structlog.get_config(), logging.root.handlers[:]
+    try:
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    finally:
+        structlog.configure(**saved)
+        logging.root.handlers[:] = handlers
+
+
+async def cli(*args: str) -> Result:
+    """``syncd ARGS`` in a thread (the command runs its own event loop)."""
+    return await asyncio.to_thread(_invoke, *args)
+
+
+def code_blocks(body: dict[str, Any]) -> list[list[str]]:
+    """The lines of each code block in a message's sections."""
+    found = []
+    for text in sections(body):
+        parts = text.split("```")
+        found += [part.strip("\n").splitlines() for part in parts[1::2]]
+    return found
+
+
+async def test_the_monthly_audit_posts_its_whole_report_once_as_a_message_of_its_own(
+    tmp_path: Path, db_url: str
+) -> None:
+    """After November closes, the scheduled audit queues its report once; it goes out beside a grouped
+    message, is retried when the receiver fails, and arrives whole: the summary, the months' table and plot."""
+    clock = Clock(datetime(2026, 11, 10, 15, 0, tzinfo=UTC))
+    receiver = Receiver(answers=[200, 500])
+    with receiving(receiver) as url:
+        extra = alerting(url, min_interval_s=0)
+        async with stack(tmp_path, db_url, clock=clock, daemon_extra=START, extra=extra) as s:
+            runtime, store = s.daemon.runtime, s.daemon.runtime.store
+            deal = seed_deal(s.hub)  # won and invoiced on 10 November, due on the 24th (14 days), never paid
+            await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+            await s.drain()
+            (invoice,) = s.xero.invoices()
+
+            clock.now = datetime(2026, 12, 2, 15, 0, tzinfo=UTC)
+            await alerts.auth_lost(store, "hubspot", "hubspot: the token was revoked", clock.now)
+            assert await scheduler.tick_audit(runtime) is True
+            assert await scheduler.tick_audit(runtime) is False  # the month's window is taken
+            assert await audit.run_monthly(runtime) is None  # a replica looking later finds it taken too
+            (queued,) = await store.select(AlertRow, AlertRow.kind == "audit_report")
+            assert (queued.key, queued.title) == ("audit_report:2026-11", "Audit 2026-11")
+
+            clock.now += timedelta(seconds=61)
+            assert await sender(s).deliver_due() == 1  # the grouped message went; the report was answered 500
+            grouped, report = receiver.bodies
+            assert sections(grouped) == [
+                "*Lost authorisation (1)*\n• *hubspot*: hubspot: the token was revoked ([connections.hubspot])"
+            ]
+            (waiting,) = await store.select(AlertRow, AlertRow.status == "pending")
+            assert (waiting.kind, waiting.last_error) == ("audit_report", "HTTP 500: server_error")
+            assert await sender(s).deliver_due() == 0  # backing off
+            clock.now += timedelta(seconds=5)
+            assert await sender(s).deliver_due() == 1
+            assert await sender(s).deliver_due() == 0
+            assert len(receiver.bodies) == 3
+            assert receiver.bodies[2] == report
+
+    assert report["blocks"][0] == {"type": "header", "text": {"type": "plain_text", "text": "syncd: audit of 2026-11"}}
+    total = Decimal(str(invoice["Total"]))
+    assert report["text"].startswith("Audit 2026-11: late 0/1 (0.0 %) not enough history; corrected 0/1 (0.0 %)")
+    assert "overdue 1/1 (100.0 %)" in report["text"]
+    table, plot = code_blocks(report)
+    assert table[0].split() == ["2026-09", "2026-10", "2026-11", "trend"]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r" {2,}", line.strip()) for line in table[1:])}
+    assert rows["invoices issued"] == ["0", "0", "1"]
+    assert rows["overdue (of invoices due)"] == ["0/0 (-)", "0/0 (-)", "1/1 (100.0 %)", "not enough history"]
+    assert rows["USD by amount"] == ["-", "-", f"{total}/{total} (100.0 %)"]
+    assert plot[0] == "shares by month (bars to one scale: full = 100.0 %)"
+    november = [line for line in plot if "2026-11" in line]  # late, corrected, overdue
+    assert november[0].endswith(" 0.0 %  not enough history")
+    assert november[1].endswith(" 0.0 %  not enough history")
+    assert november[2].endswith(" 100.0 %  not enough history")
+    assert "█" * 24 in plot[-1]
+    assert all(len(block["text"]["text"]) <= 3000 for block in report["blocks"] if "text" in block)
+
+
+async def test_status_shows_a_failing_alerts_webhook(tmp_path: Path, db_url: str) -> None:
+    """`syncd status` (text and --json) shows the waiting alerts, the failed deliveries and the receiver's answer."""
+    clock = Clock(datetime(2026, 12, 2, 15, 0, tzinfo=UTC))
+    receiver = Receiver(answers=[500])
+    with receiving(receiver) as url:
+        async with stack(tmp_path, db_url, clock=clock, daemon_extra=START, extra=alerting(url)) as s:
+            store = s.daemon.runtime.store
+            config = str(s.config.path)
+            quiet = json.loads((await cli("status", "--json", "--config", config)).output)["alerts"]
+            assert (quiet["configured"], quiet["pending"], quiet["failed"], quiet["last_sent_at"]) == (True, 0, 0, None)
+
+            await alerts.auth_lost(store, "xero", "xero: the token was revoked", clock.now)
+            await store.add_alert(
+                key="client_conflict:9", source="client", title="conflict", text="t", fields=None, now=clock.now
+            )
+            before = json.loads((await cli("status", "--json", "--config", config)).output)["alerts"]
+            assert (before["pending"], before["failed"], before["hooked"]) == (1, 0, 1)
+            assert before["oldest_pending_at"] == clock.now.isoformat()
+
+            clock.now += timedelta(minutes=2)
+            assert await sender(s).deliver_due() == 0  # answered 500
+            shown = json.loads((await cli("status", "--json", "--config", config)).output)["alerts"]
+            assert shown == {
+                "configured": True,
+                "pending": 2,
+                "failed": 2,
+                "oldest_pending_at": (clock.now - timedelta(minutes=2)).isoformat(),
+                "last_error": "HTTP 500: server_error",
+                "retry_at": (clock.now + timedelta(seconds=5)).isoformat(),
+                "hooked": 0,
+                "last_sent_at": None,
+            }
+            text = (await cli("status", "--config", config)).output
+            assert "alerts: on 2 waiting since 2026-12-02 15:00 UTC" in text
+            assert "failed deliveries: 2, next try 2026-12-02 15:02 UTC" in text
+            assert "last error:        HTTP 500: server_error" in text
+            assert "last sent:         never" in text
+            metrics = (await s.web.get("/metrics")).text
+            assert 'syncd_backlog{queue="alerts",status="pending"} 2.0' in metrics
+            assert 'syncd_backlog{queue="alerts",status="failed"} 2.0' in metrics
+
+
+async def test_a_vendor_outage_seen_by_two_replicas_is_one_streak_and_one_alert(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Replicas A and B fail at Xero in turn: one shared streak from A's first failure, one alert however many
+    failures follow on either; a success on A ends the streak for B too, and B's next failure starts a new one."""
+    clock = Clock(datetime(2026, 12, 2, 15, 0, tzinfo=UTC))
+    start = clock.now
+    receiver = Receiver()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with receiving(receiver) as url:
+        extra = alerting(url)  # vendor_errors_after_s = 120
+        async with stack(tmp_path / "a", postgres_url, clock=clock, daemon_extra=START, extra=extra) as a:
+            key = a.config.daemon.encryption_key
+            assert key is not None
+            async with stack(
+                tmp_path / "b",
+                postgres_url,
+                clock=clock,
+                daemon_extra=START,
+                extra=extra,
+                hub=a.hub,
+                xero=a.xero,
+                encryption_key=key.get_secret_value(),
+            ) as b:
+                store = a.daemon.runtime.store
+                a.xero.faults.add(Fault(kind="status", status=503, times=None))
+                company = seed_company(a.hub)
+
+                async def fail_on(replica: Stack, after_s: int) -> None:
+                    """At ``start + after_s``, a new deal is won and ``replica`` fails to invoice it."""
+                    clock.now = start + timedelta(seconds=after_s)
+                    deal = seed_deal(a.hub, company=company)
+                    await a.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+                    await replica.drain()
+
+                async def vendor_alerts() -> list[str]:
+                    return [row.key for row in await store.select(AlertRow, AlertRow.kind == "vendor_errors")]
+
+                await fail_on(a, 0)
+                await fail_on(b, 60)
+                (health,) = await store.select(VendorHealthRow)
+                assert (health.connection, health.failing_since) == ("xero", start)
+                await fail_on(a, 130)  # 130 s since A's first failure: the alert
+                await fail_on(b, 140)
+                await fail_on(b, 200)  # B alone has failed for 140 s: the same streak, no second alert
+                assert await vendor_alerts() == [f"vendor_errors:xero:{start.isoformat()}"]
+                failures = (await store.select(VendorHealthRow))[0].failures
+                assert failures >= 5
+
+                status = json.loads((await cli("status", "--json", "--config", str(b.config.path))).output)
+                (xero,) = [c for c in status["connections"] if c["connection"] == "xero"]
+                assert (xero["failing_since"], xero["failures"]) == (start.isoformat(), failures)
+
+                a.xero.faults.clear()
+                clock.now = start + timedelta(seconds=210)
+                deal = seed_deal(a.hub, company=company)
+                await a.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
+                await a.drain()  # Xero answers A again
+                assert await a.daemon.runtime.health.flush(store) == 1  # what A's sender loop does every few seconds
+                assert (await store.select(VendorHealthRow))[0].failing_since is None
+
+                a.xero.faults.add(Fault(kind="status", status=503, times=None))
+                await fail_on(b, 220)
+                await fail_on(b, 300)  # 80 s into the new streak: nothing yet
+                assert len(await vendor_alerts()) == 1
+                await fail_on(b, 350)
+                assert await vendor_alerts() == [
+                    f"vendor_errors:xero:{start.isoformat()}",
+                    f"vendor_errors:xero:{(start + timedelta(seconds=220)).isoformat()}",
+                ]
+
+
+async def test_a_success_this_process_has_not_written_yet_still_ends_its_streak(tmp_path: Path, db_url: str) -> None:
+    """Xero fails, then works here (noted, not yet flushed), then fails again 130 s after the first failure:
+    the streak starts over at the second failure, so no alert; the one after 120 more seconds makes it."""
+    clock = Clock(datetime(2026, 12, 2, 15, 0, tzinfo=UTC))
+    start = clock.now
+    receiver = Receiver()
+    with receiving(receiver) as url:
+        async with stack(tmp_path, db_url, clock=clock, daemon_extra=START, extra=alerting(url)) as s:
+            runtime, store = s.daemon.runtime, s.daemon.runtime.store
+            assert not await runtime.health.failed(store, "xero", "xero: 503", start, after_s=120)
+            clock.now = start + timedelta(seconds=100)
+            runtime.health.succeeded("xero")
+            second = start + timedelta(seconds=130)
+            assert not await runtime.health.failed(store, "xero", "xero: 503", second, after_s=120)
+            (row,) = await store.select(VendorHealthRow)
+            assert (row.failing_since, row.failures, row.last_error) == (second, 1, "xero: 503")
+            assert await runtime.health.flush(store) == 0  # the success was spent on the restart
+            assert await runtime.health.failed(store, "xero", "xero: 502", second + timedelta(seconds=120), after_s=120)
+            (alert,) = await store.select(AlertRow)
+            assert (alert.key, alert.detail) == (
+                f"vendor_errors:xero:{second.isoformat()}",
+                "2 failures in 2 min, none succeeding; last: xero: 502",
+            )

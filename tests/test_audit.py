@@ -15,7 +15,11 @@ import io
 import json
 import logging
 import math
+import os
+import pty
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -459,12 +463,53 @@ async def test_the_audit_of_a_seeded_history_matches_the_plan(tmp_path: Path, db
         assert table.exit_code == 0
         assert "rising" in table.output
         assert "latest invoices" in table.output
+        assert "shares by month" not in table.output  # not a terminal, no --plot: no plot
+
+        plotted = await cli("audit", "--month", "2026-11", "--plot", "--config", config)
+        assert plotted.exit_code == 0, plotted.output
+        plot = plotted.output[plotted.output.index("shares by month") :].splitlines()
+        months = [expected_month(history, Month(2026, m)) for m in (9, 10, 11)]
+        for number, (part, whole) in {
+            "late": ("late", "issued"),
+            "corrected": ("corrected", "issued"),
+            "overdue": ("overdue", "due"),
+        }.items():
+            rows = [line for line in plot if line.split()[:1] == [number]]
+            assert len(rows) == 1
+            first = plot.index(rows[0])
+            for offset, want in enumerate(months):
+                percent = (Decimal(100 * want[part]) / want[whole]).quantize(Decimal("0.1"))
+                assert f"2026-{9 + offset:02d}" in plot[first + offset]
+                assert f"{percent} %" in plot[first + offset]
+            assert plot[first + 2].endswith(report["trends"][number])
+        assert (
+            json.loads(
+                (await cli("audit", "--month", "2026-11", "--plot", "--format", "json", "--config", config)).output
+            )
+            == report
+        )
+
+        on_terminal = await asyncio.to_thread(_on_a_terminal, "audit", "--month", "2026-11", "--config", config)
+        assert "shares by month" in on_terminal
 
         metrics = (await s.web.get("/metrics")).text
         assert 'syncd_audit_month_info{month="2026-11"} 1.0' in metrics
         assert f'syncd_audit_share{{number="late"}} {float(Decimal(november["late"]) / 6)}' in metrics
         assert 'syncd_audit_trend_rising{number="late"} 1.0' in metrics
         assert f'syncd_audit_latency_seconds{{quantile="0.95"}} {november["p95"]}' in metrics
+        assert f'syncd_audit_latency_seconds{{quantile="0.5"}} {november["median"]}' in metrics
+        for what in ("issued", "late", "corrected", "due", "overdue"):
+            assert f'syncd_audit_invoices{{what="{what}"}} {float(november[what])}' in metrics
+        assert f'syncd_audit_share{{number="corrected"}} {float(Decimal(november["corrected"]) / 6)}' in metrics
+        overdue_share = float(Decimal(november["overdue"]) / november["due"])
+        assert f'syncd_audit_share{{number="overdue"}} {overdue_share}' in metrics
+        for code, amounts in november["currencies"].items():
+            amount_share = float(amounts["overdue_amount"] / amounts["due_amount"])
+            assert f'syncd_audit_overdue_amount_share{{currency="{code}"}} {amount_share}' in metrics
+        for number in ("corrected", "overdue"):
+            rising = 1.0 if report["trends"][number] == "rising" else 0.0
+            assert f'syncd_audit_trend_rising{{number="{number}"}} {rising}' in metrics
+            assert f'syncd_audit_history_complete{{number="{number}"}} 1.0' in metrics
 
         assert await scheduler.tick_audit(s.daemon.runtime) is True
         assert await scheduler.tick_audit(s.daemon.runtime) is False  # once per month
@@ -475,6 +520,82 @@ async def test_the_audit_of_a_seeded_history_matches_the_plan(tmp_path: Path, db
         await s.daemon.runtime.store.mark_alerts_sent([a.id or 0 for a in alerts], clock.at)
         assert await s.daemon.runtime.store.pending_alerts() == []
         assert await s.daemon.runtime.store.count(PendingAlertRow) == len(rising)
+
+
+def _on_a_terminal(*args: str) -> str:
+    """``syncd ARGS`` in a child process whose stdout is a pseudo-terminal; what it printed."""
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
+    child = subprocess.Popen(  # our own CLI, our own arguments
+        [sys.executable, "-m", "syncd", *args], stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env
+    )
+    os.close(terminal)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(controller)
+    assert child.wait(timeout=60) == 0, out.decode(errors="replace")
+    return out.decode()
+
+
+def _numbers(month: Month, *, issued: int, late: int, corrected: int, due: int, overdue: int) -> audit.MonthNumbers:
+    return audit.MonthNumbers(
+        month=month,
+        issued=issued,
+        late=late,
+        worst=(),
+        corrected=corrected,
+        classes={},
+        due=due,
+        overdue=overdue,
+        currencies={},
+        latency_median_s=None,
+        latency_p95_s=None,
+    )
+
+
+def test_the_plot_draws_each_share_to_one_scale_in_eighths_of_a_cell() -> None:
+    """Late 25/50/75 %, corrected 25/0/25 %, overdue -/1 in 3/2 in 3: the 75 % bar is the full 24 cells."""
+    history = (
+        _numbers(Month(2026, 9), issued=4, late=1, corrected=1, due=0, overdue=0),
+        _numbers(Month(2026, 10), issued=4, late=2, corrected=0, due=3, overdue=1),
+        _numbers(Month(2026, 11), issued=4, late=3, corrected=1, due=3, overdue=2),
+    )
+    report = audit.Report(
+        month=Month(2026, 11),
+        zone="America/New_York",
+        late_after_h=48,
+        delays={},
+        history=history,
+        trends={"late": "rising", "corrected": "not rising", "overdue": "not enough history"},
+    )
+    lines = audit.plot_lines(report)
+    assert lines[0] == "shares by month (bars to one scale: full = 75.0 %)"
+    bars = [line[len("corrected  2026-09  ") :][:24].rstrip() for line in lines[1:]]
+    # 1/3 of 75 % → 24·8/2.25 = 85.3 eighths: 10 cells and 5/8; 2/3 → 170.7: 21 cells and 3/8
+    assert bars == [
+        "█" * 8,
+        "█" * 16,
+        "█" * 24,
+        "█" * 8,
+        "",
+        "█" * 8,
+        "-",
+        "█" * 10 + "▋",
+        "█" * 21 + "▍",
+    ]
+    assert lines[1].startswith("late       2026-09  ")  # each number's label on its first month
+    assert lines[3].startswith("           2026-11  ")
+    assert lines[3].endswith("75.0 %  rising")
+    assert lines[5].endswith("0.0 %")
+    assert lines[9].endswith("66.7 %  not enough history")
+    assert lines[7].split() == ["overdue", "2026-09", "-", "-"]  # nothing was due: no bar, no share
 
 
 def test_month_arithmetic_and_the_percentile() -> None:

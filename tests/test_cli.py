@@ -47,6 +47,7 @@ def test_status_lists_each_connection_with_its_backlog(tmp_path: Path) -> None:
     lines = [line for line in result.output.splitlines() if "hubspot" in line or "xero" in line]
     assert len(lines) == 2
     assert all("never" in line for line in lines)
+    assert "alerts: off (no [alerts] webhook_url)" in result.output.splitlines()
     listed = runner.invoke(app, ["dead-letters", "list", "--config", str(config)], env={"COLUMNS": "200"})
     assert listed.exit_code == 0
     assert listed.output == "no open dead letters\n"

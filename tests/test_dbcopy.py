@@ -218,6 +218,10 @@ async def fill(url: str) -> None:
         store.alerting = True
         for n in range(2):
             await store.queue_alert(None, key=f"alert-{n}", kind="auth_lost", title="xero", detail="401", now=NOW)
+        await store.queue_alert(
+            None, key="audit_report:2026-11", kind="audit_report", title="t", detail="d", now=NOW, body={"text": "x"}
+        )
+        await store.vendor_failed("xero", "xero: 503", NOW)
         await store.add_alert(key="audit:2026-11:late", source="audit", title="t", text="x", fields={"n": 1}, now=NOW)
         await store.upsert(
             InvoiceTrailRow,

@@ -45,7 +45,8 @@ Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
   whose scope requirements are ``crm.objects.contacts.read``/``.write``. Association
   types 216 (task to deal) and 192 (task to company) are HubSpot-defined
   (https://developers.hubspot.com/docs/api-reference/legacy/crm/associations/associate-records/guide,
-  the default association type IDs). The owner of a deal or company is its
+  "Association type ID values", table "Task to object"; the SDK's
+  ``hubspot.crm.AssociationType.TASK_TO_DEAL``/``TASK_TO_COMPANY`` agree). The owner of a deal or company is its
   ``hubspot_owner_id`` property.
 * Rate limits: 100 requests per 10 s for Free/Starter accounts (the lowest published
   burst limit; https://developers.hubspot.com/docs/developer-tooling/platform/usage-guidelines),
@@ -273,8 +274,8 @@ def company_values(status: CompanyBillingStatus) -> dict[str, str]:
     return values
 
 
-TASK_TO_DEAL_TYPE_ID = 216  # "Task to deal" (HubSpot-defined association types)
-TASK_TO_COMPANY_TYPE_ID = 192  # "Task to company"
+TASK_TO_DEAL_TYPE_ID = 216  # "Task to deal": the associate-records guide, "Association type ID values"
+TASK_TO_COMPANY_TYPE_ID = 192  # "Task to company": the same table (and hubspot.crm.AssociationType)
 OWNER_PROPERTY = "hubspot_owner_id"
 TASK_OPEN = "NOT_STARTED"
 TASK_DONE = "COMPLETED"

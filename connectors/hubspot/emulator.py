@@ -66,9 +66,7 @@ an undefined one is ``PROPERTY_DOESNT_EXIST`` (``strict_properties``) and a read
 
 Emulator-only choices (not confirmed against HubSpot): ``changeSource`` is ``API`` on
 events of changes made through the API (``CRM_UI`` on the seeding API's edits); the task
-property group name (``taskinformation``), ``hs_task_body`` as an ``html`` property, the
-reverse task association ids 215 and 191 (seen in public client code, not in HubSpot's
-pages); the v3 ``associations[].type``
+property group name (``taskinformation``), ``hs_task_body`` as an ``html`` property; the v3 ``associations[].type``
 names other than ``deal_to_company``/``deal_to_company_unlabeled``/``deal_to_contact``/
 ``deal_to_line_item`` follow the same pattern; list ``after`` cursors are record ids;
 the exact wording of error messages.
@@ -248,7 +246,9 @@ _ASSOCIATION_TYPES: dict[tuple[str, str], tuple[tuple[int, str] | None, tuple[in
     ("line_items", "deals"): (None, (20, "line_item_to_deal")),
     ("contacts", "companies"): ((1, "contact_to_company"), (279, "contact_to_company_unlabeled")),
     ("companies", "contacts"): ((2, "company_to_contact"), (280, "company_to_contact_unlabeled")),
-    # HubSpot-defined task associations: task→deal 216, task→company 192, and back 215, 191
+    # HubSpot-defined task associations: task→deal 216, task→company 192, deal→task 215, company→task 191
+    # ("Association type ID values", /docs/api-reference/legacy/crm/associations/associate-records/guide;
+    # the same numbers as hubspot-api-client's hubspot.crm.AssociationType, checked in test_hubspot_sdk.py)
     ("tasks", "deals"): (None, (216, "task_to_deal")),
     ("deals", "tasks"): (None, (215, "deal_to_task")),
     ("tasks", "companies"): (None, (192, "task_to_company")),

@@ -21,11 +21,14 @@ import shutil
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import sqlalchemy as sa
+
 from syncd.store.db import (
+    AlertRow,
     BillingEventRow,
     ClientRow,
     CursorRow,
@@ -34,8 +37,10 @@ from syncd.store.db import (
     EngagementRow,
     EventRow,
     InvoiceRow,
+    PendingAlertRow,
     SourceRecordRow,
     Store,
+    VendorHealthRow,
     table_of,
 )
 
@@ -345,6 +350,33 @@ class ConnectionStatus:
     effects_pending: int
     dead_letters_open: int
     dead_letters_dismissed: int
+    failing_since: datetime | None = None
+    failures: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertStatus:
+    """The alert queue (:mod:`syncd.engine.alerts`), so that a broken alerts webhook shows.
+
+    Attributes:
+        configured: ``[alerts] webhook_url`` is set.
+        pending: alerts waiting to be posted, failed ones included.
+        failed: of those, how many had a delivery fail and wait for a retry.
+        oldest_pending_at: when the oldest waiting alert was recorded.
+        last_error: the receiver's answer (or the transport error) to the latest failed delivery.
+        retry_at: when the sender tries the failed ones again.
+        hooked: alerts recorded through the hook (audit trends, client conflicts) no sender has taken yet.
+        last_sent_at: when a message last went out (sent ones are kept 30 days).
+    """
+
+    configured: bool
+    pending: int
+    failed: int
+    oldest_pending_at: datetime | None
+    last_error: str | None
+    retry_at: datetime | None
+    hooked: int
+    last_sent_at: datetime | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,17 +397,24 @@ class Status:
         invoices: the newest invoices (at most :data:`INVOICES_SHOWN`), newest first.
         invoice_count: every invoice and credit note syncd created.
         outcomes: open outcomes counted by (kind, reason).
+        alerts: the alert queue.
     """
 
     connections: list[ConnectionStatus]
     invoices: list[InvoiceItem]
     invoice_count: int
     outcomes: dict[tuple[str, str], int]
+    alerts: AlertStatus
 
 
-async def status(store: Store, connections: Sequence[str]) -> Status:
-    """Read the status of these connections, the newest invoices and the open outcomes."""
+async def status(store: Store, connections: Sequence[str], *, alerting: bool = False) -> Status:
+    """Read the status of these connections, the newest invoices, the open outcomes and the alert queue.
+
+    Args:
+        alerting: whether ``[alerts] webhook_url`` is set.
+    """
     dead = await store.dead_letter_counts()
+    streaks = {row.connection: row for row in await store.select(VendorHealthRow)}
     found = []
     for name in connections:
         cursors: list[CursorRow] = await store.select(CursorRow, table_of(CursorRow).c.connection == name)
@@ -390,6 +429,8 @@ async def status(store: Store, connections: Sequence[str]) -> Status:
                 effects_pending=await _pending(store, EffectRow, name),
                 dead_letters_open=dead.get((name, "open"), 0),
                 dead_letters_dismissed=dead.get((name, "dismissed"), 0),
+                failing_since=streak.failing_since if (streak := streaks.get(name)) else None,
+                failures=streak.failures if streak and streak.failing_since else 0,
             )
         )
     table = table_of(InvoiceRow)
@@ -412,7 +453,42 @@ async def status(store: Store, connections: Sequence[str]) -> Status:
         invoices=invoices,
         invoice_count=await store.count(InvoiceRow),
         outcomes=await store.outcome_counts(),
+        alerts=await alert_status(store, configured=alerting),
     )
+
+
+async def alert_status(store: Store, *, configured: bool) -> AlertStatus:
+    """The alert queue: what waits, what failed and why, what no sender has taken yet."""
+    table, hook = table_of(AlertRow), table_of(PendingAlertRow)
+    pending = table.c.status == "pending"
+    failed = sa.and_(pending, table.c.last_error.is_not(None))
+    async with store.connect() as conn:
+        waiting = (await conn.execute(sa.select(sa.func.count(), sa.func.min(table.c.created_at)).where(pending))).one()
+        failures = await conn.scalar(sa.select(sa.func.count()).where(failed))
+        latest = (
+            await conn.execute(
+                sa.select(table.c.last_error, table.c.next_at).where(failed).order_by(table.c.next_at.desc()).limit(1)
+            )
+        ).first()
+        hooked = await conn.scalar(sa.select(sa.func.count()).select_from(hook).where(hook.c.sent_at.is_(None)))
+        last_sent = await conn.scalar(sa.select(sa.func.max(table.c.sent_at)))
+    return AlertStatus(
+        configured=configured,
+        pending=int(waiting[0]),
+        failed=int(failures or 0),
+        oldest_pending_at=_utc(waiting[1]),
+        last_error=latest[0] if latest else None,
+        retry_at=_utc(latest[1]) if latest else None,
+        hooked=int(hooked or 0),
+        last_sent_at=_utc(last_sent),
+    )
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """An aggregate's timestamp (which bypasses the column type) as an aware UTC datetime."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 async def _pending(store: Store, model: type[EventRow] | type[EffectRow], connection: str) -> int:
@@ -432,6 +508,8 @@ def status_json(found: Status) -> dict[str, Any]:
                 "effects_pending": item.effects_pending,
                 "dead_letters_open": item.dead_letters_open,
                 "dead_letters_dismissed": item.dead_letters_dismissed,
+                "failing_since": _iso(item.failing_since),
+                "failures": item.failures,
             }
             for item in found.connections
         ],
@@ -440,6 +518,21 @@ def status_json(found: Status) -> dict[str, Any]:
         "outcomes": [
             {"kind": kind, "reason": reason, "count": count} for (kind, reason), count in sorted(found.outcomes.items())
         ],
+        "alerts": alert_json(found.alerts),
+    }
+
+
+def alert_json(alerts: AlertStatus) -> dict[str, Any]:
+    """The alert queue as a JSON object (stable keys)."""
+    return {
+        "configured": alerts.configured,
+        "pending": alerts.pending,
+        "failed": alerts.failed,
+        "oldest_pending_at": _iso(alerts.oldest_pending_at),
+        "last_error": alerts.last_error,
+        "retry_at": _iso(alerts.retry_at),
+        "hooked": alerts.hooked,
+        "last_sent_at": _iso(alerts.last_sent_at),
     }
 
 
@@ -466,7 +559,7 @@ def invoice_json(item: InvoiceItem) -> dict[str, Any]:
 
 
 def status_lines(found: Status, width: int) -> list[str]:
-    """The status as text: connections, the newest invoices, dead letters and outcomes."""
+    """The status as text: connections, the alert queue, the newest invoices, dead letters and outcomes."""
     lines = ["connections:"]
     for item in found.connections:
         lines += entry(
@@ -475,10 +568,15 @@ def status_lines(found: Status, width: int) -> list[str]:
                 ("pending", f"{item.events_pending} events, {item.effects_pending} effects"),
                 ("dead letters", f"{item.dead_letters_open} open, {item.dead_letters_dismissed} dismissed"),
                 ("last error", item.last_error or ""),
+                (
+                    "failing",
+                    f"since {when(item.failing_since)}, {item.failures} failures" if item.failing_since else "",
+                ),
             ],
             width,
             indent=2,
         )
+    lines += alert_lines(found.alerts, width)
     shown = len(found.invoices)
     more = f" (the {shown} newest below)" if found.invoice_count > shown else ""
     lines.append(f"invoices: {found.invoice_count}{more}")
@@ -486,6 +584,25 @@ def status_lines(found: Status, width: int) -> list[str]:
         lines += _invoice_lines(invoice, width)
     lines += _wrap(outcome_summary(found.outcomes), width, "", "  ")
     return lines
+
+
+def alert_lines(alerts: AlertStatus, width: int) -> list[str]:
+    """The alert queue as text: what waits, and the failed deliveries with the receiver's answer."""
+    if not alerts.configured and not alerts.pending:
+        return ["alerts: off (no [alerts] webhook_url)"]
+    waiting = f"{alerts.pending} waiting" + (f" since {when(alerts.oldest_pending_at)}" if alerts.pending else "")
+    state = "on" if alerts.configured else "off (no [alerts] webhook_url), yet"
+    failed = f"{alerts.failed}, next try {when(alerts.retry_at)}" if alerts.failed else ""
+    return entry(
+        f"alerts: {state} {waiting}",
+        [
+            ("failed deliveries", failed),
+            ("last error", alerts.last_error or ""),
+            ("not yet queued", f"{alerts.hooked} (audit trends, client conflicts)" if alerts.hooked else ""),
+            ("last sent", when(alerts.last_sent_at) or "never"),
+        ],
+        width,
+    )
 
 
 def _invoice_lines(item: InvoiceItem, width: int) -> list[str]:

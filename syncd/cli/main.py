@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import signal
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -373,12 +374,13 @@ async def _database_ready(url: str, place: str, checked: _Checked) -> bool:
 
 @app.command()
 def status(config: ConfigOption = Path("config.toml"), as_json: JsonOption = False) -> None:
-    """Per connection: last sync, backlog, dead letters (open and dismissed); the newest invoices; open outcomes."""
+    """Per connection: last sync, backlog, dead letters, failing streak; the newest invoices; open outcomes; alerts."""
     from syncd.cli.listings import status as read_status
     from syncd.cli.listings import status_json, status_lines, terminal_width
 
     cfg = _load(config)
-    found = asyncio.run(_with_store(cfg, lambda store: read_status(store, list(cfg.connections))))
+    alerting = cfg.settings.alerts.webhook_url is not None
+    found = asyncio.run(_with_store(cfg, lambda store: read_status(store, list(cfg.connections), alerting=alerting)))
     if as_json:
         print(json.dumps(status_json(found), indent=2))
         return
@@ -996,6 +998,14 @@ def audit_command(
     ] = None,
     format_: FormatOption = Format.table,
     config: ConfigOption = Path("config.toml"),
+    plot: Annotated[
+        bool | None,
+        typer.Option(
+            "--plot/--no-plot",
+            help="Add a text plot of the months' shares to the table; default: when stdout is a terminal. "
+            "JSON and CSV never carry it.",
+        ),
+    ] = None,
 ) -> None:
     """The monthly audit: late invoices, hand corrections, the overdue share, trigger → issued latency, trends."""
     from syncd.engine import audit
@@ -1028,6 +1038,8 @@ def audit_command(
         for row in worst:
             late.add_row(*row)
         console.print(late)
+    if plot if plot is not None else sys.stdout.isatty():
+        _lines(["", *audit.plot_lines(report)])
 
 
 @invoice_app.command("show")

@@ -8,12 +8,16 @@
 ``auth_lost``      a connection whose credentials were rejected (:func:`auth_lost`, from
                    the workers and the polls); once per connection and day
 ``vendor_errors``  a connection whose calls kept failing for ``vendor_errors_after_s``
-                   with none succeeding (:class:`VendorHealth`); once per such streak
+                   with none succeeding on any replica (:class:`VendorHealth`, a streak
+                   shared through the database); once per such streak
 ``client_conflict`` a conflicting edit of a client's billing record, recorded by
                    :mod:`syncd.engine.clients` through the alert hook
                    (:meth:`syncd.store.db.Store.add_alert`, source ``client``)
 ``audit_trend``    a rising share the monthly audit flags (:mod:`syncd.engine.audit`,
                    through the same hook, source ``audit``)
+``audit_report``   the whole monthly audit report, once per month
+                   (:func:`syncd.engine.audit.run_monthly`): a message of its own
+                   (:attr:`~syncd.store.db.AlertRow.body`), not a line of a grouped one
 ================== ===================================================================
 
 The hook's rows (``pending_alerts``) are taken into the queue by the sender as it runs,
@@ -31,7 +35,8 @@ it looks whether a message is due: the oldest pending alert has waited
 ``group_window_s`` (so those that follow join it), the last message went out at least
 ``min_interval_s`` ago (an outage sends a summary, not a flood), and no back-off is
 running. It then claims every pending alert with a lease (one replica sends), posts
-*one* message grouped by kind, and marks them sent. A failed post (a transport error, a
+*one* message grouped by kind, then each alert that carries a message of its own (the
+monthly audit report), and marks them sent. A failed post (a transport error, a
 non-2xx answer) leaves them pending and the next attempt waits 5·2ⁿ seconds up to
 ``retry_max_s``, or the receiver's ``Retry-After`` on a 429; alerts recorded meanwhile
 join that attempt. Sent alerts are kept 30 days.
@@ -48,7 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -69,6 +74,7 @@ KINDS: dict[str, str] = {
     "vendor_errors": "Sustained vendor errors",
     "client_conflict": "Client record conflicts",
     "audit_trend": "Audit trends",
+    "audit_report": "Monthly audit",
     "other": "Other alerts",
 }
 """Each kind of alert and its heading, in the order a message shows them."""
@@ -98,8 +104,11 @@ async def record(
     now: datetime,
     place: str | None = None,
     connection: str | None = None,
+    body: Mapping[str, Any] | None = None,
 ) -> bool:
     """Queue an alert once per ``key`` (its own transaction); whether it was new.
+
+    With ``body`` (a whole Slack message) the alert is posted alone as that message.
 
     Raises:
         ValueError: ``kind`` is not one of :data:`KINDS`.
@@ -107,7 +116,7 @@ async def record(
     if kind not in KINDS:
         raise ValueError(f"unknown alert kind {kind!r}; expected one of {', '.join(KINDS)}")
     return await store.queue_alert(
-        None, key=key, kind=kind, title=title, detail=detail, now=now, place=place, connection=connection
+        None, key=key, kind=kind, title=title, detail=detail, now=now, place=place, connection=connection, body=body
     )
 
 
@@ -126,27 +135,60 @@ async def auth_lost(store: Store, connection: str, error: str, now: datetime) ->
 
 
 class VendorHealth:
-    """Since when each connection's work keeps failing, in this process.
+    """Each connection's failing streak, shared by every replica through the store.
 
-    The workers and the polls report each retriable failure and each success; a
-    connection failing for ``after_s`` with nothing succeeding in between is one
-    ``vendor_errors`` alert per streak. A restart starts every streak afresh (the
-    first failure after it starts a new one).
+    The workers and the polls report each retriable failure (:meth:`failed`) and each
+    success (:meth:`succeeded`); a connection failing for ``after_s`` with nothing
+    succeeding in between, on any replica, is one ``vendor_errors`` alert per streak.
+
+    **Why shared, not per process.** With N replicas an outage fails calls on all of
+    them: per-process streaks would report it N times (each with its own start), a
+    replica whose share of the calls is small might never see ``after_s`` of them, and a
+    process restarted more often than ``after_s`` (a crash loop during the outage) would
+    never report it at all. So the streak lives in one row per connection
+    (``vendor_health``, :meth:`~syncd.store.db.Store.vendor_failed`): a failure is one
+    atomic upsert that starts the streak or counts it, and the alert's key is the
+    streak's shared start, so every replica records the same alert once.
+
+    **Successes stay cheap.** A success is the hot path (every vendor call), so
+    :meth:`succeeded` only notes the time in memory; :meth:`flush` writes it (one
+    ``UPDATE`` per connection that had one), from the alert sender's loop every few
+    seconds and before this process counts a failure. A success ends a streak that began
+    by then; a streak that began after it goes on. A success another replica has not
+    flushed yet is unknown to the others for at most that interval
+    (:data:`POLL_S`), so a streak can be reported up to that long after a success that
+    ended it, never earlier than ``after_s`` after its first failure.
+
+    Nothing is read or written while alerting is off (``[alerts] webhook_url`` unset).
+
+    Args:
+        clock: the process's clock (a success is dated by it).
     """
 
-    def __init__(self) -> None:
-        self._since: dict[str, datetime] = {}
-        self._failures: dict[str, int] = {}
+    def __init__(self, clock: Callable[[], datetime] | None = None) -> None:
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._succeeded: dict[str, datetime] = {}  # the latest success not yet written, per connection
 
     def succeeded(self, connection: str) -> None:
-        """A call of ``connection`` went through: its streak ends."""
-        self._since.pop(connection, None)
-        self._failures.pop(connection, None)
+        """A call of ``connection`` went through: its streak ends (written by the next :meth:`flush`)."""
+        self._succeeded[connection] = self._clock()
+
+    async def flush(self, store: Store) -> int:
+        """Write the successes noted since the last flush; how many streaks they ended."""
+        noted, self._succeeded = self._succeeded, {}
+        if not store.alerting:
+            return 0
+        ended = 0
+        for connection, at in sorted(noted.items()):
+            ended += await store.vendor_succeeded(connection, at)
+        return ended
 
     async def failed(self, store: Store, connection: str, error: str, now: datetime, *, after_s: int) -> bool:
         """A retriable failure of ``connection``; whether it made an alert."""
-        since = self._since.setdefault(connection, now)
-        self._failures[connection] = self._failures.get(connection, 0) + 1
+        if not store.alerting:
+            return False
+        restart = self._succeeded.pop(connection, None) is not None  # this process saw it work since
+        since, failures = await store.vendor_failed(connection, error, now, restart=restart)
         if (now - since).total_seconds() < after_s:
             return False
         minutes = int((now - since).total_seconds() // 60)
@@ -155,7 +197,7 @@ class VendorHealth:
             kind="vendor_errors",
             key=f"vendor_errors:{connection}:{since.isoformat()}",
             title=connection,
-            detail=f"{self._failures[connection]} failures in {minutes} min, none succeeding; last: {error}",
+            detail=f"{failures} failures in {minutes} min, none succeeding; last: {error}",
             now=now,
             place=f"[connections.{connection}]",
             connection=connection,
@@ -170,7 +212,8 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _clip(text: str, limit: int) -> str:
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, an ellipsis marking the cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -190,7 +233,7 @@ def message(alerts: Sequence[AlertRow]) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = [
         {
             "type": "header",
-            "text": {"type": "plain_text", "text": _clip(f"syncd: {_plural(len(alerts), 'alert')}", HEADER_MAX)},
+            "text": {"type": "plain_text", "text": clip(f"syncd: {_plural(len(alerts), 'alert')}", HEADER_MAX)},
         }
     ]
     for kind, rows in groups.items():
@@ -198,7 +241,7 @@ def message(alerts: Sequence[AlertRow]) -> dict[str, Any]:
         if len(rows) > LINES_PER_KIND:
             lines.append(f"… and {len(rows) - LINES_PER_KIND} more")
         text = f"*{KINDS[kind]} ({len(rows)})*\n" + "\n".join(lines)
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _clip(text, SECTION_MAX)}})
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": clip(text, SECTION_MAX)}})
     hint = "Details: `syncd dead-letters list`, `syncd outcomes list --kind attention`, `syncd status`"
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": hint}]})
     return {"text": f"syncd: {summary}", "blocks": blocks}
@@ -206,7 +249,7 @@ def message(alerts: Sequence[AlertRow]) -> dict[str, Any]:
 
 def _line(row: AlertRow) -> str:
     where = f" ({escape(row.place)})" if row.place else ""
-    return f"• *{escape(_clip(row.title, 150))}*: {escape(_clip(row.detail, 300))}{where}"
+    return f"• *{escape(clip(row.title, 150))}*: {escape(clip(row.detail, 300))}{where}"
 
 
 # -- sending --------------------------------------------------------------------------
@@ -219,6 +262,7 @@ class Process(Protocol):
     store: Store
     client: httpx.AsyncClient
     owner: str
+    health: VendorHealth
 
     def clock(self) -> datetime:
         """The current aware time."""
@@ -252,7 +296,14 @@ class AlertSender:
                 await asyncio.wait_for(stop.wait(), timeout=poll_s)
 
     async def deliver_due(self) -> int:
-        """Send one grouped message if one is due (see the module docstring); how many alerts it carried."""
+        """Send what is due (see the module docstring); how many alerts went out.
+
+        The alerts claimed go out as one grouped message, and each alert that carries a
+        message of its own (the monthly audit report, :attr:`AlertRow.body`) as that
+        message, in turn. The first post that fails stops the turn: it and the ones not
+        tried yet wait the same back-off.
+        """
+        await self.rt.health.flush(self.store)  # this process's successes end shared streaks
         url = self.settings.webhook_url
         now = self.rt.clock()
         if url is None:
@@ -261,21 +312,29 @@ class AlertSender:
         if not await self._due(now):
             return 0
         rows = await self.store.claim(AlertRow, owner=self.rt.owner, limit=MAX_BATCH, lease_s=LEASE_S, now=now)
-        if not rows:
-            return 0
-        failure, wait_hint = await self._post(url.get_secret_value(), message(rows))
-        ids = [row.id for row in rows]
-        if failure is None:
-            await self._settle(ids, {"status": "sent", "sent_at": self.rt.clock(), "last_error": None})
-            kinds = sorted({row.kind for row in rows})
-            log.info("alerts_sent", alerts=len(rows), kinds=kinds)
+        grouped = [row for row in rows if row.body is None]
+        posts = ([(message(grouped), grouped)] if grouped else []) + [(row.body, [row]) for row in rows if row.body]
+        sent = 0
+        for index, (body, batch) in enumerate(posts):
+            failure, wait_hint = await self._post(url.get_secret_value(), body)
+            if failure is not None:
+                await self._back_off([row for _, rest in posts[index:] for row in rest], now, failure, wait_hint)
+                return sent
+            await self._settle(
+                [row.id for row in batch], {"status": "sent", "sent_at": self.rt.clock(), "last_error": None}
+            )
+            log.info("alerts_sent", alerts=len(batch), kinds=sorted({row.kind for row in batch}))
+            sent += len(batch)
+        if sent:
             await self._prune(now)
-            return len(rows)
+        return sent
+
+    async def _back_off(self, rows: Sequence[AlertRow], now: datetime, failure: str, wait_hint: float | None) -> None:
+        """A post failed: ``rows`` stay pending and wait 5·2ⁿ s (or the receiver's Retry-After), at most ``retry_max_s``."""
         attempt = max(row.attempts for row in rows)
         wait = min(float(self.settings.retry_max_s), wait_hint or BACKOFF_BASE_S * 2 ** (attempt - 1))
-        await self._settle(ids, {"next_at": now + timedelta(seconds=wait), "last_error": failure})
+        await self._settle([row.id for row in rows], {"next_at": now + timedelta(seconds=wait), "last_error": failure})
         log.warning("alerts_delivery_failed", alerts=len(rows), attempt=attempt, wait_s=wait, error=failure)
-        return 0
 
     async def _take_hooked(self, now: datetime) -> int:
         """Move what other code recorded through the alert hook (``pending_alerts``) into the queue.

@@ -23,10 +23,12 @@ shown beside it (``[audit].months`` in all); each of the three shares (late, cor
 overdue by count) is flagged **rising** when Share(M-2) < Share(M-1) < Share(M); when one of
 those months has nothing to count, the flag says **not enough history**.
 
-``syncd audit --month 2026-11`` prints it (table, JSON or CSV); ``/metrics`` has the
-numbers of the last complete month (:func:`gauges`); the scheduler runs it once after
-each month closes (:func:`run_monthly`), logs it (``audit_report``) and records an alert
-(the ``pending_alerts`` hook) for each rising share. docs/operations.md, "Audit".
+``syncd audit --month 2026-11`` prints it (table, JSON or CSV; the table with a text plot
+of the months' shares, :func:`plot_lines`, on a terminal or with ``--plot``); ``/metrics``
+has the numbers of the last complete month (:func:`gauges`); the scheduler runs it once
+after each month closes (:func:`run_monthly`), logs it (``audit_report``), records an
+alert (the ``pending_alerts`` hook) for each rising share, and queues the whole report
+for the alerts webhook as one message (:func:`report_message`). docs/operations.md, "Audit".
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -46,6 +48,7 @@ import sqlalchemy as sa
 import structlog
 
 from syncd.core.interfaces import BillingEventKind, InvoiceState
+from syncd.engine.alerts import SECTION_MAX, clip, escape, record
 from syncd.store.db import BillingEventRow, InvoiceRow, InvoiceTrailRow, Store, table_of
 from syncd.store.trail import CLASSES
 
@@ -538,6 +541,103 @@ def _cell(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The plot of the months, and the report as text
+# ---------------------------------------------------------------------------
+
+PLOT_WIDTH = 24  # characters of the longest bar
+EIGHTHS = " ▏▎▍▌▋▊▉"  # a cell filled by 0/8 .. 7/8 (Unicode block elements U+258F..U+2589)
+FULL = "█"
+PLOT_LABELS = {"late": "late", "corrected": "corrected", "overdue": "overdue"}
+
+
+def bar(share: Decimal, scale: Decimal, width: int = PLOT_WIDTH) -> str:
+    """``share`` as a bar of ``width`` cells for ``scale`` (the longest bar), in eighths of a cell, rounded half-up."""
+    if scale <= 0:
+        return ""
+    eighths = int((share / scale * width * 8).to_integral_value(rounding=ROUND_HALF_UP))
+    full, rest = divmod(eighths, 8)
+    return FULL * full + (EIGHTHS[rest] if rest else "")
+
+
+def plot_lines(report: Report, width: int = PLOT_WIDTH) -> list[str]:
+    """A text plot of the months' three shares: a bar per number and month, all to one scale.
+
+    The longest bar is the largest share shown; each bar is followed by its percentage,
+    and each number's last month by its trend flag. A month with nothing to count shows
+    ``-``.
+    """
+    shares = [m.share(number) for number in NUMBERS for m in report.history]
+    scale = max((share for share in shares if share is not None), default=Decimal(0))
+    label_width = max(len(label) for label in PLOT_LABELS.values())
+    lines = [f"shares by month (bars to one scale: full = {_percent(scale) if scale else '0 %'})"]
+    for number in NUMBERS:
+        for index, numbers in enumerate(report.history):
+            share = numbers.share(number)
+            label = PLOT_LABELS[number] if index == 0 else ""
+            drawn = "-" if share is None else bar(share, scale, width) if scale else ""
+            flag = f"  {report.trends.get(number, '')}" if index == len(report.history) - 1 else ""
+            lines.append(
+                f"{label:<{label_width}}  {numbers.month}  {drawn:<{width}}  {_percent(share):>7}{flag}".rstrip()
+            )
+    return lines
+
+
+def text_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Rows as fixed-width text columns (the first left-aligned, the others right-aligned)."""
+    table = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)).rstrip()
+        for row in table
+    ]
+
+
+def summary_text(report: Report) -> str:
+    """One line: the month's three shares and latency, with their trends (a notification's text)."""
+    now = report.current
+    parts = [
+        f"late {now.late}/{now.issued} ({_percent(now.share('late'))}) {report.trends.get('late', '')}",
+        f"corrected {now.corrected}/{now.issued} ({_percent(now.share('corrected'))}) "
+        f"{report.trends.get('corrected', '')}",
+        f"overdue {now.overdue}/{now.due} ({_percent(now.share('overdue'))}) {report.trends.get('overdue', '')}",
+        f"trigger → issued median {_duration(now.latency_median_s)}, p95 {_duration(now.latency_p95_s)}",
+    ]
+    return f"Audit {report.month}: " + "; ".join(parts)
+
+
+def report_message(report: Report) -> dict[str, Any]:
+    """The whole report as one Slack incoming-webhook message (:mod:`syncd.engine.alerts` has the format's limits).
+
+    A header, the summary line, the table of the months (a code block, as ``syncd audit``
+    prints it), the plot of the three shares, the latest invoices, and where to look further.
+    """
+    delays = ", ".join(f"{name} {delay} s" for name, delay in report.delays.items()) or "-"
+    header = ["", *(str(m.month) for m in report.history), "trend"]
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": f"syncd: audit of {report.month}"}},
+        _section(f"{summary_text(report)}\nMonths in {report.zone}; invoice_delay_s: {delays}."),
+        _section(_code(text_table(header, summary_rows(report)))),
+        _section(_code(plot_lines(report))),
+    ]
+    worst = worst_rows(report)
+    if worst:
+        late = text_table(["late invoice", "deal", "client", "triggered", "delay", "invoice_delay_s"], worst)
+        blocks.append(_section("*Latest invoices*\n" + _code(late)))
+    hint = f"`syncd audit --month {report.month}` (`--format csv` exports it); `syncd invoice show NUMBER`"
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": hint}]})
+    return {"text": summary_text(report), "blocks": blocks}
+
+
+def _code(lines: Sequence[str]) -> str:
+    return "```\n" + "\n".join(lines) + "\n```"
+
+
+def _section(text: str) -> dict[str, Any]:
+    """A Block Kit section of mrkdwn text, escaped and within its 3000 characters."""
+    return {"type": "section", "text": {"type": "mrkdwn", "text": clip(escape(text), SECTION_MAX)}}
+
+
+# ---------------------------------------------------------------------------
 # /metrics and the monthly run
 # ---------------------------------------------------------------------------
 
@@ -587,7 +687,9 @@ async def latest(runtime: Runtime) -> Report:
 
 
 async def run_monthly(runtime: Runtime) -> Report | None:
-    """Once per month across replicas, after the month closes: log its audit and raise alerts for rising shares.
+    """Once per month across replicas, after the month closes: log its audit, raise alerts for rising
+    shares, and queue the whole report for the alerts webhook (one message of its own, key
+    ``audit_report:YYYY-MM``; :class:`syncd.engine.alerts.AlertSender` posts it, retried, never blocking).
 
     Returns:
         the report, or ``None`` when another replica (or an earlier run) had the month.
@@ -627,4 +729,13 @@ async def run_monthly(runtime: Runtime) -> Report | None:
             now=now,
         )
         log.warning("audit_trend_rising", month=str(month), number=number, shares=shares)
+    await record(
+        runtime.store,
+        kind="audit_report",
+        key=f"audit_report:{month}",
+        title=f"Audit {month}",
+        detail=summary_text(report),
+        now=now,
+        body=report_message(report),
+    )
     return report

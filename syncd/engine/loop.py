@@ -411,6 +411,19 @@ class Engine:
         waiter.cancel()
         return []
 
+    async def work_round(self, batch: int = 100) -> int:
+        """One round of a worker's loop (claim events and effects, work them as a worker does); rows claimed.
+
+        With batching on, the claimed rows are worked at once and their vendor calls share
+        requests, as in :meth:`run_worker`; tests drive batches through this.
+        """
+        later: list[Settle] = []
+        claimed = await self._round(batch, [], later)
+        if later:
+            for lost in await self.store.settle(later):
+                self._log_lost("settle", lost, "claimed again before its settling; not settled")
+        return claimed
+
     async def drain(self, *, rounds: int = 50) -> None:
         """Process until nothing is due (tests and the demo use this instead of sleeping)."""
         for _ in range(rounds):

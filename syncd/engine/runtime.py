@@ -181,6 +181,7 @@ class Runtime:
             defaults=defaults,
             metrics=metrics,
             http=https,
+            health=VendorHealth(clock),
         )
 
     async def aclose(self) -> None:

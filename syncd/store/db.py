@@ -287,6 +287,23 @@ class AlertRow(SQLModel, table=True):
     last_error: str | None = None
     created_at: datetime = _ts()
     sent_at: datetime | None = _ts(nullable=True)
+    body: dict[str, Any] | None = _json()  # a message of its own (the monthly audit report); None: grouped
+
+
+class VendorHealthRow(SQLModel, table=True):
+    """Each connection's failing streak, shared by every replica (:class:`syncd.engine.alerts.VendorHealth`).
+
+    ``failing_since`` is the first failure since the last success any replica reported
+    (``None``: not failing); ``failures`` counts the streak's failures.
+    """
+
+    __tablename__ = "vendor_health"
+    connection: str = Field(primary_key=True)
+    failing_since: datetime | None = _ts(nullable=True)
+    failures: int = 0
+    last_error: str | None = None
+    last_failure_at: datetime | None = _ts(nullable=True)
+    last_success_at: datetime | None = _ts(nullable=True)
 
 
 class CursorRow(SQLModel, table=True):
@@ -532,7 +549,8 @@ class MetricCounts:
     """The counts ``/metrics`` shows from the database (:meth:`Store.metric_counts`).
 
     Attributes:
-        backlog: (queue, status) → rows: events and effects pending or dead, open dead letters.
+        backlog: (queue, status) → rows: events and effects pending or dead, open dead letters,
+            alerts waiting to be posted (``pending``) and those whose delivery failed (``failed``).
         outcomes: (kind, reason) → open outcomes.
         dead_letters: source → open dead letters.
         skips: reason → recorded skips, open or not.
@@ -1217,12 +1235,14 @@ class Store:
         now: datetime,
         place: str | None = None,
         connection: str | None = None,
+        body: Mapping[str, Any] | None = None,
     ) -> bool:
         """Queue an alert for delivery (:class:`AlertRow`) once per ``key``, in the caller's transaction if ``conn``.
 
         Nothing is recorded while :attr:`alerting` is off (no ``[alerts] webhook_url``).
         (:meth:`add_alert` is the hook other code records alert-worthy events through;
-        the sender moves those here.)
+        the sender moves those here.) With ``body``, the alert is posted as that message
+        of its own instead of a line of a grouped one.
 
         Returns:
             whether it was new (and recorded).
@@ -1241,6 +1261,7 @@ class Store:
             "attempts": 0,
             "next_at": now,
             "created_at": now,
+            "body": dict(body) if body is not None else None,
         }
         stmt = self._insert_ignore(table, ("key",)).values(**values).returning(table.c.id)
         if conn is not None:
@@ -1277,6 +1298,10 @@ class Store:
             by_source = sa.select(dead.c.source, sa.func.count()).where(dead.c.status == "open").group_by(dead.c.source)
             found.dead_letters.update({str(s): int(n) for s, n in (await conn.execute(by_source)).all()})
             found.backlog[("dead_letters", "open")] = sum(found.dead_letters.values())
+            alerts = table_of(AlertRow)
+            waiting = alerts.c.status == "pending"
+            for status, where in (("pending", waiting), ("failed", sa.and_(waiting, alerts.c.last_error.is_not(None)))):
+                found.backlog[("alerts", status)] = int(await conn.scalar(sa.select(sa.func.count()).where(where)) or 0)
             by_kind = (
                 sa.select(outcomes.c.kind, outcomes.c.reason, sa.func.count())
                 .where(outcomes.c.status == "open")
@@ -1453,6 +1478,59 @@ class Store:
                     yield
                 finally:
                     await conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
+
+    # -- vendor health ---------------------------------------------------------------------
+
+    async def vendor_failed(
+        self, connection: str, error: str, now: datetime, *, restart: bool = False
+    ) -> tuple[datetime, int]:
+        """Count a failure of ``connection`` in its shared streak (:class:`VendorHealthRow`), atomically.
+
+        One ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``: concurrent replicas queue on
+        the row and each sees the streak with its own failure counted. A streak starts at
+        the first failure after a success; ``restart`` starts a new one at ``now`` (the
+        caller saw a success it has not reported yet).
+
+        Returns:
+            when the streak began, and its failures so far.
+        """
+        table = table_of(VendorHealthRow)
+        error = redact_text(error)[:500]
+        fresh = sa.true() if restart else table.c.failing_since.is_(None)
+        stmt = self._insert_dialect(table).values(
+            connection=connection, failing_since=now, failures=1, last_error=error, last_failure_at=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["connection"],
+            set_={
+                "failing_since": sa.case((fresh, stmt.excluded.failing_since), else_=table.c.failing_since),
+                "failures": sa.case((fresh, 1), else_=table.c.failures + 1),
+                "last_error": stmt.excluded.last_error,
+                "last_failure_at": stmt.excluded.last_failure_at,
+            },
+        ).returning(table.c.failing_since, table.c.failures)
+
+        def write(c: sa.Connection) -> tuple[datetime, int]:
+            since, failures = c.execute(stmt).one()
+            return since, int(failures)
+
+        return await self._unit(write, write=True)
+
+    async def vendor_succeeded(self, connection: str, at: datetime) -> bool:
+        """A call of ``connection`` went through at ``at``: the shared streak that began by then ends.
+
+        A streak that began after ``at`` (another replica's failure since) goes on.
+
+        Returns:
+            whether a streak ended.
+        """
+        table = table_of(VendorHealthRow)
+        stmt = (
+            sa.update(table)
+            .where(table.c.connection == connection, table.c.failing_since <= at)
+            .values(failing_since=None, failures=0, last_success_at=at)
+        )
+        return bool(await self._unit(lambda c: c.execute(stmt).rowcount, write=True))
 
     # -- ticks ----------------------------------------------------------------------------
 

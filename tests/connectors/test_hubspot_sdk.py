@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from hubspot import HubSpot
+from hubspot.crm import AssociationType
 from hubspot.crm.associations.v4 import (
     BatchInputPublicFetchAssociationsBatchRequest,
     PublicFetchAssociationsBatchRequest,
@@ -23,7 +24,8 @@ from hubspot.crm.deals import (
 )
 from hubspot.crm.properties import ApiException, PropertyCreate
 
-from connectors.hubspot.emulator import HubSpotEmulator
+from connectors.hubspot.connector import TASK_TO_COMPANY_TYPE_ID, TASK_TO_DEAL_TYPE_ID
+from connectors.hubspot.emulator import _ASSOCIATION_TYPES, HubSpotEmulator
 from tests.servers import serve_in_thread
 
 
@@ -188,3 +190,32 @@ def test_sdk_reads_deals_in_a_batch_with_stage_history(
     assert deal.id == deal_ids["deal"]
     assert deal.properties_with_history["dealstage"][-1].value == "appointmentscheduled"
     assert answer.num_errors == 1
+
+
+def test_association_type_ids_are_the_sdks() -> None:
+    """Every association type id the emulator and the connector use is the SDK's HubSpot-defined one.
+
+    ``hubspot.crm.AssociationType`` lists them by name (``TASK_TO_DEAL = 216``); HubSpot's
+    associate-records guide, "Association type ID values", has the same table.
+    """
+    singular = {
+        "deals": "DEAL",
+        "companies": "COMPANY",
+        "contacts": "CONTACT",
+        "line_items": "LINE_ITEM",
+        "tasks": "TASK",
+    }
+    checked = 0
+    for (from_kind, to_kind), (primary, plain) in _ASSOCIATION_TYPES.items():
+        name = f"{singular[from_kind]}_TO_{singular[to_kind]}"
+        assert plain[0] == getattr(AssociationType, name), name
+        if primary is not None:
+            assert primary[0] == getattr(AssociationType, f"PRIMARY_{name}"), f"PRIMARY_{name}"
+        checked += 1
+    assert checked == len(_ASSOCIATION_TYPES) >= 12
+    assert (TASK_TO_DEAL_TYPE_ID, TASK_TO_COMPANY_TYPE_ID) == (
+        AssociationType.TASK_TO_DEAL,
+        AssociationType.TASK_TO_COMPANY,
+    )
+    assert _ASSOCIATION_TYPES[("deals", "tasks")][1][0] == AssociationType.DEAL_TO_TASK == 215
+    assert _ASSOCIATION_TYPES[("companies", "tasks")][1][0] == AssociationType.COMPANY_TO_TASK == 191
