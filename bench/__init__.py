@@ -7,6 +7,8 @@
 * ``python -m bench.e2e``: webhook → invoice at the Xero emulator, beside a minimal
   baseline (``bench.baseline``), with syncd's memory and CPU per deal;
 * ``python -m bench.budget``: share of Xero's (scaled) rate limit used, and 429s;
+* ``python -m bench.monthstart``: every retainer client due at once on the 1st, under
+  Xero's (scaled) limits, with batching off and on;
 * ``python -m bench.backfill``: a full read of every deal through the list endpoint;
 * ``python -m bench.poll``: an incremental poll finding a few changes among many deals.
 

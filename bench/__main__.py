@@ -13,13 +13,14 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import backfill, budget, e2e, ingest, poll, report, store
+from bench import backfill, budget, e2e, ingest, monthstart, poll, report, store
 from bench.report import Measure, Profile, Row
 
 MEASUREMENTS: dict[str, Measure] = {
     "ingest": ingest.run,
     "e2e": e2e.run,
     "budget": budget.run,
+    "monthstart": monthstart.run,
     "backfill": backfill.run,
     "poll": poll.run,
     "store": store.run,

@@ -189,7 +189,7 @@ async def _push(bench: stack.Vendors, urls: list[str], lines: dict[str, str]) ->
         started = time.perf_counter()
         loop = await closed_loop(clients=CLIENTS, duration_s=bound_s, warmup_s=0.0, work=work)
         elapsed = time.perf_counter() - started
-        await written_back(bench, watch.count, 60.0)
+        await written_back(bench, watch.invoiced, 60.0)
     return loop.completed, loop.failures, elapsed
 
 

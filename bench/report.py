@@ -145,6 +145,7 @@ class Profile:
         e2e_concurrency: closed-loop clients of the end-to-end runs.
         e2e_pool: deals seeded per end-to-end run (the most it can complete).
         budget_deals: deals pushed through the rate-limited Xero emulator.
+        monthstart_clients: retainer clients due at once on the 1st (``bench.monthstart``).
         backfill_sizes: deal counts of the backfill runs.
         poll_total / poll_changed: deals at the CRM, and how many of them changed.
         store_s: seconds per run of the store benchmark (each model, each concurrency).
@@ -163,6 +164,7 @@ class Profile:
     e2e_concurrency: tuple[int, ...] = (1, 16)
     e2e_pool: int = 3000
     budget_deals: int = 200
+    monthstart_clients: int = 100
     backfill_sizes: tuple[int, ...] = (10_000,)
     poll_total: int = 10_000
     poll_changed: int = 10
@@ -181,6 +183,7 @@ FULL = Profile(
     e2e_slow_warmup_s=8.0,
     e2e_pool=15_000,
     budget_deals=1000,
+    monthstart_clients=1000,
     backfill_sizes=(10_000, 50_000, 100_000),
     poll_total=100_000,
     store_s=15.0,
@@ -198,6 +201,7 @@ TINY = Profile(
     e2e_concurrency=(2,),
     e2e_pool=40,
     budget_deals=5,
+    monthstart_clients=4,
     backfill_sizes=(250,),
     poll_total=300,
     poll_changed=5,

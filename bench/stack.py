@@ -282,18 +282,19 @@ def write_config(
     xero_limit_per_min: int = UNLIMITED,
     xero_concurrent: int = UNLIMITED,
     encryption_key: str | None = None,
+    mapping: Path = MAPPING,
     batch_max: int | None = None,
 ) -> Path:
     """A syncd config pointing at the emulators, with client-side limits raised unless given.
 
-    ``batch_max`` sets ``[daemon].batch_max`` (1 switches batching off); ``None`` keeps the default.
-
     ``billing_start`` is in the past so deals seeded before the database existed are
     invoiced; poll ticks are hourly (the webhooks drive the work). Replicas of one
-    database share ``encryption_key`` (a fresh one by default).
+    database share ``encryption_key`` (a fresh one by default). ``batch_max`` sets
+    ``[daemon].batch_max`` (1: batching off); ``None`` leaves syncd's default.
     """
     path = folder / "config.toml"
     hub, xero = bench.hub, bench.xero
+    batching = "" if batch_max is None else f"batch_max = {batch_max}\n"
     path.write_text(
         f"""
 [daemon]
@@ -305,8 +306,7 @@ poll_interval_s = 3600
 workers = {workers}
 encryption_key = "{encryption_key or Fernet.generate_key().decode()}"
 log_level = "info"
-{"" if batch_max is None else f"batch_max = {batch_max}"}
-
+{batching}
 [connections.hubspot]
 connector = "hubspot"
 base_url = "{bench.hub_url}"
@@ -329,7 +329,7 @@ max_concurrent = {xero_concurrent}
 [[pipelines]]
 crm = "hubspot"
 invoicing = "xero"
-mapping = "{MAPPING}"
+mapping = "{mapping}"
 """,
         encoding="utf-8",
     )
@@ -356,7 +356,7 @@ async def syncd(
         receiver_only: serve the webhook endpoint with no workers and no poll ticks
             (``bench.receiver``) instead of ``syncd run``: the acknowledgement path alone.
         xero_limit_per_min / xero_concurrent: syncd's own Xero limits.
-        batch_max: ``[daemon].batch_max`` (1: batching off; ``None``: the default).
+        batch_max: ``[daemon].batch_max`` (1: batching off; ``None``: syncd's default).
     """
     with tempfile.TemporaryDirectory(prefix="syncd-bench-") as tmp:
         folder = Path(tmp)
@@ -373,12 +373,19 @@ async def syncd(
                 batch_max=batch_max,
             )
             module = ["-m", "bench.receiver"] if receiver_only else ["-m", "syncd", "run"]
-            child = Child([*module, "--config", str(config)], url=f"http://127.0.0.1:{port}", log=folder / "syncd.log")
-            await child.start()
-            try:
+            async with running([*module, "--config", str(config)], port=port, log=folder / "syncd.log") as child:
                 yield child
-            finally:
-                await child.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(argv: Sequence[str], *, port: int, log: Path) -> AsyncIterator[Child]:
+    """Start ``argv`` (a syncd serving on ``port`` of 127.0.0.1), and stop it after the block."""
+    child = Child(argv, url=f"http://127.0.0.1:{port}", log=log)
+    await child.start()
+    try:
+        yield child
+    finally:
+        await child.stop()
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import backfill, budget, e2e, ingest, poll, store
+from bench import backfill, budget, e2e, ingest, monthstart, poll, store
 from bench.report import TINY, Row
 
 pytestmark = pytest.mark.slow
@@ -24,9 +24,9 @@ async def test_ingest_acknowledges_every_signed_webhook() -> None:
 
 
 async def test_end_to_end_invoices_deals_and_the_baseline_makes_the_same_calls() -> None:
-    """syncd with batching off (batch_max = 1) and the baseline both invoice deals, with the same vendor calls per deal."""
+    """syncd with batching off and the baseline both invoice deals, with the same vendor calls per deal."""
     profile = TINY
-    ours = await e2e.measure(profile, system="syncd", clients=2, latency_s=0.0, batch_max=1)
+    ours = await e2e.measure(profile, system="syncd", clients=2, latency_s=0.0, batch_max=e2e.UNBATCHED)
     floor = await e2e.measure(profile, system="baseline", clients=2, latency_s=0.0)
     assert ours.deals > 0
     assert floor.deals > 0
@@ -38,6 +38,35 @@ async def test_end_to_end_invoices_deals_and_the_baseline_makes_the_same_calls()
     )
     assert ours.peak_rss_mb > 0
     assert ours.cpu_ms_per_deal > 0
+    assert ours.transactions is not None
+    assert ours.transactions > 0
+    assert floor.transactions == 0.0
+
+
+async def test_batching_at_sixteen_deals_at_once_makes_at_most_three_vendor_calls_per_deal() -> None:
+    """With syncd's default batching, 16 concurrent deals cost at most 3 vendor calls each (HubSpot + Xero)."""
+    outcome = await e2e.measure(TINY, system="syncd", clients=16, latency_s=0.0)
+    assert outcome.deals >= 16
+    assert outcome.drained
+    assert outcome.hub_calls + outcome.xero_calls <= 3.0, (outcome.hub_calls, outcome.xero_calls)
+
+
+async def test_month_start_invoices_every_retainer_client_with_batching_off_and_on() -> None:
+    """Every retainer due on the 1st is invoiced and written back by the recurring tick, batching off and on."""
+    rows = await monthstart.run(TINY)
+    clients = TINY.monthstart_clients
+    times = [row for row in rows if row.metric == "tick → last invoice"]
+    assert [row.setting for row in times] == [
+        f"{clients} clients, batching off (batch_max=1)",
+        f"{clients} clients, batching on",
+    ]
+    assert all(row.value is not None and row.value > 0 for row in times)
+    assert all(row.note.startswith(f"{clients} of {clients} invoiced; acquaintance") for row in times)
+    assert _values(rows, "429s") == [0.0, 0.0]
+    assert all(value > 0 for value in _values(rows, "Xero calls/invoice"))
+    assert all(value > 0 for value in _values(rows, "transactions/invoice"))
+    (speedup,) = [row for row in rows if row.metric == "speed-up, batching on vs off"]
+    assert speedup.value is not None
 
 
 async def test_budget_invoices_every_deal_under_the_xero_limits() -> None:
