@@ -55,7 +55,7 @@ async def _record(batcher: Batcher, vendor: Vendor, value: str, *, work_s: float
 
 
 async def test_records_ready_together_share_one_call_and_each_gets_its_own_answer() -> None:
-    batcher, vendor = Batcher(max_size=50, wait_s=5.0), Vendor(refuse=frozenset({"c"}))
+    batcher, vendor = Batcher(max_size=50, wait_s=0.2), Vendor(refuse=frozenset({"c"}))
     answers = await asyncio.gather(*(_record(batcher, vendor, v) for v in "abcd"))
     assert vendor.calls == [("many", ["a", "b", "c", "d"])]
     assert answers[:2] == ["A", "B"]
@@ -63,6 +63,24 @@ async def test_records_ready_together_share_one_call_and_each_gets_its_own_answe
     assert isinstance(answers[2], NotFound)  # the refused element fails alone
     assert batcher.sent["read"] == 1
     assert batcher.carried["read"] == 4
+
+
+async def test_records_arriving_one_after_another_are_gathered_and_a_lone_one_after_a_lull_is_not_held() -> None:
+    """Webhooks 10 ms apart, each parking at once: the first (after a lull) goes alone, the rest wait for each other."""
+    batcher, vendor = Batcher(max_size=50, wait_s=0.1), Vendor()
+    loop = asyncio.get_running_loop()
+
+    async def arriving(value: str, after_s: float) -> Any:
+        await asyncio.sleep(after_s)
+        return await _record(batcher, vendor, value)
+
+    assert await asyncio.gather(*(arriving(v, 0.01 * i) for i, v in enumerate("abcd"))) == ["A", "B", "C", "D"]
+    assert vendor.calls == [("one", "a"), ("many", ["b", "c", "d"])]
+    await asyncio.sleep(0.2)  # a lull: nothing began within wait_s
+    started = loop.time()
+    assert await _record(batcher, vendor, "e") == "E"
+    assert vendor.calls[-1] == ("one", "e")
+    assert loop.time() - started < 0.05  # not held for wait_s
 
 
 async def test_a_lone_record_is_sent_at_once_through_the_one_record_call() -> None:
@@ -80,7 +98,7 @@ async def test_batching_off_sends_one_call_per_record() -> None:
 
 
 async def test_a_full_batch_goes_at_once_and_the_rest_form_the_next() -> None:
-    batcher, vendor = Batcher(max_size=3, wait_s=5.0), Vendor()
+    batcher, vendor = Batcher(max_size=3, wait_s=0.2), Vendor()
     answers = await asyncio.gather(*(_record(batcher, vendor, v) for v in "abcde"))
     assert answers == ["A", "B", "C", "D", "E"]
     assert vendor.calls == [("many", ["a", "b", "c"]), ("many", ["d", "e"])]
@@ -104,7 +122,7 @@ async def test_a_record_still_working_is_waited_for_only_up_to_wait_s() -> None:
 
 
 async def test_a_whole_request_failing_fails_every_element_alike() -> None:
-    batcher = Batcher(max_size=50, wait_s=5.0)
+    batcher = Batcher(max_size=50, wait_s=0.2)
 
     async def down(values: list[str]) -> Mapping[str, Any]:
         raise RetriableError("crm: 503")
@@ -141,7 +159,7 @@ def _lease(where: str, renewed: list[str], *, lost: bool = False) -> Lease:
 
 async def test_the_batched_call_runs_under_every_member_lease_and_is_not_sent_if_one_was_lost() -> None:
     renewed: list[str] = []
-    batcher = Batcher(max_size=50, wait_s=5.0)
+    batcher = Batcher(max_size=50, wait_s=0.2)
     members = {"a": _lease("a", renewed), "b": _lease("b", renewed, lost=True), "c": _lease("c", renewed)}
     sent: list[list[str]] = []
 
@@ -187,9 +205,9 @@ async def test_a_record_cancelled_while_waiting_does_not_hold_the_batch() -> Non
 
 async def test_a_batched_call_nobody_waits_for_any_more_is_cancelled() -> None:
     """Every record of a batch cancelled (the shutdown grace ran out): the call in flight is cancelled too."""
-    batcher, vendor = Batcher(max_size=50, wait_s=5.0), Vendor(delay_s=30.0)
+    batcher, vendor = Batcher(max_size=50, wait_s=0.05), Vendor(delay_s=30.0)
     records = [asyncio.create_task(_record(batcher, vendor, v)) for v in "ab"]
-    await asyncio.sleep(0.05)  # both wait in one call of 30 s
+    await asyncio.sleep(0.3)  # both wait in one call of 30 s
     assert vendor.calls == [("many", ["a", "b"])]
     for record in records:
         record.cancel()

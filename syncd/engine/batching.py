@@ -13,11 +13,13 @@ element's answer: an element the vendor refused fails alone.
 
 When a batch goes:
 
-* at once when no record is being worked on any more (every task of this process is
-  waiting for a batched call or done): nothing else can join, so nothing waits;
 * when it holds ``[daemon].batch_max`` calls;
-* else ``[daemon].batch_wait_ms`` after its first call arrived, while other records are
-  still being worked on (they may join).
+* at once when no record is being worked on any more (every task of this process is
+  waiting for a batched call or done) and records have stopped arriving (fewer than two
+  began within the last ``batch_wait_ms``): nothing else is coming, so nothing waits;
+* else ``[daemon].batch_wait_ms`` after its first call arrived: while records keep
+  arriving (webhooks one after another, a claim of many), the ones that arrive meanwhile
+  join it.
 
 A batch of one is sent through the connector's one-record method, exactly as with
 batching off (``batch_max = 1``): a lone deal at low load makes the same calls as a
@@ -37,7 +39,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +71,7 @@ class _Waiting:
 @dataclass
 class _Queue:
     name: str
+    connection: str
     one: One
     many: Many
     waiting: list[_Waiting] = field(default_factory=list)
@@ -83,13 +86,23 @@ class Batcher:
         wait_s: how long a call may wait for others while records are still being
             worked on (``[daemon].batch_wait_ms``).
         renew_all: renews several leases in one transaction (the write guard of a batch).
+        on_sent: told ``(connection, kind, records)`` for each call sent (``/metrics``).
     """
 
-    def __init__(self, *, max_size: int, wait_s: float, renew_all: RenewAll | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_size: int,
+        wait_s: float,
+        renew_all: RenewAll | None = None,
+        on_sent: Callable[[str, str, int], None] | None = None,
+    ) -> None:
         self.max_size = max_size
+        self.on_sent = on_sent
         self.wait_s = wait_s
         self.renew_all = renew_all
         self.running = 0  # records being worked on, not waiting in a batch
+        self._starts: deque[float] = deque()  # when the records of the last wait_s began
         self._queues: dict[Hashable, _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent: Counter[str] = Counter()  # batched calls sent, by kind
@@ -109,14 +122,22 @@ class Batcher:
             yield
             return
         self.running += 1
+        self._starts.append(asyncio.get_running_loop().time())
         token = _inside.set(True)
         try:
             yield
         finally:
             _inside.reset(token)
             self.running -= 1
-            if self.running == 0:
+            if self.running == 0 and self._quiet():
                 self._flush_all()
+
+    def _quiet(self) -> bool:
+        """Whether records have stopped arriving: fewer than two began within the last ``wait_s``."""
+        since = asyncio.get_running_loop().time() - self.wait_s
+        while self._starts and self._starts[0] < since:
+            self._starts.popleft()
+        return len(self._starts) < 2
 
     async def call(self, queue: Hashable, key: str, value: Any, *, one: One, many: Many) -> Any:
         """``one(value)``, or ``value`` sent in a batch with others of the same ``queue``; its own answer.
@@ -133,16 +154,19 @@ class Batcher:
         waiting = self._queues.get(queue)
         if waiting is None:
             waiting = self._queues[queue] = _Queue(
-                name=str(queue[0] if isinstance(queue, tuple) else queue), one=one, many=many
+                name=str(queue[0] if isinstance(queue, tuple) else queue),
+                connection=str(queue[1]) if isinstance(queue, tuple) and len(queue) > 1 else "",
+                one=one,
+                many=many,
             )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         waiting.waiting.append(_Waiting(key, value, leases.current(), future))
         self.running -= 1
         try:
-            if len(waiting.waiting) >= self.max_size or self.running == 0:
+            if len(waiting.waiting) >= self.max_size:
                 self._flush(queue)
-                if self.running == 0:
-                    self._flush_all()
+            elif self.running == 0 and self._quiet():
+                self._flush_all()
             elif waiting.timer is None:
                 waiting.timer = asyncio.get_running_loop().call_later(self.wait_s, self._flush, queue)
             return await future
@@ -193,6 +217,8 @@ class Batcher:
             values[waiting.key] = waiting.value
         held = [w.lease for w in taken if w.lease is not None]
         lease = Batch(held, renew_all=self.renew_all) if held else None
+        if self.on_sent is not None:
+            self.on_sent(queue.connection, queue.name, len(values))
         try:
             with leases.using(lease):
                 if len(values) == 1:

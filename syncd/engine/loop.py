@@ -197,7 +197,10 @@ class Engine:
         self._last_claim = 0.0
         daemon = runtime.config.daemon
         self.batcher = Batcher(
-            max_size=daemon.batch_max, wait_s=daemon.batch_wait_ms / 1000, renew_all=self._renew_leases
+            max_size=daemon.batch_max,
+            wait_s=daemon.batch_wait_ms / 1000,
+            renew_all=self._renew_leases,
+            on_sent=runtime.metrics.batch_sent,
         )
         # rows of one claim worked at once (batching); on PostgreSQL a row may hold two pooled
         # connections (a customer lock and a transaction), so fewer than half the pool's

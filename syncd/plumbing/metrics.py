@@ -130,6 +130,13 @@ class Metrics:
             ["connection", "status"],
             registry=r,
         )
+        self.batch_size = Histogram(
+            "syncd_batch_size",
+            "Records one vendor call carried, by connection and kind of call (1: sent alone)",
+            ["connection", "kind"],
+            buckets=(1, 2, 4, 8, 16, 32, 50, 100),
+            registry=r,
+        )
         self.dead_letters = Gauge("syncd_dead_letters_open", "Open dead letters by source", ["source"], registry=r)
         self.skips = Gauge("syncd_skips", "Recorded skips by reason (outcomes of kind skip)", ["reason"], registry=r)
         self.mapping_reload_failures = Counter(
@@ -190,6 +197,10 @@ class Metrics:
         for earlier in response.history:
             self.vendor_calls.labels(connection, str(earlier.status_code)).inc()
         self.vendor_calls.labels(connection, str(response.status_code)).inc()
+
+    def batch_sent(self, connection: str, kind: str, size: int) -> None:
+        """A vendor call that the batcher sent for ``size`` records (``syncd/engine/batching.py``)."""
+        self.batch_size.labels(connection, kind).observe(size)
 
     def vendor_unanswered(self, connection: str, why: str) -> None:
         """A vendor call that got no answer (``timeout`` or ``transport_error``)."""

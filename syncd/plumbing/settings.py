@@ -118,7 +118,7 @@ class DaemonSettings(BaseModel):
     mapping_watch_interval_s: int = Field(default=5, ge=0)
     shared_rate_budget: bool = True
     batch_max: int = Field(default=50, ge=1, le=100)
-    batch_wait_ms: int = Field(default=25, ge=0, le=1000)
+    batch_wait_ms: int = Field(default=50, ge=0, le=1000)
     webhook_body_timeout_s: float = Field(default=10, gt=0, le=300)
     max_connections: int = Field(default=100, ge=2)
     keep_alive_timeout_s: int = Field(default=5, ge=1)
