@@ -215,3 +215,16 @@ async def test_a_batched_call_nobody_waits_for_any_more_is_cancelled() -> None:
     started = asyncio.get_running_loop().time()
     await batcher.settle(60.0)
     assert asyncio.get_running_loop().time() - started < 5.0
+
+
+async def test_calls_arriving_while_a_batch_is_in_flight_gather_behind_it() -> None:
+    """A slow vendor (or one pacing calls): what arrives during a call goes in one call right after it."""
+    batcher, vendor = Batcher(max_size=50, wait_s=0.01), Vendor(delay_s=0.3)
+
+    async def arriving(value: str, after_s: float) -> Any:
+        await asyncio.sleep(after_s)
+        return await _record(batcher, vendor, value)
+
+    answers = await asyncio.gather(arriving("a", 0), *(arriving(v, 0.05 + 0.02 * i) for i, v in enumerate("bcdef")))
+    assert answers == ["A", "B", "C", "D", "E", "F"]
+    assert vendor.calls == [("one", "a"), ("many", ["b", "c", "d", "e", "f"])]
