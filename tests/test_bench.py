@@ -15,10 +15,15 @@ def _values(rows: list[Row], metric: str) -> list[float]:
 
 
 async def test_ingest_acknowledges_every_signed_webhook() -> None:
-    """Each ingest run gets its signed webhooks acknowledged (none fail) and reports a rate."""
+    """Each ingest run gets its signed webhooks acknowledged (none fail) and reports a rate, with the workers running too."""
     rows = await ingest.run(TINY)
     rates = [row for row in rows if row.metric == "req/s"]
-    assert [row.setting for row in rates] == ["sqlite c=1", "sqlite c=4", "sqlite paced 20/s"]
+    assert [row.setting for row in rates] == [
+        "sqlite c=1",
+        "sqlite c=4",
+        "sqlite paced 20/s",
+        "sqlite paced 20/s, workers running",
+    ]
     assert all(row.value and row.value > 0 for row in rates)
     assert all(row.note.startswith("failed 0") for row in rates)
 
