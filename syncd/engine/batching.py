@@ -173,14 +173,14 @@ class Batcher:
         waiting.waiting.append(_Waiting(key, value, leases.current(), future))
         self.running -= 1
         try:
-            if waiting.in_flight >= IN_FLIGHT:
-                pass  # it goes with the others gathering behind the call in flight, once that ends
-            elif len(waiting.waiting) >= self.max_size:
-                self._flush(queue)
-            elif self.running == 0 and self._quiet():
-                self._flush_all()
-            elif waiting.timer is None:
-                waiting.timer = asyncio.get_running_loop().call_later(self.wait_s, self._flush, queue)
+            # with a call of its kind in flight, it goes with the others gathering behind it, once that ends
+            if waiting.in_flight < IN_FLIGHT:
+                if len(waiting.waiting) >= self.max_size:
+                    self._flush(queue)
+                elif self.running == 0 and self._quiet():
+                    self._flush_all()
+                elif waiting.timer is None:
+                    waiting.timer = asyncio.get_running_loop().call_later(self.wait_s, self._flush, queue)
             return await future
         finally:
             self.running += 1
