@@ -363,12 +363,17 @@ class Engine:
 
         tasks = [asyncio.create_task(one(*job)) for job in jobs]
         try:
-            await asyncio.gather(*tasks)
-        except BaseException:
+            # a row's own failure is settled in it (_settle); one that escapes (the database away)
+            # does not cut its siblings short: each finishes, then the first is raised to the worker
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:  # the worker itself (the grace ran out): every row stops
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         per_row_s = (time.monotonic() - started) / len(jobs)
         for source in {job[1] for job in jobs}:
             self._measured(source, per_row_s)
