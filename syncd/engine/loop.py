@@ -384,16 +384,12 @@ class Engine:
         A batch must be finishable within the lease (half of it, :data:`LEASE_SHARE`),
         at the slower of the pace measured for this kind of row and the pace the
         vendors' rate limits allow (:data:`CALLS_PER_ROW` calls at the slowest
-        connection's sustained rate; with batching on, the rows of a claim share their
-        calls, so only the measured pace counts). At least one row: a row longer than
-        the lease is kept by renewing its lease while it runs.
+        connection's sustained rate). At least one row: a row longer than the lease
+        is kept by renewing its lease while it runs. (Batched rows share their calls only
+        where the connector batches and the rows are worked together, so the pace is not
+        relaxed for batching: BENCHMARKS.md, "Batching across records".)
         """
-        per_row_s = self._row_s.get(source, 0.0)
-        if not self.batcher.enabled:
-            per_row_s = max(per_row_s, CALLS_PER_ROW * self.rt.call_interval_s())
-        # batching: the rows of one claim share each vendor call (a claim of 50 costs the calls of
-        # one row), so the vendors' pace bounds the claim's calls, not each row's; the pace
-        # measured per row (batch waits included) still bounds how many fit in the lease
+        per_row_s = max(self._row_s.get(source, 0.0), CALLS_PER_ROW * self.rt.call_interval_s())
         if per_row_s <= 0:
             return limit
         return max(1, min(limit, int(self.rt.config.daemon.lease_s * LEASE_SHARE / per_row_s)))
