@@ -541,7 +541,10 @@ class XeroConnector:
         except RetriableError as exc:
             found = await self._find_members(kind, run)
             log.warning("xero_batch_failed", kind=kind.name, size=len(run), found=len(found), error=str(exc))
-            return {draft.key: found.get(draft.key, exc) for draft, _ in run}
+            failed: dict[str, InvoiceStatus | SyncdError] = {}
+            for draft, _ in run:  # one found still gets its email, as after a refusal
+                failed[draft.key] = await self._after_lookup(draft, found[draft.key]) if draft.key in found else exc
+            return failed
         except Rejected as exc:
             found = await self._find_members(kind, run)
             log.warning("xero_batch_refused", kind=kind.name, size=len(run), found=len(found), error=str(exc))

@@ -275,6 +275,18 @@ async def test_approved_invoices_that_ask_for_it_are_emailed_one_call_each() -> 
         assert {s.state for s in results.values()} == {InvoiceState.SENT}
 
 
+async def test_invoices_found_after_every_answer_was_lost_are_still_emailed() -> None:
+    """A batch of send=True invoices whose answers are all lost: found by their keys, each is emailed once."""
+    async with rig() as r:
+        items = await drafts_for(r, 3, send=True)
+        r.emulator.faults.add(Fault(kind="drop_response", method="PUT", path_contains="/Invoices", times=None))
+        results = ok(await r.connector.create_invoices(items))
+        assert r.emulator.calls["getInvoices"] == 1
+        assert sorted(r.emulator.emails) == sorted(i["InvoiceID"] for i in r.emulator.invoices())
+        assert len(r.emulator.emails) == 3
+        assert {s.state for s in results.values()} == {InvoiceState.SENT}
+
+
 async def test_the_same_batch_twice_is_replayed_by_xero() -> None:
     """The same batch sent twice within the key's window gets Xero's first answer: still 16 invoices."""
     async with rig() as r:
