@@ -25,6 +25,10 @@ class BillingQueue(Protocol):
         """The runtime (store, clock, connections, pipelines)."""
         ...
 
+    def notify(self) -> None:
+        """Wake a worker: rows were queued in a transaction the workflow committed itself."""
+        ...
+
     async def record_event(self, event: BillingEvent, client_key: str, *, conn: Connection | None = None) -> str | None:
         """Record a billing event that invoices nothing (the key if new), in ``conn`` if given."""
         ...

@@ -18,8 +18,14 @@ When a batch goes:
   waiting for a batched call or done) and records have stopped arriving (fewer than two
   began within the last ``batch_wait_ms``): nothing else is coming, so nothing waits;
 * else ``[daemon].batch_wait_ms`` after its first call arrived: while records keep
-  arriving (webhooks one after another, a claim of many), the ones that arrive meanwhile
-  join it;
+  arriving (webhooks one after another), the ones that arrive meanwhile join it;
+* records claimed together (a :class:`Cohort`: the rows of one claim, worked at once)
+  wait for each other: a batch holding one goes once none of its cohort is still being
+  worked on (each member waits in a batch or is done), however long after its first
+  call, but at most :data:`COHORT_WAITS` × ``batch_wait_ms``. Between two vendor calls
+  each row commits its own transaction, one after another, so a claim of 50 reaches
+  its next call over a few hundred milliseconds; without this the batch would go at
+  ``batch_wait_ms`` with the first few (BENCHMARKS.md, "Month start");
 * and never while another batch of the same connection and kind is in flight (waiting
   for a rate-limit slot or for its answer): the calls gather behind it and go together
   as soon as it ends, so under load (a month start at Xero's 60 calls a minute) batches
@@ -66,7 +72,91 @@ IN_FLIGHT = 1
 behind it and go together when it ends, so batches grow with the load (and with a vendor's
 pacing: a call waiting for a rate-limit slot is in flight) instead of queueing up small."""
 
+COHORT_WAITS = 20
+"""The longest a batch waits for the rest of its members' cohorts, in ``batch_wait_ms``: 1 s at the default."""
+
 _inside: contextvars.ContextVar[bool] = contextvars.ContextVar("syncd_batch_member", default=False)
+
+
+class Cohort:
+    """Records claimed together and worked at once (one claim's rows): their calls wait for each other.
+
+    Args:
+        admitted: members given a slot of the process's bound (:class:`Slots`), about to start.
+        queued: members still waiting for a slot.
+        blocked: whether a queued member cannot get a slot now: then nobody waits for it.
+
+    Attributes:
+        unstarted: admitted members not started yet.
+        queued: members waiting for a slot.
+        running: members being worked on, neither waiting in a batch nor done.
+    """
+
+    def __init__(self, admitted: int, *, queued: int = 0, blocked: Callable[[], bool] = lambda: False) -> None:
+        self.unstarted = admitted
+        self.queued = queued
+        self.running = 0
+        self._blocked = blocked
+
+    @property
+    def idle(self) -> bool:
+        """No member is on its way to a call: each waits in a batch, is done, or cannot start yet."""
+        return self.running == 0 and self.unstarted == 0 and (self.queued == 0 or self._blocked())
+
+
+class Slots:
+    """The rows a process works at once (a bound), taken a claim at a time and in order.
+
+    An :class:`asyncio.Semaphore` hands its permits out one by one to whoever asks first:
+    a claim's rows would start one at a time as another claim's rows finish, and the first
+    of each cohort would reach every batch ahead of the rest of it (measured: batches of
+    49 and 1 instead of 50). Here a claim takes the slots it needs at once, first come
+    first served.
+
+    Args:
+        size: the bound.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def full(self) -> bool:
+        """Whether a row asking for a slot now would wait."""
+        return self.free == 0 or bool(self._waiting)
+
+    async def take(self, count: int) -> None:
+        """Wait for ``count`` slots (at most :attr:`size`), after those who asked before."""
+        count = min(count, self.size)
+        if not self._waiting and self.free >= count:
+            self.free -= count
+            return
+        entry = (count, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].done() and not entry[1].cancelled():
+                self.give(count)  # granted, then cancelled before it could use them
+            elif entry in self._waiting:
+                self._waiting.remove(entry)
+                self.give(0)  # those behind it may fit now
+            raise
+
+    def give(self, count: int = 1) -> None:
+        """Give ``count`` slots back; whoever waits first and fits gets them."""
+        self.free += count
+        while self._waiting and self.free >= self._waiting[0][0]:
+            wanted, granted = self._waiting.popleft()
+            if granted.done():
+                continue
+            self.free -= wanted
+            granted.set_result(None)
+
+
+_cohort: contextvars.ContextVar[Cohort | None] = contextvars.ContextVar("syncd_batch_cohort", default=None)
 
 
 @dataclass
@@ -75,6 +165,9 @@ class _Waiting:
     value: Any
     lease: Lease | None
     future: asyncio.Future[Any]
+    cohort: Cohort | None
+    since: float
+    answered: bool = False  # counted running again from its answer on (before its task resumes)
 
 
 @dataclass
@@ -122,6 +215,11 @@ class Batcher:
     def enabled(self) -> bool:
         return self.max_size > 1
 
+    @property
+    def busy(self) -> bool:
+        """Whether a batched call is in flight (its answer will set records running again)."""
+        return bool(self._tasks)
+
     @contextlib.contextmanager
     def working(self) -> Iterator[None]:
         """One record being worked on by the calling task: batches wait for it while it runs.
@@ -139,8 +237,28 @@ class Batcher:
         finally:
             _inside.reset(token)
             self.running -= 1
-            if self.running == 0 and self._quiet():
-                self._flush_all()
+            if self.running == 0:
+                self._consider_all()
+
+    @contextlib.contextmanager
+    def member(self, cohort: Cohort, *, admitted: bool = True) -> Iterator[None]:
+        """The calling task works one record of ``cohort``, from its start to its end.
+
+        ``admitted``: it had its slot when the cohort began (else it waited for one, queued).
+        """
+        if admitted:
+            cohort.unstarted -= 1
+        else:
+            cohort.queued -= 1
+        cohort.running += 1
+        token = _cohort.set(cohort)
+        try:
+            yield
+        finally:
+            _cohort.reset(token)
+            cohort.running -= 1
+            if cohort.idle:
+                self._consider_all()
 
     def _quiet(self) -> bool:
         """Whether records have stopped arriving: fewer than two began within the last ``wait_s``."""
@@ -169,21 +287,25 @@ class Batcher:
                 one=one,
                 many=many,
             )
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        waiting.waiting.append(_Waiting(key, value, leases.current(), future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        cohort = _cohort.get()
+        mine = _Waiting(key, value, leases.current(), future, cohort, loop.time())
+        waiting.waiting.append(mine)
         self.running -= 1
+        if cohort is not None:
+            cohort.running -= 1
         try:
-            # with a call of its kind in flight, it goes with the others gathering behind it, once that ends
-            if waiting.in_flight < IN_FLIGHT:
-                if len(waiting.waiting) >= self.max_size:
-                    self._flush(queue)
-                elif self.running == 0 and self._quiet():
-                    self._flush_all()
-                elif waiting.timer is None:
-                    waiting.timer = asyncio.get_running_loop().call_later(self.wait_s, self._flush, queue)
+            if self.running == 0 or (cohort is not None and cohort.idle):
+                self._consider_all()  # others may have waited for this one
+            else:
+                self._consider(queue)
             return await future
         finally:
-            self.running += 1
+            if not mine.answered:  # cancelled: not counted back by _deliver
+                self.running += 1
+                if cohort is not None:
+                    cohort.running += 1
 
     async def settle(self, timeout_s: float) -> None:
         """At shutdown, before the store closes: wait up to ``timeout_s`` for the batched calls in flight, then cancel them.
@@ -200,9 +322,44 @@ class Batcher:
         if busy:
             await asyncio.wait(busy)
 
-    def _flush_all(self) -> None:
+    def _consider_all(self) -> None:
         for queue in list(self._queues):
+            self._consider(queue)
+
+    def _consider(self, queue: Hashable, *, waited: bool = False) -> None:
+        """Send ``queue``'s batch if it may go (:meth:`_ready`), else make sure a timer will look again.
+
+        With a call of its kind in flight it goes with the others gathering behind it, once that ends.
+        """
+        waiting = self._queues.get(queue)
+        if waiting is None or not waiting.waiting or waiting.in_flight >= IN_FLIGHT:
+            return
+        if len(waiting.waiting) >= self.max_size or self._ready(waiting, waited=waited):
             self._flush(queue)
+        elif waiting.timer is None:
+            waiting.timer = asyncio.get_running_loop().call_later(self.wait_s, self._due, queue)
+
+    def _ready(self, waiting: _Queue, *, waited: bool) -> bool:
+        """Whether ``waiting``'s calls may go now.
+
+        A call of a cohort waits until the cohort is idle (at most :data:`COHORT_WAITS` ×
+        ``batch_wait_ms``); a lone record's call until ``batch_wait_ms`` passed (``waited``)
+        or nothing is being worked on and records stopped arriving.
+        """
+        members = [w.cohort for w in waiting.waiting]
+        if not all(cohort is None or cohort.idle for cohort in members):
+            oldest = min(w.since for w in waiting.waiting)
+            return asyncio.get_running_loop().time() - oldest >= COHORT_WAITS * self.wait_s
+        if all(cohort is not None for cohort in members):
+            return True
+        return waited or (self.running == 0 and self._quiet())
+
+    def _due(self, queue: Hashable) -> None:
+        """A batch's timer ran out: it goes, unless members of its cohorts are still worked on (then later)."""
+        waiting = self._queues.get(queue)
+        if waiting is not None:
+            waiting.timer = None
+            self._consider(queue, waited=True)
 
     def _flush(self, queue: Hashable) -> None:
         waiting = self._queues.get(queue)
@@ -227,12 +384,16 @@ class Batcher:
             del self._queues[queue]
 
     def _sent(self, queue: Hashable, waiting: _Queue, _task: asyncio.Task[None]) -> None:
-        """A batched call ended: the calls that gathered meanwhile go at once (they waited for it)."""
+        """A batched call ended: the calls that gathered meanwhile go at once (they waited for it).
+
+        Its members run again, and rows that waited for a slot may start: the others look again.
+        """
         waiting.in_flight -= 1
         if waiting.waiting:
-            self._flush(queue)
+            self._consider(queue, waited=True)
         elif waiting.in_flight == 0 and self._queues.get(queue) is waiting:
             del self._queues[queue]
+        self._consider_all()
 
     async def _send(self, queue: _Queue, taken: list[_Waiting]) -> None:
         values: dict[str, Any] = {}
@@ -255,7 +416,7 @@ class Batcher:
         except LeaseLost as exc:
             for waiting in taken:
                 lost = waiting.lease is not None and waiting.lease.lost
-                _deliver(
+                self._deliver(
                     waiting,
                     exc
                     if lost
@@ -267,17 +428,30 @@ class Batcher:
             return
         except Exception as exc:  # the whole request failed: every element alike
             for waiting in taken:
-                _deliver(waiting, exc)
+                self._deliver(waiting, exc)
             return
         except BaseException as exc:
             for waiting in taken:
-                _deliver(waiting, exc)
+                self._deliver(waiting, exc)
             raise
         for waiting in taken:
             if waiting.key in answers:
-                _deliver(waiting, answers[waiting.key])
+                self._deliver(waiting, answers[waiting.key])
             else:
-                _deliver(waiting, RetriableError(f"{queue.name}: the batch answered nothing for {waiting.key}"))
+                self._deliver(waiting, RetriableError(f"{queue.name}: the batch answered nothing for {waiting.key}"))
+
+    def _deliver(self, waiting: _Waiting, answer: Any) -> None:
+        """Hand a record its answer; from now on it counts as being worked on (its task resumes soon)."""
+        if waiting.future.done():  # its record stopped waiting (cancelled at shutdown)
+            return
+        waiting.answered = True
+        self.running += 1
+        if waiting.cohort is not None:
+            waiting.cohort.running += 1
+        if isinstance(answer, BaseException):
+            waiting.future.set_exception(answer)
+        else:
+            waiting.future.set_result(answer)
 
 
 async def _answer(one: One, value: Any) -> Any:
@@ -291,12 +465,3 @@ def _abandoned(task: asyncio.Task[None], taken: list[_Waiting], _future: asyncio
     """Cancel a batched call once every record it carries was cancelled (nobody waits for its answer)."""
     if not task.done() and all(member.future.cancelled() for member in taken):
         task.cancel()
-
-
-def _deliver(waiting: _Waiting, answer: Any) -> None:
-    if waiting.future.done():  # its record stopped waiting (cancelled at shutdown)
-        return
-    if isinstance(answer, BaseException):
-        waiting.future.set_exception(answer)
-    else:
-        waiting.future.set_result(answer)

@@ -81,7 +81,7 @@ from syncd.core.interfaces import (
     VoidsInvoices,
     WritesStatusInBatches,
 )
-from syncd.engine import alerts, clients, collection, hours, recurring, selectors
+from syncd.engine import alerts, batching, clients, collection, hours, recurring, selectors
 from syncd.engine.batching import Batcher
 from syncd.engine.runtime import Pipeline, Runtime
 from syncd.plumbing import failpoints
@@ -204,7 +204,7 @@ class Engine:
         )
         # rows of one claim worked at once (batching); on PostgreSQL a row may hold two pooled
         # connections (a customer lock and a transaction), so fewer than half the pool's
-        self._in_flight = asyncio.Semaphore(PG_ROWS_IN_FLIGHT if self.store.is_postgres else daemon.batch_max)
+        self._in_flight = batching.Slots(PG_ROWS_IN_FLIGHT if self.store.is_postgres else daemon.batch_max)
 
     def notify(self) -> None:
         """Wake one idle worker (new events or effects were stored).
@@ -308,9 +308,12 @@ class Engine:
         if not events:
             if self.stop.is_set():
                 return 0
-            if self.batcher.enabled:
-                batch = max(batch, self.batcher.max_size)
-            limits = self.claim_size("event", batch), self.claim_size("effect", batch)
+            together = self.batcher.max_size if self.batcher.enabled else 1
+            batch = max(batch, together)
+            limits = (
+                self.claim_size("event", batch, together=together),
+                self.claim_size("effect", batch, together=together),
+            )
             claimed = await self.store.claim_work(
                 owner=self.rt.owner,
                 limits=limits,
@@ -349,19 +352,33 @@ class Engine:
         ]
         jobs += [(EffectRow, "effect", self._execute, row) for row in effects]
         started = time.monotonic()
+        # Their calls wait for each other (Batcher: cohorts), but not for rows that cannot start:
+        # every slot of _in_flight is taken and nothing will free one (no record is being
+        # worked on, no batched call is in flight to set one running).
+        # the claim's rows start together: as many as the bound allows take their slots at once
+        first = min(len(jobs), self._in_flight.size)
+        cohort = batching.Cohort(first, queued=len(jobs) - first, blocked=self._rows_blocked)
+        await self._in_flight.take(first)
+        began: set[int] = set()
 
-        async def one(model: Any, source: str, work: Callable[[Any], Awaitable[bool]], row: Any) -> None:
-            async with self._in_flight:
-                if self.stop.is_set():
-                    await self._release(model, source, [row], uncount=True)
-                    return
-                try:
-                    await self._settle(model, row, source, work, later, measure=False)
-                except asyncio.CancelledError:
-                    await asyncio.shield(self._release(model, source, [row], uncount=False))
-                    raise
+        async def one(index: int, model: Any, source: str, work: Callable[[Any], Awaitable[bool]], row: Any) -> None:
+            began.add(index)
+            if index >= first:
+                await self._in_flight.take(1)
+            try:
+                with self.batcher.member(cohort, admitted=index < first):
+                    if self.stop.is_set():
+                        await self._release(model, source, [row], uncount=True)
+                        return
+                    try:
+                        await self._settle(model, row, source, work, later, measure=False)
+                    except asyncio.CancelledError:
+                        await asyncio.shield(self._release(model, source, [row], uncount=False))
+                        raise
+            finally:
+                self._in_flight.give(1)
 
-        tasks = [asyncio.create_task(one(*job)) for job in jobs]
+        tasks = [asyncio.create_task(one(index, *job)) for index, job in enumerate(jobs)]
         try:
             # a row's own failure is settled in it (_settle); one that escapes (the database away)
             # does not cut its siblings short: each finishes, then the first is raised to the worker
@@ -371,6 +388,8 @@ class Engine:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        finally:  # a task cancelled before it ran never gave back the slot taken for it
+            self._in_flight.give(len([index for index in range(first) if index not in began]))
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -378,18 +397,25 @@ class Engine:
         for source in {job[1] for job in jobs}:
             self._measured(source, per_row_s)
 
-    def claim_size(self, source: str, limit: int) -> int:
+    def _rows_blocked(self) -> bool:
+        """Whether a row waiting for a slot of :attr:`_in_flight` cannot get one until some batched call goes."""
+        return self._in_flight.full and self.batcher.running == 0 and not self.batcher.busy
+
+    def claim_size(self, source: str, limit: int, *, together: int = 1) -> int:
         """How many rows one claim takes: at most ``limit``, and only what fits in the lease.
 
         A batch must be finishable within the lease (half of it, :data:`LEASE_SHARE`),
         at the slower of the pace measured for this kind of row and the pace the
         vendors' rate limits allow (:data:`CALLS_PER_ROW` calls at the slowest
         connection's sustained rate). At least one row: a row longer than the lease
-        is kept by renewing its lease while it runs. (Batched rows share their calls only
-        where the connector batches and the rows are worked together, so the pace is not
-        relaxed for batching: BENCHMARKS.md, "Batching across records".)
+        is kept by renewing its lease while it runs. Rows worked together
+        (:meth:`_work_together`, ``together`` = the batch size) share their calls where
+        the connector batches, so there a row costs a ``together``-th of a call
+        (:meth:`Runtime.call_interval_s`); rows worked one after another
+        (:meth:`execute_effects`) or a connector without batch calls keep the full pace.
         """
-        per_row_s = max(self._row_s.get(source, 0.0), CALLS_PER_ROW * self.rt.call_interval_s())
+        interval = self.rt.call_interval_s(batch=together)
+        per_row_s = max(self._row_s.get(source, 0.0), CALLS_PER_ROW * interval)
         if per_row_s <= 0:
             return limit
         return max(1, min(limit, int(self.rt.config.daemon.lease_s * LEASE_SHARE / per_row_s)))

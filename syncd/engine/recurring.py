@@ -418,15 +418,16 @@ class _HoursRun:
         return self.rates
 
 
-async def stored_client(store: Store, client_key: str) -> Client:
-    """The stored client, as a :class:`~syncd.core.interfaces.Client`.
+async def stored_client(store: Store, client_key: str, *, conn: Connection | None = None) -> Client:
+    """The stored client, as a :class:`~syncd.core.interfaces.Client` (read in ``conn`` if given).
 
     Raises:
         RecordError: no client with that key is stored (the message lists some that are).
     """
-    row = await store.get(ClientRow, client_key)
+    row = await store.get(ClientRow, client_key, conn=conn)
     if row is None:
-        known = [r.key for r in await store.select(ClientRow, order_by=table_of(ClientRow).c.key, limit=10)]
+        by_key = table_of(ClientRow).c.key
+        known = [r.key for r in await store.select(ClientRow, order_by=by_key, limit=10, conn=conn)]
         raise RecordError(f"no client {client_key!r} is stored; known: {', '.join(known) or 'none'}")
     return Client.model_validate({**row.data, "external_ids": row.external_ids})
 
@@ -456,11 +457,13 @@ async def pipeline_for(runtime: Runtime, row: EngagementRow) -> Pipeline | None:
     return None
 
 
-async def bill_row(engine: BillingQueue, pipeline: Pipeline, row: EngagementRow) -> list[str]:
-    """:func:`bill_engagement` for a stored engagement (with its stored client)."""
-    client = await stored_client(engine.rt.store, row.client_key)
+async def bill_row(
+    engine: BillingQueue, pipeline: Pipeline, row: EngagementRow, *, conn: Connection | None = None
+) -> list[str]:
+    """:func:`bill_engagement` for a stored engagement (with its stored client), in ``conn`` if given."""
+    client = await stored_client(engine.rt.store, row.client_key, conn=conn)
     engagement = Engagement.model_validate(row.data)
-    return await bill_engagement(engine, pipeline, engagement, client, row.crm_object_id)
+    return await bill_engagement(engine, pipeline, engagement, client, row.crm_object_id, conn=conn)
 
 
 async def run_due(engine: BillingQueue, *, page_size: int = PAGE_SIZE) -> int:
@@ -472,6 +475,13 @@ async def run_due(engine: BillingQueue, *, page_size: int = PAGE_SIZE) -> int:
     table; each is handled once per run. A failure is logged per engagement (the deal's
     own processing dead-letters it) and the others go on. Returns how many billing
     events were recorded.
+
+    Engagements of a pipeline without a time tracker (nothing to read from a vendor)
+    are queued ``[daemon] batch_max`` to a transaction, each in a savepoint of its own
+    (:func:`_bill_together`): the invoices of a month start reach the outbox together,
+    so the workers claim them together and the ledger's calls carry full batches
+    (BENCHMARKS.md, "Month start"). With batching off (``batch_max = 1``) each is its
+    own transaction, as the rest are.
     """
     runtime = engine.rt
     for each in runtime.pipelines:
@@ -479,25 +489,51 @@ async def run_due(engine: BillingQueue, *, page_size: int = PAGE_SIZE) -> int:
     table = table_of(EngagementRow)
     crms = sorted({pipeline.crm_name for pipeline in runtime.pipelines})
     won = (table.c.won_at.is_not(None), table.c.crm_connection.in_(crms))
+    together = max(1, runtime.config.daemon.batch_max)
     seen = recorded = 0
     async for page in runtime.store.pages(EngagementRow, *won, key="key", size=page_size):
+        seen += len(page)
+        quiet: list[tuple[Pipeline, EngagementRow]] = []
         for row in page:
-            seen += 1
-            recorded += await _bill_stored(engine, row)
+            pipeline = await pipeline_for(runtime, row)
+            if pipeline is None:
+                continue
+            if pipeline.time_tracker is None and together > 1:
+                quiet.append((pipeline, row))
+            else:
+                recorded += await _bill_stored(engine, pipeline, row)
+        for start in range(0, len(quiet), together):
+            recorded += await _bill_together(engine, quiet[start : start + together])
     log.info("recurring_run_done", engagements=seen, recorded=recorded)
     return recorded
 
 
-async def _bill_stored(engine: BillingQueue, row: EngagementRow) -> int:
-    """:func:`bill_row` for the pipeline that takes ``row``; a failure is logged, not raised."""
-    pipeline = await pipeline_for(engine.rt, row)
-    if pipeline is None:
-        return 0
+async def _bill_stored(engine: BillingQueue, pipeline: Pipeline, row: EngagementRow) -> int:
+    """:func:`bill_row` in a transaction of its own; a failure is logged, not raised."""
     try:
         return len(await bill_row(engine, pipeline, row))
     except SyncdError as exc:
         log.warning("recurring_billing_failed", engagement=row.key, error=str(exc))
         return 0
+
+
+async def _bill_together(engine: BillingQueue, rows: Sequence[tuple[Pipeline, EngagementRow]]) -> int:
+    """:func:`bill_row` for each of ``rows`` in one transaction, each in a savepoint; a failure is logged.
+
+    A failing engagement's savepoint is rolled back (nothing of it recorded) and the
+    others are kept; the workers are woken once the transaction commits.
+    """
+    recorded = 0
+    async with engine.rt.store.begin() as conn:
+        for pipeline, row in rows:
+            try:
+                async with conn.savepoint():
+                    recorded += len(await bill_row(engine, pipeline, row, conn=conn))
+            except SyncdError as exc:
+                log.warning("recurring_billing_failed", engagement=row.key, error=str(exc))
+    if recorded:
+        engine.notify()
+    return recorded
 
 
 async def _read_hours(runtime: Runtime, pipeline: Pipeline) -> set[str]:

@@ -22,7 +22,16 @@ import httpx
 import structlog
 
 from syncd.core.errors import ConfigError, MappingError
-from syncd.core.interfaces import Crm, Invoicing, TimeTracker, WebhookVerifier
+from syncd.core.interfaces import (
+    CreatesInvoicesInBatches,
+    Crm,
+    Invoicing,
+    ReadsCustomersInBatches,
+    ReadsDealsInBatches,
+    TimeTracker,
+    WebhookVerifier,
+    WritesStatusInBatches,
+)
 from syncd.core.mapping import MappingDefaults, PipelineMapping, load_mapping
 from syncd.engine.alerts import VendorHealth
 from syncd.plumbing.http import SharedBudget, Sleep, VendorHttp, make_client
@@ -30,6 +39,9 @@ from syncd.plumbing.metrics import Metrics
 from syncd.plumbing.registry import ConnectorContext, secret_value
 from syncd.plumbing.settings import Config, PipelineSettings, load_config
 from syncd.store.db import DbTokenStore, Store
+
+BATCHING = (ReadsDealsInBatches, WritesStatusInBatches, CreatesInvoicesInBatches, ReadsCustomersInBatches)
+"""A connector with any of these makes batch calls (:mod:`syncd.engine.batching`)."""
 
 log = structlog.get_logger("syncd.engine.runtime")
 
@@ -239,9 +251,18 @@ class Runtime:
             log.info("pilot_reloaded", clients=list(pilot.clients))
         return []
 
-    def call_interval_s(self) -> float:
-        """Seconds between calls at the slowest connection's sustained rate limit (0: none limited)."""
-        return max((http.call_interval_s() for http in self.http.values()), default=0.0)
+    def call_interval_s(self, *, batch: int = 1) -> float:
+        """Seconds between calls at the slowest connection's sustained rate limit (0: none limited).
+
+        With ``batch`` > 1 (rows worked together, their calls batched), a connection
+        whose connector makes batch calls spends a ``batch``-th of a call per row.
+        """
+
+        def per_row(name: str, http: VendorHttp) -> float:
+            shared = batch if isinstance(self.connectors.get(name), BATCHING) else 1
+            return http.call_interval_s() / shared
+
+        return max((per_row(name, http) for name, http in self.http.items()), default=0.0)
 
     def pilot_allows(self, client_key: str) -> bool:
         """Whether effects for ``client_key`` are real (pilot mode limits them)."""

@@ -633,6 +633,21 @@ class Connection:
         """Run ``work`` on the synchronous connection on a worker thread (inspection, migrations)."""
         return await asyncio.to_thread(work, self.sync)
 
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[Connection]:
+        """A savepoint inside this transaction: what runs in it is undone alone on an error (re-raised).
+
+        For work done many at a time in one transaction (the recurring tick's pages), where
+        one item's failure must not undo the others'.
+        """
+        nested = await self.call(lambda conn: conn.begin_nested())
+        try:
+            yield self
+        except BaseException:
+            await self.call(lambda _conn: nested.rollback())
+            raise
+        await self.call(lambda _conn: nested.commit())
+
 
 class Store:
     """Async access to the database, over a synchronous SQLAlchemy engine.
