@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from syncd.core.errors import LeaseLost, NotFound, RetriableError
-from syncd.engine.batching import Batcher
+from syncd.engine.batching import COHORT_WAITS, Batcher, Cohort, Slots
 from syncd.plumbing import leases
 from syncd.plumbing.leases import Lease
 
@@ -228,3 +228,101 @@ async def test_calls_arriving_while_a_batch_is_in_flight_gather_behind_it() -> N
     answers = await asyncio.gather(arriving("a", 0), *(arriving(v, 0.05 + 0.02 * i) for i, v in enumerate("bcdef")))
     assert answers == ["A", "B", "C", "D", "E", "F"]
     assert vendor.calls == [("one", "a"), ("many", ["b", "c", "d", "e", "f"])]
+
+
+# ---------------------------------------------------------------------------
+# Cohorts: the rows of one claim wait for each other; Slots: a claim starts whole
+# ---------------------------------------------------------------------------
+
+
+async def _member(batcher: Batcher, cohort: Cohort, vendor: Vendor, value: str, *, work_s: float) -> Any:
+    """A row of a claim: its own work (one after another, as rows' transactions are), then a batched call."""
+    with batcher.member(cohort):
+        return await _record(batcher, vendor, value, work_s=work_s)
+
+
+async def test_the_rows_of_one_claim_reach_a_call_in_one_batch_however_long_they_take_to_arrive() -> None:
+    """Ten rows arriving 30 ms apart (300 ms in all) with batch_wait 50 ms: one call, not one per window."""
+    batcher, vendor = Batcher(max_size=50, wait_s=0.05), Vendor()
+    cohort = Cohort(10)
+    values = "abcdefghij"
+    answers = await asyncio.gather(
+        *(_member(batcher, cohort, vendor, v, work_s=0.03 * i) for i, v in enumerate(values))
+    )
+    assert answers == [v.upper() for v in values]
+    assert vendor.calls == [("many", sorted(values))]
+
+
+async def test_without_a_cohort_the_same_arrivals_go_in_several_batches() -> None:
+    """The same arrivals as lone records (webhooks): each batch goes batch_wait after its first call."""
+    batcher, vendor = Batcher(max_size=50, wait_s=0.05), Vendor()
+    await asyncio.gather(*(_record(batcher, vendor, v, work_s=0.03 * i) for i, v in enumerate("abcdefghij")))
+    assert len(vendor.calls) > 2
+
+
+async def test_a_claim_mate_still_working_is_waited_for_only_up_to_the_cohort_bound() -> None:
+    """One row of the claim busy for 5 s: the others go after COHORT_WAITS × batch_wait (0.4 s), not 5 s."""
+    batcher, vendor = Batcher(max_size=50, wait_s=0.02), Vendor()
+    cohort = Cohort(3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def timed(value: str, work_s: float) -> float:
+        await _member(batcher, cohort, vendor, value, work_s=work_s)
+        return loop.time() - started
+
+    fast_a, fast_b, slow = await asyncio.gather(timed("a", 0), timed("b", 0), timed("c", 5.0))
+    assert vendor.calls == [("many", ["a", "b"]), ("one", "c")]
+    assert COHORT_WAITS * 0.02 <= fast_a < 2.0
+    assert fast_b < 2.0
+    assert slow >= 5.0
+
+
+async def test_rows_that_cannot_get_a_slot_are_not_waited_for() -> None:
+    """A cohort of 5 of which 3 are queued for a slot that nothing will free: the 2 admitted go without them."""
+    batcher, vendor = Batcher(max_size=50, wait_s=0.05), Vendor()
+    cohort = Cohort(2, queued=3, blocked=lambda: batcher.running == 0 and not batcher.busy)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.gather(*(_member(batcher, cohort, vendor, v, work_s=0) for v in "ab"))
+    assert vendor.calls == [("many", ["a", "b"])]
+    assert loop.time() - started < COHORT_WAITS * 0.05  # not held to the bound
+
+
+async def test_a_claim_takes_its_slots_at_once_and_in_turn() -> None:
+    """Slots: a claim of 3 waits for 3 free slots even when 1 frees first; one asking later waits its turn."""
+    slots = Slots(4)
+    await slots.take(3)  # the first claim works 3 rows
+    second = asyncio.create_task(slots.take(3))
+    third = asyncio.create_task(slots.take(1))
+    await asyncio.sleep(0.01)
+    assert not second.done()  # 1 free: not enough for 3
+    assert not third.done()  # 1 would fit, but the claim before it asked first
+    slots.give(1)
+    await asyncio.sleep(0.01)
+    assert not second.done()
+    slots.give(1)
+    await asyncio.sleep(0.01)
+    assert second.done()
+    assert not third.done()
+    assert slots.full
+    slots.give(1)
+    await asyncio.sleep(0.01)
+    assert third.done()
+    assert slots.free == 0
+
+
+async def test_a_claim_cancelled_while_waiting_for_slots_leaves_them_to_the_next() -> None:
+    slots = Slots(2)
+    await slots.take(2)
+    waiting = asyncio.create_task(slots.take(2))
+    after = asyncio.create_task(slots.take(1))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    slots.give(1)
+    await asyncio.sleep(0.01)
+    assert after.done()
+    slots.give(1)
+    assert slots.free == 1

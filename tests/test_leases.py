@@ -143,6 +143,18 @@ async def test_a_claim_takes_only_what_fits_in_the_lease(tmp_path: Path, db_url:
         assert len(untouched) == 2
 
 
+async def test_rows_worked_together_are_claimed_by_the_pace_of_batched_calls(tmp_path: Path, db_url: str) -> None:
+    """At Xero's pace a 5 s lease fits one row worked alone, but many rows sharing batched calls (50 to a call)."""
+    async with stack(tmp_path, db_url, rate_limits=True) as s:
+        engine = s.daemon.engine
+        interval = s.daemon.runtime.call_interval_s()  # Xero's, the slowest: over a second a call
+        assert interval > 1.0
+        assert engine.claim_size("effect", 50) == 1  # half the lease, 2.5 s, at 4 calls a row
+        shared = engine.claim_size("effect", 50, together=50)
+        assert shared == int(2.5 / (4 * interval / 50))  # Xero and HubSpot both batch: a 50th of a call a row
+        assert shared > 20
+
+
 async def test_a_stopping_worker_finishes_the_call_in_flight_and_starts_no_other(tmp_path: Path, db_url: str) -> None:
     """Stop during a slow read: the read finishes, no write follows, and every claimed row is back in the queue."""
     async with stack(tmp_path, db_url) as s:

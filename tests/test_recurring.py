@@ -400,3 +400,39 @@ async def test_the_hourly_run_reads_engagements_page_by_page_and_handles_each_on
         rows = await s.daemon.runtime.store.select(BillingEventRow)
         assert sorted(row.engagement_key for row in rows) == sorted(f"hubspot:deal:{deal}" for deal in deals)
         assert await run_due(s.daemon.engine, page_size=3) == 0
+
+
+async def test_the_hourly_run_queues_a_page_in_one_transaction_and_a_failing_engagement_alone_is_left_out(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Seven retainers due at once, one of them broken: one write transaction for the page, six invoices.
+
+    The month start's invoices reach the outbox together, so the workers claim them together
+    and the ledger's calls carry full batches; a failure is rolled back to its own savepoint.
+    """
+    clock = Clock(at(date(2026, 12, 20)))
+    async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
+        company = seed_company(s.hub)
+        deals = [retainer_deal(s.hub, company, start="2027-01-01", amount=str(1000 + n)) for n in range(7)]
+        for deal in deals:
+            await edit(s, clock, at(date(2026, 12, 20)), deal, {"dealstage": "closedwon"})
+        store = s.daemon.runtime.store
+        broken = f"hubspot:deal:{deals[3]}"
+        async with store.begin() as conn:  # its client is gone: billing it raises RecordError
+            table = table_of(EngagementRow)
+            await conn.execute(table.update().where(table.c.key == broken).values(client_key="client-gone"))
+        clock.now = at(date(2027, 1, 1))
+        before = store.transactions
+        with structlog.testing.capture_logs() as logs:
+            recorded = await run_due(s.daemon.engine)
+        assert store.transactions - before <= 3  # the page's read(s) and one write for all seven
+        assert recorded == 6
+        (failed,) = [entry for entry in logs if entry["event"] == "recurring_billing_failed"]
+        assert failed["engagement"] == broken
+        assert "client-gone" in failed["error"]
+        await s.drain()
+        assert sorted(Decimal(str(i["SubTotal"])) for i in s.xero.invoices()) == [
+            Decimal(1000 + n) for n in range(7) if n != 3
+        ]
+        rows = await store.select(BillingEventRow)
+        assert broken not in {row.engagement_key for row in rows}  # nothing of it was kept

@@ -185,3 +185,36 @@ async def test_value_pages_yield_each_distinct_value_once(store: Store) -> None:
     pages = [values async for values in store.values_pages(column, size=3)]
     assert [len(values) for values in pages] == [3, 3, 3, 1]
     assert [value for values in pages for value in values] == [f"deal-{n:02d}" for n in range(10)]
+
+
+async def test_a_savepoint_undoes_only_its_own_work(store: Store) -> None:
+    """Work done many at a time in one transaction (the recurring tick's pages): a failing item leaves the rest."""
+    table = table_of(EventRow)
+
+    def row(event_id: str) -> dict[str, Any]:
+        return {
+            "connection": "hubspot",
+            "object_type": "deal",
+            "object_id": event_id,
+            "event_id": event_id,
+            "occurred_at": NOW,
+            "received_at": NOW,
+            "status": "pending",
+            "attempts": 0,
+            "next_at": NOW,
+        }
+
+    async with store.begin() as conn:
+        await conn.execute(table.insert().values(**row("kept-1")))
+
+        async def failing_item() -> None:
+            async with conn.savepoint():
+                await conn.execute(table.insert().values(**row("undone")))
+                raise RuntimeError("this item fails")
+
+        with pytest.raises(RuntimeError):
+            await failing_item()
+        async with conn.savepoint():
+            await conn.execute(table.insert().values(**row("kept-2")))
+    kept = await store.select(EventRow)
+    assert sorted(r.event_id for r in kept) == ["kept-1", "kept-2"]
