@@ -14,12 +14,13 @@ import httpx
 import pytest
 
 from connectors.emulation import Fault
-from connectors.xero.batches import REQUEST_MAX_BYTES, WHERE_MAX_CHARS, batch_key, or_filters
+from connectors.xero.batches import BATCH_MAX, REQUEST_MAX_BYTES, WHERE_MAX_CHARS, batch_key, or_filters
 from connectors.xero.connector import IDS_PER_READ, XeroConnector
 from connectors.xero.emulator import UNSAVED_ID, compile_where
 from connectors.xero.models import XeroRejected, contact_number, dump_json, load_json, stamp, where_literal
 from syncd.core.errors import FatalError, NotFound, RetriableError, SyncdError
 from syncd.core.interfaces import (
+    Client,
     CreatesInvoicesInBatches,
     DraftKind,
     InvoiceDraft,
@@ -359,7 +360,7 @@ def test_the_emulator_reads_ored_stamps_behind_the_null_check() -> None:
 
 
 async def test_upsert_customers_finds_adopts_and_creates_in_a_constant_number_of_calls() -> None:
-    """Existing, unstamped same-name and new clients cost 2 GETs, 1 adoption and 1 PUT; a name clash fails alone."""
+    """Existing, unstamped same-name and new clients cost 1 GET, 1 adoption and 1 PUT; a name clash fails alone."""
     async with rig() as r:
         existing = client_record("hubspot:company:1", "Acme Pty Ltd")
         stamped = r.emulator.seed_contact("Acme Pty Ltd", contact_number=contact_number(existing.key))
@@ -378,15 +379,106 @@ async def test_upsert_customers_finds_adopts_and_creates_in_a_constant_number_of
         created = {c["ContactNumber"]: c["ContactID"] for c in r.emulator.contacts()}
         for client in new:
             assert results[client.key] == created[contact_number(client.key)]
-        assert r.emulator.calls["getContacts"] == 2
+        assert r.emulator.calls["getContacts"] == 1  # numbers and names of 9 clients fit one filter
         assert r.emulator.calls["updateContact"] == 1
         assert r.emulator.calls["createContacts"] == 1
         adopted = next(c for c in r.emulator.contacts() if c["ContactID"] == unstamped["ContactID"])
         assert adopted["ContactNumber"] == unstamped_client.key
 
 
+def retainer_clients(count: int) -> list[Client]:
+    """Clients as bench/monthstart.py makes them: the engine's keys for its HubSpot companies
+    (company, contact and deal per client, HubSpot emulator ids from 1001), its legal names."""
+    return [client_record(f"hubspot:company:{1001 + 3 * n}", f"Retainer client {n} LLC") for n in range(count)]
+
+
+def contact_wheres(r: Rig) -> list[str]:
+    return [
+        parse_qs(q.url.query.decode())["where"][0]
+        for q, _ in r.exchanges
+        if q.method == "GET" and q.url.path == API + "/Contacts"
+    ]
+
+
+async def test_fifty_new_clients_cost_three_gets_and_one_put() -> None:
+    """50 new clients of the month-start benchmark: one chain of 3 filters ORing numbers and names, then 1 PUT."""
+    async with rig() as r:
+        clients = retainer_clients(BATCH_MAX)
+        results = ok(await r.connector.upsert_customers(clients))
+        assert r.emulator.calls["getContacts"] == 3
+        assert r.emulator.calls["createContacts"] == 1
+        assert r.emulator.calls["updateContact"] == 0
+        created = {c["ContactNumber"]: c["ContactID"] for c in r.emulator.contacts()}
+        assert results == {client.key: created[contact_number(client.key)] for client in clients}
+        wheres = contact_wheres(r)
+        clauses = [
+            f"{field}=={where_literal(value)}"
+            for client in clients
+            for field, value in (("ContactNumber", contact_number(client.key)), ("Name", client.legal_name))
+        ]
+        assert wheres == or_filters(clauses)
+        assert all(len(quote(w, safe="")) <= WHERE_MAX_CHARS for w in wheres)
+
+
+async def test_a_lone_client_is_looked_up_by_number_and_name_in_one_get() -> None:
+    """upsert_customer of a new client: one GET ORing its ContactNumber and its Name, then the PUT."""
+    async with rig() as r:
+        client = client_record()
+        await r.connector.upsert_customer(client)
+        assert contact_wheres(r) == [
+            f"ContactNumber=={where_literal(client.key)}||Name=={where_literal(client.legal_name)}"
+        ]
+        assert r.emulator.calls["getContacts"] == 1
+        assert r.emulator.calls["createContacts"] == 1
+
+
+async def test_a_contact_stamped_for_one_client_is_not_adopted_for_another_of_its_name() -> None:
+    """A and B share a name; the contact stamped for A comes back for both clauses: A's, and B's clash."""
+    async with rig() as r:
+        a = client_record("hubspot:company:a", "Shared Name LLC")
+        b = client_record("hubspot:company:b", "Shared Name LLC")
+        stamped = r.emulator.seed_contact("Shared Name LLC", contact_number=contact_number(a.key))
+        results = await r.connector.upsert_customers([b, a])
+        assert results[a.key] == stamped["ContactID"]
+        error = results[b.key]
+        assert isinstance(error, FatalError)
+        assert error.place == "client.legal_name"
+        assert stamped["ContactID"] in str(error)
+        assert [(c["ContactID"], c["ContactNumber"]) for c in r.emulator.contacts()] == [(stamped["ContactID"], a.key)]
+        assert r.emulator.calls["getContacts"] == 1
+        assert r.emulator.calls["updateContact"] == 0
+
+
+async def test_a_renamed_client_is_found_by_its_number_not_by_its_new_name() -> None:
+    """The client's contact, stamped but under its old name, is the client's; an unstamped one with the new name is left."""
+    async with rig() as r:
+        renamed = client_record("hubspot:company:1", "New Name LLC")
+        own = r.emulator.seed_contact("Old Name LLC", contact_number=contact_number(renamed.key))
+        namesake = r.emulator.seed_contact("New Name LLC")
+        new = client_record("hubspot:company:2", "Brand New LLC")
+        results = ok(await r.connector.upsert_customers([renamed, new]))
+        assert results[renamed.key] == own["ContactID"]
+        assert results[new.key] not in (own["ContactID"], namesake["ContactID"])
+        contacts = {c["ContactID"]: c for c in r.emulator.contacts()}
+        assert contacts[own["ContactID"]]["Name"] == "Old Name LLC"
+        assert "ContactNumber" not in contacts[namesake["ContactID"]]
+        assert r.emulator.calls["getContacts"] == 1
+        assert r.emulator.calls["updateContact"] == 0
+        assert r.emulator.calls["createContacts"] == 1
+
+
+def test_the_emulator_ors_clauses_on_different_fields() -> None:
+    """ContactNumber=="x"||Name=="y" matches either side; a contact without a ContactNumber is not an error."""
+    for text in ('ContactNumber=="x"||Name=="y"', 'ContactNumber=="x" OR Name=="y"'):
+        predicate = compile_where(text)
+        assert predicate({"ContactNumber": "x", "Name": "Other"})
+        assert predicate({"Name": "y"})
+        assert not predicate({"ContactNumber": "z", "Name": "Other"})
+        assert not predicate({"Name": "Other"})
+
+
 async def test_upsert_customers_of_known_clients_costs_one_call() -> None:
-    """Clients already stamped at Xero are found by one GET ORing their ContactNumbers; nothing is written."""
+    """Clients already stamped at Xero are found by one GET ORing their ContactNumbers and names; nothing is written."""
     async with rig() as r:
         clients = [client_record(f"hubspot:company:{n}", f"Client {n}") for n in range(20)]
         first = await r.connector.upsert_customers(clients)
