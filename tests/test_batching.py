@@ -66,7 +66,11 @@ async def test_records_ready_together_share_one_call_and_each_gets_its_own_answe
 
 
 async def test_records_arriving_one_after_another_are_gathered_and_a_lone_one_after_a_lull_is_not_held() -> None:
-    """Webhooks 10 ms apart, each parking at once: the first (after a lull) goes alone, the rest wait for each other."""
+    """Webhooks 10 ms apart, each parking at once: a stream is known from its third call, and the rest wait for each other.
+
+    The first two go alone (two calls within batch_wait are also what deals one after
+    another make, each after the previous one is done: nothing more is coming for them).
+    """
     batcher, vendor = Batcher(max_size=50, wait_s=0.1), Vendor()
     loop = asyncio.get_running_loop()
 
@@ -74,13 +78,26 @@ async def test_records_arriving_one_after_another_are_gathered_and_a_lone_one_af
         await asyncio.sleep(after_s)
         return await _record(batcher, vendor, value)
 
-    assert await asyncio.gather(*(arriving(v, 0.01 * i) for i, v in enumerate("abcd"))) == ["A", "B", "C", "D"]
-    assert vendor.calls == [("one", "a"), ("many", ["b", "c", "d"])]
+    values = "abcdef"
+    assert await asyncio.gather(*(arriving(v, 0.01 * i) for i, v in enumerate(values))) == [v.upper() for v in values]
+    assert vendor.calls == [("one", "a"), ("one", "b"), ("many", ["c", "d", "e", "f"])]
     await asyncio.sleep(0.2)  # a lull: nothing began within wait_s
     started = loop.time()
     assert await _record(batcher, vendor, "e") == "E"
     assert vendor.calls[-1] == ("one", "e")
     assert loop.time() - started < 0.05  # not held for wait_s
+
+
+async def test_deals_one_after_another_are_not_held_even_when_each_comes_within_batch_wait_of_the_last() -> None:
+    """One deal at a time (c=1), each starting 60 ms after the last one's call with batch_wait 100 ms: none is held."""
+    batcher, vendor = Batcher(max_size=50, wait_s=0.1), Vendor()
+    loop = asyncio.get_running_loop()
+    for value in "abcde":
+        started = loop.time()
+        assert await _record(batcher, vendor, value) == value.upper()
+        assert loop.time() - started < 0.05  # not held for batch_wait
+        await asyncio.sleep(0.06)
+    assert vendor.calls == [("one", v) for v in "abcde"]
 
 
 async def test_a_lone_record_is_sent_at_once_through_the_one_record_call() -> None:

@@ -206,6 +206,7 @@ class Batcher:
         self.renew_all = renew_all
         self.running = 0  # records being worked on, not waiting in a batch
         self._starts: deque[float] = deque()  # when the records of the last wait_s began
+        self._arrivals: dict[Hashable, deque[float]] = {}  # per queue: when its calls of the last wait_s came
         self._queues: dict[Hashable, _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.sent: Counter[str] = Counter()  # batched calls sent, by kind
@@ -260,6 +261,24 @@ class Batcher:
             if cohort.idle:
                 self._consider_all()
 
+    def _busy(self, queue: Hashable) -> bool:
+        """Whether calls keep coming to ``queue``: three or more within the last ``wait_s``.
+
+        Two is what deals one after another make (the next deal's call comes a deal's
+        time after this one's, within ``wait_s`` on a fast machine), and waiting for a
+        third that is not coming doubled their p99 (BENCHMARKS.md).
+        """
+        arrivals = self._arrivals.get(queue)
+        if arrivals is None:
+            return False
+        since = asyncio.get_running_loop().time() - self.wait_s
+        while arrivals and arrivals[0] < since:
+            arrivals.popleft()
+        if not arrivals:
+            del self._arrivals[queue]
+            return False
+        return len(arrivals) >= 3
+
     def _quiet(self) -> bool:
         """Whether records have stopped arriving: fewer than two began within the last ``wait_s``."""
         since = asyncio.get_running_loop().time() - self.wait_s
@@ -292,6 +311,7 @@ class Batcher:
         cohort = _cohort.get()
         mine = _Waiting(key, value, leases.current(), future, cohort, loop.time())
         waiting.waiting.append(mine)
+        self._arrivals.setdefault(queue, deque()).append(mine.since)
         self.running -= 1
         if cohort is not None:
             cohort.running -= 1
@@ -334,17 +354,20 @@ class Batcher:
         waiting = self._queues.get(queue)
         if waiting is None or not waiting.waiting or waiting.in_flight >= IN_FLIGHT:
             return
-        if len(waiting.waiting) >= self.max_size or self._ready(waiting, waited=waited):
+        if len(waiting.waiting) >= self.max_size or self._ready(queue, waiting, waited=waited):
             self._flush(queue)
         elif waiting.timer is None:
             waiting.timer = asyncio.get_running_loop().call_later(self.wait_s, self._due, queue)
 
-    def _ready(self, waiting: _Queue, *, waited: bool) -> bool:
+    def _ready(self, queue: Hashable, waiting: _Queue, *, waited: bool) -> bool:
         """Whether ``waiting``'s calls may go now.
 
         A call of a cohort waits until the cohort is idle (at most :data:`COHORT_WAITS` ×
-        ``batch_wait_ms``); a lone record's call until ``batch_wait_ms`` passed (``waited``)
-        or nothing is being worked on and records stopped arriving.
+        ``batch_wait_ms``); a lone record's call until ``batch_wait_ms`` passed (``waited``),
+        or at once when nothing else is being worked on and either records stopped
+        arriving or no other call of its kind came within the last ``batch_wait_ms``
+        (deals one after another, each with a write-back of its own: the next deal comes
+        after this one is done).
         """
         members = [w.cohort for w in waiting.waiting]
         if not all(cohort is None or cohort.idle for cohort in members):
@@ -352,7 +375,7 @@ class Batcher:
             return asyncio.get_running_loop().time() - oldest >= COHORT_WAITS * self.wait_s
         if all(cohort is not None for cohort in members):
             return True
-        return waited or (self.running == 0 and self._quiet())
+        return waited or (self.running == 0 and (self._quiet() or not self._busy(queue)))
 
     def _due(self, queue: Hashable) -> None:
         """A batch's timer ran out: it goes, unless members of its cohorts are still worked on (then later)."""
