@@ -59,6 +59,7 @@ AMOUNT = "1500.00"
 WORKERS = 16
 SENDERS = 16  # concurrent webhook deliveries in the acquaintance phase
 TARGET_CALLS = Target(op="<=", limit=0.1)
+DRIFT_OPS = ("getAccounts", "getTaxRates", "getCurrencies", "getTrackingCategories")  # syncd.engine.drift, at start
 TARGET_429 = Target(op="<=", limit=0.0)
 TARGET_SPEEDUP = Target(op=">=", limit=10.0)
 
@@ -72,6 +73,11 @@ class MonthStart:
         clients: retainer clients due.
         invoices: invoices committed at Xero on the 1st.
         xero_calls / hub_calls: API calls on the 1st (Xero's OAuth token calls excluded).
+        drift_xero_calls: of ``xero_calls``, the drift guard's (``GET /Accounts``,
+            ``/TaxRates``, ``/Currencies``, ``/TrackingCategories``): it runs at syncd's start
+            and then every ``drift_check_interval_s``, so it is there because the benchmark
+            starts syncd on the 1st; a daemon running through the month start does not make
+            them for it.
         refused: Xero's 429s on the 1st.
         problems: ``X-Rate-Limit-Problem`` of those 429s (``minute``, ``concurrent`` …).
         tick_to_last_s: recurring tick's start → last invoice committed (``None``: not all were).
@@ -85,6 +91,7 @@ class MonthStart:
     clients: int
     invoices: int
     xero_calls: int
+    drift_xero_calls: int
     hub_calls: int
     refused: int
     problems: Counter[str]
@@ -267,6 +274,7 @@ async def _first_of_month(
     acquaint_calls, hub_before, before_problems, acquaint_s = marks
     commits = Commits()
     bench.xero.on_commit = commits.committed
+    drift_before = {op: bench.xero.calls[op] for op in DRIFT_OPS}
     # Twice the time the calls need at the limit (4 a client with batching off), plus two windows.
     bound_s = len(deals) * 4 / LIMIT_PER_MIN * 60 * 2 + 120.0
     offset_s = (due - datetime.now(UTC)).total_seconds()
@@ -282,6 +290,7 @@ async def _first_of_month(
         clients=len(deals),
         invoices=len(commits.times),
         xero_calls=len(calls),
+        drift_xero_calls=sum(bench.xero.calls[op] - drift_before[op] for op in DRIFT_OPS),
         hub_calls=sum(bench.hub.calls.values()) - hub_before,
         refused=sum(1 for _at, status in calls if status == 429),
         problems=recorder.problems - before_problems,
@@ -334,9 +343,11 @@ def rows(outcome: MonthStart) -> list[Row]:
             measurement="monthstart",
             setting=setting,
             metric="Xero calls/invoice",
-            value=outcome.xero_calls / invoices,
+            value=(outcome.xero_calls - outcome.drift_xero_calls) / invoices,
             target=TARGET_CALLS if on else None,
-            note=f"{outcome.xero_calls} calls (OAuth token calls excluded), {LIMIT_PER_MIN}/min limit",
+            note=f"{outcome.xero_calls - outcome.drift_xero_calls} calls (OAuth token calls and the "
+            f"{outcome.drift_xero_calls} of the drift guard run at syncd's start excluded: "
+            f"{outcome.xero_calls / invoices:.3f} with them), {LIMIT_PER_MIN}/min limit",
         ),
         Row(
             measurement="monthstart",
