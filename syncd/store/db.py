@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -669,6 +669,7 @@ class Store:
         self.is_postgres = engine.dialect.name == "postgresql"
         self._inline = not self.is_postgres
         self._one = asyncio.Lock()  # SQLite: the one connection, taken in order
+        self._statements: dict[Hashable, Any] = {}  # built once, executed with parameters (_prepared)
         self._holder: asyncio.Task[Any] | None = None  # the task holding it
         self._locks: dict[str, asyncio.Lock] = {}
         self._transactions = 0
@@ -894,6 +895,18 @@ class Store:
         inserted = await self._unit(lambda c: c.execute(stmt, rows).mappings().all(), write=True)
         return sorted((EventRow.model_validate(dict(r)) for r in inserted), key=lambda r: r.id or 0)
 
+    def _prepared(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The statement ``build`` makes, built once per ``key`` and then executed with parameters.
+
+        Building a statement (and its cache key, on every execution of a new one) was a
+        tenth of syncd's CPU per deal (py-spy, BENCHMARKS.md): the hot inserts, upserts and
+        reads by key reuse one statement object, whose compiled form SQLAlchemy caches.
+        """
+        stmt = self._statements.get(key)
+        if stmt is None:
+            stmt = self._statements[key] = build()
+        return stmt
+
     def _insert_ignore(self, table: sa.Table, conflict: Sequence[str]) -> Any:
         return self._insert_dialect(table).on_conflict_do_nothing(index_elements=list(conflict))
 
@@ -1083,15 +1096,18 @@ class Store:
             "lease_until": now + timedelta(seconds=lease_s),
             "first_attempt_at": now,
         }
-        stmt = self._insert_ignore(table, ("key",)).values(**values).returning(*table.c)
-        row = await conn.call(lambda c: c.execute(stmt).mappings().first())
+        stmt = self._prepared(
+            ("claimed_effect", tuple(values)), lambda: self._insert_ignore(table, ("key",)).returning(*table.c)
+        )
+        row = await conn.call(lambda c: c.execute(stmt, values).mappings().first())
         return None if row is None else EffectRow.model_validate(dict(row))
 
     async def add_billing_event(self, conn: Connection, row: BillingEventRow) -> bool:
         """Record a billing event in the caller's transaction; ``False`` if its key exists."""
         table = table_of(BillingEventRow)
-        stmt = self._insert_ignore(table, ("key",)).values(**row.model_dump()).returning(table.c.key)
-        return await conn.call(lambda c: c.execute(stmt).first() is not None)
+        stmt = self._prepared("billing_event", lambda: self._insert_ignore(table, ("key",)).returning(table.c.key))
+        values = row.model_dump()
+        return await conn.call(lambda c: c.execute(stmt, values).first() is not None)
 
     # -- rows by key ----------------------------------------------------------------------
 
@@ -1099,10 +1115,13 @@ class Store:
         """One row by primary key, or ``None`` (inside the caller's transaction if ``conn``)."""
         table = table_of(model)
         cols = list(table.primary_key.columns)
-        stmt = sa.select(table).where(*(c == v for c, v in zip(cols, pk, strict=True)))
+        stmt = self._prepared(
+            ("get", table.name), lambda: sa.select(table).where(*(c == sa.bindparam(f"pk_{c.name}") for c in cols))
+        )
+        params = {f"pk_{c.name}": v for c, v in zip(cols, pk, strict=True)}
 
         def work(c: sa.Connection) -> Any:
-            row = c.execute(stmt).mappings().first()
+            row = c.execute(stmt, params).mappings().first()
             return None if row is None else model.model_validate(dict(row))
 
         return await (conn.call(work) if conn is not None else self._unit(work, write=False))
@@ -1110,14 +1129,22 @@ class Store:
     async def upsert(self, model: type[SQLModel], values: Mapping[str, Any], conn: Connection | None = None) -> None:
         """Insert or update a row by primary key."""
         table = table_of(model)
-        keys = [c.name for c in table.primary_key.columns]
-        ins = self._insert_dialect(table).values(**values)
-        update = {k: ins.excluded[k] for k in values if k not in keys}
-        stmt = ins.on_conflict_do_update(index_elements=keys, set_=update) if update else ins.on_conflict_do_nothing()
+        columns = tuple(values)
+
+        def build() -> Any:
+            keys = [c.name for c in table.primary_key.columns]
+            ins = self._insert_dialect(table)
+            update = {k: ins.excluded[k] for k in columns if k not in keys}
+            return (
+                ins.on_conflict_do_update(index_elements=keys, set_=update) if update else ins.on_conflict_do_nothing()
+            )
+
+        stmt = self._prepared(("upsert", table.name, columns), build)
+        params = dict(values)
         if conn is not None:
-            await conn.execute(stmt)
+            await conn.execute(stmt, params)
             return
-        await self._unit(lambda c: c.execute(stmt), write=True)
+        await self._unit(lambda c: c.execute(stmt, params), write=True)
 
     async def select(
         self,
