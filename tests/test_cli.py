@@ -155,6 +155,18 @@ def _define_what_it_reads(hub: HubSpotEmulator, config: Path) -> None:
             hub.define_property(read.object_type, read.name)
 
 
+def _health(url: str, *, within_s: float) -> int:
+    """The status of ``url`` once it answers (connection refused until the server listens), bounded."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return httpx.get(url).status_code
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_the_example_config_as_is_checks_and_runs_from_another_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,7 +204,8 @@ def test_the_example_config_as_is_checks_and_runs_from_another_folder(
                 if "syncd_started" in line:
                     break
             assert "syncd_started" in "".join(lines), "".join(lines)
-            assert httpx.get(f"http://{env['SYNCD_DAEMON__LISTEN']}/healthz").status_code == 200
+            # syncd_started is logged once the daemon has started, just before uvicorn binds its socket
+            assert _health(f"http://{env['SYNCD_DAEMON__LISTEN']}/healthz", within_s=10.0) == 200
             proc.send_signal(signal.SIGTERM)
             rest = proc.communicate(timeout=30)[1]
         finally:

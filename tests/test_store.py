@@ -218,3 +218,40 @@ async def test_a_savepoint_undoes_only_its_own_work(store: Store) -> None:
             await conn.execute(table.insert().values(**row("kept-2")))
     kept = await store.select(EventRow)
     assert sorted(r.event_id for r in kept) == ["kept-1", "kept-2"]
+
+
+async def test_a_write_waits_for_another_process_write_lock_without_blocking_the_loop(tmp_path: Path) -> None:
+    """SQLite: while another connection (a CLI command) holds the write lock, a write waits on a thread.
+
+    The event loop keeps running meanwhile (a ticker advances), and the write goes through
+    once the lock is released; without the lock a write begins on the loop's own thread.
+    """
+    import sqlite3
+
+    path = tmp_path / "syncd.db"
+    s = Store.open(f"sqlite:///{path}")
+    await s.migrate()
+    try:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticking = asyncio.create_task(ticker())
+        write = asyncio.create_task(s.add_events([hint("locked-out")], now=NOW))
+        await asyncio.sleep(0.3)
+        assert not write.done()  # waiting for the lock
+        assert ticks >= 10  # and the loop was not blocked meanwhile
+        other.execute("COMMIT")
+        other.close()
+        assert await asyncio.wait_for(write, 5.0) == 1
+        ticking.cancel()
+        assert await s.add_events([hint("free")], now=NOW) == 1
+        assert {row.event_id for row in await s.select(EventRow)} == {"locked-out", "free"}
+    finally:
+        await s.close()
