@@ -3,10 +3,9 @@
 It answers a signed HubSpot deal-won webhook at once and then, in a task, makes the
 same sequence of calls per deal that syncd makes (counted from the emulators'
 ``calls`` counters for one syncd deal, see ``bench.e2e``): 6 HubSpot reads, 3 Xero
-calls (contacts by number or name in one look-up, create contact, create invoice) and
-the write-back to the deal. No store, no queue, no
-retries, no mapping engine: the floor syncd is compared with. It runs in its own
-process, as syncd does, so its CPU time is measured the same way.
+calls (contact by number, create contact, create invoice) and the write-back to the
+deal. No store, no queue, no retries, no mapping engine: the floor syncd is compared
+with. It runs in its own process, as syncd does, so its CPU time is measured the same way.
 
 Usage: ``python -m bench.baseline --listen 127.0.0.1:PORT --hubspot URL --xero URL
 --token T --secret S --xero-client-id ID --xero-client-secret SECRET``
@@ -145,10 +144,9 @@ class Baseline:
     async def _customer(self, company: dict[str, Any], person: dict[str, Any]) -> str:
         number = f"hubspot:company:{company['id']}"
         name = company["properties"].get("legal_name") or company["properties"]["name"]
-        found = await self._xero("GET", "/Contacts", params={"where": f'ContactNumber=="{number}"||Name=="{name}"'})
-        stamped = [c for c in found["Contacts"] if c.get("ContactNumber") == number]
-        if stamped:
-            return str(stamped[0]["ContactID"])
+        found = await self._xero("GET", "/Contacts", params={"where": f'ContactNumber=="{number}"'})
+        if found["Contacts"]:
+            return str(found["Contacts"][0]["ContactID"])
         contact = {"Name": name, "ContactNumber": number, "EmailAddress": person.get("email")}
         created = await self._xero(
             "PUT", "/Contacts", json={"Contacts": [contact]}, headers={"Idempotency-Key": f"contact-{number}"}

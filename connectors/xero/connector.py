@@ -36,7 +36,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -151,10 +151,14 @@ def _content_key(prefix: str, body: Mapping[str, Any]) -> str:
 
 
 def _is_name_clash(messages: tuple[str, ...]) -> bool:
-    # Text of Xero's message, from the spec's 400 example on PUT /Contacts: "The contact
-    # name … is already assigned to another contact. The contact name must be unique
-    # across all active contacts."
-    return any("already assigned to another contact" in message for message in messages)
+    """Whether Xero refused a new contact because an active contact already has its name.
+
+    Xero's message, from the spec's 400 example on ``PUT /Contacts``: "The contact name …
+    is already assigned to another contact. The contact name must be unique across all
+    active contacts." :meth:`XeroConnector.upsert_customers` relies on this refusal to
+    look names up only for the clients it hits.
+    """
+    return any("contact name" in message and "already assigned to another contact" in message for message in messages)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,6 +226,32 @@ def _contact_refused(client: Client, same_name: list[XeroContact], messages: Seq
         messages=messages,
         place="client",
     )
+
+
+@dataclass
+class _ContactsPut:
+    """What ``PUT /Contacts`` made of the clients sent.
+
+    Attributes:
+        results: per client key, its new ContactID or its error.
+        clashes: the clients refused because their name is taken, with Xero's messages:
+            left to :meth:`XeroConnector._settle_clashes`.
+    """
+
+    results: dict[str, str | SyncdError] = field(default_factory=dict)
+    clashes: list[tuple[Client, tuple[str, ...]]] = field(default_factory=list)
+
+    def refused(self, client: Client, messages: tuple[str, ...], error: SyncdError) -> None:
+        """Record a refusal: a name clash is kept for adoption, anything else is ``error``."""
+        if _is_name_clash(messages):
+            self.clashes.append((client, messages))
+        else:
+            self.results[client.key] = error
+
+    def merge(self, other: _ContactsPut) -> None:
+        """Add another request's outcome."""
+        self.results.update(other.results)
+        self.clashes += other.clashes
 
 
 class XeroConnector:
@@ -292,54 +322,36 @@ class XeroConnector:
         return XeroContacts.model_validate(await self._get("/Contacts", {"where": where})).contacts
 
     async def _contacts_matching(self, field: str, values: Collection[str]) -> list[XeroContact]:
-        """Contacts whose ``field`` equals one of ``values``: ``field=="a"||field=="b"``, chunked."""
-        return await self._contacts_where([f"{field}=={where_literal(value)}" for value in sorted(set(values))])
+        """Contacts whose ``field`` equals one of ``values``: one ``GET /Contacts`` per filter of :func:`or_filters`.
 
-    async def _contacts_where(self, clauses: Sequence[str]) -> list[XeroContact]:
-        """Contacts matching any of ``clauses``: one ``GET /Contacts`` per filter of :func:`or_filters`.
-
-        A contact matched by several filters is listed once.
+        The filters OR the values, ``field=="a"||field=="b"||...``, chunked by length (the
+        spec has no list parameter for ContactNumber or Name, only ``IDs`` for ContactIDs).
+        ``||`` (or ``OR``) joins the clauses of a ``where`` filter
+        (https://developer.xero.com/documentation/api/accounting/requests-and-responses).
+        An ORed filter is not one of the optimised ones ("individually or combined with
+        the AND operator", and ContactNumber is not among the fields:
+        https://developer.xero.com/documentation/api/accounting/contacts, "Optimised use of
+        the where filter"); its answer is small, far under the 100k contacts beyond which
+        Xero refuses an unoptimised filter (same page). A contact matched by several
+        filters is listed once.
         """
         found: dict[str, XeroContact] = {}
-        for where in or_filters(clauses):
+        for where in or_filters([f"{field}=={where_literal(value)}" for value in sorted(set(values))]):
             for contact in await self._contacts(where):
                 found.setdefault(contact.contact_id, contact)
         return list(found.values())
 
-    async def _contacts_of(self, clients: Sequence[Client], numbers: Mapping[str, str]) -> list[XeroContact]:
-        """The contacts stamped with one of the clients' ContactNumbers or named as one of them.
-
-        One chain of filters (:func:`or_filters`) ORing, client after client,
-        ``ContactNumber=="<number>"||Name=="<legal name>"``. ``||`` (or ``OR``) joins the
-        clauses of a ``where`` filter
-        (https://developer.xero.com/documentation/api/accounting/requests-and-responses),
-        and the clauses may test different fields: ``ContactNumber = "Foo" OR Name = "Bar"``
-        on ``GET /Contacts`` is the filter reported working in Xero's API Preview in
-        https://github.com/XeroAPI/XeroAPI.Net/issues/29. An ORed filter is not one of the
-        optimised ones ("individually or combined with the AND operator", and ContactNumber
-        is not among the fields: https://developer.xero.com/documentation/api/accounting/contacts,
-        "Optimised use of the where filter"); its answer is small, far under the 100k
-        contacts beyond which Xero refuses an unoptimised filter (same page).
-        """
-        clauses = [
-            clause
-            for client in clients
-            for clause in (
-                f"ContactNumber=={where_literal(numbers[client.key])}",
-                f"Name=={where_literal(client.legal_name)}",
-            )
-        ]
-        return await self._contacts_where(list(dict.fromkeys(clauses)))
-
     async def upsert_customer(self, client: Client) -> str:
-        """Find the contact stamped with the client's key, else adopt or create it; its ContactID.
+        """Find the contact stamped with the client's key, else create or adopt it; its ContactID.
 
         The stamp is ``ContactNumber`` = the client key, or ``syncd-<sha256 prefix>``
         when the key is longer than Xero's 50 characters (:func:`contact_number`).
-        A contact found by exact ``Name`` is adopted only if it has no ContactNumber.
+        A contact of the exact ``Name`` is adopted only if it has no ContactNumber.
         An existing contact is returned as it is (its details are not overwritten).
-        The same steps as :meth:`upsert_customers`, for one client: one ``GET /Contacts``
-        with ``ContactNumber=="<number>"||Name=="<legal name>"``.
+        The same steps as :meth:`upsert_customers`, for one client: a new client costs one
+        ``GET /Contacts`` (``ContactNumber=="<number>"``) and one ``PUT /Contacts``; a
+        contact made by hand under its name, one more ``GET`` (by name) and the adopting
+        ``POST``.
 
         Raises:
             FatalError: the name belongs to a contact stamped for another client, or
@@ -351,48 +363,91 @@ class XeroConnector:
         return result
 
     async def upsert_customers(self, clients: Sequence[Client]) -> Mapping[str, str | SyncdError]:
-        """Per ``client.key``, its ContactID (found, adopted or created as :meth:`upsert_customer`), or its error.
+        """Per ``client.key``, its ContactID (found, created or adopted as :meth:`upsert_customer`), or its error.
 
-        A constant number of calls for any number of clients: one chain of
-        ``GET /Contacts`` whose ``where`` ORs every client's ContactNumber and Name
-        (:meth:`_contacts_of`, chunked by length: the spec has no list parameter for
-        ContactNumber, only ``IDs`` for ContactIDs; 3 GETs for 50 clients of the month-start
-        benchmark), a ``POST /Contacts/{id}`` per adopted contact (rare: a contact made by
-        hand before syncd), and one ``PUT /Contacts?summarizeErrors=false`` creating all
-        the missing ones; a name clash fails its client alone. A contact whose ContactNumber
-        is the client's is the client's, whatever its name; otherwise a contact with the
-        client's exact name and no ContactNumber is adopted. An error of a whole request
+        A constant number of calls for any number of clients, in three steps:
+
+        1. One chain of ``GET /Contacts`` ORing the clients' ContactNumbers
+           (:meth:`_contacts_matching`; 2 GETs for 50 clients of the month-start
+           benchmark): a contact whose ContactNumber is the client's is the client's,
+           whatever its name.
+        2. One ``PUT /Contacts?summarizeErrors=false`` creating all the others.
+        3. Only if Xero refused some of them because their name is taken (Xero keeps
+           contact names unique among active contacts, see :func:`_is_name_clash`): one
+           chain of ``GET /Contacts`` ORing those names; a contact of the exact name and
+           no ContactNumber (made by hand before syncd) is adopted with a
+           ``POST /Contacts/{id}`` stamping it, each such contact once; a name held by a
+           contact stamped for another client fails its client alone
+           (:class:`~syncd.core.errors.FatalError`).
+
+        So 50 new clients cost 2 GETs and 1 PUT, a lone new client 1 GET and 1 PUT, and a
+        lone client whose contact was made by hand 1 GET, 1 refused PUT, 1 GET and 1 POST.
+        Any other refusal of an element fails its client alone
+        (:class:`~connectors.xero.models.XeroRejected`). An error of a whole request
         (auth, Xero down) is raised: every client fails alike.
         """
         unique = list({client.key: client for client in clients}.values())
         numbers = {client.key: contact_number(client.key) for client in unique}
-        looked_up = await self._contacts_of(unique, numbers)
-        stamped = {c.contact_number: c for c in looked_up if c.contact_number}
+        stamped = {c.contact_number: c for c in await self._contacts_matching("ContactNumber", numbers.values())}
         results: dict[str, str | SyncdError] = {}
-        pending = []
+        missing = []
         for client in unique:
             found = stamped.get(numbers[client.key])
             if found is not None:
                 results[client.key] = found.contact_id
             else:
-                pending.append(client)
-        if not pending:
+                missing.append(client)
+        if not missing:
             return results
-        adopted: set[str] = set()
-        to_create: list[tuple[Client, list[XeroContact]]] = []
-        for client in pending:
-            same_name = [c for c in looked_up if c.name == client.legal_name]
-            free = next((c for c in same_name if not c.contact_number and c.contact_id not in adopted), None)
-            if free is None:
-                to_create.append((client, same_name))
+        put = await self._create_contacts(missing, numbers)
+        results.update(put.results)
+        if put.clashes:
+            results.update(await self._settle_clashes(put.clashes, numbers))
+        return results
+
+    async def _settle_clashes(
+        self, clashes: Sequence[tuple[Client, tuple[str, ...]]], numbers: Mapping[str, str]
+    ) -> dict[str, str | SyncdError]:
+        """Clients whose new contact Xero refused for its name: adopt the unstamped namesake, else the clash.
+
+        One chain of ``GET /Contacts`` ORing their names. Per client, in order: a contact
+        of that exact name stamped with the client's own number (created meanwhile, by an
+        earlier attempt) is the client's; else an active one without a ContactNumber, not
+        yet adopted for another client of the batch, is adopted; else the clash is the
+        client's error, listing the contacts holding the name (:func:`_contact_refused`).
+        """
+        named = await self._contacts_matching("Name", {client.legal_name for client, _ in clashes})
+        adopted: dict[str, str] = {}  # ContactID -> the ContactNumber it was stamped with here
+        results: dict[str, str | SyncdError] = {}
+        for client, messages in clashes:
+            number = numbers[client.key]
+            same_name = [c for c in named if c.name == client.legal_name]
+            own = next((c for c in same_name if c.contact_number == number), None)
+            if own is not None:
+                results[client.key] = own.contact_id
                 continue
-            adopted.add(free.contact_id)
+            free = next(
+                (
+                    c
+                    for c in same_name
+                    if not c.contact_number
+                    and (c.contact_status or "ACTIVE") == "ACTIVE"
+                    and c.contact_id not in adopted
+                ),
+                None,
+            )
+            if free is None:
+                holders = [
+                    c.model_copy(update={"contact_number": adopted[c.contact_id]}) if c.contact_id in adopted else c
+                    for c in same_name
+                ]
+                results[client.key] = _contact_refused(client, holders, messages)
+                continue
+            adopted[free.contact_id] = number
             try:
-                results[client.key] = await self._adopt(free, numbers[client.key], client)
+                results[client.key] = await self._adopt(free, number, client)
             except Rejected as exc:
                 results[client.key] = exc
-        if to_create:
-            results.update(await self._create_contacts(to_create, numbers))
         return results
 
     async def _adopt(self, contact: XeroContact, number: str, client: Client) -> str:
@@ -401,54 +456,56 @@ class XeroConnector:
         log.info("xero_contact_adopted", contact_id=contact.contact_id, client_key=client.key, contact_number=number)
         return contact.contact_id
 
-    async def _create_contacts(
-        self, wanted: list[tuple[Client, list[XeroContact]]], numbers: Mapping[str, str]
-    ) -> dict[str, str | SyncdError]:
-        """``PUT /Contacts?summarizeErrors=false`` with every missing contact; per client key, its id or error.
+    async def _create_contacts(self, wanted: Sequence[Client], numbers: Mapping[str, str]) -> _ContactsPut:
+        """``PUT /Contacts?summarizeErrors=false`` with a new contact per client; what came of each.
 
-        A refusal of the whole request (no per-element answer) is looked up by
-        ContactNumber and the rest sent again in halves, so that a contact that was
-        created is found, never refused as a clash with itself.
+        An element refused for a name clash is left to :meth:`_settle_clashes`; any other
+        refused element is its client's :class:`~connectors.xero.models.XeroRejected`. A
+        refusal of the whole request (no per-element answer) is looked up by ContactNumber
+        and the rest sent again in halves (:meth:`_contacts_again`), so that a contact
+        that was created is found, never refused as a clash with itself; a lone client
+        refused as a whole for a name clash is left to :meth:`_settle_clashes` too.
         """
-        body = {"Contacts": [contact_payload(client, numbers[client.key]) for client, _ in wanted]}
+        body = {"Contacts": [contact_payload(client, numbers[client.key]) for client in wanted]}
         params = {"summarizeErrors": "false"}
+        put = _ContactsPut()
         try:
             data = await self._write("PUT", "/Contacts", body, key=_content_key("contact", body), params=params)
         except Rejected as exc:
-            if len(wanted) == 1:
-                return {wanted[0][0].key: exc}
-            return await self._contacts_again(wanted, numbers)
+            if len(wanted) > 1:
+                return await self._contacts_again(wanted, numbers)
+            put.refused(wanted[0], exc.messages, exc)
+            return put
         answers = elements(data, "Contacts")
-        results: dict[str, str | SyncdError] = {}
-        for (client, same_name), raw in zip(wanted, answers, strict=False):
+        for client, raw in zip(wanted, answers, strict=False):
             outcome = XeroElementResult.model_validate(raw)
             if outcome.failed:
-                results[client.key] = _contact_refused(client, same_name, outcome.messages)
+                put.refused(client, tuple(outcome.messages), _contact_refused(client, [], outcome.messages))
                 continue
             created = XeroContact.model_validate(raw)
             log.info("xero_contact_created", contact_id=created.contact_id, client_key=client.key)
-            results[client.key] = created.contact_id
-        for client, _ in wanted[len(answers) :]:
-            results[client.key] = RetriableError(f"xero: PUT /Contacts gave no answer for client {client.key}")
-        return results
+            put.results[client.key] = created.contact_id
+        for client in wanted[len(answers) :]:
+            put.results[client.key] = RetriableError(f"xero: PUT /Contacts gave no answer for client {client.key}")
+        return put
 
-    async def _contacts_again(
-        self, wanted: list[tuple[Client, list[XeroContact]]], numbers: Mapping[str, str]
-    ) -> dict[str, str | SyncdError]:
-        stamped = {c.contact_number: c for c in await self._contacts_matching("ContactNumber", numbers.values())}
-        results: dict[str, str | SyncdError] = {}
+    async def _contacts_again(self, wanted: Sequence[Client], numbers: Mapping[str, str]) -> _ContactsPut:
+        """After a refused ``PUT /Contacts``: the clients' contacts found by ContactNumber, the rest sent in halves."""
+        looked_up = await self._contacts_matching("ContactNumber", [numbers[client.key] for client in wanted])
+        stamped = {c.contact_number: c for c in looked_up}
+        put = _ContactsPut()
         missing = []
-        for client, same_name in wanted:
+        for client in wanted:
             found = stamped.get(numbers[client.key])
             if found is not None:
-                results[client.key] = found.contact_id
+                put.results[client.key] = found.contact_id
             else:
-                missing.append((client, same_name))
+                missing.append(client)
         half = len(missing) // 2
         for part in (missing[:half], missing[half:]):
             if part:
-                results.update(await self._create_contacts(part, numbers))
-        return results
+                put.merge(await self._create_contacts(part, numbers))
+        return put
 
     async def customer_details(self, customer_id: str) -> dict[str, str | None]:
         """``GET /Contacts/{ContactID}`` (spec ``getContact``), in ``Client.ledger_details`` form."""

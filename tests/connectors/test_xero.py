@@ -288,7 +288,11 @@ async def test_a_long_client_key_is_stamped_in_a_stable_short_form() -> None:
 
 
 async def test_a_same_name_contact_without_a_number_is_adopted() -> None:
-    """A contact with the exact legal name and no ContactNumber is stamped and reused, and the adoption is logged."""
+    """A contact with the exact legal name and no ContactNumber is stamped and reused, and the adoption is logged.
+
+    The PUT creating the client's contact is refused for the name (no duplicate is made); the name is
+    then looked up and the contact stamped: GET by number, PUT refused, GET by name, POST.
+    """
     async with rig() as r:
         seeded = r.emulator.seed_contact("Northwind Traders LLC")
         with structlog.testing.capture_logs() as logs:
@@ -296,7 +300,8 @@ async def test_a_same_name_contact_without_a_number_is_adopted() -> None:
         assert found == seeded["ContactID"]
         (contact,) = r.emulator.contacts()
         assert contact["ContactNumber"] == "hubspot:company:42"
-        assert r.emulator.calls["createContacts"] == 0
+        assert (r.emulator.calls["getContacts"], r.emulator.calls["createContacts"]) == (2, 1)
+        assert r.emulator.calls["updateContact"] == 1
         assert any(entry["event"] == "xero_contact_adopted" for entry in logs)
 
 
