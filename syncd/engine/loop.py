@@ -308,8 +308,11 @@ class Engine:
         if not events:
             if self.stop.is_set():
                 return 0
-            together = self.batcher.max_size if self.batcher.enabled else 1
-            batch = max(batch, together)
+            # Rows worked together: a claim as large as a batch, but no larger than the rows
+            # this process works at once (on PostgreSQL nine): the rest would wait unrenewed.
+            together = 1
+            if self.batcher.enabled:
+                together = batch = min(self.batcher.max_size, self._in_flight.size)
             limits = (
                 self.claim_size("event", batch, together=together),
                 self.claim_size("effect", batch, together=together),
