@@ -806,8 +806,9 @@ class Store:
         sends the caller to :meth:`_checkout_in_thread`, which waits. The worker-thread
         hand-off it saves was a tenth of syncd's CPU per deal (py-spy, BENCHMARKS.md).
         """
-        if self._commits >= CHECKPOINT_EVERY:
-            return None
+        pool: Any = self.engine.pool
+        if self._commits >= CHECKPOINT_EVERY or pool.checkedout():
+            return None  # a checkpoint is due, or a cancelled checkout is still giving the connection back
         conn = self.engine.connect()
         driver: Any = conn.connection.driver_connection
         try:
