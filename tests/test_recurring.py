@@ -381,14 +381,20 @@ async def test_a_trigger_in_a_locked_period_is_invoiced_on_the_first_open_day(tm
         assert not await s.daemon.runtime.store.select(DeadLetterRow)
 
 
+async def seven_won_retainers(s: Stack, clock: Clock) -> list[str]:
+    """Seven monthly retainers of one client won on Dec 20, first billed on Jan 1 (1,000 to 1,006)."""
+    company = seed_company(s.hub)
+    deals = [retainer_deal(s.hub, company, start="2027-01-01", amount=str(1000 + n)) for n in range(7)]
+    for deal in deals:
+        await edit(s, clock, at(date(2026, 12, 20)), deal, {"dealstage": "closedwon"})
+    return deals
+
+
 async def test_the_hourly_run_reads_engagements_page_by_page_and_handles_each_once(tmp_path: Path, db_url: str) -> None:
     """Seven won retainers read three at a time: each handled once, each first period invoiced once."""
     clock = Clock(at(date(2026, 12, 20)))
     async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
-        company = seed_company(s.hub)
-        deals = [retainer_deal(s.hub, company, start="2027-01-01", amount=str(1000 + n)) for n in range(7)]
-        for deal in deals:
-            await edit(s, clock, at(date(2026, 12, 20)), deal, {"dealstage": "closedwon"})
+        deals = await seven_won_retainers(s, clock)
         assert s.xero.invoices() == []  # billed in advance on January 1st
         clock.now = at(date(2027, 1, 1))
         with structlog.testing.capture_logs() as logs:
@@ -412,10 +418,7 @@ async def test_the_hourly_run_queues_a_page_in_one_transaction_and_a_failing_eng
     """
     clock = Clock(at(date(2026, 12, 20)))
     async with stack(tmp_path, db_url, clock=clock, mapping=RETAINER, daemon_extra=BILLING_START) as s:
-        company = seed_company(s.hub)
-        deals = [retainer_deal(s.hub, company, start="2027-01-01", amount=str(1000 + n)) for n in range(7)]
-        for deal in deals:
-            await edit(s, clock, at(date(2026, 12, 20)), deal, {"dealstage": "closedwon"})
+        deals = await seven_won_retainers(s, clock)
         store = s.daemon.runtime.store
         broken = f"hubspot:deal:{deals[3]}"
         async with store.begin() as conn:  # its client is gone: billing it raises RecordError
