@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -1757,10 +1758,19 @@ def _release(conn: sa.Connection, *, commit: bool) -> None:
 
 
 def _claim(conn: sa.Connection, model: type[Row], *, owner: str, limit: int, lease_s: int, now: datetime) -> list[Row]:
+    params = {"owner": owner, "until": now + timedelta(seconds=lease_s), "now": now, "limit": limit}
+    rows = conn.execute(_claim_statement(model), params).mappings().all()
+    return sorted((model.model_validate(dict(r)) for r in rows), key=lambda r: r.id or 0)
+
+
+@functools.cache
+def _claim_statement(model: type[Row]) -> Any:
+    """The claim of :func:`_claim`, built once per table and executed with parameters (``Store._prepared``)."""
     table = table_of(model)
+    now = sa.bindparam("now", type_=table.c.next_at.type)
     values: dict[str, Any] = {
-        "lease_owner": owner,
-        "lease_until": now + timedelta(seconds=lease_s),
+        "lease_owner": sa.bindparam("owner", type_=table.c.lease_owner.type),
+        "lease_until": sa.bindparam("until", type_=table.c.lease_until.type),
         "attempts": table.c.attempts + 1,
     }
     if "first_attempt_at" in table.c:  # events and effects give up by time since their first attempt
@@ -1770,16 +1780,13 @@ def _claim(conn: sa.Connection, model: type[Row], *, owner: str, limit: int, lea
         sa.select(table.c.id)
         .where(table.c.status == "pending", table.c.next_at <= now, lease_free)
         .order_by(table.c.next_at, table.c.id)
-        .limit(limit)
+        .limit(sa.bindparam("limit", type_=sa.Integer()))
         .with_for_update(skip_locked=True)
     )
-    stmt = sa.update(table).where(table.c.id.in_(due.scalar_subquery())).values(**values).returning(*table.c)
-    rows = conn.execute(stmt).mappings().all()
-    return sorted((model.model_validate(dict(r)) for r in rows), key=lambda r: r.id or 0)
+    return sa.update(table).where(table.c.id.in_(due.scalar_subquery())).values(**values).returning(*table.c)
 
 
 def _finish(conn: sa.Connection, item: Settle) -> bool:
-    table = table_of(item.model)
     values: dict[str, Any] = {"status": item.status, "lease_owner": None, "lease_until": None, "last_error": item.error}
     if item.next_at is not None:
         values["next_at"] = item.next_at
@@ -1788,12 +1795,28 @@ def _finish(conn: sa.Connection, item: Settle) -> bool:
         if item.result is not None:
             values["result"] = dict(item.result)
     row = item.row
-    stmt = (
+    params = {f"v_{name}": value for name, value in values.items()}
+    params |= {"w_id": row.id, "w_attempts": row.attempts, "w_owner": row.lease_owner}
+    return bool(conn.execute(_finish_statement(item.model, tuple(values)), params).rowcount)
+
+
+@functools.cache
+def _finish_statement(model: type[Row], columns: tuple[str, ...]) -> Any:
+    """The fenced settling of :func:`_finish` for ``columns``, built once and executed with parameters.
+
+    Fenced on the claim: the row's id, its attempt and its owner (``IS NOT DISTINCT FROM``:
+    an owner of ``None`` matches ``NULL``, as ``== None`` did).
+    """
+    table = table_of(model)
+    return (
         sa.update(table)
-        .where(table.c.id == row.id, table.c.attempts == row.attempts, table.c.lease_owner == row.lease_owner)
-        .values(**values)
+        .where(
+            table.c.id == sa.bindparam("w_id", type_=table.c.id.type),
+            table.c.attempts == sa.bindparam("w_attempts", type_=table.c.attempts.type),
+            table.c.lease_owner.is_not_distinct_from(sa.bindparam("w_owner", type_=table.c.lease_owner.type)),
+        )
+        .values({name: sa.bindparam(f"v_{name}", type_=table.c[name].type) for name in columns})
     )
-    return bool(conn.execute(stmt).rowcount)
 
 
 def _event_values(hints: Sequence[ChangeHint], now: datetime) -> list[dict[str, Any]]:
