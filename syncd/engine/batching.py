@@ -14,11 +14,13 @@ element's answer: an element the vendor refused fails alone.
 When a batch goes:
 
 * when it holds ``[daemon].batch_max`` calls;
-* at once when no record is being worked on any more (every task of this process is
-  waiting for a batched call or done) and records have stopped arriving (fewer than two
-  began within the last ``batch_wait_ms``): nothing else is coming, so nothing waits;
+* a lone record's call (no cohort): at once when no record is being worked on any more
+  (every task of this process is waiting for a batched call or done) and either records
+  have stopped arriving (fewer than two began within the last ``batch_wait_ms``) or calls
+  of its kind are not streaming (fewer than three came within it: deals one after
+  another, each after the last one is done): nothing else is coming, so nothing waits;
 * else ``[daemon].batch_wait_ms`` after its first call arrived: while records keep
-  arriving (webhooks one after another), the ones that arrive meanwhile join it;
+  arriving (a stream of webhooks), the ones that arrive meanwhile join it;
 * records claimed together (a :class:`Cohort`: the rows of one claim, worked at once)
   wait for each other: a batch holding one goes once none of its cohort is still being
   worked on (each member waits in a batch or is done), however long after its first

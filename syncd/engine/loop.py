@@ -355,10 +355,9 @@ class Engine:
         ]
         jobs += [(EffectRow, "effect", self._execute, row) for row in effects]
         started = time.monotonic()
-        # Their calls wait for each other (Batcher: cohorts), but not for rows that cannot start:
-        # every slot of _in_flight is taken and nothing will free one (no record is being
-        # worked on, no batched call is in flight to set one running).
-        # the claim's rows start together: as many as the bound allows take their slots at once
+        # The claim's rows start together: as many as the process's bound allows take their
+        # slots at once (Slots). Their vendor calls wait for each other (a Cohort), but not for
+        # rows that cannot get a slot until a batched call goes (_rows_blocked).
         first = min(len(jobs), self._in_flight.size)
         cohort = batching.Cohort(first, queued=len(jobs) - first, blocked=self._rows_blocked)
         await self._in_flight.take(first)
