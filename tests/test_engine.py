@@ -319,7 +319,8 @@ async def test_a_won_deal_takes_four_transactions_besides_the_customer_record(
     queues the write-back claimed, with the deal's standing; the write-back is settled
     with the worker's next (empty) claim. Counted apart, here and in BENCHMARKS.md: the
     customer step before the invoice (``Engine._customer_id``: the ledger's customer found
-    or created, then settled against the client record, docs/operations.md: 2) and the
+    or created, then settled against the client record, docs/operations.md: 1, the
+    client row being read in the processing transaction that queued the invoice) and the
     lease's guard before each vendor write (``syncd/plumbing/leases.py``: one renewal each,
     3 for a new client).
     """
@@ -359,7 +360,7 @@ async def test_a_won_deal_takes_four_transactions_besides_the_customer_record(
                 await s.hub.set_deal_properties(deal, {"dealstage": "closedwon"})
                 await _until(lambda n=written: len(s.xero.invoices()) == n and len(engine._idle) == 1)
                 assert s.hub.deal(deal)["properties"]["syncd_invoice_status"] == "authorised"
-            assert apart == {"customer": 2, "guards": 3}
+            assert apart == {"customer": 1, "guards": 3}
             assert store.transactions - before - apart["customer"] - apart["guards"] == 4
             assert len({contact["ContactID"] for contact in s.xero.contacts()}) == 2
             effects = await store.select(EffectRow)

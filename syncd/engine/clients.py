@@ -523,8 +523,8 @@ async def settle_ledger(
     Args:
         created: the client as syncd just wrote it to a new customer record: the record
             is taken to hold it, and is not read back (one call fewer per new client).
-        external_ids: the client's ids with the new customer's, written first in the same
-            transaction (the caller created the customer record).
+        external_ids: the new customer's id by connection (the caller created the customer
+            record), merged into the client's ids in the same transaction.
         read_details: reads the customer record (default: ``invoicing.customer_details``;
             the engine's reads many at once, :mod:`syncd.engine.batching`).
 
@@ -539,13 +539,13 @@ async def settle_ledger(
         details = await (read_details or invoicing.customer_details)(customer_id)
     table = table_of(ClientRow)
     async with store.begin() as conn:
-        if external_ids is not None:
-            await conn.execute(
-                sa.update(table).where(table.c.key == client_key).values(external_ids=dict(external_ids))
-            )
         row = await locked_row(store, conn, client_key)
         if row is None:
             return None
+        if external_ids is not None:
+            merged = {**row.external_ids, **external_ids}
+            await conn.execute(sa.update(table).where(table.c.key == client_key).values(external_ids=merged))
+            row = await locked_row(store, conn, client_key) or row
         if created is not None:
             await _hold(conn, row, connection, ledger_view(created.ledger_details()), now)
         elif details is not None:

@@ -106,6 +106,7 @@ from syncd.store.db import (
 log = structlog.get_logger("syncd.engine.loop")
 
 STANDING = "standing"  # a _FollowUp's prefetched deal standing
+CLIENT = "client"  # a _FollowUp's prefetched client row (the invoice's customer step)
 CREATE_INVOICE = "create_invoice"
 WRITE_CRM_STATUS = "write_crm_status"
 VOID_INVOICE = "void_invoice"
@@ -946,10 +947,14 @@ class Engine:
         delay = pipeline.settings.invoice_delay_s if event.kind in DELAYED_KINDS else 0
         if delay:
             payload["recheck_won"] = True
+        current = _working.get()
+        chains = current is not None and current.chains
         async with self._transaction(conn) as tx:
             if not await self.store.add_billing_event(tx, row):
                 return None
             if live and not delay:
+                # this worker creates the invoice next: its customer step gets the client row as of now
+                client_row = await self.store.get(ClientRow, draft.client.key, conn=tx) if chains else None
                 await self._queue_effect(
                     tx,
                     key=event.key,
@@ -958,6 +963,7 @@ class Engine:
                     payload=payload,
                     now=now,
                     client_key=draft.client.key,
+                    prefetched={CLIENT: client_row} if chains else None,
                 )
             else:
                 await self.store.add_effect(
@@ -1767,8 +1773,13 @@ class Engine:
         conflict, and the client comes back with the values in force (the ledger's
         payment terms, by default).
         """
+        current = _working.get()
+        prefetched = current.prefetched if current is not None else {}
         async with self.store.named_lock(f"customer:{connection}:{client.key}"):
-            row = await self.store.get(ClientRow, client.key)
+            # Read in the transaction that queued this invoice, just before (one transaction
+            # fewer): if another record of the client created the customer since, the
+            # look-up finds it (connectors stamp their customers) and the id is merged.
+            row = prefetched[CLIENT] if CLIENT in prefetched else await self.store.get(ClientRow, client.key)
             known = row.external_ids.get(connection) if row is not None else None
             created: Client | None = None
             ids: dict[str, str] | None = None
@@ -1778,7 +1789,7 @@ class Engine:
                 created = clients.applied(client, row.record if row is not None else None)
                 customer_id = str(await self._upsert_customer(connection, invoicing, created))
                 if row is not None:
-                    ids = {**row.external_ids, connection: customer_id}
+                    ids = {connection: customer_id}
             settled = await clients.settle_ledger(
                 self.rt,
                 connection=connection,

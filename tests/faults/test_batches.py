@@ -25,7 +25,7 @@ from connectors.hubspot.emulator import HubSpotEmulator
 from connectors.xero.emulator import XeroEmulator
 from syncd.plumbing import failpoints
 from syncd.plumbing.settings import Config
-from syncd.store.db import DeadLetterRow, InvoiceRow, Store
+from syncd.store.db import ClientRow, DeadLetterRow, InvoiceRow, Store
 from tests.faults.live import PUBLIC_URL, live
 from tests.faults.rig import STEP_S, Clock, deals, pending, verify, win
 from tests.harness import Stack, seed_deal, stack
@@ -175,3 +175,29 @@ async def test_a_sigkill_mid_batch_then_a_restart_leaves_one_invoice_per_deal(tm
         report = await s.verify("sigkill mid-batch", expect_won=won)
     assert report.invoices == BATCH
     assert s.xero.calls["createInvoices"] == 1  # the restart found every one by its key: none sent again
+
+
+async def test_deals_of_one_new_client_claimed_together_share_one_customer(
+    tmp_path: Path, sqlite_url: str, run_logging: Callable[[Config], None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Four deals of one new client in one claim: each invoice's customer step starts from the client row as its
+    processing read it (no customer yet), and still one contact is created and every invoice goes to it."""
+    clock = Clock()
+    xero = XeroEmulator(rate_limits=False, clock=clock)
+    hub = HubSpotEmulator(rate_limits=False, clock=clock)
+    async with stack(tmp_path, sqlite_url, clock=clock, hub=hub, xero=xero, daemon_extra=DEBUG) as s:
+        run_logging(s.config)
+        company = hub.add_company({"name": "Fabrikam", "legal_name": "Fabrikam Pty Ltd", "default_po_number": "PO-7"})
+        contact = hub.add_contact(
+            {"firstname": "Ira", "lastname": "Lund", "email": "ap@fabrikam.example"}, company_id=company
+        )
+        won = [seed_deal(hub, company=(company, contact)) for _ in range(4)]
+        for deal in won:
+            await win(s, deal)
+        await rounds([s], clock)
+        report = await verify(s, "deals of one new client together", expect_won=won, logs=capsys.readouterr().err)
+        client_ids = {str(row.external_ids.get("xero")) for row in await s.daemon.runtime.store.select(ClientRow)}
+    assert report.invoices == 4
+    (created,) = xero.contacts()
+    assert {invoice["Contact"]["ContactID"] for invoice in xero.invoices()} == {created["ContactID"]}
+    assert client_ids == {created["ContactID"]}
