@@ -1767,7 +1767,12 @@ class Engine:
         """The client's customer id at the invoicing tool (created at most once), and the client to bill.
 
         Two effects of the same client may run at once (on two replicas): the lock makes
-        the second wait and then read the id the first stored. The customer record is
+        the second wait and then read the id the first stored. An invoice created by the
+        worker that queued it (a follow-up) starts from the client row read in that
+        transaction instead (one transaction fewer); if another effect created the
+        customer since, the connector's look-up finds it by its stamp (Xero: the
+        ContactNumber), nothing is created twice, and the id is merged into the client's
+        (:func:`~syncd.engine.clients.settle_ledger`). The customer record is
         then settled against the client record (:func:`syncd.engine.clients.settle_ledger`):
         changes at their owner flow to the other system, a change at a non-owner is a
         conflict, and the client comes back with the values in force (the ledger's
