@@ -493,17 +493,17 @@ async def run_due(engine: BillingQueue, *, page_size: int = PAGE_SIZE) -> int:
     seen = recorded = 0
     async for page in runtime.store.pages(EngagementRow, *won, key="key", size=page_size):
         seen += len(page)
-        quiet: list[tuple[Pipeline, EngagementRow]] = []
+        untracked: list[tuple[Pipeline, EngagementRow]] = []
         for row in page:
             pipeline = await pipeline_for(runtime, row)
             if pipeline is None:
                 continue
             if pipeline.time_tracker is None and together > 1:
-                quiet.append((pipeline, row))
+                untracked.append((pipeline, row))
             else:
                 recorded += await _bill_stored(engine, pipeline, row)
-        for start in range(0, len(quiet), together):
-            recorded += await _bill_together(engine, quiet[start : start + together])
+        for start in range(0, len(untracked), together):
+            recorded += await _bill_together(engine, untracked[start : start + together])
     log.info("recurring_run_done", engagements=seen, recorded=recorded)
     return recorded
 
