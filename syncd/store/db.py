@@ -1765,7 +1765,11 @@ def _claim(conn: sa.Connection, model: type[Row], *, owner: str, limit: int, lea
 
 @functools.cache
 def _claim_statement(model: type[Row]) -> Any:
-    """The claim of :func:`_claim`, built once per table and executed with parameters (``Store._prepared``)."""
+    """The claim of :func:`_claim`, built once per table and executed with parameters.
+
+    The same saving as :meth:`Store._prepared`, for a statement that is the same on
+    every dialect (so cached here, not per store).
+    """
     table = table_of(model)
     now = sa.bindparam("now", type_=table.c.next_at.type)
     values: dict[str, Any] = {
