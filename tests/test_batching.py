@@ -70,8 +70,10 @@ async def test_records_arriving_one_after_another_are_gathered_and_a_lone_one_af
 
     The first two go alone (two calls within batch_wait are also what deals one after
     another make, each after the previous one is done: nothing more is coming for them).
+    With nothing else being worked on, the third waits a quarter of batch_wait (50 ms),
+    long enough here for the three after it.
     """
-    batcher, vendor = Batcher(max_size=50, wait_s=0.1), Vendor()
+    batcher, vendor = Batcher(max_size=50, wait_s=0.2), Vendor()
     loop = asyncio.get_running_loop()
 
     async def arriving(value: str, after_s: float) -> Any:
@@ -81,11 +83,32 @@ async def test_records_arriving_one_after_another_are_gathered_and_a_lone_one_af
     values = "abcdef"
     assert await asyncio.gather(*(arriving(v, 0.01 * i) for i, v in enumerate(values))) == [v.upper() for v in values]
     assert vendor.calls == [("one", "a"), ("one", "b"), ("many", ["c", "d", "e", "f"])]
-    await asyncio.sleep(0.2)  # a lull: nothing began within wait_s
+    await asyncio.sleep(0.3)  # a lull: nothing began within wait_s
     started = loop.time()
     assert await _record(batcher, vendor, "e") == "E"
     assert vendor.calls[-1] == ("one", "e")
     assert loop.time() - started < 0.05  # not held for wait_s
+
+
+async def test_with_nothing_else_being_worked_on_a_stream_waits_a_quarter_of_batch_wait() -> None:
+    """A stream of five calls 5 ms apart, nothing else running: the last three go together after 250 ms, not 1 s.
+
+    Only records arriving from outside could join them; while other records are still
+    being worked on (they may reach the call) the whole batch_wait applies
+    (test_a_record_still_working_is_waited_for_only_up_to_wait_s).
+    """
+    batcher, vendor = Batcher(max_size=50, wait_s=1.0), Vendor()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def arriving(value: str, after_s: float) -> float:
+        await asyncio.sleep(after_s)
+        await _record(batcher, vendor, value)
+        return loop.time() - started
+
+    done = await asyncio.gather(*(arriving(v, 0.005 * i) for i, v in enumerate("abcde")))
+    assert vendor.calls == [("one", "a"), ("one", "b"), ("many", ["c", "d", "e"])]
+    assert 0.25 <= done[2] < 0.6  # a quarter of batch_wait, not all of it
 
 
 async def test_deals_one_after_another_are_not_held_even_when_each_comes_within_batch_wait_of_the_last() -> None:

@@ -19,8 +19,10 @@ When a batch goes:
   have stopped arriving (fewer than two began within the last ``batch_wait_ms``) or calls
   of its kind are not streaming (fewer than three came within it: deals one after
   another, each after the last one is done): nothing else is coming, so nothing waits;
-* else ``[daemon].batch_wait_ms`` after its first call arrived: while records keep
-  arriving (a stream of webhooks), the ones that arrive meanwhile join it;
+* else, while records keep arriving (a stream of webhooks), the ones that arrive
+  meanwhile join it: ``[daemon].batch_wait_ms`` after its first call while other records
+  are being worked on (they may reach it), a quarter of that (:data:`IDLE_WAIT`) while
+  none is (only new arrivals could);
 * records claimed together (a :class:`Cohort`: the rows of one claim, worked at once)
   wait for each other: a batch holding one goes once none of its cohort is still being
   worked on (each member waits in a batch or is done), however long after its first
@@ -73,6 +75,11 @@ IN_FLIGHT = 1
 """Batched calls of one connection and kind in flight at once. Calls arriving meanwhile gather
 behind it and go together when it ends, so batches grow with the load (and with a vendor's
 pacing: a call waiting for a rate-limit slot is in flight) instead of queueing up small."""
+
+IDLE_WAIT = 0.25
+"""The share of ``batch_wait_ms`` a lone record's call waits while no record is being worked on
+(only records arriving from outside could join it; measured: BENCHMARKS.md part 3), and how
+often a waiting batch looks again."""
 
 COHORT_WAITS = 20
 """The longest a batch waits for the rest of its members' cohorts, in ``batch_wait_ms``: 1 s at the default."""
@@ -359,32 +366,35 @@ class Batcher:
         if len(waiting.waiting) >= self.max_size or self._ready(queue, waiting, waited=waited):
             self._flush(queue)
         elif waiting.timer is None:
-            waiting.timer = asyncio.get_running_loop().call_later(self.wait_s, self._due, queue)
+            waiting.timer = asyncio.get_running_loop().call_later(self.wait_s * IDLE_WAIT, self._due, queue)
 
     def _ready(self, queue: Hashable, waiting: _Queue, *, waited: bool) -> bool:
         """Whether ``waiting``'s calls may go now.
 
         A call of a cohort waits until the cohort is idle (at most :data:`COHORT_WAITS` ×
-        ``batch_wait_ms``); a lone record's call until ``batch_wait_ms`` passed (``waited``),
-        or at once when nothing else is being worked on and either records stopped
-        arriving or no other call of its kind came within the last ``batch_wait_ms``
-        (deals one after another, each with a write-back of its own: the next deal comes
-        after this one is done).
+        ``batch_wait_ms``). A lone record's call goes after ``batch_wait_ms``, or once the
+        call in flight before it ended (``waited``); while no record is being worked on, at
+        once if records stopped arriving or no other call of its kind came within the last
+        ``batch_wait_ms`` (deals one after another, each with a write-back of its own: the
+        next deal comes after this one is done), else after :data:`IDLE_WAIT` of it.
         """
         members = [w.cohort for w in waiting.waiting]
+        age = asyncio.get_running_loop().time() - min(w.since for w in waiting.waiting)
         if not all(cohort is None or cohort.idle for cohort in members):
-            oldest = min(w.since for w in waiting.waiting)
-            return asyncio.get_running_loop().time() - oldest >= COHORT_WAITS * self.wait_s
+            return age >= COHORT_WAITS * self.wait_s
         if all(cohort is not None for cohort in members):
             return True
-        return waited or (self.running == 0 and (self._quiet() or not self._busy(queue)))
+        if waited or age >= self.wait_s:
+            return True
+        idle = self.running == 0  # only records arriving from outside could still join
+        return idle and (self._quiet() or not self._busy(queue) or age >= self.wait_s * IDLE_WAIT)
 
     def _due(self, queue: Hashable) -> None:
-        """A batch's timer ran out: it goes, unless members of its cohorts are still worked on (then later)."""
+        """A batch's timer: it goes if it may now (:meth:`_ready`), else the timer looks again later."""
         waiting = self._queues.get(queue)
         if waiting is not None:
             waiting.timer = None
-            self._consider(queue, waited=True)
+            self._consider(queue)
 
     def _flush(self, queue: Hashable) -> None:
         waiting = self._queues.get(queue)
