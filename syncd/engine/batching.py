@@ -280,20 +280,21 @@ class Batcher:
         arrivals = self._arrivals.get(queue)
         if arrivals is None:
             return False
-        since = asyncio.get_running_loop().time() - self.wait_s
-        while arrivals and arrivals[0] < since:
-            arrivals.popleft()
-        if not arrivals:
+        recent = self._recent(arrivals)
+        if not recent:
             del self._arrivals[queue]
-            return False
-        return len(arrivals) >= 3
+        return recent >= 3
 
     def _quiet(self) -> bool:
         """Whether records have stopped arriving: fewer than two began within the last ``wait_s``."""
+        return self._recent(self._starts) < 2
+
+    def _recent(self, times: deque[float]) -> int:
+        """How many of ``times`` (loop times, oldest first) fall within the last ``wait_s``; older ones are dropped."""
         since = asyncio.get_running_loop().time() - self.wait_s
-        while self._starts and self._starts[0] < since:
-            self._starts.popleft()
-        return len(self._starts) < 2
+        while times and times[0] < since:
+            times.popleft()
+        return len(times)
 
     async def call(self, queue: Hashable, key: str, value: Any, *, one: One, many: Many) -> Any:
         """``one(value)``, or ``value`` sent in a batch with others of the same ``queue``; its own answer.
