@@ -18,6 +18,7 @@ Timestamps are stored in UTC and come back aware; money is stored as decimal tex
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -46,6 +47,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 ADVISORY_LOCK_ID = 7_254_001  # any constant shared by every replica
 SQLITE_BUSY_MS = 30_000  # SQLite: how long a write waits for another process's write lock
 CHECKPOINT_EVERY = 200  # SQLite: write commits between WAL checkpoints (Store._checkout)
+GROUP_MAX = 32  # SQLite: write units committed together at most (Store._connection, group commit)
+GROUP_AGE_S = 0.02  # SQLite: a group older than this is committed before another unit joins
 _UNCOUNTED: ContextVar[bool] = ContextVar("syncd_store_uncounted", default=False)
 T = TypeVar("T")
 
@@ -595,6 +598,80 @@ def decimal_text(value: Decimal) -> str:
     return format(value, "f")
 
 
+class _Turns:
+    """SQLite: the one connection, held by one task at a time, first come first served.
+
+    An ``asyncio.Lock`` that tells whether it is held once given up, so that the store
+    commits a group of units (:class:`_Group`) only when nobody is about to join it.
+    """
+
+    def __init__(self) -> None:
+        self.held = False
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def take(self, *, on_abandon: Callable[[], None]) -> None:
+        """Wait for the turn; ``on_abandon`` passes it on if it was given to a caller cancelled meanwhile."""
+        if not self.held and not self._waiting:
+            self.held = True
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                on_abandon()  # it was ours already
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(turn)
+            raise
+
+    def give(self) -> None:
+        """Hand the turn to the next caller in line, or free it."""
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.held = False
+
+
+class _Group:
+    """SQLite: one write transaction kept open while more write units queue for it (group commit).
+
+    Each unit after the first runs in a savepoint of its own (undone alone on its error)
+    and waits for the group's ``COMMIT`` before its caller goes on, so nothing is reported
+    stored that is not: the same promise as a transaction per unit, for one ``COMMIT``
+    per group (BENCHMARKS.md, "Group commit").
+    """
+
+    def __init__(self, conn: sa.Connection, started: float) -> None:
+        self.conn = conn
+        self.started = started
+        self.units: list[asyncio.Future[None]] = []
+
+    def joinable(self) -> bool:
+        """Whether another unit may join (the group is neither full nor old)."""
+        age = asyncio.get_running_loop().time() - self.started
+        return len(self.units) < GROUP_MAX and age < GROUP_AGE_S
+
+    def add(self) -> asyncio.Future[None]:
+        """A unit done in the group: the future it waits on until the group commits."""
+        done = asyncio.get_running_loop().create_future()
+        self.units.append(done)
+        return done
+
+    def settle(self, error: BaseException | None) -> None:
+        """The group's outcome, told to each unit still waiting for it."""
+        for done in self.units:
+            if done.done():
+                continue
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+
 class Connection:
     """A connection of the store inside one transaction, with the async calls syncd makes on it.
 
@@ -670,7 +747,8 @@ class Store:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self._inline = not self.is_postgres
-        self._one = asyncio.Lock()  # SQLite: the one connection, taken in order
+        self._turns = _Turns()  # SQLite: the one connection, taken in order
+        self._group: _Group | None = None  # SQLite: the write transaction units are joining
         self._statements: dict[Hashable, Any] = {}  # built once, executed with parameters (_prepared)
         self._holder: asyncio.Task[Any] | None = None  # the task holding it
         self._locks: dict[str, asyncio.Lock] = {}
@@ -712,7 +790,7 @@ class Store:
             # SQLite has one writer: one connection per process queues transactions in
             # order instead of parking them in SQLite's busy handler (p99 ingest 253 → 46 ms,
             # BENCHMARKS.md). The connection moves between the loop's thread and workers,
-            # one user at a time (Store._one), hence check_same_thread off.
+            # one user at a time (Store._turns), hence check_same_thread off.
             engine = sa.create_engine(
                 url,
                 connect_args={"timeout": 30, "check_same_thread": False},
@@ -727,12 +805,14 @@ class Store:
         return cls(engine)
 
     async def close(self) -> None:
-        """Dispose of the connection pool."""
+        """Dispose of the connection pool (a group of units still open is committed first)."""
+        if self._group is not None and not self._turns.held:
+            self._commit_group()
         await asyncio.to_thread(self.engine.dispose)
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision, under a database-wide lock."""
-        async with self.begin() as conn:
+        async with self._connection(write=True, join=False) as conn:
             if self.is_postgres:
                 await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_ID})")
             await conn.run_sync(_migrate)
@@ -752,7 +832,7 @@ class Store:
             yield conn
 
     @contextlib.asynccontextmanager
-    async def _connection(self, *, write: bool) -> AsyncIterator[Connection]:
+    async def _connection(self, *, write: bool, join: bool = True) -> AsyncIterator[Connection]:
         if self.is_postgres:
             sync = await self._checkout_in_thread(write)
             try:
@@ -768,27 +848,82 @@ class Store:
                 "the store's one SQLite connection was asked for again by the task that holds it; "
                 "pass its Connection (conn=...) instead of opening a second transaction"
             )
-        async with self._one:
-            self._holder = task
-            try:
-                async with self._sqlite_connection(write=write) as conn:
-                    yield conn
-            finally:
-                self._holder = None
-
-    @contextlib.asynccontextmanager
-    async def _sqlite_connection(self, *, write: bool) -> AsyncIterator[Connection]:
-        # A deferred BEGIN (a read) never waits under WAL; BEGIN IMMEDIATE may, for
-        # another process (a CLI command) holding the write lock: tried here without
-        # waiting, and only if that lock is held (or a checkpoint is due) on a worker thread.
-        sync = (self._checkout_at_once() or await self._checkout_in_thread(True)) if write else self._checkout(False)
+        await self._turns.take(on_abandon=self._turn_over)
+        self._holder = task
+        committed: asyncio.Future[None] | None = None
         try:
-            yield Connection(sync, inline=True)
-        except BaseException:
-            _release(sync, commit=False)
-            raise
-        _release(sync, commit=write)
-        self._commits += write
+            group = self._group
+            if group is not None and not (write and join and group.joinable()):
+                self._commit_group()  # a read sees only what is committed; a full or old group goes now
+                group = None
+            if not write:
+                sync = self._checkout(False)
+                try:
+                    yield Connection(sync, inline=True)
+                except BaseException:
+                    _release(sync, commit=False)
+                    raise
+                _release(sync, commit=False)
+            elif group is None:
+                # A deferred BEGIN (a read) never waits under WAL; BEGIN IMMEDIATE may, for
+                # another process (a CLI command) holding the write lock: tried here without
+                # waiting, and only if that lock is held (or a checkpoint is due) on a worker thread.
+                sync = self._checkout_at_once() or await self._checkout_in_thread(True)
+                try:
+                    yield Connection(sync, inline=True)
+                except BaseException:
+                    _release(sync, commit=False)
+                    raise
+                if join:
+                    self._group = group = _Group(sync, asyncio.get_running_loop().time())
+                    committed = group.add()
+                else:
+                    _release(sync, commit=True)
+                    self._commits += 1
+            else:
+                nested = group.conn.begin_nested()  # this unit alone is undone on its error
+                try:
+                    yield Connection(group.conn, inline=True)
+                except BaseException:
+                    nested.rollback()
+                    raise
+                nested.commit()
+                committed = group.add()
+        finally:
+            self._holder = None
+            self._turn_over()
+        if committed is not None:
+            await committed
+
+    def _turn_over(self) -> None:
+        """Pass the connection to the next in line; with nobody waiting, commit the open group soon.
+
+        The commit waits for the loop's next turn (``call_soon``), so that units of tasks
+        already runnable in this turn join the group instead of beginning transactions of
+        their own.
+        """
+        self._turns.give()
+        if self._group is not None and not self._turns.held:
+            asyncio.get_running_loop().call_soon(self._commit_idle)
+
+    def _commit_idle(self) -> None:
+        if self._group is not None and not self._turns.held:
+            self._commit_group()
+
+    def _commit_group(self) -> None:
+        """SQLite: commit the units of the open group; each waiting unit learns the outcome."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            _release(group.conn, commit=True)
+        except BaseException as exc:  # every unit of the group fails with the commit
+            group.settle(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._commits += len(group.units)
+        group.settle(None)
 
     async def _checkout_in_thread(self, write: bool) -> sa.Connection:
         """:meth:`_checkout` on a worker thread; a caller cancelled meanwhile leaks no connection."""
