@@ -255,3 +255,146 @@ async def test_a_write_waits_for_another_process_write_lock_without_blocking_the
         assert {row.event_id for row in await s.select(EventRow)} == {"locked-out", "free"}
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[tuple[Store, Path]]:
+    path = tmp_path / "syncd.db"
+    s = Store.open(f"sqlite:///{path}")
+    await s.migrate()
+    try:
+        yield s, path
+    finally:
+        await s.close()
+
+
+def _committed_ids(path: Path) -> set[str]:
+    """The event ids another connection (another process) sees committed."""
+    import sqlite3
+
+    other = sqlite3.connect(path)
+    try:
+        return {row[0] for row in other.execute("SELECT event_id FROM events")}
+    finally:
+        other.close()
+
+
+async def test_write_units_queued_together_share_one_commit_and_each_returns_only_once_committed(
+    sqlite_store: tuple[Store, Path],
+) -> None:
+    """SQLite group commit: ten concurrent writes take far fewer than ten transactions.
+
+    Each caller goes on only when its row is visible to another connection (committed),
+    and a unit that fails is undone alone while the rest of its group commits.
+    """
+    store, path = sqlite_store
+    table = table_of(EventRow)
+    seen_on_return: dict[str, bool] = {}
+
+    async def write(n: int) -> None:
+        event_id = f"unit-{n}"
+        async with store.begin() as conn:
+            await asyncio.sleep(0)  # the others queue behind this unit meanwhile
+            await conn.execute(table.insert().values(**_event_row(event_id)))
+            if n == 4:
+                raise RuntimeError("unit 4 fails")
+        seen_on_return[event_id] = event_id in _committed_ids(path)
+
+    before = store.transactions
+    outcomes = await asyncio.gather(*(write(n) for n in range(10)), return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes].count("RuntimeError") == 1
+    assert isinstance(outcomes[4], RuntimeError)
+    assert store.transactions - before <= 3  # a transaction per unit before group commit: 10
+    assert seen_on_return == {f"unit-{n}": True for n in range(10) if n != 4}
+    assert _committed_ids(path) == {f"unit-{n}" for n in range(10) if n != 4}
+
+
+async def test_a_read_behind_a_write_unit_sees_it_committed(sqlite_store: tuple[Store, Path]) -> None:
+    """A read never joins a group: the group commits first, so the read sees only committed rows."""
+    store, path = sqlite_store
+    table = table_of(EventRow)
+    reads: list[tuple[int, bool]] = []
+
+    async def writer() -> None:
+        async with store.begin() as conn:
+            await asyncio.sleep(0)
+            await conn.execute(table.insert().values(**_event_row("written")))
+
+    async def reader() -> None:
+        await asyncio.sleep(0)  # queue behind the writer's unit
+        rows = await store.select(EventRow)
+        reads.append((len(rows), "written" in _committed_ids(path)))
+
+    await asyncio.gather(writer(), reader())
+    assert reads == [(1, True)]
+
+
+async def test_when_a_group_fails_to_commit_every_unit_in_it_fails(sqlite_store: tuple[Store, Path]) -> None:
+    """A unit whose row breaks a deferred foreign key is released, then the group's COMMIT fails.
+
+    Every unit of that group is told (none is reported stored), nothing of it is stored,
+    and the next write begins a fresh transaction that commits.
+    """
+    store, path = sqlite_store
+    table = table_of(EventRow)
+    async with store.begin() as conn:
+        await conn.exec_driver_sql("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        await conn.exec_driver_sql(
+            "CREATE TABLE child (parent_id INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"
+        )
+
+    async def good() -> None:
+        async with store.begin() as conn:
+            await conn.execute(table.insert().values(**_event_row("good")))
+
+    async def breaks_the_commit() -> None:
+        async with store.begin() as conn:
+            await conn.exec_driver_sql("INSERT INTO child (parent_id) VALUES (42)")  # checked at COMMIT
+
+    outcomes = await asyncio.gather(good(), breaks_the_commit(), return_exceptions=True)
+    assert all(isinstance(o, sa.exc.IntegrityError) for o in outcomes), outcomes
+    assert _committed_ids(path) == set()
+    await good()
+    assert _committed_ids(path) == {"good"}
+
+
+async def test_a_caller_cancelled_while_queued_passes_its_turn_on(sqlite_store: tuple[Store, Path]) -> None:
+    """A write cancelled while waiting for the connection takes no turn and stores nothing; the rest go on."""
+    store, path = sqlite_store
+    table = table_of(EventRow)
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with store.begin() as conn:
+            await conn.execute(table.insert().values(**_event_row("holder")))
+            await release.wait()
+
+    async def write(event_id: str) -> None:
+        async with store.begin() as conn:
+            await conn.execute(table.insert().values(**_event_row(event_id)))
+
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    cancelled = asyncio.create_task(write("cancelled"))
+    after = asyncio.create_task(write("after"))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, after), 5.0)
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert _committed_ids(path) == {"holder", "after"}
+
+
+def _event_row(event_id: str) -> dict[str, Any]:
+    return {
+        "connection": "hubspot",
+        "object_type": "deal",
+        "object_id": event_id,
+        "event_id": event_id,
+        "occurred_at": NOW,
+        "received_at": NOW,
+        "status": "pending",
+        "attempts": 0,
+        "next_at": NOW,
+    }

@@ -55,12 +55,13 @@ Endpoints used (HubSpot CRM v3/v4; every path is relative to ``base_url``):
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import structlog
@@ -127,6 +128,7 @@ LINE_ITEM_PROPERTIES = ("name", "description", "quantity", "price", "amount", "h
 # Canonical object type -> HubSpot's object type name in CRM v3 paths.
 OBJECT_TYPES = {"deal": "deals", "company": "companies", "contact": "contacts", "line_item": "line_items"}
 
+_T = TypeVar("_T")
 PRIMARY_COMPANY_TYPE_ID = 5  # "Deal to primary company" (associations guide, type ID table)
 PRIMARY_LABEL = "primary"
 PAGE_LIMIT = 100  # list endpoints return at most 100 per page; search allows 200
@@ -394,11 +396,16 @@ class HubSpotConnector:
         wanted = _Wanted.of(properties)
         deal = await self._read_deal(deal_id, wanted.deal)
         links = _associations(deal)
-        company = await self._primary_company(deal_id, links, wanted.company)
-        contacts = await self._contacts(deal_id, links, wanted.contact)
-        line_ids = await self._line_item_ids(deal_id, links)
-        items = await self._batch_read("line_items", line_ids, wanted.line_item)
-        return self._record(deal, _deal_data(deal, company, contacts, items))
+        # The company, the contacts and the line items depend on the deal only, not on each
+        # other: read at once, the deal's record costs three round trips instead of six.
+        # Every read runs to its end; the first error, in this order, is raised.
+        company, contacts, items = await asyncio.gather(
+            self._primary_company(deal_id, links, wanted.company),
+            self._contacts(deal_id, links, wanted.contact),
+            self._line_items(deal_id, links, wanted.line_item),
+            return_exceptions=True,
+        )
+        return self._record(deal, _deal_data(deal, _value(company), _value(contacts), _value(items)))
 
     async def fetch_deals(
         self, deal_ids: Sequence[str], properties: Mapping[str, Sequence[str]] | None = None
@@ -820,6 +827,11 @@ class HubSpotConnector:
         found = await self._batch_read("contacts", list(associated), properties)
         return [(contact, associated[contact.id]) for contact in found]
 
+    async def _line_items(
+        self, deal_id: str, links: Mapping[str, AssociationCollection], properties: Sequence[str]
+    ) -> list[CrmObject]:
+        return await self._batch_read("line_items", await self._line_item_ids(deal_id, links), properties)
+
     async def _line_item_ids(self, deal_id: str, links: Mapping[str, AssociationCollection]) -> list[str]:
         block = links.get("line_items", AssociationCollection())
         if block.paging is not None and block.paging.next is not None:
@@ -979,6 +991,13 @@ def _merge(defaults: Iterable[str], extra: Iterable[str]) -> list[str]:
 def _associations(deal: CrmObject) -> dict[str, AssociationCollection]:
     """The deal's associations keyed ``companies``/``contacts``/``line_items`` whatever HubSpot named them."""
     return {key.replace(" ", "_").lower(): block for key, block in deal.associations.items()}
+
+
+def _value(outcome: _T | BaseException) -> _T:
+    """A result of ``asyncio.gather(..., return_exceptions=True)``, its error raised."""
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def _primary(associated: Iterable[AssociatedObject]) -> AssociatedObject | None:

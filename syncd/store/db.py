@@ -1882,10 +1882,22 @@ def _release_unused(checkout: asyncio.Future[sa.Connection]) -> None:
 
 
 def _release(conn: sa.Connection, *, commit: bool) -> None:
-    """End the connection's transaction (commit or roll back) and return it to the pool."""
+    """End the connection's transaction (commit or roll back) and return it to the pool.
+
+    A ``COMMIT`` that fails (SQLite leaves the transaction open, e.g. for a deferred
+    foreign key) is rolled back before the connection goes back: the pool does not reset
+    connections (``pool_reset_on_return=None``), so the next user would find it still open.
+    """
     try:
         if commit:
-            conn.commit()
+            try:
+                conn.commit()
+            except BaseException:
+                # SQLAlchemy counts the transaction as ended; the driver's may not be
+                driver: Any = conn.connection.driver_connection
+                with contextlib.suppress(Exception):
+                    driver.rollback()
+                raise
         else:
             conn.rollback()
     finally:
