@@ -735,8 +735,9 @@ class Store:
     synchronous unit (on PostgreSQL on a worker thread: one hand-off per transaction),
     and a transaction a caller holds (:meth:`begin`) runs its statements as
     :class:`Connection` describes. SQLite has one connection per process: callers queue
-    for it in order (asyncio), never in SQLite's busy handler, and nothing may ask for a
-    second connection while holding one. Measured against SQLAlchemy's async engine over
+    for it in order (:class:`_Turns`), never in SQLite's busy handler, and nothing may ask
+    for a second connection while holding one; write units queued behind one another
+    share one transaction (group commit, :class:`_Group`). Measured against SQLAlchemy's async engine over
     aiosqlite and psycopg's async connection in BENCHMARKS.md ("Store").
 
     Args:
