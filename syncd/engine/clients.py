@@ -542,14 +542,16 @@ async def settle_ledger(
         row = await locked_row(store, conn, client_key)
         if row is None:
             return None
+        # The row is kept in step with what this transaction writes to it (JSON values as
+        # stored), instead of read again after each write.
         if external_ids is not None:
             merged = {**row.external_ids, **external_ids}
             await conn.execute(sa.update(table).where(table.c.key == client_key).values(external_ids=merged))
-            row = await locked_row(store, conn, client_key) or row
+            row.external_ids = merged
         if created is not None:
-            await _hold(conn, row, connection, ledger_view(created.ledger_details()), now)
+            row.seen = await _hold(conn, row, connection, ledger_view(created.ledger_details()), now)
         elif details is not None:
-            await record_observation(
+            settled = await record_observation(
                 store,
                 conn,
                 row,
@@ -560,8 +562,7 @@ async def settle_ledger(
                 owner_systems=systems_of(runtime, row).owner_systems(connection),
                 now=now,
             )
-        if created is not None or details is not None:
-            row = await locked_row(store, conn, client_key) or row
+            row.record, row.seen = settled.record, settled.seen
         to_ledger = await _due_ledger(runtime, conn, row, connection) if details is not None else []
         to_crm = await _due_crm(runtime, conn, row)
     if to_ledger:
@@ -610,8 +611,14 @@ def _writable(runtime: Runtime, fields: tuple[str, ...], role: str, *, owned: bo
     return tuple(name for name in fields if owned or owners.owner(base_field(name)) != role)
 
 
-async def _hold(conn: Connection, row: ClientRow, system: str, values: Mapping[str, Any], now: datetime) -> None:
-    """Record that ``system`` holds ``values`` because syncd just wrote them there (a new customer record)."""
+async def _hold(
+    conn: Connection, row: ClientRow, system: str, values: Mapping[str, Any], now: datetime
+) -> dict[str, dict[str, Any]]:
+    """Record that ``system`` holds ``values`` because syncd just wrote them there (a new customer record).
+
+    Returns:
+        the row's ``seen`` as stored.
+    """
     seen = _seed(row)
     held = seen.setdefault(system, {})
     changes = [
@@ -622,6 +629,7 @@ async def _hold(conn: Connection, row: ClientRow, system: str, values: Mapping[s
     held.update(values)
     await conn.execute(sa.update(table_of(ClientRow)).where(table_of(ClientRow).c.key == row.key).values(seen=seen))
     await _log(conn, row.key, changes, now)
+    return seen
 
 
 async def write_crm(runtime: Runtime, client_key: str, *, owned: bool = False) -> list[str]:
