@@ -1054,20 +1054,21 @@ class Engine:
         existing = await self.store.get(ClientRow, client.key, conn=conn)
         ids = dict(existing.external_ids) if existing is not None else {}
         ids.update(client.external_ids)
-        await self.store.upsert(
-            ClientRow,
-            {
-                "key": client.key,
-                "legal_name": client.legal_name,
-                "data": client.model_dump(mode="json", exclude={"external_ids"}),
-                "external_ids": ids,
-                "updated_at": now,
-            },
-            conn,
-        )
+        values = {
+            "key": client.key,
+            "legal_name": client.legal_name,
+            "data": client.model_dump(mode="json", exclude={"external_ids"}),
+            "external_ids": ids,
+            "updated_at": now,
+        }
+        await self.store.upsert(ClientRow, values, conn)
         if pipeline is None:
             return
-        row = await clients.locked_row(self.store, conn, client.key)
+        if self.store.is_postgres:  # another replica may have changed the row since it was read: read it locked
+            row = await clients.locked_row(self.store, conn, client.key)
+        else:  # SQLite's one writer: the row is what was read, with what was just written
+            kept = {name: getattr(existing, name) for name in ("pushed", "record", "seen")} if existing else {}
+            row = ClientRow.model_validate({**kept, **values})
         if row is None:
             return
         settled = await clients.record_observation(
