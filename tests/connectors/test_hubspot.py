@@ -977,3 +977,62 @@ async def test_replicas_import_and_refresh_once_on_the_encrypted_store(
         assert "token_imported" not in [entry["event"] for entry in logs]
     finally:
         await store.close()
+
+
+class _InFlight(httpx.AsyncBaseTransport):
+    """Counts the requests in flight at once through the emulator's transport."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.now = 0
+        self.most = 0
+        self.paths: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        self.paths.append(re.sub(r"/\d+", "/{id}", request.url.path))
+        try:
+            return await self.inner.handle_async_request(request)
+        finally:
+            self.now -= 1
+
+
+async def test_fetch_deal_reads_company_contacts_and_line_items_at_once(
+    clock: Clock, emulator: HubSpotEmulator
+) -> None:
+    """After the deal, its company, contacts and line items are read side by side (three chains at once).
+
+    Each answer is held back 20 ms (an emulator latency fault) so that reads sent together
+    are seen in flight together; the record is the same as read one after another.
+    """
+    ids = seed_deal(emulator)
+    emulator.faults.add(Fault(kind="latency", latency_s=0.02, path_contains="/crm/", times=None))
+    counting = _InFlight(httpx.ASGITransport(app=emulator.app))
+    async with httpx.AsyncClient(transport=counting) as http:
+        record = await build(http, clock, MemoryTokens(emulator)).fetch_deal(ids["deal"])
+    assert counting.most == 3
+    assert counting.paths[0] == "/crm/v3/objects/deals/{id}"  # the deal first: the rest depend on it
+    assert sorted(counting.paths[1:4]) == [
+        "/crm/v3/objects/line_items/batch/read",
+        "/crm/v4/objects/deals/{id}/associations/companies",
+        "/crm/v4/objects/deals/{id}/associations/contacts",
+    ]
+    assert record.data["company"]["id"] == ids["acme"]
+    assert {contact["id"] for contact in record.data["contacts"]} == {ids["ann"], ids["bob"]}
+    assert len(record.data["line_items"]) == 2
+
+
+async def test_a_read_refused_beside_others_is_raised_after_they_end(
+    connector: HubSpotConnector, emulator: HubSpotEmulator
+) -> None:
+    """The company read refused: its error is raised, and the contacts and line items read side by side still ended.
+
+    No read is left running behind the caller (each one's outcome is collected first).
+    """
+    ids = seed_deal(emulator)
+    emulator.faults.add(Fault(kind="status", status=400, method="GET", path_contains="/crm/v3/objects/companies/"))
+    with pytest.raises(FatalError):
+        await connector.fetch_deal(ids["deal"])
+    assert emulator.calls["POST /crm/v3/objects/contacts/batch/read"] == 1
+    assert emulator.calls["POST /crm/v3/objects/line_items/batch/read"] == 1
