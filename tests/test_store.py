@@ -398,3 +398,34 @@ def _event_row(event_id: str) -> dict[str, Any]:
         "attempts": 0,
         "next_at": NOW,
     }
+
+
+async def test_savepoints_inside_a_unit_that_joined_a_group_undo_only_their_own_work(
+    sqlite_store: tuple[Store, Path],
+) -> None:
+    """A unit in a group (its own savepoint) may take savepoints of its own (the recurring tick's pages)."""
+    store, path = sqlite_store
+    table = table_of(EventRow)
+
+    async def first() -> None:
+        async with store.begin() as conn:
+            await asyncio.sleep(0)  # the second queues behind: it joins this group
+            await conn.execute(table.insert().values(**_event_row("first")))
+
+    async def second() -> None:
+        async with store.begin() as conn:
+
+            async def failing_item() -> None:
+                async with conn.savepoint():
+                    await conn.execute(table.insert().values(**_event_row("undone")))
+                    raise RuntimeError("this item fails")
+
+            with pytest.raises(RuntimeError):
+                await failing_item()
+            async with conn.savepoint():
+                await conn.execute(table.insert().values(**_event_row("kept")))
+
+    before = store.transactions
+    await asyncio.gather(first(), second())
+    assert store.transactions - before == 1
+    assert _committed_ids(path) == {"first", "kept"}
