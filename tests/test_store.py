@@ -190,19 +190,7 @@ async def test_value_pages_yield_each_distinct_value_once(store: Store) -> None:
 async def test_a_savepoint_undoes_only_its_own_work(store: Store) -> None:
     """Work done many at a time in one transaction (the recurring tick's pages): a failing item leaves the rest."""
     table = table_of(EventRow)
-
-    def row(event_id: str) -> dict[str, Any]:
-        return {
-            "connection": "hubspot",
-            "object_type": "deal",
-            "object_id": event_id,
-            "event_id": event_id,
-            "occurred_at": NOW,
-            "received_at": NOW,
-            "status": "pending",
-            "attempts": 0,
-            "next_at": NOW,
-        }
+    row = _event_row
 
     async with store.begin() as conn:
         await conn.execute(table.insert().values(**row("kept-1")))
