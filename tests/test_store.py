@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog.testing
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
@@ -339,8 +340,10 @@ async def test_when_a_group_fails_to_commit_every_unit_in_it_fails(sqlite_store:
         async with store.begin() as conn:
             await conn.exec_driver_sql("INSERT INTO child (parent_id) VALUES (42)")  # checked at COMMIT
 
-    outcomes = await asyncio.gather(good(), breaks_the_commit(), return_exceptions=True)
+    with structlog.testing.capture_logs() as logs:
+        outcomes = await asyncio.gather(good(), breaks_the_commit(), return_exceptions=True)
     assert all(isinstance(o, sa.exc.IntegrityError) for o in outcomes), outcomes
+    assert [(e["event"], e["units"]) for e in logs if e["log_level"] == "warning"] == [("store_group_commit_failed", 2)]
     assert _committed_ids(path) == set()
     await good()
     assert _committed_ids(path) == {"good"}

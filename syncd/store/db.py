@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
+import structlog
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from cryptography.fernet import Fernet, InvalidToken
@@ -42,6 +43,8 @@ from syncd.core.errors import ConfigError
 from syncd.core.interfaces import ChangeHint, SourceRecord
 from syncd.plumbing.logging import redact_value
 from syncd.plumbing.logging import scrub as redact_text
+
+log = structlog.get_logger("syncd.store")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 ADVISORY_LOCK_ID = 7_254_001  # any constant shared by every replica
@@ -925,6 +928,9 @@ class Store:
         try:
             _release(group.conn, commit=True)
         except BaseException as exc:  # every unit of the group fails with the commit
+            # Each caller still waiting gets the error as its own transaction's; one that
+            # was cancelled meanwhile leaves its rows to their leases (worked again).
+            log.warning("store_group_commit_failed", units=len(group.units), error=f"{type(exc).__name__}: {exc}")
             group.settle(exc)
             if not isinstance(exc, Exception):
                 raise
