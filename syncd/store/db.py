@@ -766,7 +766,8 @@ class Store:
     def transactions(self) -> int:
         """Transactions begun by this store since it was opened, reads and empty claims included.
 
-        Exposed as ``syncd_db_transactions_total`` on ``/metrics``; the end-to-end
+        A group of SQLite write units (group commit) is one transaction: its units'
+        savepoints are not counted. Exposed as ``syncd_db_transactions_total`` on ``/metrics``; the end-to-end
         benchmark divides it by the deals invoiced (BENCHMARKS.md).
         """
         return self._transactions
