@@ -427,16 +427,39 @@ class HubSpotConnector:
         return {deal_id: self._batch_record(deal_id, deals.get(deal_id), related) for deal_id in ids}
 
     async def _related(self, deal_ids: Sequence[str], wanted: _Wanted) -> _Related:
-        """The deals' associations (v4 batch reads) and the associated records (batch reads)."""
-        links = {
-            to_type: await self._v4_batch(deal_ids, to_type) for to_type in ("companies", "contacts", "line_items")
-        }
-        primaries = [primary for associated in links["companies"].values() if (primary := _primary(associated))]
+        """The deals' associations (v4 batch reads) and the associated records (batch reads).
+
+        The three chains (companies, contacts, line items: each an association read, then
+        a read of what it found) depend only on the deals, so they run side by side: two
+        round trips instead of six, as in :meth:`fetch_deal`.
+        """
+
+        def primaries(links: Mapping[str, Sequence[AssociatedObject]]) -> list[str]:
+            return _to_ids([[primary for associated in links.values() if (primary := _primary(associated))]])
+
+        def every(links: Mapping[str, Sequence[AssociatedObject]]) -> list[str]:
+            return _to_ids(links.values())
+
+        async def chain(
+            to_type: str,
+            ids: Callable[[Mapping[str, Sequence[AssociatedObject]]], list[str]],
+            properties: Sequence[str],
+        ) -> tuple[dict[str, list[AssociatedObject]], dict[str, CrmObject]]:
+            links = await self._v4_batch(deal_ids, to_type)
+            return links, await self._read_by_id(to_type, ids(links), properties)
+
+        companies, contacts, line_items = await asyncio.gather(
+            chain("companies", primaries, wanted.company),
+            chain("contacts", every, wanted.contact),
+            chain("line_items", every, wanted.line_item),
+            return_exceptions=True,
+        )
+        found = {"companies": _value(companies), "contacts": _value(contacts), "line_items": _value(line_items)}
         return _Related(
-            links=links,
-            companies=await self._read_by_id("companies", _to_ids([primaries]), wanted.company),
-            contacts=await self._read_by_id("contacts", _to_ids(links["contacts"].values()), wanted.contact),
-            line_items=await self._read_by_id("line_items", _to_ids(links["line_items"].values()), wanted.line_item),
+            links={to_type: links for to_type, (links, _records) in found.items()},
+            companies=found["companies"][1],
+            contacts=found["contacts"][1],
+            line_items=found["line_items"][1],
         )
 
     def _batch_record(self, deal_id: str, deal: CrmObject | None, related: _Related) -> SourceRecord | NotFound:

@@ -979,7 +979,7 @@ async def test_replicas_import_and_refresh_once_on_the_encrypted_store(
         await store.close()
 
 
-class _InFlight(httpx.AsyncBaseTransport):
+class InFlight(httpx.AsyncBaseTransport):
     """Counts the requests in flight at once through the emulator's transport."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
@@ -1008,7 +1008,7 @@ async def test_fetch_deal_reads_company_contacts_and_line_items_at_once(
     """
     ids = seed_deal(emulator)
     emulator.faults.add(Fault(kind="latency", latency_s=0.02, path_contains="/crm/", times=None))
-    counting = _InFlight(httpx.ASGITransport(app=emulator.app))
+    counting = InFlight(httpx.ASGITransport(app=emulator.app))
     async with httpx.AsyncClient(transport=counting) as http:
         record = await build(http, clock, MemoryTokens(emulator)).fetch_deal(ids["deal"])
     assert counting.most == 3

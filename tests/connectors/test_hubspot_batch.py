@@ -19,6 +19,7 @@ from tests.connectors.test_hubspot import (
     BASE,
     HOOK_URL,
     Clock,
+    InFlight,
     MemoryTokens,
     build,
     seed_deal,
@@ -81,6 +82,29 @@ async def portal(emulator: HubSpotEmulator) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- fetch_deals
+
+
+async def test_fetch_deals_reads_companies_contacts_and_line_items_side_by_side(
+    clock: Clock, emulator: HubSpotEmulator
+) -> None:
+    """After the deals' batch read, the three association-then-read chains run at once (two round trips, not six).
+
+    Each answer is held back 20 ms (an emulator latency fault) so that calls sent together
+    are seen in flight together; the records are the same as ``fetch_deal``'s.
+    """
+    deal_ids = await portal(emulator)
+    emulator.faults.add(Fault(kind="latency", latency_s=0.02, path_contains="/crm/", times=None))
+    counting = InFlight(httpx.ASGITransport(app=emulator.app))
+    async with httpx.AsyncClient(transport=counting) as http:
+        connector = build(http, clock, MemoryTokens(emulator))
+        batch = await connector.fetch_deals(deal_ids, WANTED)
+        assert counting.most == 3
+        assert counting.paths[0] == "/crm/v3/objects/deals/batch/read"
+        assert sorted(counting.paths[1:4]) == [
+            f"/crm/v4/associations/deals/{to_type}/batch/read" for to_type in ("companies", "contacts", "line_items")
+        ]
+        for deal_id in deal_ids:
+            assert batch[deal_id] == await connector.fetch_deal(deal_id, WANTED), deal_id
 
 
 async def test_fetch_deals_gives_each_deal_exactly_as_fetch_deal_does(
